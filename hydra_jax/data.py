@@ -486,7 +486,7 @@ class TrainBatches:
     top, left, h, w = inception_crop_box(image.shape[0], image.shape[1], uniforms)
     crop = image[top:top + h, left:left + w, :]
     crop = crop[:, ::-1] if flip else crop
-    return _to_unit_float(resize(crop, self.image_size, self.image_size))
+    return resize(_to_unit_float(crop), self.image_size, self.image_size)
 
 
 def train_batches(name: str, batch_size: int, *, seed: int = 0, data_dir: str | None = None,
@@ -583,7 +583,7 @@ class EvalBatches:
   def _transform(self, images: Any) -> np.ndarray:
     if self.info.variable_size:
       resize_to = round(self.image_size * _IMAGENET_RESIZE / _IMAGENET_CROP)
-      return np.stack([_to_unit_float(resize_center_crop(im, resize_to, self.image_size))
+      return np.stack([resize_center_crop(_to_unit_float(im), resize_to, self.image_size)
                        for im in images])
     return _upsample(_to_unit_float(np.stack(images)),
                      self.image_size // self.info.image_shape[0])
