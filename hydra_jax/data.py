@@ -255,12 +255,13 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
     [B, H, W, C], same dtype: `out[b, i, j] = padded[b, top + i, left + j']` with
     `j' = W - 1 - j` when flipped, else `j`.
   """
-  b, h, w, _ = images.shape
+  _, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  cols = np.where(flips[:, None], np.arange(w)[::-1], np.arange(w))
-  rows = offsets[:, :1] + np.arange(h)
-  cols = offsets[:, 1:] + cols
-  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  out = np.empty_like(images)
+  for i, ((top, left), flip) in enumerate(zip(offsets, flips)):
+    crop = padded[i, top:top + h, left:left + w]
+    out[i] = crop[:, ::-1] if flip else crop
+  return out
 
 
 def _resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,6 +281,12 @@ def _resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
   return np.clip(idx, 0, in_size - 1), weights.astype(np.float32)
 
 
+def _resample_rows(image: np.ndarray, size: int) -> np.ndarray:
+  """Resamples axis 0 of float32 [H, W, C] to `size` rows (see `_resize_taps`)."""
+  idx, weights = _resize_taps(image.shape[0], size)
+  return np.einsum('ok,okwc->owc', weights, image[idx])
+
+
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   """Antialiased bilinear resize of one image.
 
@@ -292,10 +299,10 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     float32 [height, width, C] in the units of `image` (no rounding between the passes,
     unlike PIL on uint8 images).
   """
-  rows, row_w = _resize_taps(image.shape[0], height)
-  cols, col_w = _resize_taps(image.shape[1], width)
-  out = np.einsum('ok,okwc->owc', row_w, image[rows].astype(np.float32))
-  return np.einsum('pk,opkc->opc', col_w, out[:, cols])
+  out = _resample_rows(image.astype(np.float32), height)
+  # Both passes run on rows of a contiguous array: ~2x faster than gathering columns.
+  out = _resample_rows(np.ascontiguousarray(out.transpose(1, 0, 2)), width)
+  return out.transpose(1, 0, 2)
 
 
 def inception_crop_box(height: int, width: int,
@@ -353,12 +360,14 @@ def resize_center_crop(image: np.ndarray, resize_to: int, crop: int) -> np.ndarr
 def _to_unit_float(images: np.ndarray) -> np.ndarray:
   """uint8 0..255 -> float32 [0, 1]; float images (already in [0, 1]) -> float32."""
   if images.dtype == np.uint8:
-    return images.astype(np.float32) / 255.0
+    return np.divide(images, np.float32(255), dtype=np.float32)
   return images.astype(np.float32)
 
 
 def _upsample(images: np.ndarray, factor: int) -> np.ndarray:
   """Nearest-neighbour upsampling of [B, H, W, C] by an integer factor."""
+  if factor == 1:
+    return images
   return images.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
@@ -477,7 +486,7 @@ class TrainBatches:
       images = np.stack([self._inception_crop(*args) for args in zip(images, uniforms, flips)])
     else:
       offsets = host(rng.integers(0, 2 * self.info.pad + 1, (self.batch_size, 2)))
-      images = pad_crop_flip(np.stack(images), offsets, flips, self.info.pad)
+      images = pad_crop_flip(np.asarray(images), offsets, flips, self.info.pad)
       images = _upsample(_to_unit_float(images), self.image_size // self.info.image_shape[0])
     return {'image': images, 'label': labels}
 
@@ -585,7 +594,7 @@ class EvalBatches:
       resize_to = round(self.image_size * _IMAGENET_RESIZE / _IMAGENET_CROP)
       return np.stack([resize_center_crop(_to_unit_float(im), resize_to, self.image_size)
                        for im in images])
-    return _upsample(_to_unit_float(np.stack(images)),
+    return _upsample(_to_unit_float(np.asarray(images)),
                      self.image_size // self.info.image_shape[0])
 
 
