@@ -281,27 +281,30 @@ def _resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
   return np.clip(idx, 0, in_size - 1), weights.astype(np.float32)
 
 
-def _resample_rows(image: np.ndarray, size: int) -> np.ndarray:
-  """Resamples axis 0 of float32 [H, W, C] to `size` rows (see `_resize_taps`)."""
+def _resample_rows(image: np.ndarray, size: int, keep: slice) -> np.ndarray:
+  """Rows `keep` of axis 0 of float32 [H, W, C] resampled to `size` rows."""
   idx, weights = _resize_taps(image.shape[0], size)
-  return np.einsum('ok,okwc->owc', weights, image[idx])
+  return np.einsum('ok,okwc->owc', weights[keep], image[idx[keep]])
 
 
-def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Antialiased bilinear resize of one image.
+def resize(image: np.ndarray, height: int, width: int, rows: slice = slice(None),
+           cols: slice = slice(None)) -> np.ndarray:
+  """Antialiased bilinear resize of one image, optionally computing only a window of it.
 
   Args:
     image: [H, W, C], any real dtype.
     height: output height in pixels.
     width: output width in pixels.
+    rows: output rows to compute (default all).
+    cols: output columns to compute (default all).
 
   Returns:
-    float32 [height, width, C] in the units of `image` (no rounding between the passes,
-    unlike PIL on uint8 images).
+    float32 [height, width, C][rows, cols] in the units of `image` (no rounding between
+    the passes, unlike PIL on uint8 images).
   """
-  out = _resample_rows(image.astype(np.float32), height)
+  out = _resample_rows(image.astype(np.float32), height, rows)
   # Both passes run on rows of a contiguous array: ~2x faster than gathering columns.
-  out = _resample_rows(np.ascontiguousarray(out.transpose(1, 0, 2)), width)
+  out = _resample_rows(np.ascontiguousarray(out.transpose(1, 0, 2)), width, cols)
   return out.transpose(1, 0, 2)
 
 
@@ -354,7 +357,7 @@ def resize_center_crop(image: np.ndarray, resize_to: int, crop: int) -> np.ndarr
   else:
     new_h, new_w = int(resize_to * h / w), resize_to
   top, left = round((new_h - crop) / 2), round((new_w - crop) / 2)
-  return resize(image, new_h, new_w)[top:top + crop, left:left + crop]
+  return resize(image, new_h, new_w, slice(top, top + crop), slice(left, left + crop))
 
 
 def _to_unit_float(images: np.ndarray) -> np.ndarray:

@@ -148,6 +148,19 @@ def test_resize_matches_jax_antialiased_linear(in_shape, out_shape):
   np.testing.assert_allclose(data.resize(image, *out_shape), expected, atol=1e-5)
 
 
+def test_resize_window_is_a_crop_of_the_full_resize():
+  image = np.random.default_rng(5).random((40, 30, 2)).astype(np.float32)
+  window = data.resize(image, 23, 17, slice(3, 20), slice(5, 9))
+  np.testing.assert_allclose(window, data.resize(image, 23, 17)[3:20, 5:9], rtol=1e-6)
+
+
+def test_resize_center_crop_crops_the_shorter_side_resize():
+  image = np.random.default_rng(6).random((50, 80, 3)).astype(np.float32)
+  full = jax.image.resize(image, (32, 51, 3), 'linear', antialias=True)   # int(32 * 80 / 50)
+  np.testing.assert_allclose(data.resize_center_crop(image, 32, 28), full[2:30, 12:40],
+                             atol=1e-5)
+
+
 def test_resize_keeps_constants_and_same_size_images():
   image = np.random.default_rng(2).integers(0, 256, (11, 13, 3)).astype(np.uint8)
   np.testing.assert_array_equal(data.resize(image, 11, 13), image)
