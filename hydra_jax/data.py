@@ -7,21 +7,23 @@ dicts `{'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B]}`; no normal
 
 Datasets (`get_dataset_info(name)` lists sizes; train augmentation as in HYDRA's code):
 
-| name           | image        | train augmentation                                   | eval split |
-|----------------|--------------|------------------------------------------------------|------------|
-| `digits`       | 8x8x1        | 1-pixel zero pad + random 8x8 crop (no flip)         | test       |
-| `mnist`        | 28x28x1      | none (HYDRA has no working MNIST loader)             | test       |
-| `cifar10`      | 32x32x3      | 4-pixel zero pad + random 32x32 crop + h-flip        | test       |
-| `cifar100`     | 32x32x3      | same as cifar10 (fine labels)                        | test       |
-| `svhn_cropped` | 32x32x3      | same as cifar10, flip included as in HYDRA           | test       |
-| `imagenet2012` | 224x224x3    | random resized crop (0.08-1, 3/4-4/3) + h-flip;      | validation |
-|                |              | eval: resize shorter side to 256 + center crop 224   |            |
+| name           | image     | train augmentation                                  | eval split |
+|----------------|-----------|-----------------------------------------------------|------------|
+| `digits`       | 8x8x1     | 1-pixel zero pad + random 8x8 crop (no flip)        | test       |
+| `mnist`        | 28x28x1   | none (HYDRA has no working MNIST loader)            | test       |
+| `cifar10`      | 32x32x3   | 4-pixel zero pad + random 32x32 crop + h-flip       | test       |
+| `cifar100`     | 32x32x3   | same as cifar10 (fine labels)                       | test       |
+| `svhn_cropped` | 32x32x3   | same as cifar10, flip included as in HYDRA          | test       |
+| `imagenet2012` | 224x224x3 | random resized crop (0.08-1, 3/4-4/3) + h-flip;     | validation |
+|                |           | eval: resize shorter side to 256 + center crop 224  |            |
 
 `digits` (1797 images, shipped with scikit-learn: no download) is split by a stratified
 80/20 split with a fixed seed into 1437 train / 360 test images; pixel values 0..16 are
 divided by 16. The TFDS datasets are read with `tfds.data_source` from ArrayRecord files
-prepared beforehand under `data_dir` (nothing is ever downloaded here); TensorFlow is not
-needed to read them.
+prepared beforehand under `data_dir` (nothing is ever downloaded here); reading needs no
+TensorFlow, but TFDS decodes the stored PNG/JPEG images with Pillow (or OpenCV).
+ImageNet crops are resized in float32 with PIL's antialiased bilinear filter (torchvision's
+default), without PIL's rounding to uint8 between the two passes.
 
 Train batches: `batch_size` is the global batch; host `process_index` of `process_count`
 reads only its contiguous slice of `batch_size // process_count` examples. The global batch
@@ -29,8 +31,10 @@ reads only its contiguous slice of `batch_size // process_count` examples. The g
 `len(train) // batch_size` steps; the last `len(train) % batch_size` examples of each
 epoch's permutation are skipped that epoch. With `semisup_path` (HYDRA's `--is-semisup`),
 each host batch is the labelled batch followed by an equally large batch of pseudo-labelled
-extra images (so 2x the rows, as in HYDRA), drawn from their own per-epoch permutation
-and augmented like the training set.
+extra images (so 2x the rows, as in HYDRA), augmented like the training set and drawn
+from their own per-epoch permutation: the extra set cycles through its own epochs, while
+HYDRA ended each epoch with the shorter of the two loaders. Orders come from numpy's
+`Generator.permutation`, so resuming needs the same numpy major version.
 
 Eval batches go through a split in order, once, with a fixed batch shape: the last batch is
 zero-padded and `'mask'` (float32 [B], 1 for real examples) marks the real rows, so
@@ -207,7 +211,8 @@ def load_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
 
 
 def _load_semisup(path: str, image_shape: tuple[int, ...], num_classes: int) -> ArraySource:
-  """Loads pseudo-labelled images: a pickle or .npz with `data` and `extrapolated_targets`."""
+  """Loads pseudo-labelled images: a pickle (trusted files only) or .npz with `data` and
+  `extrapolated_targets`."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'semisup_path {path!r} does not exist.')
   if path.endswith('.npz'):
@@ -439,8 +444,9 @@ def _output_side(info: DatasetInfo, image_size: int | None) -> int:
 class TrainBatches:
   """Random access to the (infinite) training batch stream of one host.
 
-  Build with `train_batches`. `batch_at(step)` is a pure function of the fields and
-  `step`; the attributes are documented there.
+  Build with `train_batches` (whose arguments document the fields); `indices` are the
+  training examples used (sorted source indices) and `image_size` the output side.
+  `batch_at(step)` is a pure function of the fields and `step`.
   """
 
   info: DatasetInfo
