@@ -34,7 +34,7 @@ each host batch is the labelled batch followed by an equally large batch of pseu
 extra images (so 2x the rows, as in HYDRA), augmented like the training set and drawn
 from their own per-epoch permutation: the extra set cycles through its own epochs, while
 HYDRA ended each epoch with the shorter of the two loaders. Orders come from numpy's
-`Generator.permutation`, so resuming needs the same numpy major version.
+`Generator.permutation`, so resuming needs the same numpy version (NEP 19).
 
 Eval batches go through a split in order, once, with a fixed batch shape: the last batch is
 zero-padded and `'mask'` (float32 [B], 1 for real examples) marks the real rows, so
