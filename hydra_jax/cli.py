@@ -4,7 +4,7 @@
   hydra-jax train  --config configs/adversarial.py:model=wrn_28_4 --config.stage=prune --config.k=0.01 \
                    --config.source=runs/pretrain --workdir runs/prune
   hydra-jax eval   --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune \
-                   --methods=clean,pgd,apgd_ce,apgd_dlr
+                   --methods=pgd_linf,apgd_ce,apgd_dlr,apgd_t
   hydra-jax export --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune --out model.npz
 
 The config is locked: an unknown `--config.KEY` is rejected with the key's name, and `train` checks values
@@ -26,7 +26,7 @@ from hydra_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':ARG'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (train: created or resumed; eval/export: read).")
-_METHODS = flags.DEFINE_list("methods", ["clean", "pgd", "apgd_ce", "apgd_dlr"],
+_METHODS = flags.DEFINE_list("methods", ["pgd_linf", "apgd_ce", "apgd_dlr"],
                              "eval: attacks to run; robust accuracy is the per-example worst case over them.")
 _OUT = flags.DEFINE_string("out", None, "export: output file (.npz for numpy, .pth for a PyTorch state dict).")
 _DENSE = flags.DEFINE_bool("dense", True, "export: masked dense weights (zeros) instead of weights + scores.")
