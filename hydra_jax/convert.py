@@ -59,10 +59,14 @@ def torch_key(path: tuple[str, ...]) -> str:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-  """A torch tensor (via .detach().cpu()) or array-like as a numpy array; torch itself is not imported."""
+  """A copy of a torch tensor (via .detach().cpu()) or array-like as a numpy array; torch itself is not imported.
+
+  The copy matters: `state_dict()` tensors share memory with the live torch module, and jax may wrap host numpy
+  memory without copying, so later in-place updates in torch (e.g. BN running stats) would leak into our arrays.
+  """
   if hasattr(value, "detach"):
     value = value.detach().cpu()
-  return np.asarray(value)
+  return np.array(value, copy=True)
 
 
 def _flattened_map(model, input_shape) -> tuple[str, tuple[int, int, int]] | None:

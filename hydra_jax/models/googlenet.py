@@ -42,7 +42,6 @@ INCEPTIONS = (
     ("a5", (256, 160, 320, 32, 128, 128)),
     ("b5", (384, 192, 384, 48, 128, 128)),
 )
-_POOL_AFTER = ("b3", "e4")
 
 
 class Inception(nn.Module):
@@ -77,7 +76,8 @@ class GoogLeNet(nn.Module):
 
   Attributes:
     num_classes: outputs.
-    inceptions: (name, planes) of the nine Inception modules, in order.
+    inceptions: (name, planes) of the Inception modules, in order (the nine of kuangliu by default).
+    pool_after: names of the Inception modules followed by a 3x3/2 max-pool.
     stem_width: channels of the first conv (192).
     dtype: compute dtype; parameters are float32 and logits are returned as float32.
     bn_axis_name: mapped axis for cross-device BatchNorm statistics, or None.
@@ -85,6 +85,7 @@ class GoogLeNet(nn.Module):
 
   num_classes: int
   inceptions: Sequence[tuple[str, tuple[int, ...]]] = INCEPTIONS
+  pool_after: Sequence[str] = ("b3", "e4")
   stem_width: int = 192
   dtype: layers.Dtype = jnp.float32
   bn_axis_name: str | None = None
@@ -96,7 +97,7 @@ class GoogLeNet(nn.Module):
     x = jax.nn.relu(layers.BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name="pre_layers_1")(x, train))
     for name, planes in self.inceptions:
       x = Inception(planes, self.dtype, self.bn_axis_name, name=name)(x, train)
-      if name in _POOL_AFTER:
+      if name in self.pool_after:
         x = layers.max_pool(x, 3, 2, 1)
     x = layers.Linear(self.num_classes, dtype=self.dtype, name="linear")(layers.global_avg_pool(x))
     return x.astype(jnp.float32)
@@ -104,8 +105,10 @@ class GoogLeNet(nn.Module):
 
 MODELS = {
     "googlenet": GoogLeNet,
-    # Not from the paper: a small member of the family (every width / 16) for tests and demos.
+    # Not from the paper: a small member of the family for tests and demos: four of the Inception modules
+    # (a3, b3, pool, e4, pool, a5) with every width / 16.
     "googlenet_tiny": functools.partial(
         GoogLeNet, stem_width=12,
-        inceptions=tuple((name, tuple(max(1, p // 16) for p in planes)) for name, planes in INCEPTIONS)),
+        inceptions=tuple((name, tuple(p // 16 for p in planes)) for name, planes in INCEPTIONS
+                         if name in ("a3", "b3", "e4", "a5"))),
 }
