@@ -1,0 +1,145 @@
+"""Orbax checkpoints of a run: the last N train states, the best one by robust accuracy, and their metadata.
+
+Layout of a workdir:
+
+  <workdir>/checkpoints/<step>/{<items>, meta, sparsity}  last `keep` saves (atomic: orbax renames a
+                                                          finished temporary directory into place)
+  <workdir>/best/<step>/{<items>, meta, sparsity}         the save with the highest `best_metric`
+
+A save holds named pytree items (the train loop saves 'model' = params, batch_stats and scores, and 'train'
+= step, optimizer state, carry and rng), so a later stage can read 'model' alone.
+
+`meta` is JSON with the fully resolved config, the model name / classes, the stage, k, the metrics at that
+step and the jax / jaxlib / flax / orbax versions; `sparsity` is `masking.SparsityReport.to_json()` computed
+from the exported weights. A state is restored against an explicit target structure (from `jax.eval_shape`),
+so a checkpoint of another model fails with an error that names the mismatch, before anything is written.
+
+Example:
+  >>> ckpt = Checkpoints('/tmp/run', keep=3)
+  >>> ckpt.save(step, {'model': model, 'train': train}, meta={...}, sparsity=report.to_json(),
+  ...           metrics={'robust_accuracy': 0.41})
+  >>> ckpt.wait()                                    # async saves: wait before reading or exiting
+  >>> items, meta = ckpt.restore({'model': abstract_model, 'train': abstract_train})   # latest step
+  >>> items, meta = restore('/tmp/run', {'model': abstract_model})                    # one item only
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+def versions() -> dict[str, str]:
+  """Library versions recorded beside every checkpoint."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+          "orbax": ocp.__version__}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, corrupt, or does not match the model or stage that reads it."""
+
+
+def _manager(directory: str, keep: int, async_save: bool, best_metric: str | None) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None, best_mode="max")
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class Checkpoints:
+  """The checkpoints of one run directory (see the module docstring)."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               best_metric: str | None = "robust_accuracy"):
+    self.workdir = workdir
+    self.best_metric = best_metric
+    self._last = _manager(os.path.join(workdir, "checkpoints"), keep, async_save, None)
+    self._best = _manager(os.path.join(workdir, "best"), 1, async_save, best_metric) if best_metric else None
+
+  def latest_step(self) -> int | None:
+    return self._last.latest_step()
+
+  def save(self, step: int, items: dict[str, PyTree], *, meta: dict[str, Any], sparsity: str,
+           metrics: dict[str, float] | None = None) -> None:
+    """Saves the pytree `items` (single-device or replicated arrays) at `step`, and as best if it is."""
+    args = ocp.args.Composite(meta=ocp.args.JsonSave(meta), sparsity=ocp.args.JsonSave(json.loads(sparsity)),
+                              **{name: ocp.args.StandardSave(item) for name, item in items.items()})
+    self._last.save(step, args=args)
+    if self._best is not None and metrics and self.best_metric in metrics:
+      self._best.save(step, args=args, metrics=metrics)
+
+  def wait(self) -> None:
+    """Blocks until async saves are on disk; re-raises their errors."""
+    self._last.wait_until_finished()
+    if self._best is not None:
+      self._best.wait_until_finished()
+    self._last.check_for_errors()
+
+  def restore(self, abstract_items: dict[str, PyTree], step: int | None = None) -> tuple[dict, dict[str, Any]]:
+    """The items at `step` (default: latest) shaped like `abstract_items`, and the meta."""
+    return restore(self._last, abstract_items, step)
+
+  def close(self) -> None:
+    self.wait()
+    self._last.close()
+    if self._best is not None:
+      self._best.close()
+
+
+def read_meta(directory: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """(step, meta) of the latest (or given) save under `directory` (a workdir or its checkpoints/)."""
+  manager = _open_for_reading(directory)
+  step = _pick_step(manager, directory, step)
+  try:
+    return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  except Exception as error:  # orbax raises many types for damaged files
+    raise CheckpointError(f"cannot read the metadata of checkpoint {directory} step {step}: {error}") from error
+
+
+def restore(directory_or_manager: str | ocp.CheckpointManager, abstract_items: dict[str, PyTree],
+            step: int | None = None) -> tuple[dict[str, PyTree], dict[str, Any]]:
+  """Restores the named items shaped like `abstract_items` (e.g. from `jax.eval_shape`), and the meta.
+
+  Raises:
+    CheckpointError: no checkpoint, a structure or shape mismatch (naming the first differing entry), or
+      unreadable files.
+  """
+  if isinstance(directory_or_manager, str):
+    manager, where = _open_for_reading(directory_or_manager), directory_or_manager
+  else:
+    manager, where = directory_or_manager, str(directory_or_manager.directory)
+  step = _pick_step(manager, where, step)
+  args = ocp.args.Composite(meta=ocp.args.JsonRestore(),
+                            **{name: ocp.args.StandardRestore(item) for name, item in abstract_items.items()})
+  try:
+    restored = manager.restore(step, args=args)
+  except Exception as error:  # orbax raises ValueError/KeyError/FileNotFoundError/... for mismatches
+    raise CheckpointError(f"checkpoint {where} step {step} does not match the expected state: {error}") from error
+  return {name: restored[name] for name in abstract_items}, restored.meta
+
+
+def _open_for_reading(directory: str) -> ocp.CheckpointManager:
+  subdir = os.path.join(directory, "checkpoints")
+  path = subdir if os.path.isdir(subdir) else directory
+  if not os.path.isdir(path):
+    raise CheckpointError(f"no checkpoint directory at {directory}")
+  return ocp.CheckpointManager(os.path.abspath(path), options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def _pick_step(manager: ocp.CheckpointManager, where: str, step: int | None) -> int:
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"no finished checkpoint in {where}")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise CheckpointError(f"checkpoint {where} has no step {step}; it has {sorted(steps)}")
+  return step

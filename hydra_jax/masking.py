@@ -1,0 +1,403 @@
+"""HYDRA's pruning primitive: top-k score masks with a straight-through gradient.
+
+Pruning is a transform on the parameter pytree, not a layer. Every prunable weight `w` (each conv or dense
+`kernel`, first and last layer and 1x1 shortcuts included; never a bias or BatchNorm parameter) has an
+importance score `s` of the same shape. The forward pass uses `w * mask`, where the mask keeps the top-k
+fraction of `|s|` in each layer, and the gradient reaches `s` straight through the mask (Sehwag et al. 2020,
+Eq. 4, after Ramanujan et al. 2020): `dL/ds = sign(s) * w * dL/dw_eff`.
+
+`k` is always the fraction KEPT: a layer of `n` weights keeps exactly `n - floor((1 - k) * n)` of them
+(k=0.01 is 99% pruning; any k > 0 keeps at least one), the `floor((1 - k) * n)` smallest `|s|` are
+dropped, and ties are dropped in flat-index order, as a stable ascending sort would.
+
+Example:
+  >>> params = model.init(key, x, train=False)['params']
+  >>> scores = init_scores(params, 'scaled', key)            # None at non-prunable leaves
+  >>> masked = apply_masks(params, scores, k=0.01)            # once per training step
+  >>> logits = model.apply({'params': masked, ...}, x, train=False)
+  >>> print(sparsity_report(export_dense(params, scores, 0.01)).table())
+
+Masks are computed once per step on the whole tree; attacks then close over the masked params, so no mask
+is ever recomputed inside an attack loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Path = tuple[Any, ...]
+
+_BISECTION_STEPS = 31  # Keys of [0, inf] lie in [0, 0x7F800000] (< 2**31 values): 31 halvings pin one.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which leaves are prunable.
+
+
+def path_name(path: Path) -> str:
+  """'layer1_0/conv1/kernel' for a `jax.tree_util` key path."""
+  return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def is_prunable(path: Path, leaf: Any) -> bool:
+  """Conv and dense weights are prunable: leaves named `kernel` with at least 2 dims (Flax convention)."""
+  return bool(path) and path_name(path[-1:]) == "kernel" and np.ndim(leaf) >= 2
+
+
+def prunable_paths(params: PyTree, prunable: Callable[[Path, Any], bool] = is_prunable) -> list[str]:
+  """Names of the prunable leaves of `params`, in tree order."""
+  return [path_name(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if prunable(p, leaf)]
+
+
+def _map_prunable(fn: Callable, params: PyTree, *rest: PyTree) -> PyTree:
+  """`fn(path, w, *rest_leaves)` at leaves where `rest[0]` is not None; None elsewhere."""
+  def at_leaf(path, w, *others):
+    return None if others[0] is None else fn(path, w, *others)
+
+  return jax.tree_util.tree_map_with_path(at_leaf, params, *rest, is_leaf=lambda x: x is None)
+
+
+def _check_scores(params: PyTree, scores: PyTree) -> None:
+  """Raises ValueError naming the first leaf where `scores` does not mirror `params`."""
+  param_leaves = dict((path_name(p), w) for p, w in jax.tree_util.tree_flatten_with_path(params)[0])
+  score_leaves = jax.tree_util.tree_flatten_with_path(scores, is_leaf=lambda x: x is None)[0]
+  score_names = {path_name(p) for p, _ in score_leaves}
+  for name in param_leaves:
+    if name not in score_names:
+      raise ValueError(f"scores do not mirror params: no entry for param '{name}'")
+  for path, s in score_leaves:
+    name = path_name(path)
+    if name not in param_leaves:
+      raise ValueError(f"scores do not mirror params: score '{name}' has no param")
+    if s is not None and np.shape(s) != np.shape(param_leaves[name]):
+      raise ValueError(
+          f"score '{name}' has shape {np.shape(s)} but its param has shape {np.shape(param_leaves[name])}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The exact top-k mask of one array.
+
+
+def check_k(k: Any, what: str = "k") -> None:
+  """Raises ValueError unless a concrete `k` lies in (0, 1]; traced values are not checked."""
+  if isinstance(k, jax.core.Tracer):
+    return
+  if not np.all((np.asarray(k) > 0) & (np.asarray(k) <= 1)):
+    raise ValueError(f"{what}={k!r} must lie in (0, 1]: it is the fraction of weights KEPT")
+
+
+def num_pruned(n: int, k: float | jax.Array) -> int | jax.Array:
+  """floor((1 - k) * n), capped at n - 1 so that any k > 0 keeps one entry.
+
+  A Python `k` is rounded in double precision exactly as the reference's `int((1 - k) * numel)`; a traced
+  `k` is rounded in the default float precision.
+  """
+  if isinstance(k, (int, float, np.floating)):
+    return min(int((1 - k) * n), n - 1)
+  return jnp.minimum(jnp.floor((1 - jnp.asarray(k)) * n).astype(jnp.int32), n - 1)
+
+
+def _order_key(values: jax.Array) -> jax.Array:
+  """int32 keys with the same order as the non-negative float `values` (IEEE bit order)."""
+  return jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+
+
+def _kth_smallest_key(keys: jax.Array, rank: jax.Array | int) -> jax.Array:
+  """The smallest t with #{keys <= t} > rank, by bisection on the int32 range: 31 O(n) passes, no sort."""
+  def halve(_, bounds):
+    lo, hi = bounds  # invariant: count(keys <= lo) <= rank < count(keys <= hi)
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(keys <= mid) > rank
+    return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+  start = (jnp.int32(-1), _order_key(jnp.float32(jnp.inf)))  # hi - lo < 2**31: no overflow
+  return jax.lax.fori_loop(0, _BISECTION_STEPS, halve, start)[1]
+
+
+def _hard_topk(values: jax.Array, n_pruned: jax.Array | int) -> jax.Array:
+  """0/1 mask dropping the `n_pruned` smallest of the non-negative `values` (ties: lowest flat index first)."""
+  keys = _order_key(values).ravel()
+  threshold = _kth_smallest_key(keys, n_pruned)
+  ties_to_drop = n_pruned - jnp.sum(keys < threshold)
+
+  def drop_first_ties(keys):  # an O(n) cumsum, paid only when some tied entries must go
+    at_threshold = keys == threshold
+    return (keys > threshold) | (at_threshold & (jnp.cumsum(at_threshold) > ties_to_drop))
+
+  keep = jax.lax.cond(ties_to_drop == 0, lambda keys: keys >= threshold, drop_first_ties, keys)
+  return keep.reshape(values.shape).astype(values.dtype)
+
+
+@jax.custom_vjp
+def _topk_of_abs(abs_scores: jax.Array, n_pruned: jax.Array | int) -> jax.Array:
+  return _hard_topk(abs_scores, n_pruned)
+
+
+def _topk_of_abs_fwd(abs_scores, n_pruned):
+  return _hard_topk(abs_scores, n_pruned), None
+
+
+def _topk_of_abs_bwd(_, mask_cotangent):
+  return mask_cotangent, None  # straight through: d mask / d|s| := identity (GetSubnet.backward)
+
+
+_topk_of_abs.defvjp(_topk_of_abs_fwd, _topk_of_abs_bwd)
+
+
+def _magnitude(scores: jax.Array) -> jax.Array:
+  """|scores| whose derivative is sign(scores), zero at 0 as torch.abs's (jnp.abs's is 1 there)."""
+  return scores * jnp.sign(scores)
+
+
+def topk_mask(scores: jax.Array, k: float | jax.Array) -> jax.Array:
+  """Float 0/1 mask keeping the top-k fraction of `|scores|`, with a straight-through gradient.
+
+  Args:
+    scores: array of any shape and float dtype (one layer's scores).
+    k: fraction kept, in (0, 1]; a Python float or a traced scalar.
+
+  Returns:
+    mask of `scores`' shape and dtype with exactly `n - floor((1 - k) * n)` ones, n = scores.size.
+    Its gradient is `sign(scores) * upstream` (straight through the top-k, then autodiff through abs).
+  """
+  check_k(k)
+  return _topk_of_abs(_magnitude(scores), num_pruned(scores.size, k))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks for a whole parameter tree.
+
+
+def _per_layer_k(k: Any) -> Any:
+  """A uniform `k` as is; a per-layer tree or {'path/kernel': k} dict as a flat {path name: k} dict."""
+  if not isinstance(k, Mapping):
+    return k
+  return {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(k)[0]}
+
+
+def _k_for_layer(k: Any, name: str) -> Any:
+  if isinstance(k, dict):
+    if name not in k:
+      raise ValueError(f"per-layer k has no entry for prunable layer '{name}'; it has {sorted(k)}")
+    check_k(k[name], f"k['{name}']")
+    return k[name]
+  return k
+
+
+def layer_masks(scores: PyTree, k: Any) -> PyTree:
+  """Per-layer top-k masks (the reference's rule): the tree of `topk_mask(s, k_layer)`, None where None.
+
+  Args:
+    scores: pytree with an array at each prunable leaf and None elsewhere.
+    k: a float (uniform over layers, as the reference) or per-layer: a tree mirroring `scores` with a
+      float at each prunable leaf, or a dict {'layer1_0/conv1/kernel': k, ...} naming every prunable leaf.
+  """
+  flat_k = _per_layer_k(k)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: None if s is None else topk_mask(s, _k_for_layer(flat_k, path_name(path))),
+      scores, is_leaf=lambda x: x is None)
+
+
+def global_masks(scores: PyTree, k: float | jax.Array, min_layer_k: float = 0.0) -> PyTree:
+  """Masks keeping the top-k fraction of `|scores|` ranked jointly over all layers (beyond the reference).
+
+  Each layer first keeps its own top `min_layer_k` fraction (so no layer can be pruned away entirely), then
+  the remaining budget goes to the largest `|s|` anywhere. Total kept = max(N - floor((1 - k) N), the
+  layers' guaranteed counts), N = all prunable entries; ties are broken by flat index over the leaves in
+  tree order. The gradient is straight-through to every score, as in `topk_mask`.
+  """
+  check_k(k)
+  if not 0.0 <= min_layer_k <= 1.0:
+    raise ValueError(f"min_layer_k={min_layer_k!r} must lie in [0, 1]")
+  leaves, treedef = jax.tree_util.tree_flatten(scores, is_leaf=lambda x: x is None)
+  arrays = [s for s in leaves if s is not None]
+  abs_flat = jnp.concatenate([_magnitude(s).ravel() for s in arrays])
+  if min_layer_k > 0:
+    guaranteed = jnp.concatenate([_hard_topk(jnp.abs(s), num_pruned(s.size, min_layer_k)).ravel() > 0
+                                  for s in jax.lax.stop_gradient(arrays)])
+    # Guaranteed entries rank above every other (+inf); the identity-plus-constant keeps d/d|s| = 1.
+    abs_flat = abs_flat + jax.lax.stop_gradient(jnp.where(guaranteed, jnp.inf, abs_flat) - abs_flat)
+    n_pruned = jnp.minimum(num_pruned(abs_flat.size, k), abs_flat.size - jnp.sum(guaranteed))
+  else:
+    n_pruned = num_pruned(abs_flat.size, k)
+  flat_mask = _topk_of_abs(abs_flat, n_pruned)
+  splits = np.cumsum([s.size for s in arrays])[:-1]
+  masks = iter(m.reshape(s.shape) for m, s in zip(jnp.split(flat_mask, splits), arrays))
+  return jax.tree_util.tree_unflatten(treedef, [None if s is None else next(masks) for s in leaves])
+
+
+def compute_masks(scores: PyTree, k: Any, *, scope: str = "layer", min_layer_k: float = 0.0) -> PyTree:
+  """The mask tree for `scores`: `scope='layer'` (reference) or `'global'` (see `global_masks`)."""
+  if scope == "layer":
+    return layer_masks(scores, k)
+  if scope == "global":
+    return global_masks(scores, k, min_layer_k)
+  raise ValueError(f"unknown mask scope '{scope}'; valid: 'layer', 'global'")
+
+
+def apply_masks(params: PyTree, scores: PyTree, k: Any, *, scope: str = "layer",
+                min_layer_k: float = 0.0) -> PyTree:
+  """Params whose prunable kernels are `w * topk_mask(s, k)`; every other leaf is returned as is.
+
+  Differentiable in both arguments: `dL/dw = mask * dL/dw_eff` (pruned weights get zero gradient, so they
+  stay put when finetuning) and `dL/ds = sign(s) * w * dL/dw_eff` (straight through). Compute it once per
+  training step and close attacks over the result.
+
+  Args:
+    params: the model's 'params' collection.
+    scores: a tree mirroring `params`, an array at each prunable kernel and None at every other leaf.
+    k: fraction kept: float, per-layer tree/dict (see `layer_masks`), or, with scope='global', a float.
+    scope: 'layer' ranks each layer alone (the reference); 'global' ranks across layers.
+    min_layer_k: with scope='global', the fraction every layer keeps at least.
+  """
+  _check_scores(params, scores)
+  masks = compute_masks(scores, k, scope=scope, min_layer_k=min_layer_k)
+  return jax.tree.map(lambda w, m: w if m is None else w * m, params, masks, is_leaf=lambda x: x is None)
+
+
+def export_dense(params: PyTree, scores: PyTree, k: Any, **mask_options) -> PyTree:
+  """Plain params with every pruned weight exactly +0.0 (no scores needed to use them)."""
+  _check_scores(params, scores)
+  masks = jax.lax.stop_gradient(compute_masks(scores, k, **mask_options))
+  return jax.tree.map(lambda w, m: w if m is None else jnp.where(m > 0, w, jnp.zeros_like(w)),
+                      params, masks, is_leaf=lambda x: x is None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Score initialisations.
+
+
+def fans(kernel_shape: tuple[int, ...]) -> tuple[int, int]:
+  """(fan_in, fan_out) of a Flax kernel: conv (..., H, W, in, out) or dense (in, out), as PyTorch counts."""
+  receptive = math.prod(kernel_shape[:-2])
+  return kernel_shape[-2] * receptive, kernel_shape[-1] * receptive
+
+
+def _scaled(w, key, **_):
+  fan_in, _ = fans(w.shape)
+  return math.sqrt(6.0 / fan_in) * w / jnp.max(jnp.abs(w))
+
+
+def _kaiming_normal(w, key, **_):
+  return math.sqrt(2.0 / fans(w.shape)[0]) * jax.random.normal(key, w.shape, w.dtype)
+
+
+def _uniform_bound(bound):
+  return lambda w, key: jax.random.uniform(key, w.shape, w.dtype, -bound(w.shape), bound(w.shape))
+
+
+def _xavier_std(shape):
+  return math.sqrt(2.0) * math.sqrt(2.0 / sum(fans(shape)))
+
+
+def _dirac(w, key, **_):
+  """torch.nn.init.dirac_: 1 at the spatial centre of tap (i, i) for i < min(in, out); eye for dense."""
+  *spatial, n_in, n_out = w.shape
+  eye = jnp.eye(n_in, n_out, dtype=w.dtype)
+  centre = jnp.zeros(spatial, w.dtype).at[tuple(d // 2 for d in spatial)].set(1)
+  return centre[..., None, None] * eye
+
+
+def _orthogonal(w, key, **_):
+  """torch.nn.init.orthogonal_ with the ReLU gain sqrt(2): (fan_in, out) kernel with orthonormal columns."""
+  return jax.nn.initializers.orthogonal(scale=math.sqrt(2.0))(key, w.shape, w.dtype)
+
+
+def _snip(w, key, *, grads, **_):
+  """SNIP sensitivity |w * dL/dw| (Lee et al. 2019); `grads` = dL/dw at this leaf on one batch, k=1."""
+  return jnp.abs(w * grads)
+
+
+SCORE_INITS: dict[str, Callable[..., jax.Array]] = {
+    "scaled": _scaled,
+    "kaiming_normal": _kaiming_normal,
+    "kaiming_uniform": lambda w, key, **_: _uniform_bound(lambda s: math.sqrt(6.0 / fans(s)[0]))(w, key),
+    "xavier_normal": lambda w, key, **_: _xavier_std(w.shape) * jax.random.normal(key, w.shape, w.dtype),
+    "xavier_uniform": lambda w, key, **_: _uniform_bound(lambda s: math.sqrt(3.0) * _xavier_std(s))(w, key),
+    "dirac": _dirac,
+    "orthogonal": _orthogonal,
+    "uniform": lambda w, key, **_: _uniform_bound(lambda s: 1.0 / math.sqrt(fans(s)[0]))(w, key),
+    "snip": _snip,
+}
+
+
+def init_scores(params: PyTree, method: str, key: jax.Array, *,
+                prunable: Callable[[Path, Any], bool] = is_prunable, **per_leaf: PyTree) -> PyTree:
+  """A scores tree mirroring `params`: an array at each prunable kernel, None at every other leaf.
+
+  Methods (fan_in/fan_out as PyTorch counts them: in*kh*kw / out*kh*kw):
+    scaled          HYDRA's: sqrt(6 / fan_in) * w / max|w| per layer (the initial mask is then LWM).
+    kaiming_normal  N(0, 2 / fan_in).                kaiming_uniform  U(+-sqrt(6 / fan_in)).
+    xavier_normal   N(0, 2 * 2 / (fan_in + fan_out)).  xavier_uniform   U(+-sqrt(2) * sqrt(6 / (fan_in + fan_out))).
+    dirac           torch's dirac_ (eye for dense).    orthogonal       orthonormal columns, gain sqrt(2).
+    uniform         U(+-1 / sqrt(fan_in)): the reference layers' default.
+    snip            |w * dL/dw|; pass `grads=` (a tree mirroring params: dL/dw on one batch with k=1).
+  The ReLU gain sqrt(2) is applied as in the reference's `--scores_init_type`. Register more in
+  `SCORE_INITS` as `fn(w, key, **per_leaf) -> scores`.
+
+  Args:
+    params: the 'params' collection (pretrained weights for 'scaled' and 'snip').
+    method: a name in SCORE_INITS.
+    key: PRNG key, split per prunable leaf.
+    prunable: `(path, leaf) -> bool`, default: leaves named 'kernel' with ndim >= 2.
+    **per_leaf: trees mirroring `params` whose leaves are passed by keyword to the init (e.g. grads).
+  """
+  if method not in SCORE_INITS:
+    raise ValueError(f"unknown score init '{method}'; valid: {sorted(SCORE_INITS)}")
+  init = SCORE_INITS[method]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  extra = {name: treedef.flatten_up_to(tree) for name, tree in per_leaf.items()}
+  keys = iter(jax.random.split(key, len(flat)))
+  leaves = []
+  for i, (path, w) in enumerate(flat):
+    leaf_key = next(keys)
+    leaves.append(init(jnp.asarray(w), leaf_key, **{n: v[i] for n, v in extra.items()})
+                  if prunable(path, w) else None)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sparsity accounting.
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityReport:
+  """Kept (nonzero) and total counts of each prunable kernel, measured on the weights themselves."""
+
+  layers: tuple[tuple[str, int, int], ...]  # (path, kept, total)
+
+  @property
+  def kept(self) -> int:
+    return sum(kept for _, kept, _ in self.layers)
+
+  @property
+  def total(self) -> int:
+    return sum(total for _, _, total in self.layers)
+
+  def table(self) -> str:
+    """A fixed-width text table: one row per layer, then the total."""
+    width = max([len(name) for name, _, _ in self.layers] + [5])
+    rows = [f"{'layer':<{width}}  {'kept':>10}  {'total':>10}  {'kept %':>7}"]
+    for name, kept, total in self.layers + (("TOTAL", self.kept, self.total),):
+      rows.append(f"{name:<{width}}  {kept:>10,d}  {total:>10,d}  {100 * kept / max(total, 1):>7.2f}")
+    return "\n".join(rows)
+
+  def to_json(self) -> str:
+    return json.dumps({"layers": [{"name": n, "kept": k, "total": t} for n, k, t in self.layers],
+                       "kept": self.kept, "total": self.total})
+
+
+def sparsity_report(params: PyTree, prunable: Callable[[Path, Any], bool] = is_prunable) -> SparsityReport:
+  """Counts the nonzero entries of every prunable kernel of `params` (e.g. the output of export_dense)."""
+  layers = tuple((path_name(p), int(np.count_nonzero(np.asarray(w))), int(np.size(w)))
+                 for p, w in jax.tree_util.tree_flatten_with_path(params)[0] if prunable(p, w))
+  return SparsityReport(layers)
