@@ -145,35 +145,43 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model_name: str, num_cl
     elsewhere, or None if the state dict has no `popup_scores`.
 
   Raises:
-    ValueError: a key the model needs is missing, a tensor has the wrong shape, scores are present for some but
-      not all weights, or the state dict has keys the model does not use (each named in the message). Only
-      `num_batches_tracked` and the WRN's unused `sub_block1.*` are skipped.
+    ValueError: keys the model needs are missing (scores count as needed for every weight once any is present),
+      the state dict has keys the model does not use, or a tensor has the wrong shape; the message names the
+      keys. Only `num_batches_tracked` and the WRN's unused `sub_block1.*` are skipped.
   """
   model, input_shape, shapes = _model_and_shapes(model_name, num_classes, input_shape)
   flat_map = _flattened_map(model, input_shape)
-  remaining = _strip_prefix(state_dict)
+  given = _strip_prefix(state_dict)
   if isinstance(model, wrn.WideResNet):
-    remaining = {k: v for k, v in remaining.items() if not k.startswith(_UNUSED_WRN_PREFIX)}
-  has_scores = any(key.endswith("." + _SCORES) for key in remaining)
-  variables, scores = {}, {}
-  for path, leaf in shapes.items():
-    key = torch_key(path)
-    variables[path] = _take(remaining, key, leaf, path, flat_map)
-    if path[0] == "params":
-      is_weight = path[-1] == "kernel"
-      score_key = key.removesuffix("weight") + _SCORES
-      scores[path[1:]] = _take(remaining, score_key, leaf, path, flat_map) if is_weight and has_scores else None
-  if remaining:
-    raise ValueError(f"State dict keys not used by {model_name!r}: {sorted(remaining)}")
+    given = {k: v for k, v in given.items() if not k.startswith(_UNUSED_WRN_PREFIX)}
+  has_scores = any(key.endswith("." + _SCORES) for key in given)
+  keys = {path: torch_key(path) for path in shapes}
+  score_keys = {path[1:]: keys[path].removesuffix("weight") + _SCORES
+                for path in shapes if has_scores and path[-1] == "kernel"}
+  _check_keys(given, {*keys.values(), *score_keys.values()}, model_name)
+  variables = {path: _convert(given[key], shapes[path], path, key, flat_map) for path, key in keys.items()}
+  scores = {path[1:]: None for path in shapes if path[0] == "params"}
+  scores.update({path: _convert(given[key], shapes[("params", *path)], ("params", *path), key, flat_map)
+                 for path, key in score_keys.items()})
   variables = traverse_util.unflatten_dict(variables)
   return variables, traverse_util.unflatten_dict(scores) if has_scores else None
 
 
-def _take(remaining: dict[str, np.ndarray], key: str, leaf, path, flat_map) -> jax.Array:
-  """Pops `key`, checks its PyTorch shape against the model's, and converts it to the flax layout."""
-  if key not in remaining:
-    raise ValueError(f"State dict is missing key {key!r} (for variable {'/'.join(path)})")
-  array = remaining.pop(key)
+def _check_keys(given: Mapping[str, Any], expected: set[str], model_name: str) -> None:
+  """Raises ValueError listing the missing and the unused keys, if any."""
+  missing, unused = sorted(expected - given.keys()), sorted(given.keys() - expected)
+  problems = [f"{what} {_preview(keys)}" for what, keys in [("missing keys", missing),
+                                                             ("keys not used by the model", unused)] if keys]
+  if problems:
+    raise ValueError(f"State dict does not fit model {model_name!r}: " + "; ".join(problems))
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+  return str(keys) if len(keys) <= limit else f"{keys[:limit]} ... ({len(keys)} in all)"
+
+
+def _convert(array: np.ndarray, leaf, path, key: str, flat_map) -> jax.Array:
+  """Checks `array`'s PyTorch shape against the model's leaf and converts it to the flax layout."""
   expected = _torch_shape(leaf.shape, path)
   if array.shape != expected:
     raise ValueError(f"State dict key {key!r} has shape {array.shape}, the model expects {expected}")
@@ -203,13 +211,13 @@ def to_torch_state_dict(variables: Mapping[str, Any], scores: Mapping[str, Any] 
   out = {}
   for path, value in traverse_util.flatten_dict(dict(variables)).items():
     key = torch_key(path)
-    out[key] = _flax_to_torch(np.asarray(value, np.float32), path, flat_map)
+    out[key] = _flax_to_torch(np.array(value, np.float32), path, flat_map)
     if path[-1] == "scale":
       out[key.removesuffix("weight") + "num_batches_tracked"] = np.zeros((), np.int64)
   for path, value in traverse_util.flatten_dict(dict(scores or {})).items():
     if value is not None:
       path = ("params", *path)
-      out[torch_key(path).removesuffix("weight") + _SCORES] = _flax_to_torch(np.asarray(value, np.float32), path,
+      out[torch_key(path).removesuffix("weight") + _SCORES] = _flax_to_torch(np.array(value, np.float32), path,
                                                                              flat_map)
   if isinstance(model, wrn.WideResNet):
     out.update({"sub_" + k: v.copy() for k, v in out.items() if k.startswith("block1.")})
