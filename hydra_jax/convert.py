@@ -32,7 +32,6 @@ Example:
 """
 
 from collections.abc import Mapping
-import math
 import re
 from typing import Any
 
@@ -54,6 +53,8 @@ _UNUSED_WRN_PREFIX = "sub_block1."
 def torch_key(path: tuple[str, ...]) -> str:
   """PyTorch state-dict key of a flattened variable path such as ("params", "layer1_0", "conv1", "kernel")."""
   *modules, leaf = path[1:]
+  if leaf not in _TO_TORCH:
+    raise ValueError(f"No PyTorch counterpart for variable {'/'.join(path)!r}")
   modules = [re.sub(r"_(\d+)$", r".\1", m) for m in modules]
   return ".".join([*modules, _TO_TORCH[leaf]])
 
@@ -117,7 +118,7 @@ def _model_and_shapes(model_name: str, num_classes: int, input_shape):
   return model, input_shape, traverse_util.flatten_dict(shapes)
 
 
-def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _normalise(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Drops DataParallel's "module." prefix and `num_batches_tracked` entries; converts values to numpy."""
   out = {}
   for key, value in state_dict.items():
@@ -151,7 +152,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model_name: str, num_cl
   """
   model, input_shape, shapes = _model_and_shapes(model_name, num_classes, input_shape)
   flat_map = _flattened_map(model, input_shape)
-  given = _strip_prefix(state_dict)
+  given = _normalise(state_dict)
   if isinstance(model, wrn.WideResNet):
     given = {k: v for k, v in given.items() if not k.startswith(_UNUSED_WRN_PREFIX)}
   has_scores = any(key.endswith("." + _SCORES) for key in given)

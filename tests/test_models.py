@@ -17,6 +17,7 @@ from zoo_helpers import random_variables as _init
 
 ALIASES = {"cnn_small", "cnn_large", "ResNet18", "ResNet34", "ResNet50"}
 NAMES = [n for n in models.model_names() if n not in ALIASES]
+DEEP = {"resnet101", "resnet152", "wrn_34_10"}  # same code as resnet50 / wrn_28_10, only slower to trace
 TINY = ["cnn_tiny", "vgg_tiny", "wrn_tiny", "resnet_tiny", "resnet_imagenet_tiny", "mobilenet_v2_tiny",
         "googlenet_tiny"]
 BIG_FORWARD = ["mnist_model", "mnist_model_large", "cifar_model", "cifar_model_large", "vgg16_bn", "vgg16",
@@ -82,7 +83,7 @@ def test_param_counts_equal_pytorch_reference(name, tr):
 
 
 # ------------------------------------------------------------------------------------------------ forwards
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in NAMES])
 def test_output_shapes_train_and_eval(name):
   """Abstract (eval_shape) forwards of every model in both modes, with 7 classes."""
   model, x, variables = _shapes(name, num_classes=7)
@@ -139,8 +140,9 @@ def test_apply_fn_is_pure_under_jit_grad_vmap():
   np.testing.assert_allclose(new_vars["batch_stats"]["features_1"]["mean"],
                              apply_fn(variables, x, True)[1]["batch_stats"]["features_1"]["mean"], rtol=1e-5,
                              atol=1e-7)
-  per_example = jax.vmap(lambda xi: apply_fn(variables, xi[None], False)[0][0])(x)
-  np.testing.assert_allclose(per_example, apply_fn(variables, x, False)[0], rtol=1e-5, atol=1e-6)
+  per_example = jax.jit(jax.vmap(lambda xi: apply_fn(variables, xi[None], False)[0][0]))(x)
+  np.testing.assert_allclose(per_example, jax.jit(apply_fn, static_argnums=2)(variables, x, False)[0], rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_cnn_jaxpr_is_sequential_conv_dense_relu():
@@ -164,27 +166,27 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 # ------------------------------------------------------------------------------------------------ initialisation
-def _init_params(name):
-  """Real init of model `name` (one jit compile; the rbg key compiles much faster than threefry on CPU)."""
-  model = models.get_model(name, 10)
-  x = jnp.zeros((1, *models.input_shape(name)))
-  return jax.jit(model.init, static_argnames="train")(jax.random.key(1, impl="rbg"), x, train=False)["params"]
+def _init_params(*names):
+  """Real inits of the named models, in one jit compile (an rbg key compiles much faster than threefry on CPU)."""
+  def init_all(key):
+    return [models.get_model(name, 10).init(key, jnp.zeros((1, *models.input_shape(name))), train=False)["params"]
+            for name in names]
+
+  return jax.jit(init_all)(jax.random.key(1, impl="rbg"))
 
 
 def test_initialisations_follow_the_reference():
-  vgg = _init_params("vgg_tiny")
+  vgg, wrn, res, cnn = _init_params("vgg_tiny", "wrn_tiny", "resnet_tiny", "cnn_tiny")
   conv = vgg["features_4"]["kernel"]  # 3x3, 8 -> 16: kaiming_normal fan_out, std sqrt(2 / (9 * 16))
   assert conv.shape == (3, 3, 8, 16)
   np.testing.assert_allclose(conv.std(), math.sqrt(2 / (9 * 16)), rtol=0.1)
   np.testing.assert_allclose(vgg["classifier_0"]["kernel"].std(), 0.01, rtol=0.1)
   assert not np.any(vgg["classifier_0"]["bias"]) and np.all(vgg["features_1"]["scale"] == 1)
 
-  wrn = _init_params("wrn_tiny")
   np.testing.assert_allclose(wrn["block3"]["layer_0"]["conv2"]["kernel"].std(), math.sqrt(2 / (9 * 64)), rtol=0.05)
   fc = wrn["fc"]  # PyTorch default weight U(+-1/sqrt(64)), zero bias
   assert 0.9 / 8 < np.abs(fc["kernel"]).max() <= 1 / 8 and not np.any(fc["bias"])
 
-  res = _init_params("resnet_tiny")
   w = res["layer4_0"]["conv2"]["kernel"]  # PyTorch default: U(+-1/sqrt(9 * 64)), std = bound / sqrt(3)
   bound = 1 / math.sqrt(9 * 64)
   assert np.abs(w).max() <= bound
@@ -192,7 +194,7 @@ def test_initialisations_follow_the_reference():
   b = res["linear"]["bias"]  # PyTorch default bias: U(+-1/sqrt(fan_in))
   assert 0.5 / 8 < np.abs(b).max() <= 1 / 8  # 10 draws
 
-  cnn = _init_params("cnn_tiny")  # reference cifar CNNs: convs N(0, 2 / (k * k * out)) with zero bias
+  # reference cifar CNNs: convs N(0, 2 / (k * k * out)) with zero bias
   np.testing.assert_allclose(cnn["2"]["kernel"].std(), math.sqrt(2 / (16 * 8)), rtol=0.1)
   assert not np.any(cnn["2"]["bias"])
 
