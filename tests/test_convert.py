@@ -28,27 +28,6 @@ def tr():
   return torch_reference
 
 
-def _reference(tr, name, num_classes=10, seed=0):
-  """PyTorch model with random weights and random non-trivial BN affine parameters and running statistics."""
-  import torch  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(seed)
-  module = tr.build(name, num_classes)
-  with torch.no_grad():
-    for m in module.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0, 0.2)
-        m.running_mean.normal_(0, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-  return module.eval()
-
-
-def _torch_logits(module, x):
-  import torch  # pylint: disable=g-import-not-at-top
-  with torch.no_grad():
-    return module(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
-
-
 def _our_logits(name, variables, x, num_classes=10):
   model = models.get_model(name, num_classes)
   return jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
@@ -76,9 +55,9 @@ def _assert_trees_equal(a, b):
 
 # ------------------------------------------------------------------------------------------------ logit parity
 def _check_parity(tr, name):
-  reference = _reference(tr, name)
+  reference = tr.build_random(name)
   x = _inputs(name)
-  expected = _torch_logits(reference, x)
+  expected = tr.logits(reference, x)
   variables, scores = convert.from_torch_state_dict(reference.state_dict(), name, 10)
   assert scores is None  # a dense checkpoint
   assert expected.std() > 1e-2  # the comparison is not between near-zero logits
@@ -102,14 +81,14 @@ def test_export_loads_strictly_into_pytorch_with_equal_logits(name, tr):
   model, x, variables = random_variables(name)
   reference = tr.build(name, 10).eval()
   reference.load_state_dict(convert.to_torch_state_dict(variables, model_name=name, as_torch=True), strict=True)
-  np.testing.assert_allclose(_our_logits(name, variables, x), _torch_logits(reference, x), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(_our_logits(name, variables, x), tr.logits(reference, x), atol=1e-4, rtol=1e-4)
   del model
 
 
 # ------------------------------------------------------------------------------------------------ scores
 def test_scores_get_the_weight_layout(tr):
   """popup_scores equal to the weights convert to exactly the kernels (incl. the flatten permutation)."""
-  reference = _reference(tr, "cifar_model")
+  reference = tr.build_random("cifar_model")
   state_dict = reference.state_dict()
   state_dict.update({k.removesuffix("weight") + "popup_scores": v.clone() for k, v in state_dict.items()
                      if k.endswith("weight")})
@@ -119,7 +98,7 @@ def test_scores_get_the_weight_layout(tr):
 
 
 def test_scores_are_none_at_non_prunable_leaves(tr):
-  variables, scores = convert.from_torch_state_dict(_with_scores(_reference(tr, "resnet_tiny").state_dict()),
+  variables, scores = convert.from_torch_state_dict(_with_scores(tr.build_random("resnet_tiny").state_dict()),
                                                     "resnet_tiny", 10)
   flat_scores = traverse_util.flatten_dict(scores)
   assert flat_scores.keys() == traverse_util.flatten_dict(variables["params"]).keys()
@@ -132,7 +111,7 @@ def test_masks_and_masked_forward_equal_reference_getsubnet(name, tr):
   """Reference GetSubnet on the torch scores gives our topk_mask on the converted scores, and masked forwards agree."""
   import torch  # pylint: disable=g-import-not-at-top
   k = 0.3
-  reference = _reference(tr, name)
+  reference = tr.build_random(name)
   state_dict = _with_scores(reference.state_dict())
   variables, scores = convert.from_torch_state_dict(state_dict, name, 10)
   torch_masks = {key.removesuffix("popup_scores") + "weight": tr.get_subnet(value, k)
@@ -152,7 +131,7 @@ def test_masks_and_masked_forward_equal_reference_getsubnet(name, tr):
     for key, mask in torch_masks.items():
       reference.get_parameter(key).mul_(mask)
   x = _inputs(name)
-  np.testing.assert_allclose(_our_logits(name, {**variables, "params": masked}, x), _torch_logits(reference, x),
+  np.testing.assert_allclose(_our_logits(name, {**variables, "params": masked}, x), tr.logits(reference, x),
                              atol=1e-4, rtol=1e-4)
 
 
@@ -170,7 +149,7 @@ def test_round_trip_from_our_variables_is_identity(name):
 
 @pytest.mark.parametrize("name", ["cifar_model", "vgg_tiny", "wrn_tiny", "resnet_imagenet_tiny"])
 def test_round_trip_from_a_torch_checkpoint_is_identity(name, tr):
-  state_dict = _with_scores(_reference(tr, name).state_dict())
+  state_dict = _with_scores(tr.build_random(name).state_dict())
   variables, scores = convert.from_torch_state_dict(state_dict, name, 10)
   back = convert.to_torch_state_dict(variables, scores, model_name=name, as_torch=True)
   assert back.keys() == state_dict.keys()
@@ -190,7 +169,7 @@ def test_torch_key_rule():
 
 
 def test_dataparallel_prefix_and_wrn_sub_block1_are_accepted(tr):
-  state_dict = _reference(tr, "wrn_tiny").state_dict()
+  state_dict = tr.build_random("wrn_tiny").state_dict()
   assert any(k.startswith("sub_block1.") for k in state_dict)
   variables, _ = convert.from_torch_state_dict(state_dict, "wrn_tiny", 10)
   prefixed, _ = convert.from_torch_state_dict({"module." + k: v for k, v in state_dict.items()}, "wrn_tiny", 10)
@@ -199,7 +178,7 @@ def test_dataparallel_prefix_and_wrn_sub_block1_are_accepted(tr):
 
 def test_import_copies_instead_of_aliasing_torch_memory(tr):
   import torch  # pylint: disable=g-import-not-at-top
-  reference = _reference(tr, "resnet_tiny")
+  reference = tr.build_random("resnet_tiny")
   variables, _ = convert.from_torch_state_dict(reference.state_dict(), "resnet_tiny", 10)
   before = np.array(variables["batch_stats"]["bn1"]["mean"])
   with torch.no_grad():

@@ -7,6 +7,7 @@ from the reference definitions. They are the independent source for parameter co
 `build(name, num_classes)` mirrors `hydra_jax.models.get_model` for every registered name.
 """
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -387,6 +388,26 @@ ALIASES = {"cnn_small": "cifar_model", "cnn_large": "cifar_model_large", "ResNet
 def build(name, num_classes):
   """The PyTorch re-statement of zoo model `name`."""
   return BUILDERS[ALIASES.get(name, name)](num_classes)
+
+
+def build_random(name, num_classes=10, seed=0):
+  """`build(name)` in eval mode, seeded, with random BN affine parameters and running statistics (not 1/0/0/1)."""
+  torch.manual_seed(seed)
+  module = build(name, num_classes)
+  with torch.no_grad():
+    for m in module.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0, 0.2)
+        m.running_mean.normal_(0, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+  return module.eval()
+
+
+def logits(module, x):
+  """Logits of `module` for NHWC inputs x (numpy / jax array), as numpy."""
+  with torch.no_grad():
+    return module(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
 
 
 def count_params(module):
