@@ -1,0 +1,225 @@
+"""PyTorch-compatible building blocks for the model zoo: Conv2d, Linear, BatchNorm, pooling, initialisers.
+
+The layers compute on NHWC activations with HWIO / (in, out) kernels, but reproduce PyTorch's numerics and
+initialisation so that HYDRA's reference checkpoints load one-to-one (see `hydra_jax.convert`):
+
+- `Conv2d` / `Linear` take symmetric integer padding like `torch.nn.Conv2d` and, by default, draw weight *and* bias
+  from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's `kaiming_uniform_(a=sqrt(5))` default; flax has no
+  fan-in-aware bias initialiser, hence these two small layers).
+- `BatchNorm` has PyTorch semantics: batch statistics with the biased variance for normalising, running variance
+  updated with the unbiased one, `momentum=0.9` in the flax convention (= torch momentum 0.1), `epsilon=1e-5`.
+
+Parameters are always float32; `dtype` is the compute dtype (e.g. `jnp.bfloat16` on TPU).
+
+Example:
+
+    class Tiny(nn.Module):
+      @nn.compact
+      def __call__(self, x, train: bool):
+        x = Conv2d(8, kernel_size=3, padding=1, use_bias=False, name="conv1")(x)
+        x = jax.nn.relu(BatchNorm(name="bn1")(x, train))
+        return Linear(10, name="fc")(global_avg_pool(x))
+"""
+
+from collections.abc import Callable, Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
+Dtype = Any
+
+
+def _fan_in(shape: Sequence[int]) -> int:
+  """Fan-in of an HWIO conv kernel or an (in, out) dense kernel (PyTorch's definition, per group)."""
+  return math.prod(shape[:-1])
+
+
+def torch_default_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+  """PyTorch's default conv/linear weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(_fan_in(shape))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+  """PyTorch's default conv/linear bias init U(+-1/sqrt(fan_in)), fan_in being that of the weight."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def kaiming_normal_fan_out(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+  """N(0, 2 / (kh * kw * out_channels)) for an HWIO kernel.
+
+  This is both `kaiming_normal_(mode="fan_out", nonlinearity="relu")` (VGG, ImageNet ResNet) and the
+  `normal_(0, sqrt(2 / n))`, n = kh * kw * out_channels, of the WRN and basic.py CNNs.
+  """
+  fan_out = math.prod(shape[:-2]) * shape[-1]
+  return math.sqrt(2.0 / fan_out) * jax.random.normal(key, shape, dtype)
+
+
+class Conv2d(nn.Module):
+  """2-D convolution with PyTorch's padding and initialisation, NHWC in and out.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side.
+    stride: square stride.
+    padding: zero padding on every spatial side (PyTorch `padding=p`).
+    groups: feature groups (`groups=in_channels` gives a depthwise conv).
+    use_bias: whether to add a bias.
+    kernel_init: initialiser of the (kh, kw, in/groups, out) kernel.
+    bias_init: initialiser of the bias; None means PyTorch's U(+-1/sqrt(fan_in)).
+    dtype: compute dtype; parameters stay float32.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  groups: int = 1
+  use_bias: bool = True
+  kernel_init: Initializer = torch_default_init
+  bias_init: Initializer | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Maps (N, H, W, C_in) to (N, H', W', features), H' = (H + 2p - k) // s + 1."""
+    in_features = x.shape[-1]
+    if in_features % self.groups:
+      raise ValueError(f"{in_features} input channels are not divisible by groups={self.groups}")
+    shape = (self.kernel_size, self.kernel_size, in_features // self.groups, self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+    pad = ((self.padding, self.padding), (self.padding, self.padding))
+    y = lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+    if self.use_bias:
+      bias_init = self.bias_init or torch_default_bias_init(_fan_in(shape))
+      y = y + self.param("bias", bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
+class Linear(nn.Module):
+  """Fully connected layer with PyTorch's initialisation; kernel shape (in, out).
+
+  Attributes:
+    features: output features.
+    kernel_init: initialiser of the (in, out) kernel.
+    bias_init: initialiser of the bias; None means PyTorch's U(+-1/sqrt(in)).
+    dtype: compute dtype; parameters stay float32.
+  """
+
+  features: int
+  kernel_init: Initializer = torch_default_init
+  bias_init: Initializer | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Maps (N, in) to (N, features)."""
+    shape = (x.shape[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+    bias = self.param("bias", self.bias_init or torch_default_bias_init(shape[0]), (self.features,), jnp.float32)
+    return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+
+class BatchNorm(nn.Module):
+  """`torch.nn.BatchNorm2d` over the last axis, with optional cross-device statistics.
+
+  Train mode normalises with the batch mean and biased variance (over all axes but the last, and over
+  `axis_name` devices when given) and, outside `init`, updates the running statistics as
+  `r <- momentum * r + (1 - momentum) * stat`, using the *unbiased* batch variance for `var` like PyTorch.
+  Eval mode normalises with the running statistics. Statistics are computed in float32.
+
+  Attributes:
+    momentum: weight of the old running value (flax convention; 0.9 equals torch's momentum=0.1).
+    epsilon: added to the variance (torch default 1e-5).
+    axis_name: mapped axis (shard_map / pmap) over which batch statistics are averaged, or None.
+    dtype: output dtype.
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Normalises (..., C) activations per channel; returns the same shape in `dtype`."""
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    x = x.astype(jnp.float32)
+    if train:
+      mean, var = self._batch_stats(x)
+      if not self.is_initializing():
+        count = math.prod(x.shape[:-1])
+        if self.axis_name is not None:
+          count *= lax.axis_size(self.axis_name)
+        unbiased_var = var * count / max(count - 1, 1)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased_var
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+  def _batch_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance of x, averaged over `axis_name` (equal per-device batches)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    if self.axis_name is not None:
+      mean = lax.pmean(mean, self.axis_name)
+    var = jnp.square(x - mean).mean(axes)
+    if self.axis_name is not None:
+      var = lax.pmean(var, self.axis_name)
+    return mean, var
+
+
+def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int = 0) -> jax.Array:
+  """`torch.nn.MaxPool2d(kernel_size, stride, padding)` on NHWC (padding counts as -inf)."""
+  pad = ((padding, padding), (padding, padding))
+  return nn.max_pool(x, (kernel_size, kernel_size), (stride, stride), pad)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """Mean over the spatial axes: (N, H, W, C) -> (N, C)."""
+  return x.mean(axis=(1, 2))
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+  """`torch.nn.AdaptiveAvgPool2d(output_size)` on NHWC.
+
+  Bin i along an axis of length L covers [floor(i * L / n), ceil((i + 1) * L / n)), as in PyTorch; when L == n
+  this is the identity.
+  """
+  if x.shape[1:3] == tuple(output_size):
+    return x
+  x = jnp.concatenate(_adaptive_bins(x, axis=1, n=output_size[0]), axis=1)
+  return jnp.concatenate(_adaptive_bins(x, axis=2, n=output_size[1]), axis=2)
+
+
+def _adaptive_bins(x: jax.Array, axis: int, n: int) -> list[jax.Array]:
+  """The n PyTorch adaptive-pooling bin means of x along `axis`, each kept as a length-1 axis."""
+  length = x.shape[axis]
+  bins = []
+  for i in range(n):
+    start, stop = (i * length) // n, -((-(i + 1) * length) // n)
+    bins.append(lax.slice_in_dim(x, start, stop, axis=axis).mean(axis=axis, keepdims=True))
+  return bins
+
+
+def flatten(x: jax.Array) -> jax.Array:
+  """(N, ...) -> (N, prod(...)) in NHWC order (PyTorch flattens NCHW; `hydra_jax.convert` permutes for that)."""
+  return x.reshape(x.shape[0], -1)
