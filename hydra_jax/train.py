@@ -360,10 +360,14 @@ def eval_step(state: dict[str, PyTree], batch: dict[str, jax.Array], *, apply_fn
 # Building a stage: model, data, initial state (fresh, from a source checkpoint, or resumed).
 
 
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """config.model.num_classes, or the dataset's number of classes when it is 0."""
+  return config.model.num_classes or data.get_dataset_info(config.data.name).num_classes
+
+
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None):
   """The zoo model of `config.model` for `config.data`'s classes, BN averaged over `axis_name`."""
-  num_classes = config.model.num_classes or data.get_dataset_info(config.data.name).num_classes
-  return models.get_model(config.model.name, num_classes, dtype=jnp.dtype(config.model.dtype),
+  return models.get_model(config.model.name, num_classes(config), dtype=jnp.dtype(config.model.dtype),
                           bn_axis_name=axis_name)
 
 
@@ -394,18 +398,18 @@ def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTr
   (`.pth`, `.pth.tar`, `.pt`; needs torch) converted by `convert.from_torch_state_dict`.
   """
   template = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
-  num_classes = jax.tree.leaves(template["params"])[-1].shape[-1]
+  classes = num_classes(config)
   if config.source.endswith((".pth", ".tar", ".pt")):
     import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
     state_dict = torch.load(config.source, map_location="cpu", weights_only=False)
     variables, scores = convert.from_torch_state_dict(state_dict.get("state_dict", state_dict), config.model.name,
-                                                      num_classes, image_shape(config))
+                                                      classes, image_shape(config))
     return variables["params"], variables.get("batch_stats", {}), scores
   _, meta = checkpoints.read_meta(config.source)
-  if (meta.get("model"), meta.get("num_classes")) != (config.model.name, num_classes):
+  if (meta.get("model"), meta.get("num_classes")) != (config.model.name, classes):
     raise checkpoints.CheckpointError(
         f"source {config.source} holds model '{meta.get('model')}' with {meta.get('num_classes')} classes, "
-        f"but the config asks for '{config.model.name}' with {num_classes}")
+        f"but the config asks for '{config.model.name}' with {classes}")
   abstract_scores = jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
                                    template["params"]) if meta.get("has_scores") else None
   items, _ = checkpoints.restore(config.source, {"model": {
@@ -525,8 +529,8 @@ def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_da
   return result
 
 
-def _stage_meta(config, stage, state, metrics, num_classes):
-  return {"model": config.model.name, "num_classes": num_classes, "stage": stage,
+def _stage_meta(config, stage, state, metrics):
+  return {"model": config.model.name, "num_classes": num_classes(config), "stage": stage,
           "k": config.k if state.scores is not None else 1.0, "has_scores": state.scores is not None,
           "metrics": metrics, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort())}
 
@@ -563,7 +567,6 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     abstract = jax.eval_shape(lambda s: {"model": _model_item(s), "train": _train_item(s)}, state)
     items, _ = ckpt.restore(abstract)
     state = state.replace(**items["model"], **items["train"])
-  num_classes = jax.tree.leaves(state.params)[-1].shape[-1]
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -580,7 +583,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   def save(step, metrics=None):
     host_state = runner.get_state(device_state)
     ckpt.save(step, {"model": _model_item(host_state), "train": _train_item(host_state)},
-              meta=_stage_meta(config, stage, host_state, metrics, num_classes),
+              meta=_stage_meta(config, stage, host_state, metrics),
               sparsity=sparsity(host_state, config).to_json(), metrics=metrics)
 
   start = int(state.step)
