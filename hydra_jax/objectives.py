@@ -1,0 +1,246 @@
+"""Training objectives: benign, PGD adversarial training, TRADES, free adversarial training, smoothing.
+
+An objective loss is a pure function
+
+  loss_fn(apply_fn, variables, batch, key, config[, carry]) -> (loss, (metrics, variables))
+
+with `apply_fn(variables, x, train) -> (logits, variables)` (train=True uses batch statistics and returns
+updated BN running stats), `variables = {'params': masked params, 'batch_stats': ...}` (the train step
+masks the params once before calling; objectives never mask), `batch = {'image': [B, H, W, C] in [0, 1],
+'label': [B] int32}`, `config` the objective's plain ConfigDict (see `default_config`), `metrics` a dict of
+scalar batch means and the returned `variables` carrying the BN running stats after the objective's
+train-mode forwards. Attacks run in eval mode on gradient-stopped variables, as the reference runs them
+in `model.eval()`. `key` seeds the objective's randomness (attack start or noise).
+
+Stateful objectives (`free`) also take a `carry` (the perturbation) as last argument. The train step
+differentiates the loss with respect to (trainable params, carry) in one backward pass, applies the
+optimizer, then calls `update_carry`; it does so `replays(config)` times per batch and resets the carry
+with `init_carry` at each epoch start. Stateless objectives have `init_carry=None` and one replay.
+
+Usage:
+
+  objective = objectives.get_objective('trades')
+  config = objectives.default_config('trades')          # eps 8/255, step 2/255, 10 steps, beta 6
+  grad_fn = jax.value_and_grad(objective.loss_fn, argnums=1, has_aux=True)
+  (loss, (metrics, new_variables)), grads = grad_fn(apply_fn, variables, batch, key, config)
+
+A new objective is one function registered by name:
+
+  @objectives.register('my_loss', defaults={'beta': 1.0})
+  def my_loss(apply_fn, variables, batch, key, config): ...
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax import lax
+
+from hydra_jax import attacks
+
+Array = jax.Array
+Variables = Mapping[str, Any]
+ApplyFn = Callable[[Variables, Array, bool], tuple[Array, Variables]]
+Batch = Mapping[str, Array]
+LossOutput = tuple[Array, tuple[dict[str, Array], Variables]]
+
+
+class Objective(NamedTuple):
+  """A registered training objective.
+
+  Attributes:
+    loss_fn: `(apply_fn, variables, batch, key, config[, carry]) -> (loss, (metrics, variables))`.
+    defaults: default config values (plain data), without 'name'.
+    init_carry: `(batch_shape, config) -> carry` for stateful objectives, else None.
+    update_carry: `(carry, carry_grad, config) -> carry` for stateful objectives, else None.
+    replays: `config -> int`, optimizer steps per batch (1 for stateless objectives).
+  """
+
+  loss_fn: Callable[..., LossOutput]
+  defaults: Mapping[str, Any]
+  init_carry: Callable[[tuple[int, ...], ml_collections.ConfigDict], Array] | None = None
+  update_carry: Callable[[Array, Array, ml_collections.ConfigDict], Array] | None = None
+  replays: Callable[[ml_collections.ConfigDict], int] = lambda config: 1
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(name: str, *, defaults: Mapping[str, Any], init_carry=None, update_carry=None, replays=None):
+  """Decorator registering `loss_fn` under `name` (see `Objective` for the other arguments)."""
+  if name in _REGISTRY:
+    raise ValueError(f"objective {name!r} is already registered")
+  if (init_carry is None) != (update_carry is None):
+    raise ValueError(f"objective {name!r}: give both init_carry and update_carry, or neither")
+
+  def decorator(loss_fn):
+    extra = {} if replays is None else {"replays": replays}
+    _REGISTRY[name] = Objective(loss_fn, dict(defaults), init_carry, update_carry, **extra)
+    return loss_fn
+
+  return decorator
+
+
+def get_objective(name: str) -> Objective:
+  """Returns the objective registered as `name`; raises ValueError listing the valid names."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown objective {name!r}; valid objectives: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """The objective's default config: {'name': name, **defaults}."""
+  return ml_collections.ConfigDict({"name": name, **get_objective(name).defaults})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def _eval_logits_fn(apply_fn: ApplyFn, variables: Variables) -> attacks.LogitsFn:
+  """Eval-mode logits on gradient-stopped variables: what the attacks see."""
+  frozen = lax.stop_gradient(variables)
+  return lambda x: apply_fn(frozen, x, False)[0]
+
+
+def _accuracy(logits: Array, labels: Array) -> Array:
+  return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+def _cross_entropy(logits: Array, labels: Array) -> Array:
+  return jnp.mean(attacks.cross_entropy(logits, labels))
+
+
+def _kl(natural_logits: Array, other_logits: Array) -> Array:
+  """(1/B) sum_b KL(softmax natural || softmax other): the reference's (1/B) * KLDivLoss(size_average=False)."""
+  return jnp.mean(attacks.kl_divergence(other_logits, jax.nn.softmax(natural_logits, axis=-1)))
+
+
+_ATTACK_DEFAULTS = dict(eps=8 / 255, step_size=2 / 255, steps=10, norm="linf", unroll=attacks.DEFAULT_UNROLL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Objectives.
+
+
+@register("benign", defaults={})
+def benign_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
+                config: ml_collections.ConfigDict) -> LossOutput:
+  """Cross-entropy on clean inputs (the reference's `base` trainer). `key` and `config` are unused."""
+  del key, config
+  logits, variables = apply_fn(variables, batch["image"], True)
+  loss = _cross_entropy(logits, batch["label"])
+  return loss, ({"loss": loss, "accuracy": _accuracy(logits, batch["label"])}, variables)
+
+
+@register("pgd_at", defaults={**_ATTACK_DEFAULTS, "random_start": True})
+def pgd_at_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
+                config: ml_collections.ConfigDict) -> LossOutput:
+  """Madry et al. adversarial training: CE on PGD examples (not in the reference, whose `adv` is TRADES).
+
+  PGD (`attacks.pgd` with config eps, step_size, steps, norm, random_start; `key` seeds the random start)
+  runs in eval mode; the loss forward on x_adv runs in train mode, so BN statistics see adversarial
+  inputs only. metrics: loss, accuracy (clean inputs, eval-mode forward), adv_accuracy (train mode).
+  """
+  x, y = batch["image"], batch["label"]
+  logits_fn = _eval_logits_fn(apply_fn, variables)
+  x_adv = attacks.pgd(logits_fn, x, y, key=key, eps=config.eps, step_size=config.step_size,
+                      steps=config.steps, norm=config.norm, random_start=config.random_start,
+                      unroll=config.unroll)
+  adv_logits, variables = apply_fn(variables, x_adv, True)
+  loss = _cross_entropy(adv_logits, y)
+  metrics = {"loss": loss, "accuracy": _accuracy(logits_fn(x), y), "adv_accuracy": _accuracy(adv_logits, y)}
+  return loss, (metrics, variables)
+
+
+@register("trades", defaults={**_ATTACK_DEFAULTS, "beta": 6.0})
+def trades_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
+                config: ml_collections.ConfigDict) -> LossOutput:
+  """TRADES (Zhang et al. 2019), exactly the reference's trainer called `adv` (which IS TRADES).
+
+  L = CE(f(x), y) + beta * (1/B) sum_b KL(softmax f(x) || softmax f(x_adv)), beta = 6 by default, where
+  x_adv = `attacks.trades_attack` (eval mode, start x + 0.001 N(0, I) drawn from `key`, config eps,
+  step_size, steps, norm) and f runs in train mode. Nothing is detached: gradients reach both f(x) terms.
+
+  BN running statistics are updated as in the reference, which forwards x, x, x_adv, x in train mode (one
+  forward for logging, two inside `trades_loss`). The train-mode logits of x do not depend on the running
+  statistics, so one differentiated forward of x serves CE, the KL target and the logged accuracy; the
+  other two forwards of x only advance the running statistics (two extra forwards, a few percent of a
+  10-step TRADES step).
+  metrics: loss, natural_loss, robust_loss (the KL term before beta), accuracy, adv_accuracy (train mode).
+  """
+  x, y = batch["image"], batch["label"]
+  x_adv = attacks.trades_attack(_eval_logits_fn(apply_fn, variables), x, key=key, eps=config.eps,
+                                step_size=config.step_size, steps=config.steps, norm=config.norm,
+                                unroll=config.unroll)
+  logits, variables = apply_fn(variables, x, True)
+  _, variables = apply_fn(variables, x, True)
+  adv_logits, variables = apply_fn(variables, x_adv, True)
+  _, variables = apply_fn(variables, x, True)
+  natural_loss, robust_loss = _cross_entropy(logits, y), _kl(logits, adv_logits)
+  loss = natural_loss + config.beta * robust_loss
+  metrics = {"loss": loss, "natural_loss": natural_loss, "robust_loss": robust_loss,
+             "accuracy": _accuracy(logits, y), "adv_accuracy": _accuracy(adv_logits, y)}
+  return loss, (metrics, variables)
+
+
+@register("smooth", defaults={"noise_std": 0.25, "beta": 6.0})
+def smooth_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
+                config: ml_collections.ConfigDict) -> LossOutput:
+  """The reference's `smooth` trainer (non-ImageNet): a stability loss for randomized smoothing.
+
+  L = CE(f(x), y) + beta * (1/B) sum_b KL(softmax f(x) || softmax f(x + delta)), delta = noise_std * N(0, I)
+  drawn from `key` (not clipped, as in the reference), both forwards in train mode (x first), nothing
+  detached. metrics: loss, natural_loss, robust_loss, accuracy, noisy_accuracy.
+  """
+  x, y = batch["image"], batch["label"]
+  noise = config.noise_std * jax.random.normal(key, x.shape, x.dtype)
+  logits, variables = apply_fn(variables, x, True)
+  noisy_logits, variables = apply_fn(variables, x + noise, True)
+  natural_loss, robust_loss = _cross_entropy(logits, y), _kl(logits, noisy_logits)
+  loss = natural_loss + config.beta * robust_loss
+  metrics = {"loss": loss, "natural_loss": natural_loss, "robust_loss": robust_loss,
+             "accuracy": _accuracy(logits, y), "noisy_accuracy": _accuracy(noisy_logits, y)}
+  return loss, (metrics, variables)
+
+
+# Free adversarial training (Shafahi et al. 2019), the reference's `freeadv` trainer.
+
+
+def free_init_carry(batch_shape: tuple[int, ...], config: ml_collections.ConfigDict) -> Array:
+  """A zero perturbation of shape batch_shape [B, H, W, C]; the reference re-creates it at each epoch."""
+  del config
+  return jnp.zeros(batch_shape, jnp.float32)
+
+
+def free_update_carry(carry: Array, carry_grad: Array, config: ml_collections.ConfigDict) -> Array:
+  """delta <- clip(delta + eps * sign(dL/d delta), -eps, eps) (step eps, not step_size, as the reference)."""
+  return jnp.clip(carry + config.eps * jnp.sign(carry_grad), -config.eps, config.eps)
+
+
+@register("free", defaults={"eps": 8 / 255, "replays": 4}, init_carry=free_init_carry,
+          update_carry=free_update_carry, replays=lambda config: config.replays)
+def free_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
+              config: ml_collections.ConfigDict, carry: Array) -> LossOutput:
+  """Free adversarial training: CE(f(clip(x + delta, 0, 1)), y) in train mode.
+
+  The perturbation delta is the carry, shared across replays and batches; the train step takes the
+  gradient with respect to it in the same backward pass as the params and calls `free_update_carry`. Each
+  batch is replayed `config.replays` (m = 4) times; to keep the total number of optimizer steps, the
+  reference divides the epochs by m (ImageNet: 90 -> ceil(90 / 4) = 23, eps 4/255), which is for the
+  train config. A batch smaller than the carry uses its first B rows (the others get a zero gradient and
+  stay unchanged), as the reference does. Inputs are not normalised here (the reference normalises
+  inside the loop; hydra_jax models take [0, 1] inputs). `key` is unused.
+  metrics: loss, accuracy (on the perturbed input, which is what the reference logs; there is no clean
+  forward), adv_accuracy (the same value, so adversarial objectives share the key).
+  """
+  del key
+  x, y = batch["image"], batch["label"]
+  if carry.shape[1:] != x.shape[1:] or carry.shape[0] < x.shape[0]:
+    raise ValueError(f"free: carry shape {carry.shape} does not fit the batch images {x.shape}")
+  logits, variables = apply_fn(variables, attacks.clip_box(x + carry[: x.shape[0]]), True)
+  loss = _cross_entropy(logits, y)
+  accuracy = _accuracy(logits, y)
+  return loss, ({"loss": loss, "accuracy": accuracy, "adv_accuracy": accuracy}, variables)

@@ -1,0 +1,132 @@
+"""Shared fixtures-in-code for the attack, objective and evaluation tests: digits data, tiny models, a driver.
+
+The driver (`train`) is the reference for the train-step contract of `hydra_jax.objectives`: value_and_grad
+over (params, carry) in one backward pass, an optax update, then `update_carry`, `replays(config)` times
+per batch, with the carry reset by `init_carry` at each epoch start.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+
+from hydra_jax import objectives
+
+PAD = ((1, 1), (1, 1))  # explicit padding, so that a PyTorch port with padding=1 matches exactly
+
+
+class TinyCNN(nn.Module):
+  """conv3x3(8) [BN] relu, conv3x3/2(16) relu, dense(32) relu, dense(10); for 8x8x1 digits."""
+
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(8, (3, 3), padding=PAD)(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    x = nn.relu(x)
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2, padding=PAD)(x))
+    x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(10)(x)
+
+
+class Linear(nn.Module):
+  """Logits W x + b on the flattened input, optionally after a BatchNorm of the input."""
+
+  num_classes: int = 10
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def make_apply_fn(model: nn.Module):
+  """`apply_fn(variables, x, train) -> (logits, variables)` following the hydra_jax convention."""
+
+  def apply_fn(variables, x, train):
+    if train and "batch_stats" in variables:
+      logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      return logits, {**variables, **updates}
+    return model.apply(variables, x, train=train), variables
+
+  return apply_fn
+
+
+@functools.cache
+def digits():
+  """(x_train [1297, 8, 8, 1], y_train, x_test [500, 8, 8, 1], y_test), pixels scaled to [0, 1]."""
+  data = load_digits()
+  x = (data.images / 16.0).astype(np.float32)[..., None]
+  y = data.target.astype(np.int32)
+  order = np.random.default_rng(0).permutation(len(y))
+  x, y = x[order], y[order]
+  return x[:-500], y[:-500], x[-500:], y[-500:]
+
+
+def train(model, objective_name, config, *, steps, batch_size=64, learning_rate=1e-2, seed=0, variables=None):
+  """Trains `model` on digits with a registered objective; returns (variables, last metrics).
+
+  `steps` counts optimizer steps (batches x replays). An epoch is one pass over a fixed batch order.
+  """
+  x_train, y_train, _, _ = digits()
+  objective = objectives.get_objective(objective_name)
+  apply_fn = make_apply_fn(model)
+  key = jax.random.key(seed)
+  if variables is None:
+    variables = model.init(key, jnp.asarray(x_train[:2]), train=False)
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  tx = optax.adam(learning_rate)
+  opt_state = tx.init(params)
+  stateful = objective.init_carry is not None
+
+  @jax.jit
+  def step(params, opt_state, rest, carry, batch, key):
+    def loss(p, c):
+      extra = (c,) if stateful else ()
+      return objective.loss_fn(apply_fn, {"params": p, **rest}, batch, key, config, *extra)
+
+    (_, (metrics, new_variables)), (grad_p, grad_c) = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True)(params, carry)
+    updates, opt_state = tx.update(grad_p, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    carry = objective.update_carry(carry, grad_c, config) if stateful else carry
+    rest = {k: v for k, v in new_variables.items() if k != "params"}
+    return params, opt_state, rest, carry, metrics
+
+  batches_per_epoch = len(y_train) // batch_size
+  replays = objective.replays(config)
+  done, metrics = 0, None
+  while done < steps:
+    carry = objective.init_carry((batch_size, *x_train.shape[1:]), config) if stateful else None
+    for b in range(batches_per_epoch):
+      sl = slice(b * batch_size, (b + 1) * batch_size)
+      batch = {"image": jnp.asarray(x_train[sl]), "label": jnp.asarray(y_train[sl])}
+      for _ in range(replays):
+        params, opt_state, rest, carry, metrics = step(
+            params, opt_state, rest, carry, batch, jax.random.fold_in(key, done))
+        done += 1
+        if done == steps:
+          return {"params": params, **rest}, metrics
+  return {"params": params, **rest}, metrics
+
+
+@functools.cache
+def trained_cnn(objective_name="benign", steps=300):
+  """A TinyCNN (no BN) trained on digits, cached for the session: (model, variables)."""
+  model = TinyCNN()
+  config = objectives.default_config(objective_name)
+  variables, _ = train(model, objective_name, config, steps=steps)
+  return model, variables
+
+
+def accuracy(logits_fn, x, y):
+  return float(jnp.mean(jnp.argmax(logits_fn(jnp.asarray(x)), -1) == jnp.asarray(y)))

@@ -1,0 +1,149 @@
+"""Tests for hydra_jax.evaluate: exact robust accuracy of a linear model, padding masks, the per-example
+worst case, configuration errors and compilation reuse."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydra_jax import evaluate
+from tests import robust_helpers as helpers
+
+SHAPE = (4, 4, 1)
+FAST = {"pgd_linf": {"steps": 10}, "apgd_ce": {"steps": 20}, "apgd_dlr": {"steps": 20},
+        "apgd_t": {"steps": 10, "num_targets": 3}, "pgd_l2": {"steps": 10}}
+
+
+def _linear_problem(n=48, eps=0.05, seed=0):
+  """A 10-class linear model with inputs eps-away from the box edges, so the box never binds."""
+  model = helpers.Linear(num_classes=10)
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(eps + 0.01, 1 - eps - 0.01, (n, *SHAPE)).astype(np.float32)
+  variables = model.init(jax.random.key(seed), x[:1], train=False)
+  logits = np.asarray(model.apply(variables, x, train=False))
+  y = logits.argmax(-1).astype(np.int32)
+  y[: n // 6] = (y[: n // 6] + 1) % 10  # some examples misclassified clean
+  return model, variables, x, y
+
+
+def _exact_linf_robust(variables, x, y, eps):
+  """Robust iff min_{||d||_inf <= eps} z_y - z_j = (z_y - z_j)(x) - eps ||w_y - w_j||_1 > 0 for all j != y."""
+  w = np.asarray(variables["params"]["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(variables["params"]["Dense_0"]["bias"], np.float64)
+  logits = x.reshape(len(x), -1) @ w + b
+  worst = logits[np.arange(len(y)), y][:, None] - logits - eps * np.abs(w[:, y].T[:, :, None] - w[None]).sum(1)
+  worst[np.arange(len(y)), y] = np.inf
+  return worst.min(1) > 0
+
+
+def _batches(x, y, batch_size, pad_to=None):
+  for start in range(0, len(y), batch_size):
+    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    batch = {"image": xb, "label": yb}
+    if pad_to is not None and len(yb) < pad_to:
+      extra = pad_to - len(yb)
+      batch = {"image": np.concatenate([xb, np.full((extra, *SHAPE), 0.5, np.float32)]),
+               "label": np.concatenate([yb, np.zeros(extra, np.int32)]),
+               "mask": np.concatenate([np.ones(len(yb)), np.zeros(extra)])}
+    yield batch
+
+
+def test_linear_model_robust_accuracy_is_exact():
+  eps = 0.05
+  model, variables, x, y = _linear_problem(eps=eps)
+  exact = _exact_linf_robust(variables, x, y, eps)
+  config = evaluate.default_config(linf_eps=eps)
+  for name, overrides in FAST.items():
+    config[name].update(overrides)
+  results = evaluate.evaluate(helpers.make_apply_fn(model), variables, _batches(x, y, 16), key=jax.random.key(0),
+                              methods=("pgd_linf", "apgd_ce", "apgd_dlr", "apgd_t"), config=config,
+                              progress=False)
+  assert 0.2 < exact.mean() < 0.8
+  dense = variables["params"]["Dense_0"]
+  numpy_logits = x.reshape(len(x), -1) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+  np.testing.assert_allclose(results["clean"], np.mean(numpy_logits.argmax(-1) == y))
+  # Sound (no certified example is broken) and tight (targeted APGD finds every break of a linear model).
+  np.testing.assert_allclose(results["apgd_t"], exact.mean())
+  np.testing.assert_allclose(results["robust"], exact.mean())
+  for name in ("pgd_linf", "apgd_ce", "apgd_dlr"):
+    assert exact.mean() <= results[name] <= results["clean"]
+  assert results["robust_linf"] == results["robust"] and results["num_examples"] == len(y)
+
+
+def test_padding_does_not_count():
+  model, variables, x, y = _linear_problem(n=40)
+  apply_fn = helpers.make_apply_fn(model)
+  config = {"pgd_linf": {"steps": 3}, "pgd_l2": {"steps": 3}}
+  run = lambda batches: evaluate.evaluate(apply_fn, variables, batches, key=jax.random.key(1),
+                                          methods=("pgd_linf", "pgd_l2"), config=config, progress=False)
+  padded = run(_batches(x, y, 16, pad_to=16))  # the last batch has 8 real and 8 padded rows
+  plain = run(_batches(x, y, 16))
+  assert padded["num_examples"] == plain["num_examples"] == 40
+  for name in ("clean", "pgd_linf", "pgd_l2", "robust", "robust_linf", "robust_l2"):
+    np.testing.assert_allclose(padded[name], plain[name], err_msg=name)
+  assert padded["robust"] <= min(padded["robust_linf"], padded["robust_l2"])
+
+
+def _identity(logits_fn, x, y, *, key, eps, norm):
+  return x
+
+
+def _fool_rows(logits_fn, x, y, *, key, eps, norm, residue):
+  """Fools rows i % 3 == residue of a linear model: a long step raising the runner-up logit above z_y."""
+  logits = logits_fn(x)
+  runner_up = jnp.argmax(jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits), -1)
+  pick = lambda z, c: jnp.take_along_axis(z, c[:, None], -1).sum()
+  grad = jax.grad(lambda z: pick(logits_fn(z), runner_up) - pick(logits_fn(z), y))(x)
+  rows = (jnp.arange(x.shape[0]) % 3 == residue)[:, None, None, None]
+  return jnp.where(rows, x + 1e3 * grad, x)
+
+
+evaluate.register_method("test_identity", _identity, {"norm": "linf", "eps": 0.0})
+evaluate.register_method("test_fool_0", _fool_rows, {"norm": "linf", "eps": 0.0, "residue": 0})
+evaluate.register_method("test_fool_1", _fool_rows, {"norm": "l2", "eps": 0.0, "residue": 1})
+
+
+def test_robust_is_the_per_example_worst_case():
+  model, variables, x, y = _linear_problem(n=30, seed=2)
+  logits_fn = lambda z: model.apply(variables, z, train=False)
+  results = evaluate.evaluate(logits_fn, None, _batches(x, y, 10), key=jax.random.key(0),
+                              methods=("test_identity", "test_fool_0", "test_fool_1"), progress=False)
+  clean = np.asarray(logits_fn(x)).argmax(-1) == y
+  row = np.arange(30) % 10 % 3  # position inside each batch of 10, modulo 3
+  expected = {"clean": clean, "test_identity": clean, "test_fool_0": clean & (row != 0),
+              "test_fool_1": clean & (row != 1), "robust": clean & (row == 2),
+              "robust_linf": clean & (row != 0), "robust_l2": clean & (row != 1)}
+  for name, correct in expected.items():
+    np.testing.assert_allclose(results[name], correct.mean(), err_msg=name)
+  assert 0 < results["robust"] < min(results["test_fool_0"], results["test_fool_1"])
+
+
+def test_configuration_errors_name_the_problem():
+  model, variables, x, y = _linear_problem(n=8)
+  apply_fn = helpers.make_apply_fn(model)
+  with pytest.raises(ValueError, match=r"unknown evaluation method 'fgsm'.*apgd_ce"):
+    evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=jax.random.key(0), methods=("fgsm",))
+  with pytest.raises(ValueError, match=r"unknown settings \['stepsize'\].*step_size"):
+    evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=jax.random.key(0), methods=("pgd_linf",),
+                      config={"pgd_linf": {"stepsize": 0.1}})
+  with pytest.raises(ValueError, match="already registered"):
+    evaluate.register_method("apgd_ce", _identity, {"norm": "linf", "eps": 0.1})
+
+
+def test_default_config_sets_eps_per_norm():
+  config = evaluate.default_config(linf_eps=0.1, l2_eps=1.0)
+  assert (config.pgd_linf.eps, config.pgd_linf.step_size, config.apgd_t.eps) == (0.1, 0.025, 0.1)
+  assert (config.pgd_l2.eps, config.pgd_l2.step_size) == (1.0, 0.25)
+
+
+def test_attacks_compile_once_per_shape_across_calls():
+  model, variables, x, y = _linear_problem(n=32)
+  apply_fn = helpers.make_apply_fn(model)
+  config = {"pgd_linf": {"steps": 2}, "apgd_ce": {"steps": 3}}
+  run = lambda: evaluate.evaluate(apply_fn, variables, _batches(x, y, 16), key=jax.random.key(0),
+                                  methods=("pgd_linf", "apgd_ce"), config=config, progress=False)
+  before = evaluate._attack_correct._cache_size()
+  first = run()
+  after_first = evaluate._attack_correct._cache_size()
+  assert run() == first  # deterministic given the key
+  assert after_first - before == 2 and evaluate._attack_correct._cache_size() == after_first
