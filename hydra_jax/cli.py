@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
           file=sys.stderr)
     sys.exit(2)
   command = argv.pop(1)
+  flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: keep orbax's per-save INFO lines out of the way
   app.run(lambda _: _run(command), argv=argv)
 
 

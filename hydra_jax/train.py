@@ -80,9 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
       "name": "cifar10", "data_dir": "", "batch_size": 128, "eval_batch_size": 256, "image_size": 0,
       "data_fraction": 1.0, "semisup_path": "", "semisup_fraction": 1.0, "prefetch": 2, "workers": 0,
       "eval_examples": 0})  # eval_examples: evaluate on the first N test examples only (0: all).
-  c.objective = ml_collections.ConfigDict({
-      "name": "trades", "eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "norm": "linf",
-      "random_start": True, "beta": 6.0, "replays": 4, "sigma": 0.25})
+  c.objective = objective_config("trades")
   c.optimizer = ml_collections.ConfigDict({
       "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0,
       "warmup_lr": 0.1})
@@ -97,6 +95,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict({"every_steps": 50, "progress": True, "tensorboard": False})
   c.stop_after_steps = 0  # end the run after this global step (0: never); rerunning resumes it.
   return c
+
+
+def objective_config(name: str) -> ml_collections.ConfigDict:
+  """{'name': name} plus the defaults of every registered objective, so --config.objective.name can switch.
+
+  Each objective reads only its own keys (e.g. trades: eps, step_size, steps, norm, beta; free: eps,
+  replays; smooth: noise_std, beta); `name`'s own defaults win where objectives disagree.
+  """
+  merged = {}
+  for other in objectives.objective_names():
+    merged.update(objectives.get_objective(other).defaults)
+  return ml_collections.ConfigDict({"name": name, **merged, **objectives.get_objective(name).defaults})
 
 
 def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -563,10 +573,12 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
   state, tx = initial_state(config, stage, steps_per_epoch, batch_shape)
   ckpt = checkpoints.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  eval_metrics = None
   if ckpt.latest_step() is not None:
     abstract = jax.eval_shape(lambda s: {"model": _model_item(s), "train": _train_item(s)}, state)
-    items, _ = ckpt.restore(abstract)
+    items, meta = ckpt.restore(abstract)
     state = state.replace(**items["model"], **items["train"])
+    eval_metrics = meta.get("metrics")  # a finished stage rerun reports its last evaluation
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -589,7 +601,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   start = int(state.step)
   stop = min(total_steps, config.stop_after_steps or total_steps)
   device_state = runner.put_state(state)
-  history, eval_metrics = [], None
+  history = []
   batches = data.iterate(train_data, range(start, stop), prefetch=config.data.prefetch,
                          worker_count=config.data.workers)
   progress = tqdm.tqdm(total=stop, initial=start, desc=f"{stage}", unit="step",
