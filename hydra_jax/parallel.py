@@ -98,11 +98,11 @@ class Runner:
     if self.mode == "single":
       return jax.device_put(state, self.devices[0])
     split = _split_fields(state, self.carry_fields)
-    if self.mode == "pmap":
-      local = [d for d in self.devices if d.process_index == jax.process_index()]
+    if self.mode == "pmap":  # stacked [local devices, ...] host values; pmap places one slice per device
+      local = len([d for d in self.devices if d.process_index == jax.process_index()])
       return jax.tree.map(
-          lambda x, s: jax.device_put_sharded(list(jnp.reshape(x, (len(local), -1) + x.shape[1:])), local)
-          if s else jax.device_put_replicated(x, local), state, split)
+          lambda x, s: np.reshape(x, (local, -1) + x.shape[1:]) if s else np.broadcast_to(x, (local, *x.shape)),
+          jax.device_get(state), split)
     return jax.tree.map(
         lambda x, s: jax.device_put(x, NamedSharding(self.mesh, P(AXIS) if s else P())), state, split)
 
@@ -155,8 +155,10 @@ def _shard_map_step(step_fn: StepFn, mesh: Mesh, carry_fields: Sequence[str], do
     treedef = jax.tree.structure(state)
     if treedef not in compiled:
       state_specs = jax.tree.map(lambda s: P(AXIS) if s else P(), _split_fields(state, carry_fields))
+      # check_vma=False: pmap's semantics, where gradients of replicated values are per-device and the
+      # step's own pmean averages them (with it, JAX would already psum them, and the pmean would not divide).
       mapped = jax.shard_map(functools.partial(step_fn, axis_name=AXIS), mesh=mesh,
-                             in_specs=(state_specs, P(AXIS)), out_specs=(state_specs, P()))
+                             in_specs=(state_specs, P(AXIS)), out_specs=(state_specs, P()), check_vma=False)
       compiled[treedef] = jax.jit(mapped, donate_argnums=donate)
     return compiled[treedef](state, batch)
 

@@ -1,0 +1,309 @@
+"""Tests of the training pipeline: stage freezing, parallel == single device, exact resume, errors."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hydra_jax import checkpoints
+from hydra_jax import data
+from hydra_jax import masking
+from hydra_jax import models
+from hydra_jax import objectives
+from hydra_jax import parallel
+from hydra_jax import train
+
+
+def tiny_config(**overrides):
+  """cnn_tiny-like runs on digits: a few steps per stage, cheap evaluation."""
+  config = train.default_config()
+  config.model.name = "vgg_tiny"  # has BatchNorm, conv and dense biases
+  config.data.name = "digits"
+  config.data.batch_size = 32
+  config.data.eval_batch_size = 64
+  config.data.eval_examples = 64
+  config.data.prefetch = 0
+  config.objective = train.objective_config("pgd_at")
+  config.objective.eps, config.objective.step_size, config.objective.steps = 0.1, 0.05, 2
+  config.eval.eps, config.eval.step_size, config.eval.steps = 0.1, 0.05, 2
+  for stage in train.STAGES:
+    config.stages[stage].epochs = 1
+  config.stages.pretrain.lr = 0.05
+  config.log.progress = False
+  config.log.every_steps = 5
+  config.checkpoint.async_save = False
+  config.parallel.mode = "single"
+  for key, value in overrides.items():
+    parent = config
+    *path, leaf = key.split(".")
+    for part in path:
+      parent = parent[part]
+    parent[leaf] = value
+  return config
+
+
+def digits_batch(size=16):
+  return data.train_batches("digits", size, seed=0).batch_at(0)
+
+
+def make_state(config, stage, batch):
+  """Initial state of `stage` (prune/finetune from a fresh model written as a source checkpoint)."""
+  return train.initial_state(config, stage, steps_per_epoch=10, batch_shape=batch["image"].shape)
+
+
+def step_fn(config, tx, mode_axis=None):
+  """The per-device step for a runner (which supplies axis_name)."""
+  apply_fn = models.make_apply_fn(train.build_model(config, mode_axis))
+  return functools.partial(train.train_step, apply_fn=apply_fn, objective=objectives.get_objective(
+      config.objective.name), config=config, tx=tx, k=config.k, steps_per_epoch=10)
+
+
+def single_step(config, tx):
+  """The step on one device, jitted."""
+  return jax.jit(functools.partial(step_fn(config, tx), axis_name=None))
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  train.run_stage(tiny_config(**{"stages.pretrain.epochs": 1}), workdir)
+  return workdir
+
+
+def test_param_kinds_tell_batchnorm_from_conv_and_dense_biases():
+  config = tiny_config()
+  params = train.init_variables(config, jax.random.PRNGKey(0))["params"]
+  kinds = {masking.path_name(p): kind for p, kind in jax.tree_util.tree_flatten_with_path(
+      train.param_kinds(params))[0]}
+  norm = sorted(name for name, kind in kinds.items() if kind == "norm")
+  assert norm and all(name.rsplit("/", 1)[1] in ("scale", "bias") for name in norm)
+  biases = [name for name in kinds if name.endswith("bias") and name not in norm]
+  assert biases, "vgg_tiny has dense biases"
+  # Every BN module has both scale and bias labelled norm; nothing with a kernel is.
+  for name in norm:
+    module = name.rsplit("/", 1)[0]
+    assert f"{module}/kernel" not in kinds and {f"{module}/scale", f"{module}/bias"} <= set(norm)
+
+
+def test_prune_trains_only_scores_and_batchnorm(pretrained_dir):
+  batch = digits_batch()
+  for freeze_bn in (False, True):
+    config = tiny_config(stage="prune", source=pretrained_dir, k=0.1, freeze_bn=freeze_bn)
+    state, tx = make_state(config, "prune", batch)
+    new_state = state
+    for _ in range(2):
+      new_state, _ = single_step(config, tx)(new_state, batch)
+    kinds = train.param_kinds(state.params)
+    for (path, before), after, kind in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
+                                           jax.tree.leaves(new_state.params), jax.tree.leaves(kinds)):
+      changed = not np.array_equal(before, after)
+      assert changed == (kind == "norm" and not freeze_bn), (masking.path_name(path), freeze_bn)
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.scores),
+                                                        jax.tree.leaves(new_state.scores)))
+    # BN running statistics update in every stage (reference behaviour).
+    assert not np.array_equal(jax.tree.leaves(state.batch_stats)[0], jax.tree.leaves(new_state.batch_stats)[0])
+
+
+def test_prune_scores_start_scaled_from_the_pretrained_weights(pretrained_dir):
+  config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
+  state, _ = make_state(config, "prune", digits_batch())
+  params, _, _ = train.load_source(config)
+  expected = masking.init_scores(params, "scaled", jax.random.PRNGKey(0))
+  for got, want in zip(jax.tree.leaves(state.scores), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_finetune_keeps_the_mask_and_pruned_weights_at_exactly_zero(pretrained_dir, tmp_path):
+  prune_dir = str(tmp_path / "prune")
+  train.run_stage(tiny_config(stage="prune", source=pretrained_dir, k=0.1), prune_dir)
+  config = tiny_config(stage="finetune", source=prune_dir, k=0.1)
+  batch = digits_batch()
+  state, tx = make_state(config, "finetune", batch)
+  _, _, source_scores = train.load_source(config)
+  masks = masking.compute_masks(state.scores, 0.1)
+  run = single_step(config, tx)
+  current = state
+  for _ in range(3):
+    current, _ = run(current, batch)
+    pruned = jax.tree.map(lambda w, m: None if m is None else np.asarray(w)[np.asarray(m) == 0],
+                          current.params, masks, is_leaf=lambda x: x is None)
+    assert all(np.all(values == 0) for values in jax.tree.leaves(pruned))
+  for s0, s1, src in zip(jax.tree.leaves(state.scores), jax.tree.leaves(current.scores),
+                         jax.tree.leaves(source_scores)):
+    np.testing.assert_array_equal(s0, s1)  # scores frozen...
+    np.testing.assert_array_equal(s0, src)  # ...and taken from the prune checkpoint
+  assert any(not np.array_equal(w0, w1) for w0, w1 in zip(jax.tree.leaves(state.params),
+                                                          jax.tree.leaves(current.params)))  # weights train
+
+
+def test_mask_is_computed_once_per_step_never_inside_the_attack(pretrained_dir, monkeypatch):
+  config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
+  config.objective.steps = 7
+  batch = digits_batch()
+  state, tx = make_state(config, "prune", batch)
+  calls = []
+  real = masking.topk_mask
+  monkeypatch.setattr(masking, "topk_mask", lambda s, k: calls.append(1) or real(s, k))
+  single_step(config, tx).lower(state, batch)
+  assert len(calls) == len(masking.prunable_paths(state.params))  # one per layer, not x attack steps
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+@pytest.mark.parametrize("objective", ["benign", "pgd_at"])
+def test_eight_devices_give_the_single_device_result(mode, objective, pretrained_dir):
+  assert jax.device_count() == 8
+  config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
+  config.objective = train.objective_config(objective)
+  config.objective.eps, config.objective.step_size, config.objective.steps = 0.1, 0.05, 2
+  config.objective.random_start = False  # random draws differ by device count; the maths must not
+  batches = [data.train_batches("digits", 32, seed=0).batch_at(i) for i in range(3)]
+  state, tx = make_state(config, "prune", batches[0])
+
+  def run(mode, axis):
+    runner = parallel.make_runner(step_fn(config, tx, axis), mode, carry_fields=("carry",))
+    current = runner.put_state(state)
+    for batch in batches:
+      current, metrics = runner(current, runner.put_batch(batch))
+    return runner.get_state(current), metrics
+
+  single, single_metrics = run("single", None)
+  multi, multi_metrics = run(mode, parallel.AXIS)
+  for a, b in zip(jax.tree.leaves((single.params, single.scores, single.batch_stats)),
+                  jax.tree.leaves((multi.params, multi.scores, multi.batch_stats))):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(single_metrics["loss"], np.mean(multi_metrics["loss"]), rtol=1e-5)
+
+
+def test_free_adversarial_carry_is_split_over_devices_and_reset_each_epoch(pretrained_dir):
+  config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
+  config.objective = train.objective_config("free")
+  config.objective.eps, config.objective.replays = 0.1, 2
+  batch = digits_batch(32)
+  state, tx = make_state(config, "prune", batch)
+  assert state.carry.shape == batch["image"].shape
+  outputs = {}
+  for mode, axis in (("single", None), ("shard_map", parallel.AXIS)):
+    runner = parallel.make_runner(step_fn(config, tx, axis), mode, carry_fields=("carry",))
+    current = runner.put_state(state)
+    current, _ = runner(current, runner.put_batch(batch))
+    outputs[mode] = runner.get_state(current)
+  np.testing.assert_allclose(outputs["single"].carry, outputs["shard_map"].carry, atol=1e-6)
+  carry = np.asarray(outputs["single"].carry)
+  assert np.abs(carry).max() <= 0.1 + 1e-7 and np.abs(carry).max() > 0  # stepped by eps, clipped to eps
+  # At an epoch start (step % steps_per_epoch == 0) the carried perturbation restarts from init_carry.
+  at_epoch_start = outputs["single"].replace(step=jnp.int32(10))
+  after, _ = single_step(config, tx)(at_epoch_start, batch)
+  fresh, _ = single_step(config, tx)(at_epoch_start.replace(carry=jnp.zeros_like(carry)), batch)
+  np.testing.assert_array_equal(after.carry, fresh.carry)
+
+
+def run_to_end(config, workdir):
+  summary = train.run_stage(config, workdir)
+  items, _ = checkpoints.restore(workdir, {"model": jax.eval_shape(lambda: {
+      "params": train.init_variables(config, jax.random.PRNGKey(0))["params"],
+      "batch_stats": train.init_variables(config, jax.random.PRNGKey(0))["batch_stats"], "scores": None})})
+  return summary, items["model"]
+
+
+def test_a_stopped_run_resumes_to_bit_identical_params(tmp_path):
+  config = tiny_config(**{"stages.pretrain.epochs": 2, "checkpoint.every_steps": 4})
+  config.objective = train.objective_config("trades")
+  config.objective.steps = 2
+  _, straight = run_to_end(config, str(tmp_path / "straight"))
+  interrupted = str(tmp_path / "interrupted")
+  stopped = train.run_stage(train.stage_config(config, "pretrain", stop_after_steps=7), interrupted)
+  assert stopped["step"] == 7 and checkpoints.read_meta(interrupted)[0] == 7
+  summary, resumed = run_to_end(config, interrupted)
+  assert summary["step"] == summary["total_steps"] == 2 * 44
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_saved_on_eight_devices_resumes_on_one(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(**{"stages.pretrain.epochs": 2, "parallel.mode": "shard_map"})
+  train.run_stage(train.stage_config(config, "pretrain", stop_after_steps=50), workdir)
+  summary = train.run_stage(train.stage_config(config, "pretrain", parallel=dict(mode="single", distributed=False)),
+                            workdir)
+  assert summary["step"] == 88 and 0 <= summary["clean_accuracy"] <= 1
+
+
+def test_config_errors_name_the_key():
+  cases = [({"k": 0.0}, "config.k=0.0 must lie in \\(0, 1\\]"), ({"k": 1.5}, "config.k=1.5"),
+           ({"stage": "train"}, "config.stage='train' is invalid"),
+           ({"model.name": "resnet9"}, "Unknown model 'resnet9'"),
+           ({"data.name": "cifar11"}, "cifar11"), ({"objective.name": "madry"}, "unknown objective 'madry'"),
+           ({"optimizer.name": "lamb"}, "config.optimizer.name='lamb'"),
+           ({"stage": "prune"}, "config.source must name the checkpoint"),
+           ({"data.batch_size": 0}, "config.data.batch_size must be positive")]
+  for overrides, message in cases:
+    with pytest.raises(ValueError, match=message):
+      train.check_config(tiny_config(**overrides))
+
+
+def test_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
+  config = tiny_config(**{"parallel.mode": "pmap", "data.batch_size": 36})
+  with pytest.raises(ValueError, match="batch size 36 does not divide by the 8 devices"):
+    train.run_stage(config, str(tmp_path / "run"))
+
+
+def test_mismatched_or_corrupt_source_gives_a_clear_error(pretrained_dir, tmp_path):
+  other_model = tiny_config(stage="prune", source=pretrained_dir, **{"model.name": "cnn_tiny"})
+  with pytest.raises(checkpoints.CheckpointError, match="holds model 'vgg_tiny'.*asks for 'cnn_tiny'"):
+    train.run_stage(other_model, str(tmp_path / "prune"))
+  assert not os.path.exists(tmp_path / "prune" / "checkpoints" / "1")
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoint directory"):
+    train.load_source(tiny_config(stage="prune", source=str(tmp_path / "nowhere")))
+  corrupt = tmp_path / "corrupt"
+  os.system(f"cp -r {pretrained_dir} {corrupt}")
+  step_dir = corrupt / "checkpoints" / str(checkpoints.read_meta(str(corrupt))[0]) / "model"
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(checkpoints.CheckpointError, match="does not match|cannot read"):
+    train.load_source(tiny_config(stage="prune", source=str(corrupt)))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(**{"stages.pretrain.epochs": 2})
+  train.run_stage(train.stage_config(config, "pretrain", stop_after_steps=10), workdir)
+  saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  exploding = tiny_config(**{"stages.pretrain.epochs": 2, "stages.pretrain.lr": 1e30})
+  with pytest.raises(FloatingPointError, match="non-finite training metrics.*checkpoint \\(step 10\\)"):
+    train.run_stage(exploding, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == saved
+
+
+@pytest.mark.parametrize("objective", ["benign", "pgd_at", "trades", "free", "smooth"])
+def test_each_objective_lowers_its_loss(objective, tmp_path):
+  config = tiny_config(**{"stages.pretrain.epochs": 3, "stages.pretrain.lr": 0.01, "model.name": "cnn_tiny",
+                          "optimizer.name": "adam"})
+  config.objective = train.objective_config(objective)
+  config.objective.eps, config.objective.step_size, config.objective.steps = 0.05, 0.025, 2
+  config.objective.replays = 2
+  config.optimizer.schedule = "constant"
+  train.run_stage(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    losses = [row["loss"] for row in map(json.loads, f) if row["split"] == "train"]
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+
+
+def test_run_writes_config_versions_and_sparsity_beside_checkpoints(pretrained_dir, tmp_path):
+  workdir = str(tmp_path / "prune")
+  summary = train.run_stage(tiny_config(stage="prune", source=pretrained_dir, k=0.1), workdir)
+  step, meta = checkpoints.read_meta(workdir)
+  assert meta["stage"] == "prune" and meta["k"] == 0.1 and meta["config"]["model"]["name"] == "vgg_tiny"
+  assert set(meta["versions"]) == {"jax", "jaxlib", "flax", "orbax"}
+  with open(os.path.join(workdir, "checkpoints", str(step), "sparsity", "metadata")) as f:
+    report = json.load(f)
+  for layer in report["layers"]:
+    assert layer["kept"] == layer["total"] - int(0.9 * layer["total"])
+  assert abs(summary["kept_fraction"] - report["kept"] / report["total"]) < 1e-9
+  assert json.load(open(os.path.join(workdir, "config.json")))["k"] == 0.1
