@@ -15,10 +15,12 @@ The config is locked: an unknown `--config.KEY` is rejected with the key's name,
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from hydra_jax import export
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
           file=sys.stderr)
     sys.exit(2)
   command = argv.pop(1)
+  if "JAX_THREEFRY_PARTITIONABLE" not in os.environ:
+    # The partitionable threefry compiles each random op for seconds on CPU; every random draw of a run
+    # happens per device (inside shard_map/pmap), so partitionability buys nothing here.
+    jax.config.update("jax_threefry_partitionable", False)
   flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: keep orbax's per-save INFO lines out of the way
   app.run(lambda _: _run(command), argv=argv)
 

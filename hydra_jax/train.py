@@ -390,7 +390,8 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def init_variables(config: ml_collections.ConfigDict, key: jax.Array) -> dict[str, PyTree]:
   """Freshly initialised {'params', 'batch_stats'} of the configured model."""
-  return build_model(config).init(key, jnp.zeros((1, *image_shape(config))), train=False)
+  model = build_model(config)
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, *image_shape(config))), train=False))(key)
 
 
 def _model_item(state: TrainState) -> dict[str, PyTree]:
