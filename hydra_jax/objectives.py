@@ -83,6 +83,11 @@ def register(name: str, *, defaults: Mapping[str, Any], init_carry=None, update_
   return decorator
 
 
+def objective_names() -> list[str]:
+  """The registered objective names, sorted."""
+  return sorted(_REGISTRY)
+
+
 def get_objective(name: str) -> Objective:
   """Returns the objective registered as `name`; raises ValueError listing the valid names."""
   if name not in _REGISTRY:

@@ -53,6 +53,7 @@ def test_registry_lists_valid_names_and_defaults():
     objectives.get_objective("madry")
   with pytest.raises(ValueError, match="already registered"):
     objectives.register("trades", defaults={})(lambda *a: None)
+  assert {"benign", "free", "pgd_at", "smooth", "trades"} <= set(objectives.objective_names())
   config = objectives.default_config("trades")
   assert isinstance(config, ml_collections.ConfigDict)
   assert (config.name, config.eps, config.step_size, config.steps, config.norm, config.beta) == (
