@@ -281,7 +281,8 @@ def keep_stronger(best: tuple[Array, Array, Array], new: tuple[Array, Array, Arr
   )
 
 
-def _evaluate_point(logits_fn, loss_fn, x_adv, y):
+def _scored(logits_fn, loss_fn, x_adv, y):
+  """(x_adv, loss [B], fooled [B]): an attack result in the form `keep_stronger` merges."""
   logits = logits_fn(x_adv)
   return x_adv, loss_fn(logits, y), jnp.argmax(logits, axis=-1) != y
 
@@ -335,7 +336,7 @@ def pgd(
       steps x restarts when unrolled.
 
   Returns:
-    x_adv [B, H, W, C] with ||x_adv - x|| <= eps and 0 <= x_adv <= 1 (for steps >= 1), gradient-stopped.
+    x_adv [B, H, W, C] with ||x_adv - x|| <= eps and 0 <= x_adv <= 1, gradient-stopped.
   """
   _check_norm(norm)
   _check_nonnegative(eps=eps, step_size=step_size, steps=steps)
@@ -350,12 +351,14 @@ def pgd(
 
   def run(run_key):
     x_init = start(run_key, x, eps) if random_start else x
+    if steps == 0:  # the l_inf start is only clipped by the first step
+      return project(x_init, x)
     return iterate(logits_fn, x, y, x_init, loss_fn=loss_fn, step=step, project=project, steps=steps,
                    key=run_key, unroll=unroll)
 
   if restarts == 1:  # the same first run as with restarts, without the scoring forward
     return lax.stop_gradient(run(jax.random.fold_in(key, 0)))
-  scored_run = lambda run_key: _evaluate_point(logits_fn, loss_fn, run(run_key), y)
+  scored_run = lambda run_key: _scored(logits_fn, loss_fn, run(run_key), y)
   return lax.stop_gradient(_best_of_restarts(scored_run, key, restarts, unroll))
 
 

@@ -47,8 +47,8 @@ def test_losses_match_hand_values():
   np.testing.assert_allclose(attacks.cross_entropy(logits, labels), [-log_softmax[0, 0], -log_softmax[1, 2]],
                              rtol=1e-6)
   p = np.array([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
-  expected = [sum(pi * (np.log(pi) - lq) for pi, lq in zip(row_p, row_q) if pi > 0)
-              for row_p, row_q in zip(p, np.asarray(log_softmax))]
+  expected = [sum(pi * (np.log(pi) - lq) for pi, lq in zip(row_p, row_q, strict=True) if pi > 0)
+              for row_p, row_q in zip(p, np.asarray(log_softmax), strict=True)]
   np.testing.assert_allclose(attacks.kl_divergence(logits, jnp.asarray(p)), expected, rtol=1e-5)
 
 
@@ -120,7 +120,8 @@ def test_apgd_reaches_closed_form_optimum_of_linear_margin(norm):
   dw = (w[:, t] - w[:, y]).T
   dual = np.abs(dw).sum(1) if norm == "linf" else np.linalg.norm(dw, axis=1)
   logits, adv_logits = _numpy_logits(w, b, x), _numpy_logits(w, b, np.asarray(x_adv))
-  gain = (adv_logits[np.arange(6), t] - adv_logits[np.arange(6), y]) - (logits[np.arange(6), t] - logits[np.arange(6), y])
+  rows = np.arange(6)
+  gain = (adv_logits[rows, t] - adv_logits[rows, y]) - (logits[rows, t] - logits[rows, y])
   np.testing.assert_allclose(gain, eps * dual, rtol=1e-3)
 
 
@@ -165,6 +166,16 @@ def test_adversarial_examples_stay_in_norm_ball_and_box(seed, eps, name):
   delta = (x_adv - x).reshape(SHAPE[0], -1)
   norm = np.abs(delta).max(1) if name[1] == "linf" else np.linalg.norm(delta, axis=1)
   assert np.all(norm <= eps * (1 + 1e-5) + 1e-6), (norm, eps)
+
+
+def test_pgd_without_steps_returns_the_projected_random_start():
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 2, SHAPE).astype(np.float32)  # all pixels on the box edges
+  w = rng.normal(size=(DIM, 10)).astype(np.float32)
+  x_adv = np.asarray(attacks.pgd(lambda z: z.reshape(6, -1) @ w, x, np.zeros(6, np.int32), key=helpers.key(0),
+                                 eps=0.3, step_size=0.1, steps=0))
+  assert np.all((x_adv >= 0) & (x_adv <= 1)) and np.abs(x_adv - x).max() <= 0.3
+  assert 0.1 < np.abs(x_adv - x).max()  # a random start, not x itself
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +253,7 @@ def test_attacks_trace_once_per_shape():
   """Same shape, new values (eps, inputs, key): no retrace; a new shape retraces, which the counter reports."""
   rng = np.random.default_rng(0)
   w, y = rng.normal(size=(DIM, 10)).astype(np.float32), np.arange(SHAPE[0], dtype=np.int32)
-  for name, attack in _BOUNDED.items():
+  for attack in _BOUNDED.values():
     for seed in range(2):
       x = rng.uniform(size=SHAPE).astype(np.float32)
       attack(w, x, y, helpers.key(seed), jnp.float32(0.1 * seed)).block_until_ready()

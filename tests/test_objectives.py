@@ -259,7 +259,8 @@ def _pgd_accuracy(model, variables, eps):
   """(PGD-10 accuracy, clean accuracy) on the 500 digits test images."""
   _, _, x, y = helpers.digits()
   f = lambda z: model.apply(variables, z, train=False)
-  return helpers.accuracy(f, _pgd10(model, variables, jnp.asarray(x), jnp.asarray(y), eps), y), helpers.accuracy(f, x, y)
+  x_adv = _pgd10(model, variables, jnp.asarray(x), jnp.asarray(y), eps)
+  return helpers.accuracy(f, x_adv, y), helpers.accuracy(f, x, y)
 
 
 def test_pgd_training_beats_benign_training_under_attack():
