@@ -332,11 +332,15 @@ def test_apgd_agrees_with_torchattacks(loss):
   x_t, y_t = torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(y).long()
   np.testing.assert_allclose(net(x_t).detach().numpy(), f(jnp.asarray(x)), atol=1e-4)  # faithful port
 
-  eps, steps = 0.1, 100
-  x_adv_t = torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss=loss)(x_t, y_t)
-  torch_robust = (net(x_adv_t).argmax(1) == y_t).float().mean().item()
-  x_adv = jax.jit(lambda x, y: attacks.apgd(f, x, y, key=helpers.key(0), eps=eps, steps=steps, loss=loss))(
-      jnp.asarray(x), jnp.asarray(y))
-  ours = float(jnp.mean((jnp.argmax(f(x_adv), -1) == y) & (jnp.argmax(f(jnp.asarray(x)), -1) == y)))
-  print(f"APGD-{loss} robust accuracy on 500 digits, eps {eps}: hydra_jax {ours:.3f}, torchattacks {torch_robust:.3f}")
-  assert abs(ours - torch_robust) <= 0.02
+  # Robust accuracy varies by ~1.5 points with the random start on this model, so compare means over seeds.
+  eps, steps, seeds = 0.1, 100, range(3)
+  torch_robust = np.mean([
+      (net(torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss=loss)(x_t, y_t))
+       .argmax(1) == y_t).float().mean().item() for seed in seeds])
+  attack = jax.jit(lambda x, y, key: attacks.apgd(f, x, y, key=key, eps=eps, steps=steps, loss=loss))
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  ours = np.mean([float(jnp.mean((jnp.argmax(f(attack(x, y, helpers.key(seed))), -1) == y)
+                                 & (jnp.argmax(f(x), -1) == y))) for seed in seeds])
+  print(f"APGD-{loss} robust accuracy on 500 digits, eps {eps}, mean of 3 seeds: "
+        f"hydra_jax {ours:.3f}, torchattacks {torch_robust:.3f}")
+  assert abs(ours - torch_robust) <= 0.015
