@@ -47,14 +47,14 @@ def test_losses_match_hand_values():
   np.testing.assert_allclose(attacks.cross_entropy(logits, labels), [-log_softmax[0, 0], -log_softmax[1, 2]],
                              rtol=1e-6)
   p = np.array([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
-  expected = [sum(pi * (np.log(pi) - lq) for pi, lq in zip(row_p, row_q) if pi > 0)
-              for row_p, row_q in zip(p, np.asarray(log_softmax))]
+  expected = [sum(pi * (np.log(pi) - lq) for pi, lq in zip(row_p, row_q, strict=True) if pi > 0)
+              for row_p, row_q in zip(p, np.asarray(log_softmax), strict=True)]
   np.testing.assert_allclose(attacks.kl_divergence(logits, jnp.asarray(p)), expected, rtol=1e-5)
 
 
 def test_bad_arguments_raise_value_errors():
   _, _, x, y, f = _linear_problem(0)
-  key = jax.random.key(0)
+  key = helpers.key(0)
   with pytest.raises(ValueError, match="l3"):
     attacks.pgd(f, x, y, key=key, eps=0.1, step_size=0.1, steps=1, norm="l3")
   with pytest.raises(ValueError, match="hinge"):
@@ -80,7 +80,7 @@ def test_pgd_reaches_closed_form_optimum_of_linear_margin(norm):
   margin_loss = lambda logits, labels: attacks._true_logit(logits, t) - attacks._true_logit(logits, labels)
   eps = 0.05
   steps, step_size = (10, eps / 4) if norm == "linf" else (60, eps / 5)
-  x_adv = jax.jit(lambda x: attacks.pgd(f, x, y, key=jax.random.key(0), eps=eps, step_size=step_size,
+  x_adv = jax.jit(lambda x: attacks.pgd(f, x, y, key=helpers.key(0), eps=eps, step_size=step_size,
                                         steps=steps, norm=norm, loss=margin_loss, unroll=False))(x)
   dw = (w[:, t] - w[:, y]).T  # [B, D]
   logits = _numpy_logits(w, b, x)
@@ -99,7 +99,7 @@ def test_pgd_ce_reaches_closed_form_optimum_on_binary_linear_model(norm):
   w, b, x, y, f = _linear_problem(2, num_classes=2)
   eps = 0.05
   steps, step_size = (10, eps / 4) if norm == "linf" else (60, eps / 5)
-  x_adv = jax.jit(lambda x: attacks.pgd(f, x, y, key=jax.random.key(1), eps=eps, step_size=step_size,
+  x_adv = jax.jit(lambda x: attacks.pgd(f, x, y, key=helpers.key(1), eps=eps, step_size=step_size,
                                         steps=steps, norm=norm, unroll=False))(x)
   dw = (w[:, y] - w[:, 1 - y]).T
   logits = _numpy_logits(w, b, x)
@@ -115,12 +115,13 @@ def test_apgd_reaches_closed_form_optimum_of_linear_margin(norm):
   t = (y + 3) % 10
   margin_loss = lambda logits, labels: attacks._true_logit(logits, t) - attacks._true_logit(logits, labels)
   eps = 0.05
-  x_adv = jax.jit(lambda x: attacks.apgd(f, x, y, key=jax.random.key(0), eps=eps, norm=norm, steps=40,
+  x_adv = jax.jit(lambda x: attacks.apgd(f, x, y, key=helpers.key(0), eps=eps, norm=norm, steps=40,
                                          loss=margin_loss))(x)
   dw = (w[:, t] - w[:, y]).T
   dual = np.abs(dw).sum(1) if norm == "linf" else np.linalg.norm(dw, axis=1)
   logits, adv_logits = _numpy_logits(w, b, x), _numpy_logits(w, b, np.asarray(x_adv))
-  gain = (adv_logits[np.arange(6), t] - adv_logits[np.arange(6), y]) - (logits[np.arange(6), t] - logits[np.arange(6), y])
+  rows = np.arange(6)
+  gain = (adv_logits[rows, t] - adv_logits[rows, y]) - (logits[rows, t] - logits[rows, y])
   np.testing.assert_allclose(gain, eps * dual, rtol=1e-3)
 
 
@@ -138,10 +139,8 @@ def _bounded_attacks():
       ("pgd", "l2"): lambda w, x, y, k, eps: attacks.pgd(logits(w), x, y, key=k, eps=eps, step_size=eps / 2,
                                                          steps=3, norm="l2"),
       ("apgd", "linf"): lambda w, x, y, k, eps: attacks.apgd(logits(w), x, y, key=k, eps=eps, steps=6),
-      ("apgd", "l2"): lambda w, x, y, k, eps: attacks.apgd(logits(w), x, y, key=k, eps=eps, steps=6, norm="l2",
-                                                           loss="dlr"),
-      ("apgd_t", "linf"): lambda w, x, y, k, eps: attacks.apgd_targeted(logits(w), x, y, key=k, eps=eps, steps=4,
-                                                                         num_targets=2),
+      ("apgd_t", "l2"): lambda w, x, y, k, eps: attacks.apgd_targeted(logits(w), x, y, key=k, eps=eps, steps=4,
+                                                                       num_targets=2, norm="l2"),
       ("trades", "linf"): lambda w, x, y, k, eps: attacks.trades_attack(logits(w), x, key=k, eps=eps,
                                                                          step_size=eps / 2, steps=3),
       ("trades", "l2"): lambda w, x, y, k, eps: attacks.trades_attack(logits(w), x, key=k, eps=eps,
@@ -149,7 +148,9 @@ def _bounded_attacks():
   }
 
 
-_BOUNDED = {name: jax.jit(fn) for name, fn in _bounded_attacks().items()}
+# Each jitted attack may trace once: the property test below calls it with one shape and varying values
+# (eps included, passed as an array), which must all reuse the first compilation.
+_BOUNDED = {name: jax.jit(chex.assert_max_traces(fn, n=1)) for name, fn in _bounded_attacks().items()}
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -160,11 +161,21 @@ def test_adversarial_examples_stay_in_norm_ball_and_box(seed, eps, name):
   x[rng.uniform(size=SHAPE) < 0.3] = rng.integers(0, 2)  # pixels exactly at the box edges
   w = rng.normal(size=(DIM, 10)).astype(np.float32)
   y = rng.integers(0, 10, SHAPE[0]).astype(np.int32)
-  x_adv = np.asarray(_BOUNDED[name](w, x, y, jax.random.key(seed), jnp.float32(eps)))
+  x_adv = np.asarray(_BOUNDED[name](w, x, y, helpers.key(seed), jnp.float32(eps)))
   assert np.all((x_adv >= 0) & (x_adv <= 1))
   delta = (x_adv - x).reshape(SHAPE[0], -1)
   norm = np.abs(delta).max(1) if name[1] == "linf" else np.linalg.norm(delta, axis=1)
   assert np.all(norm <= eps * (1 + 1e-5) + 1e-6), (norm, eps)
+
+
+def test_pgd_without_steps_returns_the_projected_random_start():
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 2, SHAPE).astype(np.float32)  # all pixels on the box edges
+  w = rng.normal(size=(DIM, 10)).astype(np.float32)
+  x_adv = np.asarray(attacks.pgd(lambda z: z.reshape(6, -1) @ w, x, np.zeros(6, np.int32), key=helpers.key(0),
+                                 eps=0.3, step_size=0.1, steps=0))
+  assert np.all((x_adv >= 0) & (x_adv <= 1)) and np.abs(x_adv - x).max() <= 0.3
+  assert 0.1 < np.abs(x_adv - x).max()  # a random start, not x itself
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,7 +184,7 @@ def test_adversarial_examples_stay_in_norm_ball_and_box(seed, eps, name):
 
 def _trades_setup(num_classes=4):
   w, b, x, _, f = _linear_problem(4, num_classes=num_classes, margin=0.2)
-  key = jax.random.key(7)
+  key = helpers.key(7)
   init_key, step_key = jax.random.split(key)
   noise = 0.001 * np.asarray(jax.random.normal(init_key, x.shape), np.float64)
   return w, b, x, f, key, step_key, noise
@@ -217,7 +228,7 @@ def test_trades_l2_step_matches_numpy():
 def test_l2_step_handles_zero_gradients():
   x, grad = jnp.ones((2, 3)), jnp.array([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]])
   np.testing.assert_allclose(attacks.l2_step(x, grad, 0.5), [[1, 1, 1], [1.3, 1, 1.4]], rtol=1e-6)
-  replaced = attacks.l2_step(x, grad, 0.5, key=jax.random.key(0))
+  replaced = attacks.l2_step(x, grad, 0.5, key=helpers.key(0))
   assert np.all(np.isfinite(replaced)) and not np.allclose(replaced[0], 1.0)  # N(0, I) replaces the zero grad
   np.testing.assert_allclose(replaced[1], [1.3, 1, 1.4], rtol=1e-6)
 
@@ -239,21 +250,15 @@ def test_apgd_schedule_matches_paper_checkpoints():
 
 
 def test_attacks_trace_once_per_shape():
-  w, b, x, y, f = _linear_problem(5)
-  calls = {
-      "pgd": lambda x, y, k: attacks.pgd(f, x, y, key=k, eps=0.1, step_size=0.05, steps=3, restarts=2,
-                                         unroll=False),
-      "apgd": lambda x, y, k: attacks.apgd(f, x, y, key=k, eps=0.1, steps=5, loss="dlr"),
-      "apgd_t": lambda x, y, k: attacks.apgd_targeted(f, x, y, key=k, eps=0.1, steps=5, num_targets=2),
-      "trades": lambda x, y, k: attacks.trades_attack(f, x, key=k, eps=0.1, step_size=0.05, steps=3,
-                                                      unroll=False),
-  }
-  for name, call in calls.items():
-    counted = jax.jit(chex.assert_max_traces(call, n=1))
-    for seed in range(3):
-      counted(x + 0.01 * seed, y, jax.random.key(seed)).block_until_ready()
-    with pytest.raises(AssertionError):  # a new shape retraces, which the counter reports
-      counted(x[:2], y[:2], jax.random.key(0))
+  """Same shape, new values (eps, inputs, key): no retrace; a new shape retraces, which the counter reports."""
+  rng = np.random.default_rng(0)
+  w, y = rng.normal(size=(DIM, 10)).astype(np.float32), np.arange(SHAPE[0], dtype=np.int32)
+  for attack in _BOUNDED.values():
+    for seed in range(2):
+      x = rng.uniform(size=SHAPE).astype(np.float32)
+      attack(w, x, y, helpers.key(seed), jnp.float32(0.1 * seed)).block_until_ready()
+    with pytest.raises(AssertionError, match="trace"):
+      attack(w, x[:2], y[:2], helpers.key(0), jnp.float32(0.1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,9 +268,9 @@ def test_attacks_trace_once_per_shape():
 def test_stronger_attacks_are_not_weaker_on_trained_cnn():
   model, variables = helpers.trained_cnn()
   _, _, x, y = helpers.digits()
-  x, y = jnp.asarray(x[:300]), jnp.asarray(y[:300])
+  x, y = jnp.asarray(x[:200]), jnp.asarray(y[:200])
   f = lambda z: model.apply(variables, z, train=False)
-  eps, key = 0.1, jax.random.key(0)
+  eps, key = 0.1, helpers.key(0)
 
   def robust(attack, **kw):
     x_adv = jax.jit(lambda x, y: attack(f, x, y, key=key, eps=eps, **kw))(x, y)
@@ -275,7 +280,7 @@ def test_stronger_attacks_are_not_weaker_on_trained_cnn():
   pgd5 = robust(attacks.pgd, step_size=eps / 4, steps=5)
   pgd20 = robust(attacks.pgd, step_size=eps / 4, steps=20)
   pgd20x3 = robust(attacks.pgd, step_size=eps / 4, steps=20, restarts=3, unroll=False)
-  apgd_ce = robust(attacks.apgd, steps=50)
+  apgd_ce = robust(attacks.apgd, steps=40)
   assert clean > 0.9
   assert pgd20x3.mean() <= pgd20.mean() <= pgd5.mean() < clean
   assert np.all(pgd20x3 <= pgd20)  # restart 0 is the single run; restarts only add fooled examples
@@ -327,11 +332,15 @@ def test_apgd_agrees_with_torchattacks(loss):
   x_t, y_t = torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(y).long()
   np.testing.assert_allclose(net(x_t).detach().numpy(), f(jnp.asarray(x)), atol=1e-4)  # faithful port
 
-  eps, steps = 0.1, 100
-  x_adv_t = torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss=loss)(x_t, y_t)
-  torch_robust = (net(x_adv_t).argmax(1) == y_t).float().mean().item()
-  x_adv = jax.jit(lambda x, y: attacks.apgd(f, x, y, key=jax.random.key(0), eps=eps, steps=steps, loss=loss))(
-      jnp.asarray(x), jnp.asarray(y))
-  ours = float(jnp.mean((jnp.argmax(f(x_adv), -1) == y) & (jnp.argmax(f(jnp.asarray(x)), -1) == y)))
-  print(f"APGD-{loss} robust accuracy on 500 digits, eps {eps}: hydra_jax {ours:.3f}, torchattacks {torch_robust:.3f}")
-  assert abs(ours - torch_robust) <= 0.02
+  # Robust accuracy varies by ~1.5 points with the random start on this model, so compare means over seeds.
+  eps, steps, seeds = 0.1, 100, range(3)
+  torch_robust = np.mean([
+      (net(torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss=loss)(x_t, y_t))
+       .argmax(1) == y_t).float().mean().item() for seed in seeds])
+  attack = jax.jit(lambda x, y, key: attacks.apgd(f, x, y, key=key, eps=eps, steps=steps, loss=loss))
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  ours = np.mean([float(jnp.mean((jnp.argmax(f(attack(x, y, helpers.key(seed))), -1) == y)
+                                 & (jnp.argmax(f(x), -1) == y))) for seed in seeds])
+  print(f"APGD-{loss} robust accuracy on 500 digits, eps {eps}, mean of 3 seeds: "
+        f"hydra_jax {ours:.3f}, torchattacks {torch_robust:.3f}")
+  assert abs(ours - torch_robust) <= 0.015

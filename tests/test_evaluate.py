@@ -19,7 +19,7 @@ def _linear_problem(n=48, eps=0.05, seed=0):
   model = helpers.Linear(num_classes=10)
   rng = np.random.default_rng(seed)
   x = rng.uniform(eps + 0.01, 1 - eps - 0.01, (n, *SHAPE)).astype(np.float32)
-  variables = model.init(jax.random.key(seed), x[:1], train=False)
+  variables = helpers.init_variables(model, x[:1].shape, seed)
   logits = np.asarray(model.apply(variables, x, train=False))
   y = logits.argmax(-1).astype(np.int32)
   y[: n // 6] = (y[: n // 6] + 1) % 10  # some examples misclassified clean
@@ -55,7 +55,7 @@ def test_linear_model_robust_accuracy_is_exact():
   config = evaluate.default_config(linf_eps=eps)
   for name, overrides in FAST.items():
     config[name].update(overrides)
-  results = evaluate.evaluate(helpers.make_apply_fn(model), variables, _batches(x, y, 16), key=jax.random.key(0),
+  results = evaluate.evaluate(helpers.make_apply_fn(model), variables, _batches(x, y, 16), key=helpers.key(0),
                               methods=("pgd_linf", "apgd_ce", "apgd_dlr", "apgd_t"), config=config,
                               progress=False)
   assert 0.2 < exact.mean() < 0.8
@@ -70,15 +70,18 @@ def test_linear_model_robust_accuracy_is_exact():
   assert results["robust_linf"] == results["robust"] and results["num_examples"] == len(y)
 
 
+# Without random starts each example's result does not depend on how the examples are batched.
+SMALL_CONFIG = {"pgd_linf": {"steps": 3, "random_start": False}, "pgd_l2": {"steps": 3, "random_start": False}}
+
+
 def test_padding_does_not_count():
-  model, variables, x, y = _linear_problem(n=40)
+  model, variables, x, y = _linear_problem(n=48)
   apply_fn = helpers.make_apply_fn(model)
-  config = {"pgd_linf": {"steps": 3}, "pgd_l2": {"steps": 3}}
-  run = lambda batches: evaluate.evaluate(apply_fn, variables, batches, key=jax.random.key(1),
-                                          methods=("pgd_linf", "pgd_l2"), config=config, progress=False)
-  padded = run(_batches(x, y, 16, pad_to=16))  # the last batch has 8 real and 8 padded rows
+  run = lambda batches: evaluate.evaluate(apply_fn, variables, batches, key=helpers.key(1),
+                                          methods=("pgd_linf", "pgd_l2"), config=SMALL_CONFIG, progress=False)
+  padded = run(_batches(x, y, 12, pad_to=16))  # every batch: 12 real rows and 4 padded ones
   plain = run(_batches(x, y, 16))
-  assert padded["num_examples"] == plain["num_examples"] == 40
+  assert padded["num_examples"] == plain["num_examples"] == 48
   for name in ("clean", "pgd_linf", "pgd_l2", "robust", "robust_linf", "robust_l2"):
     np.testing.assert_allclose(padded[name], plain[name], err_msg=name)
   assert padded["robust"] <= min(padded["robust_linf"], padded["robust_l2"])
@@ -106,7 +109,7 @@ evaluate.register_method("test_fool_1", _fool_rows, {"norm": "l2", "eps": 0.0, "
 def test_robust_is_the_per_example_worst_case():
   model, variables, x, y = _linear_problem(n=30, seed=2)
   logits_fn = lambda z: model.apply(variables, z, train=False)
-  results = evaluate.evaluate(logits_fn, None, _batches(x, y, 10), key=jax.random.key(0),
+  results = evaluate.evaluate(logits_fn, None, _batches(x, y, 10), key=helpers.key(0),
                               methods=("test_identity", "test_fool_0", "test_fool_1"), progress=False)
   clean = np.asarray(logits_fn(x)).argmax(-1) == y
   row = np.arange(30) % 10 % 3  # position inside each batch of 10, modulo 3
@@ -122,9 +125,9 @@ def test_configuration_errors_name_the_problem():
   model, variables, x, y = _linear_problem(n=8)
   apply_fn = helpers.make_apply_fn(model)
   with pytest.raises(ValueError, match=r"unknown evaluation method 'fgsm'.*apgd_ce"):
-    evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=jax.random.key(0), methods=("fgsm",))
+    evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=helpers.key(0), methods=("fgsm",))
   with pytest.raises(ValueError, match=r"unknown settings \['stepsize'\].*step_size"):
-    evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=jax.random.key(0), methods=("pgd_linf",),
+    evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=helpers.key(0), methods=("pgd_linf",),
                       config={"pgd_linf": {"stepsize": 0.1}})
   with pytest.raises(ValueError, match="already registered"):
     evaluate.register_method("apgd_ce", _identity, {"norm": "linf", "eps": 0.1})
@@ -139,11 +142,11 @@ def test_default_config_sets_eps_per_norm():
 def test_attacks_compile_once_per_shape_across_calls():
   model, variables, x, y = _linear_problem(n=32)
   apply_fn = helpers.make_apply_fn(model)
-  config = {"pgd_linf": {"steps": 2}, "apgd_ce": {"steps": 3}}
-  run = lambda: evaluate.evaluate(apply_fn, variables, _batches(x, y, 16), key=jax.random.key(0),
-                                  methods=("pgd_linf", "apgd_ce"), config=config, progress=False)
+  run = lambda: evaluate.evaluate(apply_fn, variables, _batches(x, y, 16), key=helpers.key(0),
+                                  methods=("pgd_linf", "pgd_l2"), config=SMALL_CONFIG, progress=False)
   before = evaluate._attack_correct._cache_size()
   first = run()
   after_first = evaluate._attack_correct._cache_size()
   assert run() == first  # deterministic given the key
-  assert after_first - before == 2 and evaluate._attack_correct._cache_size() == after_first
+  # At most one compilation per method (none if an earlier test compiled the same shapes), none on reuse.
+  assert after_first - before <= 2 and evaluate._attack_correct._cache_size() == after_first
