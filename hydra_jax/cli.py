@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     # happens per device (inside shard_map/pmap), so partitionability buys nothing here.
     jax.config.update("jax_threefry_partitionable", False)
   flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: keep orbax's per-save INFO lines out of the way
-  app.run(lambda _: _run(command), argv=argv)
+  try:
+    app.run(lambda _: _run(command), argv=argv)
+  except (KeyError, ValueError, FloatingPointError) as error:  # bad config keys / values, corrupt or
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error  # mismatched checkpoints
+    print(f"hydra-jax {command}: error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -307,3 +307,14 @@ def test_run_writes_config_versions_and_sparsity_beside_checkpoints(pretrained_d
     assert layer["kept"] == layer["total"] - int(0.9 * layer["total"])
   assert abs(summary["kept_fraction"] - report["kept"] / report["total"]) < 1e-9
   assert json.load(open(os.path.join(workdir, "config.json")))["k"] == 0.1
+
+
+def test_k_one_masking_reproduces_the_dense_model_exactly():
+  config = tiny_config()
+  variables = train.init_variables(config, jax.random.PRNGKey(0))
+  scores = masking.init_scores(variables["params"], "kaiming_normal", jax.random.PRNGKey(1))
+  apply_fn = models.make_apply_fn(train.build_model(config))
+  x = digits_batch()["image"]
+  dense = apply_fn(variables, x, False)[0]
+  masked = apply_fn({**variables, "params": masking.apply_masks(variables["params"], scores, 1.0)}, x, False)[0]
+  np.testing.assert_array_equal(masked, dense)
