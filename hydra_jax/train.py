@@ -581,8 +581,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     state = state.replace(**items["model"], **items["train"])
     eval_metrics = meta.get("metrics")  # a finished stage rerun reports its last evaluation
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  config_path = os.path.join(workdir, "config.json")  # the first run's; each checkpoint's meta has its own
+  if not os.path.exists(config_path) and jax.process_index() == 0:
+    with open(config_path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   apply_fn = models.make_apply_fn(build_model(config, axis_name))
   objective = objectives.get_objective(config.objective.name)
