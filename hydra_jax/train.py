@@ -33,8 +33,7 @@ import functools
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -139,8 +138,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   models.get_model(config.model.name, 10)  # unknown names raise, listing the valid ones
   data.get_dataset_info(config.data.name)
   objectives.get_objective(config.objective.name)
-  for key in ["k", *[f"ks[{i}]" for i in range(len(config.ks))]]:
-    value = config.k if key == "k" else config.ks[int(key[3:-1])]
+  for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():
     if not 0 < value <= 1:
       raise ValueError(f"config.{key}={value!r} must lie in (0, 1]: it is the fraction of weights KEPT")
   for stage in STAGES:
@@ -149,7 +147,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.stages.{stage}.{field} must be >= 0")
   if config.stage in ("prune", "finetune") and not config.source:
     raise ValueError(f"config.source must name the checkpoint to start stage '{config.stage}' from")
-  for key in ("data.batch_size", "data.eval_batch_size", "checkpoint.keep", "log.every_steps"):
+  for key in ("data.batch_size", "data.eval_batch_size", "checkpoint.keep", "log.every_steps", "eval.every_epochs"):
     if _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive")
 
@@ -280,12 +278,16 @@ class TrainState:
   rng: jax.Array
 
 
-def masked_params(state: TrainState, k: Any, mask_config: ml_collections.ConfigDict) -> PyTree:
-  """The weights the model runs with: `apply_masks(params, scores, k)`, or params when dense."""
-  if state.scores is None:
-    return state.params
-  return masking.apply_masks(state.params, state.scores, k, scope=mask_config.scope,
-                             min_layer_k=mask_config.min_layer_k)
+def masked_params(params: PyTree, scores: PyTree | None, k: Any, scope: str = "layer",
+                  min_layer_k: float = 0.0) -> PyTree:
+  """The weights the model runs with: `apply_masks(params, scores, k)`, or params when dense (no scores)."""
+  if scores is None:
+    return params
+  return masking.apply_masks(params, scores, k, scope=scope, min_layer_k=min_layer_k)
+
+
+# For evaluation, compiled once per model; k is static so that it rounds exactly as in the train step.
+_masked_params_jit = jax.jit(masked_params, static_argnums=(2, 3, 4))
 
 
 def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
@@ -321,7 +323,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: mode
     carry = jax.tree.map(lambda c, f: jnp.where(state.step % steps_per_epoch == 0, f, c), carry, fresh)
 
   def loss_fn(trainable, carry, batch_stats, key):
-    weights = masked_params(state.replace(params=trainable["params"], scores=trainable["scores"]), k, config.mask)
+    weights = masked_params(trainable["params"], trainable["scores"], k, config.mask.scope, config.mask.min_layer_k)
     extra = (carry,) if stateful else ()
     loss, (metrics, variables) = objective.loss_fn(
         apply_fn, _variables(weights, batch_stats), batch, key, config.objective, *extra)
@@ -523,7 +525,8 @@ def sparsity(state: TrainState, config: ml_collections.ConfigDict) -> masking.Sp
 def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_data: data.EvalBatches,
                    eval_runner: parallel.Runner) -> dict[str, float]:
   """Clean and PGD accuracy (fractions) of the state's masked model on the eval split."""
-  variables = jax.jit(lambda s: _variables(masked_params(s, config.k, config.mask), s.batch_stats))(state)
+  weights = _masked_params_jit(state.params, state.scores, config.k, config.mask.scope, config.mask.min_layer_k)
+  variables = _variables(weights, state.batch_stats)
   eval_state = eval_runner.put_state({"variables": variables, "key": jax.random.PRNGKey(config.seed + 1)})
   steps = eval_data.num_steps
   if config.data.eval_examples:

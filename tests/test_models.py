@@ -3,7 +3,6 @@
 import functools
 import math
 
-from flax import traverse_util
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 import jax.numpy as jnp
