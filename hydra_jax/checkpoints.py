@@ -131,7 +131,8 @@ def _open_for_reading(directory: str) -> ocp.CheckpointManager:
   path = subdir if os.path.isdir(subdir) else directory
   if not os.path.isdir(path):
     raise CheckpointError(f"no checkpoint directory at {directory}")
-  return ocp.CheckpointManager(os.path.abspath(path), options=ocp.CheckpointManagerOptions(read_only=True))
+  # A plain manager that never saves (read_only=True would log three warnings per open).
+  return ocp.CheckpointManager(os.path.abspath(path), options=ocp.CheckpointManagerOptions(create=False))
 
 
 def _pick_step(manager: ocp.CheckpointManager, where: str, step: int | None) -> int:

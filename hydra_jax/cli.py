@@ -20,6 +20,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -37,6 +38,8 @@ COMMANDS = ("train", "eval", "export")
 
 
 def _run(command: str) -> None:
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
@@ -66,7 +69,6 @@ def main(argv: list[str] | None = None) -> None:
     # The partitionable threefry compiles each random op for seconds on CPU; every random draw of a run
     # happens per device (inside shard_map/pmap), so partitionability buys nothing here.
     jax.config.update("jax_threefry_partitionable", False)
-  flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: keep orbax's per-save INFO lines out of the way
   try:
     app.run(lambda _: _run(command), argv=argv)
   except (KeyError, ValueError, FloatingPointError) as error:  # bad config keys / values, corrupt or
