@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from hydra_jax import checkpoints
+from hydra_jax import convert
 from hydra_jax import data
+from hydra_jax import export
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
@@ -117,10 +119,15 @@ def test_prune_scores_start_scaled_from_the_pretrained_weights(pretrained_dir):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_finetune_keeps_the_mask_and_pruned_weights_at_exactly_zero(pretrained_dir, tmp_path):
-  prune_dir = str(tmp_path / "prune")
-  train.run_stage(tiny_config(stage="prune", source=pretrained_dir, k=0.1), prune_dir)
-  config = tiny_config(stage="finetune", source=prune_dir, k=0.1)
+@pytest.fixture(scope="module")
+def pruned_dir(pretrained_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("prune"))
+  train.run_stage(tiny_config(stage="prune", source=pretrained_dir, k=0.1), workdir)
+  return workdir
+
+
+def test_finetune_keeps_the_mask_and_pruned_weights_at_exactly_zero(pruned_dir):
+  config = tiny_config(stage="finetune", source=pruned_dir, k=0.1)
   batch = digits_batch()
   state, tx = make_state(config, "finetune", batch)
   _, _, source_scores = train.load_source(config)
@@ -317,3 +324,32 @@ def test_k_one_masking_reproduces_the_dense_model_exactly():
   dense = apply_fn(variables, x, False)[0]
   masked = apply_fn({**variables, "params": masking.apply_masks(variables["params"], scores, 1.0)}, x, False)[0]
   np.testing.assert_array_equal(masked, dense)
+
+
+def test_export_writes_exact_zeros_and_reference_layout_torch_state_dicts(pruned_dir, tmp_path):
+  torch = pytest.importorskip("torch")
+  config = tiny_config(stage="prune")
+  run = export.load_run(config, pruned_dir)
+  for layer in masking.sparsity_report(run.variables["params"]).layers:
+    assert layer[1] == layer[2] - int(0.9 * layer[2])  # exported weights: exactly the kept count nonzero
+
+  dense_file, subnet_file = str(tmp_path / "dense.pth"), str(tmp_path / "subnet.pth")
+  export.export_checkpoint(config, pruned_dir, dense_file)
+  export.export_checkpoint(config, pruned_dir, subnet_file, dense=False)
+  shape = train.image_shape(config)
+  dense_vars, no_scores = convert.from_torch_state_dict(torch.load(dense_file), "vgg_tiny", 10, shape)
+  raw_vars, scores = convert.from_torch_state_dict(torch.load(subnet_file), "vgg_tiny", 10, shape)
+  assert no_scores is None
+  for a, b in zip(jax.tree.leaves(dense_vars), jax.tree.leaves(run.variables)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(scores), jax.tree.leaves(run.scores)):
+    np.testing.assert_array_equal(a, b)
+  remasked = masking.export_dense(raw_vars["params"], scores, run.k)  # the subnet file re-masks to the same
+  for a, b in zip(jax.tree.leaves(remasked), jax.tree.leaves(run.variables["params"])):
+    np.testing.assert_array_equal(a, b)
+
+  size = export.sparse_size(run.variables["params"])
+  kernels = [w for p, w in jax.tree_util.tree_flatten_with_path(run.variables["params"])[0]
+             if masking.is_prunable(p, w)]
+  assert size["dense_bytes"] == 4 * sum(w.size for w in kernels)
+  assert size["bcoo_bytes"] == sum(np.count_nonzero(w) * 4 * (1 + w.ndim) for w in kernels)  # values + indices
