@@ -5,7 +5,8 @@
 
 Bottleneck blocks put the stride on the 3x3 conv (torchvision "ResNet v1.5"); the first block of a stage gets a
 `downsample` conv1x1(stride)+BN when the shape changes. Convs are bias-free with kaiming_normal(fan_out) weights,
-BN 1 / 0, fc PyTorch default (zero_init_residual=False).
+BN 1 / 0, fc PyTorch default (zero_init_residual=False). The blocks and the stage loop are those of `resnet.py`
+with that init and the `downsample` name.
 
 Normalisation: the reference trains and evaluates ImageNet on [0, 1] inputs and normalises them with
 mean (0.485, 0.456, 0.406) / std (0.229, 0.224, 0.225) inside its free-adversarial training loop. Here that
@@ -20,7 +21,7 @@ Example:
     variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 
 import flax.linen as nn
@@ -28,54 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from hydra_jax.models import layers
+from hydra_jax.models import resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_conv = functools.partial(layers.Conv2d, use_bias=False, kernel_init=layers.kaiming_normal_fan_out)
-
-
-class BasicBlock(nn.Module):
-  """torchvision BasicBlock: two 3x3 conv-BN layers plus a residual (expansion 1)."""
-
-  planes: int
-  stride: int
-  dtype: layers.Dtype = jnp.float32
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = functools.partial(layers.BatchNorm, axis_name=self.bn_axis_name, dtype=self.dtype)
-    out = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype, name="conv1")(x)
-    out = jax.nn.relu(bn(name="bn1")(out, train))
-    out = bn(name="bn2")(_conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(out), train)
-    return jax.nn.relu(out + _downsample(self, x, self.planes, train))
-
-
-class Bottleneck(nn.Module):
-  """torchvision Bottleneck (stride on the 3x3 conv), output 4 * planes."""
-
-  planes: int
-  stride: int
-  dtype: layers.Dtype = jnp.float32
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = functools.partial(layers.BatchNorm, axis_name=self.bn_axis_name, dtype=self.dtype)
-    out = jax.nn.relu(bn(name="bn1")(_conv(self.planes, 1, dtype=self.dtype, name="conv1")(x), train))
-    out = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype, name="conv2")(out)
-    out = jax.nn.relu(bn(name="bn2")(out, train))
-    out = bn(name="bn3")(_conv(4 * self.planes, 1, dtype=self.dtype, name="conv3")(out), train)
-    return jax.nn.relu(out + _downsample(self, x, 4 * self.planes, train))
-
-
-def _downsample(block: nn.Module, x: jax.Array, out_planes: int, train: bool) -> jax.Array:
-  """Identity, or conv1x1(stride) + BN (`downsample_0`, `downsample_1` of `block`) when the shape changes."""
-  if block.stride == 1 and x.shape[-1] == out_planes:
-    return x
-  x = _conv(out_planes, 1, block.stride, dtype=block.dtype, name="downsample_0")(x)
-  return layers.BatchNorm(axis_name=block.bn_axis_name, dtype=block.dtype, name="downsample_1")(x, train)
+# torchvision's blocks are the CIFAR ones (`resnet.py`) with kaiming_normal(fan_out) convs and `downsample_0/1`.
+BasicBlock = functools.partial(resnet.BasicBlock, kernel_init=layers.kaiming_normal_fan_out, shortcut_name="downsample")
+Bottleneck = functools.partial(resnet.Bottleneck, kernel_init=layers.kaiming_normal_fan_out, shortcut_name="downsample")
 
 
 class ImageNetResNet(nn.Module):
@@ -90,7 +51,7 @@ class ImageNetResNet(nn.Module):
     bn_axis_name: mapped axis for cross-device BatchNorm statistics, or None.
   """
 
-  block: type[BasicBlock] | type[Bottleneck]
+  block: Callable[..., resnet.BasicBlock | resnet.Bottleneck]
   num_blocks: Sequence[int]
   num_classes: int
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -101,13 +62,11 @@ class ImageNetResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Maps (N, H, W, 3) images in [0, 1] (224x224 for ImageNet) to (N, num_classes) logits."""
     x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-    x = _conv(self.widths[0], 7, 2, 3, dtype=self.dtype, name="conv1")(x)
+    x = layers.Conv2d(self.widths[0], 7, 2, 3, use_bias=False, kernel_init=layers.kaiming_normal_fan_out,
+                      dtype=self.dtype, name="conv1")(x)
     x = jax.nn.relu(layers.BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name="bn1")(x, train))
     x = layers.max_pool(x, 3, 2, 1)
-    for stage, (planes, blocks) in enumerate(zip(self.widths, self.num_blocks)):
-      for i in range(blocks):
-        stride = 2 if stage > 0 and i == 0 else 1
-        x = self.block(planes, stride, self.dtype, self.bn_axis_name, name=f"layer{stage + 1}_{i}")(x, train)
+    x = resnet.stages(x, self.block, self.widths, self.num_blocks, self.dtype, self.bn_axis_name, train)
     x = layers.Linear(self.num_classes, dtype=self.dtype, name="fc")(layers.global_avg_pool(x))
     return x.astype(jnp.float32)
 
