@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from hydra_jax import checkpoints
@@ -353,3 +354,48 @@ def test_export_writes_exact_zeros_and_reference_layout_torch_state_dicts(pruned
              if masking.is_prunable(p, w)]
   assert size["dense_bytes"] == 4 * sum(w.size for w in kernels)
   assert size["bcoo_bytes"] == sum(np.count_nonzero(w) * 4 * (1 + w.ndim) for w in kernels)  # values + indices
+
+
+def test_learning_rate_schedules_match_hand_values():
+  kwargs = dict(lr=0.1, warmup_lr=0.01, warmup_steps=10, total_steps=50, steps_per_epoch=10)
+  reference = [float(train.SCHEDULES["reference_cosine"](jnp.int32(s), **kwargs)) for s in (0, 10, 19, 20, 30, 49)]
+  # warmup epoch at warmup_lr, then epoch e' uses 0.05 * (1 + cos((e' - 1) / 4 * pi)) (E = 4 epochs after warmup)
+  expected = [0.01, 0.05 * (1 + np.cos(-np.pi / 4)), 0.05 * (1 + np.cos(-np.pi / 4)), 0.1,
+              0.05 * (1 + np.cos(np.pi / 4)), 0.05 * (1 + np.cos(np.pi / 2))]
+  np.testing.assert_allclose(reference, expected, rtol=1e-6)
+  cosine = [float(train.SCHEDULES["cosine"](jnp.int32(s), **kwargs)) for s in (5, 10, 30, 50)]
+  np.testing.assert_allclose(cosine, [0.01, 0.1, 0.05, 0.0], atol=1e-7)
+  step = [float(train.SCHEDULES["step"](jnp.int32(s), **kwargs)) for s in (10, 39, 40, 45, 46)]
+  np.testing.assert_allclose(step, [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)  # x0.1 from 75%, x0.01 from 90%
+
+
+def test_sgd_follows_pytorch_weight_decay_and_momentum():
+  config = tiny_config(**{"optimizer.schedule": "constant", "stages.pretrain.lr": 0.1})
+  params = {"w": jnp.array([1.0, -2.0])}
+  tx = train.make_optimizer(config, "pretrain", {"params": {"w": "train"}, "scores": None}, steps_per_epoch=1)
+  trainable = {"params": params, "scores": None}
+  state = tx.init(trainable)
+  grads = [np.array([0.5, 0.5]), np.array([-1.0, 0.0]), np.array([0.0, 2.0])]
+  w, buf = np.array([1.0, -2.0]), np.zeros(2)
+  for g in grads:  # torch.optim.SGD: d = g + wd * w; buf = momentum * buf + d; w -= lr * buf
+    updates, state = tx.update({"params": {"w": jnp.asarray(g)}, "scores": None}, state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    buf = 0.9 * buf + (g + 1e-4 * w)
+    w = w - 0.1 * buf
+  np.testing.assert_allclose(trainable["params"]["w"], w, rtol=1e-6)
+
+
+def test_config_arguments_are_typed_and_checked():
+  args = train.parse_config_arg("model=wrn_28_4,steps=7,lwm=false", model="vgg16_bn", steps=10, lwm=True)
+  assert (args.model, args.steps, args.lwm) == ("wrn_28_4", 7, False)
+  with pytest.raises(ValueError, match="'depth=3' is not NAME=VALUE with NAME in \\['model'\\]"):
+    train.parse_config_arg("depth=3", model="vgg16_bn")
+
+
+def test_summary_table_rows():
+  rows = [{"method": "hydra", "stage": "finetune", "kept_fraction": 0.01, "clean_accuracy": 0.5,
+           "pgd_accuracy": 0.25}, {"method": "dense", "stage": "pretrain", "kept_fraction": 1.0,
+                                   "clean_accuracy": 0.875}]
+  lines = train.summary_table(rows).splitlines()
+  assert lines[1].split() == ["hydra", "finetune", "1.00", "50.00", "25.00"]
+  assert lines[2].split() == ["dense", "pretrain", "100.00", "87.50", "-"]
