@@ -38,13 +38,15 @@ class RunModel:
   """A trained model read back from a run directory.
 
   Attributes:
-    variables: {'params': weights the model runs with (pruned entries 0), 'batch_stats': ...}.
+    variables: {'params': weights the model runs with (pruned entries exactly 0), 'batch_stats': ...}.
+    trained_params: the params as stored (in a prune run the pruned weights are still there).
     scores: the scores tree, or None for a dense (pretrain) run.
     k: fraction kept (1.0 for dense runs).
     meta: the checkpoint's metadata (config, stage, metrics, versions).
   """
 
   variables: dict[str, PyTree]
+  trained_params: PyTree
   scores: PyTree | None
   k: float
   meta: dict[str, Any]
@@ -55,12 +57,9 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, *, best: bool = Fa
   directory = os.path.join(workdir, "best") if best else workdir
   _, meta = checkpoints.read_meta(directory)
   params, batch_stats, scores = train.load_source(train.stage_config(config, config.stage, source=directory))
-  k = meta["k"]
-  if scores is not None:
-    mask = meta["config"]["mask"]
-    params = masking.export_dense(params, scores, k, scope=mask["scope"], min_layer_k=mask["min_layer_k"])
-  variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-  return RunModel(variables, scores, k, meta)
+  weights = train.exported_params(params, scores, meta["k"], meta["config"]["mask"])
+  variables = {"params": weights, "batch_stats": batch_stats} if batch_stats else {"params": weights}
+  return RunModel(variables, params, scores, meta["k"], meta)
 
 
 def evaluation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -81,11 +80,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, meth
   apply_fn = models.make_apply_fn(train.build_model(config))
   batches = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=config.data.data_dir or None,
                               image_size=config.data.image_size or None)
-  steps = batches.num_steps
-  if config.data.eval_examples:
-    steps = min(steps, -(-config.data.eval_examples // batches.batch_size))
   attack_names = [name for name in methods if name != "clean"]
-  results = evaluate.evaluate(apply_fn, run.variables, data.iterate(batches, range(steps)),
+  results = evaluate.evaluate(apply_fn, run.variables, data.iterate(batches, range(train.eval_steps(config, batches))),
                               key=jax.random.PRNGKey(config.seed), methods=attack_names,
                               config=evaluation_config(config), progress=progress)
   return {**results, "k": run.k, "stage": run.meta.get("stage")}
@@ -107,23 +103,21 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   (dense=True: masked weights and no scores, for the reference's `dense` layer type; dense=False: raw
   weights plus `popup_scores` for its `subnet` layers).
   """
+  if not out.endswith((".pth", ".pt", ".npz")):
+    raise ValueError(f"export file '{out}' must end in .npz, .pth or .pt")
   run = load_run(config, workdir)
-  variables = run.variables
-  scores = None if dense else run.scores
+  variables, scores = run.variables, None
   if not dense and run.scores is not None:
-    params, batch_stats, _ = train.load_source(train.stage_config(config, config.stage, source=workdir))
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    variables, scores = {**run.variables, "params": run.trained_params}, run.scores
   if out.endswith((".pth", ".pt")):
     import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
     state_dict = convert.to_torch_state_dict(variables, scores, model_name=config.model.name,
                                              input_shape=train.image_shape(config), as_torch=True)
     torch.save(state_dict, out)
-  elif out.endswith(".npz"):
+  else:
     tree = {**variables, **({"scores": scores} if scores is not None else {})}
     flat = {masking.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     np.savez(out, **flat)
-  else:
-    raise ValueError(f"export file '{out}' must end in .npz, .pth or .pt")
   size = sparse_size(run.variables["params"])
   report = masking.sparsity_report(run.variables["params"])
   return (f"wrote {out}: {report.kept:,} of {report.total:,} prunable weights kept "

@@ -286,6 +286,13 @@ def masked_params(params: PyTree, scores: PyTree | None, k: Any, scope: str = "l
   return masking.apply_masks(params, scores, k, scope=scope, min_layer_k=min_layer_k)
 
 
+def exported_params(params: PyTree, scores: PyTree | None, k: Any, mask_config: Mapping[str, Any]) -> PyTree:
+  """`masking.export_dense` (pruned weights exactly 0) with the run's mask settings, or params when dense."""
+  if scores is None:
+    return params
+  return masking.export_dense(params, scores, k, scope=mask_config["scope"], min_layer_k=mask_config["min_layer_k"])
+
+
 # For evaluation, compiled once per model; k is static so that it rounds exactly as in the train step.
 _masked_params_jit = jax.jit(masked_params, static_argnums=(2, 3, 4))
 
@@ -331,8 +338,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: mode
 
   trainable = {"params": state.params, "scores": state.scores}
   opt_state, batch_stats = state.opt_state, state.batch_stats
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   for replay in range(objective.replays(config.objective)):
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     (_, (metrics, batch_stats)), (grads, carry_grad) = grad_fn(
         trainable, carry, batch_stats, jax.random.fold_in(key, replay))
     if axis_name is not None:
@@ -452,8 +459,7 @@ def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
         raise ValueError(f"config.score_init='source' but source {config.source} has no scores")
       scores = masking.init_scores(params, config.score_init, score_key)
   if stage == "finetune":
-    params = masking.export_dense(params, scores, config.k, scope=config.mask.scope,
-                                  min_layer_k=config.mask.min_layer_k)
+    params = exported_params(params, scores, config.k, config.mask)
   objective = objectives.get_objective(config.objective.name)
   labels = trainable_labels(params, scores, stage, config.freeze_bn)
   tx = make_optimizer(config, stage, labels, steps_per_epoch * objective.replays(config.objective))
@@ -516,10 +522,14 @@ def _check_finite(metrics: Mapping[str, float], step: int, ckpt: checkpoints.Che
 
 def sparsity(state: TrainState, config: ml_collections.ConfigDict) -> masking.SparsityReport:
   """Kept / total weights per prunable layer, counted on the weights the model runs with."""
-  if state.scores is None:
-    return masking.sparsity_report(state.params)
-  return masking.sparsity_report(masking.export_dense(state.params, state.scores, config.k,
-                                                      scope=config.mask.scope, min_layer_k=config.mask.min_layer_k))
+  return masking.sparsity_report(exported_params(state.params, state.scores, config.k, config.mask))
+
+
+def eval_steps(config: ml_collections.ConfigDict, eval_data: data.EvalBatches) -> int:
+  """Eval batches to run: the whole split, or enough for the first `config.data.eval_examples` examples."""
+  if not config.data.eval_examples:
+    return eval_data.num_steps
+  return min(eval_data.num_steps, -(-config.data.eval_examples // eval_data.batch_size))
 
 
 def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_data: data.EvalBatches,
@@ -528,11 +538,8 @@ def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_da
   weights = _masked_params_jit(state.params, state.scores, config.k, config.mask.scope, config.mask.min_layer_k)
   variables = _variables(weights, state.batch_stats)
   eval_state = eval_runner.put_state({"variables": variables, "key": jax.random.PRNGKey(config.seed + 1)})
-  steps = eval_data.num_steps
-  if config.data.eval_examples:
-    steps = min(steps, -(-config.data.eval_examples // eval_data.batch_size))
   totals = None
-  for batch in data.iterate(eval_data, range(steps), prefetch=config.data.prefetch):
+  for batch in data.iterate(eval_data, range(eval_steps(config, eval_data)), prefetch=config.data.prefetch):
     eval_state, sums = eval_runner(eval_state, eval_runner.put_batch(batch))
     sums = jax.tree.map(lambda x: np.asarray(x).reshape(-1)[0], jax.device_get(sums))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
@@ -573,7 +580,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                                 image_size=config.data.image_size or None)
   steps_per_epoch = train_data.steps_per_epoch
   total_steps = _stage_epochs(config, stage) * steps_per_epoch
-  batch_shape = train_data.batch_at(0)["image"].shape
+  rows = config.data.batch_size * (2 if config.data.semisup_path else 1)  # semisup doubles every batch
+  batch_shape = (rows, *image_shape(config))
 
   state, tx = initial_state(config, stage, steps_per_epoch, batch_shape)
   ckpt = checkpoints.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
