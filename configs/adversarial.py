@@ -24,13 +24,13 @@ weight decay 1e-4, cosine schedule, batch 128, eps 0.031 (~8/255), PGD-10 step 0
 (assumed: the reference has no l_2 defaults), step eps/4.
 """
 
-from hydra_jax import train
+from hydra_jax import config as config_lib
 
 
 def get_config(arg=None):
-  args = train.parse_config_arg(arg, model="vgg16_bn", dataset="cifar10", objective="trades", norm="linf",
+  args = config_lib.parse_config_arg(arg, model="vgg16_bn", dataset="cifar10", objective="trades", norm="linf",
                                 semisup="")
-  config = train.default_config()
+  config = config_lib.default_config()
   config.model.name = args.model
   config.data.name = args.dataset
   config.data.semisup_path = args.semisup

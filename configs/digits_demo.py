@@ -10,12 +10,12 @@ few minutes on 2 CPU cores; not a result of the paper.
 Arguments: model (default cnn_small), objective (default trades).
 """
 
-from hydra_jax import train
+from hydra_jax import config as config_lib
 
 
 def get_config(arg=None):
-  args = train.parse_config_arg(arg, model="cnn_small", objective="trades")
-  config = train.default_config()
+  args = config_lib.parse_config_arg(arg, model="cnn_small", objective="trades")
+  config = config_lib.default_config()
   config.stage = "all"
   config.ks = (0.1, 0.01)
   config.model.name = args.model

@@ -10,12 +10,12 @@ SGD lr 0.1 cosine, weight decay 1e-4. Needs TFDS imagenet2012 prepared in data_d
 Argument: model (default resnet50_imagenet).
 """
 
-from hydra_jax import train
+from hydra_jax import config as config_lib
 
 
 def get_config(arg=None):
-  args = train.parse_config_arg(arg, model="resnet50_imagenet")
-  config = train.default_config()
+  args = config_lib.parse_config_arg(arg, model="resnet50_imagenet")
+  config = config_lib.default_config()
   config.model.name = args.model
   config.data.name = "imagenet2012"
   config.data.batch_size = config.data.eval_batch_size = 256

@@ -33,7 +33,8 @@ import flax
 import jax
 import orbax.checkpoint as ocp
 
-PyTree = Any
+from hydra_jax import PyTree
+
 
 
 def versions() -> dict[str, str]:

@@ -8,7 +8,7 @@
   hydra-jax export --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune --out model.npz
 
 The config is locked: an unknown `--config.KEY` is rejected with the key's name, and `train` checks values
-(`train.check_config`). The commands only parse flags and call the library (`train.train_and_evaluate`,
+(`config.check_config`). The commands only parse flags and call the library (`train.train_and_evaluate`,
 `export.evaluate_checkpoint`, `export.export_checkpoint`); `python -m hydra_jax` is the same program.
 """
 

@@ -168,6 +168,26 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model_name: str, num_cl
   return variables, traverse_util.unflatten_dict(scores) if has_scores else None
 
 
+TORCH_SUFFIXES = (".pth", ".tar", ".pt")  # file names `load_torch_checkpoint` reads
+
+
+def load_torch_checkpoint(path: str, model_name: str, num_classes: int,
+                          input_shape: tuple[int, int, int] | None = None) -> tuple[dict, dict | None]:
+  """Reads a reference HYDRA checkpoint file (`.pth`, `.pth.tar`, `.pt`; needs torch) into variables and scores.
+
+  Args:
+    path: a file written by `torch.save`: the reference's {'state_dict': ..., 'epoch': ...} dict or a bare
+      state dict.
+    model_name, num_classes, input_shape: as in `from_torch_state_dict`.
+
+  Returns:
+    (variables, scores or None), as `from_torch_state_dict`.
+  """
+  import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
+  checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+  return from_torch_state_dict(checkpoint.get("state_dict", checkpoint), model_name, num_classes, input_shape)
+
+
 def _check_keys(given: Mapping[str, Any], expected: set[str], model_name: str) -> None:
   """Raises ValueError listing the missing and the unused keys, if any."""
   missing, unused = sorted(expected - given.keys()), sorted(given.keys() - expected)

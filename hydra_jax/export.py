@@ -22,7 +22,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import sparse
 
+from hydra_jax import PyTree
 from hydra_jax import checkpoints
+from hydra_jax import config as config_lib
 from hydra_jax import convert
 from hydra_jax import data
 from hydra_jax import evaluate
@@ -30,7 +32,6 @@ from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import train
 
-PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, *, best: bool = Fa
   """The latest (or best) checkpoint of the run in `workdir`, built for `config.model` / `config.data`."""
   directory = os.path.join(workdir, "best") if best else workdir
   _, meta = checkpoints.read_meta(directory)
-  params, batch_stats, scores = train.load_source(train.stage_config(config, config.stage, source=directory))
+  params, batch_stats, scores = train.load_source(config_lib.stage_config(config, config.stage, source=directory))
   weights = train.exported_params(params, scores, meta["k"], meta["config"]["mask"])
   variables = {"params": weights, "batch_stats": batch_stats} if batch_stats else {"params": weights}
   return RunModel(variables, params, scores, meta["k"], meta)
@@ -112,7 +113,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   if out.endswith((".pth", ".pt")):
     import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
     state_dict = convert.to_torch_state_dict(variables, scores, model_name=config.model.name,
-                                             input_shape=train.image_shape(config), as_torch=True)
+                                             input_shape=config_lib.image_shape(config), as_torch=True)
     torch.save(state_dict, out)
   else:
     tree = {**variables, **({"scores": scores} if scores is not None else {})}

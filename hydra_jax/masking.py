@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from hydra_jax import PyTree
+
 Path = tuple[Any, ...]
 
 _BISECTION_STEPS = 31  # Keys of [0, inf] lie in [0, 0x7F800000] (< 2**31 values): 31 halvings pin one.
@@ -56,14 +57,6 @@ def is_prunable(path: Path, leaf: Any) -> bool:
 def prunable_paths(params: PyTree, prunable: Callable[[Path, Any], bool] = is_prunable) -> list[str]:
   """Names of the prunable leaves of `params`, in tree order."""
   return [path_name(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if prunable(p, leaf)]
-
-
-def _map_prunable(fn: Callable, params: PyTree, *rest: PyTree) -> PyTree:
-  """`fn(path, w, *rest_leaves)` at leaves where `rest[0]` is not None; None elsewhere."""
-  def at_leaf(path, w, *others):
-    return None if others[0] is None else fn(path, w, *others)
-
-  return jax.tree_util.tree_map_with_path(at_leaf, params, *rest, is_leaf=lambda x: x is None)
 
 
 def _check_scores(params: PyTree, scores: PyTree) -> None:

@@ -29,10 +29,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hydra_jax import PyTree
+
 AXIS = "batch"
 MODES = ("single", "pmap", "shard_map")
 
-PyTree = Any
 StepFn = Callable[..., tuple[PyTree, PyTree]]
 
 

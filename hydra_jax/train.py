@@ -20,7 +20,7 @@ and BN statistics over that axis, and `parallel.make_runner` runs it with pmap o
 
 Entry points (no absl flags needed, e.g. from a notebook):
 
-  config = train.default_config()            # or a configs/*.py get_config(arg)
+  config = config_lib.default_config()       # hydra_jax.config, or a configs/*.py get_config(arg)
   config.stage = 'all'                       # pretrain, prune at each k of config.ks, finetune, LWM
   summary = train.train_and_evaluate(config, '/tmp/hydra_run')
 
@@ -34,7 +34,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -44,211 +44,18 @@ import numpy as np
 import optax
 import tqdm
 
+from hydra_jax import PyTree
 from hydra_jax import attacks
 from hydra_jax import checkpoints
+from hydra_jax import config as config_lib
 from hydra_jax import convert
 from hydra_jax import data
 from hydra_jax import masking
+from hydra_jax import metrics as metrics_lib
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax import optim
 from hydra_jax import parallel
-
-PyTree = Any
-STAGES = ("pretrain", "prune", "finetune")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configuration.
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Every key a run reads, with the reference's CIFAR-10 defaults (spec section 7)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 1234
-  c.stage = "pretrain"  # 'pretrain' | 'prune' | 'finetune' | 'all' (pretrain, then per k: prune, finetune, LWM).
-  c.source = ""  # prune/finetune: workdir or checkpoint dir of the previous stage, or a HYDRA PyTorch .pth.tar.
-  c.k = 0.01  # fraction of weights KEPT in prune/finetune.
-  c.ks = (0.1, 0.01)  # stage='all': one prune + finetune (+ LWM) branch per k.
-  c.lwm = True  # stage='all': also run the LWM baseline (magnitude mask + finetune) at each k.
-  c.score_init = "scaled"  # masking.SCORE_INITS name, or 'source' to keep the source checkpoint's scores.
-  c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
-  c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0})
-
-  c.model = ml_collections.ConfigDict({"name": "vgg16_bn", "num_classes": 0, "dtype": "float32"})
-  c.data = ml_collections.ConfigDict({
-      "name": "cifar10", "data_dir": "", "batch_size": 128, "eval_batch_size": 256, "image_size": 0,
-      "data_fraction": 1.0, "semisup_path": "", "semisup_fraction": 1.0, "prefetch": 2, "workers": 0,
-      "eval_examples": 0})  # eval_examples: evaluate on the first N test examples only (0: all).
-  c.objective = objective_config("trades")
-  c.optimizer = ml_collections.ConfigDict({
-      "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0,
-      "warmup_lr": 0.1})
-  c.stages = ml_collections.ConfigDict({  # per-stage length and learning rate (reference scripts).
-      "pretrain": {"epochs": 100, "lr": 0.1},
-      "prune": {"epochs": 20, "lr": 0.1},
-      "finetune": {"epochs": 100, "lr": 0.01}})
-  c.eval = ml_collections.ConfigDict({
-      "every_epochs": 1, "eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "restarts": 1, "norm": "linf"})
-  c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0, "async_save": True})
-  c.parallel = ml_collections.ConfigDict({"mode": "auto", "distributed": False})
-  c.log = ml_collections.ConfigDict({"every_steps": 50, "progress": True, "tensorboard": False})
-  c.stop_after_steps = 0  # end the run after this global step (0: never); rerunning resumes it.
-  return c
-
-
-def objective_config(name: str) -> ml_collections.ConfigDict:
-  """{'name': name} plus the defaults of every registered objective, so --config.objective.name can switch.
-
-  Each objective reads only its own keys (e.g. trades: eps, step_size, steps, norm, beta; free: eps,
-  replays; smooth: noise_std, beta); `name`'s own defaults win where objectives disagree.
-  """
-  merged = {}
-  for other in objectives.objective_names():
-    merged.update(objectives.get_objective(other).defaults)
-  return ml_collections.ConfigDict({"name": name, **merged, **objectives.get_objective(name).defaults})
-
-
-def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """'model=wrn_28_4,objective=trades' -> ConfigDict over `defaults`; values typed like the default.
-
-  For config files' `get_config(arg)`; unknown names raise ValueError listing the valid ones.
-  """
-  parsed = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    name, sep, value = item.partition("=")
-    if not sep or name not in defaults:
-      raise ValueError(f"config argument '{item}' is not NAME=VALUE with NAME in {sorted(defaults)}")
-    default = defaults[name]
-    parsed[name] = type(default)(value) if not isinstance(default, bool) else value.lower() in ("1", "true")
-  return parsed
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first key whose value is invalid."""
-  choices = {
-      "stage": (*STAGES, "all"), "mask.scope": ("layer", "global"),
-      "optimizer.name": tuple(OPTIMIZERS), "optimizer.schedule": tuple(SCHEDULES),
-      "parallel.mode": ("auto", *parallel.MODES), "eval.norm": attacks.NORMS,
-      "score_init": (*masking.SCORE_INITS, "source"),
-  }
-  for key, valid in choices.items():
-    value = _get(config, key)
-    if value not in valid:
-      raise ValueError(f"config.{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}")
-  models.get_model(config.model.name, 10)  # unknown names raise, listing the valid ones
-  data.get_dataset_info(config.data.name)
-  objectives.get_objective(config.objective.name)
-  for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():
-    if not 0 < value <= 1:
-      raise ValueError(f"config.{key}={value!r} must lie in (0, 1]: it is the fraction of weights KEPT")
-  for stage in STAGES:
-    for field in ("epochs", "lr"):
-      if not _get(config, f"stages.{stage}.{field}") >= 0:
-        raise ValueError(f"config.stages.{stage}.{field} must be >= 0")
-  if config.stage in ("prune", "finetune") and not config.source:
-    raise ValueError(f"config.source must name the checkpoint to start stage '{config.stage}' from")
-  for key in ("data.batch_size", "data.eval_batch_size", "checkpoint.keep", "log.every_steps", "eval.every_epochs"):
-    if _get(config, key) <= 0:
-      raise ValueError(f"config.{key} must be positive")
-
-
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
-  for part in dotted.split("."):
-    config = config[part]
-  return config
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What trains: optax transforms and labels per stage.
-
-
-def param_kinds(params: PyTree) -> PyTree:
-  """'norm' at the leaves of normalisation layers (a module with a 'scale'), 'weight' at every other leaf."""
-  def kinds(tree, is_norm):
-    if isinstance(tree, Mapping):
-      return {name: kinds(value, "scale" in tree and "kernel" not in tree) for name, value in tree.items()}
-    return "norm" if is_norm else "weight"
-
-  return kinds(params, False)
-
-
-def trainable_labels(params: PyTree, scores: PyTree | None, stage: str, freeze_bn: bool) -> PyTree:
-  """'train' / 'freeze' for every leaf of `{'params': params, 'scores': scores}` in `stage`."""
-  def param_label(kind):
-    if stage != "prune":
-      return "train"
-    return "train" if kind == "norm" and not freeze_bn else "freeze"
-
-  score_label = "train" if stage == "prune" else "freeze"
-  return {"params": jax.tree.map(param_label, param_kinds(params)),
-          "scores": jax.tree.map(lambda _: score_label, scores)}
-
-
-def _sgd(lr, opt):
-  return optax.sgd(lr, momentum=opt.momentum or None)
-
-
-def _adam(lr, opt):
-  return optax.adam(lr)
-
-
-def _rmsprop(lr, opt):
-  return optax.rmsprop(lr, decay=0.99, eps=1e-8, momentum=opt.momentum or None, eps_in_sqrt=False)
-
-
-# PyTorch semantics: L2 weight decay is added to the gradient before momentum / Adam moments.
-OPTIMIZERS = {"sgd": _sgd, "adam": _adam, "rmsprop": _rmsprop}
-
-
-def _cosine(step, *, lr, warmup_lr, warmup_steps, total_steps, steps_per_epoch):
-  progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-  return jnp.where(step < warmup_steps, warmup_lr, 0.5 * lr * (1 + jnp.cos(jnp.pi * progress)))
-
-
-def _reference_cosine(step, *, lr, warmup_lr, warmup_steps, total_steps, steps_per_epoch):
-  """The reference's per-epoch cosine, quirk included: epoch e' uses cos((e' - 1) / E * pi)."""
-  epoch = (step - warmup_steps) // steps_per_epoch
-  epochs = max((total_steps - warmup_steps) // steps_per_epoch, 1)
-  return jnp.where(step < warmup_steps, warmup_lr, 0.5 * lr * (1 + jnp.cos((epoch - 1) / epochs * jnp.pi)))
-
-
-def _step_decay(step, *, lr, warmup_lr, warmup_steps, total_steps, steps_per_epoch):
-  fraction = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-  return lr * jnp.where(fraction >= 0.9, 0.01, jnp.where(fraction >= 0.75, 0.1, 1.0))
-
-
-def _constant(step, *, lr, **_):
-  return lr * jnp.ones_like(step, jnp.float32)
-
-
-SCHEDULES = {"cosine": _cosine, "reference_cosine": _reference_cosine, "step": _step_decay,
-             "constant": _constant}
-
-
-def make_optimizer(config: ml_collections.ConfigDict, stage: str, labels: PyTree,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-  """The stage's optimizer over `{'params', 'scores'}`: frozen leaves get no update at all.
-
-  Args:
-    config: run config (optimizer, stages.<stage>.lr / epochs, objective replays).
-    stage: one of STAGES.
-    labels: from `trainable_labels`.
-    steps_per_epoch: optimizer updates per epoch (batches x the objective's replays).
-  """
-  opt = config.optimizer
-  stage_cfg = config.stages[stage]
-  warmup_steps = opt.warmup_epochs * steps_per_epoch
-  schedule = functools.partial(
-      SCHEDULES[opt.schedule], lr=stage_cfg.lr, warmup_lr=opt.warmup_lr, warmup_steps=warmup_steps,
-      total_steps=warmup_steps + _stage_epochs(config, stage) * steps_per_epoch, steps_per_epoch=steps_per_epoch)
-  train = optax.chain(optax.add_decayed_weights(opt.weight_decay), OPTIMIZERS[opt.name](schedule, opt))
-  return optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels)
-
-
-def _stage_epochs(config: ml_collections.ConfigDict, stage: str) -> int:
-  """Epochs of `stage`, divided by the objective's replays (free AT: ceil(epochs / m), as the reference)."""
-  objective = objectives.get_objective(config.objective.name)
-  return math.ceil(config.stages[stage].epochs / objective.replays(config.objective))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,7 +119,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: mode
     apply_fn: `models.make_apply_fn(model)`.
     objective: from `objectives.get_objective`; `config.objective` is its config.
     config: the run config.
-    tx: from `make_optimizer`.
+    tx: from `optim.make_optimizer`.
     k: fraction kept (ignored when state.scores is None).
     steps_per_epoch: batches per epoch; the objective's carry is reset at each epoch start.
     axis_name: the device axis to average over, or None on one device.
@@ -379,28 +186,16 @@ def eval_step(state: dict[str, PyTree], batch: dict[str, jax.Array], *, apply_fn
 # Building a stage: model, data, initial state (fresh, from a source checkpoint, or resumed).
 
 
-def num_classes(config: ml_collections.ConfigDict) -> int:
-  """config.model.num_classes, or the dataset's number of classes when it is 0."""
-  return config.model.num_classes or data.get_dataset_info(config.data.name).num_classes
-
-
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None):
   """The zoo model of `config.model` for `config.data`'s classes, BN averaged over `axis_name`."""
-  return models.get_model(config.model.name, num_classes(config), dtype=jnp.dtype(config.model.dtype),
+  return models.get_model(config.model.name, config_lib.num_classes(config), dtype=jnp.dtype(config.model.dtype),
                           bn_axis_name=axis_name)
-
-
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of the model's inputs for `config.data`."""
-  info = data.get_dataset_info(config.data.name)
-  side = config.data.image_size or info.image_shape[0]
-  return side, side, info.image_shape[2]
 
 
 def init_variables(config: ml_collections.ConfigDict, key: jax.Array) -> dict[str, PyTree]:
   """Freshly initialised {'params', 'batch_stats'} of the configured model."""
   model = build_model(config)
-  return jax.jit(lambda key: model.init(key, jnp.zeros((1, *image_shape(config))), train=False))(key)
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, *config_lib.image_shape(config))), train=False))(key)
 
 
 def _model_item(state: TrainState) -> dict[str, PyTree]:
@@ -415,16 +210,14 @@ def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTr
   """(params, batch_stats, scores or None) of `config.source`.
 
   The source is a hydra_jax run directory (its latest checkpoint), or a reference HYDRA PyTorch checkpoint
-  (`.pth`, `.pth.tar`, `.pt`; needs torch) converted by `convert.from_torch_state_dict`.
+  (`.pth`, `.pth.tar`, `.pt`; needs torch) read by `convert.load_torch_checkpoint`.
   """
-  template = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
-  classes = num_classes(config)
-  if config.source.endswith((".pth", ".tar", ".pt")):
-    import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
-    state_dict = torch.load(config.source, map_location="cpu", weights_only=False)
-    variables, scores = convert.from_torch_state_dict(state_dict.get("state_dict", state_dict), config.model.name,
-                                                      classes, image_shape(config))
+  classes = config_lib.num_classes(config)
+  if config.source.endswith(convert.TORCH_SUFFIXES):
+    variables, scores = convert.load_torch_checkpoint(config.source, config.model.name, classes,
+                                                      config_lib.image_shape(config))
     return variables["params"], variables.get("batch_stats", {}), scores
+  template = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
   _, meta = checkpoints.read_meta(config.source)
   if (meta.get("model"), meta.get("num_classes")) != (config.model.name, classes):
     raise checkpoints.CheckpointError(
@@ -447,7 +240,7 @@ def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
   none: LWM), with the pruned weights zeroed.
   """
   rng = jax.random.PRNGKey(config.seed)  # raw uint32[2]: checkpointable
-  init_key, score_key = jax.random.split(jax.random.fold_in(rng, STAGES.index(stage)))
+  init_key, score_key = jax.random.split(jax.random.fold_in(rng, config_lib.STAGES.index(stage)))
   if stage == "pretrain":
     variables = init_variables(config, init_key)
     params, batch_stats, scores = variables["params"], variables.get("batch_stats", {}), None
@@ -461,8 +254,8 @@ def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
   if stage == "finetune":
     params = exported_params(params, scores, config.k, config.mask)
   objective = objectives.get_objective(config.objective.name)
-  labels = trainable_labels(params, scores, stage, config.freeze_bn)
-  tx = make_optimizer(config, stage, labels, steps_per_epoch * objective.replays(config.objective))
+  labels = optim.trainable_labels(params, scores, stage, config.freeze_bn)
+  tx = optim.make_optimizer(config, stage, labels, steps_per_epoch * objective.replays(config.objective))
   carry = () if objective.init_carry is None else objective.init_carry(batch_shape, config.objective)
   state = TrainState(step=jnp.int32(0), params=params, scores=scores, batch_stats=batch_stats,
                      opt_state=tx.init({"params": params, "scores": scores}), carry=carry, rng=rng)
@@ -477,39 +270,6 @@ def _parallel_mode(config: ml_collections.ConfigDict) -> str:
   if config.parallel.mode != "auto":
     return config.parallel.mode
   return "single" if jax.device_count() == 1 else "shard_map"
-
-
-class MetricWriter:
-  """JSON lines (always) and TensorBoard scalars (optional, tensorboardX) in the workdir; process 0 only."""
-
-  def __init__(self, workdir: str, tensorboard: bool):
-    self.active = jax.process_index() == 0
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.active else None
-    self._tb = None
-    if self.active and tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top  (optional dependency)
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-    if not self.active:
-      return
-    self._jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-    self._jsonl.flush()
-    if self._tb is not None:
-      for name, value in metrics.items():
-        self._tb.add_scalar(f"{split}/{name}", value, step)
-
-  def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
-
-
-def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Host floats averaged over the logged steps (pmap: each value is per device; they are equal)."""
-  fetched = jax.device_get(history)
-  return {name: float(np.mean([np.mean(m[name]) for m in fetched])) for name in fetched[0]}
 
 
 def _check_finite(metrics: Mapping[str, float], step: int, ckpt: checkpoints.Checkpoints) -> None:
@@ -551,9 +311,69 @@ def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_da
 
 
 def _stage_meta(config, stage, state, metrics):
-  return {"model": config.model.name, "num_classes": num_classes(config), "stage": stage,
+  return {"model": config.model.name, "num_classes": config_lib.num_classes(config), "stage": stage,
           "k": config.k if state.scores is not None else 1.0, "has_scores": state.scores is not None,
           "metrics": metrics, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort())}
+
+
+class Cadence(NamedTuple):
+  """What happens after a step: log the mean train metrics (and check they are finite), evaluate, save."""
+
+  log: bool
+  evaluate: bool
+  save: bool
+
+
+def cadence(done: int, *, steps_per_epoch: int, total_steps: int, stop: int, log_every: int,
+            eval_every_epochs: int, save_every: int) -> Cadence:
+  """The actions after the step that completes `done` steps of a stage (pure; tested without training).
+
+  Args:
+    done: steps completed, 1 <= done <= stop.
+    steps_per_epoch: batches per epoch.
+    total_steps: the stage's length in steps.
+    stop: where this run ends (total_steps, or earlier with config.stop_after_steps).
+    log_every: config.log.every_steps.
+    eval_every_epochs: config.eval.every_epochs.
+    save_every: config.checkpoint.every_steps (0: only at epoch ends and at `stop`).
+
+  Returns:
+    A `Cadence`. Epoch ends log and save, and evaluate every `eval_every_epochs` epochs and at the end.
+  """
+  epoch_end = done % steps_per_epoch == 0 or done == total_steps
+  evaluate = epoch_end and ((done // steps_per_epoch) % eval_every_epochs == 0 or done == total_steps)
+  save = epoch_end or done == stop or bool(save_every and done % save_every == 0)
+  log = done % log_every == 0 or epoch_end or done == stop
+  return Cadence(log=log, evaluate=evaluate, save=save)
+
+
+def _data(config: ml_collections.ConfigDict) -> tuple[data.TrainBatches, data.EvalBatches]:
+  data_dir = config.data.data_dir or None
+  train_data = data.train_batches(
+      config.data.name, config.data.batch_size, seed=config.seed, data_dir=data_dir,
+      image_size=config.data.image_size or None, data_fraction=config.data.data_fraction,
+      semisup_path=config.data.semisup_path or None, semisup_fraction=config.data.semisup_fraction)
+  eval_data = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=data_dir,
+                                image_size=config.data.image_size or None)
+  return train_data, eval_data
+
+
+def _resume(state: TrainState, ckpt: checkpoints.Checkpoints) -> tuple[TrainState, dict[str, float] | None]:
+  """The latest checkpoint's state and its evaluation metrics, or `state` and None when there is none."""
+  if ckpt.latest_step() is None:
+    return state, None
+  abstract = jax.eval_shape(lambda s: {"model": _model_item(s), "train": _train_item(s)}, state)
+  items, meta = ckpt.restore(abstract)
+  return state.replace(**items["model"], **items["train"]), meta.get("metrics")
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """config.json of the first run in `workdir` (each checkpoint's meta holds its own config)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) and jax.process_index() == 0:
+    with open(path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -563,39 +383,21 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   uninterrupted run. Nothing in `workdir` is written before the config and any checkpoint there have been
   read and checked.
   """
-  check_config(config)
+  config_lib.check_config(config)
   stage = config.stage
   mode = _parallel_mode(config)
   axis_name = None if mode == "single" else parallel.AXIS
   devices = jax.devices()[:1] if mode == "single" else jax.devices()
   parallel.check_batch_divides(config.data.batch_size, len(devices))
   parallel.check_batch_divides(config.data.eval_batch_size, len(devices))
-
-  data_dir = config.data.data_dir or None
-  train_data = data.train_batches(
-      config.data.name, config.data.batch_size, seed=config.seed, data_dir=data_dir,
-      image_size=config.data.image_size or None, data_fraction=config.data.data_fraction,
-      semisup_path=config.data.semisup_path or None, semisup_fraction=config.data.semisup_fraction)
-  eval_data = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=data_dir,
-                                image_size=config.data.image_size or None)
+  train_data, eval_data = _data(config)
   steps_per_epoch = train_data.steps_per_epoch
-  total_steps = _stage_epochs(config, stage) * steps_per_epoch
+  total_steps = optim.stage_epochs(config, stage) * steps_per_epoch
   rows = config.data.batch_size * (2 if config.data.semisup_path else 1)  # semisup doubles every batch
-  batch_shape = (rows, *image_shape(config))
-
-  state, tx = initial_state(config, stage, steps_per_epoch, batch_shape)
+  state, tx = initial_state(config, stage, steps_per_epoch, (rows, *config_lib.image_shape(config)))
   ckpt = checkpoints.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  eval_metrics = None
-  if ckpt.latest_step() is not None:
-    abstract = jax.eval_shape(lambda s: {"model": _model_item(s), "train": _train_item(s)}, state)
-    items, meta = ckpt.restore(abstract)
-    state = state.replace(**items["model"], **items["train"])
-    eval_metrics = meta.get("metrics")  # a finished stage rerun reports its last evaluation
-  os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, "config.json")  # the first run's; each checkpoint's meta has its own
-  if not os.path.exists(config_path) and jax.process_index() == 0:
-    with open(config_path, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  state, eval_metrics = _resume(state, ckpt)
+  _write_config(config, workdir)
 
   apply_fn = models.make_apply_fn(build_model(config, axis_name))
   objective = objectives.get_objective(config.objective.name)
@@ -604,7 +406,6 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   runner = parallel.make_runner(step_fn, mode, carry_fields=("carry",), devices=devices)
   eval_runner = parallel.make_runner(
       functools.partial(eval_step, apply_fn=apply_fn, eval_config=config.eval), mode, devices=devices)
-  writer = MetricWriter(workdir, config.log.tensorboard)
 
   def save(step, metrics=None):
     host_state = runner.get_state(device_state)
@@ -616,49 +417,46 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   stop = min(total_steps, config.stop_after_steps or total_steps)
   device_state = runner.put_state(state)
   history = []
-  batches = data.iterate(train_data, range(start, stop), prefetch=config.data.prefetch,
-                         worker_count=config.data.workers)
+  writer = metrics_lib.MetricWriter(workdir, config.log.tensorboard)
   progress = tqdm.tqdm(total=stop, initial=start, desc=f"{stage}", unit="step",
                        disable=not (config.log.progress and jax.process_index() == 0))
-  for step in range(start, stop):
-    device_state, metrics = runner(device_state, runner.put_batch(next(batches)))
-    history.append(metrics)
-    progress.update()
-    done = step + 1
-    epoch_end = done % steps_per_epoch == 0 or done == total_steps
-    if done % config.log.every_steps == 0 or epoch_end or done == stop:
-      train_metrics = _mean_metrics(history)
-      history = []
-      _check_finite(train_metrics, done, ckpt)
-      writer.write(done, "train", train_metrics)
-      progress.set_postfix({k: f"{v:.3f}" for k, v in train_metrics.items()})
-    epoch = done // steps_per_epoch
-    if epoch_end and (epoch % config.eval.every_epochs == 0 or done == total_steps):
-      eval_metrics = evaluate_state(runner.get_state(device_state), config, eval_data, eval_runner)
-      writer.write(done, "eval", eval_metrics)
-      save(done, eval_metrics)
-    elif epoch_end or done == stop or (config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0):
-      save(done)
-  progress.close()
-  ckpt.close()
-  writer.close()
-  final = runner.get_state(device_state)
+  try:
+    batches = data.iterate(train_data, range(start, stop), prefetch=config.data.prefetch,
+                           worker_count=config.data.workers)
+    for done in range(start + 1, stop + 1):
+      device_state, step_metrics = runner(device_state, runner.put_batch(next(batches)))
+      history.append(step_metrics)
+      progress.update()
+      todo = cadence(done, steps_per_epoch=steps_per_epoch, total_steps=total_steps, stop=stop,
+                     log_every=config.log.every_steps, eval_every_epochs=config.eval.every_epochs,
+                     save_every=config.checkpoint.every_steps)
+      if todo.log:
+        train_metrics, history = metrics_lib.mean_metrics(history), []
+        _check_finite(train_metrics, done, ckpt)
+        writer.write(done, "train", train_metrics)
+        progress.set_postfix({k: f"{v:.3f}" for k, v in train_metrics.items()})
+      if todo.evaluate:
+        eval_metrics = evaluate_state(runner.get_state(device_state), config, eval_data, eval_runner)
+        writer.write(done, "eval", eval_metrics)
+      if todo.save:
+        save(done, eval_metrics if todo.evaluate else None)
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+  return _summarize(config, runner.get_state(device_state), total_steps, eval_metrics, workdir)
+
+
+def _summarize(config: ml_collections.ConfigDict, final: TrainState, total_steps: int,
+               eval_metrics: dict[str, float] | None, workdir: str) -> dict[str, Any]:
+  """The stage's summary (also written to summary.json)."""
   report = sparsity(final, config)
-  summary = {"stage": stage, "step": int(final.step), "total_steps": total_steps,
+  summary = {"stage": config.stage, "step": int(final.step), "total_steps": total_steps,
              "kept_fraction": report.kept / report.total, **(eval_metrics or {})}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary
-
-
-def stage_config(config: ml_collections.ConfigDict, stage: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """A copy of `config` set to run `stage`, with top-level `overrides` (e.g. source, k, score_init)."""
-  new = ml_collections.ConfigDict(config.to_dict())
-  new.stage = stage
-  for key, value in overrides.items():
-    new[key] = value
-  return new
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -669,16 +467,16 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
   trained model (pretrain, then per k: hydra (prune+finetune) and lwm), also written to summary.json.
   """
   pretrain_dir = os.path.join(workdir, "pretrain")
-  rows = [{"method": "dense", **run_stage(stage_config(config, "pretrain"), pretrain_dir)}]
+  rows = [{"method": "dense", **run_stage(config_lib.stage_config(config, "pretrain"), pretrain_dir)}]
   for k in config.ks:
     branch = os.path.join(workdir, f"k{k:g}")
-    prune = run_stage(stage_config(config, "prune", source=pretrain_dir, k=k), os.path.join(branch, "prune"))
+    prune = run_stage(config_lib.stage_config(config, "prune", source=pretrain_dir, k=k), os.path.join(branch, "prune"))
     rows.append({"method": "hydra (prune only)", **prune})
     finetune_dir = os.path.join(branch, "finetune")
     rows.append({"method": "hydra", **run_stage(
-        stage_config(config, "finetune", source=os.path.join(branch, "prune"), k=k), finetune_dir)})
+        config_lib.stage_config(config, "finetune", source=os.path.join(branch, "prune"), k=k), finetune_dir)})
     if config.lwm:
-      lwm = stage_config(config, "finetune", source=pretrain_dir, k=k, score_init="scaled")
+      lwm = config_lib.stage_config(config, "finetune", source=pretrain_dir, k=k, score_init="scaled")
       rows.append({"method": "lwm", **run_stage(lwm, os.path.join(branch, "lwm"))})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -698,7 +496,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Runs `config.stage` in `workdir`: one stage's summary dict, or for 'all' the list of pipeline rows."""
-  check_config(config)
+  config_lib.check_config(config)
   if config.parallel.distributed:
     parallel.init_distributed()
   if config.stage == "all":

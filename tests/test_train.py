@@ -11,29 +11,31 @@ import optax
 import pytest
 
 from hydra_jax import checkpoints
+from hydra_jax import config as config_lib
 from hydra_jax import convert
 from hydra_jax import data
 from hydra_jax import export
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax import optim
 from hydra_jax import parallel
 from hydra_jax import train
 
 
 def tiny_config(**overrides):
   """cnn_tiny-like runs on digits: a few steps per stage, cheap evaluation."""
-  config = train.default_config()
+  config = config_lib.default_config()
   config.model.name = "vgg_tiny"  # has BatchNorm, conv and dense biases
   config.data.name = "digits"
   config.data.batch_size = 32
   config.data.eval_batch_size = 64
   config.data.eval_examples = 64
   config.data.prefetch = 0
-  config.objective = train.objective_config("pgd_at")
+  config.objective = config_lib.objective_config("pgd_at")
   config.objective.eps, config.objective.step_size, config.objective.steps = 0.1, 0.05, 2
   config.eval.eps, config.eval.step_size, config.eval.steps = 0.1, 0.05, 2
-  for stage in train.STAGES:
+  for stage in config_lib.STAGES:
     config.stages[stage].epochs = 1
   config.stages.pretrain.lr = 0.05
   config.log.progress = False
@@ -81,7 +83,7 @@ def test_param_kinds_tell_batchnorm_from_conv_and_dense_biases():
   config = tiny_config()
   params = train.init_variables(config, jax.random.PRNGKey(0))["params"]
   kinds = {masking.path_name(p): kind for p, kind in jax.tree_util.tree_flatten_with_path(
-      train.param_kinds(params))[0]}
+      optim.param_kinds(params))[0]}
   norm = sorted(name for name, kind in kinds.items() if kind == "norm")
   assert norm and all(name.rsplit("/", 1)[1] in ("scale", "bias") for name in norm)
   biases = [name for name in kinds if name.endswith("bias") and name not in norm]
@@ -100,7 +102,7 @@ def test_prune_trains_only_scores_and_batchnorm(pretrained_dir):
     new_state = state
     for _ in range(2):
       new_state, _ = single_step(config, tx)(new_state, batch)
-    kinds = train.param_kinds(state.params)
+    kinds = optim.param_kinds(state.params)
     for (path, before), after, kind in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
                                            jax.tree.leaves(new_state.params), jax.tree.leaves(kinds)):
       changed = not np.array_equal(before, after)
@@ -165,7 +167,7 @@ def test_mask_is_computed_once_per_step_never_inside_the_attack(pretrained_dir, 
 def test_eight_devices_give_the_single_device_result(mode, objective, pretrained_dir):
   assert jax.device_count() == 8
   config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
-  config.objective = train.objective_config(objective)
+  config.objective = config_lib.objective_config(objective)
   config.objective.eps, config.objective.step_size, config.objective.steps = 0.1, 0.05, 2
   config.objective.random_start = False  # random draws differ by device count; the maths must not
   batches = [data.train_batches("digits", 32, seed=0).batch_at(i) for i in range(3)]
@@ -188,7 +190,7 @@ def test_eight_devices_give_the_single_device_result(mode, objective, pretrained
 
 def test_free_adversarial_carry_is_split_over_devices_and_reset_each_epoch(pretrained_dir):
   config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
-  config.objective = train.objective_config("free")
+  config.objective = config_lib.objective_config("free")
   config.objective.eps, config.objective.replays = 0.1, 2
   batch = digits_batch(32)
   state, tx = make_state(config, "prune", batch)
@@ -219,11 +221,11 @@ def run_to_end(config, workdir):
 
 def test_a_stopped_run_resumes_to_bit_identical_params(tmp_path):
   config = tiny_config(**{"stages.pretrain.epochs": 2, "checkpoint.every_steps": 4})
-  config.objective = train.objective_config("trades")
+  config.objective = config_lib.objective_config("trades")
   config.objective.steps = 2
   _, straight = run_to_end(config, str(tmp_path / "straight"))
   interrupted = str(tmp_path / "interrupted")
-  stopped = train.run_stage(train.stage_config(config, "pretrain", stop_after_steps=7), interrupted)
+  stopped = train.run_stage(config_lib.stage_config(config, "pretrain", stop_after_steps=7), interrupted)
   assert stopped["step"] == 7 and checkpoints.read_meta(interrupted)[0] == 7
   summary, resumed = run_to_end(config, interrupted)
   assert summary["step"] == summary["total_steps"] == 2 * 44
@@ -234,8 +236,8 @@ def test_a_stopped_run_resumes_to_bit_identical_params(tmp_path):
 def test_a_checkpoint_saved_on_eight_devices_resumes_on_one(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(**{"stages.pretrain.epochs": 2, "parallel.mode": "shard_map"})
-  train.run_stage(train.stage_config(config, "pretrain", stop_after_steps=50), workdir)
-  summary = train.run_stage(train.stage_config(config, "pretrain", parallel=dict(mode="single", distributed=False)),
+  train.run_stage(config_lib.stage_config(config, "pretrain", stop_after_steps=50), workdir)
+  summary = train.run_stage(config_lib.stage_config(config, "pretrain", parallel=dict(mode="single", distributed=False)),
                             workdir)
   assert summary["step"] == 88 and 0 <= summary["clean_accuracy"] <= 1
 
@@ -250,7 +252,7 @@ def test_config_errors_name_the_key():
            ({"data.batch_size": 0}, "config.data.batch_size must be positive")]
   for overrides, message in cases:
     with pytest.raises(ValueError, match=message):
-      train.check_config(tiny_config(**overrides))
+      config_lib.check_config(tiny_config(**overrides))
 
 
 def test_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
@@ -280,7 +282,7 @@ def test_mismatched_or_corrupt_source_gives_a_clear_error(pretrained_dir, tmp_pa
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(**{"stages.pretrain.epochs": 2})
-  train.run_stage(train.stage_config(config, "pretrain", stop_after_steps=10), workdir)
+  train.run_stage(config_lib.stage_config(config, "pretrain", stop_after_steps=10), workdir)
   saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   exploding = tiny_config(**{"stages.pretrain.epochs": 2, "stages.pretrain.lr": 1e30})
   with pytest.raises(FloatingPointError, match="non-finite training metrics.*checkpoint \\(step 10\\)"):
@@ -292,7 +294,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
 def test_each_objective_lowers_its_loss(objective, tmp_path):
   config = tiny_config(**{"stages.pretrain.epochs": 3, "stages.pretrain.lr": 0.01, "model.name": "cnn_tiny",
                           "optimizer.name": "adam"})
-  config.objective = train.objective_config(objective)
+  config.objective = config_lib.objective_config(objective)
   config.objective.eps, config.objective.step_size, config.objective.steps = 0.05, 0.025, 2
   config.objective.replays = 2
   config.optimizer.schedule = "constant"
@@ -337,7 +339,7 @@ def test_export_writes_exact_zeros_and_reference_layout_torch_state_dicts(pruned
   dense_file, subnet_file = str(tmp_path / "dense.pth"), str(tmp_path / "subnet.pth")
   export.export_checkpoint(config, pruned_dir, dense_file)
   export.export_checkpoint(config, pruned_dir, subnet_file, dense=False)
-  shape = train.image_shape(config)
+  shape = config_lib.image_shape(config)
   dense_vars, no_scores = convert.from_torch_state_dict(torch.load(dense_file), "vgg_tiny", 10, shape)
   raw_vars, scores = convert.from_torch_state_dict(torch.load(subnet_file), "vgg_tiny", 10, shape)
   assert no_scores is None
@@ -358,21 +360,21 @@ def test_export_writes_exact_zeros_and_reference_layout_torch_state_dicts(pruned
 
 def test_learning_rate_schedules_match_hand_values():
   kwargs = dict(lr=0.1, warmup_lr=0.01, warmup_steps=10, total_steps=50, steps_per_epoch=10)
-  reference = [float(train.SCHEDULES["reference_cosine"](jnp.int32(s), **kwargs)) for s in (0, 10, 19, 20, 30, 49)]
+  reference = [float(optim.get_schedule("reference_cosine")(jnp.int32(s), **kwargs)) for s in (0, 10, 19, 20, 30, 49)]
   # warmup epoch at warmup_lr, then epoch e' uses 0.05 * (1 + cos((e' - 1) / 4 * pi)) (E = 4 epochs after warmup)
   expected = [0.01, 0.05 * (1 + np.cos(-np.pi / 4)), 0.05 * (1 + np.cos(-np.pi / 4)), 0.1,
               0.05 * (1 + np.cos(np.pi / 4)), 0.05 * (1 + np.cos(np.pi / 2))]
   np.testing.assert_allclose(reference, expected, rtol=1e-6)
-  cosine = [float(train.SCHEDULES["cosine"](jnp.int32(s), **kwargs)) for s in (5, 10, 30, 50)]
+  cosine = [float(optim.get_schedule("cosine")(jnp.int32(s), **kwargs)) for s in (5, 10, 30, 50)]
   np.testing.assert_allclose(cosine, [0.01, 0.1, 0.05, 0.0], atol=1e-7)
-  step = [float(train.SCHEDULES["step"](jnp.int32(s), **kwargs)) for s in (10, 39, 40, 45, 46)]
+  step = [float(optim.get_schedule("step")(jnp.int32(s), **kwargs)) for s in (10, 39, 40, 45, 46)]
   np.testing.assert_allclose(step, [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)  # x0.1 from 75%, x0.01 from 90%
 
 
 def test_sgd_follows_pytorch_weight_decay_and_momentum():
   config = tiny_config(**{"optimizer.schedule": "constant", "stages.pretrain.lr": 0.1})
   params = {"w": jnp.array([1.0, -2.0])}
-  tx = train.make_optimizer(config, "pretrain", {"params": {"w": "train"}, "scores": None}, steps_per_epoch=1)
+  tx = optim.make_optimizer(config, "pretrain", {"params": {"w": "train"}, "scores": None}, steps_per_epoch=1)
   trainable = {"params": params, "scores": None}
   state = tx.init(trainable)
   grads = [np.array([0.5, 0.5]), np.array([-1.0, 0.0]), np.array([0.0, 2.0])]
@@ -386,10 +388,10 @@ def test_sgd_follows_pytorch_weight_decay_and_momentum():
 
 
 def test_config_arguments_are_typed_and_checked():
-  args = train.parse_config_arg("model=wrn_28_4,steps=7,lwm=false", model="vgg16_bn", steps=10, lwm=True)
+  args = config_lib.parse_config_arg("model=wrn_28_4,steps=7,lwm=false", model="vgg16_bn", steps=10, lwm=True)
   assert (args.model, args.steps, args.lwm) == ("wrn_28_4", 7, False)
   with pytest.raises(ValueError, match="'depth=3' is not NAME=VALUE with NAME in \\['model'\\]"):
-    train.parse_config_arg("depth=3", model="vgg16_bn")
+    config_lib.parse_config_arg("depth=3", model="vgg16_bn")
 
 
 def test_summary_table_rows():

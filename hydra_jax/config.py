@@ -1,0 +1,164 @@
+"""Run configuration: every key a run reads, config-file helpers, and the checks that run before anything.
+
+A config is a plain `ml_collections.ConfigDict` (numbers, strings, tuples, dicts). Config files under
+`configs/` import only this module:
+
+  from hydra_jax import config as config_lib
+
+  def get_config(arg=None):
+    args = config_lib.parse_config_arg(arg, model="vgg16_bn")   # 'model=wrn_28_4' -> typed values
+    config = config_lib.default_config()
+    config.model.name = args.model
+    return config
+
+`check_config(config)` raises `errors.ConfigError` naming the first invalid key before a run writes anything;
+`lookup(config, 'stages.prune.lr')` reads a dotted key and names it when it does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from hydra_jax import attacks
+from hydra_jax import data
+from hydra_jax import errors
+from hydra_jax import masking
+from hydra_jax import models
+from hydra_jax import objectives
+from hydra_jax import optim
+from hydra_jax import parallel
+
+STAGES = ("pretrain", "prune", "finetune")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a run reads, with the reference's CIFAR-10 defaults (spec section 7)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 1234
+  c.stage = "pretrain"  # 'pretrain' | 'prune' | 'finetune' | 'all' (pretrain, then per k: prune, finetune, LWM).
+  c.source = ""  # prune/finetune: workdir or checkpoint dir of the previous stage, or a HYDRA PyTorch .pth.tar.
+  c.k = 0.01  # fraction of weights KEPT in prune/finetune.
+  c.ks = (0.1, 0.01)  # stage='all': one prune + finetune (+ LWM) branch per k.
+  c.lwm = True  # stage='all': also run the LWM baseline (magnitude mask + finetune) at each k.
+  c.score_init = "scaled"  # masking.SCORE_INITS name, or 'source' to keep the source checkpoint's scores.
+  c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
+  c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0})
+
+  c.model = ml_collections.ConfigDict({"name": "vgg16_bn", "num_classes": 0, "dtype": "float32"})
+  c.data = ml_collections.ConfigDict({
+      "name": "cifar10", "data_dir": "", "batch_size": 128, "eval_batch_size": 256, "image_size": 0,
+      "data_fraction": 1.0, "semisup_path": "", "semisup_fraction": 1.0, "prefetch": 2, "workers": 0,
+      "eval_examples": 0})  # eval_examples: evaluate on the first N test examples only (0: all).
+  c.objective = objective_config("trades")
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0,
+      "warmup_lr": 0.1})
+  c.stages = ml_collections.ConfigDict({  # per-stage length and learning rate (reference scripts).
+      "pretrain": {"epochs": 100, "lr": 0.1},
+      "prune": {"epochs": 20, "lr": 0.1},
+      "finetune": {"epochs": 100, "lr": 0.01}})
+  c.eval = ml_collections.ConfigDict({
+      "every_epochs": 1, "eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "restarts": 1, "norm": "linf"})
+  c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0, "async_save": True})
+  c.parallel = ml_collections.ConfigDict({"mode": "auto", "distributed": False})
+  c.log = ml_collections.ConfigDict({"every_steps": 50, "progress": True, "tensorboard": False})
+  c.stop_after_steps = 0  # end the run after this global step (0: never); rerunning resumes it.
+  return c
+
+
+def objective_config(name: str) -> ml_collections.ConfigDict:
+  """{'name': name} plus the defaults of every registered objective, so --config.objective.name can switch.
+
+  Each objective reads only its own keys (e.g. trades: eps, step_size, steps, norm, beta; free: eps,
+  replays; smooth: noise_std, beta); `name`'s own defaults win where objectives disagree.
+  """
+  merged = {}
+  for other in objectives.objective_names():
+    merged.update(objectives.get_objective(other).defaults)
+  return ml_collections.ConfigDict({"name": name, **merged, **objectives.get_objective(name).defaults})
+
+
+def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """'model=wrn_28_4,objective=trades' -> ConfigDict over `defaults`; values typed like the default.
+
+  For config files' `get_config(arg)`; unknown names raise ConfigError listing the valid ones.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, sep, value = item.partition("=")
+    if not sep or name not in defaults:
+      raise errors.ConfigError(f"config argument '{item}' is not NAME=VALUE with NAME in {sorted(defaults)}")
+    default = defaults[name]
+    parsed[name] = type(default)(value) if not isinstance(default, bool) else value.lower() in ("1", "true")
+  return parsed
+
+
+def lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  """config['a']['b'] for 'a.b'; raises ConfigError naming the missing key."""
+  value = config
+  for depth, part in enumerate(dotted.split(".")):
+    if not isinstance(value, ml_collections.ConfigDict) or part not in value:
+      missing = ".".join(dotted.split(".")[: depth + 1])
+      raise errors.ConfigError(f"config.{missing} does not exist (reading config.{dotted})")
+    value = value[part]
+  return value
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """A copy of `config` set to run `stage`, with top-level `overrides` (e.g. source, k, score_init)."""
+  new = ml_collections.ConfigDict(config.to_dict())
+  new.stage = stage
+  for key, value in overrides.items():
+    new[key] = value
+  return new
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """config.model.num_classes, or the dataset's number of classes when it is 0."""
+  return config.model.num_classes or data.get_dataset_info(config.data.name).num_classes
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of the model's inputs for `config.data`."""
+  info = data.get_dataset_info(config.data.name)
+  side = config.data.image_size or info.image_shape[0]
+  return side, side, info.image_shape[2]
+
+
+def _check_choices(config: ml_collections.ConfigDict) -> None:
+  choices = {
+      "stage": (*STAGES, "all"), "mask.scope": ("layer", "global"),
+      "optimizer.name": optim.optimizer_names(), "optimizer.schedule": optim.schedule_names(),
+      "parallel.mode": ("auto", *parallel.MODES), "eval.norm": attacks.NORMS,
+      "score_init": (*masking.SCORE_INITS, "source"),
+  }
+  for key, valid in choices.items():
+    value = lookup(config, key)
+    if value not in valid:
+      raise errors.ConfigError(f"config.{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}")
+  registries = {"model.name": lambda name: models.get_model(name, 10), "data.name": data.get_dataset_info,
+                "objective.name": objectives.get_objective}
+  for key, get in registries.items():
+    try:
+      get(lookup(config, key))
+    except ValueError as error:  # the registries list the valid names
+      raise errors.ConfigError(f"config.{key}: {error}") from None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first key whose value is invalid."""
+  _check_choices(config)
+  for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():
+    if not 0 < value <= 1:
+      raise errors.ConfigError(f"config.{key}={value!r} must lie in (0, 1]: it is the fraction of weights KEPT")
+  for stage in STAGES:
+    for field in ("epochs", "lr"):
+      if not lookup(config, f"stages.{stage}.{field}") >= 0:
+        raise errors.ConfigError(f"config.stages.{stage}.{field} must be >= 0")
+  if config.stage in ("prune", "finetune") and not config.source:
+    raise errors.ConfigError(f"config.source must name the checkpoint to start stage '{config.stage}' from")
+  for key in ("data.batch_size", "data.eval_batch_size", "checkpoint.keep", "log.every_steps", "eval.every_epochs"):
+    if lookup(config, key) <= 0:
+      raise errors.ConfigError(f"config.{key} must be positive")
