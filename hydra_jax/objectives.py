@@ -2,7 +2,7 @@
 
 An objective loss is a pure function
 
-  loss_fn(apply_fn, variables, batch, key, config[, carry]) -> (loss, (metrics, variables))
+  loss_fn(apply_fn, variables, batch, key, config[, carry][, epoch=epoch]) -> (loss, (metrics, variables))
 
 with `apply_fn(variables, x, train) -> (logits, variables)` (train=True uses batch statistics and returns
 updated BN running stats), `variables = {'params': masked params, 'batch_stats': ...}` (the train step
@@ -56,6 +56,8 @@ class Objective(NamedTuple):
     init_carry: `(batch_shape, config) -> carry` for stateful objectives, else None.
     update_carry: `(carry, carry_grad, config) -> carry` for stateful objectives, else None.
     replays: `config -> int`, optimizer steps per batch (1 for stateless objectives).
+    takes_epoch: the loss also takes `epoch=` (keyword), a float32 scalar: the fractional number of epochs
+      of the stage done at this step (step / steps_per_epoch), e.g. for an eps or interval-weight schedule.
   """
 
   loss_fn: Callable[..., LossOutput]
@@ -63,12 +65,14 @@ class Objective(NamedTuple):
   init_carry: Callable[[tuple[int, ...], ml_collections.ConfigDict], Array] | None = None
   update_carry: Callable[[Array, Array, ml_collections.ConfigDict], Array] | None = None
   replays: Callable[[ml_collections.ConfigDict], int] = lambda config: 1
+  takes_epoch: bool = False
 
 
 _REGISTRY: dict[str, Objective] = {}
 
 
-def register(name: str, *, defaults: Mapping[str, Any], init_carry=None, update_carry=None, replays=None):
+def register(name: str, *, defaults: Mapping[str, Any], init_carry=None, update_carry=None, replays=None,
+             takes_epoch: bool = False):
   """Decorator registering `loss_fn` under `name` (see `Objective` for the other arguments)."""
   if name in _REGISTRY:
     raise ValueError(f"objective {name!r} is already registered")
@@ -77,7 +81,7 @@ def register(name: str, *, defaults: Mapping[str, Any], init_carry=None, update_
 
   def decorator(loss_fn):
     extra = {} if replays is None else {"replays": replays}
-    _REGISTRY[name] = Objective(loss_fn, dict(defaults), init_carry, update_carry, **extra)
+    _REGISTRY[name] = Objective(loss_fn, dict(defaults), init_carry, update_carry, **extra, takes_epoch=takes_epoch)
     return loss_fn
 
   return decorator
