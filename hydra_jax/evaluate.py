@@ -1,23 +1,35 @@
-"""Robust-accuracy evaluation: clean, PGD, APGD-CE/DLR, targeted APGD-DLR and their per-example worst case.
+"""Robust accuracy, one definition for training, `hydra-jax eval` and experiments: clean top-1 / top-5 and a
+registry of evaluation methods, attacks (PGD, APGD-CE/DLR, targeted APGD-DLR) or verifiers, with their
+per-example worst case.
 
-`evaluate` runs every requested attack on every batch (each attack jit-compiled once per batch shape,
-cached across calls for the same function object) and reports accuracies over the non-padded examples.
-An example counts as robust under an attack when it is classified correctly both clean and at the
-attack's output; the headline `robust` accuracy is the per-example worst case over all attacks run (and
-`robust_linf` / `robust_l2` over the attacks of one threat model). Unlike AutoAttack, every attack runs on
-the whole batch (not only on still-robust points), which keeps shapes static; the worst case is the same.
+An example counts as robust under a method when it is classified correctly both clean and by the method:
+an attack's output `x_adv` is classified correctly, or a verifier certifies the example. The headline
+`robust` accuracy is the per-example worst case over all methods run (and `robust_linf` / `robust_l2` over
+the methods of one threat model). Unlike AutoAttack, every method runs on the whole batch (not only on
+still-robust points), which keeps shapes static; the worst case is the same.
 
 Usage:
 
-  config = evaluate.default_config(linf_eps=8 / 255)    # one entry of attack settings per method
-  config.pgd_linf.steps, config.pgd_linf.restarts = 50, 5
   results = evaluate.evaluate(apply_fn, variables, test_batches, key=jax.random.key(0),
-                              methods=('pgd_linf', 'apgd_ce', 'apgd_dlr', 'apgd_t'), config=config)
-  print(results['clean'], results['robust'], results['apgd_ce'])
+                              methods=('pgd_linf', 'apgd_ce', 'apgd_dlr', 'apgd_t'),
+                              config={'pgd_linf': {'steps': 50, 'restarts': 5}})
+  print(results['clean'], results['clean_top5'], results['robust'], results['apgd_ce'])
+
+  settings = evaluate.config_settings(config.eval)     # a run's config.eval -> per-method settings
 
 `apply_fn(variables, x, train) -> (logits, variables)` is called with train=False; pass `variables=None`
-to give a `logits_fn(x) -> logits` instead.
+to give a `logits_fn(x) -> logits` instead. Each batch runs as one compiled program (every method in it),
+compiled once per batch shape and cached across calls for the same function object, on one device or
+data-parallel (`mode='shard_map'` / `'pmap'`, counts summed over devices).
+
+A new method is one registration:
+
+  evaluate.register_method('ibp', ibp_verified, {'norm': 'linf', 'eps': 8 / 255}, kind='verifier')
+
+with `ibp_verified(logits_fn, x, y, *, key, eps, norm) -> bool[B]` (an attack instead returns `x_adv`).
 """
+
+from __future__ import annotations
 
 import functools
 import inspect
@@ -30,38 +42,71 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from hydra_jax import PyTree
 from hydra_jax import attacks
+from hydra_jax import parallel
 
 Array = jax.Array
+KINDS = ("attack", "verifier")
 
 
 class Method(NamedTuple):
-  """An evaluation attack: `attack(logits_fn, x, y, key=..., **settings) -> x_adv` and its default settings."""
+  """A registered evaluation method.
 
-  attack: Callable[..., Array]
+  Attributes:
+    fn: `fn(logits_fn, x, y, *, key, **settings)`; an attack returns x_adv [B, H, W, C], a verifier returns
+      correct bool [B] (certified robust and correctly classified).
+    defaults: default settings, including 'norm' and 'eps'.
+    kind: 'attack' or 'verifier'.
+    config_keys: the keys of a run's `config.eval` this method takes when its norm is `config.eval.norm`.
+  """
+
+  fn: Callable[..., Array]
   defaults: Mapping[str, Any]
+  kind: str = "attack"
+  config_keys: tuple[str, ...] = ("eps",)
 
 
 _METHODS: dict[str, Method] = {}
+_RESERVED = ("clean", "clean_top5", "robust", "num_examples")
 
 
-def register_method(name: str, attack: Callable[..., Array], defaults: Mapping[str, Any]) -> None:
-  """Registers an evaluation method; `defaults` must include 'norm' and 'eps'."""
-  if name in _METHODS or name == "clean":
-    raise ValueError(f"evaluation method {name!r} is already registered")
+def register_method(name: str, fn: Callable[..., Array], defaults: Mapping[str, Any], *, kind: str = "attack",
+                    config_keys: Sequence[str] = ("eps",)) -> None:
+  """Registers an evaluation method (see `Method`); `defaults` must include 'norm' and 'eps'.
+
+  Args:
+    name: the method's name, also its key in the results.
+    fn: the attack or verifier.
+    defaults: its default settings (keyword arguments of `fn`), with 'norm' and 'eps'.
+    kind: 'attack' or 'verifier'.
+    config_keys: keys of a run's `config.eval` that override the defaults when the norms agree.
+  """
+  if name in _METHODS or name in _RESERVED or name.startswith("robust_"):
+    raise ValueError(f"evaluation method {name!r} is already registered or reserved")
   if not {"norm", "eps"} <= set(defaults):
     raise ValueError(f"evaluation method {name!r}: defaults need 'norm' and 'eps', got {sorted(defaults)}")
-  _METHODS[name] = Method(attack, dict(defaults))
+  if kind not in KINDS:
+    raise ValueError(f"evaluation method {name!r}: kind {kind!r} is not one of {KINDS}")
+  _METHODS[name] = Method(fn, dict(defaults), kind, tuple(config_keys))
 
 
-register_method("pgd_linf", attacks.pgd, dict(norm="linf", eps=8 / 255, step_size=2 / 255, steps=20, restarts=1))
-register_method("pgd_l2", attacks.pgd, dict(norm="l2", eps=0.5, step_size=0.125, steps=20, restarts=1))
+_PGD_KEYS = ("eps", "step_size", "steps", "restarts")
+register_method("pgd_linf", attacks.pgd, dict(norm="linf", eps=8 / 255, step_size=2 / 255, steps=20, restarts=1),
+                config_keys=_PGD_KEYS)
+register_method("pgd_l2", attacks.pgd, dict(norm="l2", eps=0.5, step_size=0.125, steps=20, restarts=1),
+                config_keys=_PGD_KEYS)
 register_method("apgd_ce", attacks.apgd, dict(norm="linf", eps=8 / 255, steps=100, loss="ce", restarts=1))
 register_method("apgd_dlr", attacks.apgd, dict(norm="linf", eps=8 / 255, steps=100, loss="dlr", restarts=1))
 register_method("apgd_t", attacks.apgd_targeted,
                 dict(norm="linf", eps=8 / 255, steps=100, num_targets=9, restarts=1))
 
 DEFAULT_METHODS = ("pgd_linf", "apgd_ce", "apgd_dlr")
+
+
+def method_names() -> list[str]:
+  """The registered method names, sorted."""
+  return sorted(_METHODS)
 
 
 def get_method(name: str) -> Method:
@@ -76,18 +121,33 @@ def default_config(linf_eps: float = 8 / 255, l2_eps: float = 0.5) -> ml_collect
   config = ml_collections.ConfigDict()
   for name, method in _METHODS.items():
     settings = dict(method.defaults)
-    settings["eps"] = {"linf": linf_eps, "l2": l2_eps}[settings["norm"]]
+    settings["eps"] = {"linf": linf_eps, "l2": l2_eps}.get(settings["norm"], settings["eps"])
     if "step_size" in settings:
       settings["step_size"] = settings["eps"] / 4
     config[name] = settings
   return config
 
 
+def config_settings(eval_config: Mapping[str, Any], methods: Sequence[str] | None = None) -> dict[str, dict]:
+  """Per-method settings for a run's `config.eval`: the threat model of the run applied to its methods.
+
+  Each method of `methods` (default `eval_config['methods']`) gets its defaults, overridden by the keys of
+  `eval_config` listed in its `config_keys` when its norm is `eval_config['norm']`: eps for every method,
+  and step_size / steps / restarts for PGD. Methods of the other norm keep their defaults.
+  """
+  settings = {}
+  for name in eval_config["methods"] if methods is None else methods:
+    method = get_method(name)
+    shared = method.config_keys if method.defaults["norm"] == eval_config["norm"] else ()
+    settings[name] = {**method.defaults, **{key: eval_config[key] for key in shared if key in eval_config}}
+  return settings
+
+
 def _settings(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
   """The method's defaults overridden by config[name]; unknown setting names raise ValueError."""
   method = get_method(name)
   overrides = dict(config.get(name, {})) if config is not None else {}
-  valid = {p.name for p in inspect.signature(method.attack).parameters.values()
+  valid = {p.name for p in inspect.signature(method.fn).parameters.values()
            if p.kind == inspect.Parameter.KEYWORD_ONLY} - {"key"}
   unknown = set(overrides) - valid
   if unknown:
@@ -95,27 +155,81 @@ def _settings(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
   return {**method.defaults, **overrides}
 
 
-def _logits_fn(fn: Callable, variables: Any) -> attacks.LogitsFn:
-  if variables is None:
-    return fn
-  return lambda x: fn(variables, x, False)[0]
+def top_k_correct(logits: Array, labels: Array, k: int) -> Array:
+  """bool [B]: the label is among the k largest logits [B, C] (top-1: the argmax, first index on ties)."""
+  if k == 1:
+    return jnp.argmax(logits, axis=-1) == labels
+  return jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
 
 
-def _is_correct(logits: Array, labels: Array) -> Array:
-  return jnp.argmax(logits, axis=-1) == labels
+def method_correct(name: str, settings: Mapping[str, Any], logits_fn: attacks.LogitsFn, x: Array, y: Array,
+                   key: Array) -> Array:
+  """bool [B]: the examples that method `name` with `settings` does not break (attack) or certifies."""
+  method = get_method(name)
+  out = method.fn(logits_fn, x, y, key=key, **settings)
+  return out if method.kind == "verifier" else top_k_correct(logits_fn(out), y, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("fn",))
-def _clean_correct(fn, variables, x, y):
-  return _is_correct(_logits_fn(fn, variables)(x), y)
+def batch_counts(logits_fn: attacks.LogitsFn, batch: Mapping[str, Array], key: Array,
+                 methods: tuple[tuple[str, tuple], ...]) -> dict[str, Array]:
+  """Weighted counts of one batch: 'num_examples', 'clean', 'clean_top5' (more than 5 classes), each method,
+  'robust' and 'robust_<norm>' (per-example worst cases).
+
+  Args:
+    logits_fn: `x -> logits` [B, C] in eval mode.
+    batch: {'image': [B, H, W, C], 'label': [B] int, 'mask': [B] float (0: padding)}.
+    key: PRNG key; method m uses fold_in(key, m).
+    methods: ((name, sorted settings items), ...).
+
+  Returns:
+    float32 scalars: sums of `mask` over the examples counted.
+  """
+  x, y, weight = batch["image"], batch["label"], batch["mask"]
+  logits = logits_fn(x)
+  clean = top_k_correct(logits, y, 1)
+  correct = {"clean": clean}
+  if logits.shape[-1] > 5:
+    correct["clean_top5"] = top_k_correct(logits, y, 5)
+  correct["robust"] = clean
+  for m, (name, items) in enumerate(methods):
+    settings = dict(items)
+    correct[name] = clean & method_correct(name, settings, logits_fn, x, y, jax.random.fold_in(key, m))
+    group = f"robust_{settings['norm']}"
+    correct[group] = correct.get(group, clean) & correct[name]
+    correct["robust"] = correct["robust"] & correct[name]
+  counts = {name: jnp.sum(weight * c) for name, c in correct.items()}
+  return {"num_examples": jnp.sum(weight), **counts}
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "name", "settings"))
-def _attack_correct(fn, variables, x, y, key, name, settings):
-  """Correctness [B] at the output of method `name` with `settings` (a sorted tuple of items)."""
-  logits_fn = _logits_fn(fn, variables)
-  x_adv = get_method(name).attack(logits_fn, x, y, key=key, **dict(settings))
-  return _is_correct(logits_fn(x_adv), y)
+def eval_step(state: dict[str, PyTree], batch: dict[str, Array], *, fn: Callable,
+              methods: tuple[tuple[str, tuple], ...], axis_name: str | None) -> tuple[dict, dict[str, Array]]:
+  """Per-device step for `parallel.make_runner`: the counts of one batch, summed over devices.
+
+  `state` is {'variables': model variables or None (then `fn` is a logits_fn), 'key': PRNG key, 'batch':
+  int32 batch counter}; batch b's key is fold_in(key, b) (and the device index).
+  """
+  key = jax.random.fold_in(state["key"], state["batch"])
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  variables = state["variables"]
+  logits_fn = fn if variables is None else (lambda x: fn(variables, x, False)[0])
+  counts = batch_counts(logits_fn, batch, key, methods)
+  if axis_name is not None:
+    counts = jax.lax.psum(counts, axis_name)
+  return {**state, "batch": state["batch"] + 1}, counts
+
+
+@functools.lru_cache(maxsize=16)
+def _runner(fn: Callable, methods: tuple, mode: str, devices: tuple | None) -> parallel.Runner:
+  """One compiled runner per (function, methods, mode, devices): jit caches its shapes across calls."""
+  step = functools.partial(eval_step, fn=fn, methods=methods)
+  return parallel.make_runner(step, mode, devices=devices)
+
+
+def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  labels = np.asarray(batch["label"], np.int32)
+  return {"image": np.asarray(batch["image"], np.float32), "label": labels,
+          "mask": np.asarray(batch.get("mask", np.ones(len(labels))), np.float32)}
 
 
 def evaluate(
@@ -127,8 +241,10 @@ def evaluate(
     methods: Sequence[str] = DEFAULT_METHODS,
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
+    mode: str = "single",
+    devices: Sequence[Any] | None = None,
 ) -> dict[str, float]:
-  """Clean and robust accuracy over `batches`.
+  """Clean (top-1, top-5) and robust accuracy over `batches`.
 
   Args:
     fn: `apply_fn(variables, x, train) -> (logits, variables)` (called in eval mode), or, with
@@ -138,37 +254,28 @@ def evaluate(
       examples with mask 0 (padding) do not count.
     key: PRNG key; each batch and method gets its own fold.
     methods: names of registered methods (`get_method`), run in this order.
-    config: per-method setting overrides, e.g. `default_config()` or {'pgd_linf': {'steps': 50}}.
+    config: per-method setting overrides, e.g. `config_settings(run_config.eval)` or {'pgd_linf': {'steps': 50}}.
     progress: show a tqdm progress bar.
+    mode: parallel mode ('single', 'pmap', 'shard_map'); batches must divide over the devices.
+    devices: the devices of `mode` (default: see `parallel.make_runner`).
 
   Returns:
-    {'clean': acc, <method>: robust acc under that method, 'robust': worst case over all methods,
-     'robust_<norm>': worst case over the methods of each norm, 'num_examples': count}; accuracies in
-    [0, 1]. With no examples the accuracies are NaN.
+    {'clean': top-1 acc, 'clean_top5': top-5 acc (more than 5 classes), <method>: robust acc under that
+     method, 'robust': worst case over all methods (clean when none), 'robust_<norm>': worst case over the
+     methods of each norm, 'num_examples': count}; accuracies in [0, 1], NaN with no examples.
   """
-  settings = {name: _settings(name, config) for name in methods}
-  norms = sorted({s["norm"] for s in settings.values()})
-  totals = dict.fromkeys(["clean", *methods, "robust", *(f"robust_{n}" for n in norms)], 0.0)
-  count = 0.0
+  items = tuple((name, tuple(sorted(_settings(name, config).items()))) for name in methods)
+  runner = _runner(fn, items, mode, tuple(devices) if devices is not None else None)
+  state = runner.put_state({"variables": variables, "key": key, "batch": jnp.int32(0)})
+  totals = {}
   bar = tqdm(batches, desc="evaluate", disable=not progress)
-  for index, batch in enumerate(bar):
-    x = jnp.asarray(batch["image"], jnp.float32)
-    y = jnp.asarray(batch["label"], jnp.int32)
-    weight = np.asarray(batch.get("mask", np.ones(y.shape[0])), np.float64)
-    clean = np.asarray(_clean_correct(fn, variables, x, y))
-    robust = {"robust": clean, **{f"robust_{n}": clean for n in norms}}
-    totals["clean"] += float(weight @ clean)
-    batch_key = jax.random.fold_in(key, index)
-    for m, name in enumerate(methods):
-      correct = clean & np.asarray(_attack_correct(fn, variables, x, y, jax.random.fold_in(batch_key, m), name,
-                                                   tuple(sorted(settings[name].items()))))
-      totals[name] += float(weight @ correct)
-      for group in ("robust", f"robust_{settings[name]['norm']}"):
-        robust[group] = robust[group] & correct
-    for group, correct in robust.items():
-      totals[group] += float(weight @ correct)
-    count += float(weight.sum())
-    bar.set_postfix(clean=totals["clean"] / max(count, 1), robust=totals["robust"] / max(count, 1))
-  results = {name: total / count if count else float("nan") for name, total in totals.items()}
-  results["num_examples"] = count
-  return results
+  for batch in bar:
+    state, counts = runner(state, runner.put_batch(_host_batch(batch)))
+    counts = jax.tree.map(lambda c: float(np.asarray(c).reshape(-1)[0]), jax.device_get(counts))
+    totals = {name: totals.get(name, 0.0) + value for name, value in counts.items()}
+    seen = max(totals["num_examples"], 1)
+    bar.set_postfix(clean=totals["clean"] / seen, robust=totals["robust"] / seen)
+  count = totals.pop("num_examples", 0.0)
+  if not count:
+    return {**dict.fromkeys(["clean", *methods, "robust"], float("nan")), "num_examples": 0.0}
+  return {**{name: total / count for name, total in totals.items()}, "num_examples": count}

@@ -139,14 +139,75 @@ def test_default_config_sets_eps_per_norm():
   assert (config.pgd_l2.eps, config.pgd_l2.step_size) == (1.0, 0.25)
 
 
-def test_attacks_compile_once_per_shape_across_calls():
+_TRACES = []
+
+
+def _counted_identity(logits_fn, x, y, *, key, eps, norm):
+  _TRACES.append(x.shape)  # runs once per trace (compilation), not per call
+  return x
+
+
+evaluate.register_method("test_counted", _counted_identity, {"norm": "linf", "eps": 0.0})
+
+
+def test_each_batch_shape_compiles_once_across_calls():
   model, variables, x, y = _linear_problem(n=32)
   apply_fn = helpers.make_apply_fn(model)
-  run = lambda: evaluate.evaluate(apply_fn, variables, _batches(x, y, 16), key=helpers.key(0),
-                                  methods=("pgd_linf", "pgd_l2"), config=SMALL_CONFIG, progress=False)
-  before = evaluate._attack_correct._cache_size()
-  first = run()
-  after_first = evaluate._attack_correct._cache_size()
-  assert run() == first  # deterministic given the key
-  # At most one compilation per method (none if an earlier test compiled the same shapes), none on reuse.
-  assert after_first - before <= 2 and evaluate._attack_correct._cache_size() == after_first
+  run = lambda batch_size: evaluate.evaluate(apply_fn, variables, _batches(x, y, batch_size), key=helpers.key(0),
+                                             methods=("test_counted",), progress=False)
+  first = run(16)
+  assert _TRACES == [(16, *SHAPE)]  # one trace for the two batches of 16
+  assert run(16) == first and _TRACES == [(16, *SHAPE)]  # a second call reuses it
+  run(8)
+  assert _TRACES == [(16, *SHAPE), (8, *SHAPE)]  # a new shape compiles once more
+
+
+def _certify_margin(logits_fn, x, y, *, key, eps, norm, margin):
+  """A toy verifier: certifies the examples whose top-1 logit margin exceeds `margin`."""
+  top2 = jax.lax.top_k(logits_fn(x), 2)[0]
+  return top2[:, 0] - top2[:, 1] > margin
+
+
+evaluate.register_method("test_margin", _certify_margin, {"norm": "linf", "eps": 0.0, "margin": 0.1},
+                         kind="verifier")
+
+
+def test_verifiers_and_top5_count_per_example():
+  model, variables, x, y = _linear_problem(n=40, seed=3)
+  logits_fn = lambda z: model.apply(variables, z, train=False)
+  results = evaluate.evaluate(logits_fn, None, _batches(x, y, 8), key=helpers.key(0),
+                              methods=("test_margin", "test_fool_0"), progress=False)
+  logits = np.asarray(logits_fn(x))
+  clean = logits.argmax(-1) == y
+  top5 = (np.argsort(-logits, axis=-1)[:, :5] == y[:, None]).any(-1)
+  ordered = np.sort(logits, axis=-1)
+  certified = clean & (ordered[:, -1] - ordered[:, -2] > 0.1)
+  fooled_rows = np.arange(40) % 8 % 3 == 0
+  np.testing.assert_allclose(results["clean_top5"], top5.mean())
+  np.testing.assert_allclose(results["test_margin"], certified.mean())
+  np.testing.assert_allclose(results["robust"], (certified & ~fooled_rows).mean())
+  assert 0 < results["robust"] < results["test_margin"] < results["clean"] < results["clean_top5"]
+  with pytest.raises(ValueError, match="kind 'bound'"):
+    evaluate.register_method("test_bad_kind", _certify_margin, {"norm": "linf", "eps": 0.0}, kind="bound")
+
+
+def test_counts_are_summed_over_eight_devices():
+  model, variables, x, y = _linear_problem(n=48)
+  apply_fn = helpers.make_apply_fn(model)
+  run = lambda mode: evaluate.evaluate(apply_fn, variables, _batches(x, y, 12, pad_to=16), key=helpers.key(1),
+                                       methods=("pgd_linf", "pgd_l2"), config=SMALL_CONFIG, progress=False,
+                                       mode=mode)
+  single, sharded = run("single"), run("shard_map")
+  assert sharded["num_examples"] == 48
+  for name, value in single.items():
+    np.testing.assert_allclose(sharded[name], value, err_msg=name)
+
+
+def test_run_settings_apply_the_threat_model_to_the_methods_of_its_norm():
+  eval_config = {"methods": ("pgd_linf", "apgd_ce", "pgd_l2"), "norm": "linf", "eps": 0.1, "step_size": 0.02,
+                 "steps": 3, "restarts": 2}
+  settings = evaluate.config_settings(eval_config)
+  assert {k: settings["pgd_linf"][k] for k in ("eps", "step_size", "steps", "restarts")} == {
+      "eps": 0.1, "step_size": 0.02, "steps": 3, "restarts": 2}
+  assert (settings["apgd_ce"]["eps"], settings["apgd_ce"]["steps"]) == (0.1, 100)  # eps only: APGD keeps 100 steps
+  assert settings["pgd_l2"] == dict(evaluate.get_method("pgd_l2").defaults)  # the other norm keeps its defaults
