@@ -38,6 +38,7 @@ def get_config(arg=None):
   eps, step = (0.031, 0.0078) if args.norm == "linf" else (0.5, 0.125)
   for section in (config.objective, config.eval):
     section.eps, section.step_size, section.norm = eps, step, args.norm
+  config.eval.methods = (f"pgd_{args.norm}",)
   config.stages.pretrain.epochs, config.stages.pretrain.lr = 100, 0.1
   config.stages.prune.epochs, config.stages.prune.lr = 20, 0.1
   config.stages.finetune.epochs, config.stages.finetune.lr = 100, 0.01

@@ -17,7 +17,7 @@ so a checkpoint of another model fails with an error that names the mismatch, be
 Example:
   >>> ckpt = Checkpoints('/tmp/run', keep=3)
   >>> ckpt.save(step, {'model': model, 'train': train}, meta={...}, sparsity=report.to_json(),
-  ...           metrics={'robust_accuracy': 0.41})
+  ...           metrics={'robust': 0.41})
   >>> ckpt.wait()                                    # async saves: wait before reading or exiting
   >>> items, meta = ckpt.restore({'model': abstract_model, 'train': abstract_train})   # latest step
   >>> items, meta = restore('/tmp/run', {'model': abstract_model})                    # one item only
@@ -34,6 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from hydra_jax import PyTree
+from hydra_jax import errors
 
 
 
@@ -44,7 +45,7 @@ def versions() -> dict[str, str]:
           "orbax": ocp.__version__}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A checkpoint is missing, corrupt, or does not match the model or stage that reads it."""
 
 
@@ -59,7 +60,7 @@ class Checkpoints:
   """The checkpoints of one run directory (see the module docstring)."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
-               best_metric: str | None = "robust_accuracy"):
+               best_metric: str | None = "robust"):
     self.workdir = workdir
     self.best_metric = best_metric
     self._last = _manager(os.path.join(workdir, "checkpoints"), keep, async_save, None)
@@ -79,10 +80,10 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until async saves are on disk; re-raises their errors."""
-    self._last.wait_until_finished()
-    if self._best is not None:
-      self._best.wait_until_finished()
-    self._last.check_for_errors()
+    for manager in (self._last, self._best):
+      if manager is not None:
+        manager.wait_until_finished()
+        manager.check_for_errors()
 
   def restore(self, abstract_items: dict[str, PyTree], step: int | None = None) -> tuple[dict, dict[str, Any]]:
     """The items at `step` (default: latest) shaped like `abstract_items`, and the meta."""

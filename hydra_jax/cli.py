@@ -8,8 +8,11 @@
   hydra-jax export --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune --out model.npz
 
 The config is locked: an unknown `--config.KEY` is rejected with the key's name, and `train` checks values
-(`config.check_config`). The commands only parse flags and call the library (`train.train_and_evaluate`,
-`export.evaluate_checkpoint`, `export.export_checkpoint`); `python -m hydra_jax` is the same program.
+(`config.check_config`). The commands only parse flags and call the library (`pipeline.train_and_evaluate`,
+`export.evaluate_checkpoint`, `export.export_checkpoint`); `python -m hydra_jax` is the same program. A user
+error (`errors.UserError`: config, data, checkpoint; or a diverged run) prints one line naming the problem and
+the fix and exits with status 1, writing nothing; `HYDRA_JAX_TRACEBACK=1` or `--verbosity` shows its
+traceback. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,20 +24,21 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
+from hydra_jax import errors
 from hydra_jax import export
-from hydra_jax import train
+from hydra_jax import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':ARG'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (train: created or resumed; eval/export: read).")
-_METHODS = flags.DEFINE_list("methods", ["pgd_linf", "apgd_ce", "apgd_dlr"],
-                             "eval: attacks to run; robust accuracy is the per-example worst case over them.")
+_METHODS = flags.DEFINE_list("methods", None, "eval: methods to run (default: the config's eval.methods); robust "
+                             "accuracy is the per-example worst case over them.")
 _OUT = flags.DEFINE_string("out", None, "export: output file (.npz for numpy, .pth for a PyTorch state dict).")
 _DENSE = flags.DEFINE_bool("dense", True, "export: masked dense weights (zeros) instead of weights + scores.")
 
 COMMANDS = ("train", "eval", "export")
+TRACEBACK_ENV = "HYDRA_JAX_TRACEBACK"  # set to 1 to see the traceback of a user error
 
 
 def _run(command: str) -> None:
@@ -44,9 +48,9 @@ def _run(command: str) -> None:
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
   if command == "train":
-    result = train.train_and_evaluate(config, workdir)
+    result = pipeline.train_and_evaluate(config, workdir)
     if isinstance(result, list):
-      print(train.summary_table(result))
+      print(pipeline.summary_table(result))
     else:
       print(json.dumps(result, indent=2))
   elif command == "eval":
@@ -57,6 +61,32 @@ def _run(command: str) -> None:
     print(export.export_checkpoint(config, workdir, _OUT.value, dense=_DENSE.value))
 
 
+def _show_tracebacks(argv: list[str]) -> bool:
+  return os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or any(a.startswith("--verbosity") for a in argv)
+
+
+def _fail(command: str, message: str) -> None:
+  print(f"hydra-jax {command}: error: {message}\n(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+  sys.exit(1)
+
+
+def _parse_flags(command: str, argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown `--config.KEY` or a bad flag value reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
+    if _show_tracebacks(argv):
+      raise
+    key = str(error.args[0] if error.args else error).strip("'\"")
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+    _fail(command, f"{', '.join(given) or key}: the config has no key '{key}'; the keys are listed in "
+                   f"hydra_jax/config.py (default_config) and the config file")
+  except flags.Error as error:
+    if _show_tracebacks(argv):
+      raise
+    _fail(command, str(error))
+
+
 def main(argv: list[str] | None = None) -> None:
   """Entry point of the `hydra-jax` console script."""
   argv = list(sys.argv if argv is None else argv)
@@ -65,16 +95,12 @@ def main(argv: list[str] | None = None) -> None:
           file=sys.stderr)
     sys.exit(2)
   command = argv.pop(1)
-  if "JAX_THREEFRY_PARTITIONABLE" not in os.environ:
-    # The partitionable threefry compiles each random op for seconds on CPU; every random draw of a run
-    # happens per device (inside shard_map/pmap), so partitionability buys nothing here.
-    jax.config.update("jax_threefry_partitionable", False)
   try:
-    app.run(lambda _: _run(command), argv=argv)
-  except (KeyError, ValueError, FloatingPointError) as error:  # bad config keys / values, corrupt or
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error  # mismatched checkpoints
-    print(f"hydra-jax {command}: error: {message}", file=sys.stderr)
-    sys.exit(1)
+    app.run(lambda _: _run(command), argv=argv, flags_parser=lambda args: _parse_flags(command, args))
+  except (errors.UserError, FloatingPointError) as error:  # bad config, data or checkpoint; a diverged run
+    if _show_tracebacks(argv):
+      raise
+    _fail(command, str(error))
 
 
 if __name__ == "__main__":

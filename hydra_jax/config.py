@@ -17,13 +17,16 @@ A config is a plain `ml_collections.ConfigDict` (numbers, strings, tuples, dicts
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import jax
 import ml_collections
 
 from hydra_jax import attacks
 from hydra_jax import data
 from hydra_jax import errors
+from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
@@ -42,7 +45,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.k = 0.01  # fraction of weights KEPT in prune/finetune.
   c.ks = (0.1, 0.01)  # stage='all': one prune + finetune (+ LWM) branch per k.
   c.lwm = True  # stage='all': also run the LWM baseline (magnitude mask + finetune) at each k.
-  c.score_init = "scaled"  # masking.SCORE_INITS name, or 'source' to keep the source checkpoint's scores.
   c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
   c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0})
 
@@ -55,16 +57,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict({
       "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0,
       "warmup_lr": 0.1})
-  c.stages = ml_collections.ConfigDict({  # per-stage length and learning rate (reference scripts).
+  # Per-stage length, learning rate (reference scripts) and score init: a masking.SCORE_INITS name, or
+  # 'source' for the source checkpoint's scores. LWM is finetune with score_init='scaled' from a pretrain run.
+  c.stages = ml_collections.ConfigDict({
       "pretrain": {"epochs": 100, "lr": 0.1},
-      "prune": {"epochs": 20, "lr": 0.1},
-      "finetune": {"epochs": 100, "lr": 0.01}})
+      "prune": {"epochs": 20, "lr": 0.1, "score_init": "scaled"},
+      "finetune": {"epochs": 100, "lr": 0.01, "score_init": "source"}})
+  # In-training evaluation: evaluate.py methods (attacks or verifiers) at the threat model (norm, eps); PGD's
+  # step_size / steps / restarts; see evaluate.config_settings. No methods: clean accuracy only.
   c.eval = ml_collections.ConfigDict({
-      "every_epochs": 1, "eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "restarts": 1, "norm": "linf"})
+      "every_epochs": 1, "methods": ("pgd_linf",), "norm": "linf", "eps": 8 / 255, "step_size": 2 / 255,
+      "steps": 10, "restarts": 1})
   c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0, "async_save": True})
   c.parallel = ml_collections.ConfigDict({"mode": "auto", "distributed": False})
   c.log = ml_collections.ConfigDict({"every_steps": 50, "progress": True, "tensorboard": False})
   c.stop_after_steps = 0  # end the run after this global step (0: never); rerunning resumes it.
+  # JAX's PRNG flavour for every random draw of a run (recorded with each checkpoint; a resume must match).
+  # False: the classic threefry, which compiles in a fraction of a second on CPU where the partitionable one
+  # takes seconds per random op; every draw of a run happens per device, so partitionability buys nothing.
+  c.threefry_partitionable = False
   return c
 
 
@@ -107,12 +118,28 @@ def lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """A copy of `config` set to run `stage`, with top-level `overrides` (e.g. source, k, score_init)."""
+  """A copy of `config` set to run `stage`, with `overrides` of top-level or dotted keys.
+
+  Example: `stage_config(config, 'finetune', source=pretrain_dir, **{'stages.finetune.score_init': 'scaled'})`.
+  """
   new = ml_collections.ConfigDict(config.to_dict())
   new.stage = stage
   for key, value in overrides.items():
-    new[key] = value
+    *parents, leaf = key.split(".")
+    parent = lookup(new, ".".join(parents)) if parents else new
+    if leaf not in parent:
+      raise errors.ConfigError(f"config.{key} does not exist")
+    parent[leaf] = value
   return new
+
+
+def prng_scope(config: ml_collections.ConfigDict) -> contextlib.AbstractContextManager:
+  """The context every random draw of a run happens in: the PRNG flavour of `config.threefry_partitionable`.
+
+  The library decides this here, not the entry point, so that a run from the command line and one from a
+  notebook draw the same numbers; the setting is restored on exit.
+  """
+  return jax.threefry_partitionable(config.threefry_partitionable)
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
@@ -132,14 +159,16 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
       "stage": (*STAGES, "all"), "mask.scope": ("layer", "global"),
       "optimizer.name": optim.optimizer_names(), "optimizer.schedule": optim.schedule_names(),
       "parallel.mode": ("auto", *parallel.MODES), "eval.norm": attacks.NORMS,
-      "score_init": (*masking.SCORE_INITS, "source"),
+      "stages.prune.score_init": (*masking.SCORE_INITS, "source"),
+      "stages.finetune.score_init": (*masking.SCORE_INITS, "source"),
   }
   for key, valid in choices.items():
     value = lookup(config, key)
     if value not in valid:
       raise errors.ConfigError(f"config.{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}")
   registries = {"model.name": lambda name: models.get_model(name, 10), "data.name": data.get_dataset_info,
-                "objective.name": objectives.get_objective}
+                "objective.name": objectives.get_objective,
+                "eval.methods": lambda names: [evaluate.get_method(name) for name in names]}
   for key, get in registries.items():
     try:
       get(lookup(config, key))

@@ -67,6 +67,8 @@ import jax
 import numpy as np
 from absl import flags
 
+from hydra_jax import errors
+
 Batch = dict[str, np.ndarray]
 
 # Stream tags: independent random streams derived from one seed.
@@ -188,7 +190,7 @@ def load_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
 
   Raises:
     ValueError: unknown dataset or split.
-    FileNotFoundError: the TFDS dataset is not prepared in ArrayRecord format.
+    errors.MissingDataError (a FileNotFoundError): the TFDS dataset is not prepared in ArrayRecord format.
   """
   info = get_dataset_info(name)
   if split not in info.split_sizes:
@@ -203,7 +205,7 @@ def load_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
                             builder_kwargs={'file_format': 'array_record'})
   except (KeyError, FileNotFoundError, AssertionError) as e:
     where = data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
-    raise FileNotFoundError(
+    raise errors.MissingDataError(
         f'TFDS dataset {info.tfds_name!r} (split {split!r}) is not prepared in ArrayRecord '
         f'format under data_dir={where!r}. Prepare it once on a machine with internet and '
         f'TensorFlow: `tfds build {info.tfds_name} --file_format=array_record '
@@ -214,7 +216,7 @@ def _load_semisup(path: str, image_shape: tuple[int, ...], num_classes: int) -> 
   """Loads pseudo-labelled images: a pickle (trusted files only) or .npz with `data` and
   `extrapolated_targets`."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'semisup_path {path!r} does not exist.')
+    raise errors.MissingDataError(f'semisup_path {path!r} does not exist.')
   if path.endswith('.npz'):
     with np.load(path) as f:
       content = dict(f)
@@ -628,6 +630,37 @@ def eval_batches(name: str, batch_size: int, *, split: str | None = None,
   size = _output_side(info, image_size)
   source = load_source(name, split or info.eval_split, data_dir)
   return EvalBatches(info, source, batch_size, process_index, process_count, size)
+
+
+def first_examples(batches: EvalBatches, n: int) -> EvalBatches:
+  """The same batches restricted to the first `n` examples of the split (the rest become padding).
+
+  Args:
+    batches: from `eval_batches`.
+    n: examples to keep; 0 (or at least the split's size) keeps the whole split.
+
+  Returns:
+    An `EvalBatches` with ceil(n / batch_size) steps whose rows past example n have mask 0.
+  """
+  if not 0 < n < len(batches.source):
+    return batches
+  return dataclasses.replace(batches, source=_Prefix(batches.source, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prefix(Sequence):
+  """The first `n` examples of a random-access source."""
+
+  source: Sequence[Any]
+  n: int
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int) -> Any:
+    if not 0 <= index < self.n:
+      raise IndexError(index)
+    return self.source[index]
 
 
 def iterate(batches: TrainBatches | EvalBatches, steps: range, *, prefetch: int = 2,

@@ -4,12 +4,12 @@ The command line prints a `UserError` as one line naming the problem and the fix
 other exception with its traceback, so that an internal bug is never dressed up as a user error:
 
   try:
-    train.train_and_evaluate(config, workdir)
+    pipeline.train_and_evaluate(config, workdir)
   except errors.UserError as error:
     print(f"error: {error}")
 
-`ConfigError` (config.py), `CheckpointError` (checkpoints.py) and `DataError` (data.py) subclass it; all are
-`ValueError`s.
+`ConfigError` (config.py), `CheckpointError` (checkpoints.py), `DataError` and `MissingDataError` (data.py)
+subclass it; all are `ValueError`s.
 """
 
 
@@ -22,4 +22,8 @@ class ConfigError(UserError):
 
 
 class DataError(UserError):
-  """A dataset that is not prepared or a data file that cannot be read."""
+  """A data file that cannot be read or holds the wrong content."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+  """A dataset that is not prepared or a data file that does not exist; also a FileNotFoundError."""

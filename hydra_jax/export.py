@@ -30,6 +30,7 @@ from hydra_jax import data
 from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
+from hydra_jax import sources
 from hydra_jax import train
 
 
@@ -57,34 +58,35 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, *, best: bool = Fa
   """The latest (or best) checkpoint of the run in `workdir`, built for `config.model` / `config.data`."""
   directory = os.path.join(workdir, "best") if best else workdir
   _, meta = checkpoints.read_meta(directory)
-  params, batch_stats, scores = train.load_source(config_lib.stage_config(config, config.stage, source=directory))
-  weights = train.exported_params(params, scores, meta["k"], meta["config"]["mask"])
-  variables = {"params": weights, "batch_stats": batch_stats} if batch_stats else {"params": weights}
-  return RunModel(variables, params, scores, meta["k"], meta)
+  params, batch_stats, scores = sources.load_source(config_lib.stage_config(config, config.stage, source=directory))
+  weights = sources.exported_params(params, scores, meta["k"], meta["config"]["mask"])
+  return RunModel(sources.model_variables(weights, batch_stats), params, scores, meta["k"], meta)
 
 
-def evaluation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Attack settings of every evaluation method at the run's threat model (config.eval.eps for its norm)."""
-  l2_eps = config.eval.eps if config.eval.norm == "l2" else 0.5
-  linf_eps = config.eval.eps if config.eval.norm == "linf" else 8 / 255
-  return evaluate.default_config(linf_eps=linf_eps, l2_eps=l2_eps)
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, methods: Sequence[str],
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, methods: Sequence[str] | None = None,
                         best: bool = False, progress: bool = True) -> dict[str, float]:
-  """Clean accuracy, each attack's robust accuracy and their per-example worst case ('robust') on the eval split.
+  """`evaluate.evaluate` of a finished run, exactly as the run's own evaluation but with any methods.
 
-  Methods: names registered in `hydra_jax.evaluate` (pgd_linf, pgd_l2, apgd_ce, apgd_dlr, apgd_t); 'clean'
-  is always reported and may be listed.
+  Args:
+    config: the run's config; `config.eval` gives the threat model (`evaluate.config_settings`), and the key,
+      the eval split and `data.eval_examples` are the training evaluation's.
+    workdir: the run directory.
+    methods: names registered in `hydra_jax.evaluate` (default: config.eval.methods); 'clean' is always
+      reported and may be listed.
+    best: evaluate the best/ checkpoint instead of the latest.
+    progress: show a progress bar.
+
+  Returns:
+    `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint.
   """
   run = load_run(config, workdir, best=best)
-  apply_fn = models.make_apply_fn(train.build_model(config))
-  batches = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=config.data.data_dir or None,
-                              image_size=config.data.image_size or None)
-  attack_names = [name for name in methods if name != "clean"]
-  results = evaluate.evaluate(apply_fn, run.variables, data.iterate(batches, range(train.eval_steps(config, batches))),
-                              key=jax.random.PRNGKey(config.seed), methods=attack_names,
-                              config=evaluation_config(config), progress=progress)
+  names = [name for name in (config.eval.methods if methods is None else methods) if name != "clean"]
+  batches = train.eval_split(config)
+  apply_fn = models.make_apply_fn(sources.build_model(config))
+  with config_lib.prng_scope(config):
+    results = evaluate.evaluate(apply_fn, run.variables, data.iterate(batches, range(batches.num_steps)),
+                                key=jax.random.PRNGKey(config.seed + 1), methods=names,
+                                config=evaluate.config_settings(config.eval, names), progress=progress)
   return {**results, "k": run.k, "stage": run.meta.get("stage")}
 
 

@@ -79,24 +79,31 @@ def get_optimizer(name: str) -> Callable[[Schedule, ml_collections.ConfigDict], 
   return _OPTIMIZERS[name]
 
 
-def _cosine(step, *, lr, warmup_lr, warmup_steps, total_steps, steps_per_epoch):
-  progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-  return jnp.where(step < warmup_steps, warmup_lr, 0.5 * lr * (1 + jnp.cos(jnp.pi * progress)))
+# Each schedule maps a step counted from the end of warmup to the learning rate; `learning_rate` adds the
+# warmup (warmup_lr for the first warmup_epochs, the reference's behaviour for every schedule).
 
 
-def _reference_cosine(step, *, lr, warmup_lr, warmup_steps, total_steps, steps_per_epoch):
+def _cosine(step, *, lr, steps, steps_per_epoch):
+  """Per step: lr/2 (1 + cos(pi t / T)) over the T steps after warmup (the reference's is per epoch)."""
+  del steps_per_epoch
+  return 0.5 * lr * (1 + jnp.cos(jnp.pi * step / max(steps, 1)))
+
+
+def _reference_cosine(step, *, lr, steps, steps_per_epoch):
   """The reference's per-epoch cosine, quirk included: epoch e' uses cos((e' - 1) / E * pi)."""
-  epoch = (step - warmup_steps) // steps_per_epoch
-  epochs = max((total_steps - warmup_steps) // steps_per_epoch, 1)
-  return jnp.where(step < warmup_steps, warmup_lr, 0.5 * lr * (1 + jnp.cos((epoch - 1) / epochs * jnp.pi)))
+  epoch, epochs = step // steps_per_epoch, max(steps // steps_per_epoch, 1)
+  return 0.5 * lr * (1 + jnp.cos((epoch - 1) / epochs * jnp.pi))
 
 
-def _step_decay(step, *, lr, warmup_lr, warmup_steps, total_steps, steps_per_epoch):
-  fraction = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+def _step_decay(step, *, lr, steps, steps_per_epoch):
+  """lr, then lr / 10 from 75% of the steps after warmup and lr / 100 from 90% (reference `step`)."""
+  del steps_per_epoch
+  fraction = step / max(steps, 1)
   return lr * jnp.where(fraction >= 0.9, 0.01, jnp.where(fraction >= 0.75, 0.1, 1.0))
 
 
-def _constant(step, *, lr, **_):
+def _constant(step, *, lr, steps, steps_per_epoch):
+  del steps, steps_per_epoch
   return lr * jnp.ones_like(step, jnp.float32)
 
 
@@ -110,7 +117,7 @@ def schedule_names() -> tuple[str, ...]:
 
 
 def get_schedule(name: str) -> Schedule:
-  """`(step, *, lr, warmup_lr, warmup_steps, total_steps, steps_per_epoch) -> lr` of `name`.
+  """`(step, *, lr, steps, steps_per_epoch) -> lr` of `name`, for steps counted from the end of warmup.
 
   Raises ValueError listing the valid names.
   """
@@ -120,9 +127,32 @@ def get_schedule(name: str) -> Schedule:
 
 
 def stage_epochs(config: ml_collections.ConfigDict, stage: str) -> int:
-  """Epochs of `stage`, divided by the objective's replays (free AT: ceil(epochs / m), as the reference)."""
+  """Epochs of `stage`: warmup_epochs plus the stage's epochs divided by the objective's replays.
+
+  As the reference: it trains `epochs + warmup_epochs` epochs, and free AT's epochs become ceil(epochs / m).
+  """
   objective = objectives.get_objective(config.objective.name)
-  return math.ceil(config.stages[stage].epochs / objective.replays(config.objective))
+  epochs = math.ceil(config.stages[stage].epochs / objective.replays(config.objective))
+  return config.optimizer.warmup_epochs + epochs
+
+
+def learning_rate(config: ml_collections.ConfigDict, stage: str, steps_per_epoch: int) -> Schedule:
+  """`step -> lr` of `stage`: warmup_lr for warmup_epochs, then config.optimizer.schedule to the stage's end.
+
+  Args:
+    config: run config (optimizer.schedule / warmup_epochs / warmup_lr, stages.<stage>.lr and epochs).
+    stage: 'pretrain', 'prune' or 'finetune'.
+    steps_per_epoch: optimizer updates per epoch.
+
+  Returns:
+    A function of the optimizer step (int32 scalar) giving the learning rate (float32 scalar).
+  """
+  opt = config.optimizer
+  warmup_steps = opt.warmup_epochs * steps_per_epoch
+  steps = stage_epochs(config, stage) * steps_per_epoch - warmup_steps
+  schedule = functools.partial(get_schedule(opt.schedule), lr=config.stages[stage].lr, steps=steps,
+                               steps_per_epoch=steps_per_epoch)
+  return lambda step: jnp.where(step < warmup_steps, opt.warmup_lr, schedule(step - warmup_steps))
 
 
 def make_optimizer(config: ml_collections.ConfigDict, stage: str, labels: PyTree,
@@ -139,10 +169,6 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: str, labels: PyTree
     An optax transform over `{'params': params, 'scores': scores}`.
   """
   opt = config.optimizer
-  warmup_steps = opt.warmup_epochs * steps_per_epoch
-  schedule = functools.partial(
-      get_schedule(opt.schedule), lr=config.stages[stage].lr, warmup_lr=opt.warmup_lr, warmup_steps=warmup_steps,
-      total_steps=warmup_steps + stage_epochs(config, stage) * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+  schedule = learning_rate(config, stage, steps_per_epoch)
   train = optax.chain(optax.add_decayed_weights(opt.weight_decay), get_optimizer(opt.name)(schedule, opt))
   return optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels)
-

@@ -43,6 +43,13 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
+def resolve_mode(mode: str) -> str:
+  """`mode`, with 'auto' resolved: 'single' on one device, else 'shard_map'."""
+  if mode != "auto":
+    return mode
+  return "single" if jax.device_count() == 1 else "shard_map"
+
+
 def check_batch_divides(batch_size: int, device_count: int) -> None:
   """Raises ValueError unless `batch_size` splits evenly over `device_count` devices."""
   if batch_size % device_count:

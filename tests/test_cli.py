@@ -1,19 +1,26 @@
 """The command line: bad keys and values are rejected by name; train -> eval -> export works end to end."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+
+from hydra_jax import export
+from hydra_jax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def hydra_jax(*args, check=True):
-  env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-m", "hydra_jax", *args], cwd=ROOT, env=env, capture_output=True,
+def hydra_jax(*args, check=True, env=None, python_code=None):
+  """Runs the CLI (or `python -c python_code ARGS`) in a fresh single-device process."""
+  env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
+  command = ["-c", python_code] if python_code else ["-m", "hydra_jax"]
+  result = subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
   if check and result.returncode:
     raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -48,9 +55,58 @@ def test_train_eval_export_end_to_end(tmp_path):
   results = json.loads(hydra_jax("eval", *tiny, "--methods=pgd_linf").stdout)
   assert results["num_examples"] == 360
   assert 0 <= results["robust"] <= results["pgd_linf"] <= results["clean"] <= 1
-  assert abs(results["clean"] - summary["clean_accuracy"]) < 1e-6  # same model, same test split
+  assert abs(results["clean"] - summary["clean"]) < 1e-6  # same model, same test split
 
   out = str(tmp_path / "model.npz")
   assert "wrote" in hydra_jax("export", *tiny, f"--out={out}").stdout
   arrays = np.load(out)
   assert {"params/0/kernel", "params/0/bias"} <= set(arrays.files)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.nosuch=1"], "--config.nosuch: the config has no key 'nosuch'"),
+    (["--config.stage=pretrain", "--config.data.name=cifar10", "--config.data.data_dir=/nonexistent"],
+     "`tfds build cifar10 --file_format=array_record --data_dir=/nonexistent`"),
+])
+def test_user_errors_are_a_short_message_and_write_nothing(tmp_path, flags, message):
+  workdir = str(tmp_path / "run")
+  args = ["train", "--config", "configs/digits_demo.py", *flags, "--workdir", workdir]
+  result = hydra_jax(*args, check=False)
+  assert result.returncode == 1 and message in result.stderr, result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
+  assert not os.path.exists(workdir)
+  shown = hydra_jax(*args, check=False, env={"HYDRA_JAX_TRACEBACK": "1"})
+  assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+def test_an_internal_key_error_keeps_its_traceback(tmp_path):
+  code = ("import sys\nfrom hydra_jax import cli, pipeline\n"
+          "pipeline.train_and_evaluate = lambda config, workdir: {}['internal']\n"
+          "cli.main(['hydra-jax', 'train', '--config', 'configs/digits_demo.py', '--workdir', sys.argv[1]])")
+  result = hydra_jax(str(tmp_path / "run"), check=False, python_code=code)
+  assert result.returncode != 0 and "Traceback" in result.stderr and "KeyError: 'internal'" in result.stderr
+
+
+def _digits_config(arg):
+  spec = importlib.util.spec_from_file_location("digits_demo", os.path.join(ROOT, "configs", "digits_demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
+  overrides = {"stage": "pretrain", "stop_after_steps": 2, "parallel.mode": "single", "log.progress": False,
+               "checkpoint.async_save": False}
+  cli_dir, library_dir = str(tmp_path / "cli"), str(tmp_path / "library")
+  hydra_jax("train", "--config", "configs/digits_demo.py:model=cnn_tiny,objective=benign",
+            *[f"--config.{key}={str(value).lower()}" for key, value in overrides.items()], "--workdir", cli_dir)
+  config = _digits_config("model=cnn_tiny,objective=benign")
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    (config[parents[0]] if parents else config)[leaf] = value
+  with jax.threefry_partitionable(True):  # a notebook's JAX default; the library decides for the run
+    pipeline.train_and_evaluate(config, library_dir)
+  from_cli, from_library = export.load_run(config, cli_dir), export.load_run(config, library_dir)
+  assert from_cli.meta["threefry_partitionable"] is False
+  for a, b in zip(jax.tree.leaves(from_cli.trained_params), jax.tree.leaves(from_library.trained_params)):
+    np.testing.assert_array_equal(a, b)

@@ -20,6 +20,8 @@ from hydra_jax import models
 from hydra_jax import objectives
 from hydra_jax import optim
 from hydra_jax import parallel
+from hydra_jax import pipeline
+from hydra_jax import sources
 from hydra_jax import train
 
 
@@ -30,7 +32,7 @@ def tiny_config(**overrides):
   config.data.name = "digits"
   config.data.batch_size = 32
   config.data.eval_batch_size = 64
-  config.data.eval_examples = 64
+  config.data.eval_examples = 40  # the first 40 of the 360 test images, in a padded batch of 64
   config.data.prefetch = 0
   config.objective = config_lib.objective_config("pgd_at")
   config.objective.eps, config.objective.step_size, config.objective.steps = 0.1, 0.05, 2
@@ -62,7 +64,7 @@ def make_state(config, stage, batch):
 
 def step_fn(config, tx, mode_axis=None):
   """The per-device step for a runner (which supplies axis_name)."""
-  apply_fn = models.make_apply_fn(train.build_model(config, mode_axis))
+  apply_fn = models.make_apply_fn(sources.build_model(config, mode_axis))
   return functools.partial(train.train_step, apply_fn=apply_fn, objective=objectives.get_objective(
       config.objective.name), config=config, tx=tx, k=config.k, steps_per_epoch=10)
 
@@ -81,7 +83,7 @@ def pretrained_dir(tmp_path_factory):
 
 def test_param_kinds_tell_batchnorm_from_conv_and_dense_biases():
   config = tiny_config()
-  params = train.init_variables(config, jax.random.PRNGKey(0))["params"]
+  params = sources.init_variables(config, jax.random.PRNGKey(0))["params"]
   kinds = {masking.path_name(p): kind for p, kind in jax.tree_util.tree_flatten_with_path(
       optim.param_kinds(params))[0]}
   norm = sorted(name for name, kind in kinds.items() if kind == "norm")
@@ -116,7 +118,7 @@ def test_prune_trains_only_scores_and_batchnorm(pretrained_dir):
 def test_prune_scores_start_scaled_from_the_pretrained_weights(pretrained_dir):
   config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
   state, _ = make_state(config, "prune", digits_batch())
-  params, _, _ = train.load_source(config)
+  params, _, _ = sources.load_source(config)
   expected = masking.init_scores(params, "scaled", jax.random.PRNGKey(0))
   for got, want in zip(jax.tree.leaves(state.scores), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -133,7 +135,7 @@ def test_finetune_keeps_the_mask_and_pruned_weights_at_exactly_zero(pruned_dir):
   config = tiny_config(stage="finetune", source=pruned_dir, k=0.1)
   batch = digits_batch()
   state, tx = make_state(config, "finetune", batch)
-  _, _, source_scores = train.load_source(config)
+  _, _, source_scores = sources.load_source(config)
   masks = masking.compute_masks(state.scores, 0.1)
   run = single_step(config, tx)
   current = state
@@ -214,8 +216,8 @@ def test_free_adversarial_carry_is_split_over_devices_and_reset_each_epoch(pretr
 def run_to_end(config, workdir):
   summary = train.run_stage(config, workdir)
   items, _ = checkpoints.restore(workdir, {"model": jax.eval_shape(lambda: {
-      "params": train.init_variables(config, jax.random.PRNGKey(0))["params"],
-      "batch_stats": train.init_variables(config, jax.random.PRNGKey(0))["batch_stats"], "scores": None})})
+      "params": sources.init_variables(config, jax.random.PRNGKey(0))["params"],
+      "batch_stats": sources.init_variables(config, jax.random.PRNGKey(0))["batch_stats"], "scores": None})})
   return summary, items["model"]
 
 
@@ -233,13 +235,151 @@ def test_a_stopped_run_resumes_to_bit_identical_params(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_checkpoint_saved_on_eight_devices_resumes_on_one(tmp_path):
+def test_nan_is_caught_before_a_mid_epoch_save(tmp_path):
   workdir = str(tmp_path / "run")
+  exploding = tiny_config(**{"stages.pretrain.epochs": 2, "stages.pretrain.lr": 1e30, "checkpoint.every_steps": 2,
+                             "log.every_steps": 100})
+  with pytest.raises(FloatingPointError, match="before step 2.*No checkpoint was saved"):
+    train.run_stage(exploding, workdir)
+  assert not [name for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+
+
+def test_cadence_checks_finite_metrics_before_every_save():
+  # 23 steps of 10 per epoch: epoch ends at 10, 20 and the stage end 23; evaluation every 2 epochs and at the end.
+  for save_every, saves in ((0, {10, 20, 23}), (3, {3, 6, 9, 10, 12, 15, 18, 20, 21, 23})):
+    todo = {done: train.cadence(done, steps_per_epoch=10, total_steps=23, stop=23, log_every=7,
+                                eval_every_epochs=2, save_every=save_every) for done in range(1, 24)}
+    assert {done for done, t in todo.items() if t.save} == saves
+    assert {done for done, t in todo.items() if t.log} == saves | {7, 14, 21}
+    assert {done for done, t in todo.items() if t.evaluate} == {20, 23}
+  stopped = train.cadence(5, steps_per_epoch=10, total_steps=23, stop=5, log_every=7, eval_every_epochs=1,
+                          save_every=0)
+  assert stopped == train.Cadence(log=True, evaluate=False, save=True)  # an early stop saves, without evaluation
+
+
+def test_errors_of_the_best_checkpoint_manager_are_raised(tmp_path, monkeypatch):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  ckpt = checkpoints.Checkpoints(str(tmp_path), keep=1, async_save=True)
+  ckpt.save(1, {"model": {"w": jnp.ones(2)}}, meta={}, sparsity="{}", metrics={"robust": 0.5})
+  real = ocp.CheckpointManager.check_for_errors
+
+  def failing_best(manager):  # an async save of best/ that failed in the background
+    if os.path.basename(str(manager.directory)) == "best":
+      raise RuntimeError("the save of best/1 failed")
+    return real(manager)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "check_for_errors", failing_best)
+  with pytest.raises(RuntimeError, match="best/1 failed"):
+    ckpt.wait()
+
+
+def test_eval_examples_keeps_exactly_the_first_examples():
+  full = data.eval_batches("digits", 8)
+  first = data.first_examples(full, 10)
+  assert first.num_steps == 2
+  batches = [first.batch_at(i) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([b["mask"] for b in batches]), [1] * 10 + [0] * 6)
+  reference = np.concatenate([full.batch_at(i)["image"] for i in range(2)])[:10]
+  np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches])[:10], reference)
+  assert data.first_examples(full, 0) is full and data.first_examples(full, 10_000) is full
+
+
+def test_resume_under_the_other_prng_setting_is_refused(pretrained_dir):
+  config = tiny_config(**{"stages.pretrain.epochs": 1, "threefry_partitionable": True})
+  with pytest.raises(checkpoints.CheckpointError, match="threefry_partitionable=False.*this run has True"):
+    train.run_stage(config, pretrained_dir)
+
+
+def test_lwm_from_a_reference_checkpoint_with_random_scores_is_magnitude_pruning(tmp_path):
+  torch = pytest.importorskip("torch")
+  config = tiny_config()
+  variables = sources.init_variables(config, jax.random.PRNGKey(3))
+  random_scores = masking.init_scores(variables["params"], "uniform", jax.random.PRNGKey(4))  # subnet layers' init
+  source = str(tmp_path / "checkpoint.pth.tar")
+  torch.save({"epoch": 100, "state_dict": convert.to_torch_state_dict(
+      variables, random_scores, model_name="vgg_tiny", input_shape=config_lib.image_shape(config), as_torch=True)},
+             source)
+  lwm = tiny_config(stage="finetune", source=source, k=0.1, **{"stages.finetune.score_init": "scaled"})
+  state, _ = make_state(lwm, "finetune", digits_batch())
+  kept = jax.tree.map(lambda w: np.asarray(w) != 0, state.params)
+  for path, w in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+    if not masking.is_prunable(path, w):
+      continue
+    flat = np.abs(np.asarray(w)).ravel()
+    magnitude = np.ones(flat.size, bool)
+    magnitude[np.argsort(flat, kind="stable")[: int(0.9 * flat.size)]] = False  # drop the smallest |w|
+    got = kept
+    for key in path:
+      got = got[key.key]
+    np.testing.assert_array_equal(got.ravel(), magnitude, err_msg=masking.path_name(path))
+  # The default finetune init keeps the source's (here random) scores: a different mask.
+  source_state, _ = make_state(tiny_config(stage="finetune", source=source, k=0.1), "finetune", digits_batch())
+  for got, want in zip(jax.tree.leaves(source_state.scores), jax.tree.leaves(random_scores)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_snip_from_the_config_scores_the_one_batch_loss_sensitivity(pretrained_dir, tmp_path):
+  config = tiny_config(stage="prune", source=pretrained_dir, k=0.1, stop_after_steps=1,
+                       **{"stages.prune.score_init": "snip"})
+  config.objective = config_lib.objective_config("benign")
+  batch = data.train_batches("digits", 32, seed=config.seed).batch_at(0)
+  state, _ = train.initial_state(config, "prune", 10, batch["image"].shape, first_batch=batch)
+  params, batch_stats, _ = sources.load_source(config)
+  model = sources.build_model(config)
+
+  def loss(p):  # the benign objective: mean cross-entropy, train-mode BatchNorm, all weights kept
+    logits, _ = model.apply({"params": p, "batch_stats": batch_stats}, batch["image"], train=True,
+                            mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  grads = jax.grad(loss)(params)
+  flat_scores = jax.tree_util.tree_flatten_with_path(state.scores, is_leaf=lambda x: x is None)[0]
+  for (path, score), w, g in zip(flat_scores, jax.tree.leaves(params), jax.tree.leaves(grads)):
+    if score is not None:
+      np.testing.assert_allclose(score, np.abs(np.asarray(w) * np.asarray(g)), rtol=1e-4, atol=1e-9,
+                                 err_msg=masking.path_name(path))
+  assert train.run_stage(config, str(tmp_path / "snip"))["step"] == 1
+  with pytest.raises(ValueError, match="'snip' needs the stage's first batch"):
+    train.initial_state(config, "prune", 10, batch["image"].shape)
+
+
+@objectives.register("test_epoch_probe", defaults={}, takes_epoch=True)
+def _epoch_probe_loss(apply_fn, variables, batch, key, config, *, epoch):
+  """Cross-entropy scaled by the epoch the train step passes; reports that epoch as a metric."""
+  del key, config
+  logits, variables = apply_fn(variables, batch["image"], True)
+  loss = epoch * optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  return loss, ({"loss": loss, "epoch": epoch}, variables)
+
+
+def test_an_objective_that_takes_epoch_gets_the_fraction_of_the_stage_done():
+  config = tiny_config()
+  config.objective = config_lib.objective_config("test_epoch_probe")
+  batch = digits_batch()
+  state, tx = make_state(config, "pretrain", batch)  # 10 steps per epoch
+  run = single_step(config, tx)
+  for step in (0, 7, 25):
+    _, metrics = run(state.replace(step=jnp.int32(step)), batch)
+    assert metrics["epoch"].dtype == jnp.float32
+    np.testing.assert_allclose(metrics["epoch"], step / 10, rtol=1e-7)
+  assert float(run(state, batch)[1]["loss"]) == 0.0  # epoch 0 scales the loss to 0
+
+
+def test_a_checkpoint_saved_on_eight_devices_resumes_on_one(tmp_path):
   config = tiny_config(**{"stages.pretrain.epochs": 2, "parallel.mode": "shard_map"})
+  config.objective = config_lib.objective_config("benign")  # no random draws: device counts give the same maths
+  workdir = str(tmp_path / "run")
   train.run_stage(config_lib.stage_config(config, "pretrain", stop_after_steps=50), workdir)
-  summary = train.run_stage(config_lib.stage_config(config, "pretrain", parallel=dict(mode="single", distributed=False)),
-                            workdir)
-  assert summary["step"] == 88 and 0 <= summary["clean_accuracy"] <= 1
+  assert checkpoints.read_meta(workdir)[0] == 50
+  single = {"parallel.mode": "single"}
+  summary, resumed = run_to_end(config_lib.stage_config(config, "pretrain", **single), workdir)
+  assert summary["step"] == summary["total_steps"] == 88
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [row["step"] for row in map(json.loads, f) if row["split"] == "train"]
+  assert logged == sorted(set(logged)) and 50 in logged and logged[logged.index(50) + 1] == 55  # resumed at 50
+  _, straight = run_to_end(config_lib.stage_config(config, "pretrain", **single), str(tmp_path / "straight"))
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_config_errors_name_the_key():
@@ -265,9 +405,9 @@ def test_mismatched_or_corrupt_source_gives_a_clear_error(pretrained_dir, tmp_pa
   other_model = tiny_config(stage="prune", source=pretrained_dir, **{"model.name": "cnn_tiny"})
   with pytest.raises(checkpoints.CheckpointError, match="holds model 'vgg_tiny'.*asks for 'cnn_tiny'"):
     train.run_stage(other_model, str(tmp_path / "prune"))
-  assert not os.path.exists(tmp_path / "prune" / "checkpoints" / "1")
+  assert not os.path.exists(tmp_path / "prune")  # nothing written
   with pytest.raises(checkpoints.CheckpointError, match="no checkpoint directory"):
-    train.load_source(tiny_config(stage="prune", source=str(tmp_path / "nowhere")))
+    sources.load_source(tiny_config(stage="prune", source=str(tmp_path / "nowhere")))
   corrupt = tmp_path / "corrupt"
   os.system(f"cp -r {pretrained_dir} {corrupt}")
   step_dir = corrupt / "checkpoints" / str(checkpoints.read_meta(str(corrupt))[0]) / "model"
@@ -276,7 +416,7 @@ def test_mismatched_or_corrupt_source_gives_a_clear_error(pretrained_dir, tmp_pa
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(checkpoints.CheckpointError, match="does not match|cannot read"):
-    train.load_source(tiny_config(stage="prune", source=str(corrupt)))
+    sources.load_source(tiny_config(stage="prune", source=str(corrupt)))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
@@ -316,13 +456,19 @@ def test_run_writes_config_versions_and_sparsity_beside_checkpoints(pretrained_d
     assert layer["kept"] == layer["total"] - int(0.9 * layer["total"])
   assert abs(summary["kept_fraction"] - report["kept"] / report["total"]) < 1e-9
   assert json.load(open(os.path.join(workdir, "config.json")))["k"] == 0.1
+  assert summary["num_examples"] == 40 and {"clean", "clean_top5", "pgd_linf", "robust"} <= set(summary)
+  # One definition of robust accuracy: `hydra-jax eval` of the checkpoint reproduces the run's own evaluation.
+  config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
+  again = export.evaluate_checkpoint(config, workdir, progress=False)
+  for name in ("num_examples", "clean", "clean_top5", "pgd_linf", "robust"):
+    assert again[name] == summary[name], name
 
 
 def test_k_one_masking_reproduces_the_dense_model_exactly():
   config = tiny_config()
-  variables = train.init_variables(config, jax.random.PRNGKey(0))
+  variables = sources.init_variables(config, jax.random.PRNGKey(0))
   scores = masking.init_scores(variables["params"], "kaiming_normal", jax.random.PRNGKey(1))
-  apply_fn = models.make_apply_fn(train.build_model(config))
+  apply_fn = models.make_apply_fn(sources.build_model(config))
   x = digits_batch()["image"]
   dense = apply_fn(variables, x, False)[0]
   masked = apply_fn({**variables, "params": masking.apply_masks(variables["params"], scores, 1.0)}, x, False)[0]
@@ -358,17 +504,27 @@ def test_export_writes_exact_zeros_and_reference_layout_torch_state_dicts(pruned
   assert size["bcoo_bytes"] == sum(np.count_nonzero(w) * 4 * (1 + w.ndim) for w in kernels)  # values + indices
 
 
-def test_learning_rate_schedules_match_hand_values():
-  kwargs = dict(lr=0.1, warmup_lr=0.01, warmup_steps=10, total_steps=50, steps_per_epoch=10)
-  reference = [float(optim.get_schedule("reference_cosine")(jnp.int32(s), **kwargs)) for s in (0, 10, 19, 20, 30, 49)]
-  # warmup epoch at warmup_lr, then epoch e' uses 0.05 * (1 + cos((e' - 1) / 4 * pi)) (E = 4 epochs after warmup)
-  expected = [0.01, 0.05 * (1 + np.cos(-np.pi / 4)), 0.05 * (1 + np.cos(-np.pi / 4)), 0.1,
-              0.05 * (1 + np.cos(np.pi / 4)), 0.05 * (1 + np.cos(np.pi / 2))]
-  np.testing.assert_allclose(reference, expected, rtol=1e-6)
-  cosine = [float(optim.get_schedule("cosine")(jnp.int32(s), **kwargs)) for s in (5, 10, 30, 50)]
-  np.testing.assert_allclose(cosine, [0.01, 0.1, 0.05, 0.0], atol=1e-7)
-  step = [float(optim.get_schedule("step")(jnp.int32(s), **kwargs)) for s in (10, 39, 40, 45, 46)]
-  np.testing.assert_allclose(step, [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)  # x0.1 from 75%, x0.01 from 90%
+def test_warmup_adds_epochs_and_every_schedule_warms_up():
+  # W = 2 warmup epochs at 0.01, then E = 4 epochs at lr 0.1; the stage trains W + E epochs (reference).
+  config = tiny_config(**{"optimizer.warmup_epochs": 2, "optimizer.warmup_lr": 0.01, "stages.pretrain.epochs": 4,
+                          "stages.pretrain.lr": 0.1})
+  assert optim.stage_epochs(config, "pretrain") == 6
+  half = lambda angle: 0.05 * (1 + np.cos(angle))  # lr/2 (1 + cos)
+  pi = np.pi
+  expected = {  # lr at the start of epochs 0..5 and at the end of the stage (epoch 6), 3 steps per epoch
+      "cosine": [0.01, 0.01, 0.1, half(pi / 4), half(pi / 2), half(3 * pi / 4), 0.0],
+      "reference_cosine": [0.01, 0.01, half(-pi / 4), 0.1, half(pi / 4), half(pi / 2), half(3 * pi / 4)],
+      "step": [0.01, 0.01, 0.1, 0.1, 0.1, 0.01, 0.001],  # x0.1 from 75% of E, x0.01 from 90%
+      "constant": [0.01, 0.01, 0.1, 0.1, 0.1, 0.1, 0.1],
+  }
+  for schedule, values in expected.items():
+    config.optimizer.schedule = schedule
+    lr = optim.learning_rate(config, "pretrain", steps_per_epoch=3)
+    got = [float(lr(jnp.int32(3 * epoch))) for epoch in range(7)]
+    np.testing.assert_allclose(got, values, atol=1e-7, err_msg=schedule)
+  config.optimizer.schedule = "reference_cosine"  # per epoch: constant within an epoch
+  lr = optim.learning_rate(config, "pretrain", steps_per_epoch=3)
+  assert float(lr(jnp.int32(8))) == float(lr(jnp.int32(6))) != float(lr(jnp.int32(9)))
 
 
 def test_sgd_follows_pytorch_weight_decay_and_momentum():
@@ -395,9 +551,8 @@ def test_config_arguments_are_typed_and_checked():
 
 
 def test_summary_table_rows():
-  rows = [{"method": "hydra", "stage": "finetune", "kept_fraction": 0.01, "clean_accuracy": 0.5,
-           "pgd_accuracy": 0.25}, {"method": "dense", "stage": "pretrain", "kept_fraction": 1.0,
-                                   "clean_accuracy": 0.875}]
-  lines = train.summary_table(rows).splitlines()
+  rows = [{"method": "hydra", "stage": "finetune", "kept_fraction": 0.01, "clean": 0.5, "robust": 0.25},
+          {"method": "dense", "stage": "pretrain", "kept_fraction": 1.0, "clean": 0.875}]
+  lines = pipeline.summary_table(rows).splitlines()
   assert lines[1].split() == ["hydra", "finetune", "1.00", "50.00", "25.00"]
   assert lines[2].split() == ["dense", "pretrain", "100.00", "87.50", "-"]

@@ -1,0 +1,161 @@
+"""What a stage starts from: the model, its weights (fresh, a run directory, a reference PyTorch checkpoint) and
+its initial scores (an init of `masking.SCORE_INITS`, SNIP on one batch, or the source's).
+
+  model = sources.build_model(config)                             # the zoo model of config.model / config.data
+  params, batch_stats, scores = sources.load_source(config)       # config.source: a workdir or a .pth.tar
+  scores = sources.initial_scores(config, 'prune', params, batch_stats, scores, key, first_batch, 'single')
+  weights = sources.masked_params(params, scores, config.k)       # what the model runs with
+
+`objective_loss` calls a registered objective with the arguments it takes (the train step uses it too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from hydra_jax import PyTree
+from hydra_jax import checkpoints
+from hydra_jax import config as config_lib
+from hydra_jax import convert
+from hydra_jax import errors
+from hydra_jax import masking
+from hydra_jax import models
+from hydra_jax import objectives
+from hydra_jax import parallel
+
+
+def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None):
+  """The zoo model of `config.model` for `config.data`'s classes, BN averaged over `axis_name`."""
+  return models.get_model(config.model.name, config_lib.num_classes(config), dtype=jnp.dtype(config.model.dtype),
+                          bn_axis_name=axis_name)
+
+
+def init_variables(config: ml_collections.ConfigDict, key: jax.Array) -> dict[str, PyTree]:
+  """Freshly initialised {'params', 'batch_stats'} of the configured model."""
+  model = build_model(config)
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, *config_lib.image_shape(config))), train=False))(key)
+
+
+def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTree | None]:
+  """(params, batch_stats, scores or None) of `config.source`.
+
+  The source is a hydra_jax run directory (its latest checkpoint), or a reference HYDRA PyTorch checkpoint
+  (`.pth`, `.pth.tar`, `.pt`; needs torch) read by `convert.load_torch_checkpoint`.
+  """
+  classes = config_lib.num_classes(config)
+  if config.source.endswith(convert.TORCH_SUFFIXES):
+    variables, scores = convert.load_torch_checkpoint(config.source, config.model.name, classes,
+                                                      config_lib.image_shape(config))
+    return variables["params"], variables.get("batch_stats", {}), scores
+  template = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+  _, meta = checkpoints.read_meta(config.source)
+  if (meta.get("model"), meta.get("num_classes")) != (config.model.name, classes):
+    raise checkpoints.CheckpointError(
+        f"source {config.source} holds model '{meta.get('model')}' with {meta.get('num_classes')} classes, "
+        f"but the config asks for '{config.model.name}' with {classes}")
+  abstract_scores = jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
+                                   template["params"]) if meta.get("has_scores") else None
+  items, _ = checkpoints.restore(config.source, {"model": {
+      "params": template["params"], "batch_stats": template.get("batch_stats", {}), "scores": abstract_scores}})
+  model = items["model"]
+  return model["params"], model["batch_stats"], model["scores"]
+
+
+def masked_params(params: PyTree, scores: PyTree | None, k: Any, scope: str = "layer",
+                  min_layer_k: float = 0.0) -> PyTree:
+  """The weights the model runs with: `apply_masks(params, scores, k)`, or params when dense (no scores)."""
+  if scores is None:
+    return params
+  return masking.apply_masks(params, scores, k, scope=scope, min_layer_k=min_layer_k)
+
+
+def exported_params(params: PyTree, scores: PyTree | None, k: Any, mask_config: Mapping[str, Any]) -> PyTree:
+  """`masking.export_dense` (pruned weights exactly 0) with the run's mask settings, or params when dense."""
+  if scores is None:
+    return params
+  return masking.export_dense(params, scores, k, scope=mask_config["scope"], min_layer_k=mask_config["min_layer_k"])
+
+
+def model_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+  """{'params': params, 'batch_stats': batch_stats}, without batch_stats for BN-free models."""
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def objective_loss(objective: objectives.Objective, config: ml_collections.ConfigDict, apply_fn: models.ApplyFn,
+                   variables: PyTree, batch: dict[str, jax.Array], key: jax.Array, carry: PyTree,
+                   epoch: jax.Array) -> objectives.LossOutput:
+  """`objective.loss_fn` called with the arguments it takes: the carry (stateful) and `epoch=` (takes_epoch).
+
+  `epoch` is a float32 scalar: the fractional number of epochs of the stage done at this step.
+  """
+  extra = (carry,) if objective.init_carry is not None else ()
+  by_name = {"epoch": epoch} if objective.takes_epoch else {}
+  return objective.loss_fn(apply_fn, variables, batch, key, config.objective, *extra, **by_name)
+
+
+def snip_gradients(config: ml_collections.ConfigDict, params: PyTree, batch_stats: PyTree,
+                   batch: dict[str, jax.Array], key: jax.Array, mode: str = "single") -> PyTree:
+  """dL/dw of the run's objective on one batch with every weight kept: the input of SNIP's |w * dL/dw|.
+
+  Args:
+    config: run config (model, objective).
+    params, batch_stats: the dense source weights and BN statistics.
+    batch: this host's part of a global batch {'image': [B, H, W, C], 'label': [B]}.
+    key: PRNG key of the objective's randomness (attack start).
+    mode: parallel mode; the gradient is averaged over devices as in a train step.
+
+  Returns:
+    A tree mirroring `params`.
+  """
+  objective = objectives.get_objective(config.objective.name)
+
+  def step(state, batch, axis_name):
+    apply_fn = models.make_apply_fn(build_model(config, axis_name))
+    carry = None if objective.init_carry is None else objective.init_carry(batch["image"].shape, config.objective)
+    loss = lambda p: objective_loss(objective, config, apply_fn, model_variables(p, state["batch_stats"]), batch,
+                                    state["key"], carry, jnp.float32(0))[0]
+    grads = jax.grad(loss)(state["params"])
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+    return {**state, "grads": grads}, {}
+
+  runner = parallel.make_runner(step, mode)
+  start = runner.put_state({"params": params, "batch_stats": batch_stats, "key": key, "grads": params})
+  state, _ = runner(start, runner.put_batch(batch))
+  return runner.get_state(state)["grads"]
+
+
+def initial_scores(config: ml_collections.ConfigDict, stage: str, params: PyTree, batch_stats: PyTree,
+                    source_scores: PyTree | None, key: jax.Array, first_batch: dict | None, mode: str) -> PyTree:
+  """The scores `config.stages[stage].score_init` asks for: the source's ('source') or a fresh init.
+
+  Args:
+    config: run config.
+    stage: 'prune' or 'finetune'.
+    params, batch_stats: the source's weights and BN statistics.
+    source_scores: the source's scores, or None (a dense source).
+    key: PRNG key of the init (and of SNIP's objective).
+    first_batch: the stage's first batch (this host's part); needed by 'snip'.
+    mode: the run's parallel mode (for SNIP's gradient).
+
+  Returns:
+    A scores tree mirroring `params` (None at non-prunable leaves).
+  """
+  init = config.stages[stage].score_init
+  if init == "source":
+    if source_scores is None:
+      raise errors.ConfigError(
+          f"config.stages.{stage}.score_init='source' but source {config.source} has no scores (a dense "
+          f"pretrain run?); choose a score init, e.g. --config.stages.{stage}.score_init=scaled (LWM)")
+    return source_scores
+  grads = {}
+  if init == "snip":
+    if first_batch is None:
+      raise errors.ConfigError(f"config.stages.{stage}.score_init='snip' needs the stage's first batch")
+    grads = {"grads": snip_gradients(config, params, batch_stats, first_batch, key, mode)}
+  return masking.init_scores(params, init, key, **grads)
