@@ -75,11 +75,11 @@ def _parse_flags(command: str, argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
-    if _show_tracebacks(argv):
-      raise
     key = str(error.args[0] if error.args else error).strip("'\"")
-    given = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
-    _fail(command, f"{', '.join(given) or key}: the config has no key '{key}'; the keys are listed in "
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+    if not given or _show_tracebacks(argv):
+      raise  # not an override's key: an error inside the config file keeps its traceback
+    _fail(command, f"{', '.join(given)}: the config has no key '{key}'; the keys are listed in "
                    f"hydra_jax/config.py (default_config) and the config file")
   except flags.Error as error:
     if _show_tracebacks(argv):

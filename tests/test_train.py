@@ -14,6 +14,7 @@ from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import convert
 from hydra_jax import data
+from hydra_jax import errors
 from hydra_jax import export
 from hydra_jax import masking
 from hydra_jax import models
@@ -393,6 +394,11 @@ def test_config_errors_name_the_key():
   for overrides, message in cases:
     with pytest.raises(ValueError, match=message):
       config_lib.check_config(tiny_config(**overrides))
+  with pytest.raises(errors.ConfigError, match=r"config.stages.prune.nosuch does not exist"):
+    config_lib.lookup(tiny_config(), "stages.prune.nosuch.lr")
+  with pytest.raises(errors.ConfigError, match=r"config.stages.prune.nosuch does not exist"):
+    config_lib.stage_config(tiny_config(), "prune", **{"stages.prune.nosuch": 1})
+  assert config_lib.lookup(tiny_config(), "stages.prune.score_init") == "scaled"
 
 
 def test_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
