@@ -165,8 +165,7 @@ def certify_checkpoint(config: ml_collections.ConfigDict, workdir: str, out_dir:
   Returns:
     The JSON summary ('certified_accuracy' fractions per radius, settings, counts) plus 'table' (text).
   """
-  if skip < 1:
-    raise ValueError(f"certify: skip={skip} must be >= 1")
+  smoothing.check_settings(sigma, alpha, n0=n0, n=n, batch_size=batch_size, skip=skip)
   run = load_run(config, workdir, best=best)
   apply_fn = models.make_apply_fn(train.build_model(config))
   logits_fn = jax.tree_util.Partial(lambda variables, x: apply_fn(variables, x, False)[0], run.variables)
@@ -184,9 +183,9 @@ def certify_checkpoint(config: ml_collections.ConfigDict, workdir: str, out_dir:
       rows.append((predicted, label, radius))
       print(f"{index}\t{label}\t{predicted}\t{radius:.6g}\t{int(predicted == label)}\t"
             f"{datetime.timedelta(seconds=time.time() - start)}", file=tsv, flush=True)
-  return _write_certified_accuracy(out_dir, rows, radii, dict(
-      checkpoint=workdir, stage=run.meta.get("stage"), k=run.k, sigma=sigma, n0=n0, n=n, alpha=alpha, skip=skip,
-      max_examples=max_examples))
+  settings = {"checkpoint": workdir, "stage": run.meta.get("stage"), "k": run.k, "sigma": sigma, "n0": n0, "n": n,
+              "alpha": alpha, "skip": skip, "max_examples": max_examples}
+  return _write_certified_accuracy(out_dir, rows, radii, settings)
 
 
 def _write_certified_accuracy(out_dir: str, rows: list[tuple[int, int, float]], radii: Sequence[float] | None,

@@ -219,9 +219,10 @@ def smooth_imagenet_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, 
   L = CE(f(x + delta), y), delta = noise_std * N(0, I) drawn from `key`, one forward in train mode, no
   clean forward. The reference adds noise_std * N(0, I) / std_c to inputs normalised by the channel std
   std_c, which is noise_std * N(0, I) in pixel units: hydra_jax models take [0, 1] pixels (the ImageNet
-  ResNets normalise inside), so the noise is added to the pixels, unclipped. Certify such a model with
-  `smoothing.certify` at sigma = noise_std. metrics: loss, accuracy and noisy_accuracy (both on x + delta,
-  the only forward, as the reference logs).
+  ResNets normalise inside), so the noise is added to the pixels, unclipped, and the model is certified with
+  `smoothing.certify` at sigma = noise_std. (This matches the reference run with --normalize; with its
+  default, unnormalised inputs, the reference's pixel noise has std noise_std / std_c, about 4.4x larger.)
+  metrics: loss, accuracy and noisy_accuracy (both on x + delta, the only forward, as the reference logs).
   """
   x, y = batch["image"], batch["label"]
   noise = config.noise_std * jax.random.normal(key, x.shape, x.dtype)

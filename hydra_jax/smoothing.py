@@ -47,6 +47,17 @@ def _as_pytree(f: LogitsFn) -> jax.tree_util.Partial:
   return f if isinstance(f, jax.tree_util.Partial) else jax.tree_util.Partial(f)
 
 
+def check_settings(sigma: float, alpha: float | None = None, **sizes: int) -> None:
+  """Raises ValueError naming the first invalid setting: sigma > 0, 0 < alpha < 1, every size (a count) >= 1."""
+  if not sigma > 0:
+    raise ValueError(f"smoothing: sigma={sigma} must be positive")
+  if alpha is not None and not 0 < alpha < 1:
+    raise ValueError(f"smoothing: alpha={alpha} must lie in (0, 1)")
+  for name, value in sizes.items():
+    if value < 1:
+      raise ValueError(f"smoothing: {name}={value} must be >= 1")
+
+
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _chunk_counts(f, x, key, start, num, sigma, *, batch_size):
   """Votes [classes] of f on noise samples start .. start + batch_size - 1, those >= num masked out.
@@ -79,6 +90,9 @@ def sample_counts(f: LogitsFn, x: Array, *, key: Array, sigma: float, num: int, 
   Returns:
     int64 [classes] counts summing to num.
   """
+  if np.ndim(x) != 3:
+    raise ValueError(f"smoothing: x must be one example [H, W, C], got shape {np.shape(x)}")
+  check_settings(sigma, batch_size=batch_size, num=num)
   f, x = _as_pytree(f), jnp.asarray(x, jnp.float32)
   counts = None
   with tqdm(total=num, unit="sample", desc="noise", disable=not progress, leave=False) as bar:
@@ -108,18 +122,6 @@ def max_radius(sigma: float, n: int, alpha: float) -> float:
   return sigma * float(stats.norm.ppf(alpha ** (1 / n)))
 
 
-def _check(x: Array, sigma: float, alpha: float, batch_size: int, **sizes: int) -> None:
-  if np.ndim(x) != 3:
-    raise ValueError(f"smoothing: x must be one example [H, W, C], got shape {np.shape(x)}")
-  if not sigma > 0:
-    raise ValueError(f"smoothing: sigma={sigma} must be positive")
-  if not 0 < alpha < 1:
-    raise ValueError(f"smoothing: alpha={alpha} must lie in (0, 1)")
-  for name, value in {"batch_size": batch_size, **sizes}.items():
-    if value < 1:
-      raise ValueError(f"smoothing: {name}={value} must be a positive number of samples")
-
-
 def certify(f: LogitsFn, x: Array, *, key: Array, sigma: float, n0: int = 100, n: int = 100_000,
             alpha: float = 0.001, batch_size: int, progress: bool = False) -> tuple[int, float]:
   """Cohen et al. (2019) CERTIFY: the smoothed classifier's class at x and an l2 radius where it is constant.
@@ -144,7 +146,7 @@ def certify(f: LogitsFn, x: Array, *, key: Array, sigma: float, n0: int = 100, n
   Returns:
     (class index, radius), or (ABSTAIN = -1, 0.0).
   """
-  _check(x, sigma, alpha, batch_size, n0=n0, n=n)
+  check_settings(sigma, alpha, batch_size=batch_size, n0=n0, n=n)
   if max_radius(sigma, n, alpha) < 0:
     warnings.warn(f"certify: n={n}, alpha={alpha} can never certify: even n of n votes give a lower bound "
                   f"alpha^(1/n) = {alpha ** (1 / n):.4f} < 0.5; use n >= log2(1/alpha) = {np.log2(1 / alpha):.1f}")
@@ -173,10 +175,11 @@ def predict(f: LogitsFn, x: Array, *, key: Array, sigma: float, n: int, alpha: f
   Returns:
     The class index, or ABSTAIN = -1.
   """
-  _check(x, sigma, alpha, batch_size, n=n)
-  if stats.binomtest(n, n, p=0.5).pvalue > alpha:
+  check_settings(sigma, alpha, batch_size=batch_size, n=n)
+  best_p_value = stats.binomtest(n, n, p=0.5).pvalue
+  if best_p_value > alpha:
     warnings.warn(f"predict: n={n}, alpha={alpha} always abstains: n of n votes have p-value "
-                  f"{stats.binomtest(n, n, p=0.5).pvalue:.4g} > alpha")
+                  f"{best_p_value:.4g} > alpha")
   counts = sample_counts(f, x, key=key, sigma=sigma, num=n, batch_size=batch_size, progress=progress)
   first, second = np.argsort(-counts, kind="stable")[:2]
   top, runner_up = int(counts[first]), int(counts[second])

@@ -14,7 +14,9 @@ import pytest
 from scipy import stats
 
 from hydra_jax import data
+from hydra_jax import export
 from hydra_jax import smoothing
+from hydra_jax import train
 from tests.test_cli import hydra_jax
 
 SHAPE = (4, 4, 1)
@@ -142,6 +144,14 @@ def test_bad_arguments_raise_value_errors_naming_them(kwargs, message):
   arguments.update(kwargs)
   with pytest.raises(ValueError, match=message):
     smoothing.certify(constant, **arguments)
+
+
+def test_certify_checkpoint_rejects_bad_settings_before_reading_the_run(tmp_path):
+  out = str(tmp_path / "certify")
+  for settings, message in [({"sigma": 0.0}, "sigma=0.0"), ({"sigma": 0.25, "skip": 0}, "skip=0")]:
+    with pytest.raises(ValueError, match=message):  # tmp_path holds no run: the settings are checked first
+      export.certify_checkpoint(train.default_config(), str(tmp_path), out, **settings)
+  assert not os.path.exists(out)
 
 
 # ----------------------------------------------------------------------------------------------------------
