@@ -236,7 +236,7 @@ def test_free_uses_first_rows_of_carry_for_a_smaller_batch():
 # Every objective through value_and_grad with a BatchNorm CNN.
 
 
-@pytest.mark.parametrize("name", ["benign", "pgd_at", "trades", "smooth", "free"])
+@pytest.mark.parametrize("name", ["benign", "pgd_at", "trades", "smooth", "smooth_imagenet", "free"])
 def test_objectives_differentiate_and_update_bn_stats(name):
   model = helpers.TinyCNN(batch_norm=True)
   apply_fn = helpers.make_apply_fn(model)
