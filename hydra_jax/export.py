@@ -197,7 +197,7 @@ def _write_certified_accuracy(out_dir: str, rows: list[tuple[int, int, float]], 
   if radii is None:
     radii = np.arange(0.0, max(smoothing.max_radius(sigma, n, alpha), 0.0) + 1e-9, 0.25)
   accuracy = smoothing.certified_accuracy(correct, radius, radii)
-  title = f"smoothed classifier, sigma={sigma}, n={n}, alpha={alpha}, {len(rows)} examples"
+  title = f"smoothed classifier g: sigma={sigma}, n={n}, alpha={alpha}, {len(rows)} examples"
   table = smoothing.accuracy_table(radii, accuracy, title=title)
   summary = {**settings, "num_examples": len(rows), "abstained": int(np.sum(predicted == smoothing.ABSTAIN)),
              "radii": [float(r) for r in radii], "certified_accuracy": [float(a) for a in accuracy]}

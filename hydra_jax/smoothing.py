@@ -233,7 +233,8 @@ def plot_certified_accuracy(path: str, correct: Sequence[bool], radii: Sequence[
   figure = Figure(figsize=(6, 4.5))  # no pyplot: no global state, no interactive backend
   axes = figure.subplots()
   axes.plot(grid, certified_accuracy(correct, radii, grid))
-  axes.set(xlim=(0, top), ylim=(0, 1), xlabel="l2 radius", ylabel="certified accuracy", title=title)
+  axes.set(xlim=(0, top), ylim=(0, 1), xlabel="l2 radius", ylabel="certified accuracy")
+  axes.set_title(title, fontsize="medium")
   axes.grid(alpha=0.3)
   figure.tight_layout()
   figure.savefig(path, format="png", dpi=150)
