@@ -47,8 +47,10 @@ def bench(name: str, batch: int, chunks: int) -> dict[str, float]:
   x = jax.random.uniform(jax.random.PRNGKey(0), (32, 32, 3))
   variables = jax.jit(lambda: model.init(jax.random.PRNGKey(1), x[None], train=False))()
   logits_fn = jax.tree_util.Partial(lambda v, z: model.apply(v, z, train=False), variables)
-  count = lambda num: smoothing.sample_counts(logits_fn, x, key=jax.random.PRNGKey(2), sigma=0.25, num=num,
-                                              batch_size=batch)
+
+  def count(num):
+    return smoothing.sample_counts(logits_fn, x, key=jax.random.PRNGKey(2), sigma=0.25, num=num, batch_size=batch)
+
   start = time.perf_counter()
   count(batch)  # compiles once; later calls of any num reuse it
   compile_seconds = time.perf_counter() - start

@@ -191,7 +191,7 @@ def certify_checkpoint(config: ml_collections.ConfigDict, workdir: str, out_dir:
 def _write_certified_accuracy(out_dir: str, rows: list[tuple[int, int, float]], radii: Sequence[float] | None,
                               settings: dict[str, Any]) -> dict[str, Any]:
   """Writes certified_accuracy.{txt,json,png} from (predicted, label, radius) rows; returns the summary."""
-  predicted, labels, radius = (np.array(column) for column in zip(*rows))
+  predicted, labels, radius = (np.array(column) for column in zip(*rows, strict=True))
   correct = predicted == labels
   sigma, n, alpha = settings["sigma"], settings["n"], settings["alpha"]
   if radii is None:

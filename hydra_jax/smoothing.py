@@ -149,7 +149,8 @@ def certify(f: LogitsFn, x: Array, *, key: Array, sigma: float, n0: int = 100, n
   check_settings(sigma, alpha, batch_size=batch_size, n0=n0, n=n)
   if max_radius(sigma, n, alpha) < 0:
     warnings.warn(f"certify: n={n}, alpha={alpha} can never certify: even n of n votes give a lower bound "
-                  f"alpha^(1/n) = {alpha ** (1 / n):.4f} < 0.5; use n >= log2(1/alpha) = {np.log2(1 / alpha):.1f}")
+                  f"alpha^(1/n) = {alpha ** (1 / n):.4f} < 0.5; use n >= log2(1/alpha) = {np.log2(1 / alpha):.1f}",
+                  stacklevel=2)
   select_key, estimate_key = jax.random.split(key)
   sample = functools.partial(sample_counts, f, x, sigma=sigma, batch_size=batch_size, progress=progress)
   guess = int(np.argmax(sample(key=select_key, num=n0)))
@@ -179,7 +180,7 @@ def predict(f: LogitsFn, x: Array, *, key: Array, sigma: float, n: int, alpha: f
   best_p_value = stats.binomtest(n, n, p=0.5).pvalue
   if best_p_value > alpha:
     warnings.warn(f"predict: n={n}, alpha={alpha} always abstains: n of n votes have p-value "
-                  f"{best_p_value:.4g} > alpha")
+                  f"{best_p_value:.4g} > alpha", stacklevel=2)
   counts = sample_counts(f, x, key=key, sigma=sigma, num=n, batch_size=batch_size, progress=progress)
   first, second = np.argsort(-counts, kind="stable")[:2]
   top, runner_up = int(counts[first]), int(counts[second])
@@ -213,7 +214,7 @@ def accuracy_table(at: Sequence[float], accuracies: Sequence[float], *, title: s
   """Text table, one row per radius: 'radius  certified acc %', under an optional title line."""
   lines = [title] if title else []
   lines.append(f"{'radius':>8}  {'certified acc %':>15}")
-  lines += [f"{r:>8.3f}  {100 * a:>15.2f}" for r, a in zip(at, accuracies)]
+  lines += [f"{r:>8.3f}  {100 * a:>15.2f}" for r, a in zip(at, accuracies, strict=True)]
   return "\n".join(lines)
 
 
