@@ -1,4 +1,4 @@
-"""Command line: `hydra-jax {train,eval,export} --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR`.
+"""Command line: `hydra-jax {train,eval,export,certify} --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR`.
 
   hydra-jax train  --config configs/digits_demo.py --workdir runs/demo
   hydra-jax train  --config configs/adversarial.py:model=wrn_28_4 --config.stage=prune --config.k=0.01 \
@@ -6,13 +6,15 @@
   hydra-jax eval   --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune \
                    --methods=pgd_linf,apgd_ce,apgd_dlr,apgd_t
   hydra-jax export --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune --out model.npz
+  hydra-jax certify --config configs/adversarial.py:model=wrn_28_4,objective=smooth --workdir runs/smooth \
+                   --sigma=0.25 --n=100000 --skip=20 --out=runs/smooth/certify
 
 The config is locked: an unknown `--config.KEY` is rejected with the key's name, and `train` checks values
 (`config.check_config`). The commands only parse flags and call the library (`pipeline.train_and_evaluate`,
-`export.evaluate_checkpoint`, `export.export_checkpoint`); `python -m hydra_jax` is the same program. A user
-error (`errors.UserError`: config, data, checkpoint; or a diverged run) prints one line naming the problem and
-the fix and exits with status 1, writing nothing; `HYDRA_JAX_TRACEBACK=1` or `--verbosity` shows its
-traceback. Any other exception is a bug and keeps its traceback.
+`export.evaluate_checkpoint`, `export.export_checkpoint`, `export.certify_checkpoint`); `python -m hydra_jax`
+is the same program. A user error (`errors.UserError`: config, data, checkpoint; or a diverged run) prints one
+line naming the problem and the fix and exits with status 1, writing nothing; `HYDRA_JAX_TRACEBACK=1` or
+`--verbosity` shows its traceback. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -34,10 +36,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optional
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (train: created or resumed; eval/export: read).")
 _METHODS = flags.DEFINE_list("methods", None, "eval: methods to run (default: the config's eval.methods); robust "
                              "accuracy is the per-example worst case over them.")
-_OUT = flags.DEFINE_string("out", None, "export: output file (.npz for numpy, .pth for a PyTorch state dict).")
+_OUT = flags.DEFINE_string("out", None, "export: output file (.npz for numpy, .pth for a PyTorch state dict); "
+                           "certify: output directory (default WORKDIR/certify_sigma<SIGMA>).")
 _DENSE = flags.DEFINE_bool("dense", True, "export: masked dense weights (zeros) instead of weights + scores.")
+_SIGMA = flags.DEFINE_float("sigma", 0.25, "certify: smoothing noise std (pixels in [0, 1]).")
+_N0 = flags.DEFINE_integer("n0", 100, "certify: Monte Carlo samples to select the class.")
+_N = flags.DEFINE_integer("n", 100_000, "certify: Monte Carlo samples to estimate its probability.")
+_ALPHA = flags.DEFINE_float("alpha", 0.001, "certify: failure probability of each certificate.")
+_SKIP = flags.DEFINE_integer("skip", 1, "certify: every skip-th eval example.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "certify: at most this many examples (0: all).")
+_CERTIFY_BATCH = flags.DEFINE_integer("certify_batch", 1000, "certify: noise samples per forward pass.")
 
-COMMANDS = ("train", "eval", "export")
+COMMANDS = ("train", "eval", "export", "certify")
 TRACEBACK_ENV = "HYDRA_JAX_TRACEBACK"  # set to 1 to see the traceback of a user error
 
 
@@ -55,6 +65,11 @@ def _run(command: str) -> None:
       print(json.dumps(result, indent=2))
   elif command == "eval":
     print(json.dumps(export.evaluate_checkpoint(config, workdir, methods=_METHODS.value), indent=2))
+  elif command == "certify":
+    out_dir = _OUT.value or os.path.join(workdir, f"certify_sigma{_SIGMA.value}")
+    print(export.certify_checkpoint(config, workdir, out_dir, sigma=_SIGMA.value, n0=_N0.value, n=_N.value,
+                                    alpha=_ALPHA.value, batch_size=_CERTIFY_BATCH.value, skip=_SKIP.value,
+                                    max_examples=_MAX_EXAMPLES.value)["table"])
   else:
     if not _OUT.value:
       raise app.UsageError("export needs --out FILE (.npz or .pth)")

@@ -3,6 +3,7 @@
   model = export.load_run(config, 'runs/k0.01/finetune')           # latest checkpoint ('best=True': best)
   export.evaluate_checkpoint(config, 'runs/k0.01/finetune', methods=['pgd_linf', 'apgd_ce', 'apgd_dlr'])
   export.export_checkpoint(config, 'runs/k0.01/finetune', 'wrn.pth')   # reference-layout PyTorch state dict
+  export.certify_checkpoint(config, 'runs/smooth', 'runs/smooth/certify', sigma=0.25)  # randomized smoothing
 
 Exported weights are dense arrays with the pruned entries exactly 0 (`masking.export_dense`). Masking does not
 make inference faster by itself: a dense kernel full of zeros costs what it did. `sparse_size` reports what a
@@ -12,7 +13,10 @@ compressed (BCOO) copy of the kept weights would occupy.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import sparse
+from tqdm import tqdm
 
 from hydra_jax import PyTree
 from hydra_jax import checkpoints
@@ -30,6 +35,7 @@ from hydra_jax import data
 from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
+from hydra_jax import smoothing
 from hydra_jax import sources
 from hydra_jax import train
 
@@ -126,3 +132,81 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   return (f"wrote {out}: {report.kept:,} of {report.total:,} prunable weights kept "
           f"({100 * report.kept / report.total:.2f}%); kernels {size['dense_bytes']:,} bytes dense, "
           f"{size['bcoo_bytes']:,} bytes as BCOO")
+
+
+def _certify_examples(config: ml_collections.ConfigDict, skip: int,
+                      max_examples: int) -> tuple[data.EvalBatches, range]:
+  """The eval split one example per batch, and the indices to certify: every skip-th, at most max_examples."""
+  examples = data.eval_batches(config.data.name, 1, data_dir=config.data.data_dir or None, process_index=0,
+                               process_count=1, image_size=config.data.image_size or None)
+  indices = range(0, examples.num_steps, skip)
+  return examples, indices[:max_examples] if max_examples > 0 else indices
+
+
+def certify_checkpoint(config: ml_collections.ConfigDict, workdir: str, out_dir: str, *, sigma: float,
+                       n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
+                       skip: int = 1, max_examples: int = 0, radii: Sequence[float] | None = None,
+                       best: bool = False, progress: bool = True) -> dict[str, Any]:
+  """Certifies the run's smoothed classifier on every `skip`-th eval example (Cohen et al. 2019, CERTIFY).
+
+  The base classifier is the run's model with masked weights and BatchNorm in eval mode; each example gets
+  `smoothing.certify` with key fold_in(PRNGKey(config.seed), index). Writes to `out_dir`:
+  `certify.tsv` (Cohen et al.'s columns: idx, label, predict (-1: abstain), radius, correct, time),
+  `certified_accuracy.txt` / `.json` (certified accuracy at `radii`, with sigma, n0, n, alpha and the
+  checkpoint) and `certified_accuracy.png`. The accuracies are those of the smoothed classifier g, each
+  certificate holding with probability >= 1 - alpha; they say nothing of the base classifier's robustness.
+
+  Args:
+    config, workdir, best: the run, as in `load_run`.
+    out_dir: output directory (created).
+    sigma, n0, n, alpha, batch_size: as in `smoothing.certify` (sigma in [0, 1] pixel units).
+    skip: certify examples 0, skip, 2 * skip, ... (as the reference's --skip).
+    max_examples: certify at most this many (0: all). The reference's --max bounds the index instead.
+    radii: l2 radii of the table (default: 0, 0.25, ... up to `smoothing.max_radius(sigma, n, alpha)`).
+    progress: progress bar over the examples.
+
+  Returns:
+    The JSON summary ('certified_accuracy' fractions per radius, settings, counts) plus 'table' (text).
+  """
+  smoothing.check_settings(sigma, alpha, n0=n0, n=n, batch_size=batch_size, skip=skip)
+  run = load_run(config, workdir, best=best)
+  apply_fn = models.make_apply_fn(sources.build_model(config))
+  logits_fn = jax.tree_util.Partial(lambda variables, x: apply_fn(variables, x, False)[0], run.variables)
+  examples, indices = _certify_examples(config, skip, max_examples)
+  key = jax.random.PRNGKey(config.seed)
+  os.makedirs(out_dir, exist_ok=True)
+  rows = []
+  with open(os.path.join(out_dir, "certify.tsv"), "w") as tsv:
+    print("idx\tlabel\tpredict\tradius\tcorrect\ttime", file=tsv, flush=True)
+    for index in tqdm(indices, desc=f"certify sigma={sigma}", disable=not progress):
+      example = examples.batch_at(index)
+      label, start = int(example["label"][0]), time.time()
+      predicted, radius = smoothing.certify(logits_fn, example["image"][0], key=jax.random.fold_in(key, index),
+                                            sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+      rows.append((predicted, label, radius))
+      print(f"{index}\t{label}\t{predicted}\t{radius:.6g}\t{int(predicted == label)}\t"
+            f"{datetime.timedelta(seconds=time.time() - start)}", file=tsv, flush=True)
+  settings = {"checkpoint": workdir, "stage": run.meta.get("stage"), "k": run.k, "sigma": sigma, "n0": n0, "n": n,
+              "alpha": alpha, "skip": skip, "max_examples": max_examples}
+  return _write_certified_accuracy(out_dir, rows, radii, settings)
+
+
+def _write_certified_accuracy(out_dir: str, rows: list[tuple[int, int, float]], radii: Sequence[float] | None,
+                              settings: dict[str, Any]) -> dict[str, Any]:
+  """Writes certified_accuracy.{txt,json,png} from (predicted, label, radius) rows; returns the summary."""
+  predicted, labels, radius = (np.array(column) for column in zip(*rows, strict=True))
+  correct = predicted == labels
+  sigma, n, alpha = settings["sigma"], settings["n"], settings["alpha"]
+  if radii is None:
+    radii = np.arange(0.0, max(smoothing.max_radius(sigma, n, alpha), 0.0) + 1e-9, 0.25)
+  accuracy = smoothing.certified_accuracy(correct, radius, radii)
+  title = f"smoothed classifier g: sigma={sigma}, n={n}, alpha={alpha}, {len(rows)} examples"
+  table = smoothing.accuracy_table(radii, accuracy, title=title)
+  summary = {**settings, "num_examples": len(rows), "abstained": int(np.sum(predicted == smoothing.ABSTAIN)),
+             "radii": [float(r) for r in radii], "certified_accuracy": [float(a) for a in accuracy]}
+  with open(os.path.join(out_dir, "certified_accuracy.txt"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(out_dir, "certified_accuracy.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  smoothing.plot_certified_accuracy(os.path.join(out_dir, "certified_accuracy.png"), correct, radius, title=title)
+  return {**summary, "table": table}

@@ -29,7 +29,7 @@ def hydra_jax(*args, check=True, env=None, python_code=None):
 
 def test_unknown_command_prints_usage():
   result = hydra_jax("fit", check=False)
-  assert result.returncode == 2 and "usage: hydra-jax {train,eval,export}" in result.stderr
+  assert result.returncode == 2 and "usage: hydra-jax {train,eval,export,certify}" in result.stderr
 
 
 @pytest.mark.parametrize("flag, message", [

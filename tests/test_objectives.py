@@ -172,6 +172,19 @@ def test_smooth_matches_numpy():
   np.testing.assert_allclose(metrics["noisy_accuracy"], np.mean(other.argmax(-1) == y))
 
 
+def test_smooth_imagenet_is_cross_entropy_on_the_noisy_input_only():
+  _, apply_fn, variables, batch = _linear_setup(seed=6)
+  config = objectives.default_config("smooth_imagenet")
+  config.noise_std = 0.5
+  key = helpers.key(9)
+  loss, (metrics, _) = objectives.smooth_imagenet_loss(apply_fn, variables, batch, key, config)
+  x, y = np.asarray(batch["image"]), np.asarray(batch["label"])
+  noisy = _np_linear_logits(variables, x + 0.5 * np.asarray(jax.random.normal(key, x.shape)))
+  np.testing.assert_allclose(loss, _np_ce(noisy, y), rtol=1e-5)
+  assert abs(float(loss) - _np_ce(_np_linear_logits(variables, x), y)) > 1e-3  # the clean input plays no part
+  np.testing.assert_allclose(metrics["accuracy"], np.mean(noisy.argmax(-1) == y))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Free adversarial training under the train-step contract.
 
@@ -223,7 +236,7 @@ def test_free_uses_first_rows_of_carry_for_a_smaller_batch():
 # Every objective through value_and_grad with a BatchNorm CNN.
 
 
-@pytest.mark.parametrize("name", ["benign", "pgd_at", "trades", "smooth", "free"])
+@pytest.mark.parametrize("name", ["benign", "pgd_at", "trades", "smooth", "smooth_imagenet", "free"])
 def test_objectives_differentiate_and_update_bn_stats(name):
   model = helpers.TinyCNN(batch_norm=True)
   apply_fn = helpers.make_apply_fn(model)
