@@ -228,6 +228,60 @@ def admm_schedule(params: PyTree, state: AdmmState, step: jax.Array, *, interval
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Training phases that change the train step: what the one step calls for STR and Adv-ADMM.
+
+
+class PhaseHooks(NamedTuple):
+  """What a training phase changes in the train step; HYDRA's own stages need none of it.
+
+  The step, with `aux` one more field of the train state:
+    aux = before_step(params, aux, step)                      # before the loss (ADMM's Z/U update)
+    loss = objective(weights(params, aux)) + penalty(params, aux)
+  and, when `trains_aux`, `aux` is optimised beside the params (STR's thresholds, with weight decay);
+  otherwise it is a constant of the gradient step (ADMM's Z, U, rho). `weights(params, aux)` is also what
+  the phase exports, evaluates and counts as its sparsity.
+
+  Attributes:
+    init: `params -> aux` at the start of the phase.
+    weights: `(params, aux) -> params` the model runs with.
+    penalty: `(params, aux) -> scalar` added to the objective's loss.
+    before_step: `(params, aux, step) -> aux`, `step` = batches consumed (traced).
+    trains_aux: whether the optimizer updates `aux`.
+  """
+
+  init: Callable[[PyTree], PyTree]
+  weights: Callable[[PyTree, PyTree], PyTree]
+  penalty: Callable[[PyTree, PyTree], jax.Array]
+  before_step: Callable[[PyTree, PyTree, jax.Array], PyTree]
+  trains_aux: bool
+
+
+def str_hooks(s_init: float) -> PhaseHooks:
+  """STR trained from scratch: the model runs with `str_weights`; the thresholds train with the weights.
+
+  Weight decay on s is the run's weight decay (the STR code's default, `--st_decay` unset); it is what
+  pulls a very negative s_init toward 0 and raises the threshold.
+  """
+  return PhaseHooks(init=lambda params: str_thresholds(params, s_init), weights=str_weights,
+                    penalty=lambda params, aux: jnp.zeros((), jnp.float32),
+                    before_step=lambda params, aux, step: aux, trains_aux=True)
+
+
+def admm_hooks(k: Any, rho: float, rho_growth: float, interval_steps: int, **mask_options: Any) -> PhaseHooks:
+  """Adv-ADMM's W-steps: dense weights, loss + `admm_penalty`, `admm_schedule` before every step.
+
+  Ye et al.'s CIFAR-10 config: rho 1e-3 grown x1.3 per update (`multi_rho`), an update every 20 epochs
+  (`admm_epoch`) over 200 epochs at lr 0.01, PGD-10 training; then hard prune and retrain (`run_baseline`).
+  """
+  return PhaseHooks(init=lambda params: admm_init(params, k, rho, **mask_options),
+                    weights=lambda params, aux: params, penalty=admm_penalty,
+                    before_step=lambda params, aux, step: admm_schedule(
+                        params, aux, step, interval_steps=interval_steps, k=k, rho_growth=rho_growth,
+                        **mask_options),
+                    trains_aux=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The registry.
 
 
@@ -235,29 +289,27 @@ class Baseline(NamedTuple):
   """How a baseline replaces HYDRA's prune (and finetune) stages.
 
   Attributes:
-    start: 'pretrained' (the pretrain stage's weights; mask-fixed phase on the finetune schedule) or
+    start: 'pretrained' (a run directory's weights; mask-fixed phase on the finetune schedule) or
       'scratch' (a fresh initialisation; mask-fixed phase on the pretrain schedule).
     mask_scores: `(params, key, grads) -> scores` whose top-k is the fixed mask, computed from the weights
-      the mask-fixed phase starts from (after `phase` if any); None: no mask-fixed phase (STR).
+      the mask-fixed phase starts from (after `phase`, if any); None: no mask-fixed phase (STR).
     needs_grads: `mask_scores` reads `grads`, the mean gradient of the run's objective (SNIP).
-    phase: None, or a training phase that needs hooks in the train step, run before the mask is fixed:
-      'admm' (loss + `admm_penalty`, `admm_schedule` each step, all weights dense and trained) or
-      'str' (the model runs with `str_weights(params, thresholds)`; params and thresholds both trained,
-      weight decay on both; the result is the STR model, its sparsity the one reached).
+    phase: None, or the factory of the `PhaseHooks` of the training phase run first (`str_hooks`,
+      `admm_hooks`): it needs the train step to call the hooks.
   """
 
   start: str
   mask_scores: Callable[[PyTree, jax.Array, PyTree], PyTree] | None
   needs_grads: bool = False
-  phase: str | None = None
+  phase: Callable[..., PhaseHooks] | None = None
 
 
 BASELINES: dict[str, Baseline] = {
     "lwm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params)),
     "snip": Baseline("scratch", lambda params, key, grads: snip_scores(params, grads), needs_grads=True),
     "random": Baseline("scratch", lambda params, key, grads: random_scores(params, key)),
-    "admm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params), phase="admm"),
-    "str": Baseline("scratch", None, phase="str"),
+    "admm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params), phase=admm_hooks),
+    "str": Baseline("scratch", None, phase=str_hooks),
 }
 
 

@@ -212,20 +212,36 @@ def tiny_problem():
   return params, loss_fn
 
 
-def run_steps(loss_of_trainable, trainable, steps, *, before_step=None, aux=None, weight_decay=0.0):
-  """SGD with momentum and weight decay, as the train step: grad, update, apply; `before_step` updates `aux`."""
+def run_phase(hooks, loss_fn, params, steps, weight_decay=0.0):
+  """The train step's protocol for `PhaseHooks`, with SGD (lr 0.05, momentum 0.9) and weight decay."""
   tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(0.05, momentum=0.9))
+  aux = hooks.init(params)
+  trainable = {"params": params, "aux": aux if hooks.trains_aux else ()}
+  frozen = () if hooks.trains_aux else aux
+
+  def loss(trainable, frozen):
+    aux = trainable["aux"] if hooks.trains_aux else frozen
+    return loss_fn(hooks.weights(trainable["params"], aux)) + hooks.penalty(trainable["params"], aux)
 
   def step(carry, index):
-    trainable, aux, opt_state = carry
-    if before_step is not None:
-      aux = before_step(trainable, aux, index)
-    updates, opt_state = tx.update(jax.grad(loss_of_trainable)(trainable, aux), opt_state, trainable)
-    return (optax.apply_updates(trainable, updates), aux, opt_state), None
+    trainable, frozen, opt_state = carry
+    if hooks.trains_aux:
+      trainable = {**trainable, "aux": hooks.before_step(trainable["params"], trainable["aux"], index)}
+    else:
+      frozen = hooks.before_step(trainable["params"], frozen, index)
+    updates, opt_state = tx.update(jax.grad(loss)(trainable, frozen), opt_state, trainable)
+    return (optax.apply_updates(trainable, updates), frozen, opt_state), None
 
   run = jax.jit(lambda carry: jax.lax.scan(step, carry, jnp.arange(steps))[0])
-  trainable, aux, _ = run((trainable, aux, tx.init(trainable)))
-  return trainable, aux
+  trainable, frozen, _ = run((trainable, frozen, tx.init(trainable)))
+  return trainable["params"], trainable["aux"] if hooks.trains_aux else frozen
+
+
+def fixed_hooks(scores, k):
+  """HYDRA's finetune stage in the same protocol: scores frozen, the model runs with the masked params."""
+  return baselines.PhaseHooks(init=lambda params: scores, weights=lambda params, s: masking.apply_masks(params, s, k),
+                              penalty=lambda params, aux: 0.0, before_step=lambda params, aux, step: aux,
+                              trains_aux=False)
 
 
 def kept_per_layer(params):
@@ -240,9 +256,8 @@ def test_fixed_mask_baselines_keep_their_mask_through_training(name):
   scores = baselines.get_baseline(name).mask_scores(params, jax.random.key(1), grads)
   masks = masking.compute_masks(scores, k)
   start = masking.export_dense(params, scores, k)
-  trained, _ = run_steps(lambda p, _: loss_fn(masking.apply_masks(p, scores, k)), start, 5, weight_decay=1e-3)
-  final = masking.export_dense(trained, scores, k)
-  assert kept_per_layer(final) == {"hidden": kept_count(48, k), "out": kept_count(16, k)}
+  trained, _ = run_phase(fixed_hooks(scores, k), loss_fn, start, 5, weight_decay=1e-3)
+  assert kept_per_layer(trained) == {"hidden": kept_count(48, k), "out": kept_count(16, k)}
   for layer in ("hidden", "out"):
     np.testing.assert_array_equal(np.asarray(trained[layer]["kernel"]) != 0, np.asarray(masks[layer]["kernel"]) > 0)
     assert not np.allclose(trained[layer]["kernel"], start[layer]["kernel"])  # the kept weights did train
@@ -250,32 +265,33 @@ def test_fixed_mask_baselines_keep_their_mask_through_training(name):
 
 def test_str_training_reports_the_sparsity_its_thresholds_give():
   params, loss_fn = tiny_problem()
-  trainable = {"params": params, "thresholds": baselines.str_thresholds(params, -2.0)}  # sigmoid: 0.12
-  loss = lambda t, _: loss_fn(baselines.str_weights(t["params"], t["thresholds"]))
-  trained, _ = run_steps(loss, trainable, 10, weight_decay=0.05)
-  report = baselines.str_sparsity(trained["params"], trained["thresholds"])
+  trained, thresholds = run_phase(baselines.get_baseline("str").phase(s_init=-2.0), loss_fn, params, 10,
+                                  weight_decay=0.05)  # sigmoid(-2) = 0.12
+  report = baselines.str_sparsity(trained, thresholds)
   for name, kept, total in report.layers:
     layer = name.split("/")[0]
-    threshold = jax.nn.sigmoid(trained["thresholds"][layer]["kernel"])
-    assert kept == int(np.sum(np.abs(np.asarray(trained["params"][layer]["kernel"])) > threshold)) and total > kept
-  assert all(float(trained["thresholds"][n]["kernel"]) != -2.0 for n in ("hidden", "out"))  # s trained
+    threshold = jax.nn.sigmoid(thresholds[layer]["kernel"])
+    assert kept == int(np.sum(np.abs(np.asarray(trained[layer]["kernel"])) > threshold)) and 0 < kept < total
+    assert float(thresholds[layer]["kernel"]) != -2.0  # s was trained
 
 
 def test_admm_drives_weights_to_the_sparse_set_then_hard_prune_keeps_k():
   params, loss_fn = tiny_problem()
   k = 0.25
-  distance = lambda p: sum(float(jnp.sum((p[n]["kernel"] - baselines.project_sparse(
-      baselines.magnitude_scores(p), k)[n]["kernel"] * jnp.sign(p[n]["kernel"])) ** 2)) for n in ("hidden", "out"))
-  admm_loss = lambda p, state: loss_fn(p) + baselines.admm_penalty(p, state)
-  schedule = lambda p, state, step: baselines.admm_schedule(p, state, step, interval_steps=10, k=k, rho_growth=1.3)
-  admm_trained, _ = run_steps(admm_loss, params, 150, before_step=schedule, aux=baselines.admm_init(params, k, 1.0))
-  plain, _ = run_steps(lambda p, _: loss_fn(p), params, 150)
-  assert distance(admm_trained) < 0.1 * distance(plain)  # the penalty pulled W toward its k-sparse projection
+
+  def distance_to_sparse_set(p):
+    kernels = {n: {"kernel": p[n]["kernel"]} for n in ("hidden", "out")}
+    return sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
+        jax.tree.leaves(kernels), jax.tree.leaves(baselines.project_sparse(kernels, k))))
+
+  hooks = baselines.get_baseline("admm").phase(k=k, rho=1.0, rho_growth=1.3, interval_steps=10)
+  admm_trained, state = run_phase(hooks, loss_fn, params, 150)
+  plain, _ = run_phase(fixed_hooks(baselines.magnitude_scores(params), 1.0), loss_fn, params, 150)
+  assert float(state.rho) == pytest.approx(1.3 ** 14, rel=1e-5)  # updates at steps 10, 20, ..., 140
+  assert distance_to_sparse_set(admm_trained) < 0.1 * distance_to_sparse_set(plain)  # pulled toward S_k
   scores = baselines.get_baseline("admm").mask_scores(admm_trained, None, None)
-  retrained, _ = run_steps(lambda p, _: loss_fn(masking.apply_masks(p, scores, k)),
-                           masking.export_dense(admm_trained, scores, k), 5)
-  final = masking.export_dense(retrained, scores, k)
-  assert kept_per_layer(final) == {"hidden": kept_count(48, k), "out": kept_count(16, k)}
+  retrained, _ = run_phase(fixed_hooks(scores, k), loss_fn, masking.export_dense(admm_trained, scores, k), 5)
+  assert kept_per_layer(retrained) == {"hidden": kept_count(48, k), "out": kept_count(16, k)}
 
 
 # ----------------------------------------------------------------------------------------------------------
