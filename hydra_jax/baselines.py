@@ -4,15 +4,16 @@ Every baseline is a transform of the parameter pytree plus, where it needs one, 
 mirror `params` have an array at each prunable kernel (`masking.is_prunable`) and None elsewhere, as
 HYDRA's scores do (jaxpruner's convention).
 
-  | name     | starts from | what it does before the weights are trained with a fixed mask               |
-  |----------|-------------|------------------------------------------------------------------------------|
-  | `lwm`    | pretrained  | mask = per-layer top-k of |w| (least weight magnitude; Han et al. 2015)       |
-  | `snip`   | scratch     | mask = top-k of |g * w|, g = dL/dw of the robust loss at init (Lee et al. 2019)|
-  | `random` | scratch     | mask = a uniformly random subset of each layer, same per-layer count        |
-  | `admm`   | pretrained  | ADMM-regularised robust training toward the k-sparse set (Ye et al. 2019),  |
-  |          |             | then mask = top-k of the trained |w| (hard prune)                             |
-  | `str`    | scratch     | no fixed mask: w_eff = sign(w) relu(|w| - sigmoid(s)) with a learnable      |
-  |          |             | threshold s per layer; the sparsity emerges (Kusupati et al. 2020)          |
+  lwm     from the pretrained weights: mask = per-layer top-k of |w| (least weight magnitude, Han et al.
+          2015), then the weights are trained with the mask fixed.
+  snip    from a fresh initialisation: mask = top-k of |g * w|, g = dL/dw of the run's (robust) loss at
+          initialisation on one or a few batches (Lee et al. 2019), then trained with the mask fixed.
+  random  from a fresh initialisation: mask = a uniformly random subset of each layer at the same per-layer
+          k (HYDRA's "scratch"), then trained with the mask fixed.
+  admm    from the pretrained weights: ADMM-regularised robust training toward the k-sparse set (Ye et al.
+          2019), hard prune (top-k of the trained |w|), then robust retraining with the mask fixed.
+  str     from a fresh initialisation: no fixed mask; the model runs with w_eff = sign(w) relu(|w| - g(s)),
+          g = sigmoid, s a learnable threshold per layer, and the sparsity emerges (Kusupati et al. 2020).
 
 A mask is always given as a scores tree whose per-layer top-k (`masking.compute_masks`) is that mask, so the
 mask-fixed phase is exactly HYDRA's finetune stage started from a checkpoint holding those scores
@@ -29,6 +30,8 @@ Usage:
   >>> admm = baselines.admm_init(params, k=0.01, rho=1e-3)                 # Adv-ADMM
   >>> loss = robust_loss(params) + baselines.admm_penalty(params, admm)
   >>> admm = baselines.admm_schedule(params, admm, step, interval_steps=n, k=0.01, rho_growth=1.3)
+  >>> hooks = baselines.get_baseline("str").phase(s_init=-5.0)             # the same, as train-step hooks
+  >>> row = baselines.run_baseline(config, "lwm", "runs/pretrain", "runs/k0.01/lwm")   # a whole run
 """
 
 from __future__ import annotations
@@ -120,8 +123,8 @@ def str_thresholds(params: PyTree, s_init: float) -> PyTree:
   """One learnable threshold parameter s (a float32 scalar) per prunable kernel, all `s_init`.
 
   The STR paper's ResNet-50 ImageNet runs use s_init = -3200 with weight decay on s (sigmoid(-3200) = 0:
-  the weights start dense and weight decay pulls s toward 0, raising the threshold); for short runs pick
-  s_init near log(|w| / (1 - |w|)) of the weights' scale (e.g. -5) so that the threshold can bite.
+  the weights start dense and weight decay pulls s toward 0, raising the threshold); a short run needs
+  sigmoid(s_init) closer to the weights' scale (e.g. s_init = -5: threshold 0.0067) for any sparsity.
   """
   return _at_prunable(lambda w: jnp.asarray(s_init, jnp.float32), params)
 
