@@ -352,3 +352,16 @@ def at(tree, path):
   for key in path:
     tree = tree[key.key]
   return tree
+
+
+def test_objective_loss_starts_stateful_objectives_from_their_initial_carry():
+  # Free AT with its zero initial perturbation is CE on clip(x + 0) = x: the benign loss, for the same weights.
+  config = tiny_config()
+  variables = train.init_variables(config, jax.random.key(0))
+  batch = data.train_batches("digits", 8, seed=0).batch_at(0)
+  losses = {}
+  for name in ("free", "benign"):
+    config.objective = train.objective_config(name)
+    losses[name] = baselines.objective_loss(config, variables["batch_stats"])(variables["params"], batch,
+                                                                            jax.random.key(1))
+  assert np.isfinite(losses["free"]) and float(losses["free"]) == pytest.approx(float(losses["benign"]), rel=1e-6)
