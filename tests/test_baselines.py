@@ -365,3 +365,23 @@ def test_objective_loss_starts_stateful_objectives_from_their_initial_carry():
     losses[name] = baselines.objective_loss(config, variables["batch_stats"])(variables["params"], batch,
                                                                             jax.random.key(1))
   assert np.isfinite(losses["free"]) and float(losses["free"]) == pytest.approx(float(losses["benign"]), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_run_baseline_lwm_equals_the_pipelines_finetune_with_scaled_scores(tmp_path):
+  # At layer scope |w| and HYDRA's scaled init (|w| times a per-layer constant) give the same mask, so the
+  # runner's LWM must train exactly the weights of train.run_pipeline's LWM branch.
+  config = tiny_config()
+  pretrain_dir = str(tmp_path / "pretrain")
+  train.run_stage(train.stage_config(config, "pretrain", stop_after_steps=5), pretrain_dir)
+  baselines.run_baseline(config, "lwm", pretrain_dir, str(tmp_path / "lwm"))
+  train.run_stage(train.stage_config(config, "finetune", source=pretrain_dir, score_init="scaled"),
+                  str(tmp_path / "pipeline_lwm"))
+  template = jax.eval_shape(lambda: train.init_variables(config, jax.random.key(0)))
+  abstract = {"model": {"params": template["params"], "batch_stats": template["batch_stats"],
+                        "scores": jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
+                                                 template["params"])}}
+  ours = checkpoints.restore(str(tmp_path / "lwm" / "train"), abstract)[0]["model"]["params"]
+  theirs = checkpoints.restore(str(tmp_path / "pipeline_lwm"), abstract)[0]["model"]["params"]
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  assert masking.sparsity_report(ours).kept == masking.sparsity_report(theirs).kept
