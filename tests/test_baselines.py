@@ -282,7 +282,7 @@ def test_admm_drives_weights_to_the_sparse_set_then_hard_prune_keeps_k():
   def distance_to_sparse_set(p):
     kernels = {n: {"kernel": p[n]["kernel"]} for n in ("hidden", "out")}
     return sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
-        jax.tree.leaves(kernels), jax.tree.leaves(baselines.project_sparse(kernels, k))))
+        jax.tree.leaves(kernels), jax.tree.leaves(baselines.project_sparse(kernels, k)), strict=True))
 
   hooks = baselines.get_baseline("admm").phase(k=k, rho=1.0, rho_growth=1.3, interval_steps=10)
   admm_trained, state = run_phase(hooks, loss_fn, params, 150)
