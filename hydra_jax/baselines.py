@@ -97,7 +97,7 @@ def mean_gradient(loss_fn: LossFn, params: PyTree, batches: Iterable[Any], key: 
 
 
 def snip_scores(params: PyTree, grads: PyTree) -> PyTree:
-  """SNIP connection sensitivity |g * w| at each prunable kernel (Lee et al. 2019, Eq. 6).
+  """SNIP connection sensitivity |g * w| at each prunable kernel (Lee et al. 2019).
 
   g = dL/dw of the dense network (k = 1) on the stated batches (`mean_gradient`); w * g is dL/dc, c the
   connection gates at c = 1. Lee et al. divide by sum |g * w|, a positive constant that changes no ranking,
@@ -133,7 +133,7 @@ def str_weights(params: PyTree, thresholds: PyTree,
                 threshold_fn: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid) -> PyTree:
   """The weights the model runs with: w_eff = sign(w) * relu(|w| - g(s)) at each prunable kernel.
 
-  Kusupati et al. 2020, Eq. 2, g = sigmoid. Entries with |w| <= g(s) are exactly 0; the others shrink by
+  Kusupati et al. 2020 (their `sparseFunction`), g = sigmoid. Entries with |w| <= g(s) are exactly 0; the others shrink by
   g(s) toward 0. Gradients (autodiff, relu'(0) = 0, sign' = 0):
     dw_eff/dw = 1[|w| > g(s)],   dL/ds = -g'(s) * sum_{|w| > g(s)} sign(w) * dL/dw_eff.
   Non-prunable leaves (None in `thresholds`) are returned as is.
@@ -210,7 +210,7 @@ def admm_update(params: PyTree, state: AdmmState, k: Any, rho_growth: float = 1.
                 **mask_options: Any) -> AdmmState:
   """One ADMM Z- and U-step after the W-steps: Z' = Pi_k(W + U), U' = U + W - Z', rho' = rho_growth * rho.
 
-  Ye et al. 2019, Eqs. 5-6 (`admm_update`); their `multi_rho` multiplies rho by 1.3 at each update and,
+  Ye et al. 2019 (their code's `admm_update`); their `multi_rho` multiplies rho by 1.3 at each update and,
   as here, does not rescale U when rho changes.
   """
   kernels = _kernels(params)
