@@ -133,8 +133,8 @@ def str_weights(params: PyTree, thresholds: PyTree,
                 threshold_fn: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid) -> PyTree:
   """The weights the model runs with: w_eff = sign(w) * relu(|w| - g(s)) at each prunable kernel.
 
-  Kusupati et al. 2020 (their `sparseFunction`), g = sigmoid. Entries with |w| <= g(s) are exactly 0; the others shrink by
-  g(s) toward 0. Gradients (autodiff, relu'(0) = 0, sign' = 0):
+  Kusupati et al. 2020 (their `sparseFunction`), g = sigmoid. Entries with |w| <= g(s) are exactly 0; the
+  others shrink by g(s) toward 0. Gradients (autodiff, relu'(0) = 0, sign' = 0):
     dw_eff/dw = 1[|w| > g(s)],   dL/ds = -g'(s) * sum_{|w| > g(s)} sign(w) * dL/dw_eff.
   Non-prunable leaves (None in `thresholds`) are returned as is.
 
