@@ -1,0 +1,439 @@
+"""The paper's pruning baselines, each runnable in place of HYDRA's prune stage with any objective.
+
+Every baseline is a transform of the parameter pytree plus, where it needs one, a loss term; trees that
+mirror `params` have an array at each prunable kernel (`masking.is_prunable`) and None elsewhere, as
+HYDRA's scores do (jaxpruner's convention).
+
+  lwm     from the pretrained weights: mask = per-layer top-k of |w| (least weight magnitude, Han et al.
+          2015), then the weights are trained with the mask fixed.
+  snip    from a fresh initialisation: mask = top-k of |g * w|, g = dL/dw of the run's (robust) loss at
+          initialisation on one or a few batches (Lee et al. 2019), then trained with the mask fixed.
+  random  from a fresh initialisation: mask = a uniformly random subset of each layer at the same per-layer
+          k (HYDRA's "scratch"), then trained with the mask fixed.
+  admm    from the pretrained weights: ADMM-regularised robust training toward the k-sparse set (Ye et al.
+          2019), hard prune (top-k of the trained |w|), then robust retraining with the mask fixed.
+  str     from a fresh initialisation: no fixed mask; the model runs with w_eff = sign(w) relu(|w| - g(s)),
+          g = sigmoid, s a learnable threshold per layer, and the sparsity emerges (Kusupati et al. 2020).
+
+A mask is always given as a scores tree whose per-layer top-k (`masking.compute_masks`) is that mask, so the
+mask-fixed phase is exactly HYDRA's finetune stage started from a checkpoint holding those scores
+(`run_baseline`). "scratch" trains for the pretrain stage's epochs and learning rate, "pretrained" for the
+finetune stage's. STR and Adv-ADMM also change the train step itself (see `Baseline.phase`).
+
+Usage:
+  >>> scores = baselines.magnitude_scores(params)                          # LWM
+  >>> scores = baselines.snip_scores(params, baselines.mean_gradient(loss_fn, params, batches, key))
+  >>> scores = baselines.random_scores(params, key)                        # scratch
+  >>> masked = masking.apply_masks(params, scores, k=0.01)                 # scores frozen: mask fixed
+  >>> thresholds = baselines.str_thresholds(params, s_init=-5.0)           # STR, trained beside params
+  >>> weights = baselines.str_weights(params, thresholds)                  # what the model runs with
+  >>> admm = baselines.admm_init(params, k=0.01, rho=1e-3)                 # Adv-ADMM
+  >>> loss = robust_loss(params) + baselines.admm_penalty(params, admm)
+  >>> admm = baselines.admm_schedule(params, admm, step, interval_steps=n, k=0.01, rho_growth=1.3)
+  >>> hooks = baselines.get_baseline("str").phase(s_init=-5.0)             # the same, as train-step hooks
+  >>> row = baselines.run_baseline(config, "lwm", "runs/pretrain", "runs/k0.01/lwm")   # a whole run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from hydra_jax import checkpoints
+from hydra_jax import data
+from hydra_jax import masking
+from hydra_jax import models
+from hydra_jax import objectives
+from hydra_jax import train
+
+PyTree = Any
+LossFn = Callable[[PyTree, Any, jax.Array], jax.Array]
+
+
+def _at_prunable(fn: Callable[..., jax.Array], params: PyTree, *rest: PyTree) -> PyTree:
+  """`fn(w, *rest_leaves)` at every prunable kernel of `params`, None at every other leaf."""
+  def leaf(path, w, *others):
+    return fn(w, *others) if masking.is_prunable(path, w) else None
+
+  return jax.tree_util.tree_map_with_path(leaf, params, *rest, is_leaf=lambda x: x is None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixed masks: LWM, SNIP, random. Each is a scores tree; `masking.compute_masks(scores, k)` is the mask.
+
+
+def magnitude_scores(params: PyTree) -> PyTree:
+  """|w| at each prunable kernel: its per-layer top-k is least-weight-magnitude pruning (LWM).
+
+  The same per-layer mask as HYDRA's 'scaled' score init (a positive per-layer rescaling of w); with
+  `scope='global'` it ranks the raw magnitudes across layers. Also Adv-ADMM's hard prune.
+  """
+  return _at_prunable(jnp.abs, params)
+
+
+def mean_gradient(loss_fn: LossFn, params: PyTree, batches: Iterable[Any], key: jax.Array) -> PyTree:
+  """(1/n) sum_i dL(params, batch_i, key_i) / dparams over the n `batches`, key_i = fold_in(key, i).
+
+  Args:
+    loss_fn: `(params, batch, key) -> scalar loss` (e.g. the robust objective with BN statistics fixed).
+    params: the weights to differentiate at (a fresh initialisation for SNIP).
+    batches: one or a few batches (at least one).
+    key: seeds each batch's randomness (attack starts).
+
+  Returns:
+    A tree shaped like `params`: the gradient of the mean loss over equally sized batches.
+  """
+  grad_fn = jax.jit(jax.grad(loss_fn))
+  grads = [grad_fn(params, batch, jax.random.fold_in(key, i)) for i, batch in enumerate(batches)]
+  if not grads:
+    raise ValueError("mean_gradient needs at least one batch")
+  return jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+
+
+def snip_scores(params: PyTree, grads: PyTree) -> PyTree:
+  """SNIP connection sensitivity |g * w| at each prunable kernel (Lee et al. 2019).
+
+  g = dL/dw of the dense network (k = 1) on the stated batches (`mean_gradient`); w * g is dL/dc, c the
+  connection gates at c = 1. Lee et al. divide by sum |g * w|, a positive constant that changes no ranking,
+  per layer or global. This is the reference's `snip_init`, with the run's (robust) objective.
+  """
+  return masking.init_scores(params, "snip", jax.random.key(0), grads=grads)  # 'snip' draws no random numbers
+
+
+def random_scores(params: PyTree, key: jax.Array) -> PyTree:
+  """i.i.d. uniform scores: per layer, their top-k is a uniformly random subset of exactly the top-k count.
+
+  For HYDRA's "scratch" baseline: a random mask at the same per-layer k, trained from scratch. Use it
+  with `scope='layer'` (the default): ranked globally, layers of different fan-in would get different k.
+  """
+  return masking.init_scores(params, "uniform", key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# STR: Soft Threshold Reparameterization (Kusupati et al. 2020).
+
+
+def str_thresholds(params: PyTree, s_init: float) -> PyTree:
+  """One learnable threshold parameter s (a float32 scalar) per prunable kernel, all `s_init`.
+
+  The STR paper's ResNet-50 ImageNet runs use s_init = -3200 with weight decay on s (sigmoid(-3200) = 0:
+  the weights start dense and weight decay pulls s toward 0, raising the threshold); a short run needs
+  sigmoid(s_init) closer to the weights' scale (e.g. s_init = -5: threshold 0.0067) for any sparsity.
+  """
+  return _at_prunable(lambda w: jnp.asarray(s_init, jnp.float32), params)
+
+
+def str_weights(params: PyTree, thresholds: PyTree,
+                threshold_fn: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid) -> PyTree:
+  """The weights the model runs with: w_eff = sign(w) * relu(|w| - g(s)) at each prunable kernel.
+
+  Kusupati et al. 2020 (their `sparseFunction`), g = sigmoid. Entries with |w| <= g(s) are exactly 0; the
+  others shrink by g(s) toward 0. Gradients (autodiff, relu'(0) = 0, sign' = 0):
+    dw_eff/dw = 1[|w| > g(s)],   dL/ds = -g'(s) * sum_{|w| > g(s)} sign(w) * dL/dw_eff.
+  Non-prunable leaves (None in `thresholds`) are returned as is.
+
+  Args:
+    params: the 'params' collection.
+    thresholds: from `str_thresholds`: a scalar at each prunable kernel, None elsewhere.
+    threshold_fn: g, mapping s to the threshold on |w| (the paper's sigmoid).
+  """
+  def soft_threshold(w, s):
+    return jnp.sign(w) * jax.nn.relu(jnp.abs(w) - threshold_fn(s).astype(w.dtype))
+
+  return jax.tree.map(lambda w, s: w if s is None else soft_threshold(w, s), params, thresholds,
+                      is_leaf=lambda x: x is None)
+
+
+def str_sparsity(params: PyTree, thresholds: PyTree) -> masking.SparsityReport:
+  """Kept (nonzero) / total entries of each prunable kernel of `str_weights(params, thresholds)`."""
+  return masking.sparsity_report(str_weights(params, thresholds))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adv-ADMM (Ye et al. 2019): min_W L_adv(W) s.t. W in S_k, solved by ADMM with W = Z, Z in S_k.
+
+
+class AdmmState(NamedTuple):
+  """ADMM's auxiliary variables (scaled form), trees mirroring params (None at non-prunable leaves).
+
+  Attributes:
+    z: the k-sparse copy of the weights (each prunable kernel in its k-sparse set).
+    u: the scaled dual variable, shaped like the kernels.
+    rho: the penalty weight (float32 scalar).
+  """
+
+  z: PyTree
+  u: PyTree
+  rho: jax.Array
+
+
+def project_sparse(tree: PyTree, k: Any, *, scope: str = "layer", min_layer_k: float = 0.0) -> PyTree:
+  """Euclidean projection onto the k-sparse set: keep the top-k |x| of each array, zero the rest.
+
+  For a set S of allowed supports of size n_keep, argmin_{z: supp z in S} ||z - x||^2 keeps x on the
+  n_keep entries of largest |x| (the dropped entries cost sum x_i^2). Counts and ties as
+  `masking.topk_mask`; `scope` / `min_layer_k` as `masking.compute_masks` (per layer by default, the
+  k-sparse set of Ye et al.). `tree` has an array at each prunable kernel and None elsewhere.
+  """
+  masks = jax.lax.stop_gradient(masking.compute_masks(tree, k, scope=scope, min_layer_k=min_layer_k))
+  return jax.tree.map(lambda x, m: None if x is None else jnp.where(m > 0, x, jnp.zeros_like(x)), tree, masks,
+                      is_leaf=lambda x: x is None)
+
+
+def _kernels(params: PyTree) -> PyTree:
+  return _at_prunable(lambda w: w, params)
+
+
+def admm_init(params: PyTree, k: Any, rho: float, **mask_options: Any) -> AdmmState:
+  """Z_0 = Pi_k(W_0), U_0 = 0, rho (Ye et al.'s `admm_initialization`; their rho default 1e-3)."""
+  kernels = _kernels(params)
+  return AdmmState(z=project_sparse(kernels, k, **mask_options), u=jax.tree.map(jnp.zeros_like, kernels),
+                   rho=jnp.asarray(rho, jnp.float32))
+
+
+def admm_penalty(params: PyTree, state: AdmmState) -> jax.Array:
+  """rho / 2 * sum over prunable kernels of ||W - Z + U||_F^2: the term added to the robust loss.
+
+  Its gradient rho (W - Z + U) pulls each kernel toward Z - U; Z and U are constants of the W-step.
+  """
+  squares = jax.tree.map(lambda w, z, u: jnp.sum(jnp.square(w - z + u)), _kernels(params), state.z, state.u)
+  return 0.5 * state.rho * sum(jax.tree.leaves(squares))
+
+
+def admm_update(params: PyTree, state: AdmmState, k: Any, rho_growth: float = 1.0,
+                **mask_options: Any) -> AdmmState:
+  """One ADMM Z- and U-step after the W-steps: Z' = Pi_k(W + U), U' = U + W - Z', rho' = rho_growth * rho.
+
+  Ye et al. 2019 (their code's `admm_update`); their `multi_rho` multiplies rho by 1.3 at each update and,
+  as here, does not rescale U when rho changes.
+  """
+  kernels = _kernels(params)
+  z = project_sparse(jax.tree.map(jnp.add, kernels, state.u), k, **mask_options)
+  u = jax.tree.map(lambda u, w, z: u + w - z, state.u, kernels, z)
+  return AdmmState(z=z, u=u, rho=state.rho * rho_growth)
+
+
+def admm_schedule(params: PyTree, state: AdmmState, step: jax.Array, *, interval_steps: int, k: Any,
+                  rho_growth: float = 1.0, **mask_options: Any) -> AdmmState:
+  """`admm_update` when `step` (batches consumed) is a positive multiple of `interval_steps`, else `state`.
+
+  Call it at the start of the train step, before the loss: Ye et al. update Z and U at the first batch of
+  every `admm_epoch`-th epoch (20 in their CIFAR-10 config), before that batch's forward. Traceable.
+  """
+  due = (step > 0) & (step % interval_steps == 0)
+  return jax.lax.cond(due, lambda: admm_update(params, state, k, rho_growth, **mask_options), lambda: state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training phases that change the train step: what the one step calls for STR and Adv-ADMM.
+
+
+class PhaseHooks(NamedTuple):
+  """What a training phase changes in the train step; HYDRA's own stages need none of it.
+
+  The step, with `aux` one more field of the train state:
+    aux = before_step(params, aux, step)                      # before the loss (ADMM's Z/U update)
+    loss = objective(weights(params, aux)) + penalty(params, aux)
+  and, when `trains_aux`, `aux` is optimised beside the params (STR's thresholds, with weight decay);
+  otherwise it is a constant of the gradient step (ADMM's Z, U, rho). `weights(params, aux)` is also what
+  the phase exports, evaluates and counts as its sparsity.
+
+  Attributes:
+    init: `params -> aux` at the start of the phase.
+    weights: `(params, aux) -> params` the model runs with.
+    penalty: `(params, aux) -> scalar` added to the objective's loss.
+    before_step: `(params, aux, step) -> aux`, `step` = batches consumed (traced).
+    trains_aux: whether the optimizer updates `aux`.
+  """
+
+  init: Callable[[PyTree], PyTree]
+  weights: Callable[[PyTree, PyTree], PyTree]
+  penalty: Callable[[PyTree, PyTree], jax.Array]
+  before_step: Callable[[PyTree, PyTree, jax.Array], PyTree]
+  trains_aux: bool
+
+
+def str_hooks(s_init: float) -> PhaseHooks:
+  """STR trained from scratch: the model runs with `str_weights`; the thresholds train with the weights.
+
+  Weight decay on s is the run's weight decay (the STR code's default, `--st_decay` unset); it is what
+  pulls a very negative s_init toward 0 and raises the threshold.
+  """
+  return PhaseHooks(init=lambda params: str_thresholds(params, s_init), weights=str_weights,
+                    penalty=lambda params, aux: jnp.zeros((), jnp.float32),
+                    before_step=lambda params, aux, step: aux, trains_aux=True)
+
+
+def admm_hooks(k: Any, rho: float, rho_growth: float, interval_steps: int, **mask_options: Any) -> PhaseHooks:
+  """Adv-ADMM's W-steps: dense weights, loss + `admm_penalty`, `admm_schedule` before every step.
+
+  Ye et al.'s CIFAR-10 config: rho 1e-3 grown x1.3 per update (`multi_rho`), an update every 20 epochs
+  (`admm_epoch`) over 200 epochs at lr 0.01, PGD-10 training; then hard prune and retrain (`run_baseline`).
+  """
+  return PhaseHooks(init=lambda params: admm_init(params, k, rho, **mask_options),
+                    weights=lambda params, aux: params, penalty=admm_penalty,
+                    before_step=lambda params, aux, step: admm_schedule(
+                        params, aux, step, interval_steps=interval_steps, k=k, rho_growth=rho_growth,
+                        **mask_options),
+                    trains_aux=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry.
+
+
+class Baseline(NamedTuple):
+  """How a baseline replaces HYDRA's prune (and finetune) stages.
+
+  Attributes:
+    start: 'pretrained' (a run directory's weights; mask-fixed phase on the finetune schedule) or
+      'scratch' (a fresh initialisation; mask-fixed phase on the pretrain schedule).
+    mask_scores: `(params, key, grads) -> scores` whose top-k is the fixed mask, computed from the weights
+      the mask-fixed phase starts from (after `phase`, if any); None: no mask-fixed phase (STR).
+    needs_grads: `mask_scores` reads `grads`, the mean gradient of the run's objective (SNIP).
+    phase: None, or the factory of the `PhaseHooks` of the training phase run first (`str_hooks`,
+      `admm_hooks`): it needs the train step to call the hooks.
+  """
+
+  start: str
+  mask_scores: Callable[[PyTree, jax.Array, PyTree], PyTree] | None
+  needs_grads: bool = False
+  phase: Callable[..., PhaseHooks] | None = None
+
+
+BASELINES: dict[str, Baseline] = {
+    "lwm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params)),
+    "snip": Baseline("scratch", lambda params, key, grads: snip_scores(params, grads), needs_grads=True),
+    "random": Baseline("scratch", lambda params, key, grads: random_scores(params, key)),
+    "admm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params), phase=admm_hooks),
+    "str": Baseline("scratch", None, phase=str_hooks),
+}
+
+
+def baseline_names() -> list[str]:
+  """The registered baseline names, sorted."""
+  return sorted(BASELINES)
+
+
+def get_baseline(name: str) -> Baseline:
+  """The baseline registered as `name`; raises ValueError listing the valid names."""
+  if name not in BASELINES:
+    raise ValueError(f"unknown baseline {name!r}; valid baselines: {baseline_names()}")
+  return BASELINES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running a fixed-mask baseline with the train module's stages.
+
+
+def objective_loss(config: ml_collections.ConfigDict, batch_stats: PyTree) -> LossFn:
+  """`(params, batch, key) -> loss` of the run's objective (train-mode BN, statistics not carried over).
+
+  Stateful objectives (free AT) start from their initial carry, as at the first batch of an epoch.
+  """
+  apply_fn = models.make_apply_fn(train.build_model(config))
+  objective = objectives.get_objective(config.objective.name)
+
+  def loss_fn(params, batch, key):
+    variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+    carry = () if objective.init_carry is None else (objective.init_carry(batch["image"].shape, config.objective),)
+    return objective.loss_fn(apply_fn, variables, batch, key, config.objective, *carry)[0]
+
+  return loss_fn
+
+
+def _start_weights(config: ml_collections.ConfigDict, baseline: Baseline, source_dir: str,
+                   key: jax.Array) -> tuple[PyTree, PyTree]:
+  """(params, batch_stats) the baseline starts from: `source_dir`'s latest checkpoint, or a fresh init."""
+  if baseline.start == "pretrained":
+    params, batch_stats, _ = train.load_source(train.stage_config(config, "finetune", source=source_dir))
+    return params, batch_stats
+  variables = train.init_variables(config, key)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def _first_batches(config: ml_collections.ConfigDict, count: int) -> list[dict[str, Any]]:
+  stream = data.train_batches(config.data.name, config.data.batch_size, seed=config.seed,
+                              data_dir=config.data.data_dir or None, image_size=config.data.image_size or None,
+                              data_fraction=config.data.data_fraction)
+  return [stream.batch_at(step) for step in range(count)]
+
+
+def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str, *,
+                grad_batches: int = 1) -> tuple[PyTree, PyTree, PyTree]:
+  """(params, batch_stats, scores) a fixed-mask baseline's training starts from.
+
+  Args:
+    config: the run config (model, data, objective, seed).
+    name: a baseline with `mask_scores` ('lwm', 'snip', 'random', 'admm').
+    source_dir: the run directory whose weights 'pretrained' baselines start from: the pretrain stage's
+      (lwm) or the ADMM phase's (admm: the hard prune); unused by 'scratch' baselines, which start from a
+      fresh initialisation drawn with fold_in(PRNGKey(seed), 3) (the stages use 0, 1, 2).
+    grad_batches: SNIP: g is the mean gradient over the first `grad_batches` training batches.
+  """
+  baseline = get_baseline(name)
+  if baseline.mask_scores is None:
+    raise ValueError(f"baseline {name!r} has no fixed mask; fixed-mask baselines: "
+                     f"{sorted(n for n, b in BASELINES.items() if b.mask_scores is not None)}")
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(train.STAGES))
+  init_key, score_key, grad_key = jax.random.split(rng, 3)
+  params, batch_stats = _start_weights(config, baseline, source_dir, init_key)
+  grads = None
+  if baseline.needs_grads:
+    grads = mean_gradient(objective_loss(config, batch_stats), params, _first_batches(config, grad_batches),
+                          grad_key)
+  return params, batch_stats, baseline.mask_scores(params, score_key, grads)
+
+
+def save_source(config: ml_collections.ConfigDict, directory: str, label: str, params: PyTree,
+                batch_stats: PyTree, scores: PyTree) -> None:
+  """Writes (params, batch_stats, scores) as a checkpoint that `train.load_source` reads (step 0)."""
+  report = masking.sparsity_report(masking.export_dense(params, scores, config.k, **config.mask))
+  meta = {"model": config.model.name, "num_classes": train.num_classes(config), "stage": label, "k": config.k,
+          "has_scores": True, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort())}
+  ckpt = checkpoints.Checkpoints(directory, keep=1, async_save=False, best_metric=None)
+  ckpt.save(0, {"model": {"params": params, "batch_stats": batch_stats, "scores": scores}}, meta=meta,
+            sparsity=report.to_json())
+  ckpt.close()
+
+
+def _has_checkpoint(directory: str) -> bool:
+  try:
+    checkpoints.read_meta(directory)
+  except checkpoints.CheckpointError:
+    return False
+  return True
+
+
+def run_baseline(config: ml_collections.ConfigDict, name: str, source_dir: str, workdir: str, *,
+                 grad_batches: int = 1) -> dict[str, Any]:
+  """Runs a fixed-mask baseline at `config.k`: its mask, then the weights trained with the mask fixed.
+
+  Layout: <workdir>/mask (the starting checkpoint with the mask's scores), <workdir>/train (HYDRA's finetune
+  stage from it: scores frozen, pruned weights exactly 0; on the pretrain stage's epochs and learning rate
+  for 'scratch' baselines). Rerunning resumes: an existing mask checkpoint is reused.
+
+  Args:
+    config: the run config; `config.k`, `config.mask` set the mask.
+    name: 'lwm', 'snip', 'random', or 'admm' (its hard prune and retraining; `source_dir` must then be the
+      ADMM phase's run directory, which needs the train-step hooks of `Baseline.phase`).
+    source_dir: see `mask_source`.
+    workdir: the baseline's run directory.
+    grad_batches: see `mask_source`.
+
+  Returns:
+    The finetune stage's summary (kept_fraction, clean / PGD accuracy, ...) with 'method': name.
+  """
+  mask_dir, train_dir = os.path.join(workdir, "mask"), os.path.join(workdir, "train")
+  if not _has_checkpoint(mask_dir):
+    save_source(config, mask_dir, f"{name} mask", *mask_source(config, name, source_dir, grad_batches=grad_batches))
+  stage = train.stage_config(config, "finetune", source=mask_dir, score_init="source")
+  if get_baseline(name).start == "scratch":
+    stage.stages.finetune = ml_collections.ConfigDict(stage.stages.pretrain.to_dict())
+  return {"method": name, **train.run_stage(stage, train_dir)}
