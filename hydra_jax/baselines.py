@@ -46,10 +46,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from hydra_jax import checkpoints
+from hydra_jax import config as config_lib
 from hydra_jax import data
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax import sources
 from hydra_jax import train
 
 PyTree = Any
@@ -337,7 +339,7 @@ def objective_loss(config: ml_collections.ConfigDict, batch_stats: PyTree) -> Lo
 
   Stateful objectives (free AT) start from their initial carry, as at the first batch of an epoch.
   """
-  apply_fn = models.make_apply_fn(train.build_model(config))
+  apply_fn = models.make_apply_fn(sources.build_model(config))
   objective = objectives.get_objective(config.objective.name)
 
   def loss_fn(params, batch, key):
@@ -352,9 +354,9 @@ def _start_weights(config: ml_collections.ConfigDict, baseline: Baseline, source
                    key: jax.Array) -> tuple[PyTree, PyTree]:
   """(params, batch_stats) the baseline starts from: `source_dir`'s latest checkpoint, or a fresh init."""
   if baseline.start == "pretrained":
-    params, batch_stats, _ = train.load_source(train.stage_config(config, "finetune", source=source_dir))
+    params, batch_stats, _ = sources.load_source(config_lib.stage_config(config, "finetune", source=source_dir))
     return params, batch_stats
-  variables = train.init_variables(config, key)
+  variables = sources.init_variables(config, key)
   return variables["params"], variables.get("batch_stats", {})
 
 
@@ -381,7 +383,7 @@ def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str, *
   if baseline.mask_scores is None:
     raise ValueError(f"baseline {name!r} has no fixed mask; fixed-mask baselines: "
                      f"{sorted(n for n, b in BASELINES.items() if b.mask_scores is not None)}")
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(train.STAGES))
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(config_lib.STAGES))
   init_key, score_key, grad_key = jax.random.split(rng, 3)
   params, batch_stats = _start_weights(config, baseline, source_dir, init_key)
   grads = None
@@ -393,9 +395,9 @@ def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str, *
 
 def save_source(config: ml_collections.ConfigDict, directory: str, label: str, params: PyTree,
                 batch_stats: PyTree, scores: PyTree) -> None:
-  """Writes (params, batch_stats, scores) as a checkpoint that `train.load_source` reads (step 0)."""
+  """Writes (params, batch_stats, scores) as a checkpoint that `sources.load_source` reads (step 0)."""
   report = masking.sparsity_report(masking.export_dense(params, scores, config.k, **config.mask))
-  meta = {"model": config.model.name, "num_classes": train.num_classes(config), "stage": label, "k": config.k,
+  meta = {"model": config.model.name, "num_classes": config_lib.num_classes(config), "stage": label, "k": config.k,
           "has_scores": True, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort())}
   ckpt = checkpoints.Checkpoints(directory, keep=1, async_save=False, best_metric=None)
   ckpt.save(0, {"model": {"params": params, "batch_stats": batch_stats, "scores": scores}}, meta=meta,
@@ -433,7 +435,7 @@ def run_baseline(config: ml_collections.ConfigDict, name: str, source_dir: str, 
   mask_dir, train_dir = os.path.join(workdir, "mask"), os.path.join(workdir, "train")
   if not _has_checkpoint(mask_dir):
     save_source(config, mask_dir, f"{name} mask", *mask_source(config, name, source_dir, grad_batches=grad_batches))
-  stage = train.stage_config(config, "finetune", source=mask_dir, score_init="source")
+  stage = config_lib.stage_config(config, "finetune", source=mask_dir, **{"stages.finetune.score_init": "source"})
   if get_baseline(name).start == "scratch":
-    stage.stages.finetune = ml_collections.ConfigDict(stage.stages.pretrain.to_dict())
+    stage.stages.finetune.epochs, stage.stages.finetune.lr = stage.stages.pretrain.epochs, stage.stages.pretrain.lr
   return {"method": name, **train.run_stage(stage, train_dir)}

@@ -11,8 +11,10 @@ import pytest
 
 from hydra_jax import baselines
 from hydra_jax import checkpoints
+from hydra_jax import config as config_lib
 from hydra_jax import data
 from hydra_jax import masking
+from hydra_jax import sources
 from hydra_jax import train
 
 
@@ -299,14 +301,14 @@ def test_admm_drives_weights_to_the_sparse_set_then_hard_prune_keeps_k():
 
 
 def tiny_config(**overrides):
-  config = train.default_config()
+  config = config_lib.default_config()
   config.model.name = "vgg_tiny"
   config.data.name = "digits"
   config.data.batch_size = 32
   config.data.eval_batch_size = 64
   config.data.eval_examples = 64
   config.data.prefetch = 0
-  config.objective = train.objective_config("pgd_at")
+  config.objective = config_lib.objective_config("pgd_at")
   config.objective.eps, config.objective.step_size, config.objective.steps = 0.1, 0.05, 1
   config.eval.eps, config.eval.step_size, config.eval.steps = 0.1, 0.05, 1
   config.log.progress = False
@@ -319,10 +321,10 @@ def tiny_config(**overrides):
 
 def test_run_baseline_trains_the_snip_mask_with_the_mask_fixed(tmp_path):
   config = tiny_config()
-  config.objective = train.objective_config("benign")  # key-free loss: g is recomputed here exactly
+  config.objective = config_lib.objective_config("benign")  # key-free loss: g is recomputed here exactly
   summary = baselines.run_baseline(config, "snip", source_dir="", workdir=str(tmp_path))
   assert summary["method"] == "snip" and summary["step"] == 3
-  template = jax.eval_shape(lambda: train.init_variables(config, jax.random.key(0)))
+  template = jax.eval_shape(lambda: sources.init_variables(config, jax.random.key(0)))
   abstract = {"params": template["params"], "batch_stats": template["batch_stats"],
               "scores": jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
                                        template["params"])}
@@ -332,7 +334,7 @@ def test_run_baseline_trains_the_snip_mask_with_the_mask_fixed(tmp_path):
 
   # g: a hand-written train-mode cross-entropy of the initial network on the first training batch.
   batch = data.train_batches("digits", 32, seed=config.seed).batch_at(0)
-  model = train.build_model(config)
+  model = sources.build_model(config)
 
   def cross_entropy(params):
     logits, _ = model.apply({"params": params, "batch_stats": start["batch_stats"]}, batch["image"], train=True,
@@ -357,11 +359,11 @@ def at(tree, path):
 def test_objective_loss_starts_stateful_objectives_from_their_initial_carry():
   # Free AT with its zero initial perturbation is CE on clip(x + 0) = x: the benign loss, for the same weights.
   config = tiny_config()
-  variables = train.init_variables(config, jax.random.key(0))
+  variables = sources.init_variables(config, jax.random.key(0))
   batch = data.train_batches("digits", 8, seed=0).batch_at(0)
   losses = {}
   for name in ("free", "benign"):
-    config.objective = train.objective_config(name)
+    config.objective = config_lib.objective_config(name)
     losses[name] = baselines.objective_loss(config, variables["batch_stats"])(variables["params"], batch,
                                                                             jax.random.key(1))
   assert np.isfinite(losses["free"]) and float(losses["free"]) == pytest.approx(float(losses["benign"]), rel=1e-6)
@@ -370,14 +372,14 @@ def test_objective_loss_starts_stateful_objectives_from_their_initial_carry():
 @pytest.mark.slow
 def test_run_baseline_lwm_equals_the_pipelines_finetune_with_scaled_scores(tmp_path):
   # At layer scope |w| and HYDRA's scaled init (|w| times a per-layer constant) give the same mask, so the
-  # runner's LWM must train exactly the weights of train.run_pipeline's LWM branch.
+  # runner's LWM must train exactly the weights of pipeline.run_pipeline's LWM branch.
   config = tiny_config()
   pretrain_dir = str(tmp_path / "pretrain")
-  train.run_stage(train.stage_config(config, "pretrain", stop_after_steps=5), pretrain_dir)
+  train.run_stage(config_lib.stage_config(config, "pretrain", stop_after_steps=5), pretrain_dir)
   baselines.run_baseline(config, "lwm", pretrain_dir, str(tmp_path / "lwm"))
-  train.run_stage(train.stage_config(config, "finetune", source=pretrain_dir, score_init="scaled"),
+  train.run_stage(config_lib.stage_config(config, "finetune", source=pretrain_dir, **{"stages.finetune.score_init": "scaled"}),
                   str(tmp_path / "pipeline_lwm"))
-  template = jax.eval_shape(lambda: train.init_variables(config, jax.random.key(0)))
+  template = jax.eval_shape(lambda: sources.init_variables(config, jax.random.key(0)))
   abstract = {"model": {"params": template["params"], "batch_stats": template["batch_stats"],
                         "scores": jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
                                                  template["params"])}}
