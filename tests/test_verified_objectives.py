@@ -2,6 +2,8 @@
 reference's schedulers, loss values against the reference's bound code in PyTorch, gradients, and a few optax
 steps that lower the verified loss."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,24 @@ def test_a_few_adam_steps_lower_the_crown_ibp_loss_and_raise_verified_accuracy()
     history.append((float(metrics["loss"]), float(metrics["verified_accuracy"])))
   assert history[-1][0] < 0.7 * history[0][0]  # measured: 2.96 -> 1.67
   assert history[-1][1] > history[0][1] + 0.25  # measured: 0 -> 0.47
+
+
+def _verified_config(arg):
+  spec = importlib.util.spec_from_file_location("verified_config", "configs/verified.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_verified_config_carries_the_reference_script_settings():
+  config = _verified_config("")
+  assert (config.objective.name, config.model.name, config.data.name, config.data.batch_size) == (
+      "crown_ibp", "cnn_large", "svhn_cropped", 128)
+  assert (config.objective.eps, config.objective.schedule_length, config.stages.pretrain.epochs,
+          config.stages.pretrain.lr, config.optimizer.name) == (0.007, 120, 200, 1e-3, "adam")
+  config = _verified_config("method=mixtrain,model=cnn_small,stage=prune")
+  assert (config.objective.name, config.objective.mixtraink, config.objective.schedule_length, config.stage,
+          config.stages.prune.epochs, config.stages.prune.lr, config.data.batch_size) == (
+              "mixtrain", 5, 0, "prune", 20, 1e-5, 50)
+  with pytest.raises(ValueError, match="method must be one of"):
+    _verified_config("method=diffai")
