@@ -40,15 +40,15 @@ Usage:
   ok = bounds.verified_correct(f, x, y, eps=2 / 255, method="symbolic")   # bool [B]
 """
 
-from collections.abc import Callable, Sequence
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.extend  # noqa: F401  (jax.extend.core)
+import jax.extend  # jax.extend.core.Literal
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 Array = jax.Array
 Fn = Callable[[Array], Array]
@@ -184,11 +184,10 @@ def _monotone_rule(prim, params, values, increasing: bool) -> _Box:
   low, high = prim.bind(*lows, **params), prim.bind(*highs, **params)
   if not increasing:
     low, high = high, low
-  relu_input = [v for v in values if _is_bound(v)]
-  if prim.name == "max" and len(values) == 2 and len(relu_input) == 1 and any(_is_zero(v) for v in values):
-    pre = _as_affine(relu_input[0])
-    box = _as_box(relu_input[0], "max")
-    return _Box(low, high, _Relu(pre, box.lower, box.upper))
+  bound = [i for i, box in enumerate(boxes) if box]
+  if prim.name == "max" and len(values) == 2 and len(bound) == 1 and _is_zero(values[1 - bound[0]]):
+    pre = _as_affine(values[bound[0]])
+    return _Box(low, high, _Relu(pre, boxes[bound[0]].lower, boxes[bound[0]].upper))
   return _Box(low, high, prim.name)
 
 
@@ -344,23 +343,31 @@ def _relu_lines(lower: Array, upper: Array) -> tuple[Array, Array, Array]:
   return slope, jnp.where(unstable, -lower * slope, 0.0), unstable
 
 
+def _affine_backward(affine: _Affine, rows: Array, bias: Array) -> tuple[Array, Array]:
+  """rows . (L h + offset) = (rows o L) . h + rows . offset, for the segment's affine map of h."""
+  point = _midpoint(affine.base)
+  new_rows = _spec_rows(affine.linear, point, rows)
+  return new_rows, bias + _dot(rows, affine.center) - _dot(new_rows, point)
+
+
+def _relu_backward(relu: _Relu, rows: Array, bias: Array, lower_slope: str) -> tuple[Array, Array]:
+  """Lower linear bound of rows . relu(z): upper line where the coefficient is negative, lower line elsewhere."""
+  slope_up, intercept_up, unstable = _relu_lines(relu.lower, relu.upper)
+  adaptive = (relu.upper > -relu.lower).astype(rows.dtype)
+  slope_low = jnp.where(unstable, adaptive if lower_slope == "adaptive" else 0.0, slope_up)
+  positive, negative = jnp.maximum(rows, 0), jnp.minimum(rows, 0)
+  return positive * slope_low[:, None] + negative * slope_up[:, None], bias + _dot(negative, intercept_up)
+
+
 def _crown_lower(segments, spec: Array, lower_slope: str) -> Array:
   """CROWN lower bound of spec @ f over the input box, using each ReLU's IBP pre-activation bounds."""
-  rows, bias = spec, 0.0
+  rows, bias = spec, jnp.zeros(spec.shape[:2], spec.dtype)
   for affine, relu in segments:
-    point = _midpoint(affine.base)
-    new_rows = _spec_rows(affine.linear, point, rows)
-    bias = bias + _dot(rows, affine.center) - _dot(new_rows, point)  # rows . offset
-    rows = new_rows
-    if relu is None:
-      radius = (affine.base.upper - affine.base.lower) / 2
-      return bias + _dot(rows, point) - _dot(jnp.abs(rows), radius)
-    slope_up, intercept_up, unstable = _relu_lines(relu.lower, relu.upper)
-    slope_low = jnp.where(unstable, (relu.upper > -relu.lower) if lower_slope == "adaptive" else 0.0, slope_up)
-    positive, negative = jnp.maximum(rows, 0), jnp.minimum(rows, 0)
-    bias = bias + _dot(negative, intercept_up)
-    rows = positive * slope_low[:, None] + negative * slope_up[:, None]
-  raise AssertionError("unreachable: a chain ends at the input")
+    rows, bias = _affine_backward(affine, rows, bias)
+    if relu is not None:
+      rows, bias = _relu_backward(relu, rows, bias, lower_slope)
+  box = segments[-1][0].base
+  return bias + _dot(rows, _midpoint(box)) - _dot(jnp.abs(rows), (box.upper - box.lower) / 2)
 
 
 def _check_slope(lower_slope: str) -> None:

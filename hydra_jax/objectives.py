@@ -270,9 +270,9 @@ def free_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
 # verified models (cnn_small / cnn_large) have no BatchNorm; CROWN-IBP and MixTrain need such chain models
 # (affine -> ReLU -> ... -> affine), IBP works for every zoo model.
 
-_VERIFIED_DEFAULTS = dict(eps=0.007, starting_epsilon=0.0, clip_min=0.0, clip_max=1.0)
-_CROWN_IBP_DEFAULTS = dict(_VERIFIED_DEFAULTS, schedule_length=60, kappa_start=0.0, kappa_end=0.0,
-                           lower_slope="adaptive")
+_VERIFIED_DEFAULTS = {"eps": 0.007, "starting_epsilon": 0.0, "clip_min": 0.0, "clip_max": 1.0}
+_CROWN_IBP_DEFAULTS = {**_VERIFIED_DEFAULTS, "schedule_length": 60, "kappa_start": 0.0, "kappa_end": 0.0,
+                       "lower_slope": "adaptive"}
 
 
 def crown_ibp_ramp(epoch: Array, schedule_length: int) -> Array:
@@ -365,8 +365,8 @@ def mixtrain_schedule(epoch: Array, config: ml_collections.ConfigDict) -> tuple[
   return eps, jnp.minimum(weight, 50.0)
 
 
-@register("mixtrain", defaults=dict(_VERIFIED_DEFAULTS, schedule_length=10, interval_weight=0.1, mixtraink=1,
-                                    alpha=0.8), takes_epoch=True)
+@register("mixtrain", defaults={**_VERIFIED_DEFAULTS, "schedule_length": 10, "interval_weight": 0.1,
+                                "mixtraink": 1, "alpha": 0.8}, takes_epoch=True)
 def mixtrain_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
                   config: ml_collections.ConfigDict, epoch: Array) -> LossOutput:
   """MixTrain (Wang et al. 2018), the reference's `mixtrain` trainer.

@@ -8,8 +8,8 @@ reference's own numerics (clamps with 1e-8, error rows only for unstable neurons
 """
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def _layers(seq):

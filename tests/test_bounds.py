@@ -1,6 +1,8 @@
 """Tests of hydra_jax.bounds: exact values on hand-sized nets, soundness on every zoo model, the tightness
 orderings that are theorems, agreement with a PyTorch re-statement of the reference, masked == exported."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,21 @@ import pytest
 from hydra_jax import attacks, bounds, masking, models
 from tests import zoo_helpers
 
-TINY_MODELS = [name for name in models.model_names() if name.endswith("_tiny")]
+FAST_MODELS = ("cnn_tiny", "vgg_tiny", "resnet_tiny")  # chain; max pooling, slices, concat, BN; residual adds
+TINY_MODELS = [name if name in FAST_MODELS else pytest.param(name, marks=pytest.mark.slow)
+               for name in models.model_names() if name.endswith("_tiny")]
+
+
+@functools.cache
+def _jitted(name, method, **options):
+  """jit of (variables, lower, upper, spec) -> method(zoo model `name` in eval mode, ...): compiled once per test
+  session and shape, shared by the tests."""
+  model = models.get_model(name, 10)
+
+  def bound(variables, lower, upper, spec):
+    return method(lambda x: model.apply(variables, x, train=False), lower, upper, spec, **options)
+
+  return jax.jit(bound)
 
 
 def _dense_net(*layers):
@@ -53,7 +69,7 @@ def test_margin_spec_rows_are_e_y_minus_e_j():
 def test_affine_layer_ibp_is_the_exact_interval_with_and_without_spec():
   rng = np.random.default_rng(0)
   w, b = rng.normal(size=(5, 4)), rng.normal(size=4)
-  x, lo, hi = _box(rng, 3, (5,), 0.3)
+  _, lo, hi = _box(rng, 3, (5,), 0.3)
   f = _dense_net((w, b))
   lb, ub = bounds.ibp(f, lo, hi)
   # Exact range of x @ w + b over the box: each coordinate at the end that minimises / maximises w_ij x_i.
@@ -120,9 +136,9 @@ def test_zoo_model_logits_at_samples_corners_and_pgd_points_lie_in_ibp_bounds(na
   f = jax.jit(lambda x: model.apply(variables, x, train=False))
   eps = float(np.random.default_rng(len(name)).uniform(1e-3, 2e-2))
   lo, hi = jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1)
-  lb, ub = jax.jit(lambda lo, hi: bounds.ibp(f, lo, hi))(lo, hi)
+  lb, ub = _jitted(name, bounds.ibp)(variables, lo, hi, None)
   points = _samples(lo, hi, jax.random.key(1), n=4)
-  x_adv = attacks.pgd(f, x, jnp.argmin(f(x), -1), key=jax.random.key(2), eps=eps, step_size=eps / 2, steps=3,
+  x_adv = attacks.pgd(f, x, jnp.argmin(f(x), -1), key=jax.random.key(2), eps=eps, step_size=eps / 2, steps=2,
                       unroll=False)
   logits = np.concatenate([np.asarray(jax.vmap(f)(points)), np.asarray(f(x_adv))[None]])
   assert _inside(logits, np.asarray(lb), np.asarray(ub))
@@ -137,31 +153,31 @@ def _cnn_setup(seed, batch=3, eps=None):
   return model, variables, f, x, y, jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_sequential_cnn_crown_ibp_and_symbolic_contain_samples_and_pgd_points(seed):
-  _, _, f, x, y, lo, hi = _cnn_setup(seed)
+  _, variables, f, x, y, lo, hi = _cnn_setup(seed)
   spec = bounds.margin_spec(y, 10)
   points = jnp.concatenate([_samples(lo, hi, jax.random.key(seed), n=8),
                             attacks.pgd(f, x, y, key=jax.random.key(3), eps=float((hi - lo).max()) / 2,
                                         step_size=0.01, steps=5, unroll=False)[None]])
   margins = np.einsum("bmc,nbc->nbm", spec, np.asarray(jax.vmap(f)(points)))
-  logits = np.asarray(jax.vmap(f)(points))
   for method in (bounds.crown_ibp, bounds.symbolic_interval):
-    assert _inside(margins, *map(np.asarray, method(f, lo, hi, spec))), method
-    assert _inside(logits, *map(np.asarray, method(f, lo, hi))), method
+    assert _inside(margins, *map(np.asarray, _jitted("cnn_tiny", method)(variables, lo, hi, spec))), method
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_zero_slope_crown_ibp_and_intersected_symbolic_are_never_looser_than_ibp(seed):
   """Theorem (by induction over the layers, with the same IBP pre-activation bounds): for a ReLU with
   coefficient a, the relaxed term's minimum over [l, u] is >= min of a h over h in [relu l, relu u] when the
   lower line has slope 0 (a >= 0) or is the upper chord (a < 0); |A B| <= |A| |B| does the rest. With the
   adaptive slope this fails (test_one_unstable_relu_by_hand...)."""
-  _, _, f, _, y, lo, hi = _cnn_setup(seed, eps=0.05)
+  _, variables, _, _, y, lo, hi = _cnn_setup(seed, eps=0.05)
   spec = bounds.margin_spec(y, 10)
-  ibp_lb, ibp_ub = map(np.asarray, bounds.ibp(f, lo, hi, spec))
-  crown_lb, crown_ub = map(np.asarray, bounds.crown_ibp(f, lo, hi, spec, lower_slope="zero"))
-  sym_lb, sym_ub = map(np.asarray, bounds.symbolic_interval(f, lo, hi, spec, intersect_ibp=True))
+  ibp_lb, ibp_ub = map(np.asarray, _jitted("cnn_tiny", bounds.ibp)(variables, lo, hi, spec))
+  crown = _jitted("cnn_tiny", bounds.crown_ibp, lower_slope="zero")
+  crown_lb, crown_ub = map(np.asarray, crown(variables, lo, hi, spec))
+  symbolic = _jitted("cnn_tiny", bounds.symbolic_interval, intersect_ibp=True)
+  sym_lb, sym_ub = map(np.asarray, symbolic(variables, lo, hi, spec))
   tol = 1e-4 * (1 + np.abs(ibp_lb))
   assert np.all(crown_lb >= ibp_lb - tol) and np.all(crown_ub <= ibp_ub + tol)
   assert np.all(sym_lb >= ibp_lb - tol) and np.all(sym_ub <= ibp_ub + tol)
@@ -169,22 +185,22 @@ def test_zero_slope_crown_ibp_and_intersected_symbolic_are_never_looser_than_ibp
 
 
 def test_bounds_of_masked_model_equal_bounds_of_its_exported_dense_model():
-  model, x, variables = zoo_helpers.random_variables("cnn_tiny", batch=2, seed=4)
+  _, x, variables = zoo_helpers.random_variables("cnn_tiny", batch=3, seed=4)
   scores = masking.init_scores(variables["params"], "kaiming_normal", jax.random.key(0))
   masked = masking.apply_masks(variables["params"], scores, 0.3)
   dense = masking.export_dense(variables["params"], scores, 0.3)
   lo, hi = jnp.clip(x - 0.02, 0, 1), jnp.clip(x + 0.02, 0, 1)
-  spec = bounds.margin_spec(jnp.array([1, 7]), 10)
-  f_masked = lambda x: model.apply({"params": masked}, x, train=False)
-  f_dense = lambda x: model.apply({"params": dense}, x, train=False)
-  f_full = lambda x: model.apply(variables, x, train=False)
+  spec = bounds.margin_spec(jnp.array([1, 7, 3]), 10)
   for method in (bounds.ibp, bounds.crown_ibp, bounds.symbolic_interval):
-    np.testing.assert_allclose(method(f_masked, lo, hi, spec), method(f_dense, lo, hi, spec), rtol=1e-6, atol=1e-6)
-    assert not np.allclose(method(f_masked, lo, hi, spec), method(f_full, lo, hi, spec), atol=1e-3)
+    bound = _jitted("cnn_tiny", method)
+    of_masked = bound({"params": masked}, lo, hi, spec)
+    np.testing.assert_allclose(of_masked, bound({"params": dense}, lo, hi, spec), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(of_masked, bound(variables, lo, hi, spec), atol=1e-3)
 
 
+@pytest.mark.slow  # the crown_ibp objective's training test differentiates the same bounds
 def test_bounds_work_under_jit_and_grad_with_respect_to_params():
-  model, variables, _, x, y, lo, hi = _cnn_setup(5)
+  model, variables, _, _, y, lo, hi = _cnn_setup(5)
   spec = bounds.margin_spec(y, 10)
 
   def loss(params):
@@ -236,7 +252,7 @@ def test_unsupported_primitive_and_graphs_raise_errors_naming_them():
   model, x, variables = zoo_helpers.random_variables("resnet_tiny", batch=1)
   f = lambda x: model.apply(variables, x, train=False)
   with pytest.raises(NotImplementedError, match="chain.*'add'"):
-    bounds.crown_ibp(f, x, x + 0.01)
+    jax.eval_shape(lambda: bounds.crown_ibp(f, x, x + 0.01))
   with pytest.raises(ValueError, match="unknown bound method 'mip'"):
     bounds.verified_correct(f, x, jnp.array([0]), eps=0.1, method="mip")
   with pytest.raises(ValueError, match="lower_slope"):
@@ -253,23 +269,41 @@ def test_ibp_crown_and_symbolic_equal_the_reference_bound_code_on_the_same_weigh
   torch = pytest.importorskip("torch")
   from hydra_jax import convert  # pylint: disable=g-import-not-at-top
   from tests import bounds_reference, torch_reference  # pylint: disable=g-import-not-at-top
-  model, variables, f, x, y, lo, hi = _cnn_setup(7, batch=4, eps=0.02)
+  _, variables, _, _, y, lo, hi = _cnn_setup(7, eps=0.02)
   seq = torch_reference.build("cnn_tiny", 10)
   seq.load_state_dict(convert.to_torch_state_dict(variables, model_name="cnn_tiny", as_torch=True), strict=True)
   nchw = lambda a: torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
   spec = bounds.margin_spec(y, 10)
-  c = torch.from_numpy(np.asarray(spec))
+  c = torch.from_numpy(np.array(spec))
   with torch.no_grad():
     ref_ub, ref_lb, _ = bounds_reference.interval_range(seq, nchw(lo), nchw(hi), c)
     ref_crown_lb = bounds_reference.backward_range(seq, nchw(lo), nchw(hi), c)
     ref_crown_ub = bounds_reference.backward_range(seq, nchw(lo), nchw(hi), c, upper_bound=True)
     ref_wc = bounds_reference.sym_worst_case(seq, nchw(lo), nchw(hi), torch.from_numpy(np.asarray(y)), 10)
-  tol = dict(rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.stack(bounds.ibp(f, lo, hi, spec)), np.stack([ref_lb, ref_ub]), **tol)
-  np.testing.assert_allclose(np.stack(bounds.crown_ibp(f, lo, hi, spec)), np.stack([ref_crown_lb, ref_crown_ub]),
-                             **tol)
-  sym_lb, _ = bounds.symbolic_interval(f, lo, hi, spec)
+  tol = {"rtol": 1e-4, "atol": 1e-4}
+  ibp_bounds = np.stack(_jitted("cnn_tiny", bounds.ibp)(variables, lo, hi, spec))
+  crown_bounds = np.stack(_jitted("cnn_tiny", bounds.crown_ibp)(variables, lo, hi, spec))
+  np.testing.assert_allclose(ibp_bounds, np.stack([ref_lb, ref_ub]), **tol)
+  np.testing.assert_allclose(crown_bounds, np.stack([ref_crown_lb, ref_crown_ub]), **tol)
+  sym_lb, _ = _jitted("cnn_tiny", bounds.symbolic_interval)(variables, lo, hi, spec)
   others = np.asarray(spec).argmin(-1)  # class j of row e_y - e_j
   np.testing.assert_allclose(-np.asarray(sym_lb), np.take_along_axis(ref_wc.numpy(), others, 1), **tol)
-  np.testing.assert_allclose(ref_wc.numpy()[np.arange(4), np.asarray(y)], 0, atol=1e-6)
-  assert not np.allclose(bounds.ibp(f, lo, hi, spec)[0], bounds.crown_ibp(f, lo, hi, spec)[0], atol=1e-3)
+  np.testing.assert_allclose(ref_wc.numpy()[np.arange(3), np.asarray(y)], 0, atol=1e-6)
+  assert not np.allclose(ibp_bounds, crown_bounds, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark script.
+
+
+def test_benchmark_prints_a_well_formed_table_at_tiny_size():
+  from benchmarks import bench_bounds  # pylint: disable=g-import-not-at-top
+  rows = bench_bounds.run("cnn_tiny", batch=2, repeats=1, symbolic_batch=1)
+  lines = bench_bounds.table(rows, "cnn_tiny", "cpu").splitlines()
+  assert lines[0] == "model cnn_tiny, device cpu" and lines[1].split() == ["method", "batch", "ms", "x", "forward"]
+  cells = [line.split() for line in lines[2:]]
+  assert [c[0] for c in cells] == ["forward", "ibp", "crown_ibp", "ibp+crown", "forward", "symbolic"]
+  assert [int(c[1]) for c in cells] == [2, 2, 2, 2, 1, 1]
+  assert all(float(c[2]) > 0 for c in cells) and cells[0][3] == cells[4][3] == "1.00"
+  np.testing.assert_allclose([float(c[3]) for c in cells[1:4]], [float(c[2]) / float(cells[0][2]) for c in cells[1:4]],
+                             rtol=0.02, atol=0.01)

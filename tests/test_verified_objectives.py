@@ -89,7 +89,7 @@ def _reference_losses(model_variables, batch, eps, beta):
 
 
 def test_crown_ibp_and_ibp_losses_equal_the_reference_trainer_computation():
-  model, apply_fn, variables, batch = _cnn_problem()
+  _, apply_fn, variables, batch = _cnn_problem()
   config = objectives.default_config("crown_ibp")
   config.update(eps=0.02, schedule_length=3)
   epoch = jnp.float32(0.5)  # ramp 0.25: eps_t = 0.005, beta = 0.75
@@ -114,7 +114,7 @@ def test_crown_ibp_and_ibp_losses_equal_the_reference_trainer_computation():
 
 
 def test_mixtrain_loss_adds_the_weighted_symbolic_worst_case_ce_when_drawn():
-  model, apply_fn, variables, batch = _cnn_problem(batch=1, seed=1)  # one example: every draw picks it
+  _, apply_fn, variables, batch = _cnn_problem(batch=1, seed=1)  # one example: every draw picks it
   config = objectives.default_config("mixtrain")
   config.update(eps=0.01, schedule_length=2, interval_weight=0.1, mixtraink=2)
   _, natural, sym = _reference_losses(variables, batch, 0.01, 0.0)
@@ -140,7 +140,7 @@ def test_verified_objectives_give_finite_gradients_and_update_bn_statistics(name
   grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(apply_fn, {**variables, "params": p}, batch,
                                                          jax.random.key(1), config, epoch=jnp.float32(2.0)),
                                        has_aux=True))
-  (loss, (metrics, new_variables)), grads = grad_fn(variables["params"])
+  (loss, (_, new_variables)), grads = grad_fn(variables["params"])
   assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert all(np.any(g != 0) for g in jax.tree.leaves(grads))
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), new_variables["batch_stats"], variables["batch_stats"])
@@ -162,7 +162,7 @@ def test_a_few_adam_steps_lower_the_crown_ibp_loss_and_raise_verified_accuracy()
   def step(params, opt_state):
     grad_fn = jax.value_and_grad(lambda p: loss_fn(apply_fn, {"params": p}, batch, None, config,
                                                    epoch=jnp.float32(1.0)), has_aux=True)
-    (loss, (metrics, _)), grads = grad_fn(params)
+    (_, (metrics, _)), grads = grad_fn(params)
     updates, opt_state = tx.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state, metrics
 
