@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hydra_jax import attacks, bounds, masking, models
+from tests import robust_helpers as helpers
 from tests import zoo_helpers
 
 FAST_MODELS = ("cnn_tiny", "vgg_tiny", "resnet_tiny")  # chain; max pooling, slices, concat, BN; residual adds
@@ -165,6 +166,25 @@ def test_sequential_cnn_crown_ibp_and_symbolic_contain_samples_and_pgd_points(se
     assert _inside(margins, *map(np.asarray, _jitted("cnn_tiny", method)(variables, lo, hi, spec))), method
 
 
+def test_crown_ibp_and_symbolic_take_any_affine_chain_here_with_eval_mode_batchnorm():
+  """conv -> BN (eval: a per-channel affine map) -> relu -> conv -> relu -> dense -> relu -> dense is a chain."""
+  model = helpers.TinyCNN(batch_norm=True)
+  variables = helpers.init_variables(model, (2, 8, 8, 1))
+  rng = np.random.default_rng(8)
+  variables["batch_stats"] = jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.2, 1.5, v.shape), jnp.float32),
+                                          variables["batch_stats"])
+  f = lambda x: model.apply(variables, x, train=False)
+  x = jnp.asarray(rng.uniform(0, 1, (2, 8, 8, 1)), jnp.float32)
+  lo, hi = jnp.clip(x - 0.03, 0, 1), jnp.clip(x + 0.03, 0, 1)
+  spec = bounds.margin_spec(jnp.array([3, 5]), 10)
+  margins = np.einsum("bmc,nbc->nbm", spec, np.asarray(jax.vmap(f)(_samples(lo, hi, jax.random.key(4), n=16))))
+  ibp_lb = np.asarray(bounds.ibp(f, lo, hi, spec)[0])
+  crown = jax.jit(lambda lo, hi: bounds.crown_ibp(f, lo, hi, spec, lower_slope="zero"))(lo, hi)
+  symbolic = jax.jit(lambda lo, hi: bounds.symbolic_interval(f, lo, hi, spec))(lo, hi)
+  assert _inside(margins, *map(np.asarray, crown)) and _inside(margins, *map(np.asarray, symbolic))
+  assert np.all(np.asarray(crown[0]) >= ibp_lb - 1e-4 * (1 + np.abs(ibp_lb)))
+
+
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_zero_slope_crown_ibp_and_intersected_symbolic_are_never_looser_than_ibp(seed):
   """Theorem (by induction over the layers, with the same IBP pre-activation bounds): for a ReLU with
@@ -279,7 +299,7 @@ def test_ibp_crown_and_symbolic_equal_the_reference_bound_code_on_the_same_weigh
     ref_ub, ref_lb, _ = bounds_reference.interval_range(seq, nchw(lo), nchw(hi), c)
     ref_crown_lb = bounds_reference.backward_range(seq, nchw(lo), nchw(hi), c)
     ref_crown_ub = bounds_reference.backward_range(seq, nchw(lo), nchw(hi), c, upper_bound=True)
-    ref_wc = bounds_reference.sym_worst_case(seq, nchw(lo), nchw(hi), torch.from_numpy(np.asarray(y)), 10)
+    ref_wc = bounds_reference.sym_worst_case(seq, nchw(lo), nchw(hi), torch.from_numpy(np.array(y)), 10)
   tol = {"rtol": 1e-4, "atol": 1e-4}
   ibp_bounds = np.stack(_jitted("cnn_tiny", bounds.ibp)(variables, lo, hi, spec))
   crown_bounds = np.stack(_jitted("cnn_tiny", bounds.crown_ibp)(variables, lo, hi, spec))
