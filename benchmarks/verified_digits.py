@@ -17,10 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hydra_jax import bounds
-from hydra_jax import data
-from hydra_jax import models
-from hydra_jax import objectives
+from hydra_jax import bounds, data, models, objectives
 
 
 def train(objective: str, eps: float, epochs: int, schedule_length: int, batch_size: int = 64, seed: int = 0):
