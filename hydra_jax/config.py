@@ -18,6 +18,7 @@ A config is a plain `ml_collections.ConfigDict` (numbers, strings, tuples, dicts
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -91,10 +92,12 @@ def objective_config(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"name": name, **merged, **objectives.get_objective(name).defaults})
 
 
-def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+def parse_config_arg(arg: str | None, *, choices: Mapping[str, Sequence[str]] | None = None,
+                     **defaults: Any) -> ml_collections.ConfigDict:
   """'model=wrn_28_4,objective=trades' -> ConfigDict over `defaults`; values typed like the default.
 
-  For config files' `get_config(arg)`; unknown names raise ConfigError listing the valid ones.
+  For config files' `get_config(arg)`; unknown names, and values outside `choices[name]` where given, raise
+  ConfigError listing the valid ones.
   """
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
@@ -103,6 +106,9 @@ def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigD
       raise errors.ConfigError(f"config argument '{item}' is not NAME=VALUE with NAME in {sorted(defaults)}")
     default = defaults[name]
     parsed[name] = type(default)(value) if not isinstance(default, bool) else value.lower() in ("1", "true")
+  for name, valid in (choices or {}).items():
+    if parsed[name] not in valid:
+      raise errors.ConfigError(f"config argument {name}={parsed[name]!r} is invalid; valid: {', '.join(valid)}")
   return parsed
 
 

@@ -24,9 +24,11 @@ data-parallel (`mode='shard_map'` / `'pmap'`, counts summed over devices).
 
 A new method is one registration:
 
-  evaluate.register_method('ibp', ibp_verified, {'norm': 'linf', 'eps': 8 / 255}, kind='verifier')
+  evaluate.register_method('my_verifier', verified, {'norm': 'linf', 'eps': 8 / 255}, kind='verifier')
 
-with `ibp_verified(logits_fn, x, y, *, key, eps, norm) -> bool[B]` (an attack instead returns `x_adv`).
+with `verified(logits_fn, x, y, *, key, eps, norm) -> bool[B]` (an attack instead returns `x_adv`). The
+verifiers `ibp`, `crown_ibp` and `symbolic` (`hydra_jax.bounds`) are registered so: their number is the
+verified accuracy on the l_inf eps-ball clipped to [0, 1], with the verifier and eps as its name and setting.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from tqdm import tqdm
 
 from hydra_jax import PyTree
 from hydra_jax import attacks
+from hydra_jax import bounds
 from hydra_jax import parallel
 
 Array = jax.Array
@@ -100,6 +103,21 @@ register_method("apgd_ce", attacks.apgd, dict(norm="linf", eps=8 / 255, steps=10
 register_method("apgd_dlr", attacks.apgd, dict(norm="linf", eps=8 / 255, steps=100, loss="dlr", restarts=1))
 register_method("apgd_t", attacks.apgd_targeted,
                 dict(norm="linf", eps=8 / 255, steps=100, num_targets=9, restarts=1))
+
+def _bound_verifier(bound: str) -> Callable[..., Array]:
+  """A verifier certifying the l_inf eps-ball (clipped to [0, 1]) with `bounds.verified_correct(method=bound)`."""
+
+  def verified(logits_fn: attacks.LogitsFn, x: Array, y: Array, *, key: Array, eps: float, norm: str) -> Array:
+    del key  # deterministic
+    if norm != "linf":
+      raise ValueError(f"verifier {bound!r} certifies l_inf balls only, not norm {norm!r}")
+    return bounds.verified_correct(logits_fn, x, y, eps=eps, method=bound)
+
+  return verified
+
+
+for _bound in bounds.METHODS:  # 'ibp', 'crown_ibp', 'symbolic': verified accuracy at the run's l_inf eps
+  register_method(_bound, _bound_verifier(_bound), dict(norm="linf", eps=8 / 255), kind="verifier")
 
 DEFAULT_METHODS = ("pgd_linf", "apgd_ce", "apgd_dlr")
 

@@ -1,4 +1,4 @@
-"""Training objectives: benign, PGD adversarial training, TRADES, free adversarial training, smoothing.
+"""Training objectives: benign, PGD AT, TRADES, free AT, smoothing, verified (CROWN-IBP, IBP, MixTrain).
 
 An objective loss is a pure function
 
@@ -16,6 +16,10 @@ Stateful objectives (`free`) also take a `carry` (the perturbation) as last argu
 differentiates the loss with respect to (trainable params, carry) in one backward pass, applies the
 optimizer, then calls `update_carry`; it does so `replays(config)` times per batch and resets the carry
 with `init_carry` at each epoch start. Stateless objectives have `init_carry=None` and one replay.
+
+Objectives with schedules (`crown_ibp`, `ibp`, `mixtrain`; `takes_epoch=True`) take `epoch=` as a keyword:
+a float32 scalar, the fractional epochs done in the stage; their eps (and beta, kappa, interval weight)
+follow from it (`crown_ibp_ramp`, `mixtrain_schedule`).
 
 Usage:
 
@@ -39,6 +43,7 @@ import ml_collections
 from jax import lax
 
 from hydra_jax import attacks
+from hydra_jax import bounds
 
 Array = jax.Array
 Variables = Mapping[str, Any]
@@ -274,3 +279,143 @@ def free_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
   loss = _cross_entropy(logits, y)
   accuracy = _accuracy(logits, y)
   return loss, ({"loss": loss, "accuracy": accuracy, "adv_accuracy": accuracy}, variables)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verified training: CROWN-IBP, IBP (reference trainer/crown-ibp.py) and MixTrain (trainer/mixtrain.py).
+#
+# Bounds are computed on the eval-mode logits function of the current (masked) weights, over the l_inf ball
+# clipped to [clip_min, clip_max] (the reference clips to the batch's min / max). With BatchNorm this uses
+# the running statistics, so BN is a fixed per-channel affine map inside the bounds; the natural forward
+# runs in train mode and updates the running statistics as in every other objective. The reference's
+# verified models (cnn_small / cnn_large) have no BatchNorm; CROWN-IBP and MixTrain need such chain models
+# (affine -> ReLU -> ... -> affine), IBP works for every zoo model.
+
+_VERIFIED_DEFAULTS = {"eps": 0.007, "starting_epsilon": 0.0, "clip_min": 0.0, "clip_max": 1.0}
+_CROWN_IBP_DEFAULTS = {**_VERIFIED_DEFAULTS, "schedule_length": 60, "kappa_start": 0.0, "kappa_end": 0.0,
+                       "lower_slope": "adaptive"}
+
+
+def crown_ibp_ramp(epoch: Array, schedule_length: int) -> Array:
+  """Fraction of the eps ramp done after `epoch` fractional epochs: min(epoch / (L - 1), 1), 1 if L <= 1.
+
+  This is the reference's EpsilonScheduler("linear") stepped per batch with init_step 0 (schedule_start) and
+  final_step (L - 1) * steps_per_epoch: eps reaches its final value after L - 1 epochs, and a schedule of
+  length 1 (the reference's prune stage) uses the final eps from the start.
+  """
+  epoch = jnp.asarray(epoch, jnp.float32)
+  if schedule_length <= 1:
+    return jnp.ones_like(epoch)
+  return jnp.clip(epoch / (schedule_length - 1), 0.0, 1.0)
+
+
+def _worst_case_logits(margin_lb: Array, spec: Array, labels: Array) -> Array:
+  """[B, K] with -lb(z_y - z_j) at j != y and 0 at y: the reference's scattered -lb (CE of it is the loss)."""
+  scattered = jnp.einsum("bm,bmk->bk", margin_lb, spec)  # -lb at each j, sum(lb) at y
+  return jnp.where(jax.nn.one_hot(labels, spec.shape[-1], dtype=bool), 0.0, scattered)
+
+
+def _ball(x: Array, eps: Array, config: ml_collections.ConfigDict) -> tuple[Array, Array]:
+  return jnp.clip(x - eps, config.clip_min, config.clip_max), jnp.clip(x + eps, config.clip_min, config.clip_max)
+
+
+def _verified_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, config: ml_collections.ConfigDict,
+                   epoch: Array, crown: bool) -> LossOutput:
+  """L = kappa CE(f(x), y) + (1 - kappa) CE(-lb, y) (CROWN-IBP paper, eq. 9), lb mixed as in `crown_ibp_loss`."""
+  x, y = batch["image"], batch["label"]
+  logits, new_variables = apply_fn(variables, x, True)
+  ramp = crown_ibp_ramp(epoch, config.schedule_length)
+  eps = config.starting_epsilon + (config.eps - config.starting_epsilon) * ramp
+  kappa = config.kappa_start + (config.kappa_end - config.kappa_start) * ramp
+  f = lambda inputs: apply_fn(variables, inputs, False)[0]
+  lower, upper = _ball(x, eps, config)
+  spec = bounds.margin_spec(y, logits.shape[-1])
+  beta = 1.0 - eps / config.eps if crown else jnp.zeros(())
+
+  def mixed():
+    ibp_lb, crown_lb = bounds.ibp_and_crown_lower(f, lower, upper, spec, lower_slope=config.lower_slope)
+    return beta * crown_lb + (1 - beta) * ibp_lb
+
+  ibp_only = lambda: bounds.ibp(f, lower, upper, spec)[0]
+  lb = lax.cond(beta < 1e-5, ibp_only, mixed) if crown else ibp_only()
+  natural_loss, robust_loss = _cross_entropy(logits, y), _cross_entropy(_worst_case_logits(lb, spec, y), y)
+  loss = kappa * natural_loss + (1 - kappa) * robust_loss
+  metrics = {"loss": loss, "natural_loss": natural_loss, "robust_loss": robust_loss,
+             "accuracy": _accuracy(logits, y), "verified_accuracy": jnp.mean(jnp.all(lb > 0, axis=-1)),
+             "eps": eps, "beta": beta, "kappa": kappa}
+  return loss, (metrics, new_variables)
+
+
+@register("crown_ibp", defaults=_CROWN_IBP_DEFAULTS, takes_epoch=True)
+def crown_ibp_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
+                   config: ml_collections.ConfigDict, epoch: Array) -> LossOutput:
+  """CROWN-IBP verified training (Zhang et al. 2020), the reference's `crown-ibp` trainer.
+
+  eps_t = starting_epsilon + (eps - starting_epsilon) * `crown_ibp_ramp(epoch, schedule_length)` (per step);
+  lb = beta * crown_lb + (1 - beta) * ibp_lb on the margins z_y - z_j over the clipped eps_t-ball, with
+  beta = 1 - eps_t / eps (so CROWN-IBP at the start, pure IBP once eps_t = eps, when CROWN is skipped: the
+  reference's beta < 1e-5 test); L = CE(-lb, y) with 0 at y. kappa_start = kappa_end = 0 (default) is the
+  reference; kappa_start=1, kappa_end=0 (or 0.5) is the paper's kappa-mixed form, kappa ramped like eps.
+  lower_slope: the CROWN lower ReLU slope, "adaptive" (reference) or "zero". `key` is unused.
+  metrics: loss, natural_loss, robust_loss, accuracy (clean, train mode), verified_accuracy (all lb > 0),
+  eps, beta, kappa.
+  """
+  del key
+  return _verified_loss(apply_fn, variables, batch, config, epoch, crown=True)
+
+
+@register("ibp", defaults={k: v for k, v in _CROWN_IBP_DEFAULTS.items() if k != "lower_slope"}, takes_epoch=True)
+def ibp_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
+             config: ml_collections.ConfigDict, epoch: Array) -> LossOutput:
+  """IBP verified training (Gowal et al. 2018): `crown_ibp` with beta = 0 (lb = ibp_lb), for any zoo model."""
+  del key
+  return _verified_loss(apply_fn, variables, batch, config, epoch, crown=False)
+
+
+def mixtrain_schedule(epoch: Array, config: ml_collections.ConfigDict) -> tuple[Array, Array]:
+  """MixTrain's per-epoch (eps, interval weight) at integer epoch e = floor(epoch) (reference set_epsilon, ...).
+
+  eps = starting_epsilon + e (eps - starting_epsilon) / L while e < L, then eps;
+  iw = min(interval_weight * 2.5^floor(max(e - L, 0) / 5), 50), L = schedule_length.
+  """
+  e = jnp.floor(jnp.asarray(epoch, jnp.float32))
+  length = config.schedule_length
+  ramped = config.starting_epsilon + e * (config.eps - config.starting_epsilon) / max(length, 1)
+  eps = jnp.where(e < length, ramped, config.eps)
+  weight = config.interval_weight * 2.5 ** jnp.floor(jnp.maximum(e - length, 0) / 5)
+  return eps, jnp.minimum(weight, 50.0)
+
+
+@register("mixtrain", defaults={**_VERIFIED_DEFAULTS, "schedule_length": 10, "interval_weight": 0.1,
+                                "mixtraink": 1, "alpha": 0.8}, takes_epoch=True)
+def mixtrain_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
+                  config: ml_collections.ConfigDict, epoch: Array) -> LossOutput:
+  """MixTrain (Wang et al. 2018), the reference's `mixtrain` trainer.
+
+  L = CE(f(x), y) (train mode) and, with probability alpha = 0.8 (drawn from `key`), plus iw * CE of the
+  symbolic-interval worst-case logits (`bounds.symbolic_interval` on the margins, 0 at y) of `mixtraink`
+  examples drawn uniformly with replacement; eps and iw from `mixtrain_schedule`. The symbolic pass runs only
+  when drawn (lax.cond). metrics: loss, natural_loss, robust_loss (0 when not drawn), accuracy, eps,
+  interval_weight, drawn.
+  """
+  x, y = batch["image"], batch["label"]
+  logits, new_variables = apply_fn(variables, x, True)
+  eps, weight = mixtrain_schedule(epoch, config)
+  draw_key, index_key = jax.random.split(key)
+  drawn = jax.random.uniform(draw_key) <= config.alpha
+  index = jax.random.randint(index_key, (config.mixtraink,), 0, x.shape[0])
+  f = lambda inputs: apply_fn(variables, inputs, False)[0]
+
+  def robust():
+    lower, upper = _ball(x[index], eps, config)
+    spec = bounds.margin_spec(y[index], logits.shape[-1])
+    lb, _ = bounds.symbolic_interval(f, lower, upper, spec)
+    return _cross_entropy(_worst_case_logits(lb, spec, y[index]), y[index])
+
+  robust_loss = lax.cond(drawn, robust, lambda: jnp.zeros(()))
+  natural_loss = _cross_entropy(logits, y)
+  loss = natural_loss + weight * robust_loss
+  metrics = {"loss": loss, "natural_loss": natural_loss, "robust_loss": robust_loss,
+             "accuracy": _accuracy(logits, y), "eps": eps, "interval_weight": weight,
+             "drawn": drawn.astype(jnp.float32)}
+  return loss, (metrics, new_variables)
