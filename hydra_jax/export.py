@@ -79,7 +79,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, meth
   run = load_run(config, workdir, best=best)
   apply_fn = models.make_apply_fn(train.build_model(config))
   batches = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=config.data.data_dir or None,
-                              image_size=config.data.image_size or None)
+                              data_format=config.data.format, image_size=config.data.image_size or None)
   attack_names = [name for name in methods if name != "clean"]
   results = evaluate.evaluate(apply_fn, run.variables, data.iterate(batches, range(train.eval_steps(config, batches))),
                               key=jax.random.PRNGKey(config.seed), methods=attack_names,

@@ -48,6 +48,7 @@ from hydra_jax import attacks
 from hydra_jax import checkpoints
 from hydra_jax import convert
 from hydra_jax import data
+from hydra_jax import data_formats
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
@@ -79,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
       "name": "cifar10", "data_dir": "", "batch_size": 128, "eval_batch_size": 256, "image_size": 0,
       "data_fraction": 1.0, "semisup_path": "", "semisup_fraction": 1.0, "prefetch": 2, "workers": 0,
       "eval_examples": 0})  # eval_examples: evaluate on the first N test examples only (0: all).
+  c.data.format = "auto"  # files in data_dir: 'auto' (detect) | 'tfds' | 'cifar_pickle' | 'svhn_mat' | 'image_folder'.
   c.objective = objective_config("trades")
   c.optimizer = ml_collections.ConfigDict({
       "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0,
@@ -130,6 +132,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       "optimizer.name": tuple(OPTIMIZERS), "optimizer.schedule": tuple(SCHEDULES),
       "parallel.mode": ("auto", *parallel.MODES), "eval.norm": attacks.NORMS,
       "score_init": (*masking.SCORE_INITS, "source"),
+      "data.format": ("auto", *data_formats.FORMATS),
   }
   for key, valid in choices.items():
     value = _get(config, key)
@@ -573,11 +576,11 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
   data_dir = config.data.data_dir or None
   train_data = data.train_batches(
-      config.data.name, config.data.batch_size, seed=config.seed, data_dir=data_dir,
+      config.data.name, config.data.batch_size, seed=config.seed, data_dir=data_dir, data_format=config.data.format,
       image_size=config.data.image_size or None, data_fraction=config.data.data_fraction,
       semisup_path=config.data.semisup_path or None, semisup_fraction=config.data.semisup_fraction)
   eval_data = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=data_dir,
-                                image_size=config.data.image_size or None)
+                                data_format=config.data.format, image_size=config.data.image_size or None)
   steps_per_epoch = train_data.steps_per_epoch
   total_steps = _stage_epochs(config, stage) * steps_per_epoch
   rows = config.data.batch_size * (2 if config.data.semisup_path else 1)  # semisup doubles every batch
