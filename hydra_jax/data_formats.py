@@ -311,7 +311,7 @@ def read_tfds(root: str | None, dataset: str, split: str) -> Sequence[Any]:
 
 FORMATS: dict[str, dict[str, Any]] = {
     "tfds": {"datasets": ("mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012"),
-             "find": find_tfds, "read": read_tfds, "files": "a TFDS folder <name>/ of ArrayRecord files"},
+             "find": find_tfds, "read": read_tfds, "files": "a TFDS folder {dataset}/ of ArrayRecord files"},
     "cifar_pickle": {"datasets": ("cifar10", "cifar100"), "find": find_cifar_pickles, "read": read_cifar_pickles,
                      "files": "torchvision's cifar-10-batches-py/ or cifar-100-python/ pickle files"},
     "svhn_mat": {"datasets": ("svhn_cropped",), "find": find_svhn_mat, "read": read_svhn_mat,
@@ -363,6 +363,8 @@ def resolve(data_format: str, dataset: str, data_dir: str | None) -> tuple[str, 
     return data_format, root
   if not data_dir:
     return "tfds", None
+  if not os.path.isdir(data_dir):
+    raise ValueError(f"data_dir={data_dir!r} is not a folder; point data.data_dir at the folder holding {dataset}")
   found = {name: root for name in formats_of(dataset) if (root := FORMATS[name]["find"](data_dir, dataset))}
   if len(found) > 1:
     places = "; ".join(f"{name} in {root}" for name, root in found.items())
@@ -375,7 +377,7 @@ def resolve(data_format: str, dataset: str, data_dir: str | None) -> tuple[str, 
 
 def _not_found(dataset: str, data_dir: str | None, formats: list[str]) -> NoReturn:
   """Raises the ValueError for `dataset` absent from `data_dir` in every one of `formats`."""
-  looked = "; ".join(f"{name}: {FORMATS[name]['files']}" for name in formats)
+  looked = "; ".join(f"{name}: {FORMATS[name]['files'].format(dataset=dataset)}" for name in formats)
   hint = f" To build the TFDS files: {_tfds_hint(dataset, data_dir)}." if "tfds" in formats else ""
   raise ValueError(f"no {dataset} files in data_dir={data_dir or ''!r}; looked for {looked}. Point data.data_dir "
                    f"at the folder holding them.{hint}")

@@ -274,9 +274,11 @@ def test_auto_refuses_a_dataset_held_in_two_formats(tmp_path):
 
 
 def test_no_files_found_says_what_was_looked_for(tmp_path):
-  with pytest.raises(ValueError, match="no cifar10 files.*tfds: .*cifar_pickle: .*tfds build cifar10 "
-                                       "--file_format=array_record"):
+  with pytest.raises(ValueError, match="no cifar10 files.*tfds: a TFDS folder cifar10/.*cifar_pickle: .*"
+                                       "tfds build cifar10 --file_format=array_record"):
     data.load_source("cifar10", "train", data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="data_dir='.*nowhere' is not a folder"):
+    data.load_source("cifar10", "train", data_dir=str(tmp_path / "nowhere"))
   with pytest.raises(ValueError, match=r"no svhn_cropped files .*svhn_mat: SVHN's train_32x32.mat"):
     data.load_source("svhn_cropped", "train", data_dir=str(tmp_path), data_format="svhn_mat")
   with pytest.raises(ValueError, match="TFDS dataset 'cifar10' .*not prepared.*tfds build cifar10"):
