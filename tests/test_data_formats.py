@@ -226,6 +226,8 @@ def test_image_folder_labels_follow_sorted_class_names_and_images_are_pils_decod
     assert example["label"] == label and example["image"].dtype == np.uint8 and example["image"].shape[2] == 3
     np.testing.assert_array_equal(example["image"], _pil(path))
   assert len(data.load_source("imagenet2012", "validation", data_dir=str(tmp_path))) == 3
+  copy = pickle.loads(pickle.dumps(source))  # grain's worker processes receive the source pickled
+  np.testing.assert_array_equal(copy[5]["image"], _pil(expected[5][0]))
 
 
 def test_image_folder_batches_resize_pils_decode(tmp_path):
