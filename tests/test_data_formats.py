@@ -303,3 +303,12 @@ def test_config_key_defaults_to_auto_and_is_checked():
   config.data.format = "pickles"
   with pytest.raises(ValueError, match="config.data.format='pickles' is invalid; valid: auto, tfds, cifar_pickle"):
     train.check_config(config)
+
+
+def test_a_run_reads_data_format_from_its_config_and_writes_nothing_on_a_wrong_one(tmp_path):
+  _write_cifar10(tmp_path / "data")
+  config = train.default_config()
+  config.data.data_dir, config.data.format = str(tmp_path / "data"), "svhn_mat"
+  with pytest.raises(ValueError, match="data.format='svhn_mat' cannot hold 'cifar10'"):
+    train.run_stage(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
