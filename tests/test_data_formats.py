@@ -27,7 +27,7 @@ def _cifar_rows(rng, n):
 
 def _pickle(path, content):
   with open(path, "wb") as f:
-    pickle.dump(content, f)
+    pickle.dump(content, f, protocol=2)  # the real files are Python 2 cPickle files, protocol 2
 
 
 def _write_cifar10(folder, per_batch=3, test=5, seed=0):
@@ -74,8 +74,11 @@ def test_cifar100_pickles_use_the_fine_labels(tmp_path):
   for split, n in (("train", 6), ("test", 4)):
     rows = _cifar_rows(rng, n)
     fine, coarse = [int(v) for v in rng.integers(0, 100, n)], [int(v) for v in rng.integers(0, 20, n)]
-    _pickle(folder / split, {b"filenames": [b"x"] * n, b"batch_label": b"b", b"fine_labels": fine,
-                             b"coarse_labels": coarse, b"data": rows})
+    content = {b"filenames": [b"x"] * n, b"batch_label": b"b", b"fine_labels": fine, b"coarse_labels": coarse,
+               b"data": rows}
+    if split == "test":  # str keys, as a file re-saved from torchvision's latin1-decoded dict would hold
+      content = {key.decode(): value for key, value in content.items()}
+    _pickle(folder / split, content)
     source = data.load_source("cifar100", split, data_dir=str(tmp_path))
     np.testing.assert_array_equal(source.labels, fine)
     assert source.images[n - 1, 31, 0, 2] == rows[n - 1, 2048 + 31 * 32]
