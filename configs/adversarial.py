@@ -18,6 +18,10 @@ Arguments (comma separated NAME=VALUE):
   norm       linf | l2 (training and evaluation threat model), default linf.
   semisup    path to Carmon et al.'s ti_top_50000_pred_v3.1.pickle (the reference's --is-semisup), default none.
 
+Data: --config.data.data_dir=DIR, a folder holding the files the reference reads (torchvision's
+cifar-10-batches-py/ or cifar-100-python/, SVHN's train_32x32.mat and test_32x32.mat) or TFDS ArrayRecord files;
+--config.data.format (default auto) names the format when DIR holds several.
+
 Defaults are the reference's (configs.yml and scripts/get_compact_net_adv_train.sh): SGD lr 0.1 momentum 0.9
 weight decay 1e-4, cosine schedule, batch 128, eps 0.031 (~8/255), PGD-10 step 0.0078 (~2/255), TRADES beta
 6; 100 pretrain epochs at lr 0.1, 20 prune epochs at lr 0.1, 100 finetune epochs at lr 0.01; l_2: eps 0.5

@@ -3,10 +3,12 @@
 Run:
   hydra-jax train --config configs/digits_demo.py --workdir runs/digits_demo
 
-Adversarially pretrains a small CNN with TRADES (l_inf eps 0.1 on [0, 1] pixels, 8x8 images), prunes it with
-HYDRA at k=0.1 and k=0.01 (90% and 99% pruning, scaled score init), finetunes, runs the LWM baseline at each
-k, and prints a table of clean / PGD-10 accuracy and the kept fraction. Tiny sizes so that it finishes in a
-few minutes on 2 CPU cores; not a result of the paper.
+Adversarially pretrains CNN-small with TRADES (l_inf eps 0.1 on [0, 1] pixels; the 8x8 digits upsampled to
+16x16, which gives the CNN 61k prunable weights instead of 22k), prunes it with HYDRA at k=0.05 and k=0.03 (95%
+and 97% pruning, scaled score init), finetunes, runs the LWM baseline at each k, and prints a table of clean /
+PGD-10 accuracy and the kept fraction. At 98% LWM falls to chance on this small CNN and at 99% every method does
+(each layer keeps k of its weights: 3 of the first convolution's 256); see the README. Tiny sizes so that it
+finishes in a few minutes on 2 CPU cores; not a result of the paper.
 Arguments: model (default cnn_small), objective (default trades).
 """
 
@@ -17,9 +19,10 @@ def get_config(arg=None):
   args = config_lib.parse_config_arg(arg, model="cnn_small", objective="trades")
   config = config_lib.default_config()
   config.stage = "all"
-  config.ks = (0.1, 0.01)
+  config.ks = (0.05, 0.03)
   config.model.name = args.model
   config.data.name = "digits"
+  config.data.image_size = 16
   config.data.batch_size = 64
   config.data.eval_batch_size = 120
   config.objective.name = args.objective

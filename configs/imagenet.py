@@ -1,12 +1,13 @@
 """HYDRA on ImageNet with free adversarial training (reference configs_imagenet.yml, train_imagenet.py).
 
 Run:
-  hydra-jax train --config configs/imagenet.py --config.stage=all --config.data.data_dir=$TFDS_DATA_DIR \
+  hydra-jax train --config configs/imagenet.py --config.stage=all --config.data.data_dir=/data/imagenet \
       --workdir runs/imagenet_resnet50
 
 ResNet-50 (torchvision layout, ImageNet normalisation inside the model), free AT with m=4 replays (90 epochs
 become ceil(90 / 4) = 23 passes, as the reference), eps 4/255, evaluation PGD-10 with step 1/255, batch 256,
-SGD lr 0.1 cosine, weight decay 1e-4. Needs TFDS imagenet2012 prepared in data_dir (see the README).
+SGD lr 0.1 cosine, weight decay 1e-4. data_dir holds ImageNet as torchvision's class folders (train/<wnid>/,
+val/<wnid>/, as the reference reads it) or as TFDS imagenet2012 ArrayRecord files (see the README).
 Argument: model (default resnet50_imagenet).
 """
 

@@ -362,7 +362,8 @@ def _start_weights(config: ml_collections.ConfigDict, baseline: Baseline, source
 
 def _first_batches(config: ml_collections.ConfigDict, count: int) -> list[dict[str, Any]]:
   stream = data.train_batches(config.data.name, config.data.batch_size, seed=config.seed,
-                              data_dir=config.data.data_dir or None, image_size=config.data.image_size or None,
+                              data_dir=config.data.data_dir or None, data_format=config.data.format,
+                              image_size=config.data.image_size or None,
                               data_fraction=config.data.data_fraction)
   return [stream.batch_at(step) for step in range(count)]
 

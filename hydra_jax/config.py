@@ -26,6 +26,7 @@ import ml_collections
 
 from hydra_jax import attacks
 from hydra_jax import data
+from hydra_jax import data_formats
 from hydra_jax import errors
 from hydra_jax import evaluate
 from hydra_jax import masking
@@ -54,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
       "name": "cifar10", "data_dir": "", "batch_size": 128, "eval_batch_size": 256, "image_size": 0,
       "data_fraction": 1.0, "semisup_path": "", "semisup_fraction": 1.0, "prefetch": 2, "workers": 0,
       "eval_examples": 0})  # eval_examples: evaluate on the first N test examples only (0: all).
+  c.data.format = "auto"  # files in data_dir: 'auto' (detect) | 'tfds' | 'cifar_pickle' | 'svhn_mat' | 'image_folder'.
   c.objective = objective_config("trades")
   c.optimizer = ml_collections.ConfigDict({
       "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0,
@@ -167,6 +169,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
       "parallel.mode": ("auto", *parallel.MODES), "eval.norm": attacks.NORMS,
       "stages.prune.score_init": (*masking.SCORE_INITS, "source"),
       "stages.finetune.score_init": (*masking.SCORE_INITS, "source"),
+      "data.format": ("auto", *data_formats.FORMATS),
   }
   for key, valid in choices.items():
     value = lookup(config, key)

@@ -1,4 +1,4 @@
-"""Deterministic, resumable input pipelines: TFDS (ArrayRecord) and scikit-learn's `digits`.
+"""Deterministic, resumable input pipelines over scikit-learn's `digits` and files on disk.
 
 Every batch is a pure function of (seed, step): the sample order (a fresh permutation each
 epoch) and the augmentation draws depend on nothing else, so a run restarted at step `s`
@@ -19,9 +19,11 @@ Datasets (`get_dataset_info(name)` lists sizes; train augmentation as in HYDRA's
 
 `digits` (1797 images, shipped with scikit-learn: no download) is split by a stratified
 80/20 split with a fixed seed into 1437 train / 360 test images; pixel values 0..16 are
-divided by 16. The TFDS datasets are read with `tfds.data_source` from ArrayRecord files
-prepared beforehand under `data_dir` (nothing is ever downloaded here); reading needs no
-TensorFlow, but TFDS decodes the stored PNG/JPEG images with Pillow (or OpenCV).
+divided by 16. The other datasets are read from files under `data_dir`, in the format
+`data_format` names or ('auto') the one whose files are there (`hydra_jax.data_formats`):
+TFDS ArrayRecord files (read with `tfds.data_source`, no TensorFlow needed), torchvision's
+CIFAR pickles, SVHN's .mat files, or ImageNet as class-per-folder JPEGs. Nothing is ever
+downloaded here. Whatever the format, the batches below are the same functions of (seed, step).
 ImageNet crops are resized in float32 with PIL's antialiased bilinear filter (torchvision's
 default), without PIL's rounding to uint8 between the two passes.
 
@@ -43,7 +45,7 @@ zero-padded and `'mask'` (float32 [B], 1 for real examples) marks the real rows,
 Usage:
 
   info = data.get_dataset_info('cifar10')
-  train = data.train_batches('cifar10', batch_size=128, seed=0, data_dir=tfds_dir)
+  train = data.train_batches('cifar10', batch_size=128, seed=0, data_dir='/data')  # any format
   for step, batch in zip(range(start, total), data.iterate(train, range(start, total))):
     ...                                   # batch['image']: [128, 32, 32, 3] float32
   test = data.eval_batches('cifar10', batch_size=256)
@@ -67,7 +69,9 @@ import jax
 import numpy as np
 from absl import flags
 
+from hydra_jax import data_formats
 from hydra_jax import errors
+from hydra_jax.data_formats import ArraySource
 
 Batch = dict[str, np.ndarray]
 
@@ -143,25 +147,6 @@ def get_dataset_info(name: str) -> DatasetInfo:
 # ----------------------------------------------------------------------------- sources
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ArraySource:
-  """In-memory random-access examples.
-
-  Attributes:
-    images: [N, H, W, C], uint8 in 0..255 or float32 in [0, 1].
-    labels: int [N].
-  """
-
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {'image': self.images[index], 'label': self.labels[index]}
-
-
 @functools.lru_cache(maxsize=1)
 def _digits_splits() -> dict[str, ArraySource]:
   # Imported here: scikit-learn takes ~3 s to import and only `digits` needs it.
@@ -176,40 +161,38 @@ def _digits_splits() -> dict[str, ArraySource]:
           for split, idx in (('train', train), ('test', test))}
 
 
-def load_source(name: str, split: str, data_dir: str | None = None) -> Sequence[Any]:
+def load_source(name: str, split: str, data_dir: str | None = None,
+                data_format: str = 'auto') -> Sequence[Any]:
   """Random-access examples `{'image': [H, W, C], 'label': int}` of one split.
 
   Args:
     name: registry name (see `get_dataset_info`).
     split: one of `get_dataset_info(name).split_sizes`.
-    data_dir: TFDS data directory (default: TFDS's, `$TFDS_DATA_DIR` or
-      `~/tensorflow_datasets`); unused for `digits`.
+    data_dir: folder holding the dataset's files (see `hydra_jax.data_formats`); None: TFDS's
+      default directory (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`). Unused for `digits`.
+    data_format: 'auto' (detect from the files in `data_dir`) or a `data_formats.FORMATS` name:
+      'tfds', 'cifar_pickle', 'svhn_mat', 'image_folder'. `digits` takes only 'auto'.
 
   Returns:
-    An `ArraySource` for `digits`, else the `tfds.data_source` of the split.
+    An `ArraySource` for `digits`, CIFAR pickles and SVHN .mat files, an `ImageFolderSource`
+    (decoding on access) for image folders, else the `tfds.data_source` of the split.
 
   Raises:
-    ValueError: unknown dataset or split.
-    errors.MissingDataError (a FileNotFoundError): the TFDS dataset is not prepared in ArrayRecord format.
+    ValueError: unknown dataset, split or format, or files missing or malformed (the message
+      names the file and the fix).
+    errors.MissingDataError (a FileNotFoundError): the files are missing or the TFDS dataset is not prepared.
   """
   info = get_dataset_info(name)
   if split not in info.split_sizes:
     raise ValueError(f'Unknown split {split!r} of {name!r}; valid splits: '
                      f'{sorted(info.split_sizes)}.')
   if info.tfds_name is None:
+    if data_format != 'auto':
+      raise ValueError(f'{name!r} ships with scikit-learn and has no files; data.format must be '
+                       f"'auto', got {data_format!r}.")
     return _digits_splits()[split]
-  # Imported here: TFDS takes ~2 s to import and the offline default does not need it.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    return tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False,
-                            builder_kwargs={'file_format': 'array_record'})
-  except (KeyError, FileNotFoundError, AssertionError) as e:
-    where = data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
-    raise errors.MissingDataError(
-        f'TFDS dataset {info.tfds_name!r} (split {split!r}) is not prepared in ArrayRecord '
-        f'format under data_dir={where!r}. Prepare it once on a machine with internet and '
-        f'TensorFlow: `tfds build {info.tfds_name} --file_format=array_record '
-        f'--data_dir={where}`.') from e
+  data_format, root = data_formats.resolve(data_format, info.tfds_name, data_dir)
+  return data_formats.load(data_format, root, info.tfds_name, split)
 
 
 def _load_semisup(path: str, image_shape: tuple[int, ...], num_classes: int) -> ArraySource:
@@ -510,8 +493,8 @@ class TrainBatches:
 
 
 def train_batches(name: str, batch_size: int, *, seed: int = 0, data_dir: str | None = None,
-                  process_index: int | None = None, process_count: int | None = None,
-                  image_size: int | None = None, data_fraction: float = 1.0,
+                  data_format: str = 'auto', process_index: int | None = None,
+                  process_count: int | None = None, image_size: int | None = None, data_fraction: float = 1.0,
                   semisup_path: str | None = None,
                   semisup_fraction: float = 1.0) -> TrainBatches:
   """The training batch stream of this host, shuffled afresh every epoch.
@@ -521,7 +504,8 @@ def train_batches(name: str, batch_size: int, *, seed: int = 0, data_dir: str | 
     batch_size: global batch size (all hosts), a multiple of `process_count` and at most
       the number of training examples used.
     seed: seeds the subset, the per-epoch order and the augmentation.
-    data_dir: TFDS data directory (see `load_source`).
+    data_dir: folder of the dataset's files (see `load_source`).
+    data_format: 'auto' or a format name (see `load_source`).
     process_index: this host (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
     image_size: output side in pixels; for fixed-size datasets an integer multiple of
@@ -541,7 +525,7 @@ def train_batches(name: str, batch_size: int, *, seed: int = 0, data_dir: str | 
   info = get_dataset_info(name)
   process_index, process_count = _hosts(batch_size, process_index, process_count)
   size = _output_side(info, image_size)
-  source = load_source(name, info.train_split, data_dir)
+  source = load_source(name, info.train_split, data_dir, data_format)
   indices = _subset(seed, _SUBSET, len(source), data_fraction)
   if len(indices) < batch_size:
     raise ValueError(f'batch_size {batch_size} exceeds the {len(indices)} training '
@@ -610,8 +594,8 @@ class EvalBatches:
 
 
 def eval_batches(name: str, batch_size: int, *, split: str | None = None,
-                 data_dir: str | None = None, process_index: int | None = None,
-                 process_count: int | None = None,
+                 data_dir: str | None = None, data_format: str = 'auto',
+                 process_index: int | None = None, process_count: int | None = None,
                  image_size: int | None = None) -> EvalBatches:
   """In-order, unaugmented, zero-padded batches covering a split exactly once.
 
@@ -619,7 +603,7 @@ def eval_batches(name: str, batch_size: int, *, split: str | None = None,
     name: registry name (see `get_dataset_info`).
     batch_size: global batch size, a multiple of `process_count`.
     split: default `get_dataset_info(name).eval_split`.
-    data_dir, process_index, process_count, image_size: as in `train_batches`
+    data_dir, data_format, process_index, process_count, image_size: as in `train_batches`
       (imagenet2012: shorter side resized to round(image_size * 256 / 224)).
 
   Returns:
@@ -628,7 +612,7 @@ def eval_batches(name: str, batch_size: int, *, split: str | None = None,
   info = get_dataset_info(name)
   process_index, process_count = _hosts(batch_size, process_index, process_count)
   size = _output_side(info, image_size)
-  source = load_source(name, split or info.eval_split, data_dir)
+  source = load_source(name, split or info.eval_split, data_dir, data_format)
   return EvalBatches(info, source, batch_size, process_index, process_count, size)
 
 

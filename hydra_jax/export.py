@@ -137,8 +137,9 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
 def _certify_examples(config: ml_collections.ConfigDict, skip: int,
                       max_examples: int) -> tuple[data.EvalBatches, range]:
   """The eval split one example per batch, and the indices to certify: every skip-th, at most max_examples."""
-  examples = data.eval_batches(config.data.name, 1, data_dir=config.data.data_dir or None, process_index=0,
-                               process_count=1, image_size=config.data.image_size or None)
+  examples = data.eval_batches(config.data.name, 1, data_dir=config.data.data_dir or None,
+                               data_format=config.data.format, process_index=0, process_count=1,
+                               image_size=config.data.image_size or None)
   indices = range(0, examples.num_steps, skip)
   return examples, indices[:max_examples] if max_examples > 0 else indices
 

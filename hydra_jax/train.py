@@ -250,14 +250,15 @@ def cadence(done: int, *, steps_per_epoch: int, total_steps: int, stop: int, log
 def eval_split(config: ml_collections.ConfigDict) -> data.EvalBatches:
   """The batches a run evaluates on: the dataset's eval split, or its first `config.data.eval_examples`."""
   batches = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=config.data.data_dir or None,
-                              image_size=config.data.image_size or None)
+                              data_format=config.data.format, image_size=config.data.image_size or None)
   return data.first_examples(batches, config.data.eval_examples)
 
 
 def _train_batches(config: ml_collections.ConfigDict) -> data.TrainBatches:
   return data.train_batches(
       config.data.name, config.data.batch_size, seed=config.seed, data_dir=config.data.data_dir or None,
-      image_size=config.data.image_size or None, data_fraction=config.data.data_fraction,
+      data_format=config.data.format, image_size=config.data.image_size or None,
+      data_fraction=config.data.data_fraction,
       semisup_path=config.data.semisup_path or None, semisup_fraction=config.data.semisup_fraction)
 
 

@@ -46,8 +46,9 @@ def test_unknown_split_lists_valid_splits():
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
-  with pytest.raises(FileNotFoundError, match='tfds build cifar10 --file_format=array_record'):
-    data.load_source('cifar10', 'train', data_dir=str(tmp_path))
+  for data_format in ('auto', 'tfds'):
+    with pytest.raises(ValueError, match='tfds build cifar10 --file_format=array_record'):
+      data.load_source('cifar10', 'train', data_dir=str(tmp_path), data_format=data_format)
 
 
 # --------------------------------------------------------------------------- digits

@@ -211,3 +211,28 @@ def test_run_settings_apply_the_threat_model_to_the_methods_of_its_norm():
       "eps": 0.1, "step_size": 0.02, "steps": 3, "restarts": 2}
   assert (settings["apgd_ce"]["eps"], settings["apgd_ce"]["steps"]) == (0.1, 100)  # eps only: APGD keeps 100 steps
   assert settings["pgd_l2"] == dict(evaluate.get_method("pgd_l2").defaults)  # the other norm keeps its defaults
+
+
+@pytest.mark.parametrize("verifier", ["ibp", "crown_ibp", "symbolic"])
+def test_verifiers_give_the_exact_verified_accuracy_of_a_linear_model(verifier):
+  # For f(x) = x W + b every margin (e_y - e_j) . f is affine, so its minimum over the box [x - eps, x + eps]
+  # clipped to [0, 1] is attained coordinate-wise at a corner: the exact verified set, computed in numpy.
+  rng = np.random.default_rng(0)
+  w, b = rng.normal(size=(12, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+  x = rng.uniform(size=(64, 2, 2, 3)).astype(np.float32)
+  y = np.argmax(x.reshape(64, -1) @ w + b, axis=-1)
+  y[:8] = (y[:8] + 1) % 4  # some misclassified examples: never verified
+  eps = 0.05
+  low, high = np.clip(x - eps, 0, 1).reshape(64, -1), np.clip(x + eps, 0, 1).reshape(64, -1)
+  exact = []
+  for i in range(64):
+    rows = [w[:, y[i]] - w[:, j] for j in range(4) if j != y[i]]
+    biases = [b[y[i]] - b[j] for j in range(4) if j != y[i]]
+    exact.append(all(np.minimum(r * low[i], r * high[i]).sum() + c > 0 for r, c in zip(rows, biases, strict=True)))
+  logits_fn = lambda images: images.reshape(images.shape[0], -1) @ w + b
+  batch = {"image": x, "label": y.astype(np.int32), "mask": np.ones(64, np.float32)}
+  results = evaluate.evaluate(logits_fn, None, [batch], key=jax.random.key(0), methods=[verifier],
+                              config={verifier: {"eps": eps}}, progress=False)
+  assert 0 < np.mean(exact) < 1
+  np.testing.assert_allclose(results[verifier], np.mean(exact), atol=1e-6)
+  np.testing.assert_allclose(results["robust"], np.mean(exact), atol=1e-6)

@@ -1,0 +1,397 @@
+"""Dataset files on disk: the formats `data.format` selects and the readers that give random access to them.
+
+Users of the reference already hold their data as its torchvision loaders read it; these readers take those
+files as they are (no TensorFlow, no download):
+
+| format         | datasets                  | files in data_dir (or in the sub-folder named)                          |
+|----------------|---------------------------|-------------------------------------------------------------------------|
+| `tfds`         | mnist, cifar10, cifar100, | `<name>/<version>/` ArrayRecord files built once with `tfds build`      |
+|                | svhn_cropped, imagenet2012|                                                                         |
+| `cifar_pickle` | cifar10, cifar100         | `cifar-10-batches-py/`: data_batch_1..5, test_batch;                    |
+|                |                           | `cifar-100-python/`: train, test (fine labels)                          |
+| `svhn_mat`     | svhn_cropped              | `train_32x32.mat`, `test_32x32.mat`, `extra_32x32.mat` (or `SVHN/`)     |
+| `image_folder` | imagenet2012              | `train/<class>/*.JPEG`, `val/<class>/*.JPEG` (torchvision's ImageFolder)|
+
+The CIFAR and SVHN sub-folders are also found under the reference's `CIFAR10/`, `CIFAR100/` and `SVHN/` roots.
+`data.format='auto'` picks the one format whose files `data_dir` holds (TFDS's default directory when
+`data_dir` is empty); when it holds a dataset in two formats, `data.format` must choose.
+
+What each reader yields is what torchvision's loader yields, as uint8 [H, W, 3] images and int labels:
+- CIFAR pickles (trusted files only: unpickling runs code): `data` rows are uint8 [3072] in channel-major
+  (C, H, W) order; `labels` (CIFAR-10) or `fine_labels` (CIFAR-100); train batches in file order.
+- SVHN .mat (read with `scipy.io.loadmat`): `X` uint8 [32, 32, 3, N], `y` [N, 1] in 1..10, where 10 is the
+  digit 0 and becomes label 0 (torchvision and TFDS do the same).
+- Image folders: class index = position of the class folder's name in the sorted list of names; images are
+  every file with one of torchvision's image extensions, ordered by class then sorted path, decoded with
+  Pillow and converted to RGB one at a time when a batch asks for them (never the whole split in memory).
+  ImageNet's `validation` split is the folder `val/`, with the same class folders as `train/`.
+
+Usage:
+
+  fmt, root = data_formats.resolve("auto", "cifar10", "/data")   # ("cifar_pickle", "/data/cifar-10-batches-py")
+  source = data_formats.load(fmt, root, "cifar10", "train")       # 50000 examples
+  source[7]                                                      # {"image": uint8 [32, 32, 3], "label": 6}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import numpy as np
+from PIL import Image
+
+from hydra_jax import errors
+
+# torchvision's IMG_EXTENSIONS (matched case-insensitively, as ImageFolder does).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_CIFAR = {
+    "cifar10": {"folder": "cifar-10-batches-py", "label_key": "labels",
+                "files": {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}},
+    "cifar100": {"folder": "cifar-100-python", "label_key": "fine_labels",
+                 "files": {"train": ("train",), "test": ("test",)}},
+}
+_CIFAR_ROOTS = ("", "CIFAR10", "CIFAR100")  # the reference keeps both under CIFAR10/ (data/cifar.py)
+_SVHN_ROOTS = ("", "SVHN")
+_FOLDER_SPLITS = {"train": "train", "validation": "val"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+  """In-memory random-access examples.
+
+  Attributes:
+    images: [N, H, W, C], uint8 in 0..255 or float32 in [0, 1].
+    labels: int [N].
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self.images[index], "label": self.labels[index]}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageFolderSource:
+  """Image files decoded on access (picklable, for grain's worker processes).
+
+  Attributes:
+    paths: the image files, in example order.
+    labels: int32 [N], class index of each file.
+    classes: class folder names; `classes[label]` is the folder of an example.
+  """
+
+  paths: tuple[str, ...]
+  labels: np.ndarray
+  classes: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    """Returns {"image": uint8 [H, W, 3] (Pillow's decode, converted to RGB), "label": int}."""
+    with Image.open(self.paths[index]) as image:
+      return {"image": np.asarray(image.convert("RGB")), "label": int(self.labels[index])}
+
+
+# -------------------------------------------------------------------------------------------- CIFAR pickles
+
+
+def find_cifar_pickles(data_dir: str, dataset: str) -> str | None:
+  """The folder under `data_dir` holding any of `dataset`'s torchvision pickle files, or None.
+
+  Args:
+    data_dir: folder to search: itself, its `cifar-10-batches-py/` (or `cifar-100-python/`), and that
+      sub-folder under the reference's `CIFAR10/` and `CIFAR100/`.
+    dataset: "cifar10" or "cifar100".
+  """
+  spec = _CIFAR[dataset]
+  names = [name for files in spec["files"].values() for name in files]
+  for root in _CIFAR_ROOTS:
+    for folder in (os.path.join(data_dir, root), os.path.join(data_dir, root, spec["folder"])):
+      if any(os.path.isfile(os.path.join(folder, name)) for name in names):
+        return os.path.normpath(folder)
+  return None
+
+
+def _unpickle(path: str) -> dict[str, Any]:
+  """A CIFAR batch file as a dict with str keys (the files hold Python 2 str keys, read here as bytes)."""
+  try:
+    with open(path, "rb") as f:
+      content = pickle.load(f, encoding="latin1")  # latin1 as torchvision: Python 2 numpy arrays need it
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+    raise errors.DataError(f"{path} is not a CIFAR python pickle ({error}); use the files of the 'python version' "
+                     "archive (cifar-10-python.tar.gz / cifar-100-python.tar.gz), as torchvision does") from error
+  if not isinstance(content, dict):
+    raise errors.DataError(f"{path} holds a {type(content).__name__}, not a CIFAR batch dict")
+  return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in content.items()}
+
+
+def _cifar_file(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+  """Images uint8 [N, 32, 32, 3] and labels int32 [N] of one CIFAR batch file."""
+  content = _unpickle(path)
+  missing = {"data", label_key} - set(content)
+  if missing:
+    raise errors.DataError(f"{path} lacks the keys {sorted(missing)}; is it a file of the other CIFAR dataset?")
+  rows, labels = np.asarray(content["data"]), np.asarray(content[label_key])
+  if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32 or labels.shape != rows.shape[:1]:
+    raise errors.DataError(f"{path}: 'data' must be uint8 [N, 3072] with N '{label_key}', got {rows.dtype} "
+                     f"{rows.shape} and {labels.shape[0] if labels.ndim else 'no'} labels")
+  images = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are channel-major: (C, H, W)
+  return images, labels.astype(np.int32)
+
+
+def read_cifar_pickles(root: str, dataset: str, split: str) -> ArraySource:
+  """One split of CIFAR-10/100 from torchvision's pickle files.
+
+  Args:
+    root: the folder holding the files (`find_cifar_pickles`).
+    dataset: "cifar10" or "cifar100".
+    split: "train" (CIFAR-10: data_batch_1..5 in order) or "test".
+
+  Returns:
+    ArraySource of images uint8 [N, 32, 32, 3] (HWC) and labels int32 [N] (CIFAR-100: fine labels).
+  """
+  spec = _CIFAR[dataset]
+  paths = [os.path.join(root, name) for name in spec["files"][split]]
+  absent = [os.path.basename(path) for path in paths if not os.path.isfile(path)]
+  if absent:
+    raise errors.MissingDataError(f"{dataset} split {split!r} needs {absent} in {root}, which lacks them; extract the whole "
+                     f"{spec['folder']} archive there")
+  parts = [_cifar_file(path, spec["label_key"]) for path in paths]
+  return ArraySource(np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
+                     np.concatenate([p[1] for p in parts]))
+
+
+# ----------------------------------------------------------------------------------------------- SVHN .mat
+
+
+def find_svhn_mat(data_dir: str, dataset: str) -> str | None:
+  """The folder (`data_dir` or its `SVHN/`) holding any `*_32x32.mat` file of SVHN, or None."""
+  del dataset  # svhn_cropped only
+  for root in _SVHN_ROOTS:
+    folder = os.path.join(data_dir, root)
+    if any(os.path.isfile(os.path.join(folder, f"{split}_32x32.mat")) for split in ("train", "test", "extra")):
+      return os.path.normpath(folder)
+  return None
+
+
+def read_svhn_mat(root: str, dataset: str, split: str) -> ArraySource:
+  """One split of SVHN (cropped digits) from its `{split}_32x32.mat` file.
+
+  Args:
+    root: the folder holding the file (`find_svhn_mat`).
+    dataset: "svhn_cropped".
+    split: "train", "test" or "extra".
+
+  Returns:
+    ArraySource of images uint8 [N, 32, 32, 3] and labels int32 [N] in 0..9 (the file's 10 is digit 0).
+  """
+  import scipy.io  # pylint: disable=g-import-not-at-top  # only SVHN users pay its import
+
+  path = os.path.join(root, f"{split}_32x32.mat")
+  if not os.path.isfile(path):
+    raise errors.MissingDataError(f"{dataset} split {split!r} needs {path}, which does not exist; put SVHN's "
+                     f"{split}_32x32.mat (http://ufldl.stanford.edu/housenumbers/) there")
+  try:
+    content = scipy.io.loadmat(path)
+  except (scipy.io.matlab.MatReadError, ValueError, TypeError, NotImplementedError, OSError) as error:
+    raise errors.DataError(f"{path} is not a MATLAB (v5) file as SVHN distributes it ({error})") from error
+  if "X" not in content or "y" not in content:
+    raise errors.DataError(f"{path} lacks the variables 'X' and 'y' of SVHN's cropped-digit files")
+  images, labels = content["X"], content["y"].reshape(-1).astype(np.int32)
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[:3] != (32, 32, 3) or len(labels) != images.shape[3]:
+    raise errors.DataError(f"{path}: X must be uint8 [32, 32, 3, N] and y [N, 1], got {images.dtype} {images.shape} "
+                     f"and {len(labels)} labels")
+  if labels.size and (labels.min() < 1 or labels.max() > 10):
+    raise errors.DataError(f"{path}: y must hold the digits 1..10 (10 for 0), got {labels.min()}..{labels.max()}")
+  return ArraySource(np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels % 10)
+
+
+# -------------------------------------------------------------------------------------------- image folders
+
+
+def find_image_folder(data_dir: str, dataset: str) -> str | None:
+  """`data_dir` if it has a `train/` or `val/` folder (ImageNet as class-per-folder JPEGs), else None."""
+  del dataset  # imagenet2012 only
+  has_split = any(os.path.isdir(os.path.join(data_dir, folder)) for folder in _FOLDER_SPLITS.values())
+  return os.path.normpath(data_dir) if has_split else None
+
+
+def _class_folders(folder: str) -> list[str]:
+  """Sorted names of the sub-folders of `folder`; raises ValueError when there are none."""
+  if not os.path.isdir(folder):
+    raise errors.MissingDataError(f"{folder} does not exist: it must hold one sub-folder of images per class")
+  with os.scandir(folder) as entries:
+    entries = list(entries)
+  classes = sorted(entry.name for entry in entries if entry.is_dir())
+  if not classes:
+    loose = sum(entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in entries)
+    raise errors.DataError(f"{folder} has no class folders ({loose} image files lie directly in it); sort the images into "
+                     "one sub-folder per class (e.g. ImageNet's val/ by its ground-truth labels), as torchvision's "
+                     "ImageFolder expects")
+  return classes
+
+
+def _images_under(folder: str) -> list[str]:
+  """Image files under `folder` (recursively, following links), in sorted walk order, as ImageFolder lists them."""
+  return [os.path.join(path, name) for path, _, names in sorted(os.walk(folder, followlinks=True))
+          for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def read_image_folder(root: str, dataset: str, split: str) -> ImageFolderSource:
+  """One split of a class-per-folder image tree (torchvision's ImageFolder), listed but not decoded.
+
+  Args:
+    root: the folder holding `train/` and `val/` (`find_image_folder`).
+    dataset: "imagenet2012".
+    split: "train" (folder train/) or "validation" (folder val/).
+
+  Returns:
+    ImageFolderSource; its labels are positions of the class folders in their sorted names.
+  """
+  folder = os.path.join(root, _FOLDER_SPLITS[split])
+  classes = _class_folders(folder)
+  for other in _FOLDER_SPLITS.values():
+    other_folder = os.path.join(root, other)
+    if other_folder != folder and os.path.isdir(other_folder) and _class_folders(other_folder) != classes:
+      raise errors.DataError(f"{folder} and {other_folder} have different class folders, so their labels would not "
+                       f"agree; {dataset} needs the same class names in both")
+  per_class = [_images_under(os.path.join(folder, name)) for name in classes]
+  empty = [name for name, paths in zip(classes, per_class) if not paths]
+  if empty:
+    raise errors.DataError(f"class folders without images in {folder}: {empty[:5]}{' ...' if len(empty) > 5 else ''}; "
+                     f"add their images (extensions {', '.join(IMAGE_EXTENSIONS)}) or remove the folders")
+  labels = np.concatenate([np.full(len(paths), label, np.int32) for label, paths in enumerate(per_class)])
+  return ImageFolderSource(tuple(path for paths in per_class for path in paths), labels, tuple(classes))
+
+
+# --------------------------------------------------------------------------------------------------- TFDS
+
+
+def find_tfds(data_dir: str, dataset: str) -> str | None:
+  """`data_dir` if it has a TFDS folder `<dataset>/`, else None."""
+  return os.path.normpath(data_dir) if os.path.isdir(os.path.join(data_dir, dataset)) else None
+
+
+def _tfds_hint(dataset: str, data_dir: str | None) -> str:
+  where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  return f"`tfds build {dataset} --file_format=array_record --data_dir={where}` (once, with internet and TensorFlow)"
+
+
+def read_tfds(root: str | None, dataset: str, split: str) -> Sequence[Any]:
+  """One split of a TFDS dataset prepared in ArrayRecord format (`tfds.data_source`; TensorFlow not needed).
+
+  Args:
+    root: TFDS data directory (None: TFDS's default, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+    dataset: TFDS builder name, e.g. "cifar10".
+    split: TFDS split name.
+
+  Returns:
+    The random-access `tfds.data_source` of the split.
+  """
+  # Imported here: TFDS takes ~2 s to import and the offline default does not need it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    return tfds.data_source(dataset, split=split, data_dir=root, download=False,
+                            builder_kwargs={"file_format": "array_record"})
+  except (KeyError, FileNotFoundError, AssertionError) as error:
+    raise errors.MissingDataError(f"TFDS dataset {dataset!r} (split {split!r}) is not prepared in ArrayRecord format under "
+                     f"data_dir={root or '(TFDS default)'!r}. Prepare it with {_tfds_hint(dataset, root)}, or "
+                     "point data.data_dir at the files you have (see data.format)") from error
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+FORMATS: dict[str, dict[str, Any]] = {
+    "tfds": {"datasets": ("mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012"),
+             "find": find_tfds, "read": read_tfds, "files": "a TFDS folder {dataset}/ of ArrayRecord files"},
+    "cifar_pickle": {"datasets": ("cifar10", "cifar100"), "find": find_cifar_pickles, "read": read_cifar_pickles,
+                     "files": "torchvision's cifar-10-batches-py/ or cifar-100-python/ pickle files"},
+    "svhn_mat": {"datasets": ("svhn_cropped",), "find": find_svhn_mat, "read": read_svhn_mat,
+                 "files": "SVHN's train_32x32.mat / test_32x32.mat"},
+    "image_folder": {"datasets": ("imagenet2012",), "find": find_image_folder, "read": read_image_folder,
+                     "files": "folders train/<class>/ and val/<class>/ of images"},
+}
+
+
+def get_format(name: str) -> dict[str, Any]:
+  """The registry entry of format `name`: its datasets, `find(data_dir, dataset)`, `read(root, dataset, split)`
+  and a description of its files; raises ValueError listing the valid names (and 'auto')."""
+  if name not in FORMATS:
+    raise ValueError(f"Unknown data format {name!r}; valid: auto, {', '.join(FORMATS)}")
+  return FORMATS[name]
+
+
+def formats_of(dataset: str) -> list[str]:
+  """Names of the formats that can hold `dataset`, in registry order."""
+  return [name for name, entry in FORMATS.items() if dataset in entry["datasets"]]
+
+
+def resolve(data_format: str, dataset: str, data_dir: str | None) -> tuple[str, str | None]:
+  """The format to read `dataset` from and the folder holding its files.
+
+  Args:
+    data_format: "auto" (the one format whose files `data_dir` holds; TFDS when `data_dir` is empty) or a
+      `FORMATS` name.
+    dataset: a dataset name of `hydra_jax.data` (not "digits", which is built in).
+    data_dir: the folder given by the user, or None.
+
+  Returns:
+    (format name, root): `root` is what the format's `read` takes (None only for TFDS's default directory).
+
+  Raises:
+    ValueError: unknown format, a format that cannot hold `dataset`, no files found, or `data_dir` holding
+      `dataset` in several formats.
+  """
+  if data_format != "auto":
+    entry = get_format(data_format)
+    if dataset not in entry["datasets"]:
+      raise errors.DataError(f"data.format={data_format!r} cannot hold {dataset!r}; valid for {dataset}: "
+                       f"auto, {', '.join(formats_of(dataset))}")
+    if data_format == "tfds":
+      return "tfds", data_dir or None  # TFDS names what is missing itself
+    root = entry["find"](data_dir, dataset) if data_dir else None
+    if root is None:
+      _not_found(dataset, data_dir, [data_format])
+    return data_format, root
+  if not data_dir:
+    return "tfds", None
+  if not os.path.isdir(data_dir):
+    raise errors.MissingDataError(f"data_dir={data_dir!r} is not a folder; point data.data_dir at the folder holding {dataset}")
+  found = {name: root for name in formats_of(dataset) if (root := FORMATS[name]["find"](data_dir, dataset))}
+  if len(found) > 1:
+    places = "; ".join(f"{name} in {root}" for name, root in found.items())
+    raise errors.DataError(f"data_dir={data_dir!r} holds {dataset} in several formats ({places}); choose one with "
+                     f"data.format={' or '.join(found)}")
+  if not found:
+    _not_found(dataset, data_dir, formats_of(dataset))
+  return next(iter(found.items()))
+
+
+def _not_found(dataset: str, data_dir: str | None, formats: list[str]) -> NoReturn:
+  """Raises the ValueError for `dataset` absent from `data_dir` in every one of `formats`."""
+  looked = "; ".join(f"{name}: {FORMATS[name]['files'].format(dataset=dataset)}" for name in formats)
+  hint = f" To build the TFDS files: {_tfds_hint(dataset, data_dir)}." if "tfds" in formats else ""
+  raise errors.MissingDataError(f"no {dataset} files in data_dir={data_dir or ''!r}; looked for {looked}. Point data.data_dir "
+                   f"at the folder holding them.{hint}")
+
+
+def load(data_format: str, root: str | None, dataset: str, split: str) -> Sequence[Any]:
+  """Random-access examples {"image": uint8 [H, W, C], "label": int} of one split (see the module docstring).
+
+  Args:
+    data_format, root: as returned by `resolve`.
+    dataset: dataset name.
+    split: split name of `hydra_jax.data`'s registry ("train", "test", "validation", "extra").
+  """
+  read: Callable[[str | None, str, str], Sequence[Any]] = get_format(data_format)["read"]
+  return read(root, dataset, split)
