@@ -140,7 +140,7 @@ _DATASETS = {
 def get_dataset_info(name: str) -> DatasetInfo:
   """Returns the `DatasetInfo` of `name`; raises ValueError listing the valid names."""
   if name not in _DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid names: {sorted(_DATASETS)}.')
+    raise errors.DataError(f'Unknown dataset {name!r}; valid names: {sorted(_DATASETS)}.')
   return _DATASETS[name]
 
 
@@ -184,11 +184,11 @@ def load_source(name: str, split: str, data_dir: str | None = None,
   """
   info = get_dataset_info(name)
   if split not in info.split_sizes:
-    raise ValueError(f'Unknown split {split!r} of {name!r}; valid splits: '
+    raise errors.DataError(f'Unknown split {split!r} of {name!r}; valid splits: '
                      f'{sorted(info.split_sizes)}.')
   if info.tfds_name is None:
     if data_format != 'auto':
-      raise ValueError(f'{name!r} ships with scikit-learn and has no files; data.format must be '
+      raise errors.DataError(f'{name!r} ships with scikit-learn and has no files; data.format must be '
                        f"'auto', got {data_format!r}.")
     return _digits_splits()[split]
   data_format, root = data_formats.resolve(data_format, info.tfds_name, data_dir)
@@ -208,14 +208,14 @@ def _load_semisup(path: str, image_shape: tuple[int, ...], num_classes: int) -> 
       content = pickle.load(f)
   missing = {'data', 'extrapolated_targets'} - set(content)
   if missing:
-    raise ValueError(f'semisup file {path!r} lacks keys {sorted(missing)}.')
+    raise errors.DataError(f'semisup file {path!r} lacks keys {sorted(missing)}.')
   images = np.asarray(content['data'])
   labels = np.asarray(content['extrapolated_targets']).astype(np.int32)
   if images.dtype != np.uint8 or images.shape[1:] != image_shape:
-    raise ValueError(f'semisup data in {path!r} must be uint8 [N, *{image_shape}], got '
+    raise errors.DataError(f'semisup data in {path!r} must be uint8 [N, *{image_shape}], got '
                      f'{images.dtype} {images.shape}.')
   if labels.shape != images.shape[:1] or labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f'semisup extrapolated_targets in {path!r} must be [N] ints in '
+    raise errors.DataError(f'semisup extrapolated_targets in {path!r} must be [N] ints in '
                      f'[0, {num_classes}); got shape {labels.shape}.')
   return ArraySource(images, labels)
 
@@ -382,7 +382,7 @@ def _permutation(seed: int, tag: int, epoch: int, n: int) -> np.ndarray:
 def _subset(seed: int, tag: int, n: int, fraction: float) -> np.ndarray:
   """Sorted random int(fraction * n) indices of range(n) (all of them for fraction 1)."""
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'Data fractions must be in (0, 1], got {fraction}.')
+    raise errors.DataError(f'Data fractions must be in (0, 1], got {fraction}.')
   if fraction == 1.0:
     return np.arange(n)
   return np.sort(_rng(seed, tag).choice(n, int(fraction * n), replace=False))
@@ -404,9 +404,9 @@ def _hosts(batch_size: int, process_index: int | None,
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
+    raise errors.DataError(f'process_index {process_index} not in [0, {process_count}).')
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f'Global batch_size {batch_size} must be a positive multiple of '
+    raise errors.DataError(f'Global batch_size {batch_size} must be a positive multiple of '
                      f'process_count {process_count}.')
   return process_index, process_count
 
@@ -417,7 +417,7 @@ def _output_side(info: DatasetInfo, image_size: int | None) -> int:
   if image_size is None:
     return native
   if image_size <= 0 or (not info.variable_size and image_size % native):
-    raise ValueError(f'image_size {image_size} of {info.name!r} must be a positive '
+    raise errors.DataError(f'image_size {image_size} of {info.name!r} must be a positive '
                      f'multiple of its native size {native}.')
   return image_size
 
@@ -528,7 +528,7 @@ def train_batches(name: str, batch_size: int, *, seed: int = 0, data_dir: str | 
   source = load_source(name, info.train_split, data_dir, data_format)
   indices = _subset(seed, _SUBSET, len(source), data_fraction)
   if len(indices) < batch_size:
-    raise ValueError(f'batch_size {batch_size} exceeds the {len(indices)} training '
+    raise errors.DataError(f'batch_size {batch_size} exceeds the {len(indices)} training '
                      f'examples used of {name!r}.')
   semisup = None
   if semisup_path is not None:
@@ -536,7 +536,7 @@ def train_batches(name: str, batch_size: int, *, seed: int = 0, data_dir: str | 
     keep = _subset(seed, _SEMI_SUBSET, len(semisup), semisup_fraction)
     semisup = ArraySource(semisup.images[keep], semisup.labels[keep])
     if len(semisup) < batch_size:
-      raise ValueError(f'batch_size {batch_size} exceeds the {len(semisup)} semisup '
+      raise errors.DataError(f'batch_size {batch_size} exceeds the {len(semisup)} semisup '
                        f'examples used from {semisup_path!r}.')
   return TrainBatches(info, source, indices, batch_size, seed, process_index, process_count,
                       size, semisup)

@@ -366,7 +366,8 @@ def resolve(data_format: str, dataset: str, data_dir: str | None) -> tuple[str, 
   if not data_dir:
     return "tfds", None
   if not os.path.isdir(data_dir):
-    raise errors.MissingDataError(f"data_dir={data_dir!r} is not a folder; point data.data_dir at the folder holding {dataset}")
+    raise errors.MissingDataError(
+        f"data_dir={data_dir!r} is not a folder; point data.data_dir at the folder holding {dataset}")
   found = {name: root for name in formats_of(dataset) if (root := FORMATS[name]["find"](data_dir, dataset))}
   if len(found) > 1:
     places = "; ".join(f"{name} in {root}" for name, root in found.items())

@@ -65,8 +65,11 @@ def test_train_eval_export_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--config.nosuch=1"], "--config.nosuch: the config has no key 'nosuch'"),
-    (["--config.stage=pretrain", "--config.data.name=cifar10", "--config.data.data_dir=/nonexistent"],
-     "`tfds build cifar10 --file_format=array_record --data_dir=/nonexistent`"),
+    (["--config.stage=pretrain", "--config.data.name=cifar10", "--config.data.image_size=0",
+      "--config.data.data_dir=/nonexistent"], "data_dir='/nonexistent' is not a folder"),
+    (["--config.stage=pretrain", "--config.data.name=cifar10"], "image_size 16 of 'cifar10' must be a positive"),
+    (["--config.stage=pretrain", "--config.data.name=cifar10", "--config.data.image_size=0",
+      "--config.data.data_dir="], "TFDS dataset 'cifar10' (split 'train') is not prepared in ArrayRecord format"),
 ])
 def test_user_errors_are_a_short_message_and_write_nothing(tmp_path, flags, message):
   workdir = str(tmp_path / "run")
