@@ -5,8 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
+
+from hydra_jax import checkpoints, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,10 +88,6 @@ def numpy_topk_mask(scores, k):
 def restore_model(workdir):
   """({'0/kernel': array, ...} of the trained params, {'0/kernel': scores} of the prunable kernels), read from
   the latest checkpoint with orbax directly (cnn_tiny on 8x8x1 digits)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from hydra_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
   params = jax.eval_shape(lambda: models.get_model("cnn_tiny", 10).init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))["params"]
   scores = jax.tree_util.tree_map_with_path(lambda p, w: w if p[-1].key == "kernel" else None, params)

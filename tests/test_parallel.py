@@ -144,7 +144,7 @@ def test_batches_that_do_not_divide_over_the_devices_are_rejected():
   parallel.check_batch_divides(3, 1)
   with pytest.raises(ValueError, match="batch size 36 does not divide by the 8 devices; use a multiple of 8"):
     parallel.check_batch_divides(36, 8)
-  state, batches = toy_data(steps=1)
+  _, batches = toy_data(steps=1)
   odd = {name: value[:12] for name, value in batches[0].items()}
   for mode in ("pmap", "shard_map"):
     runner = parallel.make_runner(toy_step, mode)
