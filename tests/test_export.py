@@ -38,11 +38,17 @@ def write_run(workdir, *, with_scores=True, stage="prune", k=K):
   return ph.flat(params), ph.flat(scores) if with_scores else None
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-  workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("export") / "run")
   params, scores = write_run(workdir)
   return workdir, params, scores
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+  """export.load_run of the run (about a second per call on CPU: the masks are computed op by op)."""
+  return export.load_run(ph.tiny_config(stage="prune"), run_dir[0])
 
 
 def masked(params, scores, k=K):
@@ -50,9 +56,9 @@ def masked(params, scores, k=K):
           for n, w in params.items()}
 
 
-def test_load_run_gives_masked_weights_raw_weights_scores_and_meta(run_dir):
-  workdir, params, scores = run_dir
-  run = export.load_run(ph.tiny_config(stage="prune"), workdir)
+def test_load_run_gives_masked_weights_raw_weights_scores_and_meta(run_dir, loaded):
+  _, params, scores = run_dir
+  run = loaded
   expected = masked(params, scores)
   for name, weight in ph.flat(run.variables["params"]).items():
     np.testing.assert_array_equal(weight, expected[name], err_msg=name)
@@ -127,9 +133,8 @@ def test_pth_export_loads_strictly_into_the_reference_model(run_dir, tmp_path):
   np.testing.assert_allclose(tr.logits(net, x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_size_counts_values_and_int32_indices_of_the_kept_weights(run_dir):
-  workdir, params, scores = run_dir
-  run = export.load_run(ph.tiny_config(stage="prune"), workdir)
+def test_sparse_size_counts_values_and_int32_indices_of_the_kept_weights(loaded):
+  run = loaded
   # kept 16 of 64, 128 of 512, 128 of 512, 40 of 160; each costs 4 value bytes + 4 bytes per index dimension
   assert export.sparse_size(run.variables["params"]) == {
       "dense_bytes": 4 * (64 + 512 + 512 + 160), "bcoo_bytes": 16 * 20 + 128 * 20 + 128 * 12 + 40 * 12}
