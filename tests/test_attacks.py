@@ -296,6 +296,29 @@ def test_stronger_attacks_are_not_weaker_on_trained_cnn():
   assert apgd_ce.mean() <= pgd20.mean()
 
 
+def test_apgd_restarts_keep_the_per_example_worst_case_of_the_single_runs():
+  """Restart r runs from key fold_in(key, r); the result is, per example, a misclassifying point if any run
+  found one, else the point of the highest loss over the runs."""
+  model, variables = helpers.trained_cnn()
+  _, _, x, y = helpers.digits()
+  x, y = jnp.asarray(x[:64]), jnp.asarray(y[:64])
+  f = lambda z: model.apply(variables, z, train=False)
+  eps, steps, key = 0.07, 10, helpers.key(3)
+  single = jax.jit(lambda run_key: attacks._apgd_run(f, x, y, run_key, eps=eps, norm="linf", steps=steps,
+                                                     loss_fn=attacks.cross_entropy, rho=0.75, unroll=False))
+  runs = [single(jax.random.fold_in(key, r)) for r in range(3)]
+  fooled_runs = np.stack([np.asarray(run[2]) for run in runs])
+  loss_runs = np.stack([np.asarray(run[1]) for run in runs])
+  x_adv = jax.jit(lambda x, y: attacks.apgd(f, x, y, key=key, eps=eps, steps=steps, restarts=3))(x, y)
+  fooled = np.asarray(jnp.argmax(f(x_adv), -1) != y)
+  loss = np.asarray(attacks.cross_entropy(f(x_adv), y))
+  np.testing.assert_array_equal(fooled, fooled_runs.any(0))  # at least as strong as every single restart
+  np.testing.assert_allclose(loss[~fooled], loss_runs.max(0)[~fooled], rtol=1e-5)
+  # The restarts differ, so the worst case is not just the first run.
+  assert fooled.sum() > fooled_runs[0].sum() or np.any(loss_runs.max(0)[~fooled] > loss_runs[0][~fooled] + 1e-4)
+  assert 0 < fooled.mean() < 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Agreement with an independent implementation (torchattacks' port of the AutoAttack APGD).
 
