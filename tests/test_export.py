@@ -11,7 +11,6 @@ import pytest
 from hydra_jax import checkpoints
 from hydra_jax import export
 from hydra_jax import models
-from hydra_jax import train
 from tests import pipeline_helpers as ph
 
 K = 0.25

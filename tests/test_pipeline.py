@@ -126,7 +126,7 @@ def test_best_checkpoint_evaluates_to_its_recorded_metrics(pipeline):
 def test_initial_state_scores_for_each_score_init(pipeline):
   config, workdir, _ = pipeline
   pre, _, _ = ph.restore_model(branch(workdir, "pretrain"), with_scores=False)
-  pruned, _, pruned_scores = ph.restore_model(branch(workdir, "prune"))
+  _, _, pruned_scores = ph.restore_model(branch(workdir, "prune"))
   shape = (32, 8, 8, 1)
 
   def scores_of(stage, source, score_init):
