@@ -58,7 +58,7 @@ def test_train_eval_export_end_to_end(tmp_path):
   # Prune one step from that run, then export it: the file must hold the checkpoint's weights, masked.
   prune_dir = str(tmp_path / "prune")
   prune = [*tiny[:-1], prune_dir, "--config.stage=prune", f"--config.source={workdir}", "--config.k=0.1",
-           "--config.stop_after_steps=1", "--config.objective.steps=1"]
+           "--config.stop_after_steps=1", "--config.objective.name=benign"]
   assert json.loads(hydra_jax("train", *prune).stdout)["step"] == 1
   out = str(tmp_path / "model.npz")
   assert "wrote" in hydra_jax("export", *prune, f"--out={out}").stdout
