@@ -470,6 +470,8 @@ def _apgd_run(logits_fn, x, y, key, *, eps, norm, steps, loss_fn, rho, unroll):
 
   x0 = _apgd_start(key, x, eps, norm)
   loss0, logits0, grad0 = loss_and_grad(logits_fn, loss_fn, x0, y)
+  if steps == 0:  # the random start alone (the loop below would index an empty schedule)
+    return x0, loss0, jnp.argmax(logits0, -1) != y
   batch = x.shape[0]
   state = dict(
       x=x0, x_prev=x0, grad=grad0, x_best=x0, grad_best=grad0, loss_best=loss0,

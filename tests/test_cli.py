@@ -7,10 +7,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
+from hydra_jax import checkpoints
 from hydra_jax import export
+from hydra_jax import models
 from hydra_jax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +50,7 @@ def test_bad_config_is_rejected_by_name(tmp_path, flag, message):
 
 def test_train_eval_export_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
-  tiny = ["--config", "configs/digits_demo.py:model=cnn_tiny", "--config.stage=pretrain",
+  tiny = ["--config", "configs/digits_demo.py:model=cnn_tiny", "--config.stage=pretrain", "--config.data.image_size=8",
           "--config.stages.pretrain.epochs=1", "--config.eval.steps=1", "--config.log.progress=false",
           "--workdir", workdir]
   summary = json.loads(hydra_jax("train", *tiny).stdout)
@@ -57,10 +61,27 @@ def test_train_eval_export_end_to_end(tmp_path):
   assert 0 <= results["robust"] <= results["pgd_linf"] <= results["clean"] <= 1
   assert abs(results["clean"] - summary["clean"]) < 1e-6  # same model, same test split
 
+  # Prune one step from that run, then export it: the file must hold the checkpoint's weights, masked.
+  prune_dir = str(tmp_path / "prune")
+  prune = [*tiny[:-1], prune_dir, "--config.stage=prune", f"--config.source={workdir}", "--config.k=0.1",
+           "--config.stop_after_steps=1", "--config.objective.name=benign"]
+  assert json.loads(hydra_jax("train", *prune).stdout)["step"] == 1
   out = str(tmp_path / "model.npz")
-  assert "wrote" in hydra_jax("export", *tiny, f"--out={out}").stdout
-  arrays = np.load(out)
-  assert {"params/0/kernel", "params/0/bias"} <= set(arrays.files)
+  assert "wrote" in hydra_jax("export", *prune, f"--out={out}").stdout
+  arrays = dict(np.load(out))
+  trained, scores = restore_model(prune_dir)
+  assert set(arrays) == {f"params/{name}" for name in trained}  # every variable, no scores (dense export)
+  for name, weight in trained.items():
+    exported = arrays[f"params/{name}"]
+    if name not in scores:  # biases: as trained
+      np.testing.assert_array_equal(exported, weight)
+      continue
+    kept = numpy_topk_mask(scores[name], 0.1).astype(bool)
+    assert kept.sum() == weight.size - int(0.9 * weight.size)
+    np.testing.assert_array_equal(exported[kept], weight[kept])  # kept entries: the trained weights
+    assert np.all(exported[~kept] == 0) and not np.any(np.signbit(exported[~kept]))  # pruned: exactly +0.0
+    assert np.count_nonzero(exported) == np.count_nonzero(weight[kept])
+
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -113,3 +134,23 @@ def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
   assert from_cli.meta["threefry_partitionable"] is False
   for a, b in zip(jax.tree.leaves(from_cli.trained_params), jax.tree.leaves(from_library.trained_params)):
     np.testing.assert_array_equal(a, b)
+
+
+def numpy_topk_mask(scores, k):
+  """The reference's GetSubnet in numpy: stable ascending sort of |s|, the first int((1 - k) n) get 0."""
+  flat = np.abs(scores).ravel()
+  mask = np.ones(flat.size)
+  mask[np.argsort(flat, kind="stable")[:int((1 - k) * flat.size)]] = 0
+  return mask.reshape(scores.shape)
+
+
+def restore_model(workdir):
+  """({'0/kernel': array, ...} of the trained params, {'0/kernel': scores} of the prunable kernels), read from
+  the latest checkpoint with orbax directly (cnn_tiny on 8x8x1 digits)."""
+  params = jax.eval_shape(lambda: models.get_model("cnn_tiny", 10).init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))["params"]
+  scores = jax.tree_util.tree_map_with_path(lambda p, w: w if p[-1].key == "kernel" else None, params)
+  items, _ = checkpoints.restore(workdir, {"model": {"params": params, "batch_stats": {}, "scores": scores}})
+  flat = lambda tree: {"/".join(p): np.asarray(v) for p, v in traverse_util.flatten_dict(tree).items()
+                       if v is not None}
+  return flat(items["model"]["params"]), flat(items["model"]["scores"])

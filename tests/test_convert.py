@@ -1,5 +1,7 @@
 """Tests of PyTorch checkpoint import/export: logit parity with PyTorch re-statements, round trips, errors, masks."""
 
+import functools
+
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -9,15 +11,18 @@ import pytest
 from hydra_jax import convert
 from hydra_jax import masking
 from hydra_jax import models
+from hydra_jax.models import resnet
 from zoo_helpers import random_variables
 
 TINY = ["cnn_tiny", "vgg_tiny", "wrn_tiny", "resnet_tiny", "resnet_imagenet_tiny", "mobilenet_v2_tiny",
         "googlenet_tiny"]
 # The families' full-size networks, or their tiny variants where the full one is slow (see PARITY_SLOW).
-PARITY = ["cifar_model", "cifar_model_large", "vgg16_bn", "wrn_28_4", "resnet18", "resnet_imagenet_tiny",
-          "mobilenet_v2_tiny", "googlenet_tiny"]
-PARITY_SLOW = ["resnet50_imagenet", "mobilenet_v2", "googlenet", "vgg16", "resnet50", "wrn_40_2", "mnist_model",
-               "mnist_model_large", "cnn_tiny", "vgg_tiny", "wrn_tiny", "resnet_tiny"]
+# resnet_imagenet_tiny is the ImageNet bottleneck family, vgg2 the plain (BN-free) VGG family; the CIFAR bottleneck
+# family has its own tiny test below.
+PARITY = ["cifar_model", "cifar_model_large", "mnist_model", "mnist_model_large", "vgg16_bn", "vgg2", "wrn_28_4",
+          "resnet18", "resnet_imagenet_tiny", "mobilenet_v2_tiny", "googlenet_tiny"]
+PARITY_SLOW = ["resnet50_imagenet", "mobilenet_v2", "googlenet", "vgg16", "resnet50", "wrn_40_2", "cnn_tiny",
+               "vgg_tiny", "wrn_tiny", "resnet_tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +72,19 @@ def _check_parity(tr, name):
 @pytest.mark.parametrize("name", PARITY)
 def test_eval_logits_equal_pytorch(name, tr):
   _check_parity(tr, name)
+
+
+def test_cifar_bottleneck_resnet_logits_equal_pytorch(tr, monkeypatch):
+  """resnet50/101/152's block (1x1 -> 3x3 -> 1x1 x4, projection and identity shortcuts) at tiny widths."""
+  monkeypatch.setitem(models._MODELS, "resnet_bottleneck_tiny", functools.partial(
+      resnet.ResNet, block=resnet.Bottleneck, num_blocks=(2, 1, 1, 1), widths=(4, 8, 8, 8)))
+  monkeypatch.setitem(tr.BUILDERS, "resnet_bottleneck_tiny",
+                      lambda c: tr.CifarResNet(tr.CifarBottleneck, [2, 1, 1, 1], c, widths=(4, 8, 8, 8)))
+  _check_parity(tr, "resnet_bottleneck_tiny")
+  shapes = jax.eval_shape(lambda: models.get_model("resnet_bottleneck_tiny", 10).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
+  assert "shortcut_0" in shapes["layer1_0"] and "shortcut_0" not in shapes["layer1_1"]  # both shortcut kinds
+  assert shapes["layer1_1"]["conv3"]["kernel"].shape == (1, 1, 4, 16)  # expansion 4
 
 
 @pytest.mark.slow

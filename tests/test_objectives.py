@@ -106,18 +106,40 @@ def test_trades_with_zero_steps_matches_numpy():
   np.testing.assert_allclose(metrics["robust_loss"], _np_kl(natural, adv), atol=5e-8)  # float32 KL ~ 1e-7
 
 
+def _np_softmax(z):
+  return np.exp(_np_log_softmax(z))
+
+
+# Eval-mode BatchNorm with the initial statistics (mean 0, var 1, scale 1, shift 0) multiplies the inputs by this.
+BN_EVAL_SCALE = 1 / np.sqrt(1 + 1e-5)
+
+
+def _np_trades_attack(variables, x, noise, eps, step_size, steps, scale=1.0):
+  """The reference's TRADES l_inf attack by hand on f(x) = W (scale x) + b: from x + noise, x' += step * sign(g),
+  g = grad of sum_b KL(softmax f(x) || softmax f(x')) = scale (softmax f(x') - softmax f(x)) W^T; project, clip."""
+  w = np.asarray(variables["params"]["Dense_0"]["kernel"], np.float64)
+  p = _np_softmax(_np_linear_logits(variables, scale * x))
+  x_adv = x + noise
+  for _ in range(steps):
+    grad = ((_np_softmax(_np_linear_logits(variables, scale * x_adv)) - p) @ w.T).reshape(x.shape)
+    x_adv = np.clip(np.clip(x_adv + step_size * np.sign(grad), x - eps, x + eps), 0, 1)
+  return x_adv
+
+
 def test_trades_loss_matches_numpy_at_the_attack_output():
   _, apply_fn, variables, batch = _linear_setup(seed=1)
   config = objectives.default_config("trades")
   config.update(eps=0.1, step_size=0.03, steps=3, beta=2.0)
   key = helpers.key(4)
   loss, (metrics, _) = objectives.trades_loss(apply_fn, variables, batch, key, config)
-  f = lambda z: apply_fn(variables, z, False)[0]
-  x_adv = np.asarray(attacks.trades_attack(f, batch["image"], key=key, eps=0.1, step_size=0.03, steps=3))
-  x, y = np.asarray(batch["image"]), np.asarray(batch["label"])
+  x, y = np.asarray(batch["image"], np.float64), np.asarray(batch["label"])
+  noise = 0.001 * np.asarray(jax.random.normal(jax.random.split(key)[0], x.shape))  # start: first half of split(key)
+  x_adv = _np_trades_attack(variables, x, noise, eps=0.1, step_size=0.03, steps=3)
+  assert np.abs(x_adv - x).max() > 0.09  # three steps of 0.03 reach the l_inf ball's surface
   natural, adv = _np_linear_logits(variables, x), _np_linear_logits(variables, x_adv)
   assert _np_kl(natural, adv) > 1e-3  # the attack found a real divergence
   np.testing.assert_allclose(loss, _np_ce(natural, y) + 2.0 * _np_kl(natural, adv), rtol=1e-5)
+  np.testing.assert_allclose(metrics["robust_loss"], _np_kl(natural, adv), rtol=1e-4)
   np.testing.assert_allclose(metrics["adv_accuracy"], np.mean(adv.argmax(-1) == y))
 
 
@@ -128,9 +150,9 @@ def test_trades_updates_bn_stats_in_reference_order():
   config.update(eps=0.2, step_size=0.1, steps=2)
   key = helpers.key(5)
   _, (_, new_variables) = objectives.trades_loss(apply_fn, variables, batch, key, config)
-  f = lambda z: apply_fn(variables, z, False)[0]
-  x_adv = np.asarray(attacks.trades_attack(f, batch["image"], key=key, eps=0.2, step_size=0.1, steps=2))
   x = np.asarray(batch["image"], np.float64)
+  noise = 0.001 * np.asarray(jax.random.normal(jax.random.split(key)[0], x.shape))
+  x_adv = _np_trades_attack(variables, x, noise, eps=0.2, step_size=0.1, steps=2, scale=BN_EVAL_SCALE)
   mean, var = np.zeros(1), np.ones(1)
   for inputs in (x, x, x_adv, x):
     mean = 0.9 * mean + 0.1 * inputs.mean(axis=(0, 1, 2))
@@ -140,24 +162,38 @@ def test_trades_updates_bn_stats_in_reference_order():
   np.testing.assert_allclose(stats["var"], var, rtol=1e-5)
 
 
+def _np_pgd(variables, x, y, eps, step_size, steps, scale=1.0):
+  """PGD-CE without random start by hand on f(x) = W (scale x) + b: x' += step * sign(g), g = grad of the summed
+  CE = scale (softmax f(x') - onehot(y)) W^T per example; project onto the eps-ball, clip to [0, 1]."""
+  w = np.asarray(variables["params"]["Dense_0"]["kernel"], np.float64)
+  x_adv = x.copy()
+  for _ in range(steps):
+    probs = _np_softmax(_np_linear_logits(variables, scale * x_adv))
+    probs[np.arange(len(y)), y] -= 1
+    x_adv = np.clip(np.clip(x_adv + step_size * np.sign((probs @ w.T).reshape(x.shape)), x - eps, x + eps), 0, 1)
+  return x_adv
+
+
 def test_pgd_at_is_cross_entropy_at_pgd_examples_with_bn_on_adversarial_inputs():
   _, apply_fn, variables, batch = _linear_setup(batch_norm=True, seed=2)
   config = objectives.default_config("pgd_at")
-  config.update(eps=0.1, step_size=0.05, steps=3)
+  config.update(eps=0.1, step_size=0.05, steps=3, random_start=False)
   key = helpers.key(6)
   loss, (metrics, new_variables) = objectives.pgd_at_loss(apply_fn, variables, batch, key, config)
-  f = lambda z: apply_fn(variables, z, False)[0]
-  x_adv = attacks.pgd(f, batch["image"], batch["label"], key=key, eps=0.1, step_size=0.05, steps=3)
+  # The attack runs in eval mode: BN with the initial statistics scales the inputs by 1 / sqrt(1 + 1e-5).
+  x, y = np.asarray(batch["image"], np.float64), np.asarray(batch["label"])
+  xa = _np_pgd(variables, x, y, eps=0.1, step_size=0.05, steps=3, scale=BN_EVAL_SCALE)
+  assert np.allclose(np.abs(xa - x), 0.1)  # 0.05 + 0.05 reach the surface; the third step stays on it
   # Train-mode logits of x_adv: BN normalises with the batch statistics of x_adv (flax epsilon 1e-5).
-  xa = np.asarray(x_adv, np.float64)
   normed = (xa - xa.mean()) / np.sqrt(xa.var() + 1e-5)
   params = variables["params"]
   normed = normed * np.asarray(params["BatchNorm_0"]["scale"]) + np.asarray(params["BatchNorm_0"]["bias"])
   logits = _np_linear_logits(variables, normed)
-  np.testing.assert_allclose(loss, _np_ce(logits, np.asarray(batch["label"])), rtol=1e-4)
+  np.testing.assert_allclose(loss, _np_ce(logits, y), rtol=1e-4)
   np.testing.assert_allclose(new_variables["batch_stats"]["BatchNorm_0"]["mean"], 0.1 * xa.mean(), rtol=1e-5)
-  clean = np.asarray(f(batch["image"]).argmax(-1) == batch["label"]).mean()
-  np.testing.assert_allclose(metrics["accuracy"], clean)
+  np.testing.assert_allclose(metrics["adv_accuracy"], np.mean(logits.argmax(-1) == y))
+  clean = _np_linear_logits(variables, BN_EVAL_SCALE * x).argmax(-1) == y  # eval-mode clean forward
+  np.testing.assert_allclose(metrics["accuracy"], clean.mean())
 
 
 def test_smooth_matches_numpy():

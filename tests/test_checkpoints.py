@@ -1,0 +1,174 @@
+"""Tests of hydra_jax.checkpoints: round trips of train-state items, metadata, the last-N and best managers,
+and clear errors (missing, mismatched, corrupt) that leave what was saved untouched."""
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydra_jax import checkpoints
+
+
+def make_items(scale=1.0):
+  """Items shaped like the train loop's: model (params, batch_stats, scores with None leaves) and train."""
+  return {
+      "model": {"params": {"conv": {"kernel": scale * jnp.arange(24.0).reshape(2, 3, 2, 2), "bias": jnp.ones(2)},
+                           "bn": {"scale": jnp.full(2, scale), "bias": jnp.zeros(2)}},
+                "batch_stats": {"bn": {"mean": jnp.array([0.5, -0.5]), "var": jnp.array([1.5, 2.5])}},
+                "scores": {"conv": {"kernel": -scale * jnp.ones((2, 3, 2, 2)), "bias": None},
+                           "bn": {"scale": None, "bias": None}}},
+      "train": {"step": jnp.int32(7), "rng": jax.random.PRNGKey(3), "opt_state": (jnp.zeros(3), jnp.int32(2))},
+  }
+
+
+def save_steps(workdir, steps, *, keep=3, accuracies=None, async_save=False):
+  ckpt = checkpoints.Checkpoints(workdir, keep=keep, async_save=async_save)
+  for i, step in enumerate(steps):
+    metrics = None if accuracies is None else {"robust_accuracy": accuracies[i]}
+    ckpt.save(step, make_items(scale=float(step)), meta={"stage": "prune", "k": 0.1, "step": step},
+              sparsity=json.dumps({"kept": step, "total": 100}), metrics=metrics)
+  ckpt.close()
+
+
+def abstract(items=None):
+  return jax.eval_shape(lambda: items or make_items())
+
+
+def tree_digest(directory):
+  """A hash of every file's path and bytes under `directory`."""
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(directory)):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      digest.update(path.encode())
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def assert_items_equal(restored, expected):
+  flat_restored = jax.tree_util.tree_flatten_with_path(restored, is_leaf=lambda x: x is None)[0]
+  flat_expected = jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda x: x is None)[0]
+  assert [p for p, _ in flat_restored] == [p for p, _ in flat_expected]
+  for (path, a), (_, b) in zip(flat_restored, flat_expected):
+    if b is None:
+      assert a is None, path
+    else:
+      assert a.dtype == b.dtype and a.shape == b.shape, path
+      np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_saved_items_restore_exactly_with_their_metadata(tmp_path, async_save):
+  workdir = str(tmp_path)
+  save_steps(workdir, [5], async_save=async_save)
+  items, meta = checkpoints.restore(workdir, abstract())
+  assert_items_equal(items, make_items(scale=5.0))  # None score leaves stay None; dtypes (int32, uint32) kept
+  assert meta == {"stage": "prune", "k": 0.1, "step": 5}
+  assert checkpoints.read_meta(workdir) == (5, meta)
+  with open(os.path.join(workdir, "checkpoints", "5", "sparsity", "metadata")) as f:
+    assert json.load(f) == {"kept": 5, "total": 100}
+
+
+def test_one_item_restores_alone(tmp_path):
+  save_steps(str(tmp_path), [1])
+  items, _ = checkpoints.restore(str(tmp_path), {"model": abstract()["model"]})
+  assert set(items) == {"model"}
+  assert_items_equal(items["model"], make_items(scale=1.0)["model"])
+
+
+def test_only_the_last_keep_saves_remain_and_any_of_them_restores(tmp_path):
+  workdir = str(tmp_path)
+  save_steps(workdir, [1, 2, 3, 4, 5], keep=2)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5"]
+  ckpt = checkpoints.Checkpoints(workdir, keep=2, async_save=False)
+  assert ckpt.latest_step() == 5  # a new manager on the same run sees the saves
+  items, meta = ckpt.restore(abstract(), step=4)
+  assert_items_equal(items, make_items(scale=4.0))
+  assert meta["step"] == 4 and checkpoints.read_meta(workdir, step=4)[1]["step"] == 4
+  ckpt.close()
+
+
+def test_best_keeps_the_save_with_the_highest_robust_accuracy(tmp_path):
+  workdir = str(tmp_path)
+  save_steps(workdir, [1, 2, 3, 4], keep=1, accuracies=[0.3, 0.5, 0.4, 0.45])
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["2"]
+  step, meta = checkpoints.read_meta(os.path.join(workdir, "best"))
+  assert (step, meta["step"]) == (2, 2)
+  items, _ = checkpoints.restore(os.path.join(workdir, "best"), abstract())
+  assert_items_equal(items, make_items(scale=2.0))
+
+
+def test_saves_without_metrics_never_become_best(tmp_path):
+  workdir = str(tmp_path)
+  save_steps(workdir, [1, 2])
+  assert not os.path.exists(os.path.join(workdir, "best")) or not os.listdir(os.path.join(workdir, "best"))
+  assert checkpoints.Checkpoints(workdir, best_metric=None, async_save=False).latest_step() == 2
+
+
+def test_an_existing_step_is_never_overwritten(tmp_path):
+  workdir = str(tmp_path)
+  save_steps(workdir, [3])
+  before = tree_digest(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoints.Checkpoints(workdir, async_save=False)
+  ckpt.save(3, make_items(scale=-1.0), meta={"stage": "other"}, sparsity="{}")
+  ckpt.close()
+  assert tree_digest(os.path.join(workdir, "checkpoints")) == before
+  items, meta = checkpoints.restore(workdir, abstract())
+  assert_items_equal(items, make_items(scale=3.0))
+  assert meta["stage"] == "prune"
+
+
+def test_missing_checkpoints_raise_checkpoint_errors(tmp_path):
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoint directory at .*nowhere"):
+    checkpoints.read_meta(str(tmp_path / "nowhere"))
+  os.makedirs(tmp_path / "empty" / "checkpoints")
+  with pytest.raises(checkpoints.CheckpointError, match="no finished checkpoint in"):
+    checkpoints.restore(str(tmp_path / "empty"), abstract())
+  save_steps(str(tmp_path / "run"), [4, 5])
+  with pytest.raises(checkpoints.CheckpointError, match=r"has no step 3; it has \[4, 5\]"):
+    checkpoints.read_meta(str(tmp_path / "run"), step=3)
+  assert issubclass(checkpoints.CheckpointError, ValueError)
+
+
+def test_a_mismatched_structure_names_the_problem_and_changes_nothing(tmp_path):
+  workdir = str(tmp_path)
+  save_steps(workdir, [1])
+  before = tree_digest(workdir)
+  wrong_shape = make_items()
+  wrong_shape["model"]["params"]["conv"]["kernel"] = jnp.zeros((3, 3, 2, 2))
+  with pytest.raises(checkpoints.CheckpointError, match=r"step 1 does not match the expected state.*\(2, 3, 2, 2\)"):
+    checkpoints.restore(workdir, abstract(wrong_shape))
+  with pytest.raises(checkpoints.CheckpointError, match="does not match the expected state"):
+    checkpoints.restore(workdir, {"model": {"params": abstract()["model"]["params"]}})  # a leaf is missing
+  assert tree_digest(workdir) == before
+
+
+def test_corrupt_files_raise_checkpoint_errors(tmp_path):
+  workdir = str(tmp_path)
+  save_steps(workdir, [1])
+  step_dir = os.path.join(workdir, "checkpoints", "1")
+  for item in ("model", "meta"):
+    for root, _, files in os.walk(os.path.join(step_dir, item)):
+      for name in files:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  before = tree_digest(workdir)
+  with pytest.raises(checkpoints.CheckpointError, match="cannot read the metadata of checkpoint .* step 1"):
+    checkpoints.read_meta(workdir)
+  with pytest.raises(checkpoints.CheckpointError, match="step 1 does not match the expected state"):
+    checkpoints.restore(workdir, {"model": abstract()["model"]})
+  assert tree_digest(workdir) == before
+
+
+def test_versions_name_the_libraries_that_wrote_the_checkpoint():
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  assert checkpoints.versions() == {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                                    "flax": flax.__version__, "orbax": ocp.__version__}

@@ -1,0 +1,154 @@
+"""Tests of hydra_jax.parallel: pmap and shard_map runners against the single-device step, batch and state
+placement over the 8 simulated devices, and the errors for batches that do not divide."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydra_jax import parallel
+
+DEVICES = 8
+BATCH = 16  # 2 examples per device
+
+
+@flax.struct.dataclass
+class ToyState:
+  """A linear regression weight (replicated), a step counter, and a per-example carry (split by example)."""
+
+  w: jax.Array
+  step: jax.Array
+  carry: jax.Array
+
+
+def toy_step(state, batch, *, axis_name):
+  """One SGD step of least squares on this device's rows; gradient and metrics averaged over `axis_name`."""
+  def loss_fn(w):
+    return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+
+  loss, grad = jax.value_and_grad(loss_fn)(state.w)
+  device = jnp.int32(0)
+  if axis_name is not None:
+    loss, grad = jax.lax.pmean((loss, grad), axis_name)
+    device = jax.lax.axis_index(axis_name)
+  # The carry rows this device holds must be the rows of its batch slice: add each row's example id.
+  carry = state.carry + batch["id"][:, None].astype(jnp.float32)
+  metrics = {"loss": loss, "device": device}
+  return ToyState(w=state.w - 0.1 * grad, step=state.step + 1, carry=carry), metrics
+
+
+def toy_data(steps=3, seed=0):
+  rng = np.random.default_rng(seed)
+  batches = [{"x": rng.normal(size=(BATCH, 3)).astype(np.float32), "y": rng.normal(size=BATCH).astype(np.float32),
+              "id": np.arange(BATCH, dtype=np.int32)} for _ in range(steps)]
+  state = ToyState(w=jnp.asarray(rng.normal(size=3), jnp.float32), step=jnp.int32(0),
+                   carry=jnp.zeros((BATCH, 2), jnp.float32))
+  return state, batches
+
+
+def run(mode, state, batches):
+  runner = parallel.make_runner(toy_step, mode, carry_fields=("carry",))
+  current = runner.put_state(state)
+  losses = []
+  for batch in batches:
+    current, metrics = runner(current, runner.put_batch(batch))
+    losses.append(np.mean(np.asarray(metrics["loss"])))
+  return runner.get_state(current), losses
+
+
+def numpy_reference(state, batches):
+  """The same SGD by hand on the full batch (the mean over devices of equal-size means is the full mean)."""
+  w, losses = np.asarray(state.w, np.float64), []
+  for batch in batches:
+    residual = batch["x"] @ w - batch["y"]
+    losses.append(np.mean(residual ** 2))
+    w = w - 0.1 * 2 * batch["x"].T @ residual / BATCH
+  return w, losses
+
+
+@pytest.mark.parametrize("mode", ["single", "pmap", "shard_map"])
+def test_runners_give_the_full_batch_sgd_result(mode):
+  assert jax.device_count() == DEVICES
+  state, batches = toy_data()
+  final, losses = run(mode, state, batches)
+  expected_w, expected_losses = numpy_reference(state, batches)
+  np.testing.assert_allclose(final.w, expected_w, rtol=1e-5)
+  np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+  assert int(final.step) == 3
+  # Each carry row got its example id once per step, whichever device held it.
+  np.testing.assert_array_equal(final.carry, np.repeat(3 * np.arange(BATCH, dtype=np.float32)[:, None], 2, 1))
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_parallel_runners_equal_the_single_device_runner(mode):
+  state, batches = toy_data(seed=1)
+  single, single_losses = run("single", state, batches)
+  multi, multi_losses = run(mode, state, batches)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(single_losses, multi_losses, rtol=1e-6)
+
+
+def test_each_device_gets_a_contiguous_slice_of_the_batch_and_the_carry():
+  state, batches = toy_data(steps=1)
+  per_device = BATCH // DEVICES
+  for mode in ("pmap", "shard_map"):
+    runner = parallel.make_runner(toy_step, mode, carry_fields=("carry",))
+    placed = runner.put_batch(batches[0])
+    placed_state = runner.put_state(state)
+    if mode == "pmap":  # host arrays stacked [devices, per-device rows, ...]
+      assert placed["x"].shape == (DEVICES, per_device, 3)
+      np.testing.assert_array_equal(placed["id"], np.arange(BATCH).reshape(DEVICES, per_device))
+      assert placed_state.w.shape == (DEVICES, 3) and placed_state.carry.shape == (DEVICES, per_device, 2)
+      np.testing.assert_array_equal(placed_state.w, np.broadcast_to(state.w, (DEVICES, 3)))
+    else:  # global arrays: the batch and carry sharded by rows over the mesh, the rest replicated
+      assert placed["x"].shape == (BATCH, 3)
+      mesh_devices = list(runner.mesh.devices.ravel())
+      for shard in placed["id"].addressable_shards:
+        i = mesh_devices.index(shard.device)
+        np.testing.assert_array_equal(shard.data, np.arange(i * per_device, (i + 1) * per_device))
+      for shard in placed_state.carry.addressable_shards:
+        assert shard.data.shape == (per_device, 2)
+      assert all(np.array_equal(s.data, state.w) for s in placed_state.w.addressable_shards)
+      assert len(placed_state.w.addressable_shards) == DEVICES
+    # The step sees device i's rows on device i: after one step carry row r holds r, and device indices agree.
+    new_state, metrics = runner(placed_state, placed)
+    host = runner.get_state(new_state)
+    np.testing.assert_array_equal(host.carry[:, 0], np.arange(BATCH))
+    if mode == "pmap":
+      np.testing.assert_array_equal(metrics["device"], np.arange(DEVICES))
+
+
+def test_put_state_then_get_state_is_the_identity():
+  state, _ = toy_data()
+  state = state.replace(carry=jnp.arange(BATCH * 2, dtype=jnp.float32).reshape(BATCH, 2))
+  for mode in parallel.MODES:
+    runner = parallel.make_runner(toy_step, mode, carry_fields=("carry",))
+    back = runner.get_state(runner.put_state(state))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+      assert np.shape(a) == np.shape(b)
+      np.testing.assert_array_equal(a, b)
+
+
+def test_single_mode_runs_on_one_device_without_collectives():
+  runner = parallel.make_runner(toy_step, "single")
+  assert runner.devices == (jax.devices()[0],)
+  state, batches = toy_data(steps=1)
+  _, metrics = runner(runner.put_state(state), runner.put_batch(batches[0]))
+  assert int(metrics["device"]) == 0  # axis_name=None: no axis_index
+
+
+def test_batches_that_do_not_divide_over_the_devices_are_rejected():
+  parallel.check_batch_divides(64, 8)
+  parallel.check_batch_divides(3, 1)
+  with pytest.raises(ValueError, match="batch size 36 does not divide by the 8 devices; use a multiple of 8"):
+    parallel.check_batch_divides(36, 8)
+  _, batches = toy_data(steps=1)
+  odd = {name: value[:12] for name, value in batches[0].items()}
+  for mode in ("pmap", "shard_map"):
+    runner = parallel.make_runner(toy_step, mode)
+    with pytest.raises(ValueError, match="batch size 12 does not divide by the 8 devices"):
+      runner.put_batch(odd)
+  with pytest.raises(ValueError, match="unknown parallel mode 'dp'; valid: single, pmap, shard_map"):
+    parallel.make_runner(toy_step, "dp")
