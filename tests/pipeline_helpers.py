@@ -9,8 +9,8 @@ import numpy as np
 from flax import traverse_util
 
 from hydra_jax import checkpoints
+from hydra_jax import config as config_lib
 from hydra_jax import models
-from hydra_jax import train
 
 MODEL = "cnn_tiny"  # BN-free: conv 4x4/2 (1 -> 4), conv 4x4/2 (4 -> 8), dense 32 -> 16, dense 16 -> 10 on digits
 KERNEL_SHAPES = {"0/kernel": (4, 4, 1, 4), "2/kernel": (4, 4, 4, 8), "5/kernel": (32, 16), "7/kernel": (16, 10)}
@@ -20,16 +20,16 @@ STEPS_PER_EPOCH = 44  # 1437 training images in batches of 32
 def tiny_config(**overrides):
   """cnn_tiny on digits: one epoch (44 steps) per stage with Adam, benign loss, PGD-5 evaluation on the first 64
   test images. The pretrained model reaches about 60% clean and 12% PGD accuracy (chance: 10%)."""
-  config = train.default_config()
+  config = config_lib.default_config()
   config.model.name = MODEL
   config.data.name = "digits"
   config.data.batch_size = 32
   config.data.eval_batch_size = 32
   config.data.eval_examples = 64
   config.data.prefetch = 0
-  config.objective = train.objective_config("benign")
+  config.objective = config_lib.objective_config("benign")
   config.eval.eps, config.eval.step_size, config.eval.steps = 0.1, 0.04, 5
-  for stage in train.STAGES:
+  for stage in config_lib.STAGES:
     config.stages[stage].epochs = 1
   config.optimizer.name, config.optimizer.schedule = "adam", "constant"
   config.stages.pretrain.lr = 0.03

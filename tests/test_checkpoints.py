@@ -28,7 +28,7 @@ def make_items(scale=1.0):
 def save_steps(workdir, steps, *, keep=3, accuracies=None, async_save=False):
   ckpt = checkpoints.Checkpoints(workdir, keep=keep, async_save=async_save)
   for i, step in enumerate(steps):
-    metrics = None if accuracies is None else {"robust_accuracy": accuracies[i]}
+    metrics = None if accuracies is None else {"robust": accuracies[i]}
     ckpt.save(step, make_items(scale=float(step)), meta={"stage": "prune", "k": 0.1, "step": step},
               sparsity=json.dumps({"kept": step, "total": 100}), metrics=metrics)
   ckpt.close()
