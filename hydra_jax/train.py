@@ -72,7 +72,7 @@ class TrainState:
   opt_state: PyTree
   carry: PyTree
   rng: jax.Array
-  aux: PyTree = ()
+  aux: PyTree
 
 
 # For evaluation, compiled once per model; k is static so that it rounds exactly as in the train step.

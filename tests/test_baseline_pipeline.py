@@ -16,6 +16,7 @@ from hydra_jax import errors
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax import parallel
 from hydra_jax import pipeline
 from hydra_jax import sources
 from hydra_jax import train
@@ -171,3 +172,45 @@ def test_a_stopped_admm_stage_resumes_bit_identically_with_its_aux(pretrained_di
   for a, b in zip(jax.tree.leaves(ends[0]), jax.tree.leaves(ends[1]), strict=True):
     np.testing.assert_array_equal(a, b)
   assert int(ends[1]["train"]["step"]) == 2 * STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_stage_all_runs_admm_per_k_and_str_once(tmp_path):
+  config = tiny_config("cnn_tiny")
+  config.stage, config.ks, config.baselines, config.stop_after_steps = "all", (0.1, 0.5), ("admm", "str"), 2
+  rows = pipeline.train_and_evaluate(config, str(tmp_path))
+  assert [(row["method"], row["stage"]) for row in rows] == [
+      ("dense", "pretrain"), ("hydra (prune only)", "prune"), ("hydra", "finetune"), ("admm", "finetune"),
+      ("hydra (prune only)", "prune"), ("hydra", "finetune"), ("admm", "finetune"), ("str", "str")]
+  sizes = prunable_sizes(config)
+  for row, k in ((rows[3], 0.1), (rows[6], 0.5)):  # the hard prune of the ADMM phase's weights, then retraining
+    assert row["kept_fraction"] == sum(kept_count(n, k) for n in sizes) / sum(sizes)
+  phase_meta = checkpoints.read_meta(str(tmp_path / "k0.1" / "admm" / "phase"))[1]
+  assert phase_meta["stage"] == "admm" and not phase_meta["has_scores"]
+  assert 0 < rows[-1]["kept_fraction"] < 1  # s_init = -5: weights below sigmoid(-5) = 0.0067 are zero
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["str", "admm"])
+def test_str_and_admm_steps_on_eight_devices_equal_one_device(stage, pretrained_dir):
+  assert jax.device_count() == 8
+  config = config_lib.stage_config(tiny_config(), stage, source=pretrained_dir if stage == "admm" else "",
+                                   **{"baseline.admm_interval_epochs": 1, "baseline.rho": 0.5})
+  batches = [sources.train_batches(config).batch_at(i) for i in range(3)]
+  state, tx = train.initial_state(config, stage, 2, batches[0]["image"].shape)  # ADMM updates at step 2
+  ends = []
+  for mode, axis in (("single", None), ("shard_map", parallel.AXIS), ("pmap", parallel.AXIS)):
+    step = functools.partial(
+        train.train_step, apply_fn=models.make_apply_fn(sources.build_model(config, axis)), tx=tx, k=config.k,
+        objective=objectives.get_objective("benign"), config=config, steps_per_epoch=2,
+        hooks=baselines.phase_hooks(config, stage, 2))
+    runner = parallel.make_runner(step, mode, carry_fields=("carry",))
+    current = runner.put_state(state)
+    for batch in batches:
+      current, _ = runner(current, runner.put_batch(batch))
+    ends.append(runner.get_state(current))
+  if stage == "admm":
+    assert float(ends[0].aux.rho) == pytest.approx(0.5 * 1.3)
+  for other in ends[1:]:
+    for a, b in zip(jax.tree.leaves(ends[0]), jax.tree.leaves(other), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
