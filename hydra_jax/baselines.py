@@ -231,18 +231,19 @@ def admm_schedule(params: PyTree, state: AdmmState, step: jax.Array, *, interval
 class PhaseHooks(NamedTuple):
   """What a training phase changes in the train step; HYDRA's own stages need none of it.
 
-  The step, with `aux` one more field of the train state:
+  The step (`train.train_step`), with `aux` the phase's state:
     aux = before_step(params, aux, step)                      # before the loss (ADMM's Z/U update)
     loss = objective(weights(params, aux)) + penalty(params, aux)
-  and, when `trains_aux`, `aux` is optimised beside the params (STR's thresholds, with weight decay);
-  otherwise it is a constant of the gradient step (ADMM's Z, U, rho). `weights(params, aux)` is also what
-  the phase exports, evaluates and counts as its sparsity.
+  When `trains_aux`, `aux` lives in the train state's scores slot and is optimised beside the params (STR's
+  thresholds, with weight decay); otherwise it lives in `TrainState.aux` and is a constant of the gradient
+  step (ADMM's Z, U, rho). `weights(params, aux)` is also what the phase evaluates and counts as its sparsity.
 
   Attributes:
     init: `params -> aux` at the start of the phase.
     weights: `(params, aux) -> params` the model runs with.
     penalty: `(params, aux) -> scalar` added to the objective's loss.
-    before_step: `(params, aux, step) -> aux`, `step` = batches consumed (traced).
+    before_step: `(params, aux, step) -> aux`, `step` = batches consumed (traced); the train step calls it
+      only for an untrained aux (STR's is the identity).
     trains_aux: whether the optimizer updates `aux`.
   """
 
