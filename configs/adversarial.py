@@ -7,7 +7,7 @@ Run (one stage at a time, as the reference scripts do):
       --config.source=runs/wrn_28_4/pretrain --workdir runs/wrn_28_4/k0.01/prune
   hydra-jax train --config configs/adversarial.py:model=wrn_28_4 --config.stage=finetune --config.k=0.01 \
       --config.source=runs/wrn_28_4/k0.01/prune --workdir runs/wrn_28_4/k0.01/finetune
-or all stages (pretrain, then prune + finetune + LWM at each k of config.ks) in one job:
+or all stages (pretrain, then prune + finetune + the baselines of config.baselines at each k of config.ks) in one job:
   hydra-jax train --config configs/adversarial.py:model=vgg16_bn,dataset=svhn_cropped --config.stage=all \
       --workdir runs/svhn_vgg16
 

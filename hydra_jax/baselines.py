@@ -17,8 +17,9 @@ HYDRA's scores do (jaxpruner's convention).
 
 A mask is always given as a scores tree whose per-layer top-k (`masking.compute_masks`) is that mask, so the
 mask-fixed phase is exactly HYDRA's finetune stage started from a checkpoint holding those scores
-(`run_baseline`). "scratch" trains for the pretrain stage's epochs and learning rate, "pretrained" for the
-finetune stage's. STR and Adv-ADMM also change the train step itself (see `Baseline.phase`).
+(`pipeline.run_baseline`). "scratch" trains for the pretrain stage's epochs and learning rate, "pretrained" for
+the finetune stage's. STR and Adv-ADMM also change the train step itself: their `PhaseHooks` are what
+`train.train_step` calls in the stages 'str' and 'admm' (`phase_hooks`).
 
 Usage:
   >>> scores = baselines.magnitude_scores(params)                          # LWM
@@ -31,13 +32,11 @@ Usage:
   >>> loss = robust_loss(params) + baselines.admm_penalty(params, admm)
   >>> admm = baselines.admm_schedule(params, admm, step, interval_steps=n, k=0.01, rho_growth=1.3)
   >>> hooks = baselines.get_baseline("str").phase(s_init=-5.0)             # the same, as train-step hooks
-  >>> row = baselines.run_baseline(config, "lwm", "runs/pretrain", "runs/k0.01/lwm")   # a whole run
+  >>> hooks = baselines.phase_hooks(config, "admm", steps_per_epoch=390)   # what the train step calls
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -45,16 +44,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from hydra_jax import checkpoints
-from hydra_jax import config as config_lib
-from hydra_jax import data
+from hydra_jax import PyTree
 from hydra_jax import masking
-from hydra_jax import models
-from hydra_jax import objectives
-from hydra_jax import sources
-from hydra_jax import train
 
-PyTree = Any
 LossFn = Callable[[PyTree, Any, jax.Array], jax.Array]
 
 
@@ -239,18 +231,19 @@ def admm_schedule(params: PyTree, state: AdmmState, step: jax.Array, *, interval
 class PhaseHooks(NamedTuple):
   """What a training phase changes in the train step; HYDRA's own stages need none of it.
 
-  The step, with `aux` one more field of the train state:
+  The step (`train.train_step`), with `aux` the phase's state:
     aux = before_step(params, aux, step)                      # before the loss (ADMM's Z/U update)
     loss = objective(weights(params, aux)) + penalty(params, aux)
-  and, when `trains_aux`, `aux` is optimised beside the params (STR's thresholds, with weight decay);
-  otherwise it is a constant of the gradient step (ADMM's Z, U, rho). `weights(params, aux)` is also what
-  the phase exports, evaluates and counts as its sparsity.
+  When `trains_aux`, `aux` lives in the train state's scores slot and is optimised beside the params (STR's
+  thresholds, with weight decay); otherwise it lives in `TrainState.aux` and is a constant of the gradient
+  step (ADMM's Z, U, rho). `weights(params, aux)` is also what the phase evaluates and counts as its sparsity.
 
   Attributes:
     init: `params -> aux` at the start of the phase.
     weights: `(params, aux) -> params` the model runs with.
     penalty: `(params, aux) -> scalar` added to the objective's loss.
-    before_step: `(params, aux, step) -> aux`, `step` = batches consumed (traced).
+    before_step: `(params, aux, step) -> aux`, `step` = batches consumed (traced); the train step calls it
+      only for an untrained aux (STR's is the identity).
     trains_aux: whether the optimizer updates `aux`.
   """
 
@@ -259,6 +252,15 @@ class PhaseHooks(NamedTuple):
   penalty: Callable[[PyTree, PyTree], jax.Array]
   before_step: Callable[[PyTree, PyTree, jax.Array], PyTree]
   trains_aux: bool
+
+  def phase_state(self, scores: PyTree, aux: PyTree) -> PyTree:
+    """The phase's `aux` as the train state holds it: in the trained scores slot (STR) or in `aux` (ADMM)."""
+    return scores if self.trains_aux else aux
+
+  def init_state(self, params: PyTree) -> tuple[PyTree, PyTree]:
+    """(scores, aux) of the train state at the phase's start: `init(params)` in the slot it lives in."""
+    state = self.init(params)
+    return (state, ()) if self.trains_aux else (None, state)
 
 
 def str_hooks(s_init: float) -> PhaseHooks:
@@ -276,7 +278,7 @@ def admm_hooks(k: Any, rho: float, rho_growth: float, interval_steps: int, **mas
   """Adv-ADMM's W-steps: dense weights, loss + `admm_penalty`, `admm_schedule` before every step.
 
   Ye et al.'s CIFAR-10 config: rho 1e-3 grown x1.3 per update (`multi_rho`), an update every 20 epochs
-  (`admm_epoch`) over 200 epochs at lr 0.01, PGD-10 training; then hard prune and retrain (`run_baseline`).
+  (`admm_epoch`) over 200 epochs at lr 0.01, PGD-10 training; then hard prune and retrain (`pipeline.run_baseline`).
   """
   return PhaseHooks(init=lambda params: admm_init(params, k, rho, **mask_options),
                     weights=lambda params, aux: params, penalty=admm_penalty,
@@ -284,6 +286,24 @@ def admm_hooks(k: Any, rho: float, rho_growth: float, interval_steps: int, **mas
                         params, aux, step, interval_steps=interval_steps, k=k, rho_growth=rho_growth,
                         **mask_options),
                     trains_aux=False)
+
+
+def phase_hooks(config: ml_collections.ConfigDict, stage: str, steps_per_epoch: int) -> PhaseHooks | None:
+  """The train-step hooks of `stage`: STR's for 'str', Adv-ADMM's for 'admm', None for HYDRA's stages.
+
+  Args:
+    config: the run config; `config.baseline` holds s_init (STR), rho, rho_growth and admm_interval_epochs
+      (ADMM), and ADMM projects onto the k-sparse set of `config.k` / `config.mask`.
+    stage: the stage being run.
+    steps_per_epoch: batches per epoch: ADMM updates Z and U every admm_interval_epochs * steps_per_epoch batches.
+  """
+  options = config.baseline
+  if stage == "str":
+    return str_hooks(options.s_init)
+  if stage == "admm":
+    return admm_hooks(config.k, options.rho, options.rho_growth, options.admm_interval_epochs * steps_per_epoch,
+                      scope=config.mask.scope, min_layer_k=config.mask.min_layer_k)
+  return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,115 +348,3 @@ def get_baseline(name: str) -> Baseline:
   if name not in BASELINES:
     raise ValueError(f"unknown baseline {name!r}; valid baselines: {baseline_names()}")
   return BASELINES[name]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Running a fixed-mask baseline with the train module's stages.
-
-
-def objective_loss(config: ml_collections.ConfigDict, batch_stats: PyTree) -> LossFn:
-  """`(params, batch, key) -> loss` of the run's objective (train-mode BN, statistics not carried over).
-
-  Stateful objectives (free AT) start from their initial carry, as at the first batch of an epoch.
-  """
-  apply_fn = models.make_apply_fn(sources.build_model(config))
-  objective = objectives.get_objective(config.objective.name)
-
-  def loss_fn(params, batch, key):
-    variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-    carry = () if objective.init_carry is None else (objective.init_carry(batch["image"].shape, config.objective),)
-    return objective.loss_fn(apply_fn, variables, batch, key, config.objective, *carry)[0]
-
-  return loss_fn
-
-
-def _start_weights(config: ml_collections.ConfigDict, baseline: Baseline, source_dir: str,
-                   key: jax.Array) -> tuple[PyTree, PyTree]:
-  """(params, batch_stats) the baseline starts from: `source_dir`'s latest checkpoint, or a fresh init."""
-  if baseline.start == "pretrained":
-    params, batch_stats, _ = sources.load_source(config_lib.stage_config(config, "finetune", source=source_dir))
-    return params, batch_stats
-  variables = sources.init_variables(config, key)
-  return variables["params"], variables.get("batch_stats", {})
-
-
-def _first_batches(config: ml_collections.ConfigDict, count: int) -> list[dict[str, Any]]:
-  stream = data.train_batches(config.data.name, config.data.batch_size, seed=config.seed,
-                              data_dir=config.data.data_dir or None, data_format=config.data.format,
-                              image_size=config.data.image_size or None,
-                              data_fraction=config.data.data_fraction)
-  return [stream.batch_at(step) for step in range(count)]
-
-
-def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str, *,
-                grad_batches: int = 1) -> tuple[PyTree, PyTree, PyTree]:
-  """(params, batch_stats, scores) a fixed-mask baseline's training starts from.
-
-  Args:
-    config: the run config (model, data, objective, seed).
-    name: a baseline with `mask_scores` ('lwm', 'snip', 'random', 'admm').
-    source_dir: the run directory whose weights 'pretrained' baselines start from: the pretrain stage's
-      (lwm) or the ADMM phase's (admm: the hard prune); unused by 'scratch' baselines, which start from a
-      fresh initialisation drawn with fold_in(PRNGKey(seed), 3) (the stages use 0, 1, 2).
-    grad_batches: SNIP: g is the mean gradient over the first `grad_batches` training batches.
-  """
-  baseline = get_baseline(name)
-  if baseline.mask_scores is None:
-    raise ValueError(f"baseline {name!r} has no fixed mask; fixed-mask baselines: "
-                     f"{sorted(n for n, b in BASELINES.items() if b.mask_scores is not None)}")
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(config_lib.STAGES))
-  init_key, score_key, grad_key = jax.random.split(rng, 3)
-  params, batch_stats = _start_weights(config, baseline, source_dir, init_key)
-  grads = None
-  if baseline.needs_grads:
-    grads = mean_gradient(objective_loss(config, batch_stats), params, _first_batches(config, grad_batches),
-                          grad_key)
-  return params, batch_stats, baseline.mask_scores(params, score_key, grads)
-
-
-def save_source(config: ml_collections.ConfigDict, directory: str, label: str, params: PyTree,
-                batch_stats: PyTree, scores: PyTree) -> None:
-  """Writes (params, batch_stats, scores) as a checkpoint that `sources.load_source` reads (step 0)."""
-  report = masking.sparsity_report(masking.export_dense(params, scores, config.k, **config.mask))
-  meta = {"model": config.model.name, "num_classes": config_lib.num_classes(config), "stage": label, "k": config.k,
-          "has_scores": True, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort())}
-  ckpt = checkpoints.Checkpoints(directory, keep=1, async_save=False, best_metric=None)
-  ckpt.save(0, {"model": {"params": params, "batch_stats": batch_stats, "scores": scores}}, meta=meta,
-            sparsity=report.to_json())
-  ckpt.close()
-
-
-def _has_checkpoint(directory: str) -> bool:
-  try:
-    checkpoints.read_meta(directory)
-  except checkpoints.CheckpointError:
-    return False
-  return True
-
-
-def run_baseline(config: ml_collections.ConfigDict, name: str, source_dir: str, workdir: str, *,
-                 grad_batches: int = 1) -> dict[str, Any]:
-  """Runs a fixed-mask baseline at `config.k`: its mask, then the weights trained with the mask fixed.
-
-  Layout: <workdir>/mask (the starting checkpoint with the mask's scores), <workdir>/train (HYDRA's finetune
-  stage from it: scores frozen, pruned weights exactly 0; on the pretrain stage's epochs and learning rate
-  for 'scratch' baselines). Rerunning resumes: an existing mask checkpoint is reused.
-
-  Args:
-    config: the run config; `config.k`, `config.mask` set the mask.
-    name: 'lwm', 'snip', 'random', or 'admm' (its hard prune and retraining; `source_dir` must then be the
-      ADMM phase's run directory, which needs the train-step hooks of `Baseline.phase`).
-    source_dir: see `mask_source`.
-    workdir: the baseline's run directory.
-    grad_batches: see `mask_source`.
-
-  Returns:
-    The finetune stage's summary (kept_fraction, clean / PGD accuracy, ...) with 'method': name.
-  """
-  mask_dir, train_dir = os.path.join(workdir, "mask"), os.path.join(workdir, "train")
-  if not _has_checkpoint(mask_dir):
-    save_source(config, mask_dir, f"{name} mask", *mask_source(config, name, source_dir, grad_batches=grad_batches))
-  stage = config_lib.stage_config(config, "finetune", source=mask_dir, **{"stages.finetune.score_init": "source"})
-  if get_baseline(name).start == "scratch":
-    stage.stages.finetune.epochs, stage.stages.finetune.lr = stage.stages.pretrain.epochs, stage.stages.pretrain.lr
-  return {"method": name, **train.run_stage(stage, train_dir)}

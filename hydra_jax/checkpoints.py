@@ -146,3 +146,19 @@ def _pick_step(manager: ocp.CheckpointManager, where: str, step: int | None) -> 
   if step not in steps:
     raise CheckpointError(f"checkpoint {where} has no step {step}; it has {sorted(steps)}")
   return step
+
+
+def check_resumable(workdir: str, threefry_partitionable: bool) -> None:
+  """Raises CheckpointError when `workdir` holds a checkpoint drawn under the other PRNG setting."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  try:
+    _, meta = read_meta(workdir)
+  except CheckpointError:
+    return  # nothing finished to resume from
+  recorded = meta.get("threefry_partitionable")
+  if recorded is not None and recorded != threefry_partitionable:
+    raise CheckpointError(
+        f"the checkpoint in {workdir} was written with threefry_partitionable={recorded}, but this run has "
+        f"{threefry_partitionable}: its random draws would differ. Rerun with "
+        f"--config.threefry_partitionable={str(recorded).lower()}, or use a new workdir")

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 
 from hydra_jax import attacks
+from hydra_jax import baselines
 from hydra_jax import data
 from hydra_jax import data_formats
 from hydra_jax import errors
@@ -35,18 +36,27 @@ from hydra_jax import objectives
 from hydra_jax import optim
 from hydra_jax import parallel
 
-STAGES = ("pretrain", "prune", "finetune")
+# HYDRA's stages, then the baselines' training phases that change the train step (`baselines.phase_hooks`).
+STAGES = ("pretrain", "prune", "finetune", "str", "admm")
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Every key a run reads, with the reference's CIFAR-10 defaults (spec section 7)."""
   c = ml_collections.ConfigDict()
   c.seed = 1234
-  c.stage = "pretrain"  # 'pretrain' | 'prune' | 'finetune' | 'all' (pretrain, then per k: prune, finetune, LWM).
-  c.source = ""  # prune/finetune: workdir or checkpoint dir of the previous stage, or a HYDRA PyTorch .pth.tar.
-  c.k = 0.01  # fraction of weights KEPT in prune/finetune.
-  c.ks = (0.1, 0.01)  # stage='all': one prune + finetune (+ LWM) branch per k.
-  c.lwm = True  # stage='all': also run the LWM baseline (magnitude mask + finetune) at each k.
+  # 'pretrain' | 'prune' | 'finetune' | 'str' (STR from scratch) | 'admm' (Adv-ADMM's phase) | 'all' (pretrain, then
+  # per k: prune, finetune and the baselines).
+  c.stage = "pretrain"
+  c.source = ""  # prune/finetune/admm: workdir or checkpoint dir of the previous stage, or a HYDRA PyTorch .pth.tar.
+  c.k = 0.01  # fraction of weights KEPT in prune/finetune (admm: the k-sparse set it is pulled toward).
+  c.ks = (0.1, 0.01)  # stage='all': one prune + finetune (+ baselines) branch per k.
+  # stage='all': the baselines run beside HYDRA (hydra_jax.baselines names): lwm, snip, random and admm at each k,
+  # str once (its sparsity is what it reaches).
+  c.baselines = ("lwm",)
+  # grad_batches: SNIP's gradient batches; s_init: STR's initial threshold parameter (sigmoid(s) on |w|);
+  # rho, rho_growth, admm_interval_epochs: Adv-ADMM's penalty, its growth per Z/U update, and the update interval.
+  c.baseline = ml_collections.ConfigDict({"grad_batches": 1, "s_init": -5.0, "rho": 1e-3, "rho_growth": 1.3,
+                                          "admm_interval_epochs": 20})
   c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
   c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0})
 
@@ -62,10 +72,13 @@ def default_config() -> ml_collections.ConfigDict:
       "warmup_lr": 0.1})
   # Per-stage length, learning rate (reference scripts) and score init: a masking.SCORE_INITS name, or
   # 'source' for the source checkpoint's scores. LWM is finetune with score_init='scaled' from a pretrain run.
+  # str trains from scratch (a pretrain-like schedule); admm from the pretrained weights.
   c.stages = ml_collections.ConfigDict({
       "pretrain": {"epochs": 100, "lr": 0.1},
       "prune": {"epochs": 20, "lr": 0.1, "score_init": "scaled"},
-      "finetune": {"epochs": 100, "lr": 0.01, "score_init": "source"}})
+      "finetune": {"epochs": 100, "lr": 0.01, "score_init": "source"},
+      "str": {"epochs": 100, "lr": 0.1},
+      "admm": {"epochs": 100, "lr": 0.01}})
   # In-training evaluation: evaluate.py methods (attacks or verifiers) at the threat model (norm, eps); PGD's
   # step_size / steps / restarts; see evaluate.config_settings. No methods: clean accuracy only.
   c.eval = ml_collections.ConfigDict({
@@ -177,6 +190,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f"config.{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}")
   registries = {"model.name": lambda name: models.get_model(name, 10), "data.name": data.get_dataset_info,
                 "objective.name": objectives.get_objective,
+                "baselines": lambda names: [baselines.get_baseline(name) for name in names],
                 "eval.methods": lambda names: [evaluate.get_method(name) for name in names]}
   for key, get in registries.items():
     try:
@@ -195,8 +209,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("epochs", "lr"):
       if not lookup(config, f"stages.{stage}.{field}") >= 0:
         raise errors.ConfigError(f"config.stages.{stage}.{field} must be >= 0")
-  if config.stage in ("prune", "finetune") and not config.source:
+  if config.stage in ("prune", "finetune", "admm") and not config.source:
     raise errors.ConfigError(f"config.source must name the checkpoint to start stage '{config.stage}' from")
-  for key in ("data.batch_size", "data.eval_batch_size", "checkpoint.keep", "log.every_steps", "eval.every_epochs"):
+  for key in ("data.batch_size", "data.eval_batch_size", "checkpoint.keep", "log.every_steps", "eval.every_epochs",
+              "baseline.grad_batches", "baseline.admm_interval_epochs"):
     if lookup(config, key) <= 0:
       raise errors.ConfigError(f"config.{key} must be positive")

@@ -37,7 +37,6 @@ from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import smoothing
 from hydra_jax import sources
-from hydra_jax import train
 
 
 
@@ -87,7 +86,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, meth
   """
   run = load_run(config, workdir, best=best)
   names = [name for name in (config.eval.methods if methods is None else methods) if name != "clean"]
-  batches = train.eval_split(config)
+  batches = sources.eval_split(config)
   apply_fn = models.make_apply_fn(sources.build_model(config))
   with config_lib.prng_scope(config):
     results = evaluate.evaluate(apply_fn, run.variables, data.iterate(batches, range(batches.num_steps)),

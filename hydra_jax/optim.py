@@ -40,13 +40,17 @@ def param_kinds(params: PyTree) -> PyTree:
 
 
 def trainable_labels(params: PyTree, scores: PyTree | None, stage: str, freeze_bn: bool) -> PyTree:
-  """'train' / 'freeze' for every leaf of `{'params': params, 'scores': scores}` in `stage`."""
+  """'train' / 'freeze' for every leaf of `{'params': params, 'scores': scores}` in `stage`.
+
+  Scores train in 'prune' (HYDRA's scores) and 'str' (the slot holds STR's thresholds, which train beside the
+  weights, weight decay included); params train everywhere but in 'prune' (BatchNorm unless `freeze_bn`).
+  """
   def param_label(kind):
     if stage != "prune":
       return "train"
     return "train" if kind == "norm" and not freeze_bn else "freeze"
 
-  score_label = "train" if stage == "prune" else "freeze"
+  score_label = "train" if stage in ("prune", "str") else "freeze"
   return {"params": jax.tree.map(param_label, param_kinds(params)),
           "scores": jax.tree.map(lambda _: score_label, scores)}
 
@@ -141,7 +145,7 @@ def learning_rate(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
 
   Args:
     config: run config (optimizer.schedule / warmup_epochs / warmup_lr, stages.<stage>.lr and epochs).
-    stage: 'pretrain', 'prune' or 'finetune'.
+    stage: one of `config.STAGES`.
     steps_per_epoch: optimizer updates per epoch.
 
   Returns:
@@ -161,7 +165,7 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: str, labels: PyTree
 
   Args:
     config: run config (optimizer, stages.<stage>.lr / epochs, objective replays).
-    stage: 'pretrain', 'prune' or 'finetune'.
+    stage: one of `config.STAGES`.
     labels: from `trainable_labels`.
     steps_per_epoch: optimizer updates per epoch (batches x the objective's replays).
 

@@ -1,10 +1,11 @@
-"""The HYDRA pipeline (stage='all'): pretrain, then per k prune + finetune and the LWM baseline; and the entry
-point for every stage.
+"""The HYDRA pipeline (stage='all'): pretrain, then per k prune + finetune and the baselines of
+`config.baselines`; the runner of a fixed-mask baseline; and the entry point for every stage.
 
   config = config_lib.default_config()         # or a configs/*.py get_config(arg)
-  config.stage = 'all'
+  config.stage, config.baselines = 'all', ('lwm', 'snip', 'random', 'admm', 'str')
   rows = pipeline.train_and_evaluate(config, '/tmp/hydra_run')
   print(pipeline.summary_table(rows))
+  row = pipeline.run_baseline(config, 'lwm', 'runs/pretrain', 'runs/k0.01/lwm')   # one baseline at config.k
 """
 
 from __future__ import annotations
@@ -16,17 +17,129 @@ from typing import Any
 import jax
 import ml_collections
 
+from hydra_jax import PyTree
+from hydra_jax import baselines
+from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
+from hydra_jax import masking
+from hydra_jax import models
+from hydra_jax import objectives
 from hydra_jax import parallel
+from hydra_jax import sources
 from hydra_jax import train
 
 
-def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-  """stage='all': pretrain, then for each k in config.ks prune + finetune and (config.lwm) the LWM baseline.
+def baseline_loss(config: ml_collections.ConfigDict, batch_stats: PyTree) -> baselines.LossFn:
+  """`(params, batch, key) -> loss` of the run's objective (train-mode BN, statistics not carried over).
 
-  Layout: <workdir>/pretrain, <workdir>/k<k>/{prune,finetune,lwm}. Each stage resumes independently, so
-  rerunning the command after an interruption continues where it stopped. Returns one summary row per
-  trained model (pretrain, then per k: hydra (prune+finetune) and lwm), also written to summary.json.
+  Stateful objectives (free AT) start from their initial carry, as at the first batch of an epoch.
+  """
+  apply_fn = models.make_apply_fn(sources.build_model(config))
+  objective = objectives.get_objective(config.objective.name)
+
+  def loss_fn(params, batch, key):
+    variables = sources.model_variables(params, batch_stats)
+    carry = () if objective.init_carry is None else (objective.init_carry(batch["image"].shape, config.objective),)
+    return objective.loss_fn(apply_fn, variables, batch, key, config.objective, *carry)[0]
+
+  return loss_fn
+
+
+def _start_weights(config: ml_collections.ConfigDict, baseline: baselines.Baseline, source_dir: str,
+                   key: jax.Array) -> tuple[PyTree, PyTree]:
+  """(params, batch_stats) the baseline starts from: `source_dir`'s latest checkpoint, or a fresh init."""
+  if baseline.start == "pretrained":
+    params, batch_stats, _ = sources.load_source(config_lib.stage_config(config, "finetune", source=source_dir))
+    return params, batch_stats
+  variables = sources.init_variables(config, key)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str) -> tuple[PyTree, PyTree, PyTree]:
+  """(params, batch_stats, scores) a fixed-mask baseline's training starts from.
+
+  Args:
+    config: the run config (model, data, objective, seed; SNIP's `baseline.grad_batches`: g is the mean
+      gradient over that many first training batches).
+    name: a baseline with `mask_scores` ('lwm', 'snip', 'random', 'admm').
+    source_dir: the run directory whose weights 'pretrained' baselines start from: the pretrain stage's
+      (lwm) or the ADMM phase's (admm: the hard prune); unused by 'scratch' baselines, which start from a
+      fresh initialisation drawn with fold_in(PRNGKey(seed), len(config.STAGES)) (each stage uses its index).
+  """
+  baseline = baselines.get_baseline(name)
+  if baseline.mask_scores is None:
+    raise ValueError(f"baseline {name!r} has no fixed mask; fixed-mask baselines: "
+                     f"{sorted(n for n, b in baselines.BASELINES.items() if b.mask_scores is not None)}")
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(config_lib.STAGES))
+  init_key, score_key, grad_key = jax.random.split(rng, 3)
+  params, batch_stats = _start_weights(config, baseline, source_dir, init_key)
+  grads = None
+  if baseline.needs_grads:
+    stream = sources.train_batches(config)
+    batches = [stream.batch_at(step) for step in range(config.baseline.grad_batches)]
+    grads = baselines.mean_gradient(baseline_loss(config, batch_stats), params, batches, grad_key)
+  return params, batch_stats, baseline.mask_scores(params, score_key, grads)
+
+
+def save_source(config: ml_collections.ConfigDict, directory: str, label: str, params: PyTree,
+                batch_stats: PyTree, scores: PyTree) -> None:
+  """Writes (params, batch_stats, scores) as a checkpoint that `sources.load_source` reads (step 0)."""
+  report = masking.sparsity_report(masking.export_dense(params, scores, config.k, **config.mask))
+  meta = {"model": config.model.name, "num_classes": config_lib.num_classes(config), "stage": label, "k": config.k,
+          "has_scores": True, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort())}
+  ckpt = checkpoints.Checkpoints(directory, keep=1, async_save=False, best_metric=None)
+  ckpt.save(0, {"model": {"params": params, "batch_stats": batch_stats, "scores": scores}}, meta=meta,
+            sparsity=report.to_json())
+  ckpt.close()
+
+
+def _has_checkpoint(directory: str) -> bool:
+  try:
+    checkpoints.read_meta(directory)
+  except checkpoints.CheckpointError:
+    return False
+  return True
+
+
+def run_baseline(config: ml_collections.ConfigDict, name: str, source_dir: str, workdir: str) -> dict[str, Any]:
+  """Runs a fixed-mask baseline at `config.k`: its mask, then the weights trained with the mask fixed.
+
+  Layout: <workdir>/mask (the starting checkpoint with the mask's scores), <workdir>/train (HYDRA's finetune
+  stage from it: scores frozen, pruned weights exactly 0; on the pretrain stage's epochs and learning rate
+  for 'scratch' baselines). 'admm' first runs its ADMM phase (stage 'admm' from `source_dir`) in
+  <workdir>/phase, and its mask is the hard prune of that phase's weights. Rerunning resumes: an existing mask
+  checkpoint is reused.
+
+  Args:
+    config: the run config; `config.k`, `config.mask` set the mask; `config.baseline` the baselines' options.
+    name: 'lwm', 'snip', 'random' or 'admm'.
+    source_dir: the pretrain stage's run directory (unused by 'snip' and 'random', which start from scratch).
+    workdir: the baseline's run directory.
+
+  Returns:
+    The finetune stage's summary (kept_fraction, clean / PGD accuracy, ...) with 'method': name.
+  """
+  mask_dir, train_dir = os.path.join(workdir, "mask"), os.path.join(workdir, "train")
+  if name == "admm":
+    phase_dir = os.path.join(workdir, "phase")
+    train.run_stage(config_lib.stage_config(config, "admm", source=source_dir), phase_dir)
+    source_dir = phase_dir
+  if not _has_checkpoint(mask_dir):
+    save_source(config, mask_dir, f"{name} mask", *mask_source(config, name, source_dir))
+  stage = config_lib.stage_config(config, "finetune", source=mask_dir, **{"stages.finetune.score_init": "source"})
+  if baselines.get_baseline(name).start == "scratch":
+    stage.stages.finetune.epochs, stage.stages.finetune.lr = stage.stages.pretrain.epochs, stage.stages.pretrain.lr
+  return {"method": name, **train.run_stage(stage, train_dir)}
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """stage='all': pretrain, then for each k in config.ks prune + finetune and the baselines of config.baselines.
+
+  Layout: <workdir>/pretrain, <workdir>/k<k>/{prune,finetune,<baseline>} for HYDRA and the fixed-mask baselines
+  (lwm, snip, random, admm: `run_baseline` at that k), and <workdir>/str for STR, run once: its sparsity is
+  what its thresholds reach, not a k. Each stage resumes independently, so rerunning the command after an
+  interruption continues where it stopped. Returns one summary row per trained model ('method': dense, hydra
+  (prune only), hydra, then each baseline's name), also written to summary.json.
   """
   pretrain_dir = os.path.join(workdir, "pretrain")
   rows = [{"method": "dense", **train.run_stage(config_lib.stage_config(config, "pretrain"), pretrain_dir)}]
@@ -38,10 +151,12 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
     finetune_dir = os.path.join(branch, "finetune")
     rows.append({"method": "hydra", **train.run_stage(
         config_lib.stage_config(config, "finetune", source=os.path.join(branch, "prune"), k=k), finetune_dir)})
-    if config.lwm:
-      lwm = config_lib.stage_config(config, "finetune", source=pretrain_dir, k=k,
-                                    **{"stages.finetune.score_init": "scaled"})
-      rows.append({"method": "lwm", **train.run_stage(lwm, os.path.join(branch, "lwm"))})
+    for name in (name for name in config.baselines if name != "str"):
+      rows.append(run_baseline(config_lib.stage_config(config, "finetune", k=k), name, pretrain_dir,
+                               os.path.join(branch, name)))
+  if "str" in config.baselines:
+    str_run = train.run_stage(config_lib.stage_config(config, "str"), os.path.join(workdir, "str"))
+    rows.append({"method": "str", **str_run})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(rows, f, indent=2)

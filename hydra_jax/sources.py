@@ -1,7 +1,8 @@
-"""What a stage starts from: the model, its weights (fresh, a run directory, a reference PyTorch checkpoint) and
-its initial scores (an init of `masking.SCORE_INITS`, SNIP on one batch, or the source's).
+"""What a stage starts from: the model, its data, its weights (fresh, a run directory, a reference PyTorch checkpoint)
+and its initial scores (an init of `masking.SCORE_INITS`, SNIP on one batch, or the source's).
 
   model = sources.build_model(config)                             # the zoo model of config.model / config.data
+  train_data, eval_data = sources.train_batches(config), sources.eval_split(config)   # config.data's batches
   params, batch_stats, scores = sources.load_source(config)       # config.source: a workdir or a .pth.tar
   scores = sources.initial_scores(config, 'prune', params, batch_stats, scores, key, first_batch, 'single')
   weights = sources.masked_params(params, scores, config.k)       # what the model runs with
@@ -19,9 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from hydra_jax import PyTree
+from hydra_jax import baselines
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import convert
+from hydra_jax import data
 from hydra_jax import errors
 from hydra_jax import masking
 from hydra_jax import models
@@ -41,11 +44,28 @@ def init_variables(config: ml_collections.ConfigDict, key: jax.Array) -> dict[st
   return jax.jit(lambda key: model.init(key, jnp.zeros((1, *config_lib.image_shape(config))), train=False))(key)
 
 
+def train_batches(config: ml_collections.ConfigDict) -> data.TrainBatches:
+  """The run's training batches (`config.data`, seeded by `config.seed`)."""
+  return data.train_batches(
+      config.data.name, config.data.batch_size, seed=config.seed, data_dir=config.data.data_dir or None,
+      data_format=config.data.format, image_size=config.data.image_size or None,
+      data_fraction=config.data.data_fraction,
+      semisup_path=config.data.semisup_path or None, semisup_fraction=config.data.semisup_fraction)
+
+
+def eval_split(config: ml_collections.ConfigDict) -> data.EvalBatches:
+  """The batches a run evaluates on: the dataset's eval split, or its first `config.data.eval_examples`."""
+  batches = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=config.data.data_dir or None,
+                              data_format=config.data.format, image_size=config.data.image_size or None)
+  return data.first_examples(batches, config.data.eval_examples)
+
+
 def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTree | None]:
   """(params, batch_stats, scores or None) of `config.source`.
 
   The source is a hydra_jax run directory (its latest checkpoint), or a reference HYDRA PyTorch checkpoint
-  (`.pth`, `.pth.tar`, `.pt`; needs torch) read by `convert.load_torch_checkpoint`.
+  (`.pth`, `.pth.tar`, `.pt`; needs torch) read by `convert.load_torch_checkpoint`. A run of stage 'str' gives
+  the weights its model runs with, `baselines.str_weights` (exact zeros below its thresholds), and no scores.
   """
   classes = config_lib.num_classes(config)
   if config.source.endswith(convert.TORCH_SUFFIXES):
@@ -58,11 +78,17 @@ def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTr
     raise checkpoints.CheckpointError(
         f"source {config.source} holds model '{meta.get('model')}' with {meta.get('num_classes')} classes, "
         f"but the config asks for '{config.model.name}' with {classes}")
-  abstract_scores = jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
-                                   template["params"]) if meta.get("has_scores") else None
+  str_run = meta.get("stage") == "str"  # its scores slot holds STR's per-layer thresholds
+  abstract_scores = None
+  if meta.get("has_scores") or str_run:
+    init = (lambda p: baselines.str_thresholds(p, 0.0)) if str_run else (
+        lambda p: masking.init_scores(p, "uniform", jax.random.key(0)))
+    abstract_scores = jax.eval_shape(init, template["params"])
   items, _ = checkpoints.restore(config.source, {"model": {
       "params": template["params"], "batch_stats": template.get("batch_stats", {}), "scores": abstract_scores}})
   model = items["model"]
+  if str_run:
+    return baselines.str_weights(model["params"], model["scores"]), model["batch_stats"], None
   return model["params"], model["batch_stats"], model["scores"]
 
 

@@ -1,5 +1,5 @@
-"""One stage of HYDRA (pretrain, prune or finetune): the train state, one train step for every stage and
-objective, and the stage loop with evaluation, checkpoints and resume.
+"""One stage (HYDRA's pretrain, prune or finetune; the baselines' str or admm): the train state, one train step
+for every stage and objective, and the stage loop with evaluation, checkpoints and resume.
 
 A stage only chooses what trains (Sehwag et al. 2020, Sec. 3; `optim.trainable_labels`): pretrain trains the
 dense weights; prune freezes them and trains the scores (and BatchNorm unless `freeze_bn`); finetune freezes
@@ -7,7 +7,8 @@ the scores and trains the weights, whose pruned entries start at exactly 0 and s
 the mask is 0). BatchNorm running statistics update in every stage. The step masks the parameters once
 (`masking.apply_masks`), then calls the objective, whose attacks close over the masked parameters. It is
 written per device: with `axis_name` set it averages gradients, metrics and BN statistics over that axis, and
-`parallel.make_runner` runs it with pmap or shard_map.
+`parallel.make_runner` runs it with pmap or shard_map. The baselines' stages 'str' and 'admm' change the step
+through `baselines.PhaseHooks` (the weights the model runs with, a loss term, an update before each step).
 
   config = config_lib.default_config()        # hydra_jax.config, or a configs/*.py get_config(arg)
   config.stage, config.source, config.k = 'prune', 'runs/pretrain', 0.01
@@ -33,6 +34,7 @@ import optax
 import tqdm
 
 from hydra_jax import PyTree
+from hydra_jax import baselines
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import data
@@ -54,11 +56,13 @@ class TrainState:
   Attributes:
     step: number of batches consumed (int32 scalar).
     params: the dense weights (`'params'` collection); in finetune the pruned ones are exactly 0.
-    scores: mirror of params with an array at each prunable kernel and None elsewhere; None in pretrain.
+    scores: mirror of params with an array at each prunable kernel and None elsewhere; None in pretrain and
+      admm; in str a scalar threshold parameter per prunable kernel.
     batch_stats: BatchNorm running statistics ({} for BN-free models).
     opt_state: optax state over {'params': params, 'scores': scores}.
     carry: per-example objective state (free AT's perturbation, leading axis = batch), () otherwise.
     rng: the run's root key; step keys are fold_in(rng, step).
+    aux: the admm stage's `baselines.AdmmState` (not trained: updated by its hooks), () otherwise.
   """
 
   step: jax.Array
@@ -68,15 +72,18 @@ class TrainState:
   opt_state: PyTree
   carry: PyTree
   rng: jax.Array
+  aux: PyTree
 
 
 # For evaluation, compiled once per model; k is static so that it rounds exactly as in the train step.
 _masked_params_jit = jax.jit(sources.masked_params, static_argnums=(2, 3, 4))
+_phase_weights_jit = jax.jit(lambda weights_fn, params, phase: weights_fn(params, phase), static_argnums=0)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: models.ApplyFn,
                objective: objectives.Objective, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-               k: Any, steps_per_epoch: int, axis_name: str | None) -> tuple[TrainState, dict[str, jax.Array]]:
+               k: Any, steps_per_epoch: int, axis_name: str | None,
+               hooks: baselines.PhaseHooks | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One batch: mask once, objective loss and gradient, optimizer update (x replays); per device.
 
   Args:
@@ -90,6 +97,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: mode
     steps_per_epoch: batches per epoch; the objective's carry is reset at each epoch start, and an objective
       with `takes_epoch` gets `epoch=step / steps_per_epoch` (float32).
     axis_name: the device axis to average over, or None on one device.
+    hooks: `baselines.phase_hooks` of the stage (str, admm): `before_step` updates an untrained aux first, the
+      model runs with `hooks.weights` instead of the mask, and `hooks.penalty` joins the loss.
 
   Returns:
     The new state and scalar metrics averaged over the batch (and devices).
@@ -103,13 +112,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: mode
   if stateful:
     fresh = objective.init_carry(batch["image"].shape, config.objective)
     carry = jax.tree.map(lambda c, f: jnp.where(state.step % steps_per_epoch == 0, f, c), carry, fresh)
+  aux = state.aux
+  if hooks is not None and not hooks.trains_aux:
+    aux = hooks.before_step(state.params, aux, state.step)  # ADMM's Z/U update, before this batch's forward
 
   def loss_fn(trainable, carry, batch_stats, key):
-    weights = sources.masked_params(trainable["params"], trainable["scores"], k, config.mask.scope,
-                                    config.mask.min_layer_k)
+    params, scores = trainable["params"], trainable["scores"]
+    if hooks is None:
+      weights, penalty = sources.masked_params(params, scores, k, config.mask.scope, config.mask.min_layer_k), 0.0
+    else:
+      phase = hooks.phase_state(scores, aux)
+      weights, penalty = hooks.weights(params, phase), hooks.penalty(params, phase)
     loss, (metrics, variables) = sources.objective_loss(
         objective, config, apply_fn, sources.model_variables(weights, batch_stats), batch, key, carry, epoch)
-    return loss, (metrics, variables.get("batch_stats", {}))
+    return loss + penalty, (metrics, variables.get("batch_stats", {}))
 
   trainable = {"params": state.params, "scores": state.scores}
   opt_state, batch_stats = state.opt_state, state.batch_stats
@@ -124,7 +140,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: mode
     if stateful:
       carry = objective.update_carry(carry, carry_grad, config.objective)
   new_state = state.replace(step=state.step + 1, params=trainable["params"], scores=trainable["scores"],
-                            batch_stats=batch_stats, opt_state=opt_state, carry=carry)
+                            batch_stats=batch_stats, opt_state=opt_state, carry=carry, aux=aux)
   return new_state, metrics
 
 
@@ -133,7 +149,7 @@ def _model_item(state: TrainState) -> dict[str, PyTree]:
 
 
 def _train_item(state: TrainState) -> dict[str, PyTree]:
-  return {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng}
+  return {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng, "aux": state.aux}
 
 
 def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch: int, batch_shape: tuple[int, ...],
@@ -143,11 +159,12 @@ def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
 
   pretrain: fresh weights, no scores. prune / finetune: the source's weights, and scores from
   `config.stages.<stage>.score_init` ('source': the source's scores, the finetune default; 'snip': SNIP on
-  `first_batch` with the run's objective). finetune zeroes the pruned weights.
+  `first_batch` with the run's objective). finetune zeroes the pruned weights. str: fresh weights and STR's
+  thresholds in the scores slot; admm: the source's weights and ADMM's state in aux (`PhaseHooks.init_state`).
 
   Args:
     config: run config.
-    stage: 'pretrain', 'prune' or 'finetune'.
+    stage: one of `config.STAGES`.
     steps_per_epoch: batches per epoch (the optimizer schedule's unit).
     batch_shape: [B, H, W, C] of a global train batch (shapes the objective's carry).
     first_batch: the stage's first batch (this host's part), needed by score_init='snip'.
@@ -158,12 +175,16 @@ def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
   """
   rng = jax.random.PRNGKey(config.seed)  # raw uint32[2]: checkpointable
   init_key, score_key = jax.random.split(jax.random.fold_in(rng, config_lib.STAGES.index(stage)))
-  if stage == "pretrain":
+  hooks, scores, aux = baselines.phase_hooks(config, stage, steps_per_epoch), None, ()
+  if stage in ("pretrain", "str"):
     variables = sources.init_variables(config, init_key)
-    params, batch_stats, scores = variables["params"], variables.get("batch_stats", {}), None
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
   else:
     params, batch_stats, source_scores = sources.load_source(config)
+  if stage in ("prune", "finetune"):
     scores = sources.initial_scores(config, stage, params, batch_stats, source_scores, score_key, first_batch, mode)
+  if hooks is not None:
+    scores, aux = hooks.init_state(params)
   if stage == "finetune":
     params = sources.exported_params(params, scores, config.k, config.mask)
   objective = objectives.get_objective(config.objective.name)
@@ -171,7 +192,7 @@ def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
   tx = optim.make_optimizer(config, stage, labels, steps_per_epoch * objective.replays(config.objective))
   carry = () if objective.init_carry is None else objective.init_carry(batch_shape, config.objective)
   state = TrainState(step=jnp.int32(0), params=params, scores=scores, batch_stats=batch_stats,
-                     opt_state=tx.init({"params": params, "scores": scores}), carry=carry, rng=rng)
+                     opt_state=tx.init({"params": params, "scores": scores}), carry=carry, rng=rng, aux=aux)
   return state, tx
 
 
@@ -185,15 +206,26 @@ def _check_finite(metrics: Mapping[str, float], step: int, ckpt: checkpoints.Che
                              f"saving. {kept}")
 
 
-def sparsity(state: TrainState, config: ml_collections.ConfigDict) -> masking.SparsityReport:
-  """Kept / total weights per prunable layer, counted on the weights the model runs with."""
+def model_weights(state: TrainState, config: ml_collections.ConfigDict,
+                  hooks: baselines.PhaseHooks | None = None) -> PyTree:
+  """The weights the model runs with (jitted): `hooks.weights` in the str / admm stages, else the masked params."""
+  if hooks is None:
+    return _masked_params_jit(state.params, state.scores, config.k, config.mask.scope, config.mask.min_layer_k)
+  return _phase_weights_jit(hooks.weights, state.params, hooks.phase_state(state.scores, state.aux))
+
+
+def sparsity(state: TrainState, config: ml_collections.ConfigDict,
+             hooks: baselines.PhaseHooks | None = None) -> masking.SparsityReport:
+  """Kept / total weights per prunable layer, counted on the weights the model runs with (STR: |w| > g(s))."""
+  if hooks is not None:
+    return masking.sparsity_report(model_weights(state, config, hooks))
   return masking.sparsity_report(sources.exported_params(state.params, state.scores, config.k, config.mask))
 
 
 def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_data: data.EvalBatches,
-                   apply_fn: models.ApplyFn, mode: str = "single",
-                   devices: list[Any] | None = None) -> dict[str, float]:
-  """`evaluate.evaluate` of the state's masked model on `eval_data` with the run's `config.eval` methods.
+                   apply_fn: models.ApplyFn, mode: str = "single", devices: list[Any] | None = None,
+                   hooks: baselines.PhaseHooks | None = None) -> dict[str, float]:
+  """`evaluate.evaluate` of the state's model (`model_weights`) on `eval_data` with the `config.eval` methods.
 
   The evaluation key is PRNGKey(config.seed + 1), as in `export.evaluate_checkpoint`.
 
@@ -201,7 +233,7 @@ def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_da
     Accuracies in [0, 1]: 'clean', 'clean_top5' (more than 5 classes), one per method of config.eval.methods,
     'robust' (their per-example worst case; clean without methods), and 'num_examples'.
   """
-  weights = _masked_params_jit(state.params, state.scores, config.k, config.mask.scope, config.mask.min_layer_k)
+  weights = model_weights(state, config, hooks)
   batches = data.iterate(eval_data, range(eval_data.num_steps), prefetch=config.data.prefetch)
   return evaluate.evaluate(apply_fn, sources.model_variables(weights, state.batch_stats), batches,
                            key=jax.random.PRNGKey(config.seed + 1), methods=tuple(config.eval.methods),
@@ -209,8 +241,9 @@ def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_da
 
 
 def _stage_meta(config, stage, state, metrics):
+  has_scores = state.scores is not None and stage != "str"  # STR's scores slot holds its thresholds
   return {"model": config.model.name, "num_classes": config_lib.num_classes(config), "stage": stage,
-          "k": config.k if state.scores is not None else 1.0, "has_scores": state.scores is not None,
+          "k": config.k if has_scores else 1.0, "has_scores": has_scores,
           "metrics": metrics, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort()),
           "threefry_partitionable": config.threefry_partitionable}
 
@@ -247,21 +280,6 @@ def cadence(done: int, *, steps_per_epoch: int, total_steps: int, stop: int, log
   return Cadence(log=log, evaluate=evaluate, save=save)
 
 
-def eval_split(config: ml_collections.ConfigDict) -> data.EvalBatches:
-  """The batches a run evaluates on: the dataset's eval split, or its first `config.data.eval_examples`."""
-  batches = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=config.data.data_dir or None,
-                              data_format=config.data.format, image_size=config.data.image_size or None)
-  return data.first_examples(batches, config.data.eval_examples)
-
-
-def _train_batches(config: ml_collections.ConfigDict) -> data.TrainBatches:
-  return data.train_batches(
-      config.data.name, config.data.batch_size, seed=config.seed, data_dir=config.data.data_dir or None,
-      data_format=config.data.format, image_size=config.data.image_size or None,
-      data_fraction=config.data.data_fraction,
-      semisup_path=config.data.semisup_path or None, semisup_fraction=config.data.semisup_fraction)
-
-
 def _resume(state: TrainState, ckpt: checkpoints.Checkpoints) -> tuple[TrainState, dict[str, float] | None]:
   """The latest checkpoint's state and its evaluation metrics, or `state` and None when there is none."""
   if ckpt.latest_step() is None:
@@ -278,22 +296,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not os.path.exists(path) and jax.process_index() == 0:
     with open(path, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-
-
-def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises CheckpointError when `workdir` holds a checkpoint drawn under the other PRNG setting."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return
-  try:
-    _, meta = checkpoints.read_meta(workdir)
-  except checkpoints.CheckpointError:
-    return  # nothing finished to resume from
-  recorded = meta.get("threefry_partitionable")
-  if recorded is not None and recorded != config.threefry_partitionable:
-    raise checkpoints.CheckpointError(
-        f"the checkpoint in {workdir} was written with threefry_partitionable={recorded}, but this run has "
-        f"{config.threefry_partitionable}: its random draws would differ. Rerun with "
-        f"--config.threefry_partitionable={str(recorded).lower()}, or use a new workdir")
 
 
 def _devices(config: ml_collections.ConfigDict, mode: str) -> list[Any]:
@@ -324,12 +326,12 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   mode = parallel.resolve_mode(config.parallel.mode)
   axis_name = None if mode == "single" else parallel.AXIS
   devices = _devices(config, mode)
-  _check_resumable(config, workdir)
-  train_data, eval_data = _train_batches(config), eval_split(config)
+  checkpoints.check_resumable(workdir, config.threefry_partitionable)
+  train_data, eval_data = sources.train_batches(config), sources.eval_split(config)
   steps_per_epoch = train_data.steps_per_epoch
   total_steps = optim.stage_epochs(config, stage) * steps_per_epoch
   rows = config.data.batch_size * (2 if config.data.semisup_path else 1)  # semisup doubles every batch
-  snip = stage != "pretrain" and config.stages[stage].score_init == "snip"
+  snip = config.stages[stage].get("score_init") == "snip"
   state, tx = initial_state(config, stage, steps_per_epoch, (rows, *config_lib.image_shape(config)),
                             first_batch=train_data.batch_at(0) if snip else None, mode=mode)
   ckpt = checkpoints.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -338,15 +340,16 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 
   apply_fn = models.make_apply_fn(sources.build_model(config, axis_name))
   objective = objectives.get_objective(config.objective.name)
+  hooks = baselines.phase_hooks(config, stage, steps_per_epoch)
   step_fn = functools.partial(train_step, apply_fn=apply_fn, objective=objective, config=config, tx=tx,
-                              k=config.k, steps_per_epoch=steps_per_epoch)
+                              k=config.k, steps_per_epoch=steps_per_epoch, hooks=hooks)
   runner = parallel.make_runner(step_fn, mode, carry_fields=("carry",), devices=devices)
 
   def save(step, metrics=None):
     host_state = runner.get_state(device_state)
     ckpt.save(step, {"model": _model_item(host_state), "train": _train_item(host_state)},
               meta=_stage_meta(config, stage, host_state, metrics),
-              sparsity=sparsity(host_state, config).to_json(), metrics=metrics)
+              sparsity=sparsity(host_state, config, hooks).to_json(), metrics=metrics)
 
   start = int(state.step)
   stop = min(total_steps, config.stop_after_steps or total_steps)
@@ -371,7 +374,8 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         writer.write(done, "train", train_metrics)
         progress.set_postfix({k: f"{v:.3f}" for k, v in train_metrics.items()})
       if todo.evaluate:
-        eval_metrics = evaluate_state(runner.get_state(device_state), config, eval_data, apply_fn, mode, devices)
+        eval_metrics = evaluate_state(runner.get_state(device_state), config, eval_data, apply_fn, mode, devices,
+                                      hooks)
         writer.write(done, "eval", eval_metrics)
       if todo.save:
         save(done, eval_metrics if todo.evaluate else None)
@@ -379,14 +383,14 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     progress.close()
     writer.close()
     ckpt.close()
-  return _summarize(config, runner.get_state(device_state), total_steps, eval_metrics, workdir)
+  final = runner.get_state(device_state)
+  return _summarize(config, total_steps, eval_metrics, workdir, sparsity(final, config, hooks), int(final.step))
 
 
-def _summarize(config: ml_collections.ConfigDict, final: TrainState, total_steps: int,
-               eval_metrics: dict[str, float] | None, workdir: str) -> dict[str, Any]:
+def _summarize(config: ml_collections.ConfigDict, total_steps: int, eval_metrics: dict[str, float] | None,
+               workdir: str, report: masking.SparsityReport, step: int) -> dict[str, Any]:
   """The stage's summary (also written to summary.json)."""
-  report = sparsity(final, config)
-  summary = {"stage": config.stage, "step": int(final.step), "total_steps": total_steps,
+  summary = {"stage": config.stage, "step": step, "total_steps": total_steps,
              "kept_fraction": report.kept / report.total, **(eval_metrics or {})}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

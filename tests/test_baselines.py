@@ -14,6 +14,7 @@ from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import data
 from hydra_jax import masking
+from hydra_jax import pipeline
 from hydra_jax import sources
 from hydra_jax import train
 
@@ -297,7 +298,7 @@ def test_admm_drives_weights_to_the_sparse_set_then_hard_prune_keeps_k():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The runner: a fixed-mask baseline through the train module's finetune stage.
+# The runner (pipeline.run_baseline): a fixed-mask baseline through the train module's finetune stage.
 
 
 def tiny_config(**overrides):
@@ -322,7 +323,7 @@ def tiny_config(**overrides):
 def test_run_baseline_trains_the_snip_mask_with_the_mask_fixed(tmp_path):
   config = tiny_config()
   config.objective = config_lib.objective_config("benign")  # key-free loss: g is recomputed here exactly
-  summary = baselines.run_baseline(config, "snip", source_dir="", workdir=str(tmp_path))
+  summary = pipeline.run_baseline(config, "snip", source_dir="", workdir=str(tmp_path))
   assert summary["method"] == "snip" and summary["step"] == 3
   template = jax.eval_shape(lambda: sources.init_variables(config, jax.random.key(0)))
   abstract = {"params": template["params"], "batch_stats": template["batch_stats"],
@@ -356,7 +357,7 @@ def at(tree, path):
   return tree
 
 
-def test_objective_loss_starts_stateful_objectives_from_their_initial_carry():
+def test_baseline_loss_starts_stateful_objectives_from_their_initial_carry():
   # Free AT with its zero initial perturbation is CE on clip(x + 0) = x: the benign loss, for the same weights.
   config = tiny_config()
   variables = sources.init_variables(config, jax.random.key(0))
@@ -364,8 +365,8 @@ def test_objective_loss_starts_stateful_objectives_from_their_initial_carry():
   losses = {}
   for name in ("free", "benign"):
     config.objective = config_lib.objective_config(name)
-    losses[name] = baselines.objective_loss(config, variables["batch_stats"])(variables["params"], batch,
-                                                                            jax.random.key(1))
+    losses[name] = pipeline.baseline_loss(config, variables["batch_stats"])(variables["params"], batch,
+                                                                         jax.random.key(1))
   assert np.isfinite(losses["free"]) and float(losses["free"]) == pytest.approx(float(losses["benign"]), rel=1e-6)
 
 
@@ -376,9 +377,9 @@ def test_run_baseline_lwm_equals_the_pipelines_finetune_with_scaled_scores(tmp_p
   config = tiny_config()
   pretrain_dir = str(tmp_path / "pretrain")
   train.run_stage(config_lib.stage_config(config, "pretrain", stop_after_steps=5), pretrain_dir)
-  baselines.run_baseline(config, "lwm", pretrain_dir, str(tmp_path / "lwm"))
-  train.run_stage(config_lib.stage_config(config, "finetune", source=pretrain_dir, **{"stages.finetune.score_init": "scaled"}),
-                  str(tmp_path / "pipeline_lwm"))
+  pipeline.run_baseline(config, "lwm", pretrain_dir, str(tmp_path / "lwm"))
+  scaled = config_lib.stage_config(config, "finetune", source=pretrain_dir, **{"stages.finetune.score_init": "scaled"})
+  train.run_stage(scaled, str(tmp_path / "pipeline_lwm"))
   template = jax.eval_shape(lambda: sources.init_variables(config, jax.random.key(0)))
   abstract = {"model": {"params": template["params"], "batch_stats": template["batch_stats"],
                         "scores": jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
