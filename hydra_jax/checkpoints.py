@@ -14,6 +14,11 @@ step and the jax / jaxlib / flax / orbax versions; `sparsity` is `masking.Sparsi
 from the exported weights. A state is restored against an explicit target structure (from `jax.eval_shape`),
 so a checkpoint of another model fails with an error that names the mismatch, before anything is written.
 
+Multi-host: every process calls `save` with the same host-local values and `restore` returns them on every
+process. The arrays are stored as global arrays with one copy per process (`parallel.one_copy_per_process`;
+process 0's is written), so a checkpoint saved by any number of processes and devices restores on any other;
+the run directory must be on a file system that every host sees.
+
 Example:
   >>> ckpt = Checkpoints('/tmp/run', keep=3)
   >>> ckpt.save(step, {'model': model, 'train': train}, meta={...}, sparsity=report.to_json(),
@@ -32,6 +37,8 @@ from typing import Any
 import flax
 import jax
 import orbax.checkpoint as ocp
+
+from hydra_jax import parallel
 
 PyTree = Any
 
@@ -69,9 +76,13 @@ class Checkpoints:
 
   def save(self, step: int, items: dict[str, PyTree], *, meta: dict[str, Any], sparsity: str,
            metrics: dict[str, float] | None = None) -> None:
-    """Saves the pytree `items` (single-device or replicated arrays) at `step`, and as best if it is."""
+    """Saves the pytree `items` at `step`, and as best if it is.
+
+    Every process of a run calls it with the same host-local values (numpy or single-device arrays).
+    """
     args = ocp.args.Composite(meta=ocp.args.JsonSave(meta), sparsity=ocp.args.JsonSave(json.loads(sparsity)),
-                              **{name: ocp.args.StandardSave(item) for name, item in items.items()})
+                              **{name: ocp.args.StandardSave(parallel.one_copy_per_process(item))
+                                 for name, item in items.items()})
     self._last.save(step, args=args)
     if self._best is not None and metrics and self.best_metric in metrics:
       self._best.save(step, args=args, metrics=metrics)
@@ -108,6 +119,8 @@ def restore(directory_or_manager: str | ocp.CheckpointManager, abstract_items: d
             step: int | None = None) -> tuple[dict[str, PyTree], dict[str, Any]]:
   """Restores the named items shaped like `abstract_items` (e.g. from `jax.eval_shape`), and the meta.
 
+  The items come back as this process's single-device copies, whatever process and device counts saved them.
+
   Raises:
     CheckpointError: no checkpoint, a structure or shape mismatch (naming the first differing entry), or
       unreadable files.
@@ -118,12 +131,13 @@ def restore(directory_or_manager: str | ocp.CheckpointManager, abstract_items: d
     manager, where = directory_or_manager, str(directory_or_manager.directory)
   step = _pick_step(manager, where, step)
   args = ocp.args.Composite(meta=ocp.args.JsonRestore(),
-                            **{name: ocp.args.StandardRestore(item) for name, item in abstract_items.items()})
+                            **{name: ocp.args.StandardRestore(parallel.abstract_one_copy_per_process(item))
+                               for name, item in abstract_items.items()})
   try:
     restored = manager.restore(step, args=args)
   except Exception as error:  # orbax raises ValueError/KeyError/FileNotFoundError/... for mismatches
     raise CheckpointError(f"checkpoint {where} step {step} does not match the expected state: {error}") from error
-  return {name: restored[name] for name in abstract_items}, restored.meta
+  return {name: parallel.local_copy(restored[name]) for name in abstract_items}, restored.meta
 
 
 def _open_for_reading(directory: str) -> ocp.CheckpointManager:

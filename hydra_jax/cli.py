@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_threefry_partitionable", False)
   try:
     app.run(lambda _: _run(command), argv=argv)
-  except (KeyError, ValueError, FloatingPointError) as error:  # bad config keys / values, corrupt or
+  except (KeyError, ValueError, FloatingPointError, TimeoutError) as error:  # bad config keys / values, corrupt or
     message = error.args[0] if isinstance(error, KeyError) and error.args else error  # mismatched checkpoints
     print(f"hydra-jax {command}: error: {message}", file=sys.stderr)
     sys.exit(1)

@@ -93,6 +93,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict({"mode": "auto", "distributed": False})
   c.log = ml_collections.ConfigDict({"every_steps": 50, "progress": True, "tensorboard": False})
   c.stop_after_steps = 0  # end the run after this global step (0: never); rerunning resumes it.
+
+  # Multi-host (issue 12; see parallel.init_from_config). Setting coordinator_address or num_processes implies
+  # distributed=true. Unset keys ("", 0, -1) come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  # JAX_PROCESS_ID, else from JAX's auto-detection (TPU VM, SLURM, Open MPI, Kubernetes).
+  c.parallel.coordinator_address = ""  # 'host:port' of process 0, reachable from every host.
+  c.parallel.num_processes = 0  # processes (one per host) in the run.
+  c.parallel.process_id = -1  # this process, in [0, num_processes).
+  c.parallel.timeout_s = 300  # seconds to wait for every process to join (then exit with a message).
   return c
 
 
@@ -699,8 +707,10 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Runs `config.stage` in `workdir`: one stage's summary dict, or for 'all' the list of pipeline rows."""
   check_config(config)
-  if config.parallel.distributed:
-    parallel.init_distributed()
+  if parallel.init_from_config(config.parallel):
+    settings = {"config": json.loads(config.to_json_best_effort()), "workdir": workdir}
+    del settings["config"]["parallel"]["process_id"], settings["config"]["parallel"]["coordinator_address"]
+    parallel.check_processes_agree(settings, timeout_s=config.parallel.timeout_s)
   if config.stage == "all":
     return run_pipeline(config, workdir)
   return run_stage(config, workdir)
