@@ -55,9 +55,12 @@ class CheckpointError(ValueError):
 
 
 def _manager(directory: str, keep: int, async_save: bool, best_metric: str | None) -> ocp.CheckpointManager:
+  # Both managers of a run save the same steps at once: their multi-host barriers need names of their own.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-      best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None, best_mode="max")
+      best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None, best_mode="max",
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=os.path.basename(directory)))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 

@@ -105,9 +105,11 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
   """
   if jax.distributed.is_initialized():
     return
+  who = "this process" if process_id is None else f"process {process_id}"
+  count = "" if num_processes is None else f" {num_processes}"
   where = coordinator_address or "the auto-detected coordinator"
-  message = (f"hydra_jax: error: process {process_id} waited {timeout_s:g} s for all {num_processes or ''} "
-             f"processes of the run to join {where}; a process was not started, died, or was given another "
+  message = (f"hydra_jax: error: {who} waited {timeout_s:g} s for all{count} processes of the run to join "
+             f"{where}; a process was not started, died, or was given another "
              f"coordinator address or process count. Start every process with the same coordinator address and "
              f"number of processes and a distinct process id.")
   with _deadline(timeout_s, message):
