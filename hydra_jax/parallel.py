@@ -354,7 +354,7 @@ def make_runner(step_fn: StepFn, mode: str, *, carry_fields: Sequence[str] = (),
     run = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=donate)
   elif mode == "pmap":
     run = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, donate_argnums=donate,
-                   devices=[d for d in devices if d.process_index == jax.process_index()])
+                   devices=list(devices))  # all processes' devices (pmap maps over the local ones)
   else:
     run = _shard_map_step(step_fn, Mesh(np.asarray(devices), (AXIS,)), carry_fields, donate)
   return Runner(mode, devices, run, tuple(carry_fields))

@@ -95,7 +95,8 @@ def assert_same_params(got, want):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Round 1: 1 x 4 uninterrupted, 1 x 4 and 2 x 2 stopped after 3 steps. Round 2: resume them in 2, 2 and 1."""
+  """Round 1: 1 x 4 uninterrupted, 1 x 4 and 2 x 2 stopped after 3 steps. Round 2: resume 2 x 2 in 2 x 2 and
+  1 x 4, and 1 x 4 in 2 x 2 with pmap (whose collectives must span both processes)."""
   base = tmp_path_factory.mktemp("multihost")
   cache = base / "cache"
   wait_all(Job(base / "one", 1, 4, cache=cache),
@@ -106,7 +107,7 @@ def runs(tmp_path_factory):
   shutil.copytree(base / "one_stopped", base / "one_then_two")
   shutil.copytree(base / "two_stopped", base / "two_then_two")
   results = wait_all(Job(base / "two_then_two", 2, 2, cache=cache), Job(base / "two_then_one", 1, 4, cache=cache),
-                     Job(base / "one_then_two", 2, 2, cache=cache))
+                     Job(base / "one_then_two", 2, 2, "--config.parallel.mode=pmap", cache=cache))  # pmap too
   return {"dir": {name: str(base / name) for name in ("one", "two_then_two", "two_then_one", "one_then_two")},
           "stopped": stopped, "stdout": results[0][0][1]}
 
