@@ -22,7 +22,6 @@ import pytest
 from hydra_jax import checkpoints
 from hydra_jax import export
 from hydra_jax import parallel
-from hydra_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/digits_demo.py:model=vgg_tiny,objective=pgd_at"
@@ -34,27 +33,38 @@ TOTAL_STEPS = 6
 
 
 class Job:
-  """One run of `hydra_jax train`: `processes` processes with `devices` CPU devices each."""
+  """One run of `hydra_jax train`: `processes` processes with `devices` CPU devices each (or one count each).
 
-  def __init__(self, workdir, processes, devices, *flags, cache=None):
+  `process_flags[i]` are extra flags of process i. Output goes to files beside the workdir (pipes could fill
+  up and stall a process, and with it the whole run).
+  """
+
+  def __init__(self, workdir, processes, devices, *flags, cache=None, process_flags=None):
     port = portpicker.pick_unused_port()
-    self.workdir, self.procs = str(workdir), []
-    for index in range(processes):
+    self.workdir, self.procs, self.logs = str(workdir), [], []
+    counts = [devices] * processes if isinstance(devices, int) else devices
+    for index, count in enumerate(counts):
       multihost = [f"--config.parallel.coordinator_address=127.0.0.1:{port}",
                    f"--config.parallel.num_processes={processes}", f"--config.parallel.process_id={index}",
                    "--config.parallel.timeout_s=120"] if processes > 1 else []
+      own = process_flags[index] if process_flags else []
       env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+             "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
       if cache:  # relaunches compile the same programs: share them
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-      self.procs.append(subprocess.Popen(
-          [sys.executable, "-m", "hydra_jax", "train", "--config", CONFIG, *TINY, *multihost, *flags,
-           "--workdir", self.workdir], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+      logs = [f"{self.workdir}.{index}.{stream}" for stream in ("stdout", "stderr")]
+      with open(logs[0], "w") as out, open(logs[1], "w") as err:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "hydra_jax", "train", "--config", CONFIG, *TINY, *multihost, *flags, *own,
+             "--workdir", self.workdir], cwd=ROOT, env=env, stdout=out, stderr=err))
+      self.logs.append(logs)
 
   def wait(self, check=True, timeout=600):
     """[(returncode, stdout, stderr)] per process; with `check`, raises unless every process succeeded."""
-    results = [(p.wait(timeout), *p.communicate()) for p in self.procs]
-    if check and any(code for code, _, _ in results):
+    deadline = time.monotonic() + timeout
+    codes = [p.wait(max(deadline - time.monotonic(), 1)) for p in self.procs]
+    results = [(code, *(open(path).read() for path in logs)) for code, logs in zip(codes, self.logs)]
+    if check and any(codes):
       raise AssertionError("\n".join(f"process {i}: exit {code}\n{out}\n{err[-3000:]}"
                                      for i, (code, out, err) in enumerate(results)))
     return results
@@ -158,19 +168,9 @@ def test_killed_processes_resume_to_the_uninterrupted_params(runs, tmp_path):
   assert_same_params(final_variables(str(workdir)), final_variables(runs["dir"]["one"]))
 
 def test_processes_that_disagree_fail_naming_the_differences(tmp_path):
-  port = portpicker.pick_unused_port()
-  procs = []
-  for index, (devices, batch) in enumerate([(2, 64), (1, 32)]):
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "hydra_jax", "train", "--config", CONFIG, *TINY, f"--config.data.batch_size={batch}",
-         f"--config.parallel.coordinator_address=127.0.0.1:{port}", "--config.parallel.num_processes=2",
-         f"--config.parallel.process_id={index}", "--config.parallel.timeout_s=60", "--workdir",
-         str(tmp_path / "run")], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  for proc in procs:
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1, err
+  job = Job(tmp_path / "run", 2, (2, 1), process_flags=[[], ["--config.data.batch_size=32"]])
+  for code, _, err in job.wait(check=False, timeout=300):
+    assert code == 1, err
     assert "process 1 has config.data.batch_size=32 where process 0 has 64" in err
     assert "process 1 has local device count=1 where process 0 has 2" in err
   assert not os.path.exists(tmp_path / "run")  # failed before writing anything
