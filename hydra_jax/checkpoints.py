@@ -14,6 +14,11 @@ step and the jax / jaxlib / flax / orbax versions; `sparsity` is `masking.Sparsi
 from the exported weights. A state is restored against an explicit target structure (from `jax.eval_shape`),
 so a checkpoint of another model fails with an error that names the mismatch, before anything is written.
 
+Multi-host: every process calls `save` with the same host-local values and `restore` returns them on every
+process. The arrays are stored as global arrays with one copy per process (`parallel.one_copy_per_process`;
+process 0's is written), so a checkpoint saved by any number of processes and devices restores on any other;
+the run directory must be on a file system that every host sees.
+
 Example:
   >>> ckpt = Checkpoints('/tmp/run', keep=3)
   >>> ckpt.save(step, {'model': model, 'train': train}, meta={...}, sparsity=report.to_json(),
@@ -35,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from hydra_jax import PyTree
 from hydra_jax import errors
+from hydra_jax import parallel
 
 
 
@@ -50,9 +56,12 @@ class CheckpointError(errors.UserError):
 
 
 def _manager(directory: str, keep: int, async_save: bool, best_metric: str | None) -> ocp.CheckpointManager:
+  # Both managers of a run save the same steps at once: their multi-host barriers need names of their own.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-      best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None, best_mode="max")
+      best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None, best_mode="max",
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=os.path.basename(directory)))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -71,9 +80,13 @@ class Checkpoints:
 
   def save(self, step: int, items: dict[str, PyTree], *, meta: dict[str, Any], sparsity: str,
            metrics: dict[str, float] | None = None) -> None:
-    """Saves the pytree `items` (single-device or replicated arrays) at `step`, and as best if it is."""
+    """Saves the pytree `items` at `step`, and as best if it is.
+
+    Every process of a run calls it with the same host-local values (numpy or single-device arrays).
+    """
     args = ocp.args.Composite(meta=ocp.args.JsonSave(meta), sparsity=ocp.args.JsonSave(json.loads(sparsity)),
-                              **{name: ocp.args.StandardSave(item) for name, item in items.items()})
+                              **{name: ocp.args.StandardSave(parallel.one_copy_per_process(item))
+                                 for name, item in items.items()})
     self._last.save(step, args=args)
     if self._best is not None and metrics and self.best_metric in metrics:
       self._best.save(step, args=args, metrics=metrics)
@@ -110,6 +123,8 @@ def restore(directory_or_manager: str | ocp.CheckpointManager, abstract_items: d
             step: int | None = None) -> tuple[dict[str, PyTree], dict[str, Any]]:
   """Restores the named items shaped like `abstract_items` (e.g. from `jax.eval_shape`), and the meta.
 
+  The items come back as this process's single-device copies, whatever process and device counts saved them.
+
   Raises:
     CheckpointError: no checkpoint, a structure or shape mismatch (naming the first differing entry), or
       unreadable files.
@@ -120,12 +135,13 @@ def restore(directory_or_manager: str | ocp.CheckpointManager, abstract_items: d
     manager, where = directory_or_manager, str(directory_or_manager.directory)
   step = _pick_step(manager, where, step)
   args = ocp.args.Composite(meta=ocp.args.JsonRestore(),
-                            **{name: ocp.args.StandardRestore(item) for name, item in abstract_items.items()})
+                            **{name: ocp.args.StandardRestore(parallel.abstract_one_copy_per_process(item))
+                               for name, item in abstract_items.items()})
   try:
     restored = manager.restore(step, args=args)
   except Exception as error:  # orbax raises ValueError/KeyError/FileNotFoundError/... for mismatches
     raise CheckpointError(f"checkpoint {where} step {step} does not match the expected state: {error}") from error
-  return {name: restored[name] for name in abstract_items}, restored.meta
+  return {name: parallel.local_copy(restored[name]) for name in abstract_items}, restored.meta
 
 
 def _open_for_reading(directory: str) -> ocp.CheckpointManager:

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
   command = argv.pop(1)
   try:
     app.run(lambda _: _run(command), argv=argv, flags_parser=lambda args: _parse_flags(command, args))
-  except (errors.UserError, FloatingPointError) as error:  # bad config, data or checkpoint; a diverged run
+  except (errors.UserError, FloatingPointError, TimeoutError) as error:  # bad input; a diverged run; peers absent
     if _show_tracebacks(argv):
       raise
     _fail(command, str(error))

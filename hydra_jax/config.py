@@ -85,7 +85,15 @@ def default_config() -> ml_collections.ConfigDict:
       "every_epochs": 1, "methods": ("pgd_linf",), "norm": "linf", "eps": 8 / 255, "step_size": 2 / 255,
       "steps": 10, "restarts": 1})
   c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0, "async_save": True})
-  c.parallel = ml_collections.ConfigDict({"mode": "auto", "distributed": False})
+  # Multi-host (see parallel.init_from_config): setting coordinator_address or num_processes implies
+  # distributed=true. Unset keys ("", 0, -1) come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  # JAX_PROCESS_ID, else from JAX's auto-detection (TPU VM, SLURM, Open MPI, Kubernetes).
+  c.parallel = ml_collections.ConfigDict({
+      "mode": "auto", "distributed": False,
+      "coordinator_address": "",  # 'host:port' of process 0, reachable from every host.
+      "num_processes": 0,  # processes (one per host) in the run.
+      "process_id": -1,  # this process, in [0, num_processes).
+      "timeout_s": 300})  # seconds to wait for every process to join (then exit with a message).
   c.log = ml_collections.ConfigDict({"every_steps": 50, "progress": True, "tensorboard": False})
   c.stop_after_steps = 0  # end the run after this global step (0: never); rerunning resumes it.
   # JAX's PRNG flavour for every random draw of a run (recorded with each checkpoint; a resume must match).

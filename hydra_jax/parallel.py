@@ -11,25 +11,40 @@ turn it into a function of global, host-side values:
 
 `mode='single'` runs the step under `jax.jit` on one device with `axis_name=None` (no collectives), the
 reference the parallel runners are tested against. Every device gets batch_size / device_count examples;
-the batch must divide evenly. Multi-host: call `init_distributed()` first; each host passes only its own
-slice of the global batch (`data.train_batches(..., process_index=...)` yields it), and the runners build
-the global arrays from the local slices.
+the batch must divide evenly.
+
+Multi-host (one process per host, all running the same program): every process calls `init_distributed()`
+(or `init_from_config(config.parallel)`) before any other JAX call, then `check_processes_agree(settings)`;
+each host passes only its own slice of the global batch (`data.train_batches(..., process_index=...)` yields
+it), and the runners build the global arrays from the local slices. Checkpoints hold one copy of the
+(replicated) state per process (`one_copy_per_process`), written by process 0 and readable by any number
+of processes and devices (`abstract_one_copy_per_process`, then `local_copy`).
+
+  parallel.init_distributed("10.0.0.1:1234", num_processes=2, process_id=0)   # on host 0; 1 on host 1
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+import itertools
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import distributed  # the coordinator's key-value store: JAX has no public API for it
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hydra_jax import PyTree
+from hydra_jax import errors
 
 AXIS = "batch"
 MODES = ("single", "pmap", "shard_map")
@@ -37,10 +52,197 @@ MODES = ("single", "pmap", "shard_map")
 StepFn = Callable[..., tuple[PyTree, PyTree]]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Multi-host: joining the processes of a run, and checking that they agree.
+
+DEFAULT_TIMEOUT_S = 300
+
+
+def distributed_args(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+                     environ: Mapping[str, str] = os.environ) -> tuple[str | None, int | None, int | None]:
+  """(coordinator 'host:port', number of processes, this process's id) of a multi-host run.
+
+  A given value ("", 0 and -1 mean unset) wins over its environment variable (JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID); what is still unset is None, left to JAX's auto-detection (TPU VMs,
+  SLURM, Open MPI, Kubernetes).
+
+  Raises:
+    ValueError: an environment variable that is not an integer, or a process id outside [0, processes).
+  """
+  address = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS") or None
+  count = num_processes if num_processes > 0 else _env_int(environ, "JAX_NUM_PROCESSES")
+  index = process_id if process_id >= 0 else _env_int(environ, "JAX_PROCESS_ID")
+  if count is not None and count < 1:
+    raise errors.ConfigError(f"the number of processes must be positive, got {count}")
+  if count is not None and index is not None and not 0 <= index < count:
+    raise errors.ConfigError(f"process id {index} is not in [0, {count}): ids run from 0 to num_processes - 1")
+  return address, count, index
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+  value = environ.get(name, "")
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise errors.ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
-  """`jax.distributed.initialize` (arguments auto-detected on TPU VMs / SLURM when None)."""
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+                     process_id: int | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+  """Joins this process to a multi-host run (`jax.distributed.initialize`); a no-op once joined.
+
+  Args:
+    coordinator_address: 'host:port' of process 0, reachable from every host; None: auto-detected.
+    num_processes: processes in the run; None: auto-detected (TPU VM, SLURM, Open MPI, Kubernetes).
+    process_id: this process, in [0, num_processes); None: auto-detected.
+    timeout_s: seconds to wait for every process to join.
+
+  Raises:
+    ValueError: the arguments are missing and cannot be auto-detected here.
+
+  If not every process joins within `timeout_s`, this prints what it waited for and exits the process with
+  status 1 (JAX would abort it with a message about a dead task instead).
+  """
+  if jax.distributed.is_initialized():
+    return
+  who = "this process" if process_id is None else f"process {process_id}"
+  count = "" if num_processes is None else f" {num_processes}"
+  where = coordinator_address or "the auto-detected coordinator"
+  message = (f"hydra_jax: error: {who} waited {timeout_s:g} s for all{count} processes of the run to join "
+             f"{where}; a process was not started, died, or was given another "
+             f"coordinator address or process count. Start every process with the same coordinator address and "
+             f"number of processes and a distinct process id.")
+  with _deadline(timeout_s, message):
+    try:
+      jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                 initialization_timeout=int(timeout_s) + 60)
+    except ValueError as error:
+      raise errors.ConfigError(
+          f"cannot start a multi-host run: {error} Set --config.parallel.coordinator_address, num_processes and "
+          f"process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID); they are only "
+          f"auto-detected on TPU VMs, SLURM, Open MPI and Kubernetes.") from error
+
+
+def init_from_config(parallel_config: Mapping[str, Any]) -> bool:
+  """`init_distributed` from a config's `parallel` section, when the run is multi-host; True if it is.
+
+  A run is multi-host when `distributed` is true or a coordinator address or process count is set; unset
+  keys come from the environment or auto-detection (`distributed_args`).
+  """
+  get = parallel_config.get
+  if not (get("distributed") or get("coordinator_address") or get("num_processes", 0) > 0):
+    return False
+  args = distributed_args(get("coordinator_address", ""), get("num_processes", 0), get("process_id", -1))
+  init_distributed(*args, timeout_s=get("timeout_s", DEFAULT_TIMEOUT_S))
+  return True
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, message: str):
+  """Exits the process with `message` on stderr unless the block ends within `seconds`.
+
+  For blocking C++ calls that Python cannot interrupt (a watchdog thread; they release the GIL).
+  """
+  done = threading.Event()
+
+  def watch():
+    if not done.wait(seconds):
+      print(message, file=sys.stderr, flush=True)
+      os._exit(1)
+
+  threading.Thread(target=watch, daemon=True).start()
+  try:
+    yield
+  finally:
+    done.set()
+
+
+_rounds = itertools.count()  # each check publishes under its own keys; every process makes the same calls
+
+
+def check_processes_agree(settings: Mapping[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+  """Raises ValueError naming each setting (or local device count) in which a process differs from process 0.
+
+  Every process publishes its flattened `settings` (JSON-able nested mappings) and its local device count
+  in the coordinator's key-value store and compares everyone's with process 0's, so all processes raise the
+  same error. No-op in a single-process run.
+
+  Raises:
+    ValueError: the processes disagree.
+    TimeoutError: a process did not publish within `timeout_s` seconds (it died or runs other code).
+  """
+  if jax.process_count() == 1:
+    return
+  client = distributed.global_state.client
+  prefix = f"hydra_jax/settings/{next(_rounds)}"
+  mine = {"local device count": jax.local_device_count(), **_flatten(settings)}
+  client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(mine, sort_keys=True, default=str))
+  everyone = [_published(client, f"{prefix}/{p}", p, timeout_s) for p in range(jax.process_count())]
+  problems = [f"process {p} has {key}={values.get(key)!r} where process 0 has {everyone[0].get(key)!r}"
+              for p, values in enumerate(everyone[1:], 1)
+              for key in sorted(set(values) | set(everyone[0])) if values.get(key) != everyone[0].get(key)]
+  if problems:
+    raise errors.ConfigError("the processes of this multi-host run disagree: " + "; ".join(problems[:8]) +
+                     ("; ..." if len(problems) > 8 else "") + ". Start every process with the same config.")
+
+
+def _published(client: Any, key: str, process: int, timeout_s: float) -> dict[str, Any]:
+  try:
+    return json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))
+  except Exception as error:  # XlaRuntimeError: DEADLINE_EXCEEDED
+    raise TimeoutError(f"process {process} did not publish its settings within {timeout_s:g} s: it died "
+                       f"or runs another program ({error})") from error
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for name, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f"{prefix}{name}."))
+    else:
+      flat[f"{prefix}{name}"] = value
+  return flat
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: one copy of a replicated state per process.
+
+
+def process_sharding() -> NamedSharding:
+  """Replicated over the first local device of every process: one copy per host, a valid global array."""
+  firsts = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+            for p in range(jax.process_count())]
+  return NamedSharding(Mesh(np.asarray(firsts), ("process",)), P())
+
+
+def one_copy_per_process(tree: PyTree) -> PyTree:
+  """Host-local values, equal on every process (numpy or single-device arrays), as global jax.Arrays.
+
+  Orbax saves only global arrays in a multi-host run; these have one replica per process (process 0's is
+  written) and no trace of the device mesh, so they restore on any number of processes and devices.
+  """
+  sharding = process_sharding()
+  device = next(iter(sharding.addressable_devices))
+  return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+      np.shape(x), sharding, [jax.device_put(x, device)]), tree)
+
+
+def abstract_one_copy_per_process(abstract: PyTree) -> PyTree:
+  """`jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`) with `process_sharding()`: a restore target."""
+  sharding = process_sharding()
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+
+
+def local_copy(tree: PyTree) -> PyTree:
+  """This process's copy of every replicated global array in `tree` (single-device arrays)."""
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runners.
 
 
 def resolve_mode(mode: str) -> str:
@@ -53,7 +255,7 @@ def resolve_mode(mode: str) -> str:
 def check_batch_divides(batch_size: int, device_count: int) -> None:
   """Raises ValueError unless `batch_size` splits evenly over `device_count` devices."""
   if batch_size % device_count:
-    raise ValueError(f"batch size {batch_size} does not divide by the {device_count} devices; "
+    raise errors.ConfigError(f"batch size {batch_size} does not divide by the {device_count} devices; "
                      f"use a multiple of {device_count}")
 
 
@@ -112,7 +314,7 @@ class Runner:
           lambda x, s: np.reshape(x, (local, -1) + x.shape[1:]) if s else np.broadcast_to(x, (local, *x.shape)),
           jax.device_get(state), split)
     return jax.tree.map(
-        lambda x, s: jax.device_put(x, NamedSharding(self.mesh, P(AXIS) if s else P())), state, split)
+        lambda x, s: _global_array(x, NamedSharding(self.mesh, P(AXIS) if s else P())), state, split)
 
   def get_state(self, state: PyTree) -> PyTree:
     """The inverse of `put_state`: host-local single-device arrays (carry fields re-joined over examples)."""
@@ -124,6 +326,15 @@ class Runner:
     return jax.tree.map(
         lambda x, s: jnp.asarray(multihost_utils.process_allgather(x, tiled=True)) if s
         else jnp.asarray(x.addressable_data(0)), state, split)
+
+
+def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host-local value equal on every process: each process fills its own devices.
+
+  (`jax.device_put` of a committed single-device array onto other hosts' devices would need a cross-host
+  transfer, which CPU backends lack.)
+  """
+  return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
 
 
 def make_runner(step_fn: StepFn, mode: str, *, carry_fields: Sequence[str] = (),
@@ -142,14 +353,17 @@ def make_runner(step_fn: StepFn, mode: str, *, carry_fields: Sequence[str] = (),
     A `Runner`; metrics come back replicated (pmap: one copy per local device; take [0]).
   """
   if mode not in MODES:
-    raise ValueError(f"unknown parallel mode '{mode}'; valid: {', '.join(MODES)}")
+    raise errors.ConfigError(f"unknown parallel mode '{mode}'; valid: {', '.join(MODES)}")
+  if mode == "single" and jax.process_count() > 1:
+    raise errors.ConfigError(f"parallel mode 'single' runs on one device, but this run has {jax.process_count()} "
+                     f"processes: use 'shard_map' or 'pmap'")
   devices = tuple(devices or (jax.devices()[:1] if mode == "single" else jax.devices()))
   donate = (0,) if donate_state else ()
   if mode == "single":
     run = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=donate)
   elif mode == "pmap":
     run = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, donate_argnums=donate,
-                   devices=[d for d in devices if d.process_index == jax.process_index()])
+                   devices=list(devices))  # all processes' devices (pmap maps over the local ones)
   else:
     run = _shard_map_step(step_fn, Mesh(np.asarray(devices), (AXIS,)), carry_fields, donate)
   return Runner(mode, devices, run, tuple(carry_fields))

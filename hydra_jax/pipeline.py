@@ -173,11 +173,18 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _agreed_settings(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """What every process of a multi-host run must share: the config (less its per-process keys) and workdir."""
+  settings = {"config": json.loads(config.to_json_best_effort()), "workdir": workdir}
+  del settings["config"]["parallel"]["process_id"], settings["config"]["parallel"]["coordinator_address"]
+  return settings
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Runs `config.stage` in `workdir`: one stage's summary dict, or for 'all' the list of pipeline rows."""
   config_lib.check_config(config)
-  if config.parallel.distributed:
-    parallel.init_distributed()
+  if parallel.init_from_config(config.parallel):
+    parallel.check_processes_agree(_agreed_settings(config, workdir), timeout_s=config.parallel.timeout_s)
   if config.stage == "all":
     return run_pipeline(config, workdir)
   return train.run_stage(config, workdir)
