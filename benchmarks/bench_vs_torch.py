@@ -14,7 +14,9 @@ hydra_jax seconds, hydra_jax compile seconds, peak memory of each (CPU: the larg
 the call's start, sampled every 5 ms; GPU: `memory_stats()['peak_bytes_in_use']` for JAX, which only grows
 within a process, and `torch.cuda.max_memory_allocated` reset per workload), and for train steps the
 achieved GFLOP/s of the compiled step (XLA's cost analysis / median time) against a square f32 matmul
-measured in the same rotation (the roofline).
+measured in the same rotation (the roofline). With --compare-xla-conv, train steps are also timed (in the
+same rotation) with XLA's own conv kernel gradients instead of `layers.conv2d`'s CPU choice: `jax_xla_conv_s`
+is hydra_jax before the per-tap kernel gradient.
 
 Workloads (`--workloads`, comma-separated; default all):
   prune     prune-stage TRADES step (scores + BatchNorm train, weights frozen) at k=--k for each --models;
@@ -45,6 +47,7 @@ import statistics
 import sys
 import threading
 import time
+from unittest import mock
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +63,7 @@ from hydra_jax import attacks
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax.models import layers
 from hydra_jax.models import wrn
 
 TINY = ["--models", "resnet_tiny", "--batch", "4", "--repeats", "1", "--attack-steps", "1", "--pgd-steps", "2",
@@ -69,7 +73,7 @@ WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "bounds",
 COLUMNS = (("workload", "{}"), ("model", "{}"), ("batch", "{:d}"), ("jax_s", "{:.4f}"), ("torch_s", "{:.4f}"),
            ("speedup", "{:.2f}x"), ("jax_img_s", "{:.1f}"), ("torch_img_s", "{:.1f}"), ("compile_s", "{:.1f}"),
            ("jax_peak_mb", "{:.0f}"), ("torch_peak_mb", "{:.0f}"), ("jax_gflop_s", "{:.1f}"),
-           ("roofline_pct", "{:.1f}"), ("mask_share_pct", "{:.2f}"), ("note", "{}"))
+           ("roofline_pct", "{:.1f}"), ("mask_share_pct", "{:.2f}"), ("jax_xla_conv_s", "{:.4f}"), ("note", "{}"))
 TEXT_COLUMNS = ("workload", "model", "note")
 
 
@@ -255,23 +259,36 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
   state = [trainable, variables["batch_stats"], tx.init(trainable)]
   batch, key = jax.device_put(host_batch), jax.random.key(2)
   compiled, compile_s = compile_seconds(step, *state, batch, key)
-
-  def run_jax():
-    state[:] = compiled(*state, batch, key)[:3]
-    jax.block_until_ready(state)
+  calls = {"jax": _stepper(compiled, state, batch, key)}
+  if args.compare_xla_conv:  # the same step traced with XLA's own conv kernel gradients everywhere
+    with mock.patch.object(layers, "taps_are_faster", lambda *_: False):
+      xla_step, _ = jax_train_step(apply_fn, trainable, stage, k, args.attack_steps)
+      calls["jax_xla_conv"] = _stepper(compile_seconds(xla_step, *state, batch, key)[0], list(state), batch, key)
 
   device = _torch_device()
   net = torch_hydra.prepare(torch_hydra.build(model_name).to(device), stage, k)
   torch_step = torch_hydra.trades_train_step(net, torch_hydra.sgd(net), args.attack_steps)
   images, labels = _torch_batch(host_batch, device)
   probe, probe_flops = matmul_probe(args.matmul_size)
-  timing = interleaved({"jax": run_jax, "torch": lambda: (torch_step(images, labels), sync_torch()),
-                        "matmul": probe}, args.repeats)
+  calls.update(torch=lambda: (torch_step(images, labels), sync_torch()), matmul=probe)
+  timing = interleaved(calls, args.repeats)
   row = _row(workload, model_name, batch_size, timing, compile_s, cost_flops(compiled), probe_flops,
              note=f"{stage} TRADES-{args.attack_steps} k={k:g}")
+  if "jax_xla_conv" in timing:
+    row["jax_xla_conv_s"] = timing["jax_xla_conv"]["median"]
+    row["jax_xla_conv_peak_mb"] = timing["jax_xla_conv"]["peak"] / 2**20
   if workload == "prune":
     row.update(mask_row(trainable, k, timing["jax"]["median"], args.repeats))
   return row
+
+
+def _stepper(compiled, state: list, batch, key) -> Callable[[], None]:
+  """A call running one train step on `state` (updated in place) and waiting for it."""
+  def run():
+    state[:] = compiled(*state, batch, key)[:3]
+    jax.block_until_ready(state)
+
+  return run
 
 
 def mask_row(trainable, k: float, step_s: float, repeats: int) -> dict:
@@ -403,6 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--widths", type=csv(int), default=[2, 4, 10])
   parser.add_argument("--ks", type=csv(float), default=[0.1, 0.05, 0.01])
   parser.add_argument("--matmul-size", type=int, default=2048, help="side of the roofline matmul")
+  parser.add_argument("--compare-xla-conv", action="store_true",
+                      help="train steps: also time hydra_jax with XLA's own conv kernel gradients (jax_xla_conv_s)")
   parser.add_argument("--json", default="", help="also write the results here")
   parser.add_argument("--tiny", action="store_true", help="toy sizes: " + " ".join(TINY))
   argv = sys.argv[1:] if argv is None else list(argv)

@@ -16,7 +16,8 @@ from hydra_jax import masking  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   path = tmp_path_factory.mktemp("bench") / "result.json"
-  result = bench_vs_torch.main(["--tiny", "--workloads", "prune,topk,bounds", "--json", str(path)])
+  result = bench_vs_torch.main(["--tiny", "--workloads", "prune,topk,bounds", "--compare-xla-conv",
+                                 "--json", str(path)])
   return result, path
 
 
@@ -28,7 +29,7 @@ def test_tiny_run_reports_every_requested_workload(tiny_run, capsys):
   assert prune["batch"] == 4 and prune["note"] == "prune TRADES-1 k=0.01"
   assert prune["speedup"] == pytest.approx(prune["torch_s"] / prune["jax_s"])
   assert prune["jax_img_s"] == pytest.approx(4 / prune["jax_s"])
-  for key in ("jax_s", "torch_s", "compile_s", "jax_gflop_s", "matmul_gflop_s", "mask_s"):
+  for key in ("jax_s", "torch_s", "compile_s", "jax_gflop_s", "matmul_gflop_s", "mask_s", "jax_xla_conv_s"):
     assert prune[key] > 0, key
   assert prune["roofline_pct"] == pytest.approx(100 * prune["jax_gflop_s"] / prune["matmul_gflop_s"])
   assert result["rows"][3]["note"].startswith("skipped:")

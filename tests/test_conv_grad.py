@@ -79,12 +79,14 @@ def test_auto_uses_taps_on_cpu_only_where_measured_faster(monkeypatch):
   strided = jnp.zeros((2, 16, 16, 32))
   layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)  # strided: taps
   layers.conv2d(jnp.zeros((2, 32, 32, 3)), jnp.zeros((3, 3, 3, 64)), 1, 1)  # 3-channel stem: XLA
-  layers.conv2d(jnp.zeros((2, 32, 32, 64)), jnp.zeros((3, 3, 64, 64)), 1, 1)  # 32x32 stride 1: XLA
+  layers.conv2d(jnp.zeros((2, 32, 32, 64)), jnp.zeros((3, 3, 64, 64)), 1, 1)  # 32x32 stride 1, 64 out: XLA
+  wide = jnp.zeros((2, 32, 32, 160))
+  layers.conv2d(wide, jnp.zeros((3, 3, 160, 160)), 1, 1)  # 32x32 stride 1, 160 out: taps
   layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1, weight_grad="xla")  # asked for XLA's
-  assert used == [strided.shape]
+  assert used == [strided.shape, wide.shape]
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)
-  assert used == [strided.shape]  # never on GPU / TPU
+  assert used == [strided.shape, wide.shape]  # never on GPU / TPU
 
 
 def test_invalid_weight_grad_choices_are_rejected():
