@@ -1,4 +1,4 @@
-"""The hydra_jax-vs-PyTorch benchmark runs at toy size and reports a well-formed table and JSON (no timings asserted)."""
+"""The hydra_jax-vs-PyTorch benchmark runs at toy size and gives a well-formed table and JSON (no timing asserted)."""
 
 import json
 
