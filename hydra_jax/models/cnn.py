@@ -4,7 +4,8 @@ Each network is a plain chain conv -> relu -> ... -> flatten -> dense -> relu ->
 contains only conv, dense (dot_general + add), relu, and reshape: what IBP/CROWN/symbolic-interval bounds
 propagate through. Their convs therefore keep XLA's own kernel gradient (`weight_grad="xla"`), whose jaxpr is
 one `conv_general_dilated`, never `layers.conv2d`'s CPU `custom_vjp`. Submodules are named by their index in
-the reference `nn.Sequential` ("0", "2", ... for convs, then the denses), so the flax path `params/5/kernel` is the PyTorch key `5.weight`.
+the reference `nn.Sequential` ("0", "2", ... for convs, then the denses), so the flax path `params/5/kernel`
+is the PyTorch key `5.weight`.
 
 Differences from the reference, by design:
 - The reference hard-codes 10 outputs and ignores num_classes; here the last layer has `num_classes` outputs
