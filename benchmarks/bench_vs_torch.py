@@ -11,12 +11,14 @@ code re-stated; its docstring lists what was re-stated) on the same random CIFAR
 the two (and a matmul probe) `--repeats` times after one warm-up call each, so that both see the same machine
 load. Reported per workload: the median seconds per call and images/s of each, `speedup` = torch seconds /
 hydra_jax seconds, hydra_jax compile seconds, peak memory of each (CPU: the largest process RSS increase over
-the call's start, sampled every 5 ms; GPU: `memory_stats()['peak_bytes_in_use']` for JAX, which only grows
+the call's start, sampled every 5 ms, which charges memory to whichever call first grows the process, so
+compare it only across processes; for train steps also `jax_plan_mb`, the bytes XLA's compiled program plans
+for arguments, outputs and temporaries; GPU: `memory_stats()['peak_bytes_in_use']` for JAX, which only grows
 within a process, and `torch.cuda.max_memory_allocated` reset per workload), and for train steps the
 achieved GFLOP/s of the compiled step (XLA's cost analysis / median time) against a square f32 matmul
-measured in the same rotation (the roofline). With --compare-xla-conv, train steps are also timed (in the
-same rotation) with XLA's own conv kernel gradients instead of `layers.conv2d`'s CPU choice: `jax_xla_conv_s`
-is hydra_jax before the per-tap kernel gradient.
+measured in the same rotation (the roofline). With --compare-taps-conv, train steps are also timed (in the
+same rotation) with every conv at `Conv2d(weight_grad="auto")` (per-tap matmul kernel gradients on CPU where
+they win alone, see `layers.conv2d`): `jax_taps_conv_s`.
 
 Workloads (`--workloads`, comma-separated; default all):
   prune     prune-stage TRADES step (scores + BatchNorm train, weights frozen) at k=--k for each --models;
@@ -73,7 +75,8 @@ WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "bounds",
 COLUMNS = (("workload", "{}"), ("model", "{}"), ("batch", "{:d}"), ("jax_s", "{:.4f}"), ("torch_s", "{:.4f}"),
            ("speedup", "{:.2f}x"), ("jax_img_s", "{:.1f}"), ("torch_img_s", "{:.1f}"), ("compile_s", "{:.1f}"),
            ("jax_peak_mb", "{:.0f}"), ("torch_peak_mb", "{:.0f}"), ("jax_gflop_s", "{:.1f}"),
-           ("roofline_pct", "{:.1f}"), ("mask_share_pct", "{:.2f}"), ("jax_xla_conv_s", "{:.4f}"), ("note", "{}"))
+           ("roofline_pct", "{:.1f}"), ("mask_share_pct", "{:.2f}"), ("jax_plan_mb", "{:.0f}"),
+           ("jax_taps_conv_s", "{:.4f}"), ("note", "{}"))
 TEXT_COLUMNS = ("workload", "model", "note")
 
 
@@ -154,6 +157,13 @@ def compile_seconds(jitted, *args) -> tuple[Any, float]:
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   return compiled, time.perf_counter() - start
+
+
+def planned_bytes(compiled) -> int:
+  """Bytes XLA plans for a compiled program: arguments + outputs + temporaries (aliased outputs counted once)."""
+  stats = compiled.memory_analysis()
+  held = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+  return held + stats.temp_size_in_bytes
 
 
 def cost_flops(compiled) -> float:
@@ -260,10 +270,11 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
   batch, key = jax.device_put(host_batch), jax.random.key(2)
   compiled, compile_s = compile_seconds(step, *state, batch, key)
   calls = {"jax": _stepper(compiled, state, batch, key)}
-  if args.compare_xla_conv:  # the same step traced with XLA's own conv kernel gradients everywhere
-    with mock.patch.object(layers, "taps_are_faster", lambda *_: False):
-      xla_step, _ = jax_train_step(apply_fn, trainable, stage, k, args.attack_steps)
-      calls["jax_xla_conv"] = _stepper(compile_seconds(xla_step, *state, batch, key)[0], list(state), batch, key)
+  if args.compare_taps_conv:  # the same step traced with every Conv2d at weight_grad="auto"
+    conv2d = layers.conv2d
+    with mock.patch.object(layers, "conv2d", lambda *conv_args: conv2d(*conv_args[:-1], "auto")):
+      taps_step, _ = jax_train_step(apply_fn, trainable, stage, k, args.attack_steps)
+      calls["jax_taps_conv"] = _stepper(compile_seconds(taps_step, *state, batch, key)[0], list(state), batch, key)
 
   device = _torch_device()
   net = torch_hydra.prepare(torch_hydra.build(model_name).to(device), stage, k)
@@ -274,9 +285,10 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
   timing = interleaved(calls, args.repeats)
   row = _row(workload, model_name, batch_size, timing, compile_s, cost_flops(compiled), probe_flops,
              note=f"{stage} TRADES-{args.attack_steps} k={k:g}")
-  if "jax_xla_conv" in timing:
-    row["jax_xla_conv_s"] = timing["jax_xla_conv"]["median"]
-    row["jax_xla_conv_peak_mb"] = timing["jax_xla_conv"]["peak"] / 2**20
+  row["jax_plan_mb"] = planned_bytes(compiled) / 2**20
+  if "jax_taps_conv" in timing:
+    row["jax_taps_conv_s"] = timing["jax_taps_conv"]["median"]
+    row["jax_taps_conv_peak_mb"] = timing["jax_taps_conv"]["peak"] / 2**20
   if workload == "prune":
     row.update(mask_row(trainable, k, timing["jax"]["median"], args.repeats))
   return row
@@ -420,8 +432,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--widths", type=csv(int), default=[2, 4, 10])
   parser.add_argument("--ks", type=csv(float), default=[0.1, 0.05, 0.01])
   parser.add_argument("--matmul-size", type=int, default=2048, help="side of the roofline matmul")
-  parser.add_argument("--compare-xla-conv", action="store_true",
-                      help="train steps: also time hydra_jax with XLA's own conv kernel gradients (jax_xla_conv_s)")
+  parser.add_argument("--compare-taps-conv", action="store_true",
+                      help="train steps: also time hydra_jax with Conv2d(weight_grad='auto') (jax_taps_conv_s)")
   parser.add_argument("--json", default="", help="also write the results here")
   parser.add_argument("--tiny", action="store_true", help="toy sizes: " + " ".join(TINY))
   argv = sys.argv[1:] if argv is None else list(argv)

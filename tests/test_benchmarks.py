@@ -28,7 +28,7 @@ def test_tiny_run_reports_every_requested_workload(tiny_run, capsys):
   assert prune["batch"] == 4 and prune["note"] == "prune TRADES-1 k=0.01"
   assert prune["speedup"] == pytest.approx(prune["torch_s"] / prune["jax_s"])
   assert prune["jax_img_s"] == pytest.approx(4 / prune["jax_s"])
-  for key in ("jax_s", "torch_s", "compile_s", "jax_gflop_s", "matmul_gflop_s", "mask_s"):
+  for key in ("jax_s", "torch_s", "compile_s", "jax_gflop_s", "matmul_gflop_s", "mask_s", "jax_plan_mb"):
     assert prune[key] > 0, key
   assert prune["roofline_pct"] == pytest.approx(100 * prune["jax_gflop_s"] / prune["matmul_gflop_s"])
   assert result["rows"][3]["note"].startswith("skipped:")
@@ -80,6 +80,6 @@ def test_torch_baseline_has_the_zoo_architecture(name, prunable):
 
 
 @pytest.mark.slow
-def test_compare_xla_conv_times_the_step_with_xla_kernel_gradients_too():
-  row = bench_vs_torch.main(["--tiny", "--workloads", "finetune", "--compare-xla-conv"])["rows"][0]
-  assert row["workload"] == "finetune" and row["jax_xla_conv_s"] > 0 and row["jax_xla_conv_peak_mb"] >= 0
+def test_compare_taps_conv_times_the_step_with_taps_kernel_gradients_too():
+  row = bench_vs_torch.main(["--tiny", "--workloads", "finetune", "--compare-taps-conv"])["rows"][0]
+  assert row["workload"] == "finetune" and row["jax_taps_conv_s"] > 0 and row["jax_taps_conv_peak_mb"] >= 0

@@ -1,5 +1,7 @@
 """The per-tap matmul kernel gradient of `layers.conv2d` equals XLA's convolution in values and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -73,19 +75,20 @@ def test_conv2d_layer_gradients_agree_for_every_weight_grad_choice():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads(choice), reference)
 
 
-def test_auto_uses_taps_on_cpu_only_where_measured_faster(monkeypatch):
+def test_auto_uses_taps_on_cpu_only_where_measured_faster_and_the_default_is_xla(monkeypatch):
   used = []
   monkeypatch.setattr(layers, "taps_conv", lambda *args: used.append(args[0].shape) or layers.xla_conv(*args))
   strided = jnp.zeros((2, 16, 16, 32))
-  layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)  # strided: taps
-  layers.conv2d(jnp.zeros((2, 32, 32, 3)), jnp.zeros((3, 3, 3, 64)), 1, 1)  # 3-channel stem: XLA
-  layers.conv2d(jnp.zeros((2, 32, 32, 64)), jnp.zeros((3, 3, 64, 64)), 1, 1)  # 32x32 stride 1, 64 out: XLA
+  auto = functools.partial(layers.conv2d, weight_grad="auto")
+  auto(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)  # strided: taps
+  auto(jnp.zeros((2, 32, 32, 3)), jnp.zeros((3, 3, 3, 64)), 1, 1)  # 3-channel stem: XLA
+  auto(jnp.zeros((2, 32, 32, 64)), jnp.zeros((3, 3, 64, 64)), 1, 1)  # 32x32 stride 1, 64 out: XLA
   wide = jnp.zeros((2, 32, 32, 160))
-  layers.conv2d(wide, jnp.zeros((3, 3, 160, 160)), 1, 1)  # 32x32 stride 1, 160 out: taps
-  layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1, weight_grad="xla")  # asked for XLA's
+  auto(wide, jnp.zeros((3, 3, 160, 160)), 1, 1)  # 32x32 stride 1, 160 out: taps
+  layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)  # the default is XLA's
   assert used == [strided.shape, wide.shape]
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)
+  auto(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)
   assert used == [strided.shape, wide.shape]  # never on GPU / TPU
 
 

@@ -2,10 +2,8 @@
 
 Each network is a plain chain conv -> relu -> ... -> flatten -> dense -> relu -> ... -> dense, so its jaxpr
 contains only conv, dense (dot_general + add), relu, and reshape: what IBP/CROWN/symbolic-interval bounds
-propagate through. Their convs therefore keep XLA's own kernel gradient (`weight_grad="xla"`), whose jaxpr is
-one `conv_general_dilated`, never `layers.conv2d`'s CPU `custom_vjp`. Submodules are named by their index in
-the reference `nn.Sequential` ("0", "2", ... for convs, then the denses), so the flax path `params/5/kernel`
-is the PyTorch key `5.weight`.
+propagate through. Submodules are named by their index in the reference `nn.Sequential`
+("0", "2", ... for convs, then the denses), so the flax path `params/5/kernel` is the PyTorch key `5.weight`.
 
 Differences from the reference, by design:
 - The reference hard-codes 10 outputs and ignores num_classes; here the last layer has `num_classes` outputs
@@ -56,8 +54,7 @@ class SequentialCNN(nn.Module):
     conv_init = dict(kernel_init=layers.kaiming_normal_fan_out, bias_init=nn.initializers.zeros) if self.he_init else {}
     index = 0
     for features, kernel_size, stride, padding in self.convs:
-      x = layers.Conv2d(features, kernel_size, stride, padding, dtype=self.dtype, weight_grad="xla",
-                        name=str(index), **conv_init)(x)
+      x = layers.Conv2d(features, kernel_size, stride, padding, dtype=self.dtype, name=str(index), **conv_init)(x)
       x = jax.nn.relu(x)
       index += 2
     x = layers.flatten(x)

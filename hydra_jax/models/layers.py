@@ -6,8 +6,9 @@ initialisation so that HYDRA's reference checkpoints load one-to-one (see `hydra
 - `Conv2d` / `Linear` take symmetric integer padding like `torch.nn.Conv2d` and, by default, draw weight *and* bias
   from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's `kaiming_uniform_(a=sqrt(5))` default; flax has no
   fan-in-aware bias initialiser, hence these two small layers).
-- `Conv2d` computes its kernel gradient on CPU, for the shapes where that is faster, as one matmul per kernel
-  offset (`conv2d`, `weight_grad="auto"`); its values and gradients equal XLA's own to float rounding.
+- `Conv2d(weight_grad="taps" | "auto")` computes its kernel gradient as one matmul per kernel offset (`conv2d`);
+  values and gradients equal XLA's own to float rounding. The default stays XLA's: per conv the taps are up to
+  27x faster on CPU, but in the whole ResNet-18 prune step they were slower (benchmarks/RESULTS.md).
 - `BatchNorm` has PyTorch semantics: batch statistics with the biased variance for normalising, running variance
   updated with the unbiased one, `momentum=0.9` in the flax convention (= torch momentum 0.1), `epsilon=1e-5`.
 
@@ -127,11 +128,11 @@ taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
 
 
 def taps_are_faster(x_shape: Sequence[int], kernel_shape: Sequence[int], stride: int, groups: int) -> bool:
-  """Whether `taps_weight_grad` beat XLA's kernel gradient on CPU for this shape (benchmarks/bench_conv_grad.py).
+  """Whether `taps_weight_grad` beat XLA's kernel gradient on CPU for this conv alone (bench_conv_grad.py).
 
   Measured on every conv of the CIFAR ResNet-18 and WRN-28-4 / 28-10 at batch 128: 1x1 and strided convs
   1.1-27x faster, 3x3 stride-1 convs 1.35-5.5x, except on 32x32 inputs with at most 64 output channels
-  (ResNet-18's layer1: a tie or slower) and the 3-channel stems, where XLA's own stays.
+  (ResNet-18's layer1: a tie or slower) and the 3-channel stems. Isolated convs only: see `conv2d`.
   """
   if groups != 1 or x_shape[-1] < 16:
     return False
@@ -139,7 +140,7 @@ def taps_are_faster(x_shape: Sequence[int], kernel_shape: Sequence[int], stride:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1,
-           weight_grad: str = "auto") -> jax.Array:
+           weight_grad: str = "xla") -> jax.Array:
   """2-D convolution, NHWC x HWIO -> NHWC, with a choice of how its kernel gradient is computed.
 
   Args:
@@ -149,7 +150,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, g
     padding: zero padding on every spatial side.
     groups: feature groups.
     weight_grad: 'xla' (XLA's own), 'taps' (`taps_conv`; groups 1 only) or 'auto': 'taps' on CPU where
-      `taps_are_faster`, else 'xla' (GPU and TPU always use XLA's).
+      `taps_are_faster`, else 'xla' (GPU and TPU always use XLA's). 'xla' is the default: in the full
+      ResNet-18 TRADES prune step (batch 32 and 128) 'auto' was slower than 'xla' on the 2-core CPU.
 
   Returns:
     (N, H', W', C_out) with H' = (H + 2 padding - kh) // stride + 1; equal for every `weight_grad`.
@@ -179,7 +181,7 @@ class Conv2d(nn.Module):
     kernel_init: initialiser of the (kh, kw, in/groups, out) kernel.
     bias_init: initialiser of the bias; None means PyTorch's U(+-1/sqrt(fan_in)).
     dtype: compute dtype; parameters stay float32.
-    weight_grad: how the kernel gradient is computed: 'auto', 'xla' or 'taps' (see `conv2d`).
+    weight_grad: how the kernel gradient is computed: 'xla' (default), 'taps' or 'auto' (see `conv2d`).
   """
 
   features: int
@@ -191,7 +193,7 @@ class Conv2d(nn.Module):
   kernel_init: Initializer = torch_default_init
   bias_init: Initializer | None = None
   dtype: Dtype = jnp.float32
-  weight_grad: str = "auto"
+  weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
