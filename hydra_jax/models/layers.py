@@ -6,6 +6,9 @@ initialisation so that HYDRA's reference checkpoints load one-to-one (see `hydra
 - `Conv2d` / `Linear` take symmetric integer padding like `torch.nn.Conv2d` and, by default, draw weight *and* bias
   from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's `kaiming_uniform_(a=sqrt(5))` default; flax has no
   fan-in-aware bias initialiser, hence these two small layers).
+- `Conv2d(weight_grad="taps" | "auto")` computes its kernel gradient as one matmul per kernel offset (`conv2d`);
+  values and gradients equal XLA's own to float rounding. The default stays XLA's: per conv the taps are up to
+  27x faster on CPU, but in the whole ResNet-18 prune step they were slower (benchmarks/RESULTS.md).
 - `BatchNorm` has PyTorch semantics: batch statistics with the biased variance for normalising, running variance
   updated with the unbiased one, `momentum=0.9` in the flax convention (= torch momentum 0.1), `epsilon=1e-5`.
 
@@ -22,6 +25,7 @@ Example:
 """
 
 from collections.abc import Callable, Sequence
+import functools
 import math
 from typing import Any
 
@@ -65,6 +69,105 @@ def kaiming_normal_fan_out(key: jax.Array, shape: Sequence[int], dtype: Dtype = 
   return math.sqrt(2.0 / fan_out) * jax.random.normal(key, shape, dtype)
 
 
+WEIGHT_GRADS = ("auto", "xla", "taps")
+
+
+def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1) -> jax.Array:
+  """XLA's convolution: (N, H, W, C_in) x (kh, kw, C_in / groups, C_out) -> (N, H', W', C_out)."""
+  pad = ((padding, padding), (padding, padding))
+  return lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
+
+
+def taps_weight_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int, padding: int) -> jax.Array:
+  """dL/dW of y = xla_conv(x, W) (groups 1) as one matmul per kernel offset ("tap").
+
+  W[i, j] = X_ij^T G, where X_ij (N H' W', C_in) is the padded input at offset (i, j) with the stride and
+  G (N H' W', C_out) the output gradient; accumulated in float32.
+
+  Args:
+    x: (N, H, W, C_in) input.
+    g: (N, H', W', C_out) gradient of the loss with respect to the conv output.
+    kernel_shape: (kh, kw, C_in, C_out).
+    stride: square stride.
+    padding: zero padding on every spatial side.
+
+  Returns:
+    (kh, kw, C_in, C_out) float32 kernel gradient.
+  """
+  kh, kw, cin, cout = kernel_shape
+  n, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  g2 = g.reshape(-1, cout)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      end = (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, cin)
+      x_tap = lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1)).reshape(-1, cin)
+      taps.append(lax.dot_general(x_tap, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+  return jnp.stack(taps).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def taps_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """`xla_conv` (groups 1) whose kernel gradient is `taps_weight_grad`; the input gradient stays XLA's."""
+  return xla_conv(x, kernel, stride, padding)
+
+
+def _taps_conv_fwd(x, kernel, stride, padding):
+  return xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _taps_conv_bwd(stride, padding, residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: xla_conv(x, kernel, stride, padding), x)
+  return input_vjp(g)[0], taps_weight_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
+
+
+taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
+
+
+def taps_are_faster(x_shape: Sequence[int], kernel_shape: Sequence[int], stride: int, groups: int) -> bool:
+  """Whether `taps_weight_grad` beat XLA's kernel gradient on CPU for this conv alone (bench_conv_grad.py).
+
+  Measured on every conv of the CIFAR ResNet-18 and WRN-28-4 / 28-10 at batch 128: 1x1 and strided convs
+  1.1-27x faster, 3x3 stride-1 convs 1.35-5.5x, except on 32x32 inputs with at most 64 output channels
+  (ResNet-18's layer1: a tie or slower) and the 3-channel stems. Isolated convs only: see `conv2d`.
+  """
+  if groups != 1 or x_shape[-1] < 16:
+    return False
+  return not (stride == 1 and kernel_shape[0] > 1 and x_shape[1] >= 32 and kernel_shape[-1] <= 64)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1,
+           weight_grad: str = "xla") -> jax.Array:
+  """2-D convolution, NHWC x HWIO -> NHWC, with a choice of how its kernel gradient is computed.
+
+  Args:
+    x: (N, H, W, C_in) input.
+    kernel: (kh, kw, C_in / groups, C_out) kernel.
+    stride: square stride.
+    padding: zero padding on every spatial side.
+    groups: feature groups.
+    weight_grad: 'xla' (XLA's own), 'taps' (`taps_conv`; groups 1 only) or 'auto': 'taps' on CPU where
+      `taps_are_faster`, else 'xla' (GPU and TPU always use XLA's). 'xla' is the default: in the full
+      ResNet-18 TRADES prune step (batch 32 and 128) 'auto' was slower than 'xla' on the 2-core CPU.
+
+  Returns:
+    (N, H', W', C_out) with H' = (H + 2 padding - kh) // stride + 1; equal for every `weight_grad`.
+  """
+  if weight_grad not in WEIGHT_GRADS:
+    raise ValueError(f"weight_grad={weight_grad!r}; valid: {', '.join(WEIGHT_GRADS)}")
+  if weight_grad == "auto":
+    faster = jax.default_backend() == "cpu" and taps_are_faster(x.shape, kernel.shape, stride, groups)
+    weight_grad = "taps" if faster else "xla"
+  if weight_grad == "taps":
+    if groups != 1:
+      raise ValueError("weight_grad='taps' needs groups=1")
+    return taps_conv(x, kernel, stride, padding)
+  return xla_conv(x, kernel, stride, padding, groups)
+
+
 class Conv2d(nn.Module):
   """2-D convolution with PyTorch's padding and initialisation, NHWC in and out.
 
@@ -78,6 +181,7 @@ class Conv2d(nn.Module):
     kernel_init: initialiser of the (kh, kw, in/groups, out) kernel.
     bias_init: initialiser of the bias; None means PyTorch's U(+-1/sqrt(fan_in)).
     dtype: compute dtype; parameters stay float32.
+    weight_grad: how the kernel gradient is computed: 'xla' (default), 'taps' or 'auto' (see `conv2d`).
   """
 
   features: int
@@ -89,6 +193,7 @@ class Conv2d(nn.Module):
   kernel_init: Initializer = torch_default_init
   bias_init: Initializer | None = None
   dtype: Dtype = jnp.float32
+  weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,10 +203,8 @@ class Conv2d(nn.Module):
       raise ValueError(f"{in_features} input channels are not divisible by groups={self.groups}")
     shape = (self.kernel_size, self.kernel_size, in_features // self.groups, self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-    pad = ((self.padding, self.padding), (self.padding, self.padding))
-    y = lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, self.groups,
+               self.weight_grad)
     if self.use_bias:
       bias_init = self.bias_init or torch_default_bias_init(_fan_in(shape))
       y = y + self.param("bias", bias_init, (self.features,), jnp.float32).astype(self.dtype)

@@ -1,0 +1,468 @@
+"""hydra_jax against the original PyTorch HYDRA, side by side in one process: time per step, memory, FLOP/s.
+
+Run from the repository root (torch is a benchmark-only extra: `pip install torch`):
+
+  python -m benchmarks.bench_vs_torch                                  # every workload, batch 128 (long on a CPU)
+  python -m benchmarks.bench_vs_torch --workloads prune --models resnet18 --repeats 3 --json results.json
+  python -m benchmarks.bench_vs_torch --tiny                           # every workload at toy size, seconds
+
+Each workload runs the hydra_jax program and its PyTorch baseline (`benchmarks/torch_hydra.py`, the reference
+code re-stated; its docstring lists what was re-stated) on the same random CIFAR-shaped batch, alternating
+the two (and a matmul probe) `--repeats` times after one warm-up call each, so that both see the same machine
+load. Reported per workload: the median seconds per call and images/s of each, `speedup` = torch seconds /
+hydra_jax seconds, hydra_jax compile seconds, peak memory of each (CPU: the largest process RSS increase over
+the call's start, sampled every 5 ms, which charges memory to whichever call first grows the process, so
+compare it only across processes; for train steps also `jax_plan_mb`, the bytes XLA's compiled program plans
+for arguments, outputs and temporaries; GPU: `memory_stats()['peak_bytes_in_use']` for JAX, which only grows
+within a process, and `torch.cuda.max_memory_allocated` reset per workload), and for train steps the
+achieved GFLOP/s of the compiled step (XLA's cost analysis / median time) against a square f32 matmul
+measured in the same rotation (the roofline). With --compare-taps-conv, train steps are also timed (in the
+same rotation) with every conv at `Conv2d(weight_grad="auto")` (per-tap matmul kernel gradients on CPU where
+they win alone, see `layers.conv2d`): `jax_taps_conv_s`.
+
+Workloads (`--workloads`, comma-separated; default all):
+  prune     prune-stage TRADES step (scores + BatchNorm train, weights frozen) at k=--k for each --models;
+            also the time of all the model's masks alone (one jit) and its share of the step.
+  finetune  finetune-stage TRADES step (weights + BatchNorm train, mask fixed) for each --models.
+  pgd       PGD-(--pgd-steps) evaluation of the masked model (eval-mode BN), first of --models.
+  apgd      APGD-CE-(--apgd-steps) evaluation, first of --models (torch: see torch_hydra.apgd_ce).
+  topk      one layer's mask vs tensor size (--sizes): masking.topk_mask against GetSubnet's sort.
+  width     prune step of WRN-(--wrn-depth)-w for w in --widths.
+  k         prune step of the first of --models at each of --ks (hydra_jax's time must be flat in k).
+  bounds    IBP / CROWN-IBP on cnn_large vs a forward pass: not built yet (reported as skipped).
+  smoothing certification noise samples per second: not built yet (reported as skipped).
+
+The hydra_jax train step is `train.train_step`'s computation on one device, written here from the public
+pieces (masking.apply_masks once per step, objectives' TRADES, one backward pass, optax SGD with momentum 0.9
+and weight decay 1e-4 on the trainable leaves only), so that the benchmark does not depend on train.py's
+internals. TRADES uses the library defaults (eps 8/255, step 2/255, --attack-steps steps, beta 6, unrolled),
+PGD and APGD the attacks module's defaults. Results go to stdout as a table and to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from unittest import mock
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import psutil
+import torch
+
+from benchmarks import torch_hydra
+from hydra_jax import attacks
+from hydra_jax import masking
+from hydra_jax import models
+from hydra_jax import objectives
+from hydra_jax.models import layers
+from hydra_jax.models import wrn
+
+TINY = ["--models", "resnet_tiny", "--batch", "4", "--repeats", "1", "--attack-steps", "1", "--pgd-steps", "2",
+        "--apgd-steps", "3", "--sizes", "1000,10000", "--widths", "1", "--wrn-depth", "10", "--ks", "0.1,0.01",
+        "--matmul-size", "256"]
+WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "bounds", "smoothing")
+COLUMNS = (("workload", "{}"), ("model", "{}"), ("batch", "{:d}"), ("jax_s", "{:.4f}"), ("torch_s", "{:.4f}"),
+           ("speedup", "{:.2f}x"), ("jax_img_s", "{:.1f}"), ("torch_img_s", "{:.1f}"), ("compile_s", "{:.1f}"),
+           ("jax_peak_mb", "{:.0f}"), ("torch_peak_mb", "{:.0f}"), ("jax_gflop_s", "{:.1f}"),
+           ("roofline_pct", "{:.1f}"), ("mask_share_pct", "{:.2f}"), ("jax_plan_mb", "{:.0f}"),
+           ("jax_taps_conv_s", "{:.4f}"), ("note", "{}"))
+TEXT_COLUMNS = ("workload", "model", "note")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring.
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+class PeakMemory:
+  """Peak memory of one call in bytes: process RSS increase on CPU (sampled), the device's counters on GPU."""
+
+  def __init__(self, framework: str):
+    self.framework, self.peak = framework, 0
+
+  def __enter__(self):
+    if on_gpu():
+      if self.framework == "torch":
+        torch.cuda.reset_peak_memory_stats()
+      return self
+    self._process = psutil.Process()
+    self._start = self._process.memory_info().rss
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def _sample(self):
+    while not self._stop.wait(0.005):
+      self.peak = max(self.peak, self._process.memory_info().rss - self._start)
+
+  def __exit__(self, *exc):
+    if not on_gpu():
+      self._stop.set()
+      self._thread.join()
+      self.peak = max(self.peak, self._process.memory_info().rss - self._start)
+    elif self.framework == "torch":
+      self.peak = torch.cuda.max_memory_allocated()
+    else:
+      self.peak = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
+
+
+def sync_torch() -> None:
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
+  """Runs each call once to warm up, then all of them in turn `repeats` times.
+
+  Returns per name: median and min seconds, and peak memory bytes over the timed calls (see PeakMemory).
+  """
+  for call in calls.values():
+    call()
+  times = {name: [] for name in calls}
+  peaks = dict.fromkeys(calls, 0)
+  for _ in range(repeats):
+    for name, call in calls.items():
+      with PeakMemory("torch" if name == "torch" else "jax") as memory:
+        start = time.perf_counter()
+        call()
+        times[name].append(time.perf_counter() - start)
+      peaks[name] = max(peaks[name], memory.peak)
+  return {name: {"median": statistics.median(t), "min": min(t), "peak": peaks[name]} for name, t in times.items()}
+
+
+def matmul_probe(size: int) -> tuple[Callable[[], Any], float]:
+  """(call, flops): a jitted f32 size x size x size matmul, the roofline of the train step's FLOP/s."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  return lambda: f(a).block_until_ready(), 2.0 * size**3
+
+
+def compile_seconds(jitted, *args) -> tuple[Any, float]:
+  """(compiled executable, seconds spent lowering and compiling it)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def planned_bytes(compiled) -> int:
+  """Bytes XLA plans for a compiled program: arguments + outputs + temporaries (aliased outputs counted once)."""
+  stats = compiled.memory_analysis()
+  held = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+  return held + stats.temp_size_in_bytes
+
+
+def cost_flops(compiled) -> float:
+  """XLA's FLOP count of a compiled program (0 when the backend does not report one)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The hydra_jax side.
+
+
+def random_batch(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """{'image': [B, 32, 32, 3] uniform in [0, 1], 'label': [B] int32 in [0, 10)} as host arrays."""
+  rng = np.random.default_rng(seed)
+  return {"image": rng.uniform(size=(batch, 32, 32, 3)).astype(np.float32),
+          "label": rng.integers(0, 10, batch).astype(np.int32)}
+
+
+def jax_model(name: str, batch: int):
+  """(apply_fn, variables, scores) of zoo model `name` or any `wrn_<depth>_<widen>` (scores: HYDRA's scaled init)."""
+  if name.startswith("wrn_") and name not in models.model_names():
+    _, depth, widen = name.split("_")
+    model = wrn.WideResNet(depth=int(depth), widen_factor=int(widen), num_classes=10)
+  else:
+    model = models.get_model(name, 10)
+  variables = jax.jit(lambda key: model.init(key, jnp.zeros((batch, 32, 32, 3)), train=False))(jax.random.key(0))
+  scores = masking.init_scores(variables["params"], "scaled", jax.random.key(1))
+  return models.make_apply_fn(model), variables, scores
+
+
+def trainable_labels(params, scores, stage: str):
+  """'train' / 'freeze' per leaf of {'params', 'scores'}: prune trains scores + BN, finetune weights + BN."""
+  def label_params(tree, in_norm=False):
+    if isinstance(tree, dict):
+      return {key: label_params(value, "scale" in tree) for key, value in tree.items()}
+    return "train" if stage == "finetune" or in_norm else "freeze"
+
+  return {"params": label_params(params),
+          "scores": jax.tree.map(lambda _: "train" if stage == "prune" else "freeze", scores)}
+
+
+def jax_train_step(apply_fn, trainable, stage: str, k: float, attack_steps: int):
+  """(jitted step(trainable, batch_stats, opt_state, batch, key) -> (trainable, batch_stats, opt_state, loss), tx)."""
+  config = objectives.default_config("trades")
+  config.steps = attack_steps
+  trades = objectives.get_objective("trades").loss_fn
+  sgd = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+  tx = optax.multi_transform({"train": sgd, "freeze": optax.set_to_zero()},
+                             trainable_labels(trainable["params"], trainable["scores"], stage))
+
+  def loss_fn(trainable, batch_stats, batch, key):
+    weights = masking.apply_masks(trainable["params"], trainable["scores"], k)
+    loss, (_, variables) = trades(apply_fn, {"params": weights, "batch_stats": batch_stats}, batch, key, config)
+    return loss, variables["batch_stats"]
+
+  def step(trainable, batch_stats, opt_state, batch, key):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch_stats, batch, key)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), batch_stats, opt_state, loss
+
+  return jax.jit(step), tx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workloads: each returns table rows (dicts with COLUMNS keys).
+
+
+def _torch_batch(batch: dict[str, np.ndarray], device: str):
+  return (torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(device),
+          torch.from_numpy(batch["label"].astype(np.int64)).to(device))
+
+
+def _torch_device() -> str:
+  return "cuda" if torch.cuda.is_available() and on_gpu() else "cpu"
+
+
+def _row(workload, model, batch, timing, compile_s=None, flops=0.0, roofline=None, note=""):
+  """A table row from `interleaved` results with keys 'jax', 'torch' (and 'matmul' with roofline flops)."""
+  jax_s, torch_s = timing["jax"]["median"], timing["torch"]["median"]
+  row = {"workload": workload, "model": model, "batch": batch, "jax_s": jax_s, "torch_s": torch_s,
+         "speedup": torch_s / jax_s, "jax_img_s": batch and batch / jax_s, "torch_img_s": batch and batch / torch_s,
+         "compile_s": compile_s,
+         "jax_peak_mb": timing["jax"]["peak"] / 2**20, "torch_peak_mb": timing["torch"]["peak"] / 2**20,
+         "jax_gflop_s": flops / jax_s / 1e9 if flops else None, "roofline_pct": None, "note": note,
+         "jax_min_s": timing["jax"]["min"], "torch_min_s": timing["torch"]["min"]}
+  if roofline is not None:
+    matmul_gflop_s = roofline / timing["matmul"]["median"] / 1e9
+    row["matmul_gflop_s"] = matmul_gflop_s
+    row["roofline_pct"] = 100 * row["jax_gflop_s"] / matmul_gflop_s if flops else None
+  return row
+
+
+def train_step_row(args, workload: str, model_name: str, stage: str, k: float, batch_size: int) -> dict:
+  """TRADES train step of `stage` at `k`, hydra_jax vs torch, with FLOP/s against the matmul probe."""
+  apply_fn, variables, scores = jax_model(model_name, batch_size)
+  trainable = {"params": variables["params"], "scores": scores}
+  if stage == "finetune":
+    trainable["params"] = masking.export_dense(variables["params"], scores, k)
+  step, tx = jax_train_step(apply_fn, trainable, stage, k, args.attack_steps)
+  host_batch = random_batch(batch_size)
+  state = [trainable, variables["batch_stats"], tx.init(trainable)]
+  batch, key = jax.device_put(host_batch), jax.random.key(2)
+  compiled, compile_s = compile_seconds(step, *state, batch, key)
+  calls = {"jax": _stepper(compiled, state, batch, key)}
+  if args.compare_taps_conv:  # the same step traced with every Conv2d at weight_grad="auto"
+    conv2d = layers.conv2d
+    with mock.patch.object(layers, "conv2d", lambda *conv_args: conv2d(*conv_args[:-1], "auto")):
+      taps_step, _ = jax_train_step(apply_fn, trainable, stage, k, args.attack_steps)
+      calls["jax_taps_conv"] = _stepper(compile_seconds(taps_step, *state, batch, key)[0], list(state), batch, key)
+
+  device = _torch_device()
+  net = torch_hydra.prepare(torch_hydra.build(model_name).to(device), stage, k)
+  torch_step = torch_hydra.trades_train_step(net, torch_hydra.sgd(net), args.attack_steps)
+  images, labels = _torch_batch(host_batch, device)
+  probe, probe_flops = matmul_probe(args.matmul_size)
+  calls.update(torch=lambda: (torch_step(images, labels), sync_torch()), matmul=probe)
+  timing = interleaved(calls, args.repeats)
+  row = _row(workload, model_name, batch_size, timing, compile_s, cost_flops(compiled), probe_flops,
+             note=f"{stage} TRADES-{args.attack_steps} k={k:g}")
+  row["jax_plan_mb"] = planned_bytes(compiled) / 2**20
+  if "jax_taps_conv" in timing:
+    row["jax_taps_conv_s"] = timing["jax_taps_conv"]["median"]
+    row["jax_taps_conv_peak_mb"] = timing["jax_taps_conv"]["peak"] / 2**20
+  if workload == "prune":
+    row.update(mask_row(trainable, k, timing["jax"]["median"], args.repeats))
+  return row
+
+
+def _stepper(compiled, state: list, batch, key) -> Callable[[], None]:
+  """A call running one train step on `state` (updated in place) and waiting for it."""
+  def run():
+    state[:] = compiled(*state, batch, key)[:3]
+    jax.block_until_ready(state)
+
+  return run
+
+
+def mask_row(trainable, k: float, step_s: float, repeats: int) -> dict:
+  """Seconds to compute every mask of the model alone (one jit) and its share of the step time."""
+  masks = jax.jit(lambda p, s: masking.apply_masks(p, s, k))
+  call = lambda: jax.block_until_ready(masks(trainable["params"], trainable["scores"]))
+  call()
+  seconds = statistics.median(_time(call) for _ in range(max(repeats, 1)))
+  return {"mask_s": seconds, "mask_share_pct": 100 * seconds / step_s}
+
+
+def _time(call) -> float:
+  start = time.perf_counter()
+  call()
+  return time.perf_counter() - start
+
+
+def prune_rows(args):
+  return [train_step_row(args, "prune", name, "prune", args.k, args.batch) for name in args.models]
+
+
+def finetune_rows(args):
+  return [train_step_row(args, "finetune", name, "finetune", args.k, args.batch) for name in args.models]
+
+
+def width_rows(args):
+  return [train_step_row(args, "width", f"wrn_{args.wrn_depth}_{w}", "prune", args.k, args.batch)
+          for w in args.widths]
+
+
+def k_rows(args):
+  return [train_step_row(args, "k", args.models[0], "prune", k, args.batch) for k in args.ks]
+
+
+def attack_row(args, workload: str) -> dict:
+  """PGD or APGD evaluation of the masked model (eval-mode BN), hydra_jax vs torch, same batch."""
+  name, steps = args.models[0], args.pgd_steps if workload == "pgd" else args.apgd_steps
+  apply_fn, variables, scores = jax_model(name, args.batch)
+  evaluated = {**variables, "params": masking.export_dense(variables["params"], scores, args.k)}
+  logits_fn = lambda x: apply_fn(evaluated, x, False)[0]
+  if workload == "pgd":
+    attack = lambda x, y, key: attacks.pgd(logits_fn, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=steps)
+  else:
+    attack = lambda x, y, key: attacks.apgd(logits_fn, x, y, key=key, eps=8 / 255, steps=steps)
+  host_batch = random_batch(args.batch)
+  x, y = jax.device_put(host_batch["image"]), jax.device_put(host_batch["label"])
+  compiled, compile_s = compile_seconds(jax.jit(attack), x, y, jax.random.key(3))
+  device = _torch_device()
+  net = torch_hydra.prepare(torch_hydra.build(name).to(device), "finetune", args.k)
+  images, labels = _torch_batch(host_batch, device)
+  torch_attack = torch_hydra.pgd_whitebox if workload == "pgd" else torch_hydra.apgd_ce
+  timing = interleaved({"jax": lambda: compiled(x, y, jax.random.key(3)).block_until_ready(),
+                        "torch": lambda: (torch_attack(model=net, x=images, y=labels, **{
+                            "pgd": {"num_steps": steps}, "apgd": {"steps": steps}}[workload]), sync_torch())},
+                       args.repeats)
+  label = f"PGD-{steps}" if workload == "pgd" else f"APGD-CE-{steps}"
+  return _row(workload, name, args.batch, timing, compile_s, note=f"{label}, eps 8/255, k={args.k:g}")
+
+
+def topk_rows(args):
+  """One layer's mask at each size: hydra_jax's bisection vs the reference's GetSubnet (full sort)."""
+  rows = []
+  for size in args.sizes:
+    scores = jax.random.normal(jax.random.key(0), (size,))
+    mask = jax.jit(lambda s: masking.topk_mask(s, args.k))
+    compiled, compile_s = compile_seconds(mask, scores)
+    torch_scores = torch.from_numpy(np.array(scores)).to(_torch_device())
+    timing = interleaved({"jax": lambda: compiled(scores).block_until_ready(),
+                          "torch": lambda: (torch_hydra.GetSubnet.apply(torch_scores.abs(), args.k), sync_torch())},
+                         args.repeats)
+    rows.append(_row("topk", f"n={size:.0e}", None, timing, compile_s, note=f"one layer's mask, k={args.k:g}"))
+  return rows
+
+
+def not_built_rows(workload: str, what: str):
+  """A placeholder row for workloads whose hydra_jax side does not exist yet."""
+  return [{"workload": workload, "model": "-", "note": f"skipped: {what} not built yet"}]
+
+
+RUNNERS = {
+    "prune": prune_rows,
+    "finetune": finetune_rows,
+    "pgd": lambda args: [attack_row(args, "pgd")],
+    "apgd": lambda args: [attack_row(args, "apgd")],
+    "topk": topk_rows,
+    "width": width_rows,
+    "k": k_rows,
+    # Other helpers are building these; fill in once hydra_jax has bounds and certification.
+    "bounds": lambda args: not_built_rows("bounds", "IBP / CROWN-IBP on cnn_large relative to a forward pass"),
+    "smoothing": lambda args: not_built_rows("smoothing", "smoothing certification noise samples/s (ResNet-18)"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output.
+
+
+def format_table(rows: list[dict]) -> str:
+  """Fixed-width text table of COLUMNS (numbers right-aligned, text left-aligned, blank when missing)."""
+  cells = [[name for name, _ in COLUMNS]]
+  cells += [[fmt.format(row[name]) if row.get(name) is not None else "" for name, fmt in COLUMNS] for row in rows]
+  widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+  align = lambda name, text, width: text.ljust(width) if name in TEXT_COLUMNS else text.rjust(width)
+  return "\n".join("  ".join(align(name, line[i], widths[i]) for i, (name, _) in enumerate(COLUMNS)).rstrip()
+                   for line in cells)
+
+
+def machine() -> dict:
+  """Where the numbers come from: device, CPU, versions, load average (Unix) at the time."""
+  device = jax.devices()[0]
+  return {"device": f"{device.platform}:{device.device_kind}", "cpu": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
+          "torch": torch.__version__, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  csv = lambda cast: lambda text: [cast(v) for v in text.split(",") if v]
+  parser.add_argument("--workloads", type=csv(str), default=list(WORKLOADS))
+  parser.add_argument("--models", type=csv(str), default=["resnet18", "wrn_28_4"])
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls of each side, after one warm-up call")
+  parser.add_argument("--k", type=float, default=0.01, help="fraction of weights kept")
+  parser.add_argument("--attack-steps", type=int, default=10, help="TRADES attack steps of the train steps")
+  parser.add_argument("--pgd-steps", type=int, default=50)
+  parser.add_argument("--apgd-steps", type=int, default=100)
+  parser.add_argument("--sizes", type=csv(lambda v: int(float(v))), default=[10**e for e in range(3, 8)])
+  parser.add_argument("--wrn-depth", type=int, default=28)
+  parser.add_argument("--widths", type=csv(int), default=[2, 4, 10])
+  parser.add_argument("--ks", type=csv(float), default=[0.1, 0.05, 0.01])
+  parser.add_argument("--matmul-size", type=int, default=2048, help="side of the roofline matmul")
+  parser.add_argument("--compare-taps-conv", action="store_true",
+                      help="train steps: also time hydra_jax with Conv2d(weight_grad='auto') (jax_taps_conv_s)")
+  parser.add_argument("--json", default="", help="also write the results here")
+  parser.add_argument("--tiny", action="store_true", help="toy sizes: " + " ".join(TINY))
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parser.parse_args(argv)
+  if args.tiny:
+    args = parser.parse_args(TINY + argv)
+  unknown = set(args.workloads) - set(WORKLOADS)
+  if unknown:
+    parser.error(f"unknown workloads {sorted(unknown)}; valid: {', '.join(WORKLOADS)}")
+  return args
+
+
+def main(argv=None) -> dict:
+  """Runs the chosen workloads, prints the table, writes --json; returns {'machine', 'args', 'rows'}."""
+  args = parse_args(argv)
+  # As the CLI: the partitionable threefry PRNG compiles for seconds per random op on CPU.
+  jax.config.update("jax_threefry_partitionable", False)
+  result = {"machine": machine(), "args": vars(args), "rows": []}
+  print(f"device {result['machine']['device']}, {result['machine']['cpu_count']} CPUs, load "
+        f"{result['machine']['load_average']}; median of {args.repeats} alternating calls each", flush=True)
+  for workload in args.workloads:
+    result["rows"].extend(RUNNERS[workload](args))
+  result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+  print(format_table(result["rows"]))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,85 @@
+"""The hydra_jax-vs-PyTorch benchmark runs at toy size and gives a well-formed table and JSON (no timing asserted)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks import bench_vs_torch  # noqa: E402  (needs torch)
+from benchmarks import torch_hydra  # noqa: E402
+from hydra_jax import masking  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bench") / "result.json"
+  result = bench_vs_torch.main(["--tiny", "--workloads", "prune,topk,bounds", "--json", str(path)])
+  return result, path
+
+
+def test_tiny_run_reports_every_requested_workload(tiny_run, capsys):
+  result, _ = tiny_run
+  assert [(r["workload"], r["model"]) for r in result["rows"]] == [
+      ("prune", "resnet_tiny"), ("topk", "n=1e+03"), ("topk", "n=1e+04"), ("bounds", "-")]
+  prune = result["rows"][0]
+  assert prune["batch"] == 4 and prune["note"] == "prune TRADES-1 k=0.01"
+  assert prune["speedup"] == pytest.approx(prune["torch_s"] / prune["jax_s"])
+  assert prune["jax_img_s"] == pytest.approx(4 / prune["jax_s"])
+  for key in ("jax_s", "torch_s", "compile_s", "jax_gflop_s", "matmul_gflop_s", "mask_s", "jax_plan_mb"):
+    assert prune[key] > 0, key
+  assert prune["roofline_pct"] == pytest.approx(100 * prune["jax_gflop_s"] / prune["matmul_gflop_s"])
+  assert result["rows"][3]["note"].startswith("skipped:")
+  assert result["machine"]["device"].startswith("cpu")
+
+
+def test_json_holds_the_returned_rows(tiny_run):
+  result, path = tiny_run
+  with open(path) as f:
+    written = json.load(f)
+  assert written["rows"] == json.loads(json.dumps(result["rows"]))
+  assert written["args"]["batch"] == 4 and written["args"]["workloads"] == ["prune", "topk", "bounds"]
+
+
+def test_table_has_a_header_and_aligned_rows():
+  rows = [{"workload": "prune", "model": "resnet18", "batch": 128, "jax_s": 12.5, "torch_s": 30.0, "speedup": 2.4,
+           "note": "x"}, {"workload": "bounds", "model": "-", "note": "skipped: later"}]
+  lines = bench_vs_torch.format_table(rows).splitlines()
+  assert lines[0].split()[:6] == ["workload", "model", "batch", "jax_s", "torch_s", "speedup"]
+  assert lines[1].split()[:6] == ["prune", "resnet18", "128", "12.5000", "30.0000", "2.40x"]
+  assert lines[2].split() == ["bounds", "-", "skipped:", "later"]
+  assert lines[1].index("12.5000") + len("12.5000") == lines[0].index("jax_s") + len("jax_s")  # right-aligned
+
+
+def test_unknown_workload_is_rejected():
+  with pytest.raises(SystemExit):
+    bench_vs_torch.parse_args(["--workloads", "prune,everything"])
+
+
+def test_reference_getsubnet_gives_our_masks():
+  scores = np.random.default_rng(0).normal(size=(3, 3, 8, 16)).astype(np.float32)
+  for k in (0.5, 0.1, 0.01):
+    theirs = torch_hydra.GetSubnet.apply(torch.from_numpy(np.abs(scores)), k).numpy()
+    np.testing.assert_array_equal(theirs, masking.topk_mask(jax.numpy.asarray(scores), k))
+
+
+@pytest.mark.parametrize("name, prunable", [("resnet18", 11_164_352), ("wrn_28_4", 5_841_840)])
+def test_torch_baseline_has_the_zoo_architecture(name, prunable):
+  net = torch_hydra.build(name)
+  scores = {n: p.numel() for n, p in net.named_parameters() if n.endswith("popup_scores")}
+  used = sum(v for n, v in scores.items() if not n.startswith("sub_block1"))
+  assert used == prunable  # the README's prunable-weight counts of the JAX zoo
+  torch_hydra.prepare(net, "prune", 0.01)
+  trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+  assert trainable and all(n.endswith(("popup_scores", "bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias", ".1.weight",
+                                       ".1.bias")) for n in trainable)
+  with torch.no_grad():
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_compare_taps_conv_times_the_step_with_taps_kernel_gradients_too():
+  row = bench_vs_torch.main(["--tiny", "--workloads", "finetune", "--compare-taps-conv"])["rows"][0]
+  assert row["workload"] == "finetune" and row["jax_taps_conv_s"] > 0 and row["jax_taps_conv_peak_mb"] >= 0

@@ -1,0 +1,101 @@
+"""The per-tap matmul kernel gradient of `layers.conv2d` equals XLA's convolution in values and gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from hydra_jax.models import layers
+
+# (batch, side, C_in, C_out, kernel, stride, padding): odd sides, strides that leave padding unused, 1x1.
+SHAPES = [(2, 7, 3, 5, 3, 1, 1), (3, 9, 4, 6, 3, 2, 1), (2, 8, 5, 4, 1, 2, 0), (2, 6, 4, 3, 3, 1, 0),
+          (1, 10, 2, 3, 4, 2, 1)]
+
+
+def reference_conv(x, w, stride, padding):
+  """lax's convolution, written out independently of layers.xla_conv."""
+  return lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def direct_weight_grad(x, g, kernel, stride, padding):
+  """dL/dW[i, j, c, d] = sum_{n, h, w} xpad[n, h s + i, w s + j, c] g[n, h, w, d], as float64 loops in numpy."""
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  _, ho, wo, _ = g.shape
+  out = np.zeros((kernel, kernel, x.shape[-1], g.shape[-1]))
+  for i in range(kernel):
+    for j in range(kernel):
+      tap = xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride, :]
+      out[i, j] = np.einsum("nhwc,nhwd->cd", tap, g)
+  return out
+
+
+def _inputs(shape, seed=0):
+  n, side, cin, cout, k, stride, padding = shape
+  kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (n, side, side, cin))
+  w = jax.random.normal(kw, (k, k, cin, cout))
+  out = (side + 2 * padding - k) // stride + 1
+  return x, w, jax.random.normal(kg, (n, out, out, cout)), stride, padding
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_taps_weight_grad_equals_the_direct_sum(shape):
+  x, w, g, stride, padding = _inputs(shape)
+  got = layers.taps_weight_grad(x, g, w.shape, stride, padding)
+  np.testing.assert_allclose(got, direct_weight_grad(x, g, w.shape[0], stride, padding), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_taps_conv_values_and_both_gradients_equal_xla(shape):
+  x, w, g, stride, padding = _inputs(shape, seed=1)
+  ours, our_vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, stride, padding, weight_grad="taps"), x, w)
+  theirs, their_vjp = jax.vjp(lambda x, w: reference_conv(x, w, stride, padding), x, w)
+  np.testing.assert_array_equal(ours, theirs)  # the forward is XLA's own
+  (dx, dw), (ref_dx, ref_dw) = our_vjp(g), their_vjp(g)
+  np.testing.assert_array_equal(dx, ref_dx)  # so is the input gradient
+  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(ref_dw))))
+
+
+def test_conv2d_layer_gradients_agree_for_every_weight_grad_choice():
+  x = jax.random.uniform(jax.random.key(2), (4, 8, 8, 16))
+  conv = lambda choice: layers.Conv2d(8, 3, stride=2, padding=1, weight_grad=choice)
+  variables = conv("xla").init(jax.random.key(3), x)
+
+  def grads(choice):
+    loss = lambda v, x: jnp.sum(jnp.sin(conv(choice).apply(v, x)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
+
+  reference = grads("xla")
+  for choice in ("taps", "auto"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads(choice), reference)
+
+
+def test_auto_uses_taps_on_cpu_only_where_measured_faster_and_the_default_is_xla(monkeypatch):
+  used = []
+  monkeypatch.setattr(layers, "taps_conv", lambda *args: used.append(args[0].shape) or layers.xla_conv(*args))
+  strided = jnp.zeros((2, 16, 16, 32))
+  auto = functools.partial(layers.conv2d, weight_grad="auto")
+  auto(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)  # strided: taps
+  auto(jnp.zeros((2, 32, 32, 3)), jnp.zeros((3, 3, 3, 64)), 1, 1)  # 3-channel stem: XLA
+  auto(jnp.zeros((2, 32, 32, 64)), jnp.zeros((3, 3, 64, 64)), 1, 1)  # 32x32 stride 1, 64 out: XLA
+  wide = jnp.zeros((2, 32, 32, 160))
+  auto(wide, jnp.zeros((3, 3, 160, 160)), 1, 1)  # 32x32 stride 1, 160 out: taps
+  layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)  # the default is XLA's
+  assert used == [strided.shape, wide.shape]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  auto(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)
+  assert used == [strided.shape, wide.shape]  # never on GPU / TPU
+
+
+def test_invalid_weight_grad_choices_are_rejected():
+  x, w = jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 2, 4))
+  with pytest.raises(ValueError, match="valid: auto, xla, taps"):
+    layers.conv2d(x, w, weight_grad="fast")
+  with pytest.raises(ValueError, match="groups=1"):
+    layers.conv2d(x, w, groups=2, weight_grad="taps")
+  assert layers.conv2d(x, w, 1, 1, groups=2, weight_grad="auto").shape == (1, 4, 4, 4)  # grouped: XLA's
