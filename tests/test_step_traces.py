@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hydra_jax import config as config_lib
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax import optim
 from hydra_jax import parallel
+from hydra_jax import sources
 from hydra_jax import train
 
 STEPS_PER_EPOCH = 4
@@ -18,17 +21,17 @@ STEPS_PER_EPOCH = 4
 
 def prune_setup(objective: str):
   """(config, state, tx) of a prune stage of vgg_tiny at k=0.1 with `objective` (2 attack steps)."""
-  config = train.default_config()
+  config = config_lib.default_config()
   config.model.name, config.model.num_classes, config.k = "vgg_tiny", 10, 0.1
-  config.objective = train.objective_config(objective)
+  config.objective = config_lib.objective_config(objective)
   config.objective.steps = 2
-  variables = train.init_variables(config, jax.random.key(0))
+  variables = sources.init_variables(config, jax.random.key(0))
   params, batch_stats = variables["params"], variables["batch_stats"]
   scores = masking.init_scores(params, "scaled", jax.random.key(1))
-  tx = train.make_optimizer(config, "prune", train.trainable_labels(params, scores, "prune", False), STEPS_PER_EPOCH)
+  tx = optim.make_optimizer(config, "prune", optim.trainable_labels(params, scores, "prune", False), STEPS_PER_EPOCH)
   state = train.TrainState(step=jnp.int32(0), params=params, scores=scores, batch_stats=batch_stats,
                            opt_state=tx.init({"params": params, "scores": scores}), carry=(),
-                           rng=jax.random.PRNGKey(0))
+                           rng=jax.random.PRNGKey(0), aux=())
   return config, state, tx
 
 
@@ -40,7 +43,7 @@ def batch_of(size: int, seed: int) -> dict[str, np.ndarray]:
 
 def counted_runner(config, tx, traces: list):
   """The single-device runner of `train.run_stage`, around a step that records each trace's batch size."""
-  apply_fn = models.make_apply_fn(train.build_model(config))
+  apply_fn = models.make_apply_fn(sources.build_model(config))
   step = functools.partial(train.train_step, apply_fn=apply_fn, objective=objectives.get_objective(
       config.objective.name), config=config, tx=tx, k=config.k, steps_per_epoch=STEPS_PER_EPOCH)
 
