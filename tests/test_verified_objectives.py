@@ -192,5 +192,7 @@ def test_verified_config_carries_the_reference_script_settings():
   assert (config.objective.name, config.objective.mixtraink, config.objective.schedule_length, config.stage,
           config.stages.prune.epochs, config.stages.prune.lr, config.data.batch_size) == (
               "mixtrain", 5, 0, "prune", 20, 1e-5, 50)
-  with pytest.raises(ValueError, match="method must be one of"):
+  with pytest.raises(ValueError, match="config argument method='diffai' is invalid; valid: crown_ibp, mixtrain"):
     _verified_config("method=diffai")
+  with pytest.raises(ValueError, match="config argument stage='all' is invalid"):
+    _verified_config("stage=all")
