@@ -98,19 +98,25 @@ def main():
   parser.add_argument("--batch", type=int, default=0, help="one batch size for both nets (0: 64 / 16)")
   parser.add_argument("--apgd", action="store_true", help="also time APGD-CE-100 on the small CNN")
   args = parser.parse_args()
-  cases = [("pgd", "small CNN", SmallCNN(), args.batch or 64),
-           ("pgd", "narrow ResNet-18", NarrowResNet(), args.batch or 16)]
+  cases = [
+    ("pgd", "small CNN", SmallCNN(), args.batch or 64),
+    ("pgd", "narrow ResNet-18", NarrowResNet(), args.batch or 16),
+  ]
   if args.apgd:
     cases.append(("apgd", "small CNN", SmallCNN(), args.batch or 64))
   print(f"devices: {jax.devices()}  l_inf eps 8/255, median of {args.repeats} runs")
-  print(f"{'attack':8s} {'model':18s} {'batch':>5s} {'compile rolled':>15s} {'compile unrolled':>17s} "
-        f"{'run rolled':>11s} {'run unrolled':>13s} {'rolled/unrolled':>16s}")
+  print(
+    f"{'attack':8s} {'model':18s} {'batch':>5s} {'compile rolled':>15s} {'compile unrolled':>17s} "
+    f"{'run rolled':>11s} {'run unrolled':>13s} {'rolled/unrolled':>16s}"
+  )
   for attack_name, name, model, batch in cases:
     rolled_c, rolled = time_attack(model, batch, False, args.repeats, attack_name)
     unrolled_c, unrolled = time_attack(model, batch, True, args.repeats, attack_name)
     label = {"pgd": "PGD-10", "apgd": "APGD-100"}[attack_name]
-    print(f"{label:8s} {name:18s} {batch:5d} {rolled_c:14.2f}s {unrolled_c:16.2f}s "
-          f"{rolled:10.3f}s {unrolled:12.3f}s {rolled / unrolled:15.2f}x")
+    print(
+      f"{label:8s} {name:18s} {batch:5d} {rolled_c:14.2f}s {unrolled_c:16.2f}s "
+      f"{rolled:10.3f}s {unrolled:12.3f}s {rolled / unrolled:15.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hydra_jax import bounds, models
+from hydra_jax import bounds
+from hydra_jax import models
 
 
 def time_calls(calls: dict, repeats: int) -> dict[str, float]:
@@ -51,9 +52,9 @@ def run(model_name: str, batch: int, repeats: int, symbolic_batch: int, eps: flo
   lower, upper = jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1)
   spec = bounds.margin_spec(y, 10)
   methods = {
-      "ibp": lambda lo, hi, c: bounds.ibp(f, lo, hi, c)[0],
-      "crown_ibp": lambda lo, hi, c: bounds.crown_ibp(f, lo, hi, c)[0],
-      "ibp+crown": lambda lo, hi, c: bounds.ibp_and_crown_lower(f, lo, hi, c),
+    "ibp": lambda lo, hi, c: bounds.ibp(f, lo, hi, c)[0],
+    "crown_ibp": lambda lo, hi, c: bounds.crown_ibp(f, lo, hi, c)[0],
+    "ibp+crown": lambda lo, hi, c: bounds.ibp_and_crown_lower(f, lo, hi, c),
   }
   forward = jax.jit(f)
   calls = {"forward": functools.partial(forward, x)}
@@ -63,8 +64,13 @@ def run(model_name: str, batch: int, repeats: int, symbolic_batch: int, eps: flo
   if symbolic_batch:
     symbolic = jax.jit(lambda lo, hi, c: bounds.symbolic_interval(f, lo, hi, c)[0])
     small = slice(0, symbolic_batch)
-    seconds = time_calls({"forward": functools.partial(forward, x[small]),
-                          "symbolic": functools.partial(symbolic, lower[small], upper[small], spec[small])}, repeats)
+    seconds = time_calls(
+      {
+        "forward": functools.partial(forward, x[small]),
+        "symbolic": functools.partial(symbolic, lower[small], upper[small], spec[small]),
+      },
+      repeats,
+    )
     rows += [(name, symbolic_batch, seconds[name], seconds[name] / seconds["forward"]) for name in seconds]
   return rows
 

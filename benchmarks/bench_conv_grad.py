@@ -58,19 +58,28 @@ def im2col_weight_grad(x, g, kernel_shape, stride, padding):
   kh, kw, cin, cout = kernel_shape
   n, ho, wo, _ = g.shape
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  cols = jnp.concatenate([lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, cin),
-                                    (1, stride, stride, 1)) for i in range(kh) for j in range(kw)], axis=-1)
-  return lax.dot_general(cols.reshape(-1, kh * kw * cin), g.reshape(-1, cout), (((0,), (0,)), ((), ()))
-                         ).reshape(kernel_shape)
+  cols = jnp.concatenate(
+    [
+      lax.slice(
+        xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, cin), (1, stride, stride, 1)
+      )
+      for i in range(kh)
+      for j in range(kw)
+    ],
+    axis=-1,
+  )
+  return lax.dot_general(cols.reshape(-1, kh * kw * cin), g.reshape(-1, cout), (((0,), (0,)), ((), ()))).reshape(
+    kernel_shape
+  )
 
 
 def candidates(stride: int, padding: int) -> dict:
   """name -> jitted f(x, g, kernel) for each formulation (fwd returns the conv output)."""
   return {
-      "fwd": jax.jit(lambda x, g, w: layers.xla_conv(x, w, stride, padding)),
-      "xla": jax.jit(lambda x, g, w: xla_weight_grad(x, g, w, stride, padding)),
-      "taps": jax.jit(lambda x, g, w: layers.taps_weight_grad(x, g, w.shape, stride, padding)),
-      "im2col": jax.jit(lambda x, g, w: im2col_weight_grad(x, g, w.shape, stride, padding)),
+    "fwd": jax.jit(lambda x, g, w: layers.xla_conv(x, w, stride, padding)),
+    "xla": jax.jit(lambda x, g, w: xla_weight_grad(x, g, w, stride, padding)),
+    "taps": jax.jit(lambda x, g, w: layers.taps_weight_grad(x, g, w.shape, stride, padding)),
+    "im2col": jax.jit(lambda x, g, w: im2col_weight_grad(x, g, w.shape, stride, padding)),
   }
 
 
@@ -85,8 +94,9 @@ def measure(shape: tuple, batch: int, repeats: int) -> dict:
   fns = candidates(stride, padding)
   reference = fns["xla"](x, g, w)
   scale = float(jnp.max(jnp.abs(reference)))
-  result = {f"{name}_err": float(jnp.max(jnp.abs(fns[name](x, g, w) - reference))) / scale
-            for name in ("taps", "im2col")}
+  result = {
+    f"{name}_err": float(jnp.max(jnp.abs(fns[name](x, g, w) - reference))) / scale for name in ("taps", "im2col")
+  }
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
@@ -106,14 +116,19 @@ def main():
   args = parser.parse_args()
   shapes = conv_shapes(args.models.split(","), args.batch)
   print(f"backend {jax.default_backend()}, batch {args.batch}, median of {args.repeats} interleaved calls (ms)")
-  print(f"{'side':>4} {'C_in':>4} {'C_out':>5} {'k':>1} {'s':>1} {'count':>5} {'fwd':>8} {'xla':>8} {'taps':>8} "
-        f"{'im2col':>8} {'xla/taps':>8} {'xla/im2col':>10} {'max rel err':>11} {'auto':>4}")
+  print(
+    f"{'side':>4} {'C_in':>4} {'C_out':>5} {'k':>1} {'s':>1} {'count':>5} {'fwd':>8} {'xla':>8} {'taps':>8} "
+    f"{'im2col':>8} {'xla/taps':>8} {'xla/im2col':>10} {'max rel err':>11} {'auto':>4}"
+  )
   for shape, count in sorted(shapes.items(), key=lambda item: (-item[0][0], item[0][1:])):
     r = measure(shape, args.batch, args.repeats)
     side, cin, cout, k, stride, _ = shape
-    print(f"{side:>4} {cin:>4} {cout:>5} {k:>1} {stride:>1} {count:>5} {1e3 * r['fwd']:>8.1f} {1e3 * r['xla']:>8.1f} "
-          f"{1e3 * r['taps']:>8.1f} {1e3 * r['im2col']:>8.1f} {r['xla'] / r['taps']:>7.2f}x "
-          f"{r['xla'] / r['im2col']:>9.2f}x {max(r['taps_err'], r['im2col_err']):>11.1e} {r['auto']:>4}", flush=True)
+    print(
+      f"{side:>4} {cin:>4} {cout:>5} {k:>1} {stride:>1} {count:>5} {1e3 * r['fwd']:>8.1f} {1e3 * r['xla']:>8.1f} "
+      f"{1e3 * r['taps']:>8.1f} {1e3 * r['im2col']:>8.1f} {r['xla'] / r['taps']:>7.2f}x "
+      f"{r['xla'] / r['im2col']:>9.2f}x {max(r['taps_err'], r['im2col_err']):>11.1e} {r['auto']:>4}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def kernel_shapes(model_name: str) -> list[tuple[int, ...]]:
   model = models.get_model(model_name, 10)
   x = jnp.zeros((1, *models.input_shape(model_name)))
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))["params"]
-  return [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-          if masking.is_prunable(path, leaf)]
+  return [
+    leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if masking.is_prunable(path, leaf)
+  ]
 
 
 def _scatter_keep(abs_scores, kept_index):
@@ -37,7 +38,7 @@ def _scatter_keep(abs_scores, kept_index):
 
 def argsort_mask(scores, k):
   order = jnp.argsort(jnp.abs(scores).ravel(), stable=True)
-  return _scatter_keep(scores, order[masking.num_pruned(scores.size, k):])
+  return _scatter_keep(scores, order[masking.num_pruned(scores.size, k) :])
 
 
 def lax_top_k_mask(scores, k):

@@ -73,13 +73,14 @@ def main() -> None:
   parser.add_argument("--chunks", type=int, default=3, help="timed chunks (median) per setting")
   args = parser.parse_args()
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
-  print(f"{'model':<10} {'batch':>6} {'compile':>9} {'s/chunk':>9} {'samples/s':>10} {'forward s':>10} "
-        f"{'n=1e5 s':>8}")
+  print(f"{'model':<10} {'batch':>6} {'compile':>9} {'s/chunk':>9} {'samples/s':>10} {'forward s':>10} {'n=1e5 s':>8}")
   for name in args.models.split(","):
     for batch in map(int, args.batches.split(",")):
       r = bench(name, batch, args.chunks)
-      print(f"{name:<10} {batch:>6} {r['compile']:>8.2f}s {r['chunk']:>8.3f}s {r['rate']:>10.1f} "
-            f"{r['forward']:>9.3f}s {1e5 / r['rate']:>8.0f}")
+      print(
+        f"{name:<10} {batch:>6} {r['compile']:>8.2f}s {r['chunk']:>8.3f}s {r['rate']:>10.1f} "
+        f"{r['forward']:>9.3f}s {1e5 / r['rate']:>8.0f}"
+      )
 
 
 if __name__ == "__main__":

@@ -49,9 +49,9 @@ import statistics
 import sys
 import threading
 import time
-from unittest import mock
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -68,15 +68,50 @@ from hydra_jax import objectives
 from hydra_jax.models import layers
 from hydra_jax.models import wrn
 
-TINY = ["--models", "resnet_tiny", "--batch", "4", "--repeats", "1", "--attack-steps", "1", "--pgd-steps", "2",
-        "--apgd-steps", "3", "--sizes", "1000,10000", "--widths", "1", "--wrn-depth", "10", "--ks", "0.1,0.01",
-        "--matmul-size", "256"]
+TINY = [
+  "--models",
+  "resnet_tiny",
+  "--batch",
+  "4",
+  "--repeats",
+  "1",
+  "--attack-steps",
+  "1",
+  "--pgd-steps",
+  "2",
+  "--apgd-steps",
+  "3",
+  "--sizes",
+  "1000,10000",
+  "--widths",
+  "1",
+  "--wrn-depth",
+  "10",
+  "--ks",
+  "0.1,0.01",
+  "--matmul-size",
+  "256",
+]
 WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "bounds", "smoothing")
-COLUMNS = (("workload", "{}"), ("model", "{}"), ("batch", "{:d}"), ("jax_s", "{:.4f}"), ("torch_s", "{:.4f}"),
-           ("speedup", "{:.2f}x"), ("jax_img_s", "{:.1f}"), ("torch_img_s", "{:.1f}"), ("compile_s", "{:.1f}"),
-           ("jax_peak_mb", "{:.0f}"), ("torch_peak_mb", "{:.0f}"), ("jax_gflop_s", "{:.1f}"),
-           ("roofline_pct", "{:.1f}"), ("mask_share_pct", "{:.2f}"), ("jax_plan_mb", "{:.0f}"),
-           ("jax_taps_conv_s", "{:.4f}"), ("note", "{}"))
+COLUMNS = (
+  ("workload", "{}"),
+  ("model", "{}"),
+  ("batch", "{:d}"),
+  ("jax_s", "{:.4f}"),
+  ("torch_s", "{:.4f}"),
+  ("speedup", "{:.2f}x"),
+  ("jax_img_s", "{:.1f}"),
+  ("torch_img_s", "{:.1f}"),
+  ("compile_s", "{:.1f}"),
+  ("jax_peak_mb", "{:.0f}"),
+  ("torch_peak_mb", "{:.0f}"),
+  ("jax_gflop_s", "{:.1f}"),
+  ("roofline_pct", "{:.1f}"),
+  ("mask_share_pct", "{:.2f}"),
+  ("jax_plan_mb", "{:.0f}"),
+  ("jax_taps_conv_s", "{:.4f}"),
+  ("note", "{}"),
+)
 TEXT_COLUMNS = ("workload", "model", "note")
 
 
@@ -180,8 +215,10 @@ def cost_flops(compiled) -> float:
 def random_batch(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """{'image': [B, 32, 32, 3] uniform in [0, 1], 'label': [B] int32 in [0, 10)} as host arrays."""
   rng = np.random.default_rng(seed)
-  return {"image": rng.uniform(size=(batch, 32, 32, 3)).astype(np.float32),
-          "label": rng.integers(0, 10, batch).astype(np.int32)}
+  return {
+    "image": rng.uniform(size=(batch, 32, 32, 3)).astype(np.float32),
+    "label": rng.integers(0, 10, batch).astype(np.int32),
+  }
 
 
 def jax_model(name: str, batch: int):
@@ -198,13 +235,16 @@ def jax_model(name: str, batch: int):
 
 def trainable_labels(params, scores, stage: str):
   """'train' / 'freeze' per leaf of {'params', 'scores'}: prune trains scores + BN, finetune weights + BN."""
+
   def label_params(tree, in_norm=False):
     if isinstance(tree, dict):
       return {key: label_params(value, "scale" in tree) for key, value in tree.items()}
     return "train" if stage == "finetune" or in_norm else "freeze"
 
-  return {"params": label_params(params),
-          "scores": jax.tree.map(lambda _: "train" if stage == "prune" else "freeze", scores)}
+  return {
+    "params": label_params(params),
+    "scores": jax.tree.map(lambda _: "train" if stage == "prune" else "freeze", scores),
+  }
 
 
 def jax_train_step(apply_fn, trainable, stage: str, k: float, attack_steps: int):
@@ -213,8 +253,9 @@ def jax_train_step(apply_fn, trainable, stage: str, k: float, attack_steps: int)
   config.steps = attack_steps
   trades = objectives.get_objective("trades").loss_fn
   sgd = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-  tx = optax.multi_transform({"train": sgd, "freeze": optax.set_to_zero()},
-                             trainable_labels(trainable["params"], trainable["scores"], stage))
+  tx = optax.multi_transform(
+    {"train": sgd, "freeze": optax.set_to_zero()}, trainable_labels(trainable["params"], trainable["scores"], stage)
+  )
 
   def loss_fn(trainable, batch_stats, batch, key):
     weights = masking.apply_masks(trainable["params"], trainable["scores"], k)
@@ -234,8 +275,10 @@ def jax_train_step(apply_fn, trainable, stage: str, k: float, attack_steps: int)
 
 
 def _torch_batch(batch: dict[str, np.ndarray], device: str):
-  return (torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(device),
-          torch.from_numpy(batch["label"].astype(np.int64)).to(device))
+  return (
+    torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(device),
+    torch.from_numpy(batch["label"].astype(np.int64)).to(device),
+  )
 
 
 def _torch_device() -> str:
@@ -245,12 +288,24 @@ def _torch_device() -> str:
 def _row(workload, model, batch, timing, compile_s=None, flops=0.0, roofline=None, note=""):
   """A table row from `interleaved` results with keys 'jax', 'torch' (and 'matmul' with roofline flops)."""
   jax_s, torch_s = timing["jax"]["median"], timing["torch"]["median"]
-  row = {"workload": workload, "model": model, "batch": batch, "jax_s": jax_s, "torch_s": torch_s,
-         "speedup": torch_s / jax_s, "jax_img_s": batch and batch / jax_s, "torch_img_s": batch and batch / torch_s,
-         "compile_s": compile_s,
-         "jax_peak_mb": timing["jax"]["peak"] / 2**20, "torch_peak_mb": timing["torch"]["peak"] / 2**20,
-         "jax_gflop_s": flops / jax_s / 1e9 if flops else None, "roofline_pct": None, "note": note,
-         "jax_min_s": timing["jax"]["min"], "torch_min_s": timing["torch"]["min"]}
+  row = {
+    "workload": workload,
+    "model": model,
+    "batch": batch,
+    "jax_s": jax_s,
+    "torch_s": torch_s,
+    "speedup": torch_s / jax_s,
+    "jax_img_s": batch and batch / jax_s,
+    "torch_img_s": batch and batch / torch_s,
+    "compile_s": compile_s,
+    "jax_peak_mb": timing["jax"]["peak"] / 2**20,
+    "torch_peak_mb": timing["torch"]["peak"] / 2**20,
+    "jax_gflop_s": flops / jax_s / 1e9 if flops else None,
+    "roofline_pct": None,
+    "note": note,
+    "jax_min_s": timing["jax"]["min"],
+    "torch_min_s": timing["torch"]["min"],
+  }
   if roofline is not None:
     matmul_gflop_s = roofline / timing["matmul"]["median"] / 1e9
     row["matmul_gflop_s"] = matmul_gflop_s
@@ -283,8 +338,16 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
   probe, probe_flops = matmul_probe(args.matmul_size)
   calls.update(torch=lambda: (torch_step(images, labels), sync_torch()), matmul=probe)
   timing = interleaved(calls, args.repeats)
-  row = _row(workload, model_name, batch_size, timing, compile_s, cost_flops(compiled), probe_flops,
-             note=f"{stage} TRADES-{args.attack_steps} k={k:g}")
+  row = _row(
+    workload,
+    model_name,
+    batch_size,
+    timing,
+    compile_s,
+    cost_flops(compiled),
+    probe_flops,
+    note=f"{stage} TRADES-{args.attack_steps} k={k:g}",
+  )
   row["jax_plan_mb"] = planned_bytes(compiled) / 2**20
   if "jax_taps_conv" in timing:
     row["jax_taps_conv_s"] = timing["jax_taps_conv"]["median"]
@@ -296,6 +359,7 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
 
 def _stepper(compiled, state: list, batch, key) -> Callable[[], None]:
   """A call running one train step on `state` (updated in place) and waiting for it."""
+
   def run():
     state[:] = compiled(*state, batch, key)[:3]
     jax.block_until_ready(state)
@@ -327,8 +391,7 @@ def finetune_rows(args):
 
 
 def width_rows(args):
-  return [train_step_row(args, "width", f"wrn_{args.wrn_depth}_{w}", "prune", args.k, args.batch)
-          for w in args.widths]
+  return [train_step_row(args, "width", f"wrn_{args.wrn_depth}_{w}", "prune", args.k, args.batch) for w in args.widths]
 
 
 def k_rows(args):
@@ -352,10 +415,18 @@ def attack_row(args, workload: str) -> dict:
   net = torch_hydra.prepare(torch_hydra.build(name).to(device), "finetune", args.k)
   images, labels = _torch_batch(host_batch, device)
   torch_attack = torch_hydra.pgd_whitebox if workload == "pgd" else torch_hydra.apgd_ce
-  timing = interleaved({"jax": lambda: compiled(x, y, jax.random.key(3)).block_until_ready(),
-                        "torch": lambda: (torch_attack(model=net, x=images, y=labels, **{
-                            "pgd": {"num_steps": steps}, "apgd": {"steps": steps}}[workload]), sync_torch())},
-                       args.repeats)
+  timing = interleaved(
+    {
+      "jax": lambda: compiled(x, y, jax.random.key(3)).block_until_ready(),
+      "torch": lambda: (
+        torch_attack(
+          model=net, x=images, y=labels, **{"pgd": {"num_steps": steps}, "apgd": {"steps": steps}}[workload]
+        ),
+        sync_torch(),
+      ),
+    },
+    args.repeats,
+  )
   label = f"PGD-{steps}" if workload == "pgd" else f"APGD-CE-{steps}"
   return _row(workload, name, args.batch, timing, compile_s, note=f"{label}, eps 8/255, k={args.k:g}")
 
@@ -368,9 +439,13 @@ def topk_rows(args):
     mask = jax.jit(lambda s: masking.topk_mask(s, args.k))
     compiled, compile_s = compile_seconds(mask, scores)
     torch_scores = torch.from_numpy(np.array(scores)).to(_torch_device())
-    timing = interleaved({"jax": lambda: compiled(scores).block_until_ready(),
-                          "torch": lambda: (torch_hydra.GetSubnet.apply(torch_scores.abs(), args.k), sync_torch())},
-                         args.repeats)
+    timing = interleaved(
+      {
+        "jax": lambda: compiled(scores).block_until_ready(),
+        "torch": lambda: (torch_hydra.GetSubnet.apply(torch_scores.abs(), args.k), sync_torch()),
+      },
+      args.repeats,
+    )
     rows.append(_row("topk", f"n={size:.0e}", None, timing, compile_s, note=f"one layer's mask, k={args.k:g}"))
   return rows
 
@@ -381,16 +456,16 @@ def not_built_rows(workload: str, what: str):
 
 
 RUNNERS = {
-    "prune": prune_rows,
-    "finetune": finetune_rows,
-    "pgd": lambda args: [attack_row(args, "pgd")],
-    "apgd": lambda args: [attack_row(args, "apgd")],
-    "topk": topk_rows,
-    "width": width_rows,
-    "k": k_rows,
-    # Other helpers are building these; fill in once hydra_jax has bounds and certification.
-    "bounds": lambda args: not_built_rows("bounds", "IBP / CROWN-IBP on cnn_large relative to a forward pass"),
-    "smoothing": lambda args: not_built_rows("smoothing", "smoothing certification noise samples/s (ResNet-18)"),
+  "prune": prune_rows,
+  "finetune": finetune_rows,
+  "pgd": lambda args: [attack_row(args, "pgd")],
+  "apgd": lambda args: [attack_row(args, "apgd")],
+  "topk": topk_rows,
+  "width": width_rows,
+  "k": k_rows,
+  # Other helpers are building these; fill in once hydra_jax has bounds and certification.
+  "bounds": lambda args: not_built_rows("bounds", "IBP / CROWN-IBP on cnn_large relative to a forward pass"),
+  "smoothing": lambda args: not_built_rows("smoothing", "smoothing certification noise samples/s (ResNet-18)"),
 }
 
 
@@ -404,16 +479,23 @@ def format_table(rows: list[dict]) -> str:
   cells += [[fmt.format(row[name]) if row.get(name) is not None else "" for name, fmt in COLUMNS] for row in rows]
   widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
   align = lambda name, text, width: text.ljust(width) if name in TEXT_COLUMNS else text.rjust(width)
-  return "\n".join("  ".join(align(name, line[i], widths[i]) for i, (name, _) in enumerate(COLUMNS)).rstrip()
-                   for line in cells)
+  return "\n".join(
+    "  ".join(align(name, line[i], widths[i]) for i, (name, _) in enumerate(COLUMNS)).rstrip() for line in cells
+  )
 
 
 def machine() -> dict:
   """Where the numbers come from: device, CPU, versions, load average (Unix) at the time."""
   device = jax.devices()[0]
-  return {"device": f"{device.platform}:{device.device_kind}", "cpu": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
-          "torch": torch.__version__, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+  return {
+    "device": f"{device.platform}:{device.device_kind}",
+    "cpu": platform.processor() or platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "torch_threads": torch.get_num_threads(),
+    "jax": jax.__version__,
+    "torch": torch.__version__,
+    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+  }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -432,8 +514,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--widths", type=csv(int), default=[2, 4, 10])
   parser.add_argument("--ks", type=csv(float), default=[0.1, 0.05, 0.01])
   parser.add_argument("--matmul-size", type=int, default=2048, help="side of the roofline matmul")
-  parser.add_argument("--compare-taps-conv", action="store_true",
-                      help="train steps: also time hydra_jax with Conv2d(weight_grad='auto') (jax_taps_conv_s)")
+  parser.add_argument(
+    "--compare-taps-conv",
+    action="store_true",
+    help="train steps: also time hydra_jax with Conv2d(weight_grad='auto') (jax_taps_conv_s)",
+  )
   parser.add_argument("--json", default="", help="also write the results here")
   parser.add_argument("--tiny", action="store_true", help="toy sizes: " + " ".join(TINY))
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -452,8 +537,11 @@ def main(argv=None) -> dict:
   # As the CLI: the partitionable threefry PRNG compiles for seconds per random op on CPU.
   jax.config.update("jax_threefry_partitionable", False)
   result = {"machine": machine(), "args": vars(args), "rows": []}
-  print(f"device {result['machine']['device']}, {result['machine']['cpu_count']} CPUs, load "
-        f"{result['machine']['load_average']}; median of {args.repeats} alternating calls each", flush=True)
+  print(
+    f"device {result['machine']['device']}, {result['machine']['cpu_count']} CPUs, load "
+    f"{result['machine']['load_average']}; median of {args.repeats} alternating calls each",
+    flush=True,
+  )
   for workload in args.workloads:
     result["rows"].extend(RUNNERS[workload](args))
   result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

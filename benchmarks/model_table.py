@@ -16,8 +16,13 @@ import jax.numpy as jnp
 
 from hydra_jax import models
 
-_ALIASES = {"cnn_small": "cifar_model", "cnn_large": "cifar_model_large", "ResNet18": "resnet18_imagenet",
-            "ResNet34": "resnet34_imagenet", "ResNet50": "resnet50_imagenet"}
+_ALIASES = {
+  "cnn_small": "cifar_model",
+  "cnn_large": "cifar_model_large",
+  "ResNet18": "resnet18_imagenet",
+  "ResNet34": "resnet34_imagenet",
+  "ResNet50": "resnet50_imagenet",
+}
 
 
 def counts(name: str, num_classes: int) -> tuple[int, int]:

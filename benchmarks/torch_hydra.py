@@ -35,8 +35,8 @@ Usage:
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class GetSubnet(torch.autograd.Function):
@@ -154,8 +154,9 @@ class WideBlock(nn.Module):
 
 
 def _wide_group(n, in_planes, out_planes, stride):
-  return nn.Sequential(*[WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-                         for i in range(n)])
+  return nn.Sequential(
+    *[WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n)]
+  )
 
 
 class WideResNet(nn.Module):
@@ -231,8 +232,9 @@ def trades_loss(model, x_natural, y, step_size=2 / 255, epsilon=8 / 255, perturb
   x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
   logits = model(x_natural)
   loss_natural = F.cross_entropy(logits, y)
-  loss_robust = (1.0 / len(x_natural)) * criterion_kl(F.log_softmax(model(x_adv), dim=1),
-                                                      F.softmax(model(x_natural), dim=1))
+  loss_robust = (1.0 / len(x_natural)) * criterion_kl(
+    F.log_softmax(model(x_adv), dim=1), F.softmax(model(x_natural), dim=1)
+  )
   return loss_natural + beta * loss_robust
 
 

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hydra_jax import bounds, data, models, objectives
+from hydra_jax import bounds
+from hydra_jax import data
+from hydra_jax import models
+from hydra_jax import objectives
 
 
 def train(objective: str, eps: float, epochs: int, schedule_length: int, batch_size: int = 64, seed: int = 0):
@@ -42,7 +45,7 @@ def train(objective: str, eps: float, epochs: int, schedule_length: int, batch_s
   for epoch in range(epochs):
     order = rng.permutation(len(source))
     for i in range(steps):
-      index = order[i * batch_size:(i + 1) * batch_size]
+      index = order[i * batch_size : (i + 1) * batch_size]
       batch = {"image": jnp.asarray(source.images[index]), "label": jnp.asarray(source.labels[index])}
       params, opt_state = step(params, opt_state, batch, jnp.float32(epoch + i / steps))
   jax.block_until_ready(params)
@@ -57,7 +60,7 @@ def verified_table(f, eps: float) -> list[tuple[str, float, float]]:
   for radius in (eps / 2, eps):
     for method in bounds.METHODS:
       check = jax.jit(lambda a, b, m=method, r=radius: bounds.verified_correct(f, a, b, eps=r, method=m))
-      correct = np.concatenate([check(x[i:i + 60], y[i:i + 60]) for i in range(0, len(y), 60)])
+      correct = np.concatenate([check(x[i : i + 60], y[i : i + 60]) for i in range(0, len(y), 60)])
       rows.append((method, radius, 100 * float(correct.mean())))
   return rows
 
@@ -70,8 +73,10 @@ def main(argv=None) -> None:
   parser.add_argument("--schedule-length", type=int, default=30)
   args = parser.parse_args(argv)
   f, seconds = train(args.objective, args.eps, args.epochs, args.schedule_length)
-  print(f"cnn_small on digits, objective {args.objective}, eps {args.eps}, {args.epochs} epochs "
-        f"(ramp {args.schedule_length}), trained in {seconds:.0f} s")
+  print(
+    f"cnn_small on digits, objective {args.objective}, eps {args.eps}, {args.epochs} epochs "
+    f"(ramp {args.schedule_length}), trained in {seconds:.0f} s"
+  )
   print(f"{'verifier':<10} {'eps':>6} {'acc %':>7}")
   for method, radius, accuracy in verified_table(f, args.eps):
     print(f"{method:<10} {radius:>6.3f} {accuracy:>7.2f}")

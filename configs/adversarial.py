@@ -32,8 +32,9 @@ from hydra_jax import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_config_arg(arg, model="vgg16_bn", dataset="cifar10", objective="trades", norm="linf",
-                                semisup="")
+  args = config_lib.parse_config_arg(
+    arg, model="vgg16_bn", dataset="cifar10", objective="trades", norm="linf", semisup=""
+  )
   config = config_lib.default_config()
   config.model.name = args.model
   config.data.name = args.dataset

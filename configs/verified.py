@@ -31,16 +31,21 @@ The reference evaluates with IBP (crown_ibp) or symbolic intervals (mixtrain) at
 from hydra_jax import config as config_lib
 
 _STAGES = {  # method -> stage -> (epochs, lr, schedule_length)
-    "crown_ibp": {"pretrain": (200, 1e-3, 120), "prune": (20, 1e-5, 1), "finetune": (100, 1e-5, 1)},
-    "mixtrain": {"pretrain": (60, 1e-3, 15), "prune": (20, 1e-5, 0), "finetune": (60, 5e-4, 0)},
+  "crown_ibp": {"pretrain": (200, 1e-3, 120), "prune": (20, 1e-5, 1), "finetune": (100, 1e-5, 1)},
+  "mixtrain": {"pretrain": (60, 1e-3, 15), "prune": (20, 1e-5, 0), "finetune": (60, 5e-4, 0)},
 }
 _BATCH = {"crown_ibp": 128, "mixtrain": 50}
 
 
 def get_config(arg=None):
   args = config_lib.parse_config_arg(
-      arg, choices={"method": tuple(_STAGES), "stage": config_lib.STAGES}, method="crown_ibp",
-      dataset="svhn_cropped", model="cnn_large", stage="pretrain")
+    arg,
+    choices={"method": tuple(_STAGES), "stage": config_lib.STAGES},
+    method="crown_ibp",
+    dataset="svhn_cropped",
+    model="cnn_large",
+    stage="pretrain",
+  )
   config = config_lib.default_config()
   config.stage = args.stage
   config.model.name = args.model

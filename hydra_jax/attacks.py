@@ -229,17 +229,17 @@ def loss_and_grad(logits_fn: LogitsFn, loss_fn: LossFn, x_adv: Array, target: An
 
 
 def iterate(
-    logits_fn: LogitsFn,
-    x: Array,
-    target: Any,
-    x_init: Array,
-    *,
-    loss_fn: LossFn,
-    step: Callable[[Array, Array, Array], Array],
-    project: Callable[[Array, Array], Array],
-    steps: int,
-    key: Array,
-    unroll: bool = DEFAULT_UNROLL,
+  logits_fn: LogitsFn,
+  x: Array,
+  target: Any,
+  x_init: Array,
+  *,
+  loss_fn: LossFn,
+  step: Callable[[Array, Array, Array], Array],
+  project: Callable[[Array, Array], Array],
+  steps: int,
+  key: Array,
+  unroll: bool = DEFAULT_UNROLL,
 ) -> Array:
   """Runs `steps` iterations of x_adv <- project(step(x_adv, grad loss(x_adv), key_i), x).
 
@@ -275,9 +275,9 @@ def keep_stronger(best: tuple[Array, Array, Array], new: tuple[Array, Array, Arr
   new_x, new_loss, new_fooled = new
   better = (new_fooled & ~best_fooled) | ((new_fooled == best_fooled) & (new_loss > best_loss))
   return (
-      jnp.where(_per_example(better, best_x), new_x, best_x),
-      jnp.where(better, new_loss, best_loss),
-      best_fooled | new_fooled,
+    jnp.where(_per_example(better, best_x), new_x, best_x),
+    jnp.where(better, new_loss, best_loss),
+    best_fooled | new_fooled,
   )
 
 
@@ -299,19 +299,19 @@ def _best_of_restarts(run: Callable[[Array], tuple], key: Array, restarts: int, 
 
 
 def pgd(
-    logits_fn: LogitsFn,
-    x: Array,
-    y: Array,
-    *,
-    key: Array,
-    eps: float,
-    step_size: float,
-    steps: int,
-    norm: str = "linf",
-    random_start: bool = True,
-    restarts: int = 1,
-    loss: str | LossFn = "ce",
-    unroll: bool = DEFAULT_UNROLL,
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  eps: float,
+  step_size: float,
+  steps: int,
+  norm: str = "linf",
+  random_start: bool = True,
+  restarts: int = 1,
+  loss: str | LossFn = "ce",
+  unroll: bool = DEFAULT_UNROLL,
 ) -> Array:
   """Projected gradient ascent on a per-example loss (Madry et al. 2018).
 
@@ -353,8 +353,9 @@ def pgd(
     x_init = start(run_key, x, eps) if random_start else x
     if steps == 0:  # the l_inf start is only clipped by the first step
       return project(x_init, x)
-    return iterate(logits_fn, x, y, x_init, loss_fn=loss_fn, step=step, project=project, steps=steps,
-                   key=run_key, unroll=unroll)
+    return iterate(
+      logits_fn, x, y, x_init, loss_fn=loss_fn, step=step, project=project, steps=steps, key=run_key, unroll=unroll
+    )
 
   if restarts == 1:  # the same first run as with restarts, without the scoring forward
     return lax.stop_gradient(run(jax.random.fold_in(key, 0)))
@@ -367,16 +368,16 @@ def pgd(
 
 
 def trades_attack(
-    logits_fn: LogitsFn,
-    x: Array,
-    *,
-    key: Array,
-    eps: float,
-    step_size: float,
-    steps: int,
-    norm: str = "linf",
-    init_std: float = 0.001,
-    unroll: bool = DEFAULT_UNROLL,
+  logits_fn: LogitsFn,
+  x: Array,
+  *,
+  key: Array,
+  eps: float,
+  step_size: float,
+  steps: int,
+  norm: str = "linf",
+  init_std: float = 0.001,
+  unroll: bool = DEFAULT_UNROLL,
 ) -> Array:
   """The TRADES attack (Zhang et al. 2019) as in the reference's `trades_loss`: maximise KL(f(x) || f(x')).
 
@@ -413,8 +414,18 @@ def trades_attack(
     learning_rate = 2 * eps / max(steps, 1)
     step = lambda x_adv, g, k: l2_step(x_adv, g, learning_rate, key=k)
   project = projection(norm, eps, box_first=norm == "l2")
-  x_adv = iterate(logits_fn, x, probs, x_init, loss_fn=kl_divergence, step=step, project=project,
-                  steps=steps, key=step_key, unroll=unroll)
+  x_adv = iterate(
+    logits_fn,
+    x,
+    probs,
+    x_init,
+    loss_fn=kl_divergence,
+    step=step,
+    project=project,
+    steps=steps,
+    key=step_key,
+    unroll=unroll,
+  )
   return lax.stop_gradient(clip_box(x_adv))
 
 
@@ -474,11 +485,19 @@ def _apgd_run(logits_fn, x, y, key, *, eps, norm, steps, loss_fn, rho, unroll):
     return x0, loss0, jnp.argmax(logits0, -1) != y
   batch = x.shape[0]
   state = dict(
-      x=x0, x_prev=x0, grad=grad0, x_best=x0, grad_best=grad0, loss_best=loss0,
-      x_fooling=x0, fooled=jnp.argmax(logits0, -1) != y,
-      step_size=jnp.full((batch,), 2.0 * eps, x.dtype),
-      losses=jnp.zeros((steps + 1, batch), loss0.dtype).at[0].set(loss0),
-      loss_best_at_check=loss0, halved_at_check=jnp.ones((batch,), bool))
+    x=x0,
+    x_prev=x0,
+    grad=grad0,
+    x_best=x0,
+    grad_best=grad0,
+    loss_best=loss0,
+    x_fooling=x0,
+    fooled=jnp.argmax(logits0, -1) != y,
+    step_size=jnp.full((batch,), 2.0 * eps, x.dtype),
+    losses=jnp.zeros((steps + 1, batch), loss0.dtype).at[0].set(loss0),
+    loss_best_at_check=loss0,
+    halved_at_check=jnp.ones((batch,), bool),
+  )
 
   def body(i, s):
     momentum = jnp.where(i > 0, 0.75, 1.0)
@@ -500,13 +519,19 @@ def _apgd_run(logits_fn, x, y, key, *, eps, norm, steps, loss_fn, rho, unroll):
     stalled = ~s["halved_at_check"] & (s["loss_best_at_check"] >= loss_best)
     halve = is_checkpoint[i] & (oscillating | stalled)
     return dict(
-        x=jnp.where(_per_example(halve, x), x_best, x_new), x_prev=s["x"],
-        grad=jnp.where(_per_example(halve, x), grad_best, grad),
-        x_best=x_best, grad_best=grad_best, loss_best=loss_best,
-        x_fooling=jnp.where(_per_example(wrong, x), x_new, s["x_fooling"]), fooled=s["fooled"] | wrong,
-        step_size=jnp.where(halve, s["step_size"] / 2, s["step_size"]), losses=losses,
-        loss_best_at_check=jnp.where(is_checkpoint[i], loss_best, s["loss_best_at_check"]),
-        halved_at_check=jnp.where(is_checkpoint[i], halve, s["halved_at_check"]))
+      x=jnp.where(_per_example(halve, x), x_best, x_new),
+      x_prev=s["x"],
+      grad=jnp.where(_per_example(halve, x), grad_best, grad),
+      x_best=x_best,
+      grad_best=grad_best,
+      loss_best=loss_best,
+      x_fooling=jnp.where(_per_example(wrong, x), x_new, s["x_fooling"]),
+      fooled=s["fooled"] | wrong,
+      step_size=jnp.where(halve, s["step_size"] / 2, s["step_size"]),
+      losses=losses,
+      loss_best_at_check=jnp.where(is_checkpoint[i], loss_best, s["loss_best_at_check"]),
+      halved_at_check=jnp.where(is_checkpoint[i], halve, s["halved_at_check"]),
+    )
 
   s = lax.fori_loop(0, steps, body, state, unroll=unroll)
   x_out = jnp.where(_per_example(s["fooled"], x), s["x_fooling"], s["x_best"])
@@ -514,18 +539,18 @@ def _apgd_run(logits_fn, x, y, key, *, eps, norm, steps, loss_fn, rho, unroll):
 
 
 def apgd(
-    logits_fn: LogitsFn,
-    x: Array,
-    y: Array,
-    *,
-    key: Array,
-    eps: float,
-    norm: str = "linf",
-    steps: int = 100,
-    loss: str | LossFn = "ce",
-    restarts: int = 1,
-    rho: float = 0.75,
-    unroll: bool = False,
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  eps: float,
+  norm: str = "linf",
+  steps: int = 100,
+  loss: str | LossFn = "ce",
+  restarts: int = 1,
+  rho: float = 0.75,
+  unroll: bool = False,
 ) -> Array:
   """Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness...", ICML 2020).
 
@@ -556,24 +581,25 @@ def apgd(
   if restarts < 1:
     raise ValueError(f"restarts must be >= 1, got {restarts}")
   loss_fn = get_loss(loss)
-  run = lambda run_key: _apgd_run(logits_fn, x, y, run_key, eps=eps, norm=norm, steps=steps,
-                                  loss_fn=loss_fn, rho=rho, unroll=unroll)
+  run = lambda run_key: _apgd_run(
+    logits_fn, x, y, run_key, eps=eps, norm=norm, steps=steps, loss_fn=loss_fn, rho=rho, unroll=unroll
+  )
   return lax.stop_gradient(_best_of_restarts(run, key, restarts, unroll=False))
 
 
 def apgd_targeted(
-    logits_fn: LogitsFn,
-    x: Array,
-    y: Array,
-    *,
-    key: Array,
-    eps: float,
-    norm: str = "linf",
-    steps: int = 100,
-    num_targets: int = 9,
-    restarts: int = 1,
-    rho: float = 0.75,
-    unroll: bool = False,
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  eps: float,
+  norm: str = "linf",
+  steps: int = 100,
+  num_targets: int = 9,
+  restarts: int = 1,
+  rho: float = 0.75,
+  unroll: bool = False,
 ) -> Array:
   """Targeted APGD-DLR (APGD-T of AutoAttack): APGD on `targeted_dlr` towards each of the top classes.
 
@@ -598,8 +624,7 @@ def apgd_targeted(
   def run(run_key, rank):
     target_labels = lax.dynamic_index_in_dim(ranked, rank, axis=1, keepdims=False)
     loss_fn = lambda logits, labels: targeted_dlr(logits, labels, target_labels)
-    return _apgd_run(logits_fn, x, y, run_key, eps=eps, norm=norm, steps=steps, loss_fn=loss_fn,
-                     rho=rho, unroll=unroll)
+    return _apgd_run(logits_fn, x, y, run_key, eps=eps, norm=norm, steps=steps, loss_fn=loss_fn, rho=rho, unroll=unroll)
 
   def run_index(j):  # j enumerates (target rank, restart) pairs.
     return run(jax.random.fold_in(key, j), 1 + j // restarts)

@@ -37,8 +37,10 @@ Usage:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,7 @@ LossFn = Callable[[PyTree, Any, jax.Array], jax.Array]
 
 def _at_prunable(fn: Callable[..., jax.Array], params: PyTree, *rest: PyTree) -> PyTree:
   """`fn(w, *rest_leaves)` at every prunable kernel of `params`, None at every other leaf."""
+
   def leaf(path, w, *others):
     return fn(w, *others) if masking.is_prunable(path, w) else None
 
@@ -123,8 +126,9 @@ def str_thresholds(params: PyTree, s_init: float) -> PyTree:
   return _at_prunable(lambda w: jnp.asarray(s_init, jnp.float32), params)
 
 
-def str_weights(params: PyTree, thresholds: PyTree,
-                threshold_fn: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid) -> PyTree:
+def str_weights(
+  params: PyTree, thresholds: PyTree, threshold_fn: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid
+) -> PyTree:
   """The weights the model runs with: w_eff = sign(w) * relu(|w| - g(s)) at each prunable kernel.
 
   Kusupati et al. 2020 (their `sparseFunction`), g = sigmoid. Entries with |w| <= g(s) are exactly 0; the
@@ -137,11 +141,13 @@ def str_weights(params: PyTree, thresholds: PyTree,
     thresholds: from `str_thresholds`: a scalar at each prunable kernel, None elsewhere.
     threshold_fn: g, mapping s to the threshold on |w| (the paper's sigmoid).
   """
+
   def soft_threshold(w, s):
     return jnp.sign(w) * jax.nn.relu(jnp.abs(w) - threshold_fn(s).astype(w.dtype))
 
-  return jax.tree.map(lambda w, s: w if s is None else soft_threshold(w, s), params, thresholds,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda w, s: w if s is None else soft_threshold(w, s), params, thresholds, is_leaf=lambda x: x is None
+  )
 
 
 def str_sparsity(params: PyTree, thresholds: PyTree) -> masking.SparsityReport:
@@ -176,8 +182,9 @@ def project_sparse(tree: PyTree, k: Any, *, scope: str = "layer", min_layer_k: f
   k-sparse set of Ye et al.). `tree` has an array at each prunable kernel and None elsewhere.
   """
   masks = jax.lax.stop_gradient(masking.compute_masks(tree, k, scope=scope, min_layer_k=min_layer_k))
-  return jax.tree.map(lambda x, m: None if x is None else jnp.where(m > 0, x, jnp.zeros_like(x)), tree, masks,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda x, m: None if x is None else jnp.where(m > 0, x, jnp.zeros_like(x)), tree, masks, is_leaf=lambda x: x is None
+  )
 
 
 def _kernels(params: PyTree) -> PyTree:
@@ -187,8 +194,11 @@ def _kernels(params: PyTree) -> PyTree:
 def admm_init(params: PyTree, k: Any, rho: float, **mask_options: Any) -> AdmmState:
   """Z_0 = Pi_k(W_0), U_0 = 0, rho (Ye et al.'s `admm_initialization`; their rho default 1e-3)."""
   kernels = _kernels(params)
-  return AdmmState(z=project_sparse(kernels, k, **mask_options), u=jax.tree.map(jnp.zeros_like, kernels),
-                   rho=jnp.asarray(rho, jnp.float32))
+  return AdmmState(
+    z=project_sparse(kernels, k, **mask_options),
+    u=jax.tree.map(jnp.zeros_like, kernels),
+    rho=jnp.asarray(rho, jnp.float32),
+  )
 
 
 def admm_penalty(params: PyTree, state: AdmmState) -> jax.Array:
@@ -200,8 +210,7 @@ def admm_penalty(params: PyTree, state: AdmmState) -> jax.Array:
   return 0.5 * state.rho * sum(jax.tree.leaves(squares))
 
 
-def admm_update(params: PyTree, state: AdmmState, k: Any, rho_growth: float = 1.0,
-                **mask_options: Any) -> AdmmState:
+def admm_update(params: PyTree, state: AdmmState, k: Any, rho_growth: float = 1.0, **mask_options: Any) -> AdmmState:
   """One ADMM Z- and U-step after the W-steps: Z' = Pi_k(W + U), U' = U + W - Z', rho' = rho_growth * rho.
 
   Ye et al. 2019 (their code's `admm_update`); their `multi_rho` multiplies rho by 1.3 at each update and,
@@ -213,8 +222,16 @@ def admm_update(params: PyTree, state: AdmmState, k: Any, rho_growth: float = 1.
   return AdmmState(z=z, u=u, rho=state.rho * rho_growth)
 
 
-def admm_schedule(params: PyTree, state: AdmmState, step: jax.Array, *, interval_steps: int, k: Any,
-                  rho_growth: float = 1.0, **mask_options: Any) -> AdmmState:
+def admm_schedule(
+  params: PyTree,
+  state: AdmmState,
+  step: jax.Array,
+  *,
+  interval_steps: int,
+  k: Any,
+  rho_growth: float = 1.0,
+  **mask_options: Any,
+) -> AdmmState:
   """`admm_update` when `step` (batches consumed) is a positive multiple of `interval_steps`, else `state`.
 
   Call it at the start of the train step, before the loss: Ye et al. update Z and U at the first batch of
@@ -269,9 +286,13 @@ def str_hooks(s_init: float) -> PhaseHooks:
   Weight decay on s is the run's weight decay (the STR code's default, `--st_decay` unset); it is what
   pulls a very negative s_init toward 0 and raises the threshold.
   """
-  return PhaseHooks(init=lambda params: str_thresholds(params, s_init), weights=str_weights,
-                    penalty=lambda params, aux: jnp.zeros((), jnp.float32),
-                    before_step=lambda params, aux, step: aux, trains_aux=True)
+  return PhaseHooks(
+    init=lambda params: str_thresholds(params, s_init),
+    weights=str_weights,
+    penalty=lambda params, aux: jnp.zeros((), jnp.float32),
+    before_step=lambda params, aux, step: aux,
+    trains_aux=True,
+  )
 
 
 def admm_hooks(k: Any, rho: float, rho_growth: float, interval_steps: int, **mask_options: Any) -> PhaseHooks:
@@ -280,12 +301,15 @@ def admm_hooks(k: Any, rho: float, rho_growth: float, interval_steps: int, **mas
   Ye et al.'s CIFAR-10 config: rho 1e-3 grown x1.3 per update (`multi_rho`), an update every 20 epochs
   (`admm_epoch`) over 200 epochs at lr 0.01, PGD-10 training; then hard prune and retrain (`pipeline.run_baseline`).
   """
-  return PhaseHooks(init=lambda params: admm_init(params, k, rho, **mask_options),
-                    weights=lambda params, aux: params, penalty=admm_penalty,
-                    before_step=lambda params, aux, step: admm_schedule(
-                        params, aux, step, interval_steps=interval_steps, k=k, rho_growth=rho_growth,
-                        **mask_options),
-                    trains_aux=False)
+  return PhaseHooks(
+    init=lambda params: admm_init(params, k, rho, **mask_options),
+    weights=lambda params, aux: params,
+    penalty=admm_penalty,
+    before_step=lambda params, aux, step: admm_schedule(
+      params, aux, step, interval_steps=interval_steps, k=k, rho_growth=rho_growth, **mask_options
+    ),
+    trains_aux=False,
+  )
 
 
 def phase_hooks(config: ml_collections.ConfigDict, stage: str, steps_per_epoch: int) -> PhaseHooks | None:
@@ -301,8 +325,14 @@ def phase_hooks(config: ml_collections.ConfigDict, stage: str, steps_per_epoch: 
   if stage == "str":
     return str_hooks(options.s_init)
   if stage == "admm":
-    return admm_hooks(config.k, options.rho, options.rho_growth, options.admm_interval_epochs * steps_per_epoch,
-                      scope=config.mask.scope, min_layer_k=config.mask.min_layer_k)
+    return admm_hooks(
+      config.k,
+      options.rho,
+      options.rho_growth,
+      options.admm_interval_epochs * steps_per_epoch,
+      scope=config.mask.scope,
+      min_layer_k=config.mask.min_layer_k,
+    )
   return None
 
 
@@ -330,11 +360,11 @@ class Baseline(NamedTuple):
 
 
 BASELINES: dict[str, Baseline] = {
-    "lwm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params)),
-    "snip": Baseline("scratch", lambda params, key, grads: snip_scores(params, grads), needs_grads=True),
-    "random": Baseline("scratch", lambda params, key, grads: random_scores(params, key)),
-    "admm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params), phase=admm_hooks),
-    "str": Baseline("scratch", None, phase=str_hooks),
+  "lwm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params)),
+  "snip": Baseline("scratch", lambda params, key, grads: snip_scores(params, grads), needs_grads=True),
+  "random": Baseline("scratch", lambda params, key, grads: random_scores(params, key)),
+  "admm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params), phase=admm_hooks),
+  "str": Baseline("scratch", None, phase=str_hooks),
 }
 
 

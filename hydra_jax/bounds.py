@@ -41,7 +41,8 @@ Usage:
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -119,13 +120,53 @@ def _fit(x: Array, shape: tuple[int, ...]) -> Array:
 # Rules.
 
 
-_LINEAR = {"add", "add_any", "sub", "concatenate", "pad", "reshape", "broadcast_in_dim", "transpose", "squeeze",
-           "expand_dims", "slice", "rev", "reduce_sum", "convert_element_type", "copy", "copy_p",
-           "reduce_window_sum", "cumsum", "reduce_precision"}
+_LINEAR = {
+  "add",
+  "add_any",
+  "sub",
+  "concatenate",
+  "pad",
+  "reshape",
+  "broadcast_in_dim",
+  "transpose",
+  "squeeze",
+  "expand_dims",
+  "slice",
+  "rev",
+  "reduce_sum",
+  "convert_element_type",
+  "copy",
+  "copy_p",
+  "reduce_window_sum",
+  "cumsum",
+  "reduce_precision",
+}
 _SCALED = {"mul": (0, 1), "dot_general": (0, 1), "conv_general_dilated": (0,), "div": (0,)}
-_INCREASING = {"max", "min", "reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min", "exp", "exp2",
-               "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "cbrt", "erf", "atan", "asinh", "sinh",
-               "floor", "ceil", "round", "sign"}
+_INCREASING = {
+  "max",
+  "min",
+  "reduce_max",
+  "reduce_min",
+  "reduce_window_max",
+  "reduce_window_min",
+  "exp",
+  "exp2",
+  "log",
+  "log1p",
+  "expm1",
+  "tanh",
+  "logistic",
+  "sqrt",
+  "cbrt",
+  "erf",
+  "atan",
+  "asinh",
+  "sinh",
+  "floor",
+  "ceil",
+  "round",
+  "sign",
+}
 _DECREASING = {"rsqrt"}
 _SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
@@ -152,16 +193,17 @@ def _scaled_rule(prim, params, values, shape) -> _Affine:
   """mul / div / dot_general / conv with one x-dependent operand: center W c, radius |W| r (IBP eq. 6)."""
   bound = [i for i, v in enumerate(values) if _is_bound(v)]
   if len(bound) > 1 or bound[0] not in _SCALED[prim.name]:
-    raise NotImplementedError(f"bounds: primitive {prim.name!r} with x-dependent operands at {bound} "
-                              f"(supported: one, at {_SCALED[prim.name]}; the others constant)")
+    raise NotImplementedError(
+      f"bounds: primitive {prim.name!r} with x-dependent operands at {bound} "
+      f"(supported: one, at {_SCALED[prim.name]}; the others constant)"
+    )
   index, a = bound[0], _as_affine(values[bound[0]])
 
   def apply(x, others):
     return _fit(prim.bind(*[x if i == index else o for i, o in enumerate(others)], **params), shape)
 
   magnitudes = [jnp.abs(v) if i != index else None for i, v in enumerate(values)]
-  return _Affine(a.base, lambda h: apply(a.linear(h), values), apply(a.center, values),
-                 apply(a.radius, magnitudes))
+  return _Affine(a.base, lambda h: apply(a.linear(h), values), apply(a.center, values), apply(a.radius, magnitudes))
 
 
 def _neg_rule(value: _Box | _Affine) -> _Affine:
@@ -330,8 +372,10 @@ def _chain(value: Any) -> list[tuple[_Affine, _Relu | None]]:
     if origin == "input":
       return segments + [(affine, None)]
     if not isinstance(origin, _Relu):
-      raise NotImplementedError(f"bounds: crown_ibp / symbolic_interval need a chain of affine maps and ReLUs "
-                                f"from the input; found the op {origin!r} on the path")
+      raise NotImplementedError(
+        f"bounds: crown_ibp / symbolic_interval need a chain of affine maps and ReLUs "
+        f"from the input; found the op {origin!r} on the path"
+      )
     segments.append((affine, origin))
     affine = origin.pre
 
@@ -383,8 +427,9 @@ def _default_spec(value: Any, lower: Array, spec: Array | None) -> Array:
   return jnp.broadcast_to(jnp.eye(classes, dtype=lower.dtype), (lower.shape[0], classes, classes))
 
 
-def crown_ibp(f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array | None = None, *,
-              lower_slope: str = "adaptive") -> tuple[Array, Array]:
+def crown_ibp(
+  f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array | None = None, *, lower_slope: str = "adaptive"
+) -> tuple[Array, Array]:
   """CROWN-IBP (Zhang et al. 2020): IBP pre-activation bounds, then a CROWN backward pass from the spec.
 
   Args:
@@ -404,8 +449,9 @@ def crown_ibp(f: Callable[[Array], Array], lower: Array, upper: Array, spec: Arr
   return _crown_lower(segments, spec, lower_slope), -_crown_lower(segments, -spec, lower_slope)
 
 
-def ibp_and_crown_lower(f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array, *,
-                        lower_slope: str = "adaptive") -> tuple[Array, Array]:
+def ibp_and_crown_lower(
+  f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array, *, lower_slope: str = "adaptive"
+) -> tuple[Array, Array]:
   """Lower bounds of spec @ f by IBP and by CROWN-IBP from one interpretation (what CROWN-IBP training mixes).
 
   Args: as `crown_ibp`, spec required [B, m, K].
@@ -442,8 +488,9 @@ def _symbolic_relu(center, generators, lower, upper):
   return center * slope + error, generators
 
 
-def symbolic_interval(f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array | None = None, *,
-                      intersect_ibp: bool = False) -> tuple[Array, Array]:
+def symbolic_interval(
+  f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array | None = None, *, intersect_ibp: bool = False
+) -> tuple[Array, Array]:
   """Symbolic interval analysis (the reference's `sym_interval_analyze`, method "sym", proj=None).
 
   Each neuron is c + sum_i g_i eps_i with eps_i in [-1, 1]: one generator per input coordinate (radius r_i)
@@ -491,8 +538,9 @@ def symbolic_interval(f: Callable[[Array], Array], lower: Array, upper: Array, s
 METHODS = {"ibp": ibp, "crown_ibp": crown_ibp, "symbolic": symbolic_interval}
 
 
-def verified_correct(f: Callable[[Array], Array], x: Array, y: Array, *, eps: float, method: str,
-                     lower: float = 0.0, upper: float = 1.0) -> Array:
+def verified_correct(
+  f: Callable[[Array], Array], x: Array, y: Array, *, eps: float, method: str, lower: float = 0.0, upper: float = 1.0
+) -> Array:
   """Per-example verified robustness: every margin z_y - z_j is lower-bounded above 0 on the l_inf eps-ball.
 
   Args:

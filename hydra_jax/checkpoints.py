@@ -43,12 +43,11 @@ from hydra_jax import errors
 from hydra_jax import parallel
 
 
-
 def versions() -> dict[str, str]:
   """Library versions recorded beside every checkpoint."""
   import jaxlib  # pylint: disable=g-import-not-at-top
-  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-          "orbax": ocp.__version__}
+
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "orbax": ocp.__version__}
 
 
 class CheckpointError(errors.UserError):
@@ -58,18 +57,20 @@ class CheckpointError(errors.UserError):
 def _manager(directory: str, keep: int, async_save: bool, best_metric: str | None) -> ocp.CheckpointManager:
   # Both managers of a run save the same steps at once: their multi-host barriers need names of their own.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-      best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None, best_mode="max",
-      multiprocessing_options=ocp.options.MultiprocessingOptions(
-          barrier_sync_key_prefix=os.path.basename(directory)))
+    max_to_keep=keep,
+    create=True,
+    enable_async_checkpointing=async_save,
+    best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+    best_mode="max",
+    multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=os.path.basename(directory)),
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 class Checkpoints:
   """The checkpoints of one run directory (see the module docstring)."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
-               best_metric: str | None = "robust"):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, best_metric: str | None = "robust"):
     self.workdir = workdir
     self.best_metric = best_metric
     self._last = _manager(os.path.join(workdir, "checkpoints"), keep, async_save, None)
@@ -78,15 +79,24 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._last.latest_step()
 
-  def save(self, step: int, items: dict[str, PyTree], *, meta: dict[str, Any], sparsity: str,
-           metrics: dict[str, float] | None = None) -> None:
+  def save(
+    self,
+    step: int,
+    items: dict[str, PyTree],
+    *,
+    meta: dict[str, Any],
+    sparsity: str,
+    metrics: dict[str, float] | None = None,
+  ) -> None:
     """Saves the pytree `items` at `step`, and as best if it is.
 
     Every process of a run calls it with the same host-local values (numpy or single-device arrays).
     """
-    args = ocp.args.Composite(meta=ocp.args.JsonSave(meta), sparsity=ocp.args.JsonSave(json.loads(sparsity)),
-                              **{name: ocp.args.StandardSave(parallel.one_copy_per_process(item))
-                                 for name, item in items.items()})
+    args = ocp.args.Composite(
+      meta=ocp.args.JsonSave(meta),
+      sparsity=ocp.args.JsonSave(json.loads(sparsity)),
+      **{name: ocp.args.StandardSave(parallel.one_copy_per_process(item)) for name, item in items.items()},
+    )
     self._last.save(step, args=args)
     if self._best is not None and metrics and self.best_metric in metrics:
       self._best.save(step, args=args, metrics=metrics)
@@ -119,8 +129,9 @@ def read_meta(directory: str, step: int | None = None) -> tuple[int, dict[str, A
     raise CheckpointError(f"cannot read the metadata of checkpoint {directory} step {step}: {error}") from error
 
 
-def restore(directory_or_manager: str | ocp.CheckpointManager, abstract_items: dict[str, PyTree],
-            step: int | None = None) -> tuple[dict[str, PyTree], dict[str, Any]]:
+def restore(
+  directory_or_manager: str | ocp.CheckpointManager, abstract_items: dict[str, PyTree], step: int | None = None
+) -> tuple[dict[str, PyTree], dict[str, Any]]:
   """Restores the named items shaped like `abstract_items` (e.g. from `jax.eval_shape`), and the meta.
 
   The items come back as this process's single-device copies, whatever process and device counts saved them.
@@ -134,9 +145,13 @@ def restore(directory_or_manager: str | ocp.CheckpointManager, abstract_items: d
   else:
     manager, where = directory_or_manager, str(directory_or_manager.directory)
   step = _pick_step(manager, where, step)
-  args = ocp.args.Composite(meta=ocp.args.JsonRestore(),
-                            **{name: ocp.args.StandardRestore(parallel.abstract_one_copy_per_process(item))
-                               for name, item in abstract_items.items()})
+  args = ocp.args.Composite(
+    meta=ocp.args.JsonRestore(),
+    **{
+      name: ocp.args.StandardRestore(parallel.abstract_one_copy_per_process(item))
+      for name, item in abstract_items.items()
+    },
+  )
   try:
     restored = manager.restore(step, args=args)
   except Exception as error:  # orbax raises ValueError/KeyError/FileNotFoundError/... for mismatches
@@ -175,6 +190,7 @@ def check_resumable(workdir: str, threefry_partitionable: bool) -> None:
   recorded = meta.get("threefry_partitionable")
   if recorded is not None and recorded != threefry_partitionable:
     raise CheckpointError(
-        f"the checkpoint in {workdir} was written with threefry_partitionable={recorded}, but this run has "
-        f"{threefry_partitionable}: its random draws would differ. Rerun with "
-        f"--config.threefry_partitionable={str(recorded).lower()}, or use a new workdir")
+      f"the checkpoint in {workdir} was written with threefry_partitionable={recorded}, but this run has "
+      f"{threefry_partitionable}: its random draws would differ. Rerun with "
+      f"--config.threefry_partitionable={str(recorded).lower()}, or use a new workdir"
+    )

@@ -34,10 +34,17 @@ from hydra_jax import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':ARG'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (train: created or resumed; eval/export: read).")
-_METHODS = flags.DEFINE_list("methods", None, "eval: methods to run (default: the config's eval.methods); robust "
-                             "accuracy is the per-example worst case over them.")
-_OUT = flags.DEFINE_string("out", None, "export: output file (.npz for numpy, .pth for a PyTorch state dict); "
-                           "certify: output directory (default WORKDIR/certify_sigma<SIGMA>).")
+_METHODS = flags.DEFINE_list(
+  "methods",
+  None,
+  "eval: methods to run (default: the config's eval.methods); robust accuracy is the per-example worst case over them.",
+)
+_OUT = flags.DEFINE_string(
+  "out",
+  None,
+  "export: output file (.npz for numpy, .pth for a PyTorch state dict); "
+  "certify: output directory (default WORKDIR/certify_sigma<SIGMA>).",
+)
 _DENSE = flags.DEFINE_bool("dense", True, "export: masked dense weights (zeros) instead of weights + scores.")
 _SIGMA = flags.DEFINE_float("sigma", 0.25, "certify: smoothing noise std (pixels in [0, 1]).")
 _N0 = flags.DEFINE_integer("n0", 100, "certify: Monte Carlo samples to select the class.")
@@ -67,9 +74,20 @@ def _run(command: str) -> None:
     print(json.dumps(export.evaluate_checkpoint(config, workdir, methods=_METHODS.value), indent=2))
   elif command == "certify":
     out_dir = _OUT.value or os.path.join(workdir, f"certify_sigma{_SIGMA.value}")
-    print(export.certify_checkpoint(config, workdir, out_dir, sigma=_SIGMA.value, n0=_N0.value, n=_N.value,
-                                    alpha=_ALPHA.value, batch_size=_CERTIFY_BATCH.value, skip=_SKIP.value,
-                                    max_examples=_MAX_EXAMPLES.value)["table"])
+    print(
+      export.certify_checkpoint(
+        config,
+        workdir,
+        out_dir,
+        sigma=_SIGMA.value,
+        n0=_N0.value,
+        n=_N.value,
+        alpha=_ALPHA.value,
+        batch_size=_CERTIFY_BATCH.value,
+        skip=_SKIP.value,
+        max_examples=_MAX_EXAMPLES.value,
+      )["table"]
+    )
   else:
     if not _OUT.value:
       raise app.UsageError("export needs --out FILE (.npz or .pth)")
@@ -94,8 +112,11 @@ def _parse_flags(command: str, argv: list[str]) -> list[str]:
     given = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
     if not given or _show_tracebacks(argv):
       raise  # not an override's key: an error inside the config file keeps its traceback
-    _fail(command, f"{', '.join(given)}: the config has no key '{key}'; the keys are listed in "
-                   f"hydra_jax/config.py (default_config) and the config file")
+    _fail(
+      command,
+      f"{', '.join(given)}: the config has no key '{key}'; the keys are listed in "
+      f"hydra_jax/config.py (default_config) and the config file",
+    )
   except flags.Error as error:
     if _show_tracebacks(argv):
       raise
@@ -106,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
   """Entry point of the `hydra-jax` console script."""
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
-    print(f"usage: hydra-jax {{{','.join(COMMANDS)}}} --config FILE[:ARG] --workdir DIR [flags]\n\n{__doc__}",
-          file=sys.stderr)
+    print(
+      f"usage: hydra-jax {{{','.join(COMMANDS)}}} --config FILE[:ARG] --workdir DIR [flags]\n\n{__doc__}",
+      file=sys.stderr,
+    )
     sys.exit(2)
   command = argv.pop(1)
   try:

@@ -18,7 +18,8 @@ A config is a plain `ml_collections.ConfigDict` (numbers, strings, tuples, dicts
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -55,45 +56,72 @@ def default_config() -> ml_collections.ConfigDict:
   c.baselines = ("lwm",)
   # grad_batches: SNIP's gradient batches; s_init: STR's initial threshold parameter (sigmoid(s) on |w|);
   # rho, rho_growth, admm_interval_epochs: Adv-ADMM's penalty, its growth per Z/U update, and the update interval.
-  c.baseline = ml_collections.ConfigDict({"grad_batches": 1, "s_init": -5.0, "rho": 1e-3, "rho_growth": 1.3,
-                                          "admm_interval_epochs": 20})
+  c.baseline = ml_collections.ConfigDict(
+    {"grad_batches": 1, "s_init": -5.0, "rho": 1e-3, "rho_growth": 1.3, "admm_interval_epochs": 20}
+  )
   c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
   c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0})
 
   c.model = ml_collections.ConfigDict({"name": "vgg16_bn", "num_classes": 0, "dtype": "float32"})
-  c.data = ml_collections.ConfigDict({
-      "name": "cifar10", "data_dir": "", "batch_size": 128, "eval_batch_size": 256, "image_size": 0,
-      "data_fraction": 1.0, "semisup_path": "", "semisup_fraction": 1.0, "prefetch": 2, "workers": 0,
-      "eval_examples": 0})  # eval_examples: evaluate on the first N test examples only (0: all).
+  c.data = ml_collections.ConfigDict(
+    {
+      "name": "cifar10",
+      "data_dir": "",
+      "batch_size": 128,
+      "eval_batch_size": 256,
+      "image_size": 0,
+      "data_fraction": 1.0,
+      "semisup_path": "",
+      "semisup_fraction": 1.0,
+      "prefetch": 2,
+      "workers": 0,
+      "eval_examples": 0,
+    }
+  )  # eval_examples: evaluate on the first N test examples only (0: all).
   c.data.format = "auto"  # files in data_dir: 'auto' (detect) | 'tfds' | 'cifar_pickle' | 'svhn_mat' | 'image_folder'.
   c.objective = objective_config("trades")
-  c.optimizer = ml_collections.ConfigDict({
-      "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0,
-      "warmup_lr": 0.1})
+  c.optimizer = ml_collections.ConfigDict(
+    {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0, "warmup_lr": 0.1}
+  )
   # Per-stage length, learning rate (reference scripts) and score init: a masking.SCORE_INITS name, or
   # 'source' for the source checkpoint's scores. LWM is finetune with score_init='scaled' from a pretrain run.
   # str trains from scratch (a pretrain-like schedule); admm from the pretrained weights.
-  c.stages = ml_collections.ConfigDict({
+  c.stages = ml_collections.ConfigDict(
+    {
       "pretrain": {"epochs": 100, "lr": 0.1},
       "prune": {"epochs": 20, "lr": 0.1, "score_init": "scaled"},
       "finetune": {"epochs": 100, "lr": 0.01, "score_init": "source"},
       "str": {"epochs": 100, "lr": 0.1},
-      "admm": {"epochs": 100, "lr": 0.01}})
+      "admm": {"epochs": 100, "lr": 0.01},
+    }
+  )
   # In-training evaluation: evaluate.py methods (attacks or verifiers) at the threat model (norm, eps); PGD's
   # step_size / steps / restarts; see evaluate.config_settings. No methods: clean accuracy only.
-  c.eval = ml_collections.ConfigDict({
-      "every_epochs": 1, "methods": ("pgd_linf",), "norm": "linf", "eps": 8 / 255, "step_size": 2 / 255,
-      "steps": 10, "restarts": 1})
+  c.eval = ml_collections.ConfigDict(
+    {
+      "every_epochs": 1,
+      "methods": ("pgd_linf",),
+      "norm": "linf",
+      "eps": 8 / 255,
+      "step_size": 2 / 255,
+      "steps": 10,
+      "restarts": 1,
+    }
+  )
   c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0, "async_save": True})
   # Multi-host (see parallel.init_from_config): setting coordinator_address or num_processes implies
   # distributed=true. Unset keys ("", 0, -1) come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
   # JAX_PROCESS_ID, else from JAX's auto-detection (TPU VM, SLURM, Open MPI, Kubernetes).
-  c.parallel = ml_collections.ConfigDict({
-      "mode": "auto", "distributed": False,
+  c.parallel = ml_collections.ConfigDict(
+    {
+      "mode": "auto",
+      "distributed": False,
       "coordinator_address": "",  # 'host:port' of process 0, reachable from every host.
       "num_processes": 0,  # processes (one per host) in the run.
       "process_id": -1,  # this process, in [0, num_processes).
-      "timeout_s": 300})  # seconds to wait for every process to join (then exit with a message).
+      "timeout_s": 300,
+    }
+  )  # seconds to wait for every process to join (then exit with a message).
   c.log = ml_collections.ConfigDict({"every_steps": 50, "progress": True, "tensorboard": False})
   c.stop_after_steps = 0  # end the run after this global step (0: never); rerunning resumes it.
   # JAX's PRNG flavour for every random draw of a run (recorded with each checkpoint; a resume must match).
@@ -115,8 +143,9 @@ def objective_config(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"name": name, **merged, **objectives.get_objective(name).defaults})
 
 
-def parse_config_arg(arg: str | None, *, choices: Mapping[str, Sequence[str]] | None = None,
-                     **defaults: Any) -> ml_collections.ConfigDict:
+def parse_config_arg(
+  arg: str | None, *, choices: Mapping[str, Sequence[str]] | None = None, **defaults: Any
+) -> ml_collections.ConfigDict:
   """'model=wrn_28_4,objective=trades' -> ConfigDict over `defaults`; values typed like the default.
 
   For config files' `get_config(arg)`; unknown names, and values outside `choices[name]` where given, raise
@@ -185,21 +214,27 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def _check_choices(config: ml_collections.ConfigDict) -> None:
   choices = {
-      "stage": (*STAGES, "all"), "mask.scope": ("layer", "global"),
-      "optimizer.name": optim.optimizer_names(), "optimizer.schedule": optim.schedule_names(),
-      "parallel.mode": ("auto", *parallel.MODES), "eval.norm": attacks.NORMS,
-      "stages.prune.score_init": (*masking.SCORE_INITS, "source"),
-      "stages.finetune.score_init": (*masking.SCORE_INITS, "source"),
-      "data.format": ("auto", *data_formats.FORMATS),
+    "stage": (*STAGES, "all"),
+    "mask.scope": ("layer", "global"),
+    "optimizer.name": optim.optimizer_names(),
+    "optimizer.schedule": optim.schedule_names(),
+    "parallel.mode": ("auto", *parallel.MODES),
+    "eval.norm": attacks.NORMS,
+    "stages.prune.score_init": (*masking.SCORE_INITS, "source"),
+    "stages.finetune.score_init": (*masking.SCORE_INITS, "source"),
+    "data.format": ("auto", *data_formats.FORMATS),
   }
   for key, valid in choices.items():
     value = lookup(config, key)
     if value not in valid:
       raise errors.ConfigError(f"config.{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}")
-  registries = {"model.name": lambda name: models.get_model(name, 10), "data.name": data.get_dataset_info,
-                "objective.name": objectives.get_objective,
-                "baselines": lambda names: [baselines.get_baseline(name) for name in names],
-                "eval.methods": lambda names: [evaluate.get_method(name) for name in names]}
+  registries = {
+    "model.name": lambda name: models.get_model(name, 10),
+    "data.name": data.get_dataset_info,
+    "objective.name": objectives.get_objective,
+    "baselines": lambda names: [baselines.get_baseline(name) for name in names],
+    "eval.methods": lambda names: [evaluate.get_method(name) for name in names],
+  }
   for key, get in registries.items():
     try:
       get(lookup(config, key))
@@ -219,7 +254,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(f"config.stages.{stage}.{field} must be >= 0")
   if config.stage in ("prune", "finetune", "admm") and not config.source:
     raise errors.ConfigError(f"config.source must name the checkpoint to start stage '{config.stage}' from")
-  for key in ("data.batch_size", "data.eval_batch_size", "checkpoint.keep", "log.every_steps", "eval.every_epochs",
-              "baseline.grad_batches", "baseline.admm_interval_epochs"):
+  for key in (
+    "data.batch_size",
+    "data.eval_batch_size",
+    "checkpoint.keep",
+    "log.every_steps",
+    "eval.every_epochs",
+    "baseline.grad_batches",
+    "baseline.admm_interval_epochs",
+  ):
     if lookup(config, key) <= 0:
       raise errors.ConfigError(f"config.{key} must be positive")

@@ -31,14 +31,14 @@ Example:
     torch_model.load_state_dict(state_dict)  # e.g. the reference model, for AutoAttack / RobustBench
 """
 
-from collections.abc import Mapping
 import re
+from collections.abc import Mapping
 from typing import Any
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from hydra_jax import models
 from hydra_jax.models import cnn
@@ -128,8 +128,9 @@ def _normalise(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any], model_name: str, num_classes: int,
-                          input_shape: tuple[int, int, int] | None = None) -> tuple[dict, dict | None]:
+def from_torch_state_dict(
+  state_dict: Mapping[str, Any], model_name: str, num_classes: int, input_shape: tuple[int, int, int] | None = None
+) -> tuple[dict, dict | None]:
   """Loads a reference HYDRA state dict into the variables (and scores) of zoo model `model_name`.
 
   Args:
@@ -157,13 +158,18 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model_name: str, num_cl
     given = {k: v for k, v in given.items() if not k.startswith(_UNUSED_WRN_PREFIX)}
   has_scores = any(key.endswith("." + _SCORES) for key in given)
   keys = {path: torch_key(path) for path in shapes}
-  score_keys = {path[1:]: keys[path].removesuffix("weight") + _SCORES
-                for path in shapes if has_scores and path[-1] == "kernel"}
+  score_keys = {
+    path[1:]: keys[path].removesuffix("weight") + _SCORES for path in shapes if has_scores and path[-1] == "kernel"
+  }
   _check_keys(given, {*keys.values(), *score_keys.values()}, model_name)
   variables = {path: _convert(given[key], shapes[path], path, key, flat_map) for path, key in keys.items()}
   scores = {path[1:]: None for path in shapes if path[0] == "params"}
-  scores.update({path: _convert(given[key], shapes[("params", *path)], ("params", *path), key, flat_map)
-                 for path, key in score_keys.items()})
+  scores.update(
+    {
+      path: _convert(given[key], shapes[("params", *path)], ("params", *path), key, flat_map)
+      for path, key in score_keys.items()
+    }
+  )
   variables = traverse_util.unflatten_dict(variables)
   return variables, traverse_util.unflatten_dict(scores) if has_scores else None
 
@@ -171,8 +177,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model_name: str, num_cl
 TORCH_SUFFIXES = (".pth", ".tar", ".pt")  # file names `load_torch_checkpoint` reads
 
 
-def load_torch_checkpoint(path: str, model_name: str, num_classes: int,
-                          input_shape: tuple[int, int, int] | None = None) -> tuple[dict, dict | None]:
+def load_torch_checkpoint(
+  path: str, model_name: str, num_classes: int, input_shape: tuple[int, int, int] | None = None
+) -> tuple[dict, dict | None]:
   """Reads a reference HYDRA checkpoint file (`.pth`, `.pth.tar`, `.pt`; needs torch) into variables and scores.
 
   Args:
@@ -184,6 +191,7 @@ def load_torch_checkpoint(path: str, model_name: str, num_classes: int,
     (variables, scores or None), as `from_torch_state_dict`.
   """
   import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
+
   checkpoint = torch.load(path, map_location="cpu", weights_only=False)
   return from_torch_state_dict(checkpoint.get("state_dict", checkpoint), model_name, num_classes, input_shape)
 
@@ -191,8 +199,11 @@ def load_torch_checkpoint(path: str, model_name: str, num_classes: int,
 def _check_keys(given: Mapping[str, Any], expected: set[str], model_name: str) -> None:
   """Raises ValueError listing the missing and the unused keys, if any."""
   missing, unused = sorted(expected - given.keys()), sorted(given.keys() - expected)
-  problems = [f"{what} {_preview(keys)}" for what, keys in [("missing keys", missing),
-                                                             ("keys not used by the model", unused)] if keys]
+  problems = [
+    f"{what} {_preview(keys)}"
+    for what, keys in [("missing keys", missing), ("keys not used by the model", unused)]
+    if keys
+  ]
   if problems:
     raise ValueError(f"State dict does not fit model {model_name!r}: " + "; ".join(problems))
 
@@ -209,8 +220,14 @@ def _convert(array: np.ndarray, leaf, path, key: str, flat_map) -> jax.Array:
   return jnp.asarray(_torch_to_flax(array, path, flat_map), dtype=leaf.dtype)
 
 
-def to_torch_state_dict(variables: Mapping[str, Any], scores: Mapping[str, Any] | None = None, *, model_name: str,
-                        input_shape: tuple[int, int, int] | None = None, as_torch: bool = False) -> dict[str, Any]:
+def to_torch_state_dict(
+  variables: Mapping[str, Any],
+  scores: Mapping[str, Any] | None = None,
+  *,
+  model_name: str,
+  input_shape: tuple[int, int, int] | None = None,
+  as_torch: bool = False,
+) -> dict[str, Any]:
   """Exports zoo variables (and scores) as a reference-layout PyTorch state dict; inverse of `from_torch_state_dict`.
 
   Args:
@@ -238,11 +255,13 @@ def to_torch_state_dict(variables: Mapping[str, Any], scores: Mapping[str, Any] 
   for path, value in traverse_util.flatten_dict(dict(scores or {})).items():
     if value is not None:
       path = ("params", *path)
-      out[torch_key(path).removesuffix("weight") + _SCORES] = _flax_to_torch(np.array(value, np.float32), path,
-                                                                             flat_map)
+      out[torch_key(path).removesuffix("weight") + _SCORES] = _flax_to_torch(
+        np.array(value, np.float32), path, flat_map
+      )
   if isinstance(model, wrn.WideResNet):
     out.update({"sub_" + k: v.copy() for k, v in out.items() if k.startswith("block1.")})
   if as_torch:
     import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
+
     out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
   return out

@@ -61,8 +61,11 @@ import functools
 import math
 import os
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import grain
 import jax
@@ -114,33 +117,85 @@ class DatasetInfo(NamedTuple):
 
 
 _DATASETS = {
-    'digits': DatasetInfo('digits', 10, (8, 8, 1), {'train': 1437, 'test': 360},
-                          'train', 'test', pad=1, flip=False, variable_size=False,
-                          tfds_name=None),
-    'mnist': DatasetInfo('mnist', 10, (28, 28, 1), {'train': 60000, 'test': 10000},
-                         'train', 'test', pad=0, flip=False, variable_size=False,
-                         tfds_name='mnist'),
-    'cifar10': DatasetInfo('cifar10', 10, (32, 32, 3), {'train': 50000, 'test': 10000},
-                           'train', 'test', pad=4, flip=True, variable_size=False,
-                           tfds_name='cifar10'),
-    'cifar100': DatasetInfo('cifar100', 100, (32, 32, 3), {'train': 50000, 'test': 10000},
-                            'train', 'test', pad=4, flip=True, variable_size=False,
-                            tfds_name='cifar100'),
-    'svhn_cropped': DatasetInfo('svhn_cropped', 10, (32, 32, 3),
-                                {'train': 73257, 'test': 26032, 'extra': 531131},
-                                'train', 'test', pad=4, flip=True, variable_size=False,
-                                tfds_name='svhn_cropped'),
-    'imagenet2012': DatasetInfo('imagenet2012', 1000, (224, 224, 3),
-                                {'train': 1281167, 'validation': 50000},
-                                'train', 'validation', pad=0, flip=True,
-                                variable_size=True, tfds_name='imagenet2012'),
+  "digits": DatasetInfo(
+    "digits",
+    10,
+    (8, 8, 1),
+    {"train": 1437, "test": 360},
+    "train",
+    "test",
+    pad=1,
+    flip=False,
+    variable_size=False,
+    tfds_name=None,
+  ),
+  "mnist": DatasetInfo(
+    "mnist",
+    10,
+    (28, 28, 1),
+    {"train": 60000, "test": 10000},
+    "train",
+    "test",
+    pad=0,
+    flip=False,
+    variable_size=False,
+    tfds_name="mnist",
+  ),
+  "cifar10": DatasetInfo(
+    "cifar10",
+    10,
+    (32, 32, 3),
+    {"train": 50000, "test": 10000},
+    "train",
+    "test",
+    pad=4,
+    flip=True,
+    variable_size=False,
+    tfds_name="cifar10",
+  ),
+  "cifar100": DatasetInfo(
+    "cifar100",
+    100,
+    (32, 32, 3),
+    {"train": 50000, "test": 10000},
+    "train",
+    "test",
+    pad=4,
+    flip=True,
+    variable_size=False,
+    tfds_name="cifar100",
+  ),
+  "svhn_cropped": DatasetInfo(
+    "svhn_cropped",
+    10,
+    (32, 32, 3),
+    {"train": 73257, "test": 26032, "extra": 531131},
+    "train",
+    "test",
+    pad=4,
+    flip=True,
+    variable_size=False,
+    tfds_name="svhn_cropped",
+  ),
+  "imagenet2012": DatasetInfo(
+    "imagenet2012",
+    1000,
+    (224, 224, 3),
+    {"train": 1281167, "validation": 50000},
+    "train",
+    "validation",
+    pad=0,
+    flip=True,
+    variable_size=True,
+    tfds_name="imagenet2012",
+  ),
 }
 
 
 def get_dataset_info(name: str) -> DatasetInfo:
   """Returns the `DatasetInfo` of `name`; raises ValueError listing the valid names."""
   if name not in _DATASETS:
-    raise errors.DataError(f'Unknown dataset {name!r}; valid names: {sorted(_DATASETS)}.')
+    raise errors.DataError(f"Unknown dataset {name!r}; valid names: {sorted(_DATASETS)}.")
   return _DATASETS[name]
 
 
@@ -152,17 +207,17 @@ def _digits_splits() -> dict[str, ArraySource]:
   # Imported here: scikit-learn takes ~3 s to import and only `digits` needs it.
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+
   digits = sk_datasets.load_digits()
   images = (digits.images / 16.0).astype(np.float32)[..., None]
   labels = digits.target.astype(np.int32)
-  train, test = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
-  return {split: ArraySource(images[np.sort(idx)], labels[np.sort(idx)])
-          for split, idx in (('train', train), ('test', test))}
+  train, test = model_selection.train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
+  return {
+    split: ArraySource(images[np.sort(idx)], labels[np.sort(idx)]) for split, idx in (("train", train), ("test", test))
+  }
 
 
-def load_source(name: str, split: str, data_dir: str | None = None,
-                data_format: str = 'auto') -> Sequence[Any]:
+def load_source(name: str, split: str, data_dir: str | None = None, data_format: str = "auto") -> Sequence[Any]:
   """Random-access examples `{'image': [H, W, C], 'label': int}` of one split.
 
   Args:
@@ -184,12 +239,12 @@ def load_source(name: str, split: str, data_dir: str | None = None,
   """
   info = get_dataset_info(name)
   if split not in info.split_sizes:
-    raise errors.DataError(f'Unknown split {split!r} of {name!r}; valid splits: '
-                     f'{sorted(info.split_sizes)}.')
+    raise errors.DataError(f"Unknown split {split!r} of {name!r}; valid splits: {sorted(info.split_sizes)}.")
   if info.tfds_name is None:
-    if data_format != 'auto':
-      raise errors.DataError(f'{name!r} ships with scikit-learn and has no files; data.format must be '
-                       f"'auto', got {data_format!r}.")
+    if data_format != "auto":
+      raise errors.DataError(
+        f"{name!r} ships with scikit-learn and has no files; data.format must be 'auto', got {data_format!r}."
+      )
     return _digits_splits()[split]
   data_format, root = data_formats.resolve(data_format, info.tfds_name, data_dir)
   return data_formats.load(data_format, root, info.tfds_name, split)
@@ -199,24 +254,26 @@ def _load_semisup(path: str, image_shape: tuple[int, ...], num_classes: int) -> 
   """Loads pseudo-labelled images: a pickle (trusted files only) or .npz with `data` and
   `extrapolated_targets`."""
   if not os.path.exists(path):
-    raise errors.MissingDataError(f'semisup_path {path!r} does not exist.')
-  if path.endswith('.npz'):
+    raise errors.MissingDataError(f"semisup_path {path!r} does not exist.")
+  if path.endswith(".npz"):
     with np.load(path) as f:
       content = dict(f)
   else:
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
       content = pickle.load(f)
-  missing = {'data', 'extrapolated_targets'} - set(content)
+  missing = {"data", "extrapolated_targets"} - set(content)
   if missing:
-    raise errors.DataError(f'semisup file {path!r} lacks keys {sorted(missing)}.')
-  images = np.asarray(content['data'])
-  labels = np.asarray(content['extrapolated_targets']).astype(np.int32)
+    raise errors.DataError(f"semisup file {path!r} lacks keys {sorted(missing)}.")
+  images = np.asarray(content["data"])
+  labels = np.asarray(content["extrapolated_targets"]).astype(np.int32)
   if images.dtype != np.uint8 or images.shape[1:] != image_shape:
-    raise errors.DataError(f'semisup data in {path!r} must be uint8 [N, *{image_shape}], got '
-                     f'{images.dtype} {images.shape}.')
+    raise errors.DataError(
+      f"semisup data in {path!r} must be uint8 [N, *{image_shape}], got {images.dtype} {images.shape}."
+    )
   if labels.shape != images.shape[:1] or labels.min() < 0 or labels.max() >= num_classes:
-    raise errors.DataError(f'semisup extrapolated_targets in {path!r} must be [N] ints in '
-                     f'[0, {num_classes}); got shape {labels.shape}.')
+    raise errors.DataError(
+      f"semisup extrapolated_targets in {path!r} must be [N] ints in [0, {num_classes}); got shape {labels.shape}."
+    )
   return ArraySource(images, labels)
 
 
@@ -225,14 +282,13 @@ def _read(source: Sequence[Any], indices: np.ndarray) -> tuple[Any, np.ndarray]:
   if isinstance(source, ArraySource):
     return source.images[indices], source.labels[indices].astype(np.int32)
   records = [source[int(i)] for i in indices]
-  return [r['image'] for r in records], np.array([r['label'] for r in records], np.int32)
+  return [r["image"] for r in records], np.array([r["label"] for r in records], np.int32)
 
 
 # ------------------------------------------------------------------------ augmentation
 
 
-def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
-                  pad: int) -> np.ndarray:
+def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int) -> np.ndarray:
   """Zero-pads by `pad` pixels, crops back to [H, W] at `offsets`, then flips.
 
   Args:
@@ -249,7 +305,7 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   out = np.empty_like(images)
   for i, ((top, left), flip) in enumerate(zip(offsets, flips)):
-    crop = padded[i, top:top + h, left:left + w]
+    crop = padded[i, top : top + h, left : left + w]
     out[i] = crop[:, ::-1] if flip else crop
   return out
 
@@ -274,11 +330,12 @@ def _resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 def _resample_rows(image: np.ndarray, size: int, keep: slice) -> np.ndarray:
   """Rows `keep` of axis 0 of float32 [H, W, C] resampled to `size` rows."""
   idx, weights = _resize_taps(image.shape[0], size)
-  return np.einsum('ok,okwc->owc', weights[keep], image[idx[keep]])
+  return np.einsum("ok,okwc->owc", weights[keep], image[idx[keep]])
 
 
-def resize(image: np.ndarray, height: int, width: int, rows: slice = slice(None),
-           cols: slice = slice(None)) -> np.ndarray:
+def resize(
+  image: np.ndarray, height: int, width: int, rows: slice = slice(None), cols: slice = slice(None)
+) -> np.ndarray:
   """Antialiased bilinear resize of one image, optionally computing only a window of it.
 
   Args:
@@ -298,8 +355,7 @@ def resize(image: np.ndarray, height: int, width: int, rows: slice = slice(None)
   return out.transpose(1, 0, 2)
 
 
-def inception_crop_box(height: int, width: int,
-                       uniforms: np.ndarray) -> tuple[int, int, int, int]:
+def inception_crop_box(height: int, width: int, uniforms: np.ndarray) -> tuple[int, int, int, int]:
   """torchvision's `RandomResizedCrop` box, with its random draws given explicitly.
 
   Tries each row of `uniforms` in turn: area fraction in [0.08, 1], log-uniform aspect
@@ -382,7 +438,7 @@ def _permutation(seed: int, tag: int, epoch: int, n: int) -> np.ndarray:
 def _subset(seed: int, tag: int, n: int, fraction: float) -> np.ndarray:
   """Sorted random int(fraction * n) indices of range(n) (all of them for fraction 1)."""
   if not 0.0 < fraction <= 1.0:
-    raise errors.DataError(f'Data fractions must be in (0, 1], got {fraction}.')
+    raise errors.DataError(f"Data fractions must be in (0, 1], got {fraction}.")
   if fraction == 1.0:
     return np.arange(n)
   return np.sort(_rng(seed, tag).choice(n, int(fraction * n), replace=False))
@@ -391,7 +447,7 @@ def _subset(seed: int, tag: int, n: int, fraction: float) -> np.ndarray:
 def _global_positions(seed: int, tag: int, step: int, n: int, batch: int) -> np.ndarray:
   """Positions in range(n) of the global batch at `step`: slice of the epoch's shuffle."""
   epoch, b = divmod(step, n // batch)
-  return _permutation(seed, tag, epoch, n)[b * batch:(b + 1) * batch]
+  return _permutation(seed, tag, epoch, n)[b * batch : (b + 1) * batch]
 
 
 def _host_slice(x: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
@@ -399,15 +455,15 @@ def _host_slice(x: np.ndarray, process_index: int, process_count: int) -> np.nda
   return x.reshape(process_count, -1, *x.shape[1:])[process_index]
 
 
-def _hosts(batch_size: int, process_index: int | None,
-           process_count: int | None) -> tuple[int, int]:
+def _hosts(batch_size: int, process_index: int | None, process_count: int | None) -> tuple[int, int]:
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise errors.DataError(f'process_index {process_index} not in [0, {process_count}).')
+    raise errors.DataError(f"process_index {process_index} not in [0, {process_count}).")
   if batch_size <= 0 or batch_size % process_count:
-    raise errors.DataError(f'Global batch_size {batch_size} must be a positive multiple of '
-                     f'process_count {process_count}.')
+    raise errors.DataError(
+      f"Global batch_size {batch_size} must be a positive multiple of process_count {process_count}."
+    )
   return process_index, process_count
 
 
@@ -417,8 +473,9 @@ def _output_side(info: DatasetInfo, image_size: int | None) -> int:
   if image_size is None:
     return native
   if image_size <= 0 or (not info.variable_size and image_size % native):
-    raise errors.DataError(f'image_size {image_size} of {info.name!r} must be a positive '
-                     f'multiple of its native size {native}.')
+    raise errors.DataError(
+      f"image_size {image_size} of {info.name!r} must be a positive multiple of its native size {native}."
+    )
   return image_size
 
 
@@ -457,21 +514,18 @@ class TrainBatches:
       B = batch_size // process_count, doubled (labelled rows first) with semisup.
     """
     if step < 0:
-      raise ValueError(f'step must be >= 0, got {step}.')
+      raise ValueError(f"step must be >= 0, got {step}.")
     pos = _global_positions(self.seed, _SHUFFLE, step, len(self.indices), self.batch_size)
     batch = self._augmented(self.source, self.indices[pos], _rng(self.seed, _AUGMENT, step))
     if self.semisup is None:
       return batch
-    pos = _global_positions(self.seed, _SEMI_SHUFFLE, step, len(self.semisup),
-                            self.batch_size)
+    pos = _global_positions(self.seed, _SEMI_SHUFFLE, step, len(self.semisup), self.batch_size)
     extra = self._augmented(self.semisup, pos, _rng(self.seed, _SEMI_AUGMENT, step))
     return {k: np.concatenate([batch[k], extra[k]]) for k in batch}
 
-  def _augmented(self, source: Sequence[Any], indices: np.ndarray,
-                 rng: np.random.Generator) -> Batch:
+  def _augmented(self, source: Sequence[Any], indices: np.ndarray, rng: np.random.Generator) -> Batch:
     """Reads this host's part of the global `indices` and augments it with `rng`."""
-    host = functools.partial(_host_slice, process_index=self.process_index,
-                             process_count=self.process_count)
+    host = functools.partial(_host_slice, process_index=self.process_index, process_count=self.process_count)
     images, labels = _read(source, host(indices))
     # Draws are made for the whole global batch, so they do not depend on process_count.
     flips = host(rng.random(self.batch_size) < 0.5) & self.info.flip
@@ -482,21 +536,29 @@ class TrainBatches:
       offsets = host(rng.integers(0, 2 * self.info.pad + 1, (self.batch_size, 2)))
       images = pad_crop_flip(np.asarray(images), offsets, flips, self.info.pad)
       images = _upsample(_to_unit_float(images), self.image_size // self.info.image_shape[0])
-    return {'image': images, 'label': labels}
+    return {"image": images, "label": labels}
 
-  def _inception_crop(self, image: np.ndarray, uniforms: np.ndarray,
-                      flip: bool) -> np.ndarray:
+  def _inception_crop(self, image: np.ndarray, uniforms: np.ndarray, flip: bool) -> np.ndarray:
     top, left, h, w = inception_crop_box(image.shape[0], image.shape[1], uniforms)
-    crop = image[top:top + h, left:left + w, :]
+    crop = image[top : top + h, left : left + w, :]
     crop = crop[:, ::-1] if flip else crop
     return resize(_to_unit_float(crop), self.image_size, self.image_size)
 
 
-def train_batches(name: str, batch_size: int, *, seed: int = 0, data_dir: str | None = None,
-                  data_format: str = 'auto', process_index: int | None = None,
-                  process_count: int | None = None, image_size: int | None = None, data_fraction: float = 1.0,
-                  semisup_path: str | None = None,
-                  semisup_fraction: float = 1.0) -> TrainBatches:
+def train_batches(
+  name: str,
+  batch_size: int,
+  *,
+  seed: int = 0,
+  data_dir: str | None = None,
+  data_format: str = "auto",
+  process_index: int | None = None,
+  process_count: int | None = None,
+  image_size: int | None = None,
+  data_fraction: float = 1.0,
+  semisup_path: str | None = None,
+  semisup_fraction: float = 1.0,
+) -> TrainBatches:
   """The training batch stream of this host, shuffled afresh every epoch.
 
   Args:
@@ -528,18 +590,17 @@ def train_batches(name: str, batch_size: int, *, seed: int = 0, data_dir: str | 
   source = load_source(name, info.train_split, data_dir, data_format)
   indices = _subset(seed, _SUBSET, len(source), data_fraction)
   if len(indices) < batch_size:
-    raise errors.DataError(f'batch_size {batch_size} exceeds the {len(indices)} training '
-                     f'examples used of {name!r}.')
+    raise errors.DataError(f"batch_size {batch_size} exceeds the {len(indices)} training examples used of {name!r}.")
   semisup = None
   if semisup_path is not None:
     semisup = _load_semisup(semisup_path, info.image_shape, info.num_classes)
     keep = _subset(seed, _SEMI_SUBSET, len(semisup), semisup_fraction)
     semisup = ArraySource(semisup.images[keep], semisup.labels[keep])
     if len(semisup) < batch_size:
-      raise errors.DataError(f'batch_size {batch_size} exceeds the {len(semisup)} semisup '
-                       f'examples used from {semisup_path!r}.')
-  return TrainBatches(info, source, indices, batch_size, seed, process_index, process_count,
-                      size, semisup)
+      raise errors.DataError(
+        f"batch_size {batch_size} exceeds the {len(semisup)} semisup examples used from {semisup_path!r}."
+      )
+  return TrainBatches(info, source, indices, batch_size, seed, process_index, process_count, size, semisup)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -571,32 +632,39 @@ class EvalBatches:
       process_count.
     """
     if not 0 <= step < self.num_steps:
-      raise ValueError(f'Eval step {step} not in [0, {self.num_steps}).')
-    pos = _host_slice(step * self.batch_size + np.arange(self.batch_size),
-                      self.process_index, self.process_count)
+      raise ValueError(f"Eval step {step} not in [0, {self.num_steps}).")
+    pos = _host_slice(step * self.batch_size + np.arange(self.batch_size), self.process_index, self.process_count)
     real = pos < len(self.source)
     images, labels = _read(self.source, pos[real])
     side = self.image_size
-    out = {'image': np.zeros((len(pos), side, side, self.info.image_shape[2]), np.float32),
-           'label': np.zeros(len(pos), np.int32), 'mask': real.astype(np.float32)}
+    out = {
+      "image": np.zeros((len(pos), side, side, self.info.image_shape[2]), np.float32),
+      "label": np.zeros(len(pos), np.int32),
+      "mask": real.astype(np.float32),
+    }
     if real.any():
-      out['image'][real] = self._transform(images)
-      out['label'][real] = labels
+      out["image"][real] = self._transform(images)
+      out["label"][real] = labels
     return out
 
   def _transform(self, images: Any) -> np.ndarray:
     if self.info.variable_size:
       resize_to = round(self.image_size * _IMAGENET_RESIZE / _IMAGENET_CROP)
-      return np.stack([resize_center_crop(_to_unit_float(im), resize_to, self.image_size)
-                       for im in images])
-    return _upsample(_to_unit_float(np.asarray(images)),
-                     self.image_size // self.info.image_shape[0])
+      return np.stack([resize_center_crop(_to_unit_float(im), resize_to, self.image_size) for im in images])
+    return _upsample(_to_unit_float(np.asarray(images)), self.image_size // self.info.image_shape[0])
 
 
-def eval_batches(name: str, batch_size: int, *, split: str | None = None,
-                 data_dir: str | None = None, data_format: str = 'auto',
-                 process_index: int | None = None, process_count: int | None = None,
-                 image_size: int | None = None) -> EvalBatches:
+def eval_batches(
+  name: str,
+  batch_size: int,
+  *,
+  split: str | None = None,
+  data_dir: str | None = None,
+  data_format: str = "auto",
+  process_index: int | None = None,
+  process_count: int | None = None,
+  image_size: int | None = None,
+) -> EvalBatches:
   """In-order, unaugmented, zero-padded batches covering a split exactly once.
 
   Args:
@@ -647,8 +715,9 @@ class _Prefix(Sequence):
     return self.source[index]
 
 
-def iterate(batches: TrainBatches | EvalBatches, steps: range, *, prefetch: int = 2,
-            worker_count: int = 0) -> Iterator[Batch]:
+def iterate(
+  batches: TrainBatches | EvalBatches, steps: range, *, prefetch: int = 2, worker_count: int = 0
+) -> Iterator[Batch]:
   """Yields `batches.batch_at(step)` for each step of `steps`, in order, via grain.
 
   Args:
@@ -663,8 +732,7 @@ def iterate(batches: TrainBatches | EvalBatches, steps: range, *, prefetch: int 
     An iterator over the batches, identical whatever `prefetch` and `worker_count`.
   """
   dataset = grain.MapDataset.range(steps.start, steps.stop, steps.step).map(batches.batch_at)
-  dataset = dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
   if worker_count:
     # grain reads its absl flags in the workers; without absl.app nothing parsed them.
     if not flags.FLAGS.is_parsed():

@@ -38,8 +38,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NoReturn
 
 import numpy as np
 from PIL import Image
@@ -49,10 +51,16 @@ from hydra_jax import errors
 # torchvision's IMG_EXTENSIONS (matched case-insensitively, as ImageFolder does).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _CIFAR = {
-    "cifar10": {"folder": "cifar-10-batches-py", "label_key": "labels",
-                "files": {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}},
-    "cifar100": {"folder": "cifar-100-python", "label_key": "fine_labels",
-                 "files": {"train": ("train",), "test": ("test",)}},
+  "cifar10": {
+    "folder": "cifar-10-batches-py",
+    "label_key": "labels",
+    "files": {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+  },
+  "cifar100": {
+    "folder": "cifar-100-python",
+    "label_key": "fine_labels",
+    "files": {"train": ("train",), "test": ("test",)},
+  },
 }
 _CIFAR_ROOTS = ("", "CIFAR10", "CIFAR100")  # the reference keeps both under CIFAR10/ (data/cifar.py)
 _SVHN_ROOTS = ("", "SVHN")
@@ -127,8 +135,10 @@ def _unpickle(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:
       content = pickle.load(f, encoding="latin1")  # latin1 as torchvision: Python 2 numpy arrays need it
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-    raise errors.DataError(f"{path} is not a CIFAR python pickle ({error}); use the files of the 'python version' "
-                     "archive (cifar-10-python.tar.gz / cifar-100-python.tar.gz), as torchvision does") from error
+    raise errors.DataError(
+      f"{path} is not a CIFAR python pickle ({error}); use the files of the 'python version' "
+      "archive (cifar-10-python.tar.gz / cifar-100-python.tar.gz), as torchvision does"
+    ) from error
   if not isinstance(content, dict):
     raise errors.DataError(f"{path} holds a {type(content).__name__}, not a CIFAR batch dict")
   return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in content.items()}
@@ -142,8 +152,10 @@ def _cifar_file(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     raise errors.DataError(f"{path} lacks the keys {sorted(missing)}; is it a file of the other CIFAR dataset?")
   rows, labels = np.asarray(content["data"]), np.asarray(content[label_key])
   if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32 or labels.shape != rows.shape[:1]:
-    raise errors.DataError(f"{path}: 'data' must be uint8 [N, 3072] with N '{label_key}', got {rows.dtype} "
-                     f"{rows.shape} and {labels.shape[0] if labels.ndim else 'no'} labels")
+    raise errors.DataError(
+      f"{path}: 'data' must be uint8 [N, 3072] with N '{label_key}', got {rows.dtype} "
+      f"{rows.shape} and {labels.shape[0] if labels.ndim else 'no'} labels"
+    )
   images = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are channel-major: (C, H, W)
   return images, labels.astype(np.int32)
 
@@ -163,11 +175,12 @@ def read_cifar_pickles(root: str, dataset: str, split: str) -> ArraySource:
   paths = [os.path.join(root, name) for name in spec["files"][split]]
   absent = [os.path.basename(path) for path in paths if not os.path.isfile(path)]
   if absent:
-    raise errors.MissingDataError(f"{dataset} split {split!r} needs {absent} in {root}, which lacks them; extract the whole "
-                     f"{spec['folder']} archive there")
+    raise errors.MissingDataError(
+      f"{dataset} split {split!r} needs {absent} in {root}, which lacks them; extract the whole "
+      f"{spec['folder']} archive there"
+    )
   parts = [_cifar_file(path, spec["label_key"]) for path in paths]
-  return ArraySource(np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
-                     np.concatenate([p[1] for p in parts]))
+  return ArraySource(np.ascontiguousarray(np.concatenate([p[0] for p in parts])), np.concatenate([p[1] for p in parts]))
 
 
 # ----------------------------------------------------------------------------------------------- SVHN .mat
@@ -198,8 +211,10 @@ def read_svhn_mat(root: str, dataset: str, split: str) -> ArraySource:
 
   path = os.path.join(root, f"{split}_32x32.mat")
   if not os.path.isfile(path):
-    raise errors.MissingDataError(f"{dataset} split {split!r} needs {path}, which does not exist; put SVHN's "
-                     f"{split}_32x32.mat (http://ufldl.stanford.edu/housenumbers/) there")
+    raise errors.MissingDataError(
+      f"{dataset} split {split!r} needs {path}, which does not exist; put SVHN's "
+      f"{split}_32x32.mat (http://ufldl.stanford.edu/housenumbers/) there"
+    )
   try:
     content = scipy.io.loadmat(path)
   except (scipy.io.matlab.MatReadError, ValueError, TypeError, NotImplementedError, OSError) as error:
@@ -208,8 +223,9 @@ def read_svhn_mat(root: str, dataset: str, split: str) -> ArraySource:
     raise errors.DataError(f"{path} lacks the variables 'X' and 'y' of SVHN's cropped-digit files")
   images, labels = content["X"], content["y"].reshape(-1).astype(np.int32)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[:3] != (32, 32, 3) or len(labels) != images.shape[3]:
-    raise errors.DataError(f"{path}: X must be uint8 [32, 32, 3, N] and y [N, 1], got {images.dtype} {images.shape} "
-                     f"and {len(labels)} labels")
+    raise errors.DataError(
+      f"{path}: X must be uint8 [32, 32, 3, N] and y [N, 1], got {images.dtype} {images.shape} and {len(labels)} labels"
+    )
   if labels.size and (labels.min() < 1 or labels.max() > 10):
     raise errors.DataError(f"{path}: y must hold the digits 1..10 (10 for 0), got {labels.min()}..{labels.max()}")
   return ArraySource(np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels % 10)
@@ -234,16 +250,22 @@ def _class_folders(folder: str) -> list[str]:
   classes = sorted(entry.name for entry in entries if entry.is_dir())
   if not classes:
     loose = sum(entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in entries)
-    raise errors.DataError(f"{folder} has no class folders ({loose} image files lie directly in it); sort the images into "
-                     "one sub-folder per class (e.g. ImageNet's val/ by its ground-truth labels), as torchvision's "
-                     "ImageFolder expects")
+    raise errors.DataError(
+      f"{folder} has no class folders ({loose} image files lie directly in it); sort the images into "
+      "one sub-folder per class (e.g. ImageNet's val/ by its ground-truth labels), as torchvision's "
+      "ImageFolder expects"
+    )
   return classes
 
 
 def _images_under(folder: str) -> list[str]:
   """Image files under `folder` (recursively, following links), in sorted walk order, as ImageFolder lists them."""
-  return [os.path.join(path, name) for path, _, names in sorted(os.walk(folder, followlinks=True))
-          for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
+  return [
+    os.path.join(path, name)
+    for path, _, names in sorted(os.walk(folder, followlinks=True))
+    for name in sorted(names)
+    if name.lower().endswith(IMAGE_EXTENSIONS)
+  ]
 
 
 def read_image_folder(root: str, dataset: str, split: str) -> ImageFolderSource:
@@ -262,13 +284,17 @@ def read_image_folder(root: str, dataset: str, split: str) -> ImageFolderSource:
   for other in _FOLDER_SPLITS.values():
     other_folder = os.path.join(root, other)
     if other_folder != folder and os.path.isdir(other_folder) and _class_folders(other_folder) != classes:
-      raise errors.DataError(f"{folder} and {other_folder} have different class folders, so their labels would not "
-                       f"agree; {dataset} needs the same class names in both")
+      raise errors.DataError(
+        f"{folder} and {other_folder} have different class folders, so their labels would not "
+        f"agree; {dataset} needs the same class names in both"
+      )
   per_class = [_images_under(os.path.join(folder, name)) for name in classes]
   empty = [name for name, paths in zip(classes, per_class) if not paths]
   if empty:
-    raise errors.DataError(f"class folders without images in {folder}: {empty[:5]}{' ...' if len(empty) > 5 else ''}; "
-                     f"add their images (extensions {', '.join(IMAGE_EXTENSIONS)}) or remove the folders")
+    raise errors.DataError(
+      f"class folders without images in {folder}: {empty[:5]}{' ...' if len(empty) > 5 else ''}; "
+      f"add their images (extensions {', '.join(IMAGE_EXTENSIONS)}) or remove the folders"
+    )
   labels = np.concatenate([np.full(len(paths), label, np.int32) for label, paths in enumerate(per_class)])
   return ImageFolderSource(tuple(path for paths in per_class for path in paths), labels, tuple(classes))
 
@@ -301,25 +327,44 @@ def read_tfds(root: str | None, dataset: str, split: str) -> Sequence[Any]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
-    return tfds.data_source(dataset, split=split, data_dir=root, download=False,
-                            builder_kwargs={"file_format": "array_record"})
+    return tfds.data_source(
+      dataset, split=split, data_dir=root, download=False, builder_kwargs={"file_format": "array_record"}
+    )
   except (KeyError, FileNotFoundError, AssertionError) as error:
-    raise errors.MissingDataError(f"TFDS dataset {dataset!r} (split {split!r}) is not prepared in ArrayRecord format under "
-                     f"data_dir={root or '(TFDS default)'!r}. Prepare it with {_tfds_hint(dataset, root)}, or "
-                     "point data.data_dir at the files you have (see data.format)") from error
+    raise errors.MissingDataError(
+      f"TFDS dataset {dataset!r} (split {split!r}) is not prepared in ArrayRecord format under "
+      f"data_dir={root or '(TFDS default)'!r}. Prepare it with {_tfds_hint(dataset, root)}, or "
+      "point data.data_dir at the files you have (see data.format)"
+    ) from error
 
 
 # ----------------------------------------------------------------------------------------------- registry
 
 FORMATS: dict[str, dict[str, Any]] = {
-    "tfds": {"datasets": ("mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012"),
-             "find": find_tfds, "read": read_tfds, "files": "a TFDS folder {dataset}/ of ArrayRecord files"},
-    "cifar_pickle": {"datasets": ("cifar10", "cifar100"), "find": find_cifar_pickles, "read": read_cifar_pickles,
-                     "files": "torchvision's cifar-10-batches-py/ or cifar-100-python/ pickle files"},
-    "svhn_mat": {"datasets": ("svhn_cropped",), "find": find_svhn_mat, "read": read_svhn_mat,
-                 "files": "SVHN's train_32x32.mat / test_32x32.mat"},
-    "image_folder": {"datasets": ("imagenet2012",), "find": find_image_folder, "read": read_image_folder,
-                     "files": "folders train/<class>/ and val/<class>/ of images"},
+  "tfds": {
+    "datasets": ("mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012"),
+    "find": find_tfds,
+    "read": read_tfds,
+    "files": "a TFDS folder {dataset}/ of ArrayRecord files",
+  },
+  "cifar_pickle": {
+    "datasets": ("cifar10", "cifar100"),
+    "find": find_cifar_pickles,
+    "read": read_cifar_pickles,
+    "files": "torchvision's cifar-10-batches-py/ or cifar-100-python/ pickle files",
+  },
+  "svhn_mat": {
+    "datasets": ("svhn_cropped",),
+    "find": find_svhn_mat,
+    "read": read_svhn_mat,
+    "files": "SVHN's train_32x32.mat / test_32x32.mat",
+  },
+  "image_folder": {
+    "datasets": ("imagenet2012",),
+    "find": find_image_folder,
+    "read": read_image_folder,
+    "files": "folders train/<class>/ and val/<class>/ of images",
+  },
 }
 
 
@@ -355,8 +400,10 @@ def resolve(data_format: str, dataset: str, data_dir: str | None) -> tuple[str, 
   if data_format != "auto":
     entry = get_format(data_format)
     if dataset not in entry["datasets"]:
-      raise errors.DataError(f"data.format={data_format!r} cannot hold {dataset!r}; valid for {dataset}: "
-                       f"auto, {', '.join(formats_of(dataset))}")
+      raise errors.DataError(
+        f"data.format={data_format!r} cannot hold {dataset!r}; valid for {dataset}: "
+        f"auto, {', '.join(formats_of(dataset))}"
+      )
     if data_format == "tfds":
       return "tfds", data_dir or None  # TFDS names what is missing itself
     root = entry["find"](data_dir, dataset) if data_dir else None
@@ -367,12 +414,15 @@ def resolve(data_format: str, dataset: str, data_dir: str | None) -> tuple[str, 
     return "tfds", None
   if not os.path.isdir(data_dir):
     raise errors.MissingDataError(
-        f"data_dir={data_dir!r} is not a folder; point data.data_dir at the folder holding {dataset}")
+      f"data_dir={data_dir!r} is not a folder; point data.data_dir at the folder holding {dataset}"
+    )
   found = {name: root for name in formats_of(dataset) if (root := FORMATS[name]["find"](data_dir, dataset))}
   if len(found) > 1:
     places = "; ".join(f"{name} in {root}" for name, root in found.items())
-    raise errors.DataError(f"data_dir={data_dir!r} holds {dataset} in several formats ({places}); choose one with "
-                     f"data.format={' or '.join(found)}")
+    raise errors.DataError(
+      f"data_dir={data_dir!r} holds {dataset} in several formats ({places}); choose one with "
+      f"data.format={' or '.join(found)}"
+    )
   if not found:
     _not_found(dataset, data_dir, formats_of(dataset))
   return next(iter(found.items()))
@@ -382,8 +432,10 @@ def _not_found(dataset: str, data_dir: str | None, formats: list[str]) -> NoRetu
   """Raises the ValueError for `dataset` absent from `data_dir` in every one of `formats`."""
   looked = "; ".join(f"{name}: {FORMATS[name]['files'].format(dataset=dataset)}" for name in formats)
   hint = f" To build the TFDS files: {_tfds_hint(dataset, data_dir)}." if "tfds" in formats else ""
-  raise errors.MissingDataError(f"no {dataset} files in data_dir={data_dir or ''!r}; looked for {looked}. Point data.data_dir "
-                   f"at the folder holding them.{hint}")
+  raise errors.MissingDataError(
+    f"no {dataset} files in data_dir={data_dir or ''!r}; looked for {looked}. Point data.data_dir "
+    f"at the folder holding them.{hint}"
+  )
 
 
 def load(data_format: str, root: str | None, dataset: str, split: str) -> Sequence[Any]:

@@ -35,8 +35,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +78,14 @@ _METHODS: dict[str, Method] = {}
 _RESERVED = ("clean", "clean_top5", "robust", "num_examples")
 
 
-def register_method(name: str, fn: Callable[..., Array], defaults: Mapping[str, Any], *, kind: str = "attack",
-                    config_keys: Sequence[str] = ("eps",)) -> None:
+def register_method(
+  name: str,
+  fn: Callable[..., Array],
+  defaults: Mapping[str, Any],
+  *,
+  kind: str = "attack",
+  config_keys: Sequence[str] = ("eps",),
+) -> None:
   """Registers an evaluation method (see `Method`); `defaults` must include 'norm' and 'eps'.
 
   Args:
@@ -95,14 +105,19 @@ def register_method(name: str, fn: Callable[..., Array], defaults: Mapping[str, 
 
 
 _PGD_KEYS = ("eps", "step_size", "steps", "restarts")
-register_method("pgd_linf", attacks.pgd, dict(norm="linf", eps=8 / 255, step_size=2 / 255, steps=20, restarts=1),
-                config_keys=_PGD_KEYS)
-register_method("pgd_l2", attacks.pgd, dict(norm="l2", eps=0.5, step_size=0.125, steps=20, restarts=1),
-                config_keys=_PGD_KEYS)
+register_method(
+  "pgd_linf",
+  attacks.pgd,
+  dict(norm="linf", eps=8 / 255, step_size=2 / 255, steps=20, restarts=1),
+  config_keys=_PGD_KEYS,
+)
+register_method(
+  "pgd_l2", attacks.pgd, dict(norm="l2", eps=0.5, step_size=0.125, steps=20, restarts=1), config_keys=_PGD_KEYS
+)
 register_method("apgd_ce", attacks.apgd, dict(norm="linf", eps=8 / 255, steps=100, loss="ce", restarts=1))
 register_method("apgd_dlr", attacks.apgd, dict(norm="linf", eps=8 / 255, steps=100, loss="dlr", restarts=1))
-register_method("apgd_t", attacks.apgd_targeted,
-                dict(norm="linf", eps=8 / 255, steps=100, num_targets=9, restarts=1))
+register_method("apgd_t", attacks.apgd_targeted, dict(norm="linf", eps=8 / 255, steps=100, num_targets=9, restarts=1))
+
 
 def _bound_verifier(bound: str) -> Callable[..., Array]:
   """A verifier certifying the l_inf eps-ball (clipped to [0, 1]) with `bounds.verified_correct(method=bound)`."""
@@ -165,8 +180,9 @@ def _settings(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
   """The method's defaults overridden by config[name]; unknown setting names raise ValueError."""
   method = get_method(name)
   overrides = dict(config.get(name, {})) if config is not None else {}
-  valid = {p.name for p in inspect.signature(method.fn).parameters.values()
-           if p.kind == inspect.Parameter.KEYWORD_ONLY} - {"key"}
+  valid = {
+    p.name for p in inspect.signature(method.fn).parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY
+  } - {"key"}
   unknown = set(overrides) - valid
   if unknown:
     raise ValueError(f"method {name!r}: unknown settings {sorted(unknown)}; valid: {sorted(valid)}")
@@ -180,16 +196,18 @@ def top_k_correct(logits: Array, labels: Array, k: int) -> Array:
   return jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
 
 
-def method_correct(name: str, settings: Mapping[str, Any], logits_fn: attacks.LogitsFn, x: Array, y: Array,
-                   key: Array) -> Array:
+def method_correct(
+  name: str, settings: Mapping[str, Any], logits_fn: attacks.LogitsFn, x: Array, y: Array, key: Array
+) -> Array:
   """bool [B]: the examples that method `name` with `settings` does not break (attack) or certifies."""
   method = get_method(name)
   out = method.fn(logits_fn, x, y, key=key, **settings)
   return out if method.kind == "verifier" else top_k_correct(logits_fn(out), y, 1)
 
 
-def batch_counts(logits_fn: attacks.LogitsFn, batch: Mapping[str, Array], key: Array,
-                 methods: tuple[tuple[str, tuple], ...]) -> dict[str, Array]:
+def batch_counts(
+  logits_fn: attacks.LogitsFn, batch: Mapping[str, Array], key: Array, methods: tuple[tuple[str, tuple], ...]
+) -> dict[str, Array]:
   """Weighted counts of one batch: 'num_examples', 'clean', 'clean_top5' (more than 5 classes), each method,
   'robust' and 'robust_<norm>' (per-example worst cases).
 
@@ -219,8 +237,14 @@ def batch_counts(logits_fn: attacks.LogitsFn, batch: Mapping[str, Array], key: A
   return {"num_examples": jnp.sum(weight), **counts}
 
 
-def eval_step(state: dict[str, PyTree], batch: dict[str, Array], *, fn: Callable,
-              methods: tuple[tuple[str, tuple], ...], axis_name: str | None) -> tuple[dict, dict[str, Array]]:
+def eval_step(
+  state: dict[str, PyTree],
+  batch: dict[str, Array],
+  *,
+  fn: Callable,
+  methods: tuple[tuple[str, tuple], ...],
+  axis_name: str | None,
+) -> tuple[dict, dict[str, Array]]:
   """Per-device step for `parallel.make_runner`: the counts of one batch, summed over devices.
 
   `state` is {'variables': model variables or None (then `fn` is a logits_fn), 'key': PRNG key, 'batch':
@@ -246,21 +270,24 @@ def _runner(fn: Callable, methods: tuple, mode: str, devices: tuple | None) -> p
 
 def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   labels = np.asarray(batch["label"], np.int32)
-  return {"image": np.asarray(batch["image"], np.float32), "label": labels,
-          "mask": np.asarray(batch.get("mask", np.ones(len(labels))), np.float32)}
+  return {
+    "image": np.asarray(batch["image"], np.float32),
+    "label": labels,
+    "mask": np.asarray(batch.get("mask", np.ones(len(labels))), np.float32),
+  }
 
 
 def evaluate(
-    fn: Callable,
-    variables: Any,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    key: Array,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    config: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    mode: str = "single",
-    devices: Sequence[Any] | None = None,
+  fn: Callable,
+  variables: Any,
+  batches: Iterable[Mapping[str, Any]],
+  *,
+  key: Array,
+  methods: Sequence[str] = DEFAULT_METHODS,
+  config: Mapping[str, Any] | None = None,
+  progress: bool = True,
+  mode: str = "single",
+  devices: Sequence[Any] | None = None,
 ) -> dict[str, float]:
   """Clean (top-1, top-5) and robust accuracy over `batches`.
 

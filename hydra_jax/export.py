@@ -39,7 +39,6 @@ from hydra_jax import smoothing
 from hydra_jax import sources
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RunModel:
   """A trained model read back from a run directory.
@@ -68,8 +67,14 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, *, best: bool = Fa
   return RunModel(sources.model_variables(weights, batch_stats), params, scores, meta["k"], meta)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, methods: Sequence[str] | None = None,
-                        best: bool = False, progress: bool = True) -> dict[str, float]:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  methods: Sequence[str] | None = None,
+  best: bool = False,
+  progress: bool = True,
+) -> dict[str, float]:
   """`evaluate.evaluate` of a finished run, exactly as the run's own evaluation but with any methods.
 
   Args:
@@ -89,9 +94,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, meth
   batches = sources.eval_split(config)
   apply_fn = models.make_apply_fn(sources.build_model(config))
   with config_lib.prng_scope(config):
-    results = evaluate.evaluate(apply_fn, run.variables, data.iterate(batches, range(batches.num_steps)),
-                                key=jax.random.PRNGKey(config.seed + 1), methods=names,
-                                config=evaluate.config_settings(config.eval, names), progress=progress)
+    results = evaluate.evaluate(
+      apply_fn,
+      run.variables,
+      data.iterate(batches, range(batches.num_steps)),
+      key=jax.random.PRNGKey(config.seed + 1),
+      methods=names,
+      config=evaluate.config_settings(config.eval, names),
+      progress=progress,
+    )
   return {**results, "k": run.k, "stage": run.meta.get("stage")}
 
 
@@ -99,8 +110,10 @@ def sparse_size(params: PyTree) -> dict[str, int]:
   """Bytes of the prunable kernels stored dense vs as BCOO (int32 indices + float values of nonzeros)."""
   kernels = [jnp.asarray(w) for p, w in jax.tree_util.tree_flatten_with_path(params)[0] if masking.is_prunable(p, w)]
   bcoo = [sparse.BCOO.fromdense(w) for w in kernels]
-  return {"dense_bytes": sum(w.nbytes for w in kernels),
-          "bcoo_bytes": sum(m.data.nbytes + m.indices.nbytes for m in bcoo)}
+  return {
+    "dense_bytes": sum(w.nbytes for w in kernels),
+    "bcoo_bytes": sum(m.data.nbytes + m.indices.nbytes for m in bcoo),
+  }
 
 
 def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str, *, dense: bool = True) -> str:
@@ -119,8 +132,10 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
     variables, scores = {**run.variables, "params": run.trained_params}, run.scores
   if out.endswith((".pth", ".pt")):
     import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
-    state_dict = convert.to_torch_state_dict(variables, scores, model_name=config.model.name,
-                                             input_shape=config_lib.image_shape(config), as_torch=True)
+
+    state_dict = convert.to_torch_state_dict(
+      variables, scores, model_name=config.model.name, input_shape=config_lib.image_shape(config), as_torch=True
+    )
     torch.save(state_dict, out)
   else:
     tree = {**variables, **({"scores": scores} if scores is not None else {})}
@@ -128,25 +143,46 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
     np.savez(out, **flat)
   size = sparse_size(run.variables["params"])
   report = masking.sparsity_report(run.variables["params"])
-  return (f"wrote {out}: {report.kept:,} of {report.total:,} prunable weights kept "
-          f"({100 * report.kept / report.total:.2f}%); kernels {size['dense_bytes']:,} bytes dense, "
-          f"{size['bcoo_bytes']:,} bytes as BCOO")
+  return (
+    f"wrote {out}: {report.kept:,} of {report.total:,} prunable weights kept "
+    f"({100 * report.kept / report.total:.2f}%); kernels {size['dense_bytes']:,} bytes dense, "
+    f"{size['bcoo_bytes']:,} bytes as BCOO"
+  )
 
 
-def _certify_examples(config: ml_collections.ConfigDict, skip: int,
-                      max_examples: int) -> tuple[data.EvalBatches, range]:
+def _certify_examples(
+  config: ml_collections.ConfigDict, skip: int, max_examples: int
+) -> tuple[data.EvalBatches, range]:
   """The eval split one example per batch, and the indices to certify: every skip-th, at most max_examples."""
-  examples = data.eval_batches(config.data.name, 1, data_dir=config.data.data_dir or None,
-                               data_format=config.data.format, process_index=0, process_count=1,
-                               image_size=config.data.image_size or None)
+  examples = data.eval_batches(
+    config.data.name,
+    1,
+    data_dir=config.data.data_dir or None,
+    data_format=config.data.format,
+    process_index=0,
+    process_count=1,
+    image_size=config.data.image_size or None,
+  )
   indices = range(0, examples.num_steps, skip)
   return examples, indices[:max_examples] if max_examples > 0 else indices
 
 
-def certify_checkpoint(config: ml_collections.ConfigDict, workdir: str, out_dir: str, *, sigma: float,
-                       n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
-                       skip: int = 1, max_examples: int = 0, radii: Sequence[float] | None = None,
-                       best: bool = False, progress: bool = True) -> dict[str, Any]:
+def certify_checkpoint(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  out_dir: str,
+  *,
+  sigma: float,
+  n0: int = 100,
+  n: int = 100_000,
+  alpha: float = 0.001,
+  batch_size: int = 1000,
+  skip: int = 1,
+  max_examples: int = 0,
+  radii: Sequence[float] | None = None,
+  best: bool = False,
+  progress: bool = True,
+) -> dict[str, Any]:
   """Certifies the run's smoothed classifier on every `skip`-th eval example (Cohen et al. 2019, CERTIFY).
 
   The base classifier is the run's model with masked weights and BatchNorm in eval mode; each example gets
@@ -181,18 +217,40 @@ def certify_checkpoint(config: ml_collections.ConfigDict, workdir: str, out_dir:
     for index in tqdm(indices, desc=f"certify sigma={sigma}", disable=not progress):
       example = examples.batch_at(index)
       label, start = int(example["label"][0]), time.time()
-      predicted, radius = smoothing.certify(logits_fn, example["image"][0], key=jax.random.fold_in(key, index),
-                                            sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+      predicted, radius = smoothing.certify(
+        logits_fn,
+        example["image"][0],
+        key=jax.random.fold_in(key, index),
+        sigma=sigma,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        batch_size=batch_size,
+      )
       rows.append((predicted, label, radius))
-      print(f"{index}\t{label}\t{predicted}\t{radius:.6g}\t{int(predicted == label)}\t"
-            f"{datetime.timedelta(seconds=time.time() - start)}", file=tsv, flush=True)
-  settings = {"checkpoint": workdir, "stage": run.meta.get("stage"), "k": run.k, "sigma": sigma, "n0": n0, "n": n,
-              "alpha": alpha, "skip": skip, "max_examples": max_examples}
+      print(
+        f"{index}\t{label}\t{predicted}\t{radius:.6g}\t{int(predicted == label)}\t"
+        f"{datetime.timedelta(seconds=time.time() - start)}",
+        file=tsv,
+        flush=True,
+      )
+  settings = {
+    "checkpoint": workdir,
+    "stage": run.meta.get("stage"),
+    "k": run.k,
+    "sigma": sigma,
+    "n0": n0,
+    "n": n,
+    "alpha": alpha,
+    "skip": skip,
+    "max_examples": max_examples,
+  }
   return _write_certified_accuracy(out_dir, rows, radii, settings)
 
 
-def _write_certified_accuracy(out_dir: str, rows: list[tuple[int, int, float]], radii: Sequence[float] | None,
-                              settings: dict[str, Any]) -> dict[str, Any]:
+def _write_certified_accuracy(
+  out_dir: str, rows: list[tuple[int, int, float]], radii: Sequence[float] | None, settings: dict[str, Any]
+) -> dict[str, Any]:
   """Writes certified_accuracy.{txt,json,png} from (predicted, label, radius) rows; returns the summary."""
   predicted, labels, radius = (np.array(column) for column in zip(*rows, strict=True))
   correct = predicted == labels
@@ -202,8 +260,13 @@ def _write_certified_accuracy(out_dir: str, rows: list[tuple[int, int, float]], 
   accuracy = smoothing.certified_accuracy(correct, radius, radii)
   title = f"smoothed classifier g: sigma={sigma}, n={n}, alpha={alpha}, {len(rows)} examples"
   table = smoothing.accuracy_table(radii, accuracy, title=title)
-  summary = {**settings, "num_examples": len(rows), "abstained": int(np.sum(predicted == smoothing.ABSTAIN)),
-             "radii": [float(r) for r in radii], "certified_accuracy": [float(a) for a in accuracy]}
+  summary = {
+    **settings,
+    "num_examples": len(rows),
+    "abstained": int(np.sum(predicted == smoothing.ABSTAIN)),
+    "radii": [float(r) for r in radii],
+    "certified_accuracy": [float(a) for a in accuracy],
+  }
   with open(os.path.join(out_dir, "certified_accuracy.txt"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(out_dir, "certified_accuracy.json"), "w") as f:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -72,8 +73,7 @@ def _check_scores(params: PyTree, scores: PyTree) -> None:
     if name not in param_leaves:
       raise ValueError(f"scores do not mirror params: score '{name}' has no param")
     if s is not None and np.shape(s) != np.shape(param_leaves[name]):
-      raise ValueError(
-          f"score '{name}' has shape {np.shape(s)} but its param has shape {np.shape(param_leaves[name])}")
+      raise ValueError(f"score '{name}' has shape {np.shape(s)} but its param has shape {np.shape(param_leaves[name])}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,6 +106,7 @@ def _order_key(values: jax.Array) -> jax.Array:
 
 def _kth_smallest_key(keys: jax.Array, rank: jax.Array | int) -> jax.Array:
   """The smallest t with #{keys <= t} > rank, by bisection on the int32 range: 31 O(n) passes, no sort."""
+
   def halve(_, bounds):
     lo, hi = bounds  # invariant: count(keys <= lo) <= rank < count(keys <= hi)
     mid = lo + (hi - lo) // 2
@@ -196,8 +197,10 @@ def layer_masks(scores: PyTree, k: Any) -> PyTree:
   """
   flat_k = _per_layer_k(k)
   return jax.tree_util.tree_map_with_path(
-      lambda path, s: None if s is None else topk_mask(s, _k_for_layer(flat_k, path_name(path))),
-      scores, is_leaf=lambda x: x is None)
+    lambda path, s: None if s is None else topk_mask(s, _k_for_layer(flat_k, path_name(path))),
+    scores,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def global_masks(scores: PyTree, k: float | jax.Array, min_layer_k: float = 0.0) -> PyTree:
@@ -215,8 +218,9 @@ def global_masks(scores: PyTree, k: float | jax.Array, min_layer_k: float = 0.0)
   arrays = [s for s in leaves if s is not None]
   abs_flat = jnp.concatenate([_magnitude(s).ravel() for s in arrays])
   if min_layer_k > 0:
-    guaranteed = jnp.concatenate([_hard_topk(jnp.abs(s), num_pruned(s.size, min_layer_k)).ravel() > 0
-                                  for s in jax.lax.stop_gradient(arrays)])
+    guaranteed = jnp.concatenate(
+      [_hard_topk(jnp.abs(s), num_pruned(s.size, min_layer_k)).ravel() > 0 for s in jax.lax.stop_gradient(arrays)]
+    )
     # Guaranteed entries rank above every other (+inf); the identity-plus-constant keeps d/d|s| = 1.
     abs_flat = abs_flat + jax.lax.stop_gradient(jnp.where(guaranteed, jnp.inf, abs_flat) - abs_flat)
     n_pruned = jnp.minimum(num_pruned(abs_flat.size, k), abs_flat.size - jnp.sum(guaranteed))
@@ -237,8 +241,7 @@ def compute_masks(scores: PyTree, k: Any, *, scope: str = "layer", min_layer_k: 
   raise ValueError(f"unknown mask scope '{scope}'; valid: 'layer', 'global'")
 
 
-def apply_masks(params: PyTree, scores: PyTree, k: Any, *, scope: str = "layer",
-                min_layer_k: float = 0.0) -> PyTree:
+def apply_masks(params: PyTree, scores: PyTree, k: Any, *, scope: str = "layer", min_layer_k: float = 0.0) -> PyTree:
   """Params whose prunable kernels are `w * topk_mask(s, k)`; every other leaf is returned as is.
 
   Differentiable in both arguments: `dL/dw = mask * dL/dw_eff` (pruned weights get zero gradient, so they
@@ -261,8 +264,9 @@ def export_dense(params: PyTree, scores: PyTree, k: Any, **mask_options) -> PyTr
   """Plain params with every pruned weight exactly +0.0 (no scores needed to use them)."""
   _check_scores(params, scores)
   masks = jax.lax.stop_gradient(compute_masks(scores, k, **mask_options))
-  return jax.tree.map(lambda w, m: w if m is None else jnp.where(m > 0, w, jnp.zeros_like(w)),
-                      params, masks, is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda w, m: w if m is None else jnp.where(m > 0, w, jnp.zeros_like(w)), params, masks, is_leaf=lambda x: x is None
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,20 +315,26 @@ def _snip(w, key, *, grads, **_):
 
 
 SCORE_INITS: dict[str, Callable[..., jax.Array]] = {
-    "scaled": _scaled,
-    "kaiming_normal": _kaiming_normal,
-    "kaiming_uniform": lambda w, key, **_: _uniform_bound(lambda s: math.sqrt(6.0 / fans(s)[0]))(w, key),
-    "xavier_normal": lambda w, key, **_: _xavier_std(w.shape) * jax.random.normal(key, w.shape, w.dtype),
-    "xavier_uniform": lambda w, key, **_: _uniform_bound(lambda s: math.sqrt(3.0) * _xavier_std(s))(w, key),
-    "dirac": _dirac,
-    "orthogonal": _orthogonal,
-    "uniform": lambda w, key, **_: _uniform_bound(lambda s: 1.0 / math.sqrt(fans(s)[0]))(w, key),
-    "snip": _snip,
+  "scaled": _scaled,
+  "kaiming_normal": _kaiming_normal,
+  "kaiming_uniform": lambda w, key, **_: _uniform_bound(lambda s: math.sqrt(6.0 / fans(s)[0]))(w, key),
+  "xavier_normal": lambda w, key, **_: _xavier_std(w.shape) * jax.random.normal(key, w.shape, w.dtype),
+  "xavier_uniform": lambda w, key, **_: _uniform_bound(lambda s: math.sqrt(3.0) * _xavier_std(s))(w, key),
+  "dirac": _dirac,
+  "orthogonal": _orthogonal,
+  "uniform": lambda w, key, **_: _uniform_bound(lambda s: 1.0 / math.sqrt(fans(s)[0]))(w, key),
+  "snip": _snip,
 }
 
 
-def init_scores(params: PyTree, method: str, key: jax.Array, *,
-                prunable: Callable[[Path, Any], bool] = is_prunable, **per_leaf: PyTree) -> PyTree:
+def init_scores(
+  params: PyTree,
+  method: str,
+  key: jax.Array,
+  *,
+  prunable: Callable[[Path, Any], bool] = is_prunable,
+  **per_leaf: PyTree,
+) -> PyTree:
   """A scores tree mirroring `params`: an array at each prunable kernel, None at every other leaf.
 
   Methods (fan_in/fan_out as PyTorch counts them: in*kh*kw / out*kh*kw):
@@ -353,8 +363,7 @@ def init_scores(params: PyTree, method: str, key: jax.Array, *,
   leaves = []
   for i, (path, w) in enumerate(flat):
     leaf_key = next(keys)
-    leaves.append(init(jnp.asarray(w), leaf_key, **{n: v[i] for n, v in extra.items()})
-                  if prunable(path, w) else None)
+    leaves.append(init(jnp.asarray(w), leaf_key, **{n: v[i] for n, v in extra.items()}) if prunable(path, w) else None)
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -385,12 +394,20 @@ class SparsityReport:
     return "\n".join(rows)
 
   def to_json(self) -> str:
-    return json.dumps({"layers": [{"name": n, "kept": k, "total": t} for n, k, t in self.layers],
-                       "kept": self.kept, "total": self.total})
+    return json.dumps(
+      {
+        "layers": [{"name": n, "kept": k, "total": t} for n, k, t in self.layers],
+        "kept": self.kept,
+        "total": self.total,
+      }
+    )
 
 
 def sparsity_report(params: PyTree, prunable: Callable[[Path, Any], bool] = is_prunable) -> SparsityReport:
   """Counts the nonzero entries of every prunable kernel of `params` (e.g. the output of export_dense)."""
-  layers = tuple((path_name(p), int(np.count_nonzero(np.asarray(w))), int(np.size(w)))
-                 for p, w in jax.tree_util.tree_flatten_with_path(params)[0] if prunable(p, w))
+  layers = tuple(
+    (path_name(p), int(np.count_nonzero(np.asarray(w))), int(np.size(w)))
+    for p, w in jax.tree_util.tree_flatten_with_path(params)[0]
+    if prunable(p, w)
+  )
   return SparsityReport(layers)

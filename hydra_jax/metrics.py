@@ -26,6 +26,7 @@ class MetricWriter:
     self._tb = None
     if self.active and tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top  (optional dependency)
+
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:

@@ -34,8 +34,10 @@ A new objective is one function registered by name:
   def my_loss(apply_fn, variables, batch, key, config): ...
 """
 
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +78,9 @@ class Objective(NamedTuple):
 _REGISTRY: dict[str, Objective] = {}
 
 
-def register(name: str, *, defaults: Mapping[str, Any], init_carry=None, update_carry=None, replays=None,
-             takes_epoch: bool = False):
+def register(
+  name: str, *, defaults: Mapping[str, Any], init_carry=None, update_carry=None, replays=None, takes_epoch: bool = False
+):
   """Decorator registering `loss_fn` under `name` (see `Objective` for the other arguments)."""
   if name in _REGISTRY:
     raise ValueError(f"objective {name!r} is already registered")
@@ -140,8 +143,9 @@ _ATTACK_DEFAULTS = dict(eps=8 / 255, step_size=2 / 255, steps=10, norm="linf", u
 
 
 @register("benign", defaults={})
-def benign_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-                config: ml_collections.ConfigDict) -> LossOutput:
+def benign_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict
+) -> LossOutput:
   """Cross-entropy on clean inputs (the reference's `base` trainer). `key` and `config` are unused."""
   del key, config
   logits, variables = apply_fn(variables, batch["image"], True)
@@ -150,8 +154,9 @@ def benign_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Arra
 
 
 @register("pgd_at", defaults={**_ATTACK_DEFAULTS, "random_start": True})
-def pgd_at_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-                config: ml_collections.ConfigDict) -> LossOutput:
+def pgd_at_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict
+) -> LossOutput:
   """Madry et al. adversarial training: CE on PGD examples (not in the reference, whose `adv` is TRADES).
 
   PGD (`attacks.pgd` with config eps, step_size, steps, norm, random_start; `key` seeds the random start)
@@ -160,9 +165,18 @@ def pgd_at_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Arra
   """
   x, y = batch["image"], batch["label"]
   logits_fn = _eval_logits_fn(apply_fn, variables)
-  x_adv = attacks.pgd(logits_fn, x, y, key=key, eps=config.eps, step_size=config.step_size,
-                      steps=config.steps, norm=config.norm, random_start=config.random_start,
-                      unroll=config.unroll)
+  x_adv = attacks.pgd(
+    logits_fn,
+    x,
+    y,
+    key=key,
+    eps=config.eps,
+    step_size=config.step_size,
+    steps=config.steps,
+    norm=config.norm,
+    random_start=config.random_start,
+    unroll=config.unroll,
+  )
   adv_logits, variables = apply_fn(variables, x_adv, True)
   loss = _cross_entropy(adv_logits, y)
   metrics = {"loss": loss, "accuracy": _accuracy(logits_fn(x), y), "adv_accuracy": _accuracy(adv_logits, y)}
@@ -170,8 +184,9 @@ def pgd_at_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Arra
 
 
 @register("trades", defaults={**_ATTACK_DEFAULTS, "beta": 6.0})
-def trades_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-                config: ml_collections.ConfigDict) -> LossOutput:
+def trades_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict
+) -> LossOutput:
   """TRADES (Zhang et al. 2019), exactly the reference's trainer called `adv` (which IS TRADES).
 
   L = CE(f(x), y) + beta * (1/B) sum_b KL(softmax f(x) || softmax f(x_adv)), beta = 6 by default, where
@@ -186,23 +201,36 @@ def trades_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Arra
   metrics: loss, natural_loss, robust_loss (the KL term before beta), accuracy, adv_accuracy (train mode).
   """
   x, y = batch["image"], batch["label"]
-  x_adv = attacks.trades_attack(_eval_logits_fn(apply_fn, variables), x, key=key, eps=config.eps,
-                                step_size=config.step_size, steps=config.steps, norm=config.norm,
-                                unroll=config.unroll)
+  x_adv = attacks.trades_attack(
+    _eval_logits_fn(apply_fn, variables),
+    x,
+    key=key,
+    eps=config.eps,
+    step_size=config.step_size,
+    steps=config.steps,
+    norm=config.norm,
+    unroll=config.unroll,
+  )
   logits, variables = apply_fn(variables, x, True)
   _, variables = apply_fn(variables, x, True)
   adv_logits, variables = apply_fn(variables, x_adv, True)
   _, variables = apply_fn(variables, x, True)
   natural_loss, robust_loss = _cross_entropy(logits, y), _kl(logits, adv_logits)
   loss = natural_loss + config.beta * robust_loss
-  metrics = {"loss": loss, "natural_loss": natural_loss, "robust_loss": robust_loss,
-             "accuracy": _accuracy(logits, y), "adv_accuracy": _accuracy(adv_logits, y)}
+  metrics = {
+    "loss": loss,
+    "natural_loss": natural_loss,
+    "robust_loss": robust_loss,
+    "accuracy": _accuracy(logits, y),
+    "adv_accuracy": _accuracy(adv_logits, y),
+  }
   return loss, (metrics, variables)
 
 
 @register("smooth", defaults={"noise_std": 0.25, "beta": 6.0})
-def smooth_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-                config: ml_collections.ConfigDict) -> LossOutput:
+def smooth_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict
+) -> LossOutput:
   """The reference's `smooth` trainer (non-ImageNet): a stability loss for randomized smoothing.
 
   L = CE(f(x), y) + beta * (1/B) sum_b KL(softmax f(x) || softmax f(x + delta)), delta = noise_std * N(0, I)
@@ -215,14 +243,20 @@ def smooth_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Arra
   noisy_logits, variables = apply_fn(variables, x + noise, True)
   natural_loss, robust_loss = _cross_entropy(logits, y), _kl(logits, noisy_logits)
   loss = natural_loss + config.beta * robust_loss
-  metrics = {"loss": loss, "natural_loss": natural_loss, "robust_loss": robust_loss,
-             "accuracy": _accuracy(logits, y), "noisy_accuracy": _accuracy(noisy_logits, y)}
+  metrics = {
+    "loss": loss,
+    "natural_loss": natural_loss,
+    "robust_loss": robust_loss,
+    "accuracy": _accuracy(logits, y),
+    "noisy_accuracy": _accuracy(noisy_logits, y),
+  }
   return loss, (metrics, variables)
 
 
 @register("smooth_imagenet", defaults={"noise_std": 0.25})
-def smooth_imagenet_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-                         config: ml_collections.ConfigDict) -> LossOutput:
+def smooth_imagenet_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict
+) -> LossOutput:
   """The reference's `smooth` trainer on ImageNet: Gaussian data augmentation (Cohen et al. 2019).
 
   L = CE(f(x + delta), y), delta = noise_std * N(0, I) drawn from `key`, one forward in train mode, no
@@ -255,10 +289,16 @@ def free_update_carry(carry: Array, carry_grad: Array, config: ml_collections.Co
   return jnp.clip(carry + config.eps * jnp.sign(carry_grad), -config.eps, config.eps)
 
 
-@register("free", defaults={"eps": 8 / 255, "replays": 4}, init_carry=free_init_carry,
-          update_carry=free_update_carry, replays=lambda config: config.replays)
-def free_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-              config: ml_collections.ConfigDict, carry: Array) -> LossOutput:
+@register(
+  "free",
+  defaults={"eps": 8 / 255, "replays": 4},
+  init_carry=free_init_carry,
+  update_carry=free_update_carry,
+  replays=lambda config: config.replays,
+)
+def free_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict, carry: Array
+) -> LossOutput:
   """Free adversarial training: CE(f(clip(x + delta, 0, 1)), y) in train mode.
 
   The perturbation delta is the carry, shared across replays and batches; the train step takes the
@@ -292,8 +332,13 @@ def free_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
 # (affine -> ReLU -> ... -> affine), IBP works for every zoo model.
 
 _VERIFIED_DEFAULTS = {"eps": 0.007, "starting_epsilon": 0.0, "clip_min": 0.0, "clip_max": 1.0}
-_CROWN_IBP_DEFAULTS = {**_VERIFIED_DEFAULTS, "schedule_length": 60, "kappa_start": 0.0, "kappa_end": 0.0,
-                       "lower_slope": "adaptive"}
+_CROWN_IBP_DEFAULTS = {
+  **_VERIFIED_DEFAULTS,
+  "schedule_length": 60,
+  "kappa_start": 0.0,
+  "kappa_end": 0.0,
+  "lower_slope": "adaptive",
+}
 
 
 def crown_ibp_ramp(epoch: Array, schedule_length: int) -> Array:
@@ -319,8 +364,9 @@ def _ball(x: Array, eps: Array, config: ml_collections.ConfigDict) -> tuple[Arra
   return jnp.clip(x - eps, config.clip_min, config.clip_max), jnp.clip(x + eps, config.clip_min, config.clip_max)
 
 
-def _verified_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, config: ml_collections.ConfigDict,
-                   epoch: Array, crown: bool) -> LossOutput:
+def _verified_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, config: ml_collections.ConfigDict, epoch: Array, crown: bool
+) -> LossOutput:
   """L = kappa CE(f(x), y) + (1 - kappa) CE(-lb, y) (CROWN-IBP paper, eq. 9), lb mixed as in `crown_ibp_loss`."""
   x, y = batch["image"], batch["label"]
   logits, new_variables = apply_fn(variables, x, True)
@@ -340,15 +386,23 @@ def _verified_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, config
   lb = lax.cond(beta < 1e-5, ibp_only, mixed) if crown else ibp_only()
   natural_loss, robust_loss = _cross_entropy(logits, y), _cross_entropy(_worst_case_logits(lb, spec, y), y)
   loss = kappa * natural_loss + (1 - kappa) * robust_loss
-  metrics = {"loss": loss, "natural_loss": natural_loss, "robust_loss": robust_loss,
-             "accuracy": _accuracy(logits, y), "verified_accuracy": jnp.mean(jnp.all(lb > 0, axis=-1)),
-             "eps": eps, "beta": beta, "kappa": kappa}
+  metrics = {
+    "loss": loss,
+    "natural_loss": natural_loss,
+    "robust_loss": robust_loss,
+    "accuracy": _accuracy(logits, y),
+    "verified_accuracy": jnp.mean(jnp.all(lb > 0, axis=-1)),
+    "eps": eps,
+    "beta": beta,
+    "kappa": kappa,
+  }
   return loss, (metrics, new_variables)
 
 
 @register("crown_ibp", defaults=_CROWN_IBP_DEFAULTS, takes_epoch=True)
-def crown_ibp_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-                   config: ml_collections.ConfigDict, epoch: Array) -> LossOutput:
+def crown_ibp_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict, epoch: Array
+) -> LossOutput:
   """CROWN-IBP verified training (Zhang et al. 2020), the reference's `crown-ibp` trainer.
 
   eps_t = starting_epsilon + (eps - starting_epsilon) * `crown_ibp_ramp(epoch, schedule_length)` (per step);
@@ -365,8 +419,9 @@ def crown_ibp_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: A
 
 
 @register("ibp", defaults={k: v for k, v in _CROWN_IBP_DEFAULTS.items() if k != "lower_slope"}, takes_epoch=True)
-def ibp_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-             config: ml_collections.ConfigDict, epoch: Array) -> LossOutput:
+def ibp_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict, epoch: Array
+) -> LossOutput:
   """IBP verified training (Gowal et al. 2018): `crown_ibp` with beta = 0 (lb = ibp_lb), for any zoo model."""
   del key
   return _verified_loss(apply_fn, variables, batch, config, epoch, crown=False)
@@ -386,10 +441,14 @@ def mixtrain_schedule(epoch: Array, config: ml_collections.ConfigDict) -> tuple[
   return eps, jnp.minimum(weight, 50.0)
 
 
-@register("mixtrain", defaults={**_VERIFIED_DEFAULTS, "schedule_length": 10, "interval_weight": 0.1,
-                                "mixtraink": 1, "alpha": 0.8}, takes_epoch=True)
-def mixtrain_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array,
-                  config: ml_collections.ConfigDict, epoch: Array) -> LossOutput:
+@register(
+  "mixtrain",
+  defaults={**_VERIFIED_DEFAULTS, "schedule_length": 10, "interval_weight": 0.1, "mixtraink": 1, "alpha": 0.8},
+  takes_epoch=True,
+)
+def mixtrain_loss(
+  apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Array, config: ml_collections.ConfigDict, epoch: Array
+) -> LossOutput:
   """MixTrain (Wang et al. 2018), the reference's `mixtrain` trainer.
 
   L = CE(f(x), y) (train mode) and, with probability alpha = 0.8 (drawn from `key`), plus iw * CE of the
@@ -415,7 +474,13 @@ def mixtrain_loss(apply_fn: ApplyFn, variables: Variables, batch: Batch, key: Ar
   robust_loss = lax.cond(drawn, robust, lambda: jnp.zeros(()))
   natural_loss = _cross_entropy(logits, y)
   loss = natural_loss + weight * robust_loss
-  metrics = {"loss": loss, "natural_loss": natural_loss, "robust_loss": robust_loss,
-             "accuracy": _accuracy(logits, y), "eps": eps, "interval_weight": weight,
-             "drawn": drawn.astype(jnp.float32)}
+  metrics = {
+    "loss": loss,
+    "natural_loss": natural_loss,
+    "robust_loss": robust_loss,
+    "accuracy": _accuracy(logits, y),
+    "eps": eps,
+    "interval_weight": weight,
+    "drawn": drawn.astype(jnp.float32),
+  }
   return loss, (metrics, new_variables)

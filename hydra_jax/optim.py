@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from hydra_jax import objectives
 from hydra_jax import PyTree
+from hydra_jax import objectives
 
 Schedule = Callable[..., jax.Array]
 
 
 def param_kinds(params: PyTree) -> PyTree:
   """'norm' at the leaves of normalisation layers (a module with a 'scale'), 'weight' at every other leaf."""
+
   def kinds(tree, is_norm):
     if isinstance(tree, Mapping):
       return {name: kinds(value, "scale" in tree and "kernel" not in tree) for name, value in tree.items()}
@@ -45,14 +47,17 @@ def trainable_labels(params: PyTree, scores: PyTree | None, stage: str, freeze_b
   Scores train in 'prune' (HYDRA's scores) and 'str' (the slot holds STR's thresholds, which train beside the
   weights, weight decay included); params train everywhere but in 'prune' (BatchNorm unless `freeze_bn`).
   """
+
   def param_label(kind):
     if stage != "prune":
       return "train"
     return "train" if kind == "norm" and not freeze_bn else "freeze"
 
   score_label = "train" if stage in ("prune", "str") else "freeze"
-  return {"params": jax.tree.map(param_label, param_kinds(params)),
-          "scores": jax.tree.map(lambda _: score_label, scores)}
+  return {
+    "params": jax.tree.map(param_label, param_kinds(params)),
+    "scores": jax.tree.map(lambda _: score_label, scores),
+  }
 
 
 def _sgd(lr, opt):
@@ -111,8 +116,7 @@ def _constant(step, *, lr, steps, steps_per_epoch):
   return lr * jnp.ones_like(step, jnp.float32)
 
 
-_SCHEDULES = {"cosine": _cosine, "reference_cosine": _reference_cosine, "step": _step_decay,
-              "constant": _constant}
+_SCHEDULES = {"cosine": _cosine, "reference_cosine": _reference_cosine, "step": _step_decay, "constant": _constant}
 
 
 def schedule_names() -> tuple[str, ...]:
@@ -154,13 +158,15 @@ def learning_rate(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
   opt = config.optimizer
   warmup_steps = opt.warmup_epochs * steps_per_epoch
   steps = stage_epochs(config, stage) * steps_per_epoch - warmup_steps
-  schedule = functools.partial(get_schedule(opt.schedule), lr=config.stages[stage].lr, steps=steps,
-                               steps_per_epoch=steps_per_epoch)
+  schedule = functools.partial(
+    get_schedule(opt.schedule), lr=config.stages[stage].lr, steps=steps, steps_per_epoch=steps_per_epoch
+  )
   return lambda step: jnp.where(step < warmup_steps, opt.warmup_lr, schedule(step - warmup_steps))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, stage: str, labels: PyTree,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, stage: str, labels: PyTree, steps_per_epoch: int
+) -> optax.GradientTransformation:
   """The stage's optimizer over `{'params', 'scores'}`: frozen leaves get no update at all.
 
   Args:

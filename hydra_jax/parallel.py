@@ -33,7 +33,9 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -41,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import distributed  # the coordinator's key-value store: JAX has no public API for it
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hydra_jax import PyTree
 from hydra_jax import errors
@@ -58,8 +62,9 @@ StepFn = Callable[..., tuple[PyTree, PyTree]]
 DEFAULT_TIMEOUT_S = 300
 
 
-def distributed_args(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
-                     environ: Mapping[str, str] = os.environ) -> tuple[str | None, int | None, int | None]:
+def distributed_args(
+  coordinator_address: str = "", num_processes: int = 0, process_id: int = -1, environ: Mapping[str, str] = os.environ
+) -> tuple[str | None, int | None, int | None]:
   """(coordinator 'host:port', number of processes, this process's id) of a multi-host run.
 
   A given value ("", 0 and -1 mean unset) wins over its environment variable (JAX_COORDINATOR_ADDRESS,
@@ -89,8 +94,13 @@ def _env_int(environ: Mapping[str, str], name: str) -> int | None:
     raise errors.ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def init_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
   """Joins this process to a multi-host run (`jax.distributed.initialize`); a no-op once joined.
 
   Args:
@@ -110,19 +120,23 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
   who = "this process" if process_id is None else f"process {process_id}"
   count = "" if num_processes is None else f" {num_processes}"
   where = coordinator_address or "the auto-detected coordinator"
-  message = (f"hydra_jax: error: {who} waited {timeout_s:g} s for all{count} processes of the run to join "
-             f"{where}; a process was not started, died, or was given another "
-             f"coordinator address or process count. Start every process with the same coordinator address and "
-             f"number of processes and a distinct process id.")
+  message = (
+    f"hydra_jax: error: {who} waited {timeout_s:g} s for all{count} processes of the run to join "
+    f"{where}; a process was not started, died, or was given another "
+    f"coordinator address or process count. Start every process with the same coordinator address and "
+    f"number of processes and a distinct process id."
+  )
   with _deadline(timeout_s, message):
     try:
-      jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                 initialization_timeout=int(timeout_s) + 60)
+      jax.distributed.initialize(
+        coordinator_address, num_processes, process_id, initialization_timeout=int(timeout_s) + 60
+      )
     except ValueError as error:
       raise errors.ConfigError(
-          f"cannot start a multi-host run: {error} Set --config.parallel.coordinator_address, num_processes and "
-          f"process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID); they are only "
-          f"auto-detected on TPU VMs, SLURM, Open MPI and Kubernetes.") from error
+        f"cannot start a multi-host run: {error} Set --config.parallel.coordinator_address, num_processes and "
+        f"process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID); they are only "
+        f"auto-detected on TPU VMs, SLURM, Open MPI and Kubernetes."
+      ) from error
 
 
 def init_from_config(parallel_config: Mapping[str, Any]) -> bool:
@@ -180,20 +194,29 @@ def check_processes_agree(settings: Mapping[str, Any], *, timeout_s: float = DEF
   mine = {"local device count": jax.local_device_count(), **_flatten(settings)}
   client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(mine, sort_keys=True, default=str))
   everyone = [_published(client, f"{prefix}/{p}", p, timeout_s) for p in range(jax.process_count())]
-  problems = [f"process {p} has {key}={values.get(key)!r} where process 0 has {everyone[0].get(key)!r}"
-              for p, values in enumerate(everyone[1:], 1)
-              for key in sorted(set(values) | set(everyone[0])) if values.get(key) != everyone[0].get(key)]
+  problems = [
+    f"process {p} has {key}={values.get(key)!r} where process 0 has {everyone[0].get(key)!r}"
+    for p, values in enumerate(everyone[1:], 1)
+    for key in sorted(set(values) | set(everyone[0]))
+    if values.get(key) != everyone[0].get(key)
+  ]
   if problems:
-    raise errors.ConfigError("the processes of this multi-host run disagree: " + "; ".join(problems[:8]) +
-                     ("; ..." if len(problems) > 8 else "") + ". Start every process with the same config.")
+    raise errors.ConfigError(
+      "the processes of this multi-host run disagree: "
+      + "; ".join(problems[:8])
+      + ("; ..." if len(problems) > 8 else "")
+      + ". Start every process with the same config."
+    )
 
 
 def _published(client: Any, key: str, process: int, timeout_s: float) -> dict[str, Any]:
   try:
     return json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))
   except Exception as error:  # XlaRuntimeError: DEADLINE_EXCEEDED
-    raise TimeoutError(f"process {process} did not publish its settings within {timeout_s:g} s: it died "
-                       f"or runs another program ({error})") from error
+    raise TimeoutError(
+      f"process {process} did not publish its settings within {timeout_s:g} s: it died "
+      f"or runs another program ({error})"
+    ) from error
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -213,8 +236,9 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def process_sharding() -> NamedSharding:
   """Replicated over the first local device of every process: one copy per host, a valid global array."""
-  firsts = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
-            for p in range(jax.process_count())]
+  firsts = [
+    min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id) for p in range(jax.process_count())
+  ]
   return NamedSharding(Mesh(np.asarray(firsts), ("process",)), P())
 
 
@@ -226,8 +250,9 @@ def one_copy_per_process(tree: PyTree) -> PyTree:
   """
   sharding = process_sharding()
   device = next(iter(sharding.addressable_devices))
-  return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
-      np.shape(x), sharding, [jax.device_put(x, device)]), tree)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_single_device_arrays(np.shape(x), sharding, [jax.device_put(x, device)]), tree
+  )
 
 
 def abstract_one_copy_per_process(abstract: PyTree) -> PyTree:
@@ -255,8 +280,9 @@ def resolve_mode(mode: str) -> str:
 def check_batch_divides(batch_size: int, device_count: int) -> None:
   """Raises ValueError unless `batch_size` splits evenly over `device_count` devices."""
   if batch_size % device_count:
-    raise errors.ConfigError(f"batch size {batch_size} does not divide by the {device_count} devices; "
-                     f"use a multiple of {device_count}")
+    raise errors.ConfigError(
+      f"batch size {batch_size} does not divide by the {device_count} devices; use a multiple of {device_count}"
+    )
 
 
 def _split_fields(state: Any, fields: Sequence[str]) -> Any:
@@ -311,10 +337,11 @@ class Runner:
     if self.mode == "pmap":  # stacked [local devices, ...] host values; pmap places one slice per device
       local = len([d for d in self.devices if d.process_index == jax.process_index()])
       return jax.tree.map(
-          lambda x, s: np.reshape(x, (local, -1) + x.shape[1:]) if s else np.broadcast_to(x, (local, *x.shape)),
-          jax.device_get(state), split)
-    return jax.tree.map(
-        lambda x, s: _global_array(x, NamedSharding(self.mesh, P(AXIS) if s else P())), state, split)
+        lambda x, s: np.reshape(x, (local, -1) + x.shape[1:]) if s else np.broadcast_to(x, (local, *x.shape)),
+        jax.device_get(state),
+        split,
+      )
+    return jax.tree.map(lambda x, s: _global_array(x, NamedSharding(self.mesh, P(AXIS) if s else P())), state, split)
 
   def get_state(self, state: PyTree) -> PyTree:
     """The inverse of `put_state`: host-local single-device arrays (carry fields re-joined over examples)."""
@@ -324,8 +351,12 @@ class Runner:
     if self.mode == "pmap":
       return jax.tree.map(lambda x, s: jnp.reshape(x, (-1,) + x.shape[2:]) if s else x[0], state, split)
     return jax.tree.map(
-        lambda x, s: jnp.asarray(multihost_utils.process_allgather(x, tiled=True)) if s
-        else jnp.asarray(x.addressable_data(0)), state, split)
+      lambda x, s: (
+        jnp.asarray(multihost_utils.process_allgather(x, tiled=True)) if s else jnp.asarray(x.addressable_data(0))
+      ),
+      state,
+      split,
+    )
 
 
 def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -337,8 +368,14 @@ def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
 
 
-def make_runner(step_fn: StepFn, mode: str, *, carry_fields: Sequence[str] = (),
-                devices: Sequence[Any] | None = None, donate_state: bool = False) -> Runner:
+def make_runner(
+  step_fn: StepFn,
+  mode: str,
+  *,
+  carry_fields: Sequence[str] = (),
+  devices: Sequence[Any] | None = None,
+  donate_state: bool = False,
+) -> Runner:
   """Compiles `step_fn(state, batch, axis_name=...) -> (state, metrics)` for `mode`.
 
   Args:
@@ -355,15 +392,18 @@ def make_runner(step_fn: StepFn, mode: str, *, carry_fields: Sequence[str] = (),
   if mode not in MODES:
     raise errors.ConfigError(f"unknown parallel mode '{mode}'; valid: {', '.join(MODES)}")
   if mode == "single" and jax.process_count() > 1:
-    raise errors.ConfigError(f"parallel mode 'single' runs on one device, but this run has {jax.process_count()} "
-                     f"processes: use 'shard_map' or 'pmap'")
+    raise errors.ConfigError(
+      f"parallel mode 'single' runs on one device, but this run has {jax.process_count()} "
+      f"processes: use 'shard_map' or 'pmap'"
+    )
   devices = tuple(devices or (jax.devices()[:1] if mode == "single" else jax.devices()))
   donate = (0,) if donate_state else ()
   if mode == "single":
     run = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=donate)
   elif mode == "pmap":
-    run = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, donate_argnums=donate,
-                   devices=list(devices))  # all processes' devices (pmap maps over the local ones)
+    run = jax.pmap(
+      functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, donate_argnums=donate, devices=list(devices)
+    )  # all processes' devices (pmap maps over the local ones)
   else:
     run = _shard_map_step(step_fn, Mesh(np.asarray(devices), (AXIS,)), carry_fields, donate)
   return Runner(mode, devices, run, tuple(carry_fields))
@@ -379,8 +419,13 @@ def _shard_map_step(step_fn: StepFn, mesh: Mesh, carry_fields: Sequence[str], do
       state_specs = jax.tree.map(lambda s: P(AXIS) if s else P(), _split_fields(state, carry_fields))
       # check_vma=False: pmap's semantics, where gradients of replicated values are per-device and the
       # step's own pmean averages them (with it, JAX would already psum them, and the pmean would not divide).
-      mapped = jax.shard_map(functools.partial(step_fn, axis_name=AXIS), mesh=mesh,
-                             in_specs=(state_specs, P(AXIS)), out_specs=(state_specs, P()), check_vma=False)
+      mapped = jax.shard_map(
+        functools.partial(step_fn, axis_name=AXIS),
+        mesh=mesh,
+        in_specs=(state_specs, P(AXIS)),
+        out_specs=(state_specs, P()),
+        check_vma=False,
+      )
       compiled[treedef] = jax.jit(mapped, donate_argnums=donate)
     return compiled[treedef](state, batch)
 

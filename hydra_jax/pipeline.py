@@ -45,8 +45,9 @@ def baseline_loss(config: ml_collections.ConfigDict, batch_stats: PyTree) -> bas
   return loss_fn
 
 
-def _start_weights(config: ml_collections.ConfigDict, baseline: baselines.Baseline, source_dir: str,
-                   key: jax.Array) -> tuple[PyTree, PyTree]:
+def _start_weights(
+  config: ml_collections.ConfigDict, baseline: baselines.Baseline, source_dir: str, key: jax.Array
+) -> tuple[PyTree, PyTree]:
   """(params, batch_stats) the baseline starts from: `source_dir`'s latest checkpoint, or a fresh init."""
   if baseline.start == "pretrained":
     params, batch_stats, _ = sources.load_source(config_lib.stage_config(config, "finetune", source=source_dir))
@@ -68,8 +69,10 @@ def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str) -
   """
   baseline = baselines.get_baseline(name)
   if baseline.mask_scores is None:
-    raise ValueError(f"baseline {name!r} has no fixed mask; fixed-mask baselines: "
-                     f"{sorted(n for n, b in baselines.BASELINES.items() if b.mask_scores is not None)}")
+    raise ValueError(
+      f"baseline {name!r} has no fixed mask; fixed-mask baselines: "
+      f"{sorted(n for n, b in baselines.BASELINES.items() if b.mask_scores is not None)}"
+    )
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(config_lib.STAGES))
   init_key, score_key, grad_key = jax.random.split(rng, 3)
   params, batch_stats = _start_weights(config, baseline, source_dir, init_key)
@@ -81,15 +84,24 @@ def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str) -
   return params, batch_stats, baseline.mask_scores(params, score_key, grads)
 
 
-def save_source(config: ml_collections.ConfigDict, directory: str, label: str, params: PyTree,
-                batch_stats: PyTree, scores: PyTree) -> None:
+def save_source(
+  config: ml_collections.ConfigDict, directory: str, label: str, params: PyTree, batch_stats: PyTree, scores: PyTree
+) -> None:
   """Writes (params, batch_stats, scores) as a checkpoint that `sources.load_source` reads (step 0)."""
   report = masking.sparsity_report(masking.export_dense(params, scores, config.k, **config.mask))
-  meta = {"model": config.model.name, "num_classes": config_lib.num_classes(config), "stage": label, "k": config.k,
-          "has_scores": True, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort())}
+  meta = {
+    "model": config.model.name,
+    "num_classes": config_lib.num_classes(config),
+    "stage": label,
+    "k": config.k,
+    "has_scores": True,
+    "versions": checkpoints.versions(),
+    "config": json.loads(config.to_json_best_effort()),
+  }
   ckpt = checkpoints.Checkpoints(directory, keep=1, async_save=False, best_metric=None)
-  ckpt.save(0, {"model": {"params": params, "batch_stats": batch_stats, "scores": scores}}, meta=meta,
-            sparsity=report.to_json())
+  ckpt.save(
+    0, {"model": {"params": params, "batch_stats": batch_stats, "scores": scores}}, meta=meta, sparsity=report.to_json()
+  )
   ckpt.close()
 
 
@@ -149,11 +161,18 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
     prune = train.run_stage(prune_config, os.path.join(branch, "prune"))
     rows.append({"method": "hydra (prune only)", **prune})
     finetune_dir = os.path.join(branch, "finetune")
-    rows.append({"method": "hydra", **train.run_stage(
-        config_lib.stage_config(config, "finetune", source=os.path.join(branch, "prune"), k=k), finetune_dir)})
+    rows.append(
+      {
+        "method": "hydra",
+        **train.run_stage(
+          config_lib.stage_config(config, "finetune", source=os.path.join(branch, "prune"), k=k), finetune_dir
+        ),
+      }
+    )
     for name in (name for name in config.baselines if name != "str"):
-      rows.append(run_baseline(config_lib.stage_config(config, "finetune", k=k), name, pretrain_dir,
-                               os.path.join(branch, name)))
+      rows.append(
+        run_baseline(config_lib.stage_config(config, "finetune", k=k), name, pretrain_dir, os.path.join(branch, name))
+      )
   if "str" in config.baselines:
     str_run = train.run_stage(config_lib.stage_config(config, "str"), os.path.join(workdir, "str"))
     rows.append({"method": "str", **str_run})
@@ -168,8 +187,10 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
   lines = [f"{'method':<20} {'stage':<9} {'kept %':>7} {'clean %':>8} {'robust %':>8}"]
   for row in rows:
     accuracy = lambda name: f"{100 * row[name]:>8.2f}" if name in row else f"{'-':>8}"
-    lines.append(f"{row.get('method', ''):<20} {row['stage']:<9} {100 * row['kept_fraction']:>7.2f} "
-                 f"{accuracy('clean')} {accuracy('robust')}")
+    lines.append(
+      f"{row.get('method', ''):<20} {row['stage']:<9} {100 * row['kept_fraction']:>7.2f} "
+      f"{accuracy('clean')} {accuracy('robust')}"
+    )
   return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ function works too. Noise is added in input space and not clipped, as in Cohen e
 
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +72,9 @@ def _chunk_counts(f, x, key, start, num, sigma, *, batch_size):
   return jnp.sum(votes * (index < num)[:, None], axis=0)
 
 
-def sample_counts(f: LogitsFn, x: Array, *, key: Array, sigma: float, num: int, batch_size: int,
-                  progress: bool = False) -> np.ndarray:
+def sample_counts(
+  f: LogitsFn, x: Array, *, key: Array, sigma: float, num: int, batch_size: int, progress: bool = False
+) -> np.ndarray:
   """How often f predicts each class at x + eps over `num` draws of eps ~ N(0, sigma^2 I).
 
   Runs ceil(num / batch_size) batches of exactly `batch_size` samples (the last one padded and its extra
@@ -122,8 +124,18 @@ def max_radius(sigma: float, n: int, alpha: float) -> float:
   return sigma * float(stats.norm.ppf(alpha ** (1 / n)))
 
 
-def certify(f: LogitsFn, x: Array, *, key: Array, sigma: float, n0: int = 100, n: int = 100_000,
-            alpha: float = 0.001, batch_size: int, progress: bool = False) -> tuple[int, float]:
+def certify(
+  f: LogitsFn,
+  x: Array,
+  *,
+  key: Array,
+  sigma: float,
+  n0: int = 100,
+  n: int = 100_000,
+  alpha: float = 0.001,
+  batch_size: int,
+  progress: bool = False,
+) -> tuple[int, float]:
   """Cohen et al. (2019) CERTIFY: the smoothed classifier's class at x and an l2 radius where it is constant.
 
   cA = the most frequent class of f over n0 selection samples; nA = votes for cA over n fresh estimation
@@ -148,9 +160,11 @@ def certify(f: LogitsFn, x: Array, *, key: Array, sigma: float, n0: int = 100, n
   """
   check_settings(sigma, alpha, batch_size=batch_size, n0=n0, n=n)
   if max_radius(sigma, n, alpha) < 0:
-    warnings.warn(f"certify: n={n}, alpha={alpha} can never certify: even n of n votes give a lower bound "
-                  f"alpha^(1/n) = {alpha ** (1 / n):.4f} < 0.5; use n >= log2(1/alpha) = {np.log2(1 / alpha):.1f}",
-                  stacklevel=2)
+    warnings.warn(
+      f"certify: n={n}, alpha={alpha} can never certify: even n of n votes give a lower bound "
+      f"alpha^(1/n) = {alpha ** (1 / n):.4f} < 0.5; use n >= log2(1/alpha) = {np.log2(1 / alpha):.1f}",
+      stacklevel=2,
+    )
   select_key, estimate_key = jax.random.split(key)
   sample = functools.partial(sample_counts, f, x, sigma=sigma, batch_size=batch_size, progress=progress)
   guess = int(np.argmax(sample(key=select_key, num=n0)))
@@ -160,8 +174,9 @@ def certify(f: LogitsFn, x: Array, *, key: Array, sigma: float, n0: int = 100, n
   return guess, sigma * float(stats.norm.ppf(p_lower))
 
 
-def predict(f: LogitsFn, x: Array, *, key: Array, sigma: float, n: int, alpha: float, batch_size: int,
-            progress: bool = False) -> int:
+def predict(
+  f: LogitsFn, x: Array, *, key: Array, sigma: float, n: int, alpha: float, batch_size: int, progress: bool = False
+) -> int:
   """Cohen et al. (2019) PREDICT: the smoothed classifier's class at x, or ABSTAIN.
 
   Counts f's votes over n noise samples; with n1 >= n2 the two largest counts, returns the top class when
@@ -179,8 +194,10 @@ def predict(f: LogitsFn, x: Array, *, key: Array, sigma: float, n: int, alpha: f
   check_settings(sigma, alpha, batch_size=batch_size, n=n)
   best_p_value = stats.binomtest(n, n, p=0.5).pvalue
   if best_p_value > alpha:
-    warnings.warn(f"predict: n={n}, alpha={alpha} always abstains: n of n votes have p-value "
-                  f"{best_p_value:.4g} > alpha", stacklevel=2)
+    warnings.warn(
+      f"predict: n={n}, alpha={alpha} always abstains: n of n votes have p-value {best_p_value:.4g} > alpha",
+      stacklevel=2,
+    )
   counts = sample_counts(f, x, key=key, sigma=sigma, num=n, batch_size=batch_size, progress=progress)
   first, second = np.argsort(-counts, kind="stable")[:2]
   top, runner_up = int(counts[first]), int(counts[second])
@@ -205,8 +222,9 @@ def certified_accuracy(correct: Sequence[bool], radii: Sequence[float], at: Sequ
   """
   correct, radii, at = np.asarray(correct, bool), np.asarray(radii, np.float64), np.asarray(at, np.float64)
   if correct.ndim != 1 or correct.shape != radii.shape or correct.size == 0:
-    raise ValueError(f"certified_accuracy: correct {correct.shape} and radii {radii.shape} must be equal, "
-                     "non-empty [N] arrays")
+    raise ValueError(
+      f"certified_accuracy: correct {correct.shape} and radii {radii.shape} must be equal, non-empty [N] arrays"
+    )
   return np.mean(correct[None, :] & (radii[None, :] >= at[:, None]), axis=1)
 
 
@@ -218,8 +236,15 @@ def accuracy_table(at: Sequence[float], accuracies: Sequence[float], *, title: s
   return "\n".join(lines)
 
 
-def plot_certified_accuracy(path: str, correct: Sequence[bool], radii: Sequence[float], *,
-                            max_radius_plotted: float | None = None, step: float = 0.01, title: str = "") -> None:
+def plot_certified_accuracy(
+  path: str,
+  correct: Sequence[bool],
+  radii: Sequence[float],
+  *,
+  max_radius_plotted: float | None = None,
+  step: float = 0.01,
+  title: str = "",
+) -> None:
   """Writes a PNG of certified accuracy against radius, as Cohen et al.'s `plot_certified_accuracy`.
 
   Args:

@@ -34,8 +34,9 @@ from hydra_jax import parallel
 
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None):
   """The zoo model of `config.model` for `config.data`'s classes, BN averaged over `axis_name`."""
-  return models.get_model(config.model.name, config_lib.num_classes(config), dtype=jnp.dtype(config.model.dtype),
-                          bn_axis_name=axis_name)
+  return models.get_model(
+    config.model.name, config_lib.num_classes(config), dtype=jnp.dtype(config.model.dtype), bn_axis_name=axis_name
+  )
 
 
 def init_variables(config: ml_collections.ConfigDict, key: jax.Array) -> dict[str, PyTree]:
@@ -47,16 +48,27 @@ def init_variables(config: ml_collections.ConfigDict, key: jax.Array) -> dict[st
 def train_batches(config: ml_collections.ConfigDict) -> data.TrainBatches:
   """The run's training batches (`config.data`, seeded by `config.seed`)."""
   return data.train_batches(
-      config.data.name, config.data.batch_size, seed=config.seed, data_dir=config.data.data_dir or None,
-      data_format=config.data.format, image_size=config.data.image_size or None,
-      data_fraction=config.data.data_fraction,
-      semisup_path=config.data.semisup_path or None, semisup_fraction=config.data.semisup_fraction)
+    config.data.name,
+    config.data.batch_size,
+    seed=config.seed,
+    data_dir=config.data.data_dir or None,
+    data_format=config.data.format,
+    image_size=config.data.image_size or None,
+    data_fraction=config.data.data_fraction,
+    semisup_path=config.data.semisup_path or None,
+    semisup_fraction=config.data.semisup_fraction,
+  )
 
 
 def eval_split(config: ml_collections.ConfigDict) -> data.EvalBatches:
   """The batches a run evaluates on: the dataset's eval split, or its first `config.data.eval_examples`."""
-  batches = data.eval_batches(config.data.name, config.data.eval_batch_size, data_dir=config.data.data_dir or None,
-                              data_format=config.data.format, image_size=config.data.image_size or None)
+  batches = data.eval_batches(
+    config.data.name,
+    config.data.eval_batch_size,
+    data_dir=config.data.data_dir or None,
+    data_format=config.data.format,
+    image_size=config.data.image_size or None,
+  )
   return data.first_examples(batches, config.data.eval_examples)
 
 
@@ -69,31 +81,41 @@ def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTr
   """
   classes = config_lib.num_classes(config)
   if config.source.endswith(convert.TORCH_SUFFIXES):
-    variables, scores = convert.load_torch_checkpoint(config.source, config.model.name, classes,
-                                                      config_lib.image_shape(config))
+    variables, scores = convert.load_torch_checkpoint(
+      config.source, config.model.name, classes, config_lib.image_shape(config)
+    )
     return variables["params"], variables.get("batch_stats", {}), scores
   template = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
   _, meta = checkpoints.read_meta(config.source)
   if (meta.get("model"), meta.get("num_classes")) != (config.model.name, classes):
     raise checkpoints.CheckpointError(
-        f"source {config.source} holds model '{meta.get('model')}' with {meta.get('num_classes')} classes, "
-        f"but the config asks for '{config.model.name}' with {classes}")
+      f"source {config.source} holds model '{meta.get('model')}' with {meta.get('num_classes')} classes, "
+      f"but the config asks for '{config.model.name}' with {classes}"
+    )
   str_run = meta.get("stage") == "str"  # its scores slot holds STR's per-layer thresholds
   abstract_scores = None
   if meta.get("has_scores") or str_run:
-    init = (lambda p: baselines.str_thresholds(p, 0.0)) if str_run else (
-        lambda p: masking.init_scores(p, "uniform", jax.random.key(0)))
+    init = (
+      (lambda p: baselines.str_thresholds(p, 0.0))
+      if str_run
+      else (lambda p: masking.init_scores(p, "uniform", jax.random.key(0)))
+    )
     abstract_scores = jax.eval_shape(init, template["params"])
-  items, _ = checkpoints.restore(config.source, {"model": {
-      "params": template["params"], "batch_stats": template.get("batch_stats", {}), "scores": abstract_scores}})
+  items, _ = checkpoints.restore(
+    config.source,
+    {
+      "model": {"params": template["params"], "batch_stats": template.get("batch_stats", {}), "scores": abstract_scores}
+    },
+  )
   model = items["model"]
   if str_run:
     return baselines.str_weights(model["params"], model["scores"]), model["batch_stats"], None
   return model["params"], model["batch_stats"], model["scores"]
 
 
-def masked_params(params: PyTree, scores: PyTree | None, k: Any, scope: str = "layer",
-                  min_layer_k: float = 0.0) -> PyTree:
+def masked_params(
+  params: PyTree, scores: PyTree | None, k: Any, scope: str = "layer", min_layer_k: float = 0.0
+) -> PyTree:
   """The weights the model runs with: `apply_masks(params, scores, k)`, or params when dense (no scores)."""
   if scores is None:
     return params
@@ -112,9 +134,16 @@ def model_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def objective_loss(objective: objectives.Objective, config: ml_collections.ConfigDict, apply_fn: models.ApplyFn,
-                   variables: PyTree, batch: dict[str, jax.Array], key: jax.Array, carry: PyTree,
-                   epoch: jax.Array) -> objectives.LossOutput:
+def objective_loss(
+  objective: objectives.Objective,
+  config: ml_collections.ConfigDict,
+  apply_fn: models.ApplyFn,
+  variables: PyTree,
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  carry: PyTree,
+  epoch: jax.Array,
+) -> objectives.LossOutput:
   """`objective.loss_fn` called with the arguments it takes: the carry (stateful) and `epoch=` (takes_epoch).
 
   `epoch` is a float32 scalar: the fractional number of epochs of the stage done at this step.
@@ -124,8 +153,14 @@ def objective_loss(objective: objectives.Objective, config: ml_collections.Confi
   return objective.loss_fn(apply_fn, variables, batch, key, config.objective, *extra, **by_name)
 
 
-def snip_gradients(config: ml_collections.ConfigDict, params: PyTree, batch_stats: PyTree,
-                   batch: dict[str, jax.Array], key: jax.Array, mode: str = "single") -> PyTree:
+def snip_gradients(
+  config: ml_collections.ConfigDict,
+  params: PyTree,
+  batch_stats: PyTree,
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  mode: str = "single",
+) -> PyTree:
   """dL/dw of the run's objective on one batch with every weight kept: the input of SNIP's |w * dL/dw|.
 
   Args:
@@ -143,8 +178,9 @@ def snip_gradients(config: ml_collections.ConfigDict, params: PyTree, batch_stat
   def step(state, batch, axis_name):
     apply_fn = models.make_apply_fn(build_model(config, axis_name))
     carry = None if objective.init_carry is None else objective.init_carry(batch["image"].shape, config.objective)
-    loss = lambda p: objective_loss(objective, config, apply_fn, model_variables(p, state["batch_stats"]), batch,
-                                    state["key"], carry, jnp.float32(0))[0]
+    loss = lambda p: objective_loss(
+      objective, config, apply_fn, model_variables(p, state["batch_stats"]), batch, state["key"], carry, jnp.float32(0)
+    )[0]
     grads = jax.grad(loss)(state["params"])
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
@@ -156,8 +192,16 @@ def snip_gradients(config: ml_collections.ConfigDict, params: PyTree, batch_stat
   return runner.get_state(state)["grads"]
 
 
-def initial_scores(config: ml_collections.ConfigDict, stage: str, params: PyTree, batch_stats: PyTree,
-                    source_scores: PyTree | None, key: jax.Array, first_batch: dict | None, mode: str) -> PyTree:
+def initial_scores(
+  config: ml_collections.ConfigDict,
+  stage: str,
+  params: PyTree,
+  batch_stats: PyTree,
+  source_scores: PyTree | None,
+  key: jax.Array,
+  first_batch: dict | None,
+  mode: str,
+) -> PyTree:
   """The scores `config.stages[stage].score_init` asks for: the source's ('source') or a fresh init.
 
   Args:
@@ -176,8 +220,9 @@ def initial_scores(config: ml_collections.ConfigDict, stage: str, params: PyTree
   if init == "source":
     if source_scores is None:
       raise errors.ConfigError(
-          f"config.stages.{stage}.score_init='source' but source {config.source} has no scores (a dense "
-          f"pretrain run?); choose a score init, e.g. --config.stages.{stage}.score_init=scaled (LWM)")
+        f"config.stages.{stage}.score_init='source' but source {config.source} has no scores (a dense "
+        f"pretrain run?); choose a score init, e.g. --config.stages.{stage}.score_init=scaled (LWM)"
+      )
     return source_scores
   grads = {}
   if init == "snip":

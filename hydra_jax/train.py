@@ -24,7 +24,8 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import flax
 import jax
@@ -80,10 +81,19 @@ _masked_params_jit = jax.jit(sources.masked_params, static_argnums=(2, 3, 4))
 _phase_weights_jit = jax.jit(lambda weights_fn, params, phase: weights_fn(params, phase), static_argnums=0)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: models.ApplyFn,
-               objective: objectives.Objective, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-               k: Any, steps_per_epoch: int, axis_name: str | None,
-               hooks: baselines.PhaseHooks | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  apply_fn: models.ApplyFn,
+  objective: objectives.Objective,
+  config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+  k: Any,
+  steps_per_epoch: int,
+  axis_name: str | None,
+  hooks: baselines.PhaseHooks | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One batch: mask once, objective loss and gradient, optimizer update (x replays); per device.
 
   Args:
@@ -124,7 +134,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: mode
       phase = hooks.phase_state(scores, aux)
       weights, penalty = hooks.weights(params, phase), hooks.penalty(params, phase)
     loss, (metrics, variables) = sources.objective_loss(
-        objective, config, apply_fn, sources.model_variables(weights, batch_stats), batch, key, carry, epoch)
+      objective, config, apply_fn, sources.model_variables(weights, batch_stats), batch, key, carry, epoch
+    )
     return loss + penalty, (metrics, variables.get("batch_stats", {}))
 
   trainable = {"params": state.params, "scores": state.scores}
@@ -132,15 +143,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: mode
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   for replay in range(objective.replays(config.objective)):
     (_, (metrics, batch_stats)), (grads, carry_grad) = grad_fn(
-        trainable, carry, batch_stats, jax.random.fold_in(key, replay))
+      trainable, carry, batch_stats, jax.random.fold_in(key, replay)
+    )
     if axis_name is not None:
       grads, metrics, batch_stats = jax.lax.pmean((grads, metrics, batch_stats), axis_name)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     if stateful:
       carry = objective.update_carry(carry, carry_grad, config.objective)
-  new_state = state.replace(step=state.step + 1, params=trainable["params"], scores=trainable["scores"],
-                            batch_stats=batch_stats, opt_state=opt_state, carry=carry, aux=aux)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=trainable["params"],
+    scores=trainable["scores"],
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    carry=carry,
+    aux=aux,
+  )
   return new_state, metrics
 
 
@@ -152,9 +171,15 @@ def _train_item(state: TrainState) -> dict[str, PyTree]:
   return {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng, "aux": state.aux}
 
 
-def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch: int, batch_shape: tuple[int, ...],
-                  *, first_batch: dict | None = None,
-                  mode: str = "single") -> tuple[TrainState, optax.GradientTransformation]:
+def initial_state(
+  config: ml_collections.ConfigDict,
+  stage: str,
+  steps_per_epoch: int,
+  batch_shape: tuple[int, ...],
+  *,
+  first_batch: dict | None = None,
+  mode: str = "single",
+) -> tuple[TrainState, optax.GradientTransformation]:
   """The state a stage starts from, and its optimizer.
 
   pretrain: fresh weights, no scores. prune / finetune: the source's weights, and scores from
@@ -191,40 +216,60 @@ def initial_state(config: ml_collections.ConfigDict, stage: str, steps_per_epoch
   labels = optim.trainable_labels(params, scores, stage, config.freeze_bn)
   tx = optim.make_optimizer(config, stage, labels, steps_per_epoch * objective.replays(config.objective))
   carry = () if objective.init_carry is None else objective.init_carry(batch_shape, config.objective)
-  state = TrainState(step=jnp.int32(0), params=params, scores=scores, batch_stats=batch_stats,
-                     opt_state=tx.init({"params": params, "scores": scores}), carry=carry, rng=rng, aux=aux)
+  state = TrainState(
+    step=jnp.int32(0),
+    params=params,
+    scores=scores,
+    batch_stats=batch_stats,
+    opt_state=tx.init({"params": params, "scores": scores}),
+    carry=carry,
+    rng=rng,
+    aux=aux,
+  )
   return state, tx
 
 
 def _check_finite(metrics: Mapping[str, float], step: int, ckpt: checkpoints.Checkpoints) -> None:
   if not all(math.isfinite(value) for value in metrics.values()):
     last = ckpt.latest_step()
-    kept = (f"The last checkpoint (step {last}) in {ckpt.workdir} is untouched: lower the learning rate or check "
-            f"the data, then rerun to resume from it." if last is not None else
-            "No checkpoint was saved: lower the learning rate or check the data.")
-    raise FloatingPointError(f"non-finite training metrics {dict(metrics)} before step {step}; stopping without "
-                             f"saving. {kept}")
+    kept = (
+      f"The last checkpoint (step {last}) in {ckpt.workdir} is untouched: lower the learning rate or check "
+      f"the data, then rerun to resume from it."
+      if last is not None
+      else "No checkpoint was saved: lower the learning rate or check the data."
+    )
+    raise FloatingPointError(
+      f"non-finite training metrics {dict(metrics)} before step {step}; stopping without saving. {kept}"
+    )
 
 
-def model_weights(state: TrainState, config: ml_collections.ConfigDict,
-                  hooks: baselines.PhaseHooks | None = None) -> PyTree:
+def model_weights(
+  state: TrainState, config: ml_collections.ConfigDict, hooks: baselines.PhaseHooks | None = None
+) -> PyTree:
   """The weights the model runs with (jitted): `hooks.weights` in the str / admm stages, else the masked params."""
   if hooks is None:
     return _masked_params_jit(state.params, state.scores, config.k, config.mask.scope, config.mask.min_layer_k)
   return _phase_weights_jit(hooks.weights, state.params, hooks.phase_state(state.scores, state.aux))
 
 
-def sparsity(state: TrainState, config: ml_collections.ConfigDict,
-             hooks: baselines.PhaseHooks | None = None) -> masking.SparsityReport:
+def sparsity(
+  state: TrainState, config: ml_collections.ConfigDict, hooks: baselines.PhaseHooks | None = None
+) -> masking.SparsityReport:
   """Kept / total weights per prunable layer, counted on the weights the model runs with (STR: |w| > g(s))."""
   if hooks is not None:
     return masking.sparsity_report(model_weights(state, config, hooks))
   return masking.sparsity_report(sources.exported_params(state.params, state.scores, config.k, config.mask))
 
 
-def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_data: data.EvalBatches,
-                   apply_fn: models.ApplyFn, mode: str = "single", devices: list[Any] | None = None,
-                   hooks: baselines.PhaseHooks | None = None) -> dict[str, float]:
+def evaluate_state(
+  state: TrainState,
+  config: ml_collections.ConfigDict,
+  eval_data: data.EvalBatches,
+  apply_fn: models.ApplyFn,
+  mode: str = "single",
+  devices: list[Any] | None = None,
+  hooks: baselines.PhaseHooks | None = None,
+) -> dict[str, float]:
   """`evaluate.evaluate` of the state's model (`model_weights`) on `eval_data` with the `config.eval` methods.
 
   The evaluation key is PRNGKey(config.seed + 1), as in `export.evaluate_checkpoint`.
@@ -235,17 +280,32 @@ def evaluate_state(state: TrainState, config: ml_collections.ConfigDict, eval_da
   """
   weights = model_weights(state, config, hooks)
   batches = data.iterate(eval_data, range(eval_data.num_steps), prefetch=config.data.prefetch)
-  return evaluate.evaluate(apply_fn, sources.model_variables(weights, state.batch_stats), batches,
-                           key=jax.random.PRNGKey(config.seed + 1), methods=tuple(config.eval.methods),
-                           config=evaluate.config_settings(config.eval), progress=False, mode=mode, devices=devices)
+  return evaluate.evaluate(
+    apply_fn,
+    sources.model_variables(weights, state.batch_stats),
+    batches,
+    key=jax.random.PRNGKey(config.seed + 1),
+    methods=tuple(config.eval.methods),
+    config=evaluate.config_settings(config.eval),
+    progress=False,
+    mode=mode,
+    devices=devices,
+  )
 
 
 def _stage_meta(config, stage, state, metrics):
   has_scores = state.scores is not None and stage != "str"  # STR's scores slot holds its thresholds
-  return {"model": config.model.name, "num_classes": config_lib.num_classes(config), "stage": stage,
-          "k": config.k if has_scores else 1.0, "has_scores": has_scores,
-          "metrics": metrics, "versions": checkpoints.versions(), "config": json.loads(config.to_json_best_effort()),
-          "threefry_partitionable": config.threefry_partitionable}
+  return {
+    "model": config.model.name,
+    "num_classes": config_lib.num_classes(config),
+    "stage": stage,
+    "k": config.k if has_scores else 1.0,
+    "has_scores": has_scores,
+    "metrics": metrics,
+    "versions": checkpoints.versions(),
+    "config": json.loads(config.to_json_best_effort()),
+    "threefry_partitionable": config.threefry_partitionable,
+  }
 
 
 class Cadence(NamedTuple):
@@ -256,8 +316,16 @@ class Cadence(NamedTuple):
   save: bool
 
 
-def cadence(done: int, *, steps_per_epoch: int, total_steps: int, stop: int, log_every: int,
-            eval_every_epochs: int, save_every: int) -> Cadence:
+def cadence(
+  done: int,
+  *,
+  steps_per_epoch: int,
+  total_steps: int,
+  stop: int,
+  log_every: int,
+  eval_every_epochs: int,
+  save_every: int,
+) -> Cadence:
   """The actions after the step that completes `done` steps of a stage (pure; tested without training).
 
   Args:
@@ -332,8 +400,14 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   total_steps = optim.stage_epochs(config, stage) * steps_per_epoch
   rows = config.data.batch_size * (2 if config.data.semisup_path else 1)  # semisup doubles every batch
   snip = config.stages[stage].get("score_init") == "snip"
-  state, tx = initial_state(config, stage, steps_per_epoch, (rows, *config_lib.image_shape(config)),
-                            first_batch=train_data.batch_at(0) if snip else None, mode=mode)
+  state, tx = initial_state(
+    config,
+    stage,
+    steps_per_epoch,
+    (rows, *config_lib.image_shape(config)),
+    first_batch=train_data.batch_at(0) if snip else None,
+    mode=mode,
+  )
   ckpt = checkpoints.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   state, eval_metrics = _resume(state, ckpt)
   _write_config(config, workdir)
@@ -341,41 +415,64 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   apply_fn = models.make_apply_fn(sources.build_model(config, axis_name))
   objective = objectives.get_objective(config.objective.name)
   hooks = baselines.phase_hooks(config, stage, steps_per_epoch)
-  step_fn = functools.partial(train_step, apply_fn=apply_fn, objective=objective, config=config, tx=tx,
-                              k=config.k, steps_per_epoch=steps_per_epoch, hooks=hooks)
+  step_fn = functools.partial(
+    train_step,
+    apply_fn=apply_fn,
+    objective=objective,
+    config=config,
+    tx=tx,
+    k=config.k,
+    steps_per_epoch=steps_per_epoch,
+    hooks=hooks,
+  )
   runner = parallel.make_runner(step_fn, mode, carry_fields=("carry",), devices=devices)
 
   def save(step, metrics=None):
     host_state = runner.get_state(device_state)
-    ckpt.save(step, {"model": _model_item(host_state), "train": _train_item(host_state)},
-              meta=_stage_meta(config, stage, host_state, metrics),
-              sparsity=sparsity(host_state, config, hooks).to_json(), metrics=metrics)
+    ckpt.save(
+      step,
+      {"model": _model_item(host_state), "train": _train_item(host_state)},
+      meta=_stage_meta(config, stage, host_state, metrics),
+      sparsity=sparsity(host_state, config, hooks).to_json(),
+      metrics=metrics,
+    )
 
   start = int(state.step)
   stop = min(total_steps, config.stop_after_steps or total_steps)
   device_state = runner.put_state(state)
   history = []
   writer = metrics_lib.MetricWriter(workdir, config.log.tensorboard)
-  progress = tqdm.tqdm(total=stop, initial=start, desc=f"{stage}", unit="step",
-                       disable=not (config.log.progress and jax.process_index() == 0))
+  progress = tqdm.tqdm(
+    total=stop,
+    initial=start,
+    desc=f"{stage}",
+    unit="step",
+    disable=not (config.log.progress and jax.process_index() == 0),
+  )
   try:
-    batches = data.iterate(train_data, range(start, stop), prefetch=config.data.prefetch,
-                           worker_count=config.data.workers)
+    batches = data.iterate(
+      train_data, range(start, stop), prefetch=config.data.prefetch, worker_count=config.data.workers
+    )
     for done in range(start + 1, stop + 1):
       device_state, step_metrics = runner(device_state, runner.put_batch(next(batches)))
       history.append(step_metrics)
       progress.update()
-      todo = cadence(done, steps_per_epoch=steps_per_epoch, total_steps=total_steps, stop=stop,
-                     log_every=config.log.every_steps, eval_every_epochs=config.eval.every_epochs,
-                     save_every=config.checkpoint.every_steps)
+      todo = cadence(
+        done,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        stop=stop,
+        log_every=config.log.every_steps,
+        eval_every_epochs=config.eval.every_epochs,
+        save_every=config.checkpoint.every_steps,
+      )
       if todo.log:
         train_metrics, history = metrics_lib.mean_metrics(history), []
         _check_finite(train_metrics, done, ckpt)
         writer.write(done, "train", train_metrics)
         progress.set_postfix({k: f"{v:.3f}" for k, v in train_metrics.items()})
       if todo.evaluate:
-        eval_metrics = evaluate_state(runner.get_state(device_state), config, eval_data, apply_fn, mode, devices,
-                                      hooks)
+        eval_metrics = evaluate_state(runner.get_state(device_state), config, eval_data, apply_fn, mode, devices, hooks)
         writer.write(done, "eval", eval_metrics)
       if todo.save:
         save(done, eval_metrics if todo.evaluate else None)
@@ -387,11 +484,22 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   return _summarize(config, total_steps, eval_metrics, workdir, sparsity(final, config, hooks), int(final.step))
 
 
-def _summarize(config: ml_collections.ConfigDict, total_steps: int, eval_metrics: dict[str, float] | None,
-               workdir: str, report: masking.SparsityReport, step: int) -> dict[str, Any]:
+def _summarize(
+  config: ml_collections.ConfigDict,
+  total_steps: int,
+  eval_metrics: dict[str, float] | None,
+  workdir: str,
+  report: masking.SparsityReport,
+  step: int,
+) -> dict[str, Any]:
   """The stage's summary (also written to summary.json)."""
-  summary = {"stage": config.stage, "step": step, "total_steps": total_steps,
-             "kept_fraction": report.kept / report.total, **(eval_metrics or {})}
+  summary = {
+    "stage": config.stage,
+    "step": step,
+    "total_steps": total_steps,
+    "kept_fraction": report.kept / report.total,
+    **(eval_metrics or {}),
+  }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

@@ -85,10 +85,16 @@ def backward_range(seq, x_l, x_u, c, upper_bound=False):
     else:
       bias = (a.sum((3, 4)) * layer.bias).sum(2)
       out_shape = a.shape[2:]
-      pad = [int(in_shape[i + 1]) - (int(out_shape[i + 1]) - 1) * layer.stride[i] + 2 * layer.padding[i]
-             - layer.weight.size(2 + i) for i in range(2)]
-      flat = F.conv_transpose2d(a.reshape(-1, *out_shape), layer.weight, None, layer.stride, layer.padding,
-                                output_padding=pad)
+      pad = [
+        int(in_shape[i + 1])
+        - (int(out_shape[i + 1]) - 1) * layer.stride[i]
+        + 2 * layer.padding[i]
+        - layer.weight.size(2 + i)
+        for i in range(2)
+      ]
+      flat = F.conv_transpose2d(
+        a.reshape(-1, *out_shape), layer.weight, None, layer.stride, layer.padding, output_padding=pad
+      )
       a = flat.view(a.size(0), a.size(1), *flat.shape[1:])
     sum_b = sum_b + bias
   a = a.reshape(a.size(0), a.size(1), -1)
@@ -154,8 +160,7 @@ class _Symbolic:
     kk = torch.eye(classes, dtype=torch.bool)[y]
     self.c = self.c - self.c.masked_select(kk).unsqueeze(1)
     self.idep = self.idep - self.idep.masked_select(kk.view(self.batch, 1, classes)).view(self.batch, self.n_in, 1)
-    self.edep = [e - e.masked_select(ind.mm(kk.float()).bool()).view(-1, 1) for e, ind in zip(self.edep,
-                                                                                           self.edep_ind)]
+    self.edep = [e - e.masked_select(ind.mm(kk.float()).bool()).view(-1, 1) for e, ind in zip(self.edep, self.edep_ind)]
     self.concretize()
     return self.u
 
@@ -172,6 +177,8 @@ def sym_worst_case(seq, x_l, x_u, y, classes):
       ix.linear(lambda v, m=layer: F.linear(v, m.weight, m.bias), lambda v, m=layer: F.linear(v, m.weight))
     else:
       ix.shrink()
-      ix.linear(lambda v, m=layer: F.conv2d(v, m.weight, m.bias, m.stride, m.padding),
-                lambda v, m=layer: F.conv2d(v, m.weight, None, m.stride, m.padding))
+      ix.linear(
+        lambda v, m=layer: F.conv2d(v, m.weight, m.bias, m.stride, m.padding),
+        lambda v, m=layer: F.conv2d(v, m.weight, None, m.stride, m.padding),
+      )
   return ix.worst_case(y, classes)

@@ -12,7 +12,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", False)
 # Programs recompiled by several tests (the same train step in another run, say) load from a per-session
 # persistent cache instead of compiling again: XLA compilation dominates this suite's time on CPU.
-jax.config.update("jax_compilation_cache_dir", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), f"hydra_jax_test_cache_{os.getpid()}"))
+jax.config.update(
+  "jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hydra_jax_test_cache_{os.getpid()}")
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -48,15 +48,27 @@ def tiny_config(**overrides):
 def restore_model(workdir, with_scores=True, model=MODEL, input_shape=(8, 8, 1)):
   """(flat params, flat batch_stats, flat scores or None) of the latest checkpoint under `workdir`, read with
   `checkpoints.restore` against shapes from `model.init` (not through train/export)."""
-  variables = jax.eval_shape(lambda: models.get_model(model, 10).init(
-      jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
+  variables = jax.eval_shape(
+    lambda: models.get_model(model, 10).init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False)
+  )
   params = variables["params"]
   scores = jax.tree_util.tree_map_with_path(lambda p, w: w if p[-1].key == "kernel" else None, params)
-  items, _ = checkpoints.restore(workdir, {"model": {
-      "params": params, "batch_stats": variables.get("batch_stats", {}), "scores": scores if with_scores else None}})
+  items, _ = checkpoints.restore(
+    workdir,
+    {
+      "model": {
+        "params": params,
+        "batch_stats": variables.get("batch_stats", {}),
+        "scores": scores if with_scores else None,
+      }
+    },
+  )
   model_item = items["model"]
-  return (flat(model_item["params"]), flat(model_item["batch_stats"]),
-          flat(model_item["scores"]) if with_scores else None)
+  return (
+    flat(model_item["params"]),
+    flat(model_item["batch_stats"]),
+    flat(model_item["scores"]) if with_scores else None,
+  )
 
 
 def flat(tree):
@@ -70,7 +82,7 @@ def numpy_topk_mask(scores, k):
   """The reference's GetSubnet: stable ascending sort of |s|, the first int((1 - k) n) entries get 0."""
   flat_scores = np.abs(np.asarray(scores, np.float64)).ravel()
   mask = np.ones(flat_scores.size)
-  mask[np.argsort(flat_scores, kind="stable")[:int((1 - k) * flat_scores.size)]] = 0
+  mask[np.argsort(flat_scores, kind="stable")[: int((1 - k) * flat_scores.size)]] = 0
   return mask.reshape(np.shape(scores)).astype(bool)
 
 

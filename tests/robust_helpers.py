@@ -121,8 +121,9 @@ def train(model, objective_name, config, *, steps, batch_size=64, learning_rate=
       extra = (c,) if stateful else ()
       return objective.loss_fn(apply_fn, {"params": p, **rest}, batch, key, config, *extra)
 
-    (_, (metrics, new_variables)), (grad_p, grad_c) = jax.value_and_grad(
-        loss, argnums=(0, 1), has_aux=True)(params, carry)
+    (_, (metrics, new_variables)), (grad_p, grad_c) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      params, carry
+    )
     updates, opt_state = tx.update(grad_p, opt_state, params)
     params = optax.apply_updates(params, updates)
     carry = objective.update_carry(carry, grad_c, config) if stateful else carry
@@ -139,7 +140,8 @@ def train(model, objective_name, config, *, steps, batch_size=64, learning_rate=
       batch = {"image": jnp.asarray(x_train[sl]), "label": jnp.asarray(y_train[sl])}
       for _ in range(replays):
         params, opt_state, rest, carry, metrics = step(
-            params, opt_state, rest, carry, batch, jax.random.fold_in(rng_key, done))
+          params, opt_state, rest, carry, batch, jax.random.fold_in(rng_key, done)
+        )
         done += 1
         if done == steps:
           return {"params": params, **rest}, metrics

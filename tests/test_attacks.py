@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 
 from hydra_jax import attacks
 from tests import robust_helpers as helpers
@@ -41,14 +42,16 @@ def test_losses_match_hand_values():
   # DLR: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3); sorted logits 3, 2, 1, 0.
   np.testing.assert_allclose(attacks.dlr(logits, labels), [-(3 - 2) / (3 - 1), -(2 - 3) / (3 - 1)], rtol=1e-6)
   # Targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2).
-  np.testing.assert_allclose(attacks.targeted_dlr(logits, labels, jnp.array([3, 0])),
-                             [-(3 - 0) / 2.5, -(2 - 3) / 2.5], rtol=1e-6)
+  np.testing.assert_allclose(
+    attacks.targeted_dlr(logits, labels, jnp.array([3, 0])), [-(3 - 0) / 2.5, -(2 - 3) / 2.5], rtol=1e-6
+  )
   log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  np.testing.assert_allclose(attacks.cross_entropy(logits, labels), [-log_softmax[0, 0], -log_softmax[1, 2]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(attacks.cross_entropy(logits, labels), [-log_softmax[0, 0], -log_softmax[1, 2]], rtol=1e-6)
   p = np.array([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
-  expected = [sum(pi * (np.log(pi) - lq) for pi, lq in zip(row_p, row_q, strict=True) if pi > 0)
-              for row_p, row_q in zip(p, np.asarray(log_softmax), strict=True)]
+  expected = [
+    sum(pi * (np.log(pi) - lq) for pi, lq in zip(row_p, row_q, strict=True) if pi > 0)
+    for row_p, row_q in zip(p, np.asarray(log_softmax), strict=True)
+  ]
   np.testing.assert_allclose(attacks.kl_divergence(logits, jnp.asarray(p)), expected, rtol=1e-5)
 
 
@@ -80,15 +83,19 @@ def test_pgd_reaches_closed_form_optimum_of_linear_margin(norm):
   margin_loss = lambda logits, labels: attacks._true_logit(logits, t) - attacks._true_logit(logits, labels)
   eps = 0.05
   steps, step_size = (10, eps / 4) if norm == "linf" else (60, eps / 5)
-  x_adv = jax.jit(lambda x: attacks.pgd(f, x, y, key=helpers.key(0), eps=eps, step_size=step_size,
-                                        steps=steps, norm=norm, loss=margin_loss, unroll=False))(x)
+  x_adv = jax.jit(
+    lambda x: attacks.pgd(
+      f, x, y, key=helpers.key(0), eps=eps, step_size=step_size, steps=steps, norm=norm, loss=margin_loss, unroll=False
+    )
+  )(x)
   dw = (w[:, t] - w[:, y]).T  # [B, D]
   logits = _numpy_logits(w, b, x)
   clean_margin = logits[np.arange(6), t] - logits[np.arange(6), y]
   dual = np.abs(dw).sum(1) if norm == "linf" else np.linalg.norm(dw, axis=1)
   adv_logits = _numpy_logits(w, b, np.asarray(x_adv))
-  np.testing.assert_allclose(adv_logits[np.arange(6), t] - adv_logits[np.arange(6), y],
-                             clean_margin + eps * dual, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    adv_logits[np.arange(6), t] - adv_logits[np.arange(6), y], clean_margin + eps * dual, rtol=1e-4, atol=1e-4
+  )
   optimal_delta = eps * (np.sign(dw) if norm == "linf" else dw / dual[:, None])
   np.testing.assert_allclose(np.asarray(x_adv - x).reshape(6, -1), optimal_delta, atol=2e-4)
 
@@ -99,8 +106,11 @@ def test_pgd_ce_reaches_closed_form_optimum_on_binary_linear_model(norm):
   w, b, x, y, f = _linear_problem(2, num_classes=2)
   eps = 0.05
   steps, step_size = (10, eps / 4) if norm == "linf" else (60, eps / 5)
-  x_adv = jax.jit(lambda x: attacks.pgd(f, x, y, key=helpers.key(1), eps=eps, step_size=step_size,
-                                        steps=steps, norm=norm, unroll=False))(x)
+  x_adv = jax.jit(
+    lambda x: attacks.pgd(
+      f, x, y, key=helpers.key(1), eps=eps, step_size=step_size, steps=steps, norm=norm, unroll=False
+    )
+  )(x)
   dw = (w[:, y] - w[:, 1 - y]).T
   logits = _numpy_logits(w, b, x)
   margin = logits[np.arange(6), y] - logits[np.arange(6), 1 - y]
@@ -115,8 +125,9 @@ def test_apgd_reaches_closed_form_optimum_of_linear_margin(norm):
   t = (y + 3) % 10
   margin_loss = lambda logits, labels: attacks._true_logit(logits, t) - attacks._true_logit(logits, labels)
   eps = 0.05
-  x_adv = jax.jit(lambda x: attacks.apgd(f, x, y, key=helpers.key(0), eps=eps, norm=norm, steps=40,
-                                         loss=margin_loss))(x)
+  x_adv = jax.jit(lambda x: attacks.apgd(f, x, y, key=helpers.key(0), eps=eps, norm=norm, steps=40, loss=margin_loss))(
+    x
+  )
   dw = (w[:, t] - w[:, y]).T
   dual = np.abs(dw).sum(1) if norm == "linf" else np.linalg.norm(dw, axis=1)
   logits, adv_logits = _numpy_logits(w, b, x), _numpy_logits(w, b, np.asarray(x_adv))
@@ -134,17 +145,22 @@ def _bounded_attacks():
     return lambda z: z.reshape(z.shape[0], -1) @ w
 
   return {
-      ("pgd", "linf"): lambda w, x, y, k, eps: attacks.pgd(logits(w), x, y, key=k, eps=eps, step_size=eps / 2,
-                                                           steps=3, restarts=2),
-      ("pgd", "l2"): lambda w, x, y, k, eps: attacks.pgd(logits(w), x, y, key=k, eps=eps, step_size=eps / 2,
-                                                         steps=3, norm="l2"),
-      ("apgd", "linf"): lambda w, x, y, k, eps: attacks.apgd(logits(w), x, y, key=k, eps=eps, steps=6),
-      ("apgd_t", "l2"): lambda w, x, y, k, eps: attacks.apgd_targeted(logits(w), x, y, key=k, eps=eps, steps=4,
-                                                                       num_targets=2, norm="l2"),
-      ("trades", "linf"): lambda w, x, y, k, eps: attacks.trades_attack(logits(w), x, key=k, eps=eps,
-                                                                         step_size=eps / 2, steps=3),
-      ("trades", "l2"): lambda w, x, y, k, eps: attacks.trades_attack(logits(w), x, key=k, eps=eps,
-                                                                       step_size=eps / 2, steps=3, norm="l2"),
+    ("pgd", "linf"): lambda w, x, y, k, eps: attacks.pgd(
+      logits(w), x, y, key=k, eps=eps, step_size=eps / 2, steps=3, restarts=2
+    ),
+    ("pgd", "l2"): lambda w, x, y, k, eps: attacks.pgd(
+      logits(w), x, y, key=k, eps=eps, step_size=eps / 2, steps=3, norm="l2"
+    ),
+    ("apgd", "linf"): lambda w, x, y, k, eps: attacks.apgd(logits(w), x, y, key=k, eps=eps, steps=6),
+    ("apgd_t", "l2"): lambda w, x, y, k, eps: attacks.apgd_targeted(
+      logits(w), x, y, key=k, eps=eps, steps=4, num_targets=2, norm="l2"
+    ),
+    ("trades", "linf"): lambda w, x, y, k, eps: attacks.trades_attack(
+      logits(w), x, key=k, eps=eps, step_size=eps / 2, steps=3
+    ),
+    ("trades", "l2"): lambda w, x, y, k, eps: attacks.trades_attack(
+      logits(w), x, key=k, eps=eps, step_size=eps / 2, steps=3, norm="l2"
+    ),
   }
 
 
@@ -172,8 +188,11 @@ def test_pgd_without_steps_returns_the_projected_random_start():
   rng = np.random.default_rng(1)
   x = rng.integers(0, 2, SHAPE).astype(np.float32)  # all pixels on the box edges
   w = rng.normal(size=(DIM, 10)).astype(np.float32)
-  x_adv = np.asarray(attacks.pgd(lambda z: z.reshape(6, -1) @ w, x, np.zeros(6, np.int32), key=helpers.key(0),
-                                 eps=0.3, step_size=0.1, steps=0))
+  x_adv = np.asarray(
+    attacks.pgd(
+      lambda z: z.reshape(6, -1) @ w, x, np.zeros(6, np.int32), key=helpers.key(0), eps=0.3, step_size=0.1, steps=0
+    )
+  )
   assert np.all((x_adv >= 0) & (x_adv <= 1)) and np.abs(x_adv - x).max() <= 0.3
   assert 0.1 < np.abs(x_adv - x).max()  # a random start, not x itself
 
@@ -304,8 +323,11 @@ def test_apgd_restarts_keep_the_per_example_worst_case_of_the_single_runs():
   x, y = jnp.asarray(x[:64]), jnp.asarray(y[:64])
   f = lambda z: model.apply(variables, z, train=False)
   eps, steps, key = 0.07, 10, helpers.key(3)
-  single = jax.jit(lambda run_key: attacks._apgd_run(f, x, y, run_key, eps=eps, norm="linf", steps=steps,
-                                                     loss_fn=attacks.cross_entropy, rho=0.75, unroll=False))
+  single = jax.jit(
+    lambda run_key: attacks._apgd_run(
+      f, x, y, run_key, eps=eps, norm="linf", steps=steps, loss_fn=attacks.cross_entropy, rho=0.75, unroll=False
+    )
+  )
   runs = [single(jax.random.fold_in(key, r)) for r in range(3)]
   fooled_runs = np.stack([np.asarray(run[2]) for run in runs])
   loss_runs = np.stack([np.asarray(run[1]) for run in runs])
@@ -382,7 +404,8 @@ def test_apgd_follows_torchattacks_from_the_same_start(loss, monkeypatch):
   torch.set_num_threads(1)  # a 64-example attack: threads only add contention
   try:
     theirs = torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss=loss)(
-        torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(y).long())
+      torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(y).long()
+    )
     theirs_fooled = (net(theirs).argmax(1) != torch.tensor(y)).numpy()
   finally:
     torch.set_num_threads(threads)
@@ -411,13 +434,30 @@ def test_apgd_agrees_with_torchattacks(loss):
 
   # Robust accuracy varies by ~1.5 points with the random start on this model, so compare means over seeds.
   eps, steps, seeds = 0.1, 100, range(3)
-  torch_robust = np.mean([
-      (net(torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss=loss)(x_t, y_t))
-       .argmax(1) == y_t).float().mean().item() for seed in seeds])
+  torch_robust = np.mean(
+    [
+      (
+        net(
+          torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss=loss)(x_t, y_t)
+        ).argmax(1)
+        == y_t
+      )
+      .float()
+      .mean()
+      .item()
+      for seed in seeds
+    ]
+  )
   attack = jax.jit(lambda x, y, key: attacks.apgd(f, x, y, key=key, eps=eps, steps=steps, loss=loss))
   x, y = jnp.asarray(x), jnp.asarray(y)
-  ours = np.mean([float(jnp.mean((jnp.argmax(f(attack(x, y, helpers.key(seed))), -1) == y)
-                                 & (jnp.argmax(f(x), -1) == y))) for seed in seeds])
-  print(f"APGD-{loss} robust accuracy on 500 digits, eps {eps}, mean of 3 seeds: "
-        f"hydra_jax {ours:.3f}, torchattacks {torch_robust:.3f}")
+  ours = np.mean(
+    [
+      float(jnp.mean((jnp.argmax(f(attack(x, y, helpers.key(seed))), -1) == y) & (jnp.argmax(f(x), -1) == y)))
+      for seed in seeds
+    ]
+  )
+  print(
+    f"APGD-{loss} robust accuracy on 500 digits, eps {eps}, mean of 3 seeds: "
+    f"hydra_jax {ours:.3f}, torchattacks {torch_robust:.3f}"
+  )
   assert abs(ours - torch_robust) <= 0.015

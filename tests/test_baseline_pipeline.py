@@ -57,9 +57,16 @@ def prunable_sizes(config):
 def checkpoint_items(config, stage):
   """The 'model' and 'train' items a run of `stage` saves, as shapes (the target of checkpoints.restore)."""
   state = jax.eval_shape(lambda s: s, train.initial_state(config, stage, STEPS_PER_EPOCH, (32, 8, 8, 1))[0])
-  return {"model": {"params": state.params, "batch_stats": state.batch_stats, "scores": state.scores},
-          "train": {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng,
-                    "aux": state.aux}}
+  return {
+    "model": {"params": state.params, "batch_stats": state.batch_stats, "scores": state.scores},
+    "train": {
+      "step": state.step,
+      "opt_state": state.opt_state,
+      "carry": state.carry,
+      "rng": state.rng,
+      "aux": state.aux,
+    },
+  }
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +126,7 @@ def test_str_stage_reports_the_kept_fraction_of_its_thresholds(tmp_path):
 def project(w, k):
   """Keep the kept_count largest |w| (a full sort; continuous draws have no ties), zero the rest."""
   flat, z = w.ravel(), np.zeros(w.size, w.dtype)
-  keep = np.argsort(-np.abs(w.ravel()))[:kept_count(w.size, k)]
+  keep = np.argsort(-np.abs(w.ravel()))[: kept_count(w.size, k)]
   z[keep] = flat[keep]
   return z.reshape(w.shape)
 
@@ -130,38 +137,58 @@ def kernels(params):
 
 
 def test_admm_stage_adds_its_penalty_and_updates_z_and_u_at_the_interval(pretrained_dir):
-  config = config_lib.stage_config(tiny_config(), "admm", source=pretrained_dir,
-                                   **{"baseline.admm_interval_epochs": 1, "baseline.rho": 1.0,
-                                      "baseline.rho_growth": 2.0, "optimizer.schedule": "constant"})
+  config = config_lib.stage_config(
+    tiny_config(),
+    "admm",
+    source=pretrained_dir,
+    **{
+      "baseline.admm_interval_epochs": 1,
+      "baseline.rho": 1.0,
+      "baseline.rho_growth": 2.0,
+      "optimizer.schedule": "constant",
+    },
+  )
   batch = sources.train_batches(config).batch_at(0)
   state, tx = train.initial_state(config, "admm", STEPS_PER_EPOCH, batch["image"].shape)
-  run = jax.jit(functools.partial(
-      train.train_step, apply_fn=models.make_apply_fn(sources.build_model(config)), tx=tx, k=config.k,
-      objective=objectives.get_objective("benign"), config=config, steps_per_epoch=STEPS_PER_EPOCH, axis_name=None,
-      hooks=baselines.phase_hooks(config, "admm", STEPS_PER_EPOCH)))
+  run = jax.jit(
+    functools.partial(
+      train.train_step,
+      apply_fn=models.make_apply_fn(sources.build_model(config)),
+      tx=tx,
+      k=config.k,
+      objective=objectives.get_objective("benign"),
+      config=config,
+      steps_per_epoch=STEPS_PER_EPOCH,
+      axis_name=None,
+      hooks=baselines.phase_hooks(config, "admm", STEPS_PER_EPOCH),
+    )
+  )
   for w, z in zip(kernels(state.params), jax.tree.leaves(state.aux.z), strict=True):
     np.testing.assert_array_equal(z, project(w, 0.1))  # Z_0 = Pi_k(W_0), U_0 = 0
   # First step (SGD with momentum starts at d = grad, lr 0.01): the same step with rho = 0 differs by exactly
   # lr * rho * (W - Z + U), the gradient of the penalty rho / 2 ||W - Z + U||^2.
   first, _ = run(state, batch)
   free, _ = run(state.replace(aux=state.aux._replace(rho=jnp.float32(0.0))), batch)
-  for w, z, a, b in zip(kernels(state.params), jax.tree.leaves(state.aux.z), kernels(first.params),
-                        kernels(free.params), strict=True):
+  for w, z, a, b in zip(
+    kernels(state.params), jax.tree.leaves(state.aux.z), kernels(first.params), kernels(free.params), strict=True
+  ):
     np.testing.assert_allclose(a - b, -0.01 * (w - np.asarray(z)), atol=1e-6)
   current = first
   for step in range(1, STEPS_PER_EPOCH + 1):
     before = current
     current, _ = run(current, batch)
     assert float(current.aux.rho) == (2.0 if step == STEPS_PER_EPOCH else 1.0), step  # at 4 batches consumed
-  for w, z, u in zip(kernels(before.params), jax.tree.leaves(current.aux.z), jax.tree.leaves(current.aux.u),
-                     strict=True):  # Z' = Pi_k(W + U), U' = U + W - Z' with the weights before that step, U = 0
+  for w, z, u in zip(
+    kernels(before.params), jax.tree.leaves(current.aux.z), jax.tree.leaves(current.aux.u), strict=True
+  ):  # Z' = Pi_k(W + U), U' = U + W - Z' with the weights before that step, U = 0
     np.testing.assert_allclose(z, project(w, 0.1), atol=0)
     np.testing.assert_allclose(u, w - project(w, 0.1), atol=1e-7)
 
 
 def test_a_stopped_admm_stage_resumes_bit_identically_with_its_aux(pretrained_dir, tmp_path):
-  config = config_lib.stage_config(tiny_config(), "admm", source=pretrained_dir,
-                                   **{"stages.admm.epochs": 2, "baseline.admm_interval_epochs": 1})
+  config = config_lib.stage_config(
+    tiny_config(), "admm", source=pretrained_dir, **{"stages.admm.epochs": 2, "baseline.admm_interval_epochs": 1}
+  )
   straight = str(tmp_path / "straight")
   train.run_stage(config, straight)
   interrupted = str(tmp_path / "interrupted")
@@ -180,8 +207,15 @@ def test_stage_all_runs_admm_per_k_and_str_once(tmp_path):
   config.stage, config.ks, config.baselines, config.stop_after_steps = "all", (0.1, 0.5), ("admm", "str"), 2
   rows = pipeline.train_and_evaluate(config, str(tmp_path))
   assert [(row["method"], row["stage"]) for row in rows] == [
-      ("dense", "pretrain"), ("hydra (prune only)", "prune"), ("hydra", "finetune"), ("admm", "finetune"),
-      ("hydra (prune only)", "prune"), ("hydra", "finetune"), ("admm", "finetune"), ("str", "str")]
+    ("dense", "pretrain"),
+    ("hydra (prune only)", "prune"),
+    ("hydra", "finetune"),
+    ("admm", "finetune"),
+    ("hydra (prune only)", "prune"),
+    ("hydra", "finetune"),
+    ("admm", "finetune"),
+    ("str", "str"),
+  ]
   sizes = prunable_sizes(config)
   for row, k in ((rows[3], 0.1), (rows[6], 0.5)):  # the hard prune of the ADMM phase's weights, then retraining
     assert row["kept_fraction"] == sum(kept_count(n, k) for n in sizes) / sum(sizes)
@@ -194,16 +228,26 @@ def test_stage_all_runs_admm_per_k_and_str_once(tmp_path):
 @pytest.mark.parametrize("stage", ["str", "admm"])
 def test_str_and_admm_steps_on_eight_devices_equal_one_device(stage, pretrained_dir):
   assert jax.device_count() == 8
-  config = config_lib.stage_config(tiny_config(), stage, source=pretrained_dir if stage == "admm" else "",
-                                   **{"baseline.admm_interval_epochs": 1, "baseline.rho": 0.5})
+  config = config_lib.stage_config(
+    tiny_config(),
+    stage,
+    source=pretrained_dir if stage == "admm" else "",
+    **{"baseline.admm_interval_epochs": 1, "baseline.rho": 0.5},
+  )
   batches = [sources.train_batches(config).batch_at(i) for i in range(3)]
   state, tx = train.initial_state(config, stage, 2, batches[0]["image"].shape)  # ADMM updates at step 2
   ends = []
   for mode, axis in (("single", None), ("shard_map", parallel.AXIS), ("pmap", parallel.AXIS)):
     step = functools.partial(
-        train.train_step, apply_fn=models.make_apply_fn(sources.build_model(config, axis)), tx=tx, k=config.k,
-        objective=objectives.get_objective("benign"), config=config, steps_per_epoch=2,
-        hooks=baselines.phase_hooks(config, stage, 2))
+      train.train_step,
+      apply_fn=models.make_apply_fn(sources.build_model(config, axis)),
+      tx=tx,
+      k=config.k,
+      objective=objectives.get_objective("benign"),
+      config=config,
+      steps_per_epoch=2,
+      hooks=baselines.phase_hooks(config, stage, 2),
+    )
     runner = parallel.make_runner(step, mode, carry_fields=("carry",))
     current = runner.put_state(state)
     for batch in batches:

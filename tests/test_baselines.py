@@ -22,9 +22,9 @@ from hydra_jax import train
 def toy_params(seed=0):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   return {
-      "conv1": {"kernel": jax.random.normal(k1, (3, 3, 2, 4))},
-      "bn1": {"scale": jnp.full((4,), 1.5), "bias": jnp.full((4,), 0.25)},
-      "fc": {"kernel": jax.random.normal(k2, (36, 5)), "bias": jax.random.normal(k3, (5,))},
+    "conv1": {"kernel": jax.random.normal(k1, (3, 3, 2, 4))},
+    "bn1": {"scale": jnp.full((4,), 1.5), "bias": jnp.full((4,), 0.25)},
+    "fc": {"kernel": jax.random.normal(k2, (36, 5)), "bias": jax.random.normal(k3, (5,))},
   }
 
 
@@ -51,21 +51,26 @@ def test_lwm_keeps_exactly_the_largest_magnitudes_of_each_layer(k):
   for name in ("conv1", "fc"):
     w = np.asarray(params[name]["kernel"]).ravel()
     expected = np.zeros(w.size)
-    expected[np.argsort(-np.abs(w))[:kept_count(w.size, k)]] = 1  # normal draws: no ties
+    expected[np.argsort(-np.abs(w))[: kept_count(w.size, k)]] = 1  # normal draws: no ties
     np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]).ravel(), expected)
 
 
 def test_snip_scores_are_abs_gradient_times_weight_of_the_stated_batches():
   # A linear least-squares model: dL/dW = x^T (x W + b - y) / B in closed form, independent of autodiff.
   rng = np.random.default_rng(0)
-  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
-                      "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}}
-  batches = [{"x": rng.normal(size=(5, 4)).astype(np.float32), "y": rng.normal(size=(5, 3)).astype(np.float32)}
-             for _ in range(2)]
+  params = {
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
+  }
+  batches = [
+    {"x": rng.normal(size=(5, 4)).astype(np.float32), "y": rng.normal(size=(5, 3)).astype(np.float32)} for _ in range(2)
+  ]
 
   def loss_fn(p, batch, key):
     residual = batch["x"] @ p["dense"]["kernel"] + p["dense"]["bias"] - batch["y"]
-    return 0.5 * jnp.sum(residual ** 2) / batch["x"].shape[0]
+    return 0.5 * jnp.sum(residual**2) / batch["x"].shape[0]
 
   w, b = np.asarray(params["dense"]["kernel"], np.float64), np.asarray(params["dense"]["bias"], np.float64)
   g = np.mean([bt["x"].T @ (bt["x"] @ w + b - bt["y"]) / 5 for bt in batches], axis=0)
@@ -142,12 +147,15 @@ def brute_force_projection(x, n_keep):
 
 @pytest.mark.parametrize("k", [0.2, 0.5, 0.75])
 def test_admm_z_update_is_the_projection_onto_the_k_sparse_set(k):
-  tree = {"a": {"kernel": jax.random.normal(jax.random.key(4), (2, 4))},
-          "b": {"kernel": jax.random.normal(jax.random.key(5), (3, 3)), "bias": None}}
+  tree = {
+    "a": {"kernel": jax.random.normal(jax.random.key(4), (2, 4))},
+    "b": {"kernel": jax.random.normal(jax.random.key(5), (3, 3)), "bias": None},
+  }
   projected = baselines.project_sparse(tree, k)
   for name, n in (("a", 8), ("b", 9)):
-    np.testing.assert_allclose(projected[name]["kernel"], brute_force_projection(tree[name]["kernel"],
-                                                                                 kept_count(n, k)), atol=0)
+    np.testing.assert_allclose(
+      projected[name]["kernel"], brute_force_projection(tree[name]["kernel"], kept_count(n, k)), atol=0
+    )
   assert projected["b"]["bias"] is None
 
 
@@ -159,8 +167,11 @@ def test_admm_state_updates_and_penalty_follow_the_equations():
   np.testing.assert_array_equal(state.u["fc"]["kernel"], 0)
   np.testing.assert_array_equal(state.z["fc"]["kernel"], brute_force_like_topk(params["fc"]["kernel"], k))
   assert float(baselines.admm_penalty(params, state)) == pytest.approx(
-      rho / 2 * sum(np.sum((np.asarray(params[n]["kernel"]) - np.asarray(state.z[n]["kernel"])) ** 2)
-                    for n in ("conv1", "fc")), rel=1e-5)
+    rho
+    / 2
+    * sum(np.sum((np.asarray(params[n]["kernel"]) - np.asarray(state.z[n]["kernel"])) ** 2) for n in ("conv1", "fc")),
+    rel=1e-5,
+  )
   moved = jax.tree.map(lambda w: w + 0.3, params)
   new = baselines.admm_update(moved, state, k, rho_growth=1.3)
   for name in ("conv1", "fc"):
@@ -179,7 +190,7 @@ def brute_force_like_topk(x, k):
   """Keep the kept_count(n, k) largest |x| (distinct values) by a full sort."""
   flat = np.asarray(x).ravel()
   z = np.zeros_like(flat)
-  keep = np.argsort(-np.abs(flat))[:kept_count(flat.size, k)]
+  keep = np.argsort(-np.abs(flat))[: kept_count(flat.size, k)]
   z[keep] = flat[keep]
   return z.reshape(np.shape(x))
 
@@ -194,8 +205,9 @@ def test_admm_schedule_updates_only_at_positive_multiples_of_the_interval():
   for step in (5, 10):
     updated = schedule(moved, state, step)
     assert float(updated.rho) == pytest.approx(2e-3)
-    np.testing.assert_allclose(updated.u["fc"]["kernel"],
-                               baselines.admm_update(moved, state, 0.1).u["fc"]["kernel"], atol=0)
+    np.testing.assert_allclose(
+      updated.u["fc"]["kernel"], baselines.admm_update(moved, state, 0.1).u["fc"]["kernel"], atol=0
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,8 +215,10 @@ def test_admm_schedule_updates_only_at_positive_multiples_of_the_interval():
 
 
 def tiny_problem():
-  params = {"hidden": {"kernel": jax.random.normal(jax.random.key(6), (6, 8)) * 0.5, "bias": jnp.zeros(8)},
-            "out": {"kernel": jax.random.normal(jax.random.key(7), (8, 2)) * 0.5, "bias": jnp.zeros(2)}}
+  params = {
+    "hidden": {"kernel": jax.random.normal(jax.random.key(6), (6, 8)) * 0.5, "bias": jnp.zeros(8)},
+    "out": {"kernel": jax.random.normal(jax.random.key(7), (8, 2)) * 0.5, "bias": jnp.zeros(2)},
+  }
   x = jax.random.normal(jax.random.key(8), (16, 6))
   y = jax.random.normal(jax.random.key(9), (16, 2))
 
@@ -242,9 +256,13 @@ def run_phase(hooks, loss_fn, params, steps, weight_decay=0.0):
 
 def fixed_hooks(scores, k):
   """HYDRA's finetune stage in the same protocol: scores frozen, the model runs with the masked params."""
-  return baselines.PhaseHooks(init=lambda params: scores, weights=lambda params, s: masking.apply_masks(params, s, k),
-                              penalty=lambda params, aux: 0.0, before_step=lambda params, aux, step: aux,
-                              trains_aux=False)
+  return baselines.PhaseHooks(
+    init=lambda params: scores,
+    weights=lambda params, s: masking.apply_masks(params, s, k),
+    penalty=lambda params, aux: 0.0,
+    before_step=lambda params, aux, step: aux,
+    trains_aux=False,
+  )
 
 
 def kept_per_layer(params):
@@ -268,8 +286,9 @@ def test_fixed_mask_baselines_keep_their_mask_through_training(name):
 
 def test_str_training_reports_the_sparsity_its_thresholds_give():
   params, loss_fn = tiny_problem()
-  trained, thresholds = run_phase(baselines.get_baseline("str").phase(s_init=-2.0), loss_fn, params, 10,
-                                  weight_decay=0.05)  # sigmoid(-2) = 0.12
+  trained, thresholds = run_phase(
+    baselines.get_baseline("str").phase(s_init=-2.0), loss_fn, params, 10, weight_decay=0.05
+  )  # sigmoid(-2) = 0.12
   report = baselines.str_sparsity(trained, thresholds)
   for name, kept, total in report.layers:
     layer = name.split("/")[0]
@@ -284,13 +303,15 @@ def test_admm_drives_weights_to_the_sparse_set_then_hard_prune_keeps_k():
 
   def distance_to_sparse_set(p):
     kernels = {n: {"kernel": p[n]["kernel"]} for n in ("hidden", "out")}
-    return sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
-        jax.tree.leaves(kernels), jax.tree.leaves(baselines.project_sparse(kernels, k)), strict=True))
+    return sum(
+      float(jnp.sum((a - b) ** 2))
+      for a, b in zip(jax.tree.leaves(kernels), jax.tree.leaves(baselines.project_sparse(kernels, k)), strict=True)
+    )
 
   hooks = baselines.get_baseline("admm").phase(k=k, rho=1.0, rho_growth=1.3, interval_steps=10)
   admm_trained, state = run_phase(hooks, loss_fn, params, 150)
   plain, _ = run_phase(fixed_hooks(baselines.magnitude_scores(params), 1.0), loss_fn, params, 150)
-  assert float(state.rho) == pytest.approx(1.3 ** 14, rel=1e-5)  # updates at steps 10, 20, ..., 140
+  assert float(state.rho) == pytest.approx(1.3**14, rel=1e-5)  # updates at steps 10, 20, ..., 140
   assert distance_to_sparse_set(admm_trained) < 0.1 * distance_to_sparse_set(plain)  # pulled toward S_k
   scores = baselines.get_baseline("admm").mask_scores(admm_trained, None, None)
   retrained, _ = run_phase(fixed_hooks(scores, k), loss_fn, masking.export_dense(admm_trained, scores, k), 5)
@@ -326,9 +347,11 @@ def test_run_baseline_trains_the_snip_mask_with_the_mask_fixed(tmp_path):
   summary = pipeline.run_baseline(config, "snip", source_dir="", workdir=str(tmp_path))
   assert summary["method"] == "snip" and summary["step"] == 3
   template = jax.eval_shape(lambda: sources.init_variables(config, jax.random.key(0)))
-  abstract = {"params": template["params"], "batch_stats": template["batch_stats"],
-              "scores": jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
-                                       template["params"])}
+  abstract = {
+    "params": template["params"],
+    "batch_stats": template["batch_stats"],
+    "scores": jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)), template["params"]),
+  }
   start = checkpoints.restore(str(tmp_path / "mask"), {"model": abstract})[0]["model"]
   end = checkpoints.restore(str(tmp_path / "train"), {"model": abstract})[0]["model"]
   assert checkpoints.read_meta(str(tmp_path / "train"))[1]["config"]["stages"]["finetune"]["lr"] == 0.1  # scratch
@@ -338,8 +361,9 @@ def test_run_baseline_trains_the_snip_mask_with_the_mask_fixed(tmp_path):
   model = sources.build_model(config)
 
   def cross_entropy(params):
-    logits, _ = model.apply({"params": params, "batch_stats": start["batch_stats"]}, batch["image"], train=True,
-                            mutable=["batch_stats"])
+    logits, _ = model.apply(
+      {"params": params, "batch_stats": start["batch_stats"]}, batch["image"], train=True, mutable=["batch_stats"]
+    )
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=1))
 
   grads = jax.grad(cross_entropy)(start["params"])
@@ -365,8 +389,9 @@ def test_baseline_loss_starts_stateful_objectives_from_their_initial_carry():
   losses = {}
   for name in ("free", "benign"):
     config.objective = config_lib.objective_config(name)
-    losses[name] = pipeline.baseline_loss(config, variables["batch_stats"])(variables["params"], batch,
-                                                                         jax.random.key(1))
+    losses[name] = pipeline.baseline_loss(config, variables["batch_stats"])(
+      variables["params"], batch, jax.random.key(1)
+    )
   assert np.isfinite(losses["free"]) and float(losses["free"]) == pytest.approx(float(losses["benign"]), rel=1e-6)
 
 
@@ -381,9 +406,13 @@ def test_run_baseline_lwm_equals_the_pipelines_finetune_with_scaled_scores(tmp_p
   scaled = config_lib.stage_config(config, "finetune", source=pretrain_dir, **{"stages.finetune.score_init": "scaled"})
   train.run_stage(scaled, str(tmp_path / "pipeline_lwm"))
   template = jax.eval_shape(lambda: sources.init_variables(config, jax.random.key(0)))
-  abstract = {"model": {"params": template["params"], "batch_stats": template["batch_stats"],
-                        "scores": jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)),
-                                                 template["params"])}}
+  abstract = {
+    "model": {
+      "params": template["params"],
+      "batch_stats": template["batch_stats"],
+      "scores": jax.eval_shape(lambda p: masking.init_scores(p, "uniform", jax.random.key(0)), template["params"]),
+    }
+  }
   ours = checkpoints.restore(str(tmp_path / "lwm" / "train"), abstract)[0]["model"]["params"]
   theirs = checkpoints.restore(str(tmp_path / "pipeline_lwm"), abstract)[0]["model"]["params"]
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)

@@ -23,7 +23,11 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_reports_every_requested_workload(tiny_run, capsys):
   result, _ = tiny_run
   assert [(r["workload"], r["model"]) for r in result["rows"]] == [
-      ("prune", "resnet_tiny"), ("topk", "n=1e+03"), ("topk", "n=1e+04"), ("bounds", "-")]
+    ("prune", "resnet_tiny"),
+    ("topk", "n=1e+03"),
+    ("topk", "n=1e+04"),
+    ("bounds", "-"),
+  ]
   prune = result["rows"][0]
   assert prune["batch"] == 4 and prune["note"] == "prune TRADES-1 k=0.01"
   assert prune["speedup"] == pytest.approx(prune["torch_s"] / prune["jax_s"])
@@ -44,8 +48,18 @@ def test_json_holds_the_returned_rows(tiny_run):
 
 
 def test_table_has_a_header_and_aligned_rows():
-  rows = [{"workload": "prune", "model": "resnet18", "batch": 128, "jax_s": 12.5, "torch_s": 30.0, "speedup": 2.4,
-           "note": "x"}, {"workload": "bounds", "model": "-", "note": "skipped: later"}]
+  rows = [
+    {
+      "workload": "prune",
+      "model": "resnet18",
+      "batch": 128,
+      "jax_s": 12.5,
+      "torch_s": 30.0,
+      "speedup": 2.4,
+      "note": "x",
+    },
+    {"workload": "bounds", "model": "-", "note": "skipped: later"},
+  ]
   lines = bench_vs_torch.format_table(rows).splitlines()
   assert lines[0].split()[:6] == ["workload", "model", "batch", "jax_s", "torch_s", "speedup"]
   assert lines[1].split()[:6] == ["prune", "resnet18", "128", "12.5000", "30.0000", "2.40x"]
@@ -73,8 +87,10 @@ def test_torch_baseline_has_the_zoo_architecture(name, prunable):
   assert used == prunable  # the README's prunable-weight counts of the JAX zoo
   torch_hydra.prepare(net, "prune", 0.01)
   trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-  assert trainable and all(n.endswith(("popup_scores", "bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias", ".1.weight",
-                                       ".1.bias")) for n in trainable)
+  assert trainable and all(
+    n.endswith(("popup_scores", "bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias", ".1.weight", ".1.bias"))
+    for n in trainable
+  )
   with torch.no_grad():
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 

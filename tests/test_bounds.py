@@ -8,13 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hydra_jax import attacks, bounds, masking, models
+from hydra_jax import attacks
+from hydra_jax import bounds
+from hydra_jax import masking
+from hydra_jax import models
 from tests import robust_helpers as helpers
 from tests import zoo_helpers
 
 FAST_MODELS = ("cnn_tiny", "resnet_tiny")  # a chain; BN and residual adds (the others: pooling, concat, slices)
-TINY_MODELS = [name if name in FAST_MODELS else pytest.param(name, marks=pytest.mark.slow)
-               for name in models.model_names() if name.endswith("_tiny")]
+TINY_MODELS = [
+  name if name in FAST_MODELS else pytest.param(name, marks=pytest.mark.slow)
+  for name in models.model_names()
+  if name.endswith("_tiny")
+]
 
 
 @functools.cache
@@ -31,11 +37,13 @@ def _jitted(name, method, **options):
 
 def _dense_net(*layers):
   """f(x) = affine_L(relu(... relu(affine_1(x)))) on x [B, n] from [(W, b), ...] numpy arrays."""
+
   def f(x):
     for index, (w, b) in enumerate(layers):
       x = x @ jnp.asarray(w) + jnp.asarray(b)
       x = jax.nn.relu(x) if index + 1 < len(layers) else x
     return x
+
   return f
 
 
@@ -86,8 +94,9 @@ def test_affine_layer_ibp_is_the_exact_interval_with_and_without_spec():
   exact = np.minimum(lo64[:, None] * cw, hi64[:, None] * cw).sum(-1) + spec @ b
   spec_lb, _ = bounds.ibp(f, lo, hi, jnp.asarray(spec, jnp.float32))
   np.testing.assert_allclose(spec_lb, exact, rtol=1e-5, atol=1e-5)
-  unmerged = np.einsum("bmc,bc->bm", np.maximum(spec, 0), exact_lb) + np.einsum("bmc,bc->bm", np.minimum(spec, 0),
-                                                                                 exact_ub)
+  unmerged = np.einsum("bmc,bc->bm", np.maximum(spec, 0), exact_lb) + np.einsum(
+    "bmc,bc->bm", np.minimum(spec, 0), exact_ub
+  )
   assert np.all(spec_lb > unmerged + 1e-3)
 
 
@@ -118,13 +127,14 @@ def test_one_unstable_relu_by_hand_each_method_and_where_each_is_looser():
   # CROWN, adaptive slope: u = 2 > -l = 1 gives lower line h >= z, so lb(h) = -1 (looser than IBP's 0);
   # upper line 2/3 (z + 1): ub(h) = 2 = -lb(-h); ub(-h) = -lb(h) = 1. The zero slope gives IBP's values here.
   np.testing.assert_allclose(np.stack(bounds.crown_ibp(f, lo, hi)), [[[-1, -2]], [[2, 1]]], atol=1e-6)
-  np.testing.assert_allclose(np.stack(bounds.crown_ibp(f, lo, hi, lower_slope="zero")), [[[0, -2]], [[2, 0]]],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.stack(bounds.crown_ibp(f, lo, hi, lower_slope="zero")), [[[0, -2]], [[2, 0]]], atol=1e-6
+  )
   # Symbolic: h = 2/3 z + 1/3 -/+ 1/3 with z = 1/2 + 3/2 eps: h in [-2/3, 2], -h in [-2, 2/3].
-  np.testing.assert_allclose(np.stack(bounds.symbolic_interval(f, lo, hi)), [[[-2 / 3, -2]], [[2, 2 / 3]]],
-                             atol=1e-6)
-  np.testing.assert_allclose(np.stack(bounds.symbolic_interval(f, lo, hi, intersect_ibp=True)),
-                             [[[0, -2]], [[2, 0]]], atol=1e-6)
+  np.testing.assert_allclose(np.stack(bounds.symbolic_interval(f, lo, hi)), [[[-2 / 3, -2]], [[2, 2 / 3]]], atol=1e-6)
+  np.testing.assert_allclose(
+    np.stack(bounds.symbolic_interval(f, lo, hi, intersect_ibp=True)), [[[0, -2]], [[2, 0]]], atol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,8 +149,9 @@ def test_zoo_model_logits_at_samples_corners_and_pgd_points_lie_in_ibp_bounds(na
   lo, hi = jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1)
   lb, ub = _jitted(name, bounds.ibp)(variables, lo, hi, None)
   points = _samples(lo, hi, jax.random.key(1), n=4)
-  x_adv = attacks.pgd(f, x, jnp.argmin(f(x), -1), key=jax.random.key(2), eps=eps, step_size=eps / 2, steps=2,
-                      unroll=False)
+  x_adv = attacks.pgd(
+    f, x, jnp.argmin(f(x), -1), key=jax.random.key(2), eps=eps, step_size=eps / 2, steps=2, unroll=False
+  )
   logits = np.concatenate([np.asarray(jax.vmap(f)(points)), np.asarray(f(x_adv))[None]])
   assert _inside(logits, np.asarray(lb), np.asarray(ub))
   assert np.all(np.asarray(ub) > np.asarray(lb))
@@ -158,9 +169,14 @@ def _cnn_setup(seed, batch=3, eps=None):
 def test_sequential_cnn_crown_ibp_and_symbolic_contain_samples_and_pgd_points(seed):
   _, variables, f, x, y, lo, hi = _cnn_setup(seed)
   spec = bounds.margin_spec(y, 10)
-  points = jnp.concatenate([_samples(lo, hi, jax.random.key(seed), n=8),
-                            attacks.pgd(f, x, y, key=jax.random.key(3), eps=float((hi - lo).max()) / 2,
-                                        step_size=0.01, steps=5, unroll=False)[None]])
+  points = jnp.concatenate(
+    [
+      _samples(lo, hi, jax.random.key(seed), n=8),
+      attacks.pgd(
+        f, x, y, key=jax.random.key(3), eps=float((hi - lo).max()) / 2, step_size=0.01, steps=5, unroll=False
+      )[None],
+    ]
+  )
   margins = np.einsum("bmc,nbc->nbm", spec, np.asarray(jax.vmap(f)(points)))
   for method in (bounds.crown_ibp, bounds.symbolic_interval):
     assert _inside(margins, *map(np.asarray, _jitted("cnn_tiny", method)(variables, lo, hi, spec))), method
@@ -172,8 +188,9 @@ def test_crown_ibp_and_symbolic_take_any_affine_chain_here_with_eval_mode_batchn
   model = helpers.TinyCNN(batch_norm=True)
   variables = helpers.init_variables(model, (2, 8, 8, 1))
   rng = np.random.default_rng(8)
-  variables["batch_stats"] = jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.2, 1.5, v.shape), jnp.float32),
-                                          variables["batch_stats"])
+  variables["batch_stats"] = jax.tree.map(
+    lambda v: jnp.asarray(rng.uniform(0.2, 1.5, v.shape), jnp.float32), variables["batch_stats"]
+  )
   f = lambda x: model.apply(variables, x, train=False)
   x = jnp.asarray(rng.uniform(0, 1, (2, 8, 8, 1)), jnp.float32)
   lo, hi = jnp.clip(x - 0.03, 0, 1), jnp.clip(x + 0.03, 0, 1)
@@ -256,8 +273,9 @@ def test_verified_correct_on_a_linear_model_equals_the_closed_form_margin():
   assert 0 < expected.sum() < 40
   f = lambda x: x @ jnp.asarray(w)
   for method in bounds.METHODS:
-    np.testing.assert_array_equal(bounds.verified_correct(f, jnp.asarray(x), jnp.asarray(y), eps=eps,
-                                                          method=method), expected)
+    np.testing.assert_array_equal(
+      bounds.verified_correct(f, jnp.asarray(x), jnp.asarray(y), eps=eps, method=method), expected
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,7 +307,9 @@ def test_unsupported_primitive_and_graphs_raise_errors_naming_them():
 def test_ibp_crown_and_symbolic_equal_the_reference_bound_code_on_the_same_weights():
   torch = pytest.importorskip("torch")
   from hydra_jax import convert  # pylint: disable=g-import-not-at-top
-  from tests import bounds_reference, torch_reference  # pylint: disable=g-import-not-at-top
+  from tests import bounds_reference  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top
+
   _, variables, _, _, y, lo, hi = _cnn_setup(7, eps=0.02)
   seq = torch_reference.build("cnn_tiny", 10)
   seq.load_state_dict(convert.to_torch_state_dict(variables, model_name="cnn_tiny", as_torch=True), strict=True)
@@ -319,6 +339,7 @@ def test_ibp_crown_and_symbolic_equal_the_reference_bound_code_on_the_same_weigh
 
 def test_benchmark_prints_a_well_formed_table_at_tiny_size():
   from benchmarks import bench_bounds  # pylint: disable=g-import-not-at-top
+
   rows = bench_bounds.run("cnn_tiny", batch=2, repeats=1, symbolic_batch=1)
   lines = bench_bounds.table(rows, "cnn_tiny", "cpu").splitlines()
   assert lines[0] == "model cnn_tiny, device cpu" and lines[1].split() == ["method", "batch", "ms", "x", "forward"]
@@ -326,5 +347,6 @@ def test_benchmark_prints_a_well_formed_table_at_tiny_size():
   assert [c[0] for c in cells] == ["forward", "ibp", "crown_ibp", "ibp+crown", "forward", "symbolic"]
   assert [int(c[1]) for c in cells] == [2, 2, 2, 2, 1, 1]
   assert all(float(c[2]) > 0 for c in cells) and cells[0][3] == cells[4][3] == "1.00"
-  np.testing.assert_allclose([float(c[3]) for c in cells[1:4]], [float(c[2]) / float(cells[0][2]) for c in cells[1:4]],
-                             rtol=0.02, atol=0.01)
+  np.testing.assert_allclose(
+    [float(c[3]) for c in cells[1:4]], [float(c[2]) / float(cells[0][2]) for c in cells[1:4]], rtol=0.02, atol=0.01
+  )

@@ -16,12 +16,18 @@ from hydra_jax import checkpoints
 def make_items(scale=1.0):
   """Items shaped like the train loop's: model (params, batch_stats, scores with None leaves) and train."""
   return {
-      "model": {"params": {"conv": {"kernel": scale * jnp.arange(24.0).reshape(2, 3, 2, 2), "bias": jnp.ones(2)},
-                           "bn": {"scale": jnp.full(2, scale), "bias": jnp.zeros(2)}},
-                "batch_stats": {"bn": {"mean": jnp.array([0.5, -0.5]), "var": jnp.array([1.5, 2.5])}},
-                "scores": {"conv": {"kernel": -scale * jnp.ones((2, 3, 2, 2)), "bias": None},
-                           "bn": {"scale": None, "bias": None}}},
-      "train": {"step": jnp.int32(7), "rng": jax.random.PRNGKey(3), "opt_state": (jnp.zeros(3), jnp.int32(2))},
+    "model": {
+      "params": {
+        "conv": {"kernel": scale * jnp.arange(24.0).reshape(2, 3, 2, 2), "bias": jnp.ones(2)},
+        "bn": {"scale": jnp.full(2, scale), "bias": jnp.zeros(2)},
+      },
+      "batch_stats": {"bn": {"mean": jnp.array([0.5, -0.5]), "var": jnp.array([1.5, 2.5])}},
+      "scores": {
+        "conv": {"kernel": -scale * jnp.ones((2, 3, 2, 2)), "bias": None},
+        "bn": {"scale": None, "bias": None},
+      },
+    },
+    "train": {"step": jnp.int32(7), "rng": jax.random.PRNGKey(3), "opt_state": (jnp.zeros(3), jnp.int32(2))},
   }
 
 
@@ -29,8 +35,13 @@ def save_steps(workdir, steps, *, keep=3, accuracies=None, async_save=False):
   ckpt = checkpoints.Checkpoints(workdir, keep=keep, async_save=async_save)
   for i, step in enumerate(steps):
     metrics = None if accuracies is None else {"robust": accuracies[i]}
-    ckpt.save(step, make_items(scale=float(step)), meta={"stage": "prune", "k": 0.1, "step": step},
-              sparsity=json.dumps({"kept": step, "total": 100}), metrics=metrics)
+    ckpt.save(
+      step,
+      make_items(scale=float(step)),
+      meta={"stage": "prune", "k": 0.1, "step": step},
+      sparsity=json.dumps({"kept": step, "total": 100}),
+      metrics=metrics,
+    )
   ckpt.close()
 
 
@@ -170,5 +181,10 @@ def test_versions_name_the_libraries_that_wrote_the_checkpoint():
   import flax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  assert checkpoints.versions() == {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                                    "flax": flax.__version__, "orbax": ocp.__version__}
+
+  assert checkpoints.versions() == {
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "orbax": ocp.__version__,
+  }

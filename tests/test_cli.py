@@ -24,8 +24,9 @@ def hydra_jax(*args, check=True, env=None, python_code=None):
   """Runs the CLI (or `python -c python_code ARGS`) in a fresh single-device process."""
   env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
   command = ["-c", python_code] if python_code else ["-m", "hydra_jax"]
-  result = subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   if check and result.returncode:
     raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
   return result
@@ -36,23 +37,35 @@ def test_unknown_command_prints_usage():
   assert result.returncode == 2 and "usage: hydra-jax {train,eval,export,certify}" in result.stderr
 
 
-@pytest.mark.parametrize("flag, message", [
+@pytest.mark.parametrize(
+  "flag, message",
+  [
     ("--config.optimiser.lr=0.1", "optimiser"),
     ("--config.k=2.0", "config.k=2.0 must lie in (0, 1]"),
     ("--config.model.name=resnet9", "Unknown model 'resnet9'"),
-])
+  ],
+)
 def test_bad_config_is_rejected_by_name(tmp_path, flag, message):
-  result = hydra_jax("train", "--config", "configs/digits_demo.py", flag, "--workdir", str(tmp_path / "run"),
-                     check=False)
+  result = hydra_jax(
+    "train", "--config", "configs/digits_demo.py", flag, "--workdir", str(tmp_path / "run"), check=False
+  )
   assert result.returncode != 0 and message in result.stderr
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_train_eval_export_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
-  tiny = ["--config", "configs/digits_demo.py:model=cnn_tiny", "--config.stage=pretrain", "--config.data.image_size=8",
-          "--config.stages.pretrain.epochs=1", "--config.eval.steps=1", "--config.log.progress=false",
-          "--workdir", workdir]
+  tiny = [
+    "--config",
+    "configs/digits_demo.py:model=cnn_tiny",
+    "--config.stage=pretrain",
+    "--config.data.image_size=8",
+    "--config.stages.pretrain.epochs=1",
+    "--config.eval.steps=1",
+    "--config.log.progress=false",
+    "--workdir",
+    workdir,
+  ]
   summary = json.loads(hydra_jax("train", *tiny).stdout)
   assert summary["stage"] == "pretrain" and summary["step"] == summary["total_steps"] == 1437 // 64
 
@@ -63,8 +76,15 @@ def test_train_eval_export_end_to_end(tmp_path):
 
   # Prune one step from that run, then export it: the file must hold the checkpoint's weights, masked.
   prune_dir = str(tmp_path / "prune")
-  prune = [*tiny[:-1], prune_dir, "--config.stage=prune", f"--config.source={workdir}", "--config.k=0.1",
-           "--config.stop_after_steps=1", "--config.objective.name=benign"]
+  prune = [
+    *tiny[:-1],
+    prune_dir,
+    "--config.stage=prune",
+    f"--config.source={workdir}",
+    "--config.k=0.1",
+    "--config.stop_after_steps=1",
+    "--config.objective.name=benign",
+  ]
   assert json.loads(hydra_jax("train", *prune).stdout)["step"] == 1
   out = str(tmp_path / "model.npz")
   assert "wrote" in hydra_jax("export", *prune, f"--out={out}").stdout
@@ -83,15 +103,31 @@ def test_train_eval_export_end_to_end(tmp_path):
     assert np.count_nonzero(exported) == np.count_nonzero(weight[kept])
 
 
-
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--config.nosuch=1"], "--config.nosuch: the config has no key 'nosuch'"),
-    (["--config.stage=pretrain", "--config.data.name=cifar10", "--config.data.image_size=0",
-      "--config.data.data_dir=/nonexistent"], "data_dir='/nonexistent' is not a folder"),
+    (
+      [
+        "--config.stage=pretrain",
+        "--config.data.name=cifar10",
+        "--config.data.image_size=0",
+        "--config.data.data_dir=/nonexistent",
+      ],
+      "data_dir='/nonexistent' is not a folder",
+    ),
     (["--config.stage=pretrain", "--config.data.name=cifar10"], "image_size 16 of 'cifar10' must be a positive"),
-    (["--config.stage=pretrain", "--config.data.name=cifar10", "--config.data.image_size=0",
-      "--config.data.data_dir="], "TFDS dataset 'cifar10' (split 'train') is not prepared in ArrayRecord format"),
-])
+    (
+      [
+        "--config.stage=pretrain",
+        "--config.data.name=cifar10",
+        "--config.data.image_size=0",
+        "--config.data.data_dir=",
+      ],
+      "TFDS dataset 'cifar10' (split 'train') is not prepared in ArrayRecord format",
+    ),
+  ],
+)
 def test_user_errors_are_a_short_message_and_write_nothing(tmp_path, flags, message):
   workdir = str(tmp_path / "run")
   args = ["train", "--config", "configs/digits_demo.py", *flags, "--workdir", workdir]
@@ -104,9 +140,11 @@ def test_user_errors_are_a_short_message_and_write_nothing(tmp_path, flags, mess
 
 
 def test_an_internal_key_error_keeps_its_traceback(tmp_path):
-  code = ("import sys\nfrom hydra_jax import cli, pipeline\n"
-          "pipeline.train_and_evaluate = lambda config, workdir: {}['internal']\n"
-          "cli.main(['hydra-jax', 'train', '--config', 'configs/digits_demo.py', '--workdir', sys.argv[1]])")
+  code = (
+    "import sys\nfrom hydra_jax import cli, pipeline\n"
+    "pipeline.train_and_evaluate = lambda config, workdir: {}['internal']\n"
+    "cli.main(['hydra-jax', 'train', '--config', 'configs/digits_demo.py', '--workdir', sys.argv[1]])"
+  )
   result = hydra_jax(str(tmp_path / "run"), check=False, python_code=code)
   assert result.returncode != 0 and "Traceback" in result.stderr and "KeyError: 'internal'" in result.stderr
 
@@ -119,11 +157,22 @@ def _digits_config(arg):
 
 
 def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
-  overrides = {"stage": "pretrain", "stop_after_steps": 2, "parallel.mode": "single", "log.progress": False,
-               "checkpoint.async_save": False}
+  overrides = {
+    "stage": "pretrain",
+    "stop_after_steps": 2,
+    "parallel.mode": "single",
+    "log.progress": False,
+    "checkpoint.async_save": False,
+  }
   cli_dir, library_dir = str(tmp_path / "cli"), str(tmp_path / "library")
-  hydra_jax("train", "--config", "configs/digits_demo.py:model=cnn_tiny,objective=benign",
-            *[f"--config.{key}={str(value).lower()}" for key, value in overrides.items()], "--workdir", cli_dir)
+  hydra_jax(
+    "train",
+    "--config",
+    "configs/digits_demo.py:model=cnn_tiny,objective=benign",
+    *[f"--config.{key}={str(value).lower()}" for key, value in overrides.items()],
+    "--workdir",
+    cli_dir,
+  )
   config = _digits_config("model=cnn_tiny,objective=benign")
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
@@ -140,17 +189,17 @@ def numpy_topk_mask(scores, k):
   """The reference's GetSubnet in numpy: stable ascending sort of |s|, the first int((1 - k) n) get 0."""
   flat = np.abs(scores).ravel()
   mask = np.ones(flat.size)
-  mask[np.argsort(flat, kind="stable")[:int((1 - k) * flat.size)]] = 0
+  mask[np.argsort(flat, kind="stable")[: int((1 - k) * flat.size)]] = 0
   return mask.reshape(scores.shape)
 
 
 def restore_model(workdir):
   """({'0/kernel': array, ...} of the trained params, {'0/kernel': scores} of the prunable kernels), read from
   the latest checkpoint with orbax directly (cnn_tiny on 8x8x1 digits)."""
-  params = jax.eval_shape(lambda: models.get_model("cnn_tiny", 10).init(
-      jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))["params"]
+  params = jax.eval_shape(
+    lambda: models.get_model("cnn_tiny", 10).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  )["params"]
   scores = jax.tree_util.tree_map_with_path(lambda p, w: w if p[-1].key == "kernel" else None, params)
   items, _ = checkpoints.restore(workdir, {"model": {"params": params, "batch_stats": {}, "scores": scores}})
-  flat = lambda tree: {"/".join(p): np.asarray(v) for p, v in traverse_util.flatten_dict(tree).items()
-                       if v is not None}
+  flat = lambda tree: {"/".join(p): np.asarray(v) for p, v in traverse_util.flatten_dict(tree).items() if v is not None}
   return flat(items["model"]["params"]), flat(items["model"]["scores"])

@@ -4,21 +4,27 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import pytest
+from jax import lax
 
 from hydra_jax.models import layers
 
 # (batch, side, C_in, C_out, kernel, stride, padding): odd sides, strides that leave padding unused, 1x1.
-SHAPES = [(2, 7, 3, 5, 3, 1, 1), (3, 9, 4, 6, 3, 2, 1), (2, 8, 5, 4, 1, 2, 0), (2, 6, 4, 3, 3, 1, 0),
-          (1, 10, 2, 3, 4, 2, 1)]
+SHAPES = [
+  (2, 7, 3, 5, 3, 1, 1),
+  (3, 9, 4, 6, 3, 2, 1),
+  (2, 8, 5, 4, 1, 2, 0),
+  (2, 6, 4, 3, 3, 1, 0),
+  (1, 10, 2, 3, 4, 2, 1),
+]
 
 
 def reference_conv(x, w, stride, padding):
   """lax's convolution, written out independently of layers.xla_conv."""
-  return lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return lax.conv_general_dilated(
+    x, w, (stride, stride), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def direct_weight_grad(x, g, kernel, stride, padding):
@@ -29,7 +35,7 @@ def direct_weight_grad(x, g, kernel, stride, padding):
   out = np.zeros((kernel, kernel, x.shape[-1], g.shape[-1]))
   for i in range(kernel):
     for j in range(kernel):
-      tap = xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride, :]
+      tap = xp[:, i : i + (ho - 1) * stride + 1 : stride, j : j + (wo - 1) * stride + 1 : stride, :]
       out[i, j] = np.einsum("nhwc,nhwd->cd", tap, g)
   return out
 

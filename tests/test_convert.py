@@ -2,27 +2,55 @@
 
 import functools
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
+from zoo_helpers import random_variables
 
 from hydra_jax import convert
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax.models import resnet
-from zoo_helpers import random_variables
 
-TINY = ["cnn_tiny", "vgg_tiny", "wrn_tiny", "resnet_tiny", "resnet_imagenet_tiny", "mobilenet_v2_tiny",
-        "googlenet_tiny"]
+TINY = [
+  "cnn_tiny",
+  "vgg_tiny",
+  "wrn_tiny",
+  "resnet_tiny",
+  "resnet_imagenet_tiny",
+  "mobilenet_v2_tiny",
+  "googlenet_tiny",
+]
 # The families' full-size networks, or their tiny variants where the full one is slow (see PARITY_SLOW).
 # resnet_imagenet_tiny is the ImageNet bottleneck family, vgg2 the plain (BN-free) VGG family; the CIFAR bottleneck
 # family has its own tiny test below.
-PARITY = ["cifar_model", "cifar_model_large", "mnist_model", "mnist_model_large", "vgg16_bn", "vgg2", "wrn_28_4",
-          "resnet18", "resnet_imagenet_tiny", "mobilenet_v2_tiny", "googlenet_tiny"]
-PARITY_SLOW = ["resnet50_imagenet", "mobilenet_v2", "googlenet", "vgg16", "resnet50", "wrn_40_2", "cnn_tiny",
-               "vgg_tiny", "wrn_tiny", "resnet_tiny"]
+PARITY = [
+  "cifar_model",
+  "cifar_model_large",
+  "mnist_model",
+  "mnist_model_large",
+  "vgg16_bn",
+  "vgg2",
+  "wrn_28_4",
+  "resnet18",
+  "resnet_imagenet_tiny",
+  "mobilenet_v2_tiny",
+  "googlenet_tiny",
+]
+PARITY_SLOW = [
+  "resnet50_imagenet",
+  "mobilenet_v2",
+  "googlenet",
+  "vgg16",
+  "resnet50",
+  "wrn_40_2",
+  "cnn_tiny",
+  "vgg_tiny",
+  "wrn_tiny",
+  "resnet_tiny",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +58,7 @@ def tr():
   """The PyTorch re-statements of the reference models (skips when torch is absent)."""
   pytest.importorskip("torch")
   import torch_reference  # pylint: disable=g-import-not-at-top
+
   return torch_reference
 
 
@@ -45,6 +74,7 @@ def _inputs(name, batch=2, seed=1):
 def _with_scores(state_dict, seed=0):
   """A copy of `state_dict` with distinct random `popup_scores` next to every conv / linear weight."""
   import torch  # pylint: disable=g-import-not-at-top
+
   gen = torch.Generator().manual_seed(seed)
   out = dict(state_dict)
   for key, value in state_dict.items():
@@ -76,13 +106,22 @@ def test_eval_logits_equal_pytorch(name, tr):
 
 def test_cifar_bottleneck_resnet_logits_equal_pytorch(tr, monkeypatch):
   """resnet50/101/152's block (1x1 -> 3x3 -> 1x1 x4, projection and identity shortcuts) at tiny widths."""
-  monkeypatch.setitem(models._MODELS, "resnet_bottleneck_tiny", functools.partial(
-      resnet.ResNet, block=resnet.Bottleneck, num_blocks=(2, 1, 1, 1), widths=(4, 8, 8, 8)))
-  monkeypatch.setitem(tr.BUILDERS, "resnet_bottleneck_tiny",
-                      lambda c: tr.CifarResNet(tr.CifarBottleneck, [2, 1, 1, 1], c, widths=(4, 8, 8, 8)))
+  monkeypatch.setitem(
+    models._MODELS,
+    "resnet_bottleneck_tiny",
+    functools.partial(resnet.ResNet, block=resnet.Bottleneck, num_blocks=(2, 1, 1, 1), widths=(4, 8, 8, 8)),
+  )
+  monkeypatch.setitem(
+    tr.BUILDERS,
+    "resnet_bottleneck_tiny",
+    lambda c: tr.CifarResNet(tr.CifarBottleneck, [2, 1, 1, 1], c, widths=(4, 8, 8, 8)),
+  )
   _check_parity(tr, "resnet_bottleneck_tiny")
-  shapes = jax.eval_shape(lambda: models.get_model("resnet_bottleneck_tiny", 10).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
+  shapes = jax.eval_shape(
+    lambda: models.get_model("resnet_bottleneck_tiny", 10).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False
+    )
+  )["params"]
   assert "shortcut_0" in shapes["layer1_0"] and "shortcut_0" not in shapes["layer1_1"]  # both shortcut kinds
   assert shapes["layer1_1"]["conv3"]["kernel"].shape == (1, 1, 4, 16)  # expansion 4
 
@@ -108,16 +147,18 @@ def test_scores_get_the_weight_layout(tr):
   """popup_scores equal to the weights convert to exactly the kernels (incl. the flatten permutation)."""
   reference = tr.build_random("cifar_model")
   state_dict = reference.state_dict()
-  state_dict.update({k.removesuffix("weight") + "popup_scores": v.clone() for k, v in state_dict.items()
-                     if k.endswith("weight")})
+  state_dict.update(
+    {k.removesuffix("weight") + "popup_scores": v.clone() for k, v in state_dict.items() if k.endswith("weight")}
+  )
   variables, scores = convert.from_torch_state_dict(state_dict, "cifar_model", 10)
   expected = jax.tree_util.tree_map_with_path(lambda p, v: v if p[-1].key == "kernel" else None, variables["params"])
   _assert_trees_equal(scores, expected)
 
 
 def test_scores_are_none_at_non_prunable_leaves(tr):
-  variables, scores = convert.from_torch_state_dict(_with_scores(tr.build_random("resnet_tiny").state_dict()),
-                                                    "resnet_tiny", 10)
+  variables, scores = convert.from_torch_state_dict(
+    _with_scores(tr.build_random("resnet_tiny").state_dict()), "resnet_tiny", 10
+  )
   flat_scores = traverse_util.flatten_dict(scores)
   assert flat_scores.keys() == traverse_util.flatten_dict(variables["params"]).keys()
   for path, value in flat_scores.items():
@@ -128,12 +169,16 @@ def test_scores_are_none_at_non_prunable_leaves(tr):
 def test_masks_and_masked_forward_equal_reference_getsubnet(name, tr):
   """Reference GetSubnet on the torch scores gives our topk_mask on the converted scores, and masked forwards agree."""
   import torch  # pylint: disable=g-import-not-at-top
+
   k = 0.3
   reference = tr.build_random(name)
   state_dict = _with_scores(reference.state_dict())
   variables, scores = convert.from_torch_state_dict(state_dict, name, 10)
-  torch_masks = {key.removesuffix("popup_scores") + "weight": tr.get_subnet(value, k)
-                 for key, value in state_dict.items() if key.endswith("popup_scores")}
+  torch_masks = {
+    key.removesuffix("popup_scores") + "weight": tr.get_subnet(value, k)
+    for key, value in state_dict.items()
+    if key.endswith("popup_scores")
+  }
 
   @jax.jit
   def masks_and_masked_params(params, scores):
@@ -149,8 +194,9 @@ def test_masks_and_masked_forward_equal_reference_getsubnet(name, tr):
     for key, mask in torch_masks.items():
       reference.get_parameter(key).mul_(mask)
   x = _inputs(name)
-  np.testing.assert_allclose(_our_logits(name, {**variables, "params": masked}, x), tr.logits(reference, x),
-                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    _our_logits(name, {**variables, "params": masked}, x), tr.logits(reference, x), atol=1e-4, rtol=1e-4
+  )
 
 
 # ------------------------------------------------------------------------------------------------ round trips
@@ -196,6 +242,7 @@ def test_dataparallel_prefix_and_wrn_sub_block1_are_accepted(tr):
 
 def test_import_copies_instead_of_aliasing_torch_memory(tr):
   import torch  # pylint: disable=g-import-not-at-top
+
   reference = tr.build_random("resnet_tiny")
   variables, _ = convert.from_torch_state_dict(reference.state_dict(), "resnet_tiny", 10)
   before = np.array(variables["batch_stats"]["bn1"]["mean"])
@@ -212,12 +259,18 @@ def resnet_tiny_state_dict():
 
 
 def test_wrong_model_names_the_key(resnet_tiny_state_dict):
-  with pytest.raises(ValueError, match=r"fit model 'wrn_tiny': missing keys \['block1\.layer\.0\.bn1\.bias', .*"
-                                      r"not used by the model \['layer1\.0\.bn1\.bias', .*\(57 in all\)$"):
+  with pytest.raises(
+    ValueError,
+    match=r"fit model 'wrn_tiny': missing keys \['block1\.layer\.0\.bn1\.bias', .*"
+    r"not used by the model \['layer1\.0\.bn1\.bias', .*\(57 in all\)$",
+  ):
     convert.from_torch_state_dict(resnet_tiny_state_dict, "wrn_tiny", 10)
   state_dict = {k: v[:, :, :2] if k == "layer3.0.conv2.weight" else v for k, v in resnet_tiny_state_dict.items()}
-  with pytest.raises(ValueError, match=r"'layer3\.0\.conv2\.weight' has shape \(32, 32, 2, 3\), the model expects "
-                                       r"\(32, 32, 3, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'layer3\.0\.conv2\.weight' has shape \(32, 32, 2, 3\), the model expects "
+    r"\(32, 32, 3, 3\)",
+  ):
     convert.from_torch_state_dict(state_dict, "resnet_tiny", 10)
 
 
@@ -233,8 +286,11 @@ def test_wrong_number_of_classes_is_named(resnet_tiny_state_dict):
 
 
 def test_unused_keys_are_named(resnet_tiny_state_dict):
-  state_dict = {**resnet_tiny_state_dict, "fc.weight": np.zeros((10, 64), np.float32),
-                "sub_block1.layer.0.bn1.weight": np.ones(8, np.float32)}
+  state_dict = {
+    **resnet_tiny_state_dict,
+    "fc.weight": np.zeros((10, 64), np.float32),
+    "sub_block1.layer.0.bn1.weight": np.ones(8, np.float32),
+  }
   with pytest.raises(ValueError, match=r"not used by the model \['fc\.weight', 'sub_block1\.layer\.0\.bn1\.weight'\]$"):
     convert.from_torch_state_dict(state_dict, "resnet_tiny", 10)
 

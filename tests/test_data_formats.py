@@ -40,8 +40,15 @@ def _write_cifar10(folder, per_batch=3, test=5, seed=0):
   for name, split in names:
     n = per_batch if split == "train" else test
     rows, labels = _cifar_rows(rng, n), [int(v) for v in rng.integers(0, 10, n)]
-    _pickle(os.path.join(folder, name), {b"batch_label": name.encode(), b"labels": labels, b"data": rows,
-                                         b"filenames": [f"img_{i}.png".encode() for i in range(n)]})
+    _pickle(
+      os.path.join(folder, name),
+      {
+        b"batch_label": name.encode(),
+        b"labels": labels,
+        b"data": rows,
+        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+      },
+    )
     written[split][0].append(rows)
     written[split][1].extend(labels)
   _pickle(os.path.join(folder, "batches.meta"), {b"label_names": [b"airplane"] * 10, b"num_vis": 3072})
@@ -62,8 +69,9 @@ def test_cifar10_pickles_give_every_pixel_and_label_in_file_order(tmp_path):
     source = data.load_source("cifar10", split, data_dir=str(tmp_path))
     rows, labels = written[split]
     assert len(source) == n and source.images.shape == (n, 32, 32, 3) and source.images.dtype == np.uint8
-    expected = np.array([[[[_pixel(rows, b, i, j, c) for c in range(3)] for j in range(32)] for i in range(32)]
-                         for b in range(n)])
+    expected = np.array(
+      [[[[_pixel(rows, b, i, j, c) for c in range(3)] for j in range(32)] for i in range(32)] for b in range(n)]
+    )
     np.testing.assert_array_equal(source.images, expected)
     np.testing.assert_array_equal(source.labels, labels)
 
@@ -75,8 +83,13 @@ def test_cifar100_pickles_use_the_fine_labels(tmp_path):
   for split, n in (("train", 6), ("test", 4)):
     rows = _cifar_rows(rng, n)
     fine, coarse = [int(v) for v in rng.integers(0, 100, n)], [int(v) for v in rng.integers(0, 20, n)]
-    content = {b"filenames": [b"x"] * n, b"batch_label": b"b", b"fine_labels": fine, b"coarse_labels": coarse,
-               b"data": rows}
+    content = {
+      b"filenames": [b"x"] * n,
+      b"batch_label": b"b",
+      b"fine_labels": fine,
+      b"coarse_labels": coarse,
+      b"data": rows,
+    }
     if split == "test":  # str keys, as a file re-saved from torchvision's latin1-decoded dict would hold
       content = {key.decode(): value for key, value in content.items()}
     _pickle(folder / split, content)
@@ -102,8 +115,9 @@ def test_cifar_train_batches_are_the_pipelines_batches_of_the_written_images(tmp
   assert batches.steps_per_epoch == 20 // 6
   reference = dataclasses.replace(batches, source=data.ArraySource(images, labels))
   again = data.train_batches("cifar10", 6, seed=3, data_dir=str(tmp_path), **HOST)
-  hosts = [data.train_batches("cifar10", 6, seed=3, data_dir=str(tmp_path), process_index=p, process_count=2)
-           for p in range(2)]
+  hosts = [
+    data.train_batches("cifar10", 6, seed=3, data_dir=str(tmp_path), process_index=p, process_count=2) for p in range(2)
+  ]
   for step in (0, 4, 7):
     batch = batches.batch_at(step)
     for key in ("image", "label"):
@@ -273,15 +287,21 @@ def test_image_folder_errors(tmp_path):
 def test_auto_refuses_a_dataset_held_in_two_formats(tmp_path):
   _write_cifar10(tmp_path / "cifar-10-batches-py")
   os.makedirs(tmp_path / "cifar10" / "3.0.2")  # a TFDS folder beside the pickles
-  with pytest.raises(ValueError, match=r"several formats \(tfds in .*; cifar_pickle in .*\).*data.format=tfds or "
-                                       r"cifar_pickle"):
+  with pytest.raises(
+    ValueError,
+    match=r"several formats \(tfds in .*; cifar_pickle in .*\).*data.format=tfds or "
+    r"cifar_pickle",
+  ):
     data.load_source("cifar10", "train", data_dir=str(tmp_path))
   assert len(data.load_source("cifar10", "test", data_dir=str(tmp_path), data_format="cifar_pickle")) == 5
 
 
 def test_no_files_found_says_what_was_looked_for(tmp_path):
-  with pytest.raises(ValueError, match="no cifar10 files.*tfds: a TFDS folder cifar10/.*cifar_pickle: .*"
-                                       "tfds build cifar10 --file_format=array_record"):
+  with pytest.raises(
+    ValueError,
+    match="no cifar10 files.*tfds: a TFDS folder cifar10/.*cifar_pickle: .*"
+    "tfds build cifar10 --file_format=array_record",
+  ):
     data.load_source("cifar10", "train", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="data_dir='.*nowhere' is not a folder"):
     data.load_source("cifar10", "train", data_dir=str(tmp_path / "nowhere"))
@@ -291,11 +311,14 @@ def test_no_files_found_says_what_was_looked_for(tmp_path):
     data.load_source("cifar10", "train", data_dir=str(tmp_path), data_format="tfds")
 
 
-@pytest.mark.parametrize("name,fmt,match", [
+@pytest.mark.parametrize(
+  "name,fmt,match",
+  [
     ("cifar10", "nope", "Unknown data format 'nope'; valid: auto, tfds, cifar_pickle, svhn_mat, image_folder"),
     ("cifar10", "svhn_mat", "'svhn_mat' cannot hold 'cifar10'; valid for cifar10: auto, tfds, cifar_pickle"),
     ("digits", "tfds", "'digits' ships with scikit-learn"),
-])
+  ],
+)
 def test_bad_format_names(tmp_path, name, fmt, match):
   with pytest.raises(ValueError, match=match):
     data.load_source(name, "train", data_dir=str(tmp_path), data_format=fmt)

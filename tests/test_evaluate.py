@@ -10,8 +10,13 @@ from hydra_jax import evaluate
 from tests import robust_helpers as helpers
 
 SHAPE = (4, 4, 1)
-FAST = {"pgd_linf": {"steps": 10}, "apgd_ce": {"steps": 20}, "apgd_dlr": {"steps": 20},
-        "apgd_t": {"steps": 10, "num_targets": 3}, "pgd_l2": {"steps": 10}}
+FAST = {
+  "pgd_linf": {"steps": 10},
+  "apgd_ce": {"steps": 20},
+  "apgd_dlr": {"steps": 20},
+  "apgd_t": {"steps": 10, "num_targets": 3},
+  "pgd_l2": {"steps": 10},
+}
 
 
 def _linear_problem(n=48, eps=0.05, seed=0):
@@ -38,13 +43,15 @@ def _exact_linf_robust(variables, x, y, eps):
 
 def _batches(x, y, batch_size, pad_to=None):
   for start in range(0, len(y), batch_size):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
     batch = {"image": xb, "label": yb}
     if pad_to is not None and len(yb) < pad_to:
       extra = pad_to - len(yb)
-      batch = {"image": np.concatenate([xb, np.full((extra, *SHAPE), 0.5, np.float32)]),
-               "label": np.concatenate([yb, np.zeros(extra, np.int32)]),
-               "mask": np.concatenate([np.ones(len(yb)), np.zeros(extra)])}
+      batch = {
+        "image": np.concatenate([xb, np.full((extra, *SHAPE), 0.5, np.float32)]),
+        "label": np.concatenate([yb, np.zeros(extra, np.int32)]),
+        "mask": np.concatenate([np.ones(len(yb)), np.zeros(extra)]),
+      }
     yield batch
 
 
@@ -55,9 +62,15 @@ def test_linear_model_robust_accuracy_is_exact():
   config = evaluate.default_config(linf_eps=eps)
   for name, overrides in FAST.items():
     config[name].update(overrides)
-  results = evaluate.evaluate(helpers.make_apply_fn(model), variables, _batches(x, y, 16), key=helpers.key(0),
-                              methods=("pgd_linf", "apgd_ce", "apgd_dlr", "apgd_t"), config=config,
-                              progress=False)
+  results = evaluate.evaluate(
+    helpers.make_apply_fn(model),
+    variables,
+    _batches(x, y, 16),
+    key=helpers.key(0),
+    methods=("pgd_linf", "apgd_ce", "apgd_dlr", "apgd_t"),
+    config=config,
+    progress=False,
+  )
   assert 0.2 < exact.mean() < 0.8
   dense = variables["params"]["Dense_0"]
   numpy_logits = x.reshape(len(x), -1) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
@@ -77,8 +90,15 @@ SMALL_CONFIG = {"pgd_linf": {"steps": 3, "random_start": False}, "pgd_l2": {"ste
 def test_padding_does_not_count():
   model, variables, x, y = _linear_problem(n=48)
   apply_fn = helpers.make_apply_fn(model)
-  run = lambda batches: evaluate.evaluate(apply_fn, variables, batches, key=helpers.key(1),
-                                          methods=("pgd_linf", "pgd_l2"), config=SMALL_CONFIG, progress=False)
+  run = lambda batches: evaluate.evaluate(
+    apply_fn,
+    variables,
+    batches,
+    key=helpers.key(1),
+    methods=("pgd_linf", "pgd_l2"),
+    config=SMALL_CONFIG,
+    progress=False,
+  )
   padded = run(_batches(x, y, 12, pad_to=16))  # every batch: 12 real rows and 4 padded ones
   plain = run(_batches(x, y, 16))
   assert padded["num_examples"] == plain["num_examples"] == 48
@@ -109,13 +129,25 @@ evaluate.register_method("test_fool_1", _fool_rows, {"norm": "l2", "eps": 0.0, "
 def test_robust_is_the_per_example_worst_case():
   model, variables, x, y = _linear_problem(n=30, seed=2)
   logits_fn = lambda z: model.apply(variables, z, train=False)
-  results = evaluate.evaluate(logits_fn, None, _batches(x, y, 10), key=helpers.key(0),
-                              methods=("test_identity", "test_fool_0", "test_fool_1"), progress=False)
+  results = evaluate.evaluate(
+    logits_fn,
+    None,
+    _batches(x, y, 10),
+    key=helpers.key(0),
+    methods=("test_identity", "test_fool_0", "test_fool_1"),
+    progress=False,
+  )
   clean = np.asarray(logits_fn(x)).argmax(-1) == y
   row = np.arange(30) % 10 % 3  # position inside each batch of 10, modulo 3
-  expected = {"clean": clean, "test_identity": clean, "test_fool_0": clean & (row != 0),
-              "test_fool_1": clean & (row != 1), "robust": clean & (row == 2),
-              "robust_linf": clean & (row != 0), "robust_l2": clean & (row != 1)}
+  expected = {
+    "clean": clean,
+    "test_identity": clean,
+    "test_fool_0": clean & (row != 0),
+    "test_fool_1": clean & (row != 1),
+    "robust": clean & (row == 2),
+    "robust_linf": clean & (row != 0),
+    "robust_l2": clean & (row != 1),
+  }
   for name, correct in expected.items():
     np.testing.assert_allclose(results[name], correct.mean(), err_msg=name)
   assert 0 < results["robust"] < min(results["test_fool_0"], results["test_fool_1"])
@@ -127,8 +159,14 @@ def test_configuration_errors_name_the_problem():
   with pytest.raises(ValueError, match=r"unknown evaluation method 'fgsm'.*apgd_ce"):
     evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=helpers.key(0), methods=("fgsm",))
   with pytest.raises(ValueError, match=r"unknown settings \['stepsize'\].*step_size"):
-    evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=helpers.key(0), methods=("pgd_linf",),
-                      config={"pgd_linf": {"stepsize": 0.1}})
+    evaluate.evaluate(
+      apply_fn,
+      variables,
+      _batches(x, y, 8),
+      key=helpers.key(0),
+      methods=("pgd_linf",),
+      config={"pgd_linf": {"stepsize": 0.1}},
+    )
   with pytest.raises(ValueError, match="already registered"):
     evaluate.register_method("apgd_ce", _identity, {"norm": "linf", "eps": 0.1})
 
@@ -153,8 +191,9 @@ evaluate.register_method("test_counted", _counted_identity, {"norm": "linf", "ep
 def test_each_batch_shape_compiles_once_across_calls():
   model, variables, x, y = _linear_problem(n=32)
   apply_fn = helpers.make_apply_fn(model)
-  run = lambda batch_size: evaluate.evaluate(apply_fn, variables, _batches(x, y, batch_size), key=helpers.key(0),
-                                             methods=("test_counted",), progress=False)
+  run = lambda batch_size: evaluate.evaluate(
+    apply_fn, variables, _batches(x, y, batch_size), key=helpers.key(0), methods=("test_counted",), progress=False
+  )
   first = run(16)
   assert _TRACES == [(16, *SHAPE)]  # one trace for the two batches of 16
   assert run(16) == first and _TRACES == [(16, *SHAPE)]  # a second call reuses it
@@ -168,15 +207,15 @@ def _certify_margin(logits_fn, x, y, *, key, eps, norm, margin):
   return top2[:, 0] - top2[:, 1] > margin
 
 
-evaluate.register_method("test_margin", _certify_margin, {"norm": "linf", "eps": 0.0, "margin": 0.1},
-                         kind="verifier")
+evaluate.register_method("test_margin", _certify_margin, {"norm": "linf", "eps": 0.0, "margin": 0.1}, kind="verifier")
 
 
 def test_verifiers_and_top5_count_per_example():
   model, variables, x, y = _linear_problem(n=40, seed=3)
   logits_fn = lambda z: model.apply(variables, z, train=False)
-  results = evaluate.evaluate(logits_fn, None, _batches(x, y, 8), key=helpers.key(0),
-                              methods=("test_margin", "test_fool_0"), progress=False)
+  results = evaluate.evaluate(
+    logits_fn, None, _batches(x, y, 8), key=helpers.key(0), methods=("test_margin", "test_fool_0"), progress=False
+  )
   logits = np.asarray(logits_fn(x))
   clean = logits.argmax(-1) == y
   top5 = (np.argsort(-logits, axis=-1)[:, :5] == y[:, None]).any(-1)
@@ -194,9 +233,16 @@ def test_verifiers_and_top5_count_per_example():
 def test_counts_are_summed_over_eight_devices():
   model, variables, x, y = _linear_problem(n=48)
   apply_fn = helpers.make_apply_fn(model)
-  run = lambda mode: evaluate.evaluate(apply_fn, variables, _batches(x, y, 12, pad_to=16), key=helpers.key(1),
-                                       methods=("pgd_linf", "pgd_l2"), config=SMALL_CONFIG, progress=False,
-                                       mode=mode)
+  run = lambda mode: evaluate.evaluate(
+    apply_fn,
+    variables,
+    _batches(x, y, 12, pad_to=16),
+    key=helpers.key(1),
+    methods=("pgd_linf", "pgd_l2"),
+    config=SMALL_CONFIG,
+    progress=False,
+    mode=mode,
+  )
   single, sharded = run("single"), run("shard_map")
   assert sharded["num_examples"] == 48
   for name, value in single.items():
@@ -204,11 +250,21 @@ def test_counts_are_summed_over_eight_devices():
 
 
 def test_run_settings_apply_the_threat_model_to_the_methods_of_its_norm():
-  eval_config = {"methods": ("pgd_linf", "apgd_ce", "pgd_l2"), "norm": "linf", "eps": 0.1, "step_size": 0.02,
-                 "steps": 3, "restarts": 2}
+  eval_config = {
+    "methods": ("pgd_linf", "apgd_ce", "pgd_l2"),
+    "norm": "linf",
+    "eps": 0.1,
+    "step_size": 0.02,
+    "steps": 3,
+    "restarts": 2,
+  }
   settings = evaluate.config_settings(eval_config)
   assert {k: settings["pgd_linf"][k] for k in ("eps", "step_size", "steps", "restarts")} == {
-      "eps": 0.1, "step_size": 0.02, "steps": 3, "restarts": 2}
+    "eps": 0.1,
+    "step_size": 0.02,
+    "steps": 3,
+    "restarts": 2,
+  }
   assert (settings["apgd_ce"]["eps"], settings["apgd_ce"]["steps"]) == (0.1, 100)  # eps only: APGD keeps 100 steps
   assert settings["pgd_l2"] == dict(evaluate.get_method("pgd_l2").defaults)  # the other norm keeps its defaults
 
@@ -231,8 +287,9 @@ def test_verifiers_give_the_exact_verified_accuracy_of_a_linear_model(verifier):
     exact.append(all(np.minimum(r * low[i], r * high[i]).sum() + c > 0 for r, c in zip(rows, biases, strict=True)))
   logits_fn = lambda images: images.reshape(images.shape[0], -1) @ w + b
   batch = {"image": x, "label": y.astype(np.int32), "mask": np.ones(64, np.float32)}
-  results = evaluate.evaluate(logits_fn, None, [batch], key=jax.random.key(0), methods=[verifier],
-                              config={verifier: {"eps": eps}}, progress=False)
+  results = evaluate.evaluate(
+    logits_fn, None, [batch], key=jax.random.key(0), methods=[verifier], config={verifier: {"eps": eps}}, progress=False
+  )
   assert 0 < np.mean(exact) < 1
   np.testing.assert_allclose(results[verifier], np.mean(exact), atol=1e-6)
   np.testing.assert_allclose(results["robust"], np.mean(exact), atol=1e-6)

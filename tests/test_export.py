@@ -21,18 +21,31 @@ def write_run(workdir, *, with_scores=True, stage="prune", k=K):
   train loop records (model, classes, stage, k, the config's mask settings). Returns (params, scores) as flat
   numpy dicts."""
   rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(lambda: models.get_model(ph.MODEL, 10).init(
-      jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))["params"]
+  shapes = jax.eval_shape(
+    lambda: models.get_model(ph.MODEL, 10).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  )["params"]
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes)
   scores = jax.tree_util.tree_map_with_path(
-      lambda p, s: jnp.asarray(rng.normal(size=s.shape), jnp.float32) if p[-1].key == "kernel" else None, shapes)
+    lambda p, s: jnp.asarray(rng.normal(size=s.shape), jnp.float32) if p[-1].key == "kernel" else None, shapes
+  )
   config = ph.tiny_config(stage=stage, k=k)
-  meta = {"model": ph.MODEL, "num_classes": 10, "stage": stage, "k": k if with_scores else 1.0,
-          "has_scores": with_scores, "metrics": None, "versions": checkpoints.versions(),
-          "config": json.loads(config.to_json_best_effort())}
+  meta = {
+    "model": ph.MODEL,
+    "num_classes": 10,
+    "stage": stage,
+    "k": k if with_scores else 1.0,
+    "has_scores": with_scores,
+    "metrics": None,
+    "versions": checkpoints.versions(),
+    "config": json.loads(config.to_json_best_effort()),
+  }
   ckpt = checkpoints.Checkpoints(workdir, async_save=False)
-  ckpt.save(3, {"model": {"params": params, "batch_stats": {}, "scores": scores if with_scores else None}},
-            meta=meta, sparsity="{}")
+  ckpt.save(
+    3,
+    {"model": {"params": params, "batch_stats": {}, "scores": scores if with_scores else None}},
+    meta=meta,
+    sparsity="{}",
+  )
   ckpt.close()
   return ph.flat(params), ph.flat(scores) if with_scores else None
 
@@ -51,8 +64,9 @@ def loaded(run_dir):
 
 
 def masked(params, scores, k=K):
-  return {n: np.where(ph.numpy_topk_mask(scores[n], k), w, np.float32(0)) if n in scores else w
-          for n, w in params.items()}
+  return {
+    n: np.where(ph.numpy_topk_mask(scores[n], k), w, np.float32(0)) if n in scores else w for n, w in params.items()
+  }
 
 
 def test_load_run_gives_masked_weights_raw_weights_scores_and_meta(run_dir, loaded):
@@ -76,8 +90,9 @@ def test_npz_export_dense_and_with_scores(run_dir, tmp_path):
   expected = masked(params, scores)
   dense_file, subnet_file = str(tmp_path / "dense.npz"), str(tmp_path / "subnet.npz")
   message = export.export_checkpoint(config, workdir, dense_file)
-  assert message == (f"wrote {dense_file}: 312 of 1,248 prunable weights kept (25.00%); kernels 4,992 bytes dense, "
-                     "4,896 bytes as BCOO")
+  assert message == (
+    f"wrote {dense_file}: 312 of 1,248 prunable weights kept (25.00%); kernels 4,992 bytes dense, 4,896 bytes as BCOO"
+  )
   arrays = np.load(dense_file)
   assert set(arrays.files) == {f"params/{n}" for n in params}
   for name, weight in expected.items():
@@ -102,12 +117,19 @@ def reference_cnn(tr):
 def test_pth_export_loads_strictly_into_the_reference_model(run_dir, tmp_path):
   torch = pytest.importorskip("torch")
   from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top  (needs torch)
+
   workdir, params, scores = run_dir
   config = ph.tiny_config(stage="prune")
   x = np.random.default_rng(1).uniform(size=(5, 8, 8, 1)).astype(np.float32)
-  variables = {"params": {layer: {leaf: jnp.asarray(w) for leaf, w in
-                                  (("kernel", masked(params, scores)[f"{layer}/kernel"]),
-                                   ("bias", params[f"{layer}/bias"]))} for layer in ("0", "2", "5", "7")}}
+  variables = {
+    "params": {
+      layer: {
+        leaf: jnp.asarray(w)
+        for leaf, w in (("kernel", masked(params, scores)[f"{layer}/kernel"]), ("bias", params[f"{layer}/bias"]))
+      }
+      for layer in ("0", "2", "5", "7")
+    }
+  }
   expected = models.get_model(ph.MODEL, 10).apply(variables, x, train=False)
 
   dense_file = str(tmp_path / "dense.pth")
@@ -136,7 +158,9 @@ def test_sparse_size_counts_values_and_int32_indices_of_the_kept_weights(loaded)
   run = loaded
   # kept 16 of 64, 128 of 512, 128 of 512, 40 of 160; each costs 4 value bytes + 4 bytes per index dimension
   assert export.sparse_size(run.variables["params"]) == {
-      "dense_bytes": 4 * (64 + 512 + 512 + 160), "bcoo_bytes": 16 * 20 + 128 * 20 + 128 * 12 + 40 * 12}
+    "dense_bytes": 4 * (64 + 512 + 512 + 160),
+    "bcoo_bytes": 16 * 20 + 128 * 20 + 128 * 12 + 40 * 12,
+  }
   dense = export.sparse_size(run.trained_params)  # nothing pruned: every entry stored, with its indices
   assert dense == {"dense_bytes": 4992, "bcoo_bytes": 64 * 20 + 512 * 20 + 512 * 12 + 160 * 12}
   with_zero_bias = {**run.variables["params"], "7": {**run.variables["params"]["7"], "bias": jnp.zeros(10)}}
@@ -150,8 +174,7 @@ def test_a_dense_run_exports_its_weights_unchanged(tmp_path):
   run = export.load_run(config, workdir)
   assert run.scores is None and run.k == 1.0
   out = str(tmp_path / "dense.npz")
-  assert "1,248 of 1,248 prunable weights kept (100.00%)" in export.export_checkpoint(config, workdir, out,
-                                                                                        dense=False)
+  assert "1,248 of 1,248 prunable weights kept (100.00%)" in export.export_checkpoint(config, workdir, out, dense=False)
   arrays = np.load(out)
   assert set(arrays.files) == {f"params/{n}" for n in params}  # no scores to write
   for name, weight in params.items():

@@ -18,7 +18,7 @@ def numpy_topk_mask(scores, k):
   """The reference rule restated in numpy: stable ascending sort of |s|, zero the first int((1-k)n)."""
   flat = np.abs(np.asarray(scores, np.float64)).ravel()
   mask = np.ones_like(flat)
-  mask[np.argsort(flat, kind="stable")[:min(int((1 - k) * flat.size), flat.size - 1)]] = 0
+  mask[np.argsort(flat, kind="stable")[: min(int((1 - k) * flat.size), flat.size - 1)]] = 0
   return mask.reshape(np.shape(scores))
 
 
@@ -28,9 +28,9 @@ topk_mask_static_k = jax.jit(masking.topk_mask, static_argnums=1)  # one compile
 def toy_params(key=jax.random.key(0)):
   k1, k2, k3 = jax.random.split(key, 3)
   return {
-      "conv1": {"kernel": jax.random.normal(k1, (3, 3, 2, 4))},
-      "bn1": {"scale": jnp.full((4,), 1.5), "bias": jnp.full((4,), 0.25)},
-      "fc": {"kernel": jax.random.normal(k2, (36, 5)), "bias": jax.random.normal(k3, (5,))},
+    "conv1": {"kernel": jax.random.normal(k1, (3, 3, 2, 4))},
+    "bn1": {"scale": jnp.full((4,), 1.5), "bias": jnp.full((4,), 0.25)},
+    "fc": {"kernel": jax.random.normal(k2, (36, 5)), "bias": jax.random.normal(k3, (5,))},
   }
 
 
@@ -47,9 +47,13 @@ def test_topk_mask_keeps_exactly_the_requested_count(shape, k):
 
 @hypothesis.settings(deadline=None, max_examples=100)
 @hypothesis.given(
-    scores=st.sampled_from([(13,), (4, 6), (2, 3, 5)]).flatmap(lambda shape: hnp.arrays(
-        np.float32, shape, elements=st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, 2.0, -3.0, 1e-30, 7.5e3]))),
-    k=st.sampled_from([0.01, 0.2, 0.34, 0.5, 0.77, 0.9, 1.0]))
+  scores=st.sampled_from([(13,), (4, 6), (2, 3, 5)]).flatmap(
+    lambda shape: hnp.arrays(
+      np.float32, shape, elements=st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, 2.0, -3.0, 1e-30, 7.5e3])
+    )
+  ),
+  k=st.sampled_from([0.01, 0.2, 0.34, 0.5, 0.77, 0.9, 1.0]),
+)
 def test_topk_mask_matches_stable_sort_with_heavy_ties(scores, k):
   np.testing.assert_array_equal(topk_mask_static_k(jnp.asarray(scores), k), numpy_topk_mask(scores, k))
 
@@ -122,8 +126,9 @@ def test_score_gradient_is_sign_times_weight_times_effective_weight_gradient():
   d_effective = jax.grad(loss_of_effective)(params["fc"]["kernel"] * mask)
   expected = np.sign(scores["fc"]["kernel"]) * params["fc"]["kernel"] * d_effective
   np.testing.assert_allclose(jax.grad(loss)(scores)["fc"]["kernel"], expected, rtol=1e-6)
-  weight_grad = jax.grad(lambda p: loss_of_effective(masking.apply_masks(p, scores, 0.3)["fc"]["kernel"]))(
-      params)["fc"]["kernel"]
+  weight_grad = jax.grad(lambda p: loss_of_effective(masking.apply_masks(p, scores, 0.3)["fc"]["kernel"]))(params)[
+    "fc"
+  ]["kernel"]
   np.testing.assert_allclose(weight_grad, mask * d_effective, rtol=1e-6)  # pruned weights: zero gradient
 
 
@@ -171,8 +176,7 @@ def test_global_ranking_matches_numpy_and_respects_the_layer_minimum():
   guaranteed = sum(a.size - int(0.8 * a.size) for a in arrays)
   assert int(sum(m.sum() for m in jax.tree.leaves(floor))) == max(total - int(0.95 * total), guaranteed)
 
-  grad = jax.grad(lambda s: sum(jnp.sum(m) for m in jax.tree.leaves(masking.global_masks(s, 0.05, 0.2))))(
-      scores)
+  grad = jax.grad(lambda s: sum(jnp.sum(m) for m in jax.tree.leaves(masking.global_masks(s, 0.05, 0.2))))(scores)
   np.testing.assert_array_equal(grad["fc"]["kernel"], np.sign(arrays[1]))  # straight through everywhere
   with pytest.raises(ValueError, match="unknown mask scope 'local'"):
     masking.compute_masks(scores, 0.1, scope="local")
@@ -205,8 +209,11 @@ def test_scaled_init_is_bounded_by_kaiming_uniform_and_keeps_weight_order():
 def _stated_distribution(method, fan_in, fan_out):
   """The distribution each random init promises (README / `init_scores` docstring), as a scipy.stats law."""
   xavier_std = math.sqrt(2) * math.sqrt(2 / (fan_in + fan_out))  # ReLU gain sqrt(2), as the reference
-  bound = {"kaiming_uniform": math.sqrt(6 / fan_in), "xavier_uniform": math.sqrt(3) * xavier_std,
-           "uniform": 1 / math.sqrt(fan_in)}.get(method)
+  bound = {
+    "kaiming_uniform": math.sqrt(6 / fan_in),
+    "xavier_uniform": math.sqrt(3) * xavier_std,
+    "uniform": 1 / math.sqrt(fan_in),
+  }.get(method)
   if bound is not None:
     return scipy.stats.uniform(-bound, 2 * bound)
   return scipy.stats.norm(0, {"kaiming_normal": math.sqrt(2 / fan_in), "xavier_normal": xavier_std}[method])
@@ -234,8 +241,11 @@ def test_random_inits_follow_their_formulas(method):
     # The whole distribution: Kolmogorov-Smirnov against the stated law (the draw is fixed, so this either
     # always passes or always fails), and the same test rejects the other family with the same std.
     assert scipy.stats.kstest(s.ravel(), law.cdf).pvalue > 1e-3, name
-    other = (scipy.stats.norm(0, std) if law.dist.name == "uniform"
-             else scipy.stats.uniform(-math.sqrt(3) * std, 2 * math.sqrt(3) * std))
+    other = (
+      scipy.stats.norm(0, std)
+      if law.dist.name == "uniform"
+      else scipy.stats.uniform(-math.sqrt(3) * std, 2 * math.sqrt(3) * std)
+    )
     assert scipy.stats.kstest(s.ravel(), other.cdf).pvalue < 1e-6, name
     if law.dist.name == "uniform":
       low, high = law.support()

@@ -4,23 +4,43 @@ import functools
 import math
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from zoo_helpers import random_variables as _init
 
 from hydra_jax import convert
 from hydra_jax import models
 from hydra_jax.models import layers
-from zoo_helpers import random_variables as _init
 
 ALIASES = {"cnn_small", "cnn_large", "ResNet18", "ResNet34", "ResNet50"}
 NAMES = [n for n in models.model_names() if n not in ALIASES]
 DEEP = {"resnet101", "resnet152", "wrn_34_10"}  # same code as resnet50 / wrn_28_10, only slower to trace
-TINY = ["cnn_tiny", "vgg_tiny", "wrn_tiny", "resnet_tiny", "resnet_imagenet_tiny", "mobilenet_v2_tiny",
-        "googlenet_tiny"]
-BIG_FORWARD = ["mnist_model", "mnist_model_large", "cifar_model", "cifar_model_large", "vgg16_bn", "vgg16",
-               "wrn_28_4", "resnet18", "resnet50", "resnet50_imagenet", "mobilenet_v2", "googlenet"]
+TINY = [
+  "cnn_tiny",
+  "vgg_tiny",
+  "wrn_tiny",
+  "resnet_tiny",
+  "resnet_imagenet_tiny",
+  "mobilenet_v2_tiny",
+  "googlenet_tiny",
+]
+BIG_FORWARD = [
+  "mnist_model",
+  "mnist_model_large",
+  "cifar_model",
+  "cifar_model_large",
+  "vgg16_bn",
+  "vgg16",
+  "wrn_28_4",
+  "resnet18",
+  "resnet50",
+  "resnet50_imagenet",
+  "mobilenet_v2",
+  "googlenet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +48,7 @@ def tr():
   """The PyTorch re-statements of the reference models (skips when torch is absent)."""
   pytest.importorskip("torch")
   import torch_reference  # pylint: disable=g-import-not-at-top
+
   return torch_reference
 
 
@@ -58,8 +79,11 @@ def test_bad_num_classes(num_classes):
 
 
 def test_aliases_build_the_same_architecture():
-  for alias, name in [("cnn_small", "cifar_model"), ("cnn_large", "cifar_model_large"),
-                      ("ResNet50", "resnet50_imagenet")]:
+  for alias, name in [
+    ("cnn_small", "cifar_model"),
+    ("cnn_large", "cifar_model_large"),
+    ("ResNet50", "resnet50_imagenet"),
+  ]:
     assert models.get_model(alias, 10) == models.get_model(name, 10)
 
 
@@ -74,6 +98,7 @@ def test_counts_given_in_the_spec():
 @pytest.mark.parametrize("name", NAMES)
 def test_param_counts_equal_pytorch_reference(name, tr):
   import torch  # pylint: disable=g-import-not-at-top
+
   with torch.device("meta"):
     reference = tr.build(name, 10)
   params = _shapes(name)[2]["params"]
@@ -91,8 +116,11 @@ def test_output_shapes_train_and_eval(name):
     logits, new_vars = jax.eval_shape(lambda v, x: apply_fn(v, x, train), variables, x)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
     assert jax.tree.structure(new_vars) == jax.tree.structure(variables)
-  assert set(variables) == ({"params"} if name.startswith(("cnn", "cifar", "mnist")) or name.startswith("vgg") and
-                            not name.endswith(("_bn", "tiny")) else {"params", "batch_stats"})
+  assert set(variables) == (
+    {"params"}
+    if name.startswith(("cnn", "cifar", "mnist")) or name.startswith("vgg") and not name.endswith(("_bn", "tiny"))
+    else {"params", "batch_stats"}
+  )
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -114,8 +142,11 @@ def test_tiny_train_mode_matches_pytorch(name, tr):
   if "batch_stats" in variables:
     assert not np.allclose(expected, eval_logits, atol=1e-2)  # the batch statistics made a difference
     updated, _ = convert.from_torch_state_dict(reference.state_dict(), name, 10)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), new_vars["batch_stats"],
-                 updated["batch_stats"])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+      new_vars["batch_stats"],
+      updated["batch_stats"],
+    )
 
 
 @pytest.mark.slow
@@ -141,12 +172,16 @@ def test_apply_fn_is_pure_under_jit_grad_vmap():
   grads, new_vars = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
   assert _count(grads) == _count(variables["params"])
   assert all(np.any(g != 0) for g in jax.tree.leaves(grads))
-  np.testing.assert_allclose(new_vars["batch_stats"]["features_1"]["mean"],
-                             apply_fn(variables, x, True)[1]["batch_stats"]["features_1"]["mean"], rtol=1e-5,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    new_vars["batch_stats"]["features_1"]["mean"],
+    apply_fn(variables, x, True)[1]["batch_stats"]["features_1"]["mean"],
+    rtol=1e-5,
+    atol=1e-7,
+  )
   per_example = jax.jit(jax.vmap(lambda xi: apply_fn(variables, xi[None], False)[0][0]))(x)
-  np.testing.assert_allclose(per_example, jax.jit(apply_fn, static_argnums=2)(variables, x, False)[0], rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    per_example, jax.jit(apply_fn, static_argnums=2)(variables, x, False)[0], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_cnn_jaxpr_is_sequential_conv_dense_relu():
@@ -172,9 +207,12 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 # ------------------------------------------------------------------------------------------------ initialisation
 def _init_params(*names):
   """Real inits of the named models, in one jit compile (an rbg key compiles much faster than threefry on CPU)."""
+
   def init_all(key):
-    return [models.get_model(name, 10).init(key, jnp.zeros((1, *models.input_shape(name))), train=False)["params"]
-            for name in names]
+    return [
+      models.get_model(name, 10).init(key, jnp.zeros((1, *models.input_shape(name))), train=False)["params"]
+      for name in names
+    ]
 
   return jax.jit(init_all)(jax.random.key(1, impl="rbg"))
 
@@ -240,19 +278,24 @@ def test_batchnorm_by_hand():
 @pytest.mark.parametrize("size", [(2, 2), (5, 7), (8, 3)])
 def test_adaptive_avg_pool_matches_pytorch(size, tr):
   import torch  # pylint: disable=g-import-not-at-top
+
   x = np.random.default_rng(0).normal(size=(2, 3, *size)).astype(np.float32)
   expected = torch.nn.AdaptiveAvgPool2d((2, 2))(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
-  np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x.transpose(0, 2, 3, 1)), (2, 2)), expected,
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    layers.adaptive_avg_pool(jnp.asarray(x.transpose(0, 2, 3, 1)), (2, 2)), expected, rtol=1e-6, atol=1e-7
+  )
 
 
 def test_conv_padding_and_groups_match_pytorch(tr):
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(0)
   conv = torch.nn.Conv2d(6, 4, 4, stride=2, padding=1, groups=2)
   x = torch.rand(1, 6, 9, 9)
-  params = {"kernel": jnp.asarray(conv.weight.detach().numpy().transpose(2, 3, 1, 0)),
-            "bias": jnp.asarray(conv.bias.detach().numpy())}
+  params = {
+    "kernel": jnp.asarray(conv.weight.detach().numpy().transpose(2, 3, 1, 0)),
+    "bias": jnp.asarray(conv.bias.detach().numpy()),
+  }
   y = layers.Conv2d(4, 4, 2, 1, groups=2).apply({"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(y, conv(x).detach().numpy().transpose(0, 2, 3, 1), atol=1e-6)
   with pytest.raises(ValueError, match="groups=4"):

@@ -25,10 +25,19 @@ from hydra_jax import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/digits_demo.py:model=vgg_tiny,objective=pgd_at"
-TINY = ["--config.stage=pretrain", "--config.data.image_size=8", "--config.data.data_fraction=0.1", "--config.stages.pretrain.epochs=3",
-        "--config.stages.pretrain.lr=0.2", "--config.eval.every_epochs=1", "--config.eval.steps=1",
-        "--config.objective.steps=1", "--config.log.progress=false", "--config.log.every_steps=1",
-        "--config.checkpoint.keep=3"]
+TINY = [
+  "--config.stage=pretrain",
+  "--config.data.image_size=8",
+  "--config.data.data_fraction=0.1",
+  "--config.stages.pretrain.epochs=3",
+  "--config.stages.pretrain.lr=0.2",
+  "--config.eval.every_epochs=1",
+  "--config.eval.steps=1",
+  "--config.objective.steps=1",
+  "--config.log.progress=false",
+  "--config.log.every_steps=1",
+  "--config.checkpoint.keep=3",
+]
 TOTAL_STEPS = 6
 
 
@@ -44,19 +53,49 @@ class Job:
     self.workdir, self.procs, self.logs = str(workdir), [], []
     counts = [devices] * processes if isinstance(devices, int) else devices
     for index, count in enumerate(counts):
-      multihost = [f"--config.parallel.coordinator_address=127.0.0.1:{port}",
-                   f"--config.parallel.num_processes={processes}", f"--config.parallel.process_id={index}",
-                   "--config.parallel.timeout_s=120"] if processes > 1 else []
+      multihost = (
+        [
+          f"--config.parallel.coordinator_address=127.0.0.1:{port}",
+          f"--config.parallel.num_processes={processes}",
+          f"--config.parallel.process_id={index}",
+          "--config.parallel.timeout_s=120",
+        ]
+        if processes > 1
+        else []
+      )
       own = process_flags[index] if process_flags else []
-      env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+      env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
+      }
       if cache:  # relaunches compile the same programs: share them
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
       logs = [f"{self.workdir}.{index}.{stream}" for stream in ("stdout", "stderr")]
       with open(logs[0], "w") as out, open(logs[1], "w") as err:
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "hydra_jax", "train", "--config", CONFIG, *TINY, *multihost, *flags, *own,
-             "--workdir", self.workdir], cwd=ROOT, env=env, stdout=out, stderr=err))
+        self.procs.append(
+          subprocess.Popen(
+            [
+              sys.executable,
+              "-m",
+              "hydra_jax",
+              "train",
+              "--config",
+              CONFIG,
+              *TINY,
+              *multihost,
+              *flags,
+              *own,
+              "--workdir",
+              self.workdir,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=err,
+          )
+        )
       self.logs.append(logs)
 
   def wait(self, check=True, timeout=600):
@@ -65,8 +104,9 @@ class Job:
     codes = [p.wait(max(deadline - time.monotonic(), 1)) for p in self.procs]
     results = [(code, *(open(path).read() for path in logs)) for code, logs in zip(codes, self.logs)]
     if check and any(codes):
-      raise AssertionError("\n".join(f"process {i}: exit {code}\n{out}\n{err[-3000:]}"
-                                     for i, (code, out, err) in enumerate(results)))
+      raise AssertionError(
+        "\n".join(f"process {i}: exit {code}\n{out}\n{err[-3000:]}" for i, (code, out, err) in enumerate(results))
+      )
     return results
 
 
@@ -77,6 +117,7 @@ def wait_all(*jobs):
 def config():
   """The config the jobs run, built the way the CLI builds it (to read their checkpoints back)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("digits_demo", os.path.join(ROOT, "configs/digits_demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -109,17 +150,25 @@ def runs(tmp_path_factory):
   1 x 4, and 1 x 4 in 2 x 2 with pmap (whose collectives must span both processes)."""
   base = tmp_path_factory.mktemp("multihost")
   cache = base / "cache"
-  wait_all(Job(base / "one", 1, 4, cache=cache),
-           Job(base / "one_stopped", 1, 4, "--config.stop_after_steps=3", cache=cache),
-           Job(base / "two_stopped", 2, 2, "--config.stop_after_steps=3", cache=cache))
+  wait_all(
+    Job(base / "one", 1, 4, cache=cache),
+    Job(base / "one_stopped", 1, 4, "--config.stop_after_steps=3", cache=cache),
+    Job(base / "two_stopped", 2, 2, "--config.stop_after_steps=3", cache=cache),
+  )
   stopped = {name: final_variables(str(base / name)) for name in ("one_stopped", "two_stopped")}
   shutil.copytree(base / "two_stopped", base / "two_then_one")
   shutil.copytree(base / "one_stopped", base / "one_then_two")
   shutil.copytree(base / "two_stopped", base / "two_then_two")
-  results = wait_all(Job(base / "two_then_two", 2, 2, cache=cache), Job(base / "two_then_one", 1, 4, cache=cache),
-                     Job(base / "one_then_two", 2, 2, "--config.parallel.mode=pmap", cache=cache))  # pmap too
-  return {"dir": {name: str(base / name) for name in ("one", "two_then_two", "two_then_one", "one_then_two")},
-          "stopped": stopped, "stdout": results[0][0][1]}
+  results = wait_all(
+    Job(base / "two_then_two", 2, 2, cache=cache),
+    Job(base / "two_then_one", 1, 4, cache=cache),
+    Job(base / "one_then_two", 2, 2, "--config.parallel.mode=pmap", cache=cache),
+  )  # pmap too
+  return {
+    "dir": {name: str(base / name) for name in ("one", "two_then_two", "two_then_one", "one_then_two")},
+    "stopped": stopped,
+    "stdout": results[0][0][1],
+  }
 
 
 def test_two_processes_train_evaluate_and_save_as_one_process_with_four_devices(runs):
@@ -135,7 +184,7 @@ def test_two_processes_train_evaluate_and_save_as_one_process_with_four_devices(
   with open(os.path.join(two, "metrics.jsonl")) as f:
     assert len(f.readlines()) == TOTAL_STEPS + 3  # a train line per step, 3 evaluations: none twice
   assert json.load(open(os.path.join(two, "summary.json")))["step"] == TOTAL_STEPS
-  printed = json.loads(runs["stdout"][runs["stdout"].index("{"):])  # after gloo's connection lines
+  printed = json.loads(runs["stdout"][runs["stdout"].index("{") :])  # after gloo's connection lines
   assert printed["clean"] == metrics(one, "eval")[TOTAL_STEPS]["clean"]
 
 
@@ -150,7 +199,8 @@ def test_a_stopped_two_process_run_resumes_to_the_uninterrupted_params(runs):
 def test_a_checkpoint_resumes_on_another_number_of_processes(runs, resumed):
   assert_same_params(final_variables(runs["dir"][resumed]), final_variables(runs["dir"]["one"]))
   assert metrics(runs["dir"][resumed], "eval")[TOTAL_STEPS] == pytest.approx(
-      metrics(runs["dir"]["one"], "eval")[TOTAL_STEPS], abs=1e-6)
+    metrics(runs["dir"]["one"], "eval")[TOTAL_STEPS], abs=1e-6
+  )
 
 
 @pytest.mark.slow
@@ -167,6 +217,7 @@ def test_killed_processes_resume_to_the_uninterrupted_params(runs, tmp_path):
   Job(workdir, 2, 2).wait()
   assert_same_params(final_variables(str(workdir)), final_variables(runs["dir"]["one"]))
 
+
 def test_processes_that_disagree_fail_naming_the_differences(tmp_path):
   job = Job(tmp_path / "run", 2, (2, 1), process_flags=[[], ["--config.data.batch_size=32"]])
   for code, _, err in job.wait(check=False, timeout=300):
@@ -177,17 +228,23 @@ def test_processes_that_disagree_fail_naming_the_differences(tmp_path):
 
 
 def test_a_process_whose_peers_never_join_stops_with_a_message(tmp_path):
-  job = Job(tmp_path / "run", 1, 2, "--config.parallel.num_processes=2", "--config.parallel.process_id=0",
-            "--config.parallel.timeout_s=3",
-            f"--config.parallel.coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}")
-  (code, _, err), = job.wait(check=False, timeout=120)
+  job = Job(
+    tmp_path / "run",
+    1,
+    2,
+    "--config.parallel.num_processes=2",
+    "--config.parallel.process_id=0",
+    "--config.parallel.timeout_s=3",
+    f"--config.parallel.coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}",
+  )
+  ((code, _, err),) = job.wait(check=False, timeout=120)
   assert code == 1
   assert "waited 3 s for all 2 processes of the run to join 127.0.0.1:" in err
 
 
 def test_distributed_without_a_coordinator_names_the_settings_to_give(tmp_path):
   job = Job(tmp_path / "run", 1, 1, "--config.parallel.distributed=true")
-  (code, _, err), = job.wait(check=False, timeout=120)
+  ((code, _, err),) = job.wait(check=False, timeout=120)
   assert code == 1
   assert "Set --config.parallel.coordinator_address, num_processes and process_id" in err
 
@@ -201,4 +258,3 @@ def test_distributed_args_take_config_values_over_environment_variables():
     parallel.distributed_args(environ={"JAX_NUM_PROCESSES": "two"})
   with pytest.raises(ValueError, match=r"process id 2 is not in \[0, 2\)"):
     parallel.distributed_args(num_processes=2, process_id=2, environ={})
-

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hydra_jax import attacks, objectives
+from hydra_jax import attacks
+from hydra_jax import objectives
 from tests import robust_helpers as helpers
 
 SHAPE = (6, 4, 4, 1)
@@ -57,7 +58,13 @@ def test_registry_lists_valid_names_and_defaults():
   config = objectives.default_config("trades")
   assert isinstance(config, ml_collections.ConfigDict)
   assert (config.name, config.eps, config.step_size, config.steps, config.norm, config.beta) == (
-      "trades", 8 / 255, 2 / 255, 10, "linf", 6.0)
+    "trades",
+    8 / 255,
+    2 / 255,
+    10,
+    "linf",
+    6.0,
+  )
   free = objectives.get_objective("free")
   assert free.replays(objectives.default_config("free")) == 4
   assert objectives.get_objective("benign").init_carry is None
@@ -73,8 +80,9 @@ def test_a_new_objective_is_one_registered_function():
 
   _, apply_fn, variables, batch = _linear_setup()
   objective = objectives.get_objective("test_mse_on_logits")
-  loss, _ = objective.loss_fn(apply_fn, variables, batch, helpers.key(0), objectives.default_config(
-      "test_mse_on_logits"))
+  loss, _ = objective.loss_fn(
+    apply_fn, variables, batch, helpers.key(0), objectives.default_config("test_mse_on_logits")
+  )
   expected = 2.0 * np.mean(_np_linear_logits(variables, np.asarray(batch["image"])) ** 2)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
@@ -85,8 +93,9 @@ def test_a_new_objective_is_one_registered_function():
 
 def test_benign_is_cross_entropy():
   _, apply_fn, variables, batch = _linear_setup()
-  loss, (metrics, _) = objectives.benign_loss(apply_fn, variables, batch, helpers.key(0),
-                                              objectives.default_config("benign"))
+  loss, (metrics, _) = objectives.benign_loss(
+    apply_fn, variables, batch, helpers.key(0), objectives.default_config("benign")
+  )
   logits = _np_linear_logits(variables, np.asarray(batch["image"]))
   np.testing.assert_allclose(loss, _np_ce(logits, np.asarray(batch["label"])), rtol=1e-5)
   np.testing.assert_allclose(metrics["accuracy"], np.mean(logits.argmax(-1) == np.asarray(batch["label"])))
@@ -234,9 +243,13 @@ def test_free_carry_is_stepped_by_sign_gradient_and_kept_across_calls():
   carry = objective.init_carry(SHAPE, config)
   np.testing.assert_array_equal(carry, np.zeros(SHAPE))
 
-  grad_fn = jax.jit(jax.value_and_grad(
+  grad_fn = jax.jit(
+    jax.value_and_grad(
       lambda p, c: objective.loss_fn(apply_fn, {"params": p}, batch, helpers.key(0), config, c),
-      argnums=(0, 1), has_aux=True))
+      argnums=(0, 1),
+      has_aux=True,
+    )
+  )
   x, y = np.asarray(batch["image"], np.float64), np.asarray(batch["label"])
   params = variables["params"]
   for call in range(3):
@@ -314,8 +327,10 @@ def _pgd_accuracy(model, variables, eps):
 
 def test_pgd_training_beats_benign_training_under_attack():
   eps = 0.1
-  results = {"benign": _pgd_accuracy(*helpers.trained_cnn(), eps),  # shared with test_attacks (300 steps)
-             "pgd_at": _pgd_accuracy(*helpers.trained_cnn("pgd_at", 300, eps), eps)}
+  results = {
+    "benign": _pgd_accuracy(*helpers.trained_cnn(), eps),  # shared with test_attacks (300 steps)
+    "pgd_at": _pgd_accuracy(*helpers.trained_cnn("pgd_at", 300, eps), eps),
+  }
   # Measured: benign PGD accuracy 0.47, pgd_at 0.8; clean accuracy 0.98 for both.
   assert results["pgd_at"][0] > results["benign"][0] + 0.15
   assert results["pgd_at"][1] > 0.8  # still learns the task

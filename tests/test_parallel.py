@@ -24,6 +24,7 @@ class ToyState:
 
 def toy_step(state, batch, *, axis_name):
   """One SGD step of least squares on this device's rows; gradient and metrics averaged over `axis_name`."""
+
   def loss_fn(w):
     return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
 
@@ -40,10 +41,17 @@ def toy_step(state, batch, *, axis_name):
 
 def toy_data(steps=3, seed=0):
   rng = np.random.default_rng(seed)
-  batches = [{"x": rng.normal(size=(BATCH, 3)).astype(np.float32), "y": rng.normal(size=BATCH).astype(np.float32),
-              "id": np.arange(BATCH, dtype=np.int32)} for _ in range(steps)]
-  state = ToyState(w=jnp.asarray(rng.normal(size=3), jnp.float32), step=jnp.int32(0),
-                   carry=jnp.zeros((BATCH, 2), jnp.float32))
+  batches = [
+    {
+      "x": rng.normal(size=(BATCH, 3)).astype(np.float32),
+      "y": rng.normal(size=BATCH).astype(np.float32),
+      "id": np.arange(BATCH, dtype=np.int32),
+    }
+    for _ in range(steps)
+  ]
+  state = ToyState(
+    w=jnp.asarray(rng.normal(size=3), jnp.float32), step=jnp.int32(0), carry=jnp.zeros((BATCH, 2), jnp.float32)
+  )
   return state, batches
 
 
@@ -62,7 +70,7 @@ def numpy_reference(state, batches):
   w, losses = np.asarray(state.w, np.float64), []
   for batch in batches:
     residual = batch["x"] @ w - batch["y"]
-    losses.append(np.mean(residual ** 2))
+    losses.append(np.mean(residual**2))
     w = w - 0.1 * 2 * batch["x"].T @ residual / BATCH
   return w, losses
 

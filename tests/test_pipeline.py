@@ -43,7 +43,11 @@ def branch(workdir, name):
 def test_stage_all_runs_every_branch_and_returns_one_row_per_model(pipeline):
   _, workdir, rows = pipeline
   assert [(r["method"], r["stage"]) for r in rows] == [
-      ("dense", "pretrain"), ("hydra (prune only)", "prune"), ("hydra", "finetune"), ("lwm", "finetune")]
+    ("dense", "pretrain"),
+    ("hydra (prune only)", "prune"),
+    ("hydra", "finetune"),
+    ("lwm", "finetune"),
+  ]
   total = sum(np.prod(s) for s in ph.KERNEL_SHAPES.values())
   kept = sum(ph.kept_count(np.prod(s), K) for s in ph.KERNEL_SHAPES.values())  # 16 + 128 + 128 + 40 of 1248
   assert (kept, total) == (312, 1248)
@@ -58,8 +62,13 @@ def test_stage_all_runs_every_branch_and_returns_one_row_per_model(pipeline):
       assert json.load(f) == {key: value for key, value in row.items() if key != "method"}
   lines = pipeline_lib.summary_table(rows).splitlines()
   assert len(lines) == 5
-  assert lines[4].split() == ["lwm", "finetune", "25.00", f"{100 * rows[3]['clean']:.2f}",
-                              f"{100 * rows[3]['robust']:.2f}"]
+  assert lines[4].split() == [
+    "lwm",
+    "finetune",
+    "25.00",
+    f"{100 * rows[3]['clean']:.2f}",
+    f"{100 * rows[3]['robust']:.2f}",
+  ]
 
 
 def test_prune_starts_from_the_pretrained_weights_and_finetune_from_the_pruned_scores(pipeline):
@@ -103,13 +112,26 @@ def test_in_training_evaluation_agrees_with_evaluate_on_the_masked_weights(pipel
   params, _, scores = ph.restore_model(branch(workdir, name), with_scores=name == "prune")
   if scores:  # the weights the model ran with: each layer's top-k by |score|, numpy rule
     params = {n: np.where(ph.numpy_topk_mask(scores[n], K), w, 0) if n in scores else w for n, w in params.items()}
-  variables = {"params": {layer: {leaf: jnp.asarray(params[f"{layer}/{leaf}"]) for leaf in ("kernel", "bias")}
-                          for layer in ("0", "2", "5", "7")}}
+  variables = {
+    "params": {
+      layer: {leaf: jnp.asarray(params[f"{layer}/{leaf}"]) for leaf in ("kernel", "bias")}
+      for layer in ("0", "2", "5", "7")
+    }
+  }
   apply_fn = models.make_apply_fn(models.get_model(ph.MODEL, 10))
   settings = {"eps": config.eval.eps, "step_size": config.eval.step_size, "steps": config.eval.steps, "restarts": 1}
-  results = {eps: evaluate.evaluate(apply_fn, variables, eval_batches(config), key=jax.random.key(5),
-                                    methods=("pgd_linf",), config={"pgd_linf": {**settings, "eps": eps}},
-                                    progress=False) for eps in (config.eval.eps, 0.3)}
+  results = {
+    eps: evaluate.evaluate(
+      apply_fn,
+      variables,
+      eval_batches(config),
+      key=jax.random.key(5),
+      methods=("pgd_linf",),
+      config={"pgd_linf": {**settings, "eps": eps}},
+      progress=False,
+    )
+    for eps in (config.eval.eps, 0.3)
+  }
   assert results[0.1]["num_examples"] == 64
   assert row["clean"] == results[0.1]["clean"]  # the same 64 images, the same weights: exact
   # PGD starts at random points, drawn from other keys by the two paths: equal up to a few examples (PGD-5 here
@@ -125,8 +147,9 @@ def test_best_checkpoint_evaluates_to_its_recorded_metrics(pipeline):
   prune_dir = branch(workdir, "prune")
   best_steps = os.listdir(os.path.join(prune_dir, "best"))
   assert best_steps == [str(ph.STEPS_PER_EPOCH)]  # one evaluation, so it is the best
-  result = export.evaluate_checkpoint(config_lib.stage_config(config, "prune", k=K), prune_dir, methods=["clean"],
-                                      best=True, progress=False)
+  result = export.evaluate_checkpoint(
+    config_lib.stage_config(config, "prune", k=K), prune_dir, methods=["clean"], best=True, progress=False
+  )
   assert result["clean"] == rows[1]["clean"] and result["num_examples"] == 64
   assert (result["k"], result["stage"]) == (K, "prune")
 
@@ -139,8 +162,11 @@ def test_initial_state_scores_for_each_score_init(pipeline):
 
   def scores_of(stage, source, score_init):
     state, _ = train.initial_state(
-        config_lib.stage_config(config, stage, source=source, k=K, **{f"stages.{stage}.score_init": score_init}),
-                                   stage, steps_per_epoch=2, batch_shape=shape)
+      config_lib.stage_config(config, stage, source=source, k=K, **{f"stages.{stage}.score_init": score_init}),
+      stage,
+      steps_per_epoch=2,
+      batch_shape=shape,
+    )
     return ph.flat(state.params), ph.flat(state.scores)
 
   params, scaled = scores_of("prune", branch(workdir, "pretrain"), "scaled")
@@ -167,9 +193,17 @@ def test_global_mask_scope_in_training_and_export(pipeline, tmp_path):
   config, workdir, _ = pipeline
   run_dir = str(tmp_path / "global")
   # One step (stop_after_steps ends the run before the epoch's evaluation: no eval program to compile).
-  summary = train.run_stage(config_lib.stage_config(config, "prune", source=branch(workdir, "pretrain"), k=K,
-                                               mask={"scope": "global", "min_layer_k": 0.0}, stop_after_steps=1),
-                            run_dir)
+  summary = train.run_stage(
+    config_lib.stage_config(
+      config,
+      "prune",
+      source=branch(workdir, "pretrain"),
+      k=K,
+      mask={"scope": "global", "min_layer_k": 0.0},
+      stop_after_steps=1,
+    ),
+    run_dir,
+  )
   assert summary["step"] == 1
   _, _, scores = ph.restore_model(run_dir)
   masks = ph.numpy_global_mask(scores, K)
@@ -191,8 +225,14 @@ def test_global_mask_scope_in_training_and_export(pipeline, tmp_path):
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
 def test_adam_and_rmsprop_follow_torch_optim(name):
   torch = pytest.importorskip("torch")
-  config = ph.tiny_config(**{"optimizer.name": name, "optimizer.schedule": "constant", "stages.pretrain.lr": 0.01,
-                             "optimizer.weight_decay": 0.1})
+  config = ph.tiny_config(
+    **{
+      "optimizer.name": name,
+      "optimizer.schedule": "constant",
+      "stages.pretrain.lr": 0.01,
+      "optimizer.weight_decay": 0.1,
+    }
+  )
   labels = {"params": {"w": "train", "frozen": "freeze"}, "scores": None}
   tx = optim.make_optimizer(config, "pretrain", labels, steps_per_epoch=1)
   w0 = np.array([1.0, -2.0, 0.5], np.float32)
@@ -206,8 +246,9 @@ def test_adam_and_rmsprop_follow_torch_optim(name):
   rng = np.random.default_rng(0)
   for _ in range(5):
     grad = rng.normal(size=3).astype(np.float32)
-    updates, state = tx.update({"params": {"w": jnp.asarray(grad), "frozen": jnp.ones(2)}, "scores": None}, state,
-                               trainable)
+    updates, state = tx.update(
+      {"params": {"w": jnp.asarray(grad), "frozen": jnp.ones(2)}, "scores": None}, state, trainable
+    )
     trainable = optax.apply_updates(trainable, updates)
     weight.grad = torch.tensor(grad)
     reference.step()
@@ -222,14 +263,26 @@ def reference_checkpoint(tmp_path_factory):
   with subnet layers (a `popup_scores` beside every conv / linear weight), for vgg_tiny; and the torch module."""
   torch = pytest.importorskip("torch")
   from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top  (needs torch)
+
   reference = tr.build_random("vgg_tiny", seed=3)
   state_dict = dict(reference.state_dict())
   generator = torch.Generator().manual_seed(4)
-  scores = {key.removesuffix("weight") + "popup_scores": torch.randn(value.shape, generator=generator)
-            for key, value in state_dict.items() if key.endswith(".weight") and value.ndim >= 2}
+  scores = {
+    key.removesuffix("weight") + "popup_scores": torch.randn(value.shape, generator=generator)
+    for key, value in state_dict.items()
+    if key.endswith(".weight") and value.ndim >= 2
+  }
   path = str(tmp_path_factory.mktemp("reference") / "checkpoint.pth.tar")
-  torch.save({"epoch": 20, "arch": "vgg16_bn", "state_dict": {**state_dict, **scores}, "best_prec1": 41.5,
-              "optimizer": torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9).state_dict()}, path)
+  torch.save(
+    {
+      "epoch": 20,
+      "arch": "vgg16_bn",
+      "state_dict": {**state_dict, **scores},
+      "best_prec1": 41.5,
+      "optimizer": torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9).state_dict(),
+    },
+    path,
+  )
   return path, reference, scores, tr
 
 
@@ -248,6 +301,7 @@ def reference_prune_state(reference_checkpoint):
 def test_a_reference_pth_tar_source_runs_the_reference_subnet(reference_checkpoint, reference_prune_state):
   _, reference, scores, tr = reference_checkpoint
   import torch  # pylint: disable=g-import-not-at-top
+
   state = reference_prune_state
   x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
   # The reference's subnet forward: every weight times GetSubnet(popup_scores, k), BN in eval mode.
@@ -259,9 +313,11 @@ def test_a_reference_pth_tar_source_runs_the_reference_subnet(reference_checkpoi
       module.weight.mul_(tr.get_subnet(score, 0.3))
   expected = tr.logits(masked.eval(), x)
   model = models.get_model("vgg_tiny", 10)
-  logits = jax.jit(lambda params, scores, batch_stats: model.apply(
-      {"params": masking.apply_masks(params, scores, 0.3), "batch_stats": batch_stats}, x, train=False))(
-          state.params, state.scores, state.batch_stats)
+  logits = jax.jit(
+    lambda params, scores, batch_stats: model.apply(
+      {"params": masking.apply_masks(params, scores, 0.3), "batch_stats": batch_stats}, x, train=False
+    )
+  )(state.params, state.scores, state.batch_stats)
   assert np.std(expected) > 1e-3
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 

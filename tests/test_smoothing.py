@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from hydra_jax import config as config_lib
 from hydra_jax import data
 from hydra_jax import export
 from hydra_jax import smoothing
-from hydra_jax import config as config_lib
 from tests.test_cli import hydra_jax
 
 SHAPE = (4, 4, 1)
@@ -49,8 +49,9 @@ def linear_case(margin, seed=0):
 
 
 def test_constant_classifier_gets_sigma_times_phi_inverse_of_alpha_root_n():
-  label, radius = smoothing.certify(constant, np.zeros(SHAPE), key=KEY, sigma=0.5, n0=10, n=1000, alpha=0.001,
-                                    batch_size=64)
+  label, radius = smoothing.certify(
+    constant, np.zeros(SHAPE), key=KEY, sigma=0.5, n0=10, n=1000, alpha=0.001, batch_size=64
+  )
   expected = 0.5 * stats.norm.ppf(0.001 ** (1 / 1000))  # all n votes: the Clopper-Pearson bound is alpha^(1/n)
   assert label == 1
   np.testing.assert_allclose(radius, expected, rtol=1e-12)
@@ -68,8 +69,10 @@ def test_lower_confidence_bound_is_one_sided_clopper_pearson():
 def test_linear_classifier_radius_never_exceeds_exact_and_approaches_it():
   sigma, margin = 0.25, 0.25  # p = Phi(margin / sigma) = Phi(1) = 0.841; exact radius = margin
   f, x = linear_case(margin)
-  radii = [smoothing.certify(f, x, key=jax.random.PRNGKey(seed), sigma=sigma, n0=50, n=5000, alpha=0.001,
-                             batch_size=1000)[1] for seed in range(8)]
+  radii = [
+    smoothing.certify(f, x, key=jax.random.PRNGKey(seed), sigma=sigma, n0=50, n=5000, alpha=0.001, batch_size=1000)[1]
+    for seed in range(8)
+  ]
   assert all(0 < r < margin for r in radii)  # each fails with probability <= alpha (a fixed seed: never)
 
   n, alpha = 100_000, 0.001
@@ -124,7 +127,7 @@ def test_warns_exactly_when_n_and_alpha_can_never_certify():
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # 0.001^(1/10) = 0.501: barely certifies, no warning
     label, radius = smoothing.certify(constant, x, key=KEY, sigma=1.0, n0=5, n=10, batch_size=16)
-  assert label == 1 and radius == pytest.approx(stats.norm.ppf(0.001 ** 0.1), rel=1e-9)
+  assert label == 1 and radius == pytest.approx(stats.norm.ppf(0.001**0.1), rel=1e-9)
   with pytest.warns(UserWarning, match="always abstains"):  # two-sided p-value of 10/10 = 2^-9 > 0.001
     assert smoothing.predict(constant, x, key=KEY, sigma=1.0, n=10, alpha=0.001, batch_size=16) == -1
   with warnings.catch_warnings():
@@ -132,13 +135,16 @@ def test_warns_exactly_when_n_and_alpha_can_never_certify():
     assert smoothing.predict(constant, x, key=KEY, sigma=1.0, n=11, alpha=0.001, batch_size=16) == 1
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"x": np.zeros((1, *SHAPE))}, "one example"),
     ({"sigma": 0.0}, "sigma"),
     ({"alpha": 1.0}, "alpha"),
     ({"n": 0}, "n=0"),
     ({"batch_size": 0}, "batch_size"),
-])
+  ],
+)
 def test_bad_arguments_raise_value_errors_naming_them(kwargs, message):
   arguments = {"x": np.zeros(SHAPE), "key": KEY, "sigma": 0.25, "n0": 5, "n": 10, "alpha": 0.001, "batch_size": 8}
   arguments.update(kwargs)
@@ -184,12 +190,30 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_cli_certify_writes_tsv_table_json_and_plot(tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "certify")
-  run = ["--config", "configs/digits_demo.py:model=cnn_tiny,objective=smooth", "--config.stage=pretrain",
-         "--config.stop_after_steps=1", "--config.eval.steps=1", "--config.data.eval_examples=120",
-         "--config.log.progress=false", "--workdir", workdir]
+  run = [
+    "--config",
+    "configs/digits_demo.py:model=cnn_tiny,objective=smooth",
+    "--config.stage=pretrain",
+    "--config.stop_after_steps=1",
+    "--config.eval.steps=1",
+    "--config.data.eval_examples=120",
+    "--config.log.progress=false",
+    "--workdir",
+    workdir,
+  ]
   hydra_jax("train", *run)
-  result = hydra_jax("certify", *run, "--sigma=0.5", "--n0=20", "--n=200", "--alpha=0.01", "--skip=120",
-                     "--max_examples=2", "--certify_batch=64", f"--out={out}")
+  result = hydra_jax(
+    "certify",
+    *run,
+    "--sigma=0.5",
+    "--n0=20",
+    "--n=200",
+    "--alpha=0.01",
+    "--skip=120",
+    "--max_examples=2",
+    "--certify_batch=64",
+    f"--out={out}",
+  )
   assert "sigma=0.5, n=200, alpha=0.01, 2 examples" in result.stdout
 
   with open(os.path.join(out, "certify.tsv")) as f:

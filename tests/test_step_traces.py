@@ -29,23 +29,39 @@ def prune_setup(objective: str):
   params, batch_stats = variables["params"], variables["batch_stats"]
   scores = masking.init_scores(params, "scaled", jax.random.key(1))
   tx = optim.make_optimizer(config, "prune", optim.trainable_labels(params, scores, "prune", False), STEPS_PER_EPOCH)
-  state = train.TrainState(step=jnp.int32(0), params=params, scores=scores, batch_stats=batch_stats,
-                           opt_state=tx.init({"params": params, "scores": scores}), carry=(),
-                           rng=jax.random.PRNGKey(0), aux=())
+  state = train.TrainState(
+    step=jnp.int32(0),
+    params=params,
+    scores=scores,
+    batch_stats=batch_stats,
+    opt_state=tx.init({"params": params, "scores": scores}),
+    carry=(),
+    rng=jax.random.PRNGKey(0),
+    aux=(),
+  )
   return config, state, tx
 
 
 def batch_of(size: int, seed: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  return {"image": rng.uniform(size=(size, 32, 32, 3)).astype(np.float32),
-          "label": rng.integers(0, 10, size).astype(np.int32)}
+  return {
+    "image": rng.uniform(size=(size, 32, 32, 3)).astype(np.float32),
+    "label": rng.integers(0, 10, size).astype(np.int32),
+  }
 
 
 def counted_runner(config, tx, traces: list):
   """The single-device runner of `train.run_stage`, around a step that records each trace's batch size."""
   apply_fn = models.make_apply_fn(sources.build_model(config))
-  step = functools.partial(train.train_step, apply_fn=apply_fn, objective=objectives.get_objective(
-      config.objective.name), config=config, tx=tx, k=config.k, steps_per_epoch=STEPS_PER_EPOCH)
+  step = functools.partial(
+    train.train_step,
+    apply_fn=apply_fn,
+    objective=objectives.get_objective(config.objective.name),
+    config=config,
+    tx=tx,
+    k=config.k,
+    steps_per_epoch=STEPS_PER_EPOCH,
+  )
 
   def recording_step(state, batch, axis_name):
     traces.append(batch["image"].shape[0])

@@ -66,8 +66,15 @@ def make_state(config, stage, batch):
 def step_fn(config, tx, mode_axis=None):
   """The per-device step for a runner (which supplies axis_name)."""
   apply_fn = models.make_apply_fn(sources.build_model(config, mode_axis))
-  return functools.partial(train.train_step, apply_fn=apply_fn, objective=objectives.get_objective(
-      config.objective.name), config=config, tx=tx, k=config.k, steps_per_epoch=10)
+  return functools.partial(
+    train.train_step,
+    apply_fn=apply_fn,
+    objective=objectives.get_objective(config.objective.name),
+    config=config,
+    tx=tx,
+    k=config.k,
+    steps_per_epoch=10,
+  )
 
 
 def single_step(config, tx):
@@ -85,8 +92,7 @@ def pretrained_dir(tmp_path_factory):
 def test_param_kinds_tell_batchnorm_from_conv_and_dense_biases():
   config = tiny_config()
   params = sources.init_variables(config, jax.random.PRNGKey(0))["params"]
-  kinds = {masking.path_name(p): kind for p, kind in jax.tree_util.tree_flatten_with_path(
-      optim.param_kinds(params))[0]}
+  kinds = {masking.path_name(p): kind for p, kind in jax.tree_util.tree_flatten_with_path(optim.param_kinds(params))[0]}
   norm = sorted(name for name, kind in kinds.items() if kind == "norm")
   assert norm and all(name.rsplit("/", 1)[1] in ("scale", "bias") for name in norm)
   biases = [name for name in kinds if name.endswith("bias") and name not in norm]
@@ -106,12 +112,14 @@ def test_prune_trains_only_scores_and_batchnorm(pretrained_dir):
     for _ in range(2):
       new_state, _ = single_step(config, tx)(new_state, batch)
     kinds = optim.param_kinds(state.params)
-    for (path, before), after, kind in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
-                                           jax.tree.leaves(new_state.params), jax.tree.leaves(kinds)):
+    for (path, before), after, kind in zip(
+      jax.tree_util.tree_flatten_with_path(state.params)[0], jax.tree.leaves(new_state.params), jax.tree.leaves(kinds)
+    ):
       changed = not np.array_equal(before, after)
       assert changed == (kind == "norm" and not freeze_bn), (masking.path_name(path), freeze_bn)
-    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.scores),
-                                                        jax.tree.leaves(new_state.scores)))
+    assert all(
+      not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.scores), jax.tree.leaves(new_state.scores))
+    )
     # BN running statistics update in every stage (reference behaviour).
     assert not np.array_equal(jax.tree.leaves(state.batch_stats)[0], jax.tree.leaves(new_state.batch_stats)[0])
 
@@ -142,15 +150,21 @@ def test_finetune_keeps_the_mask_and_pruned_weights_at_exactly_zero(pruned_dir):
   current = state
   for _ in range(3):
     current, _ = run(current, batch)
-    pruned = jax.tree.map(lambda w, m: None if m is None else np.asarray(w)[np.asarray(m) == 0],
-                          current.params, masks, is_leaf=lambda x: x is None)
+    pruned = jax.tree.map(
+      lambda w, m: None if m is None else np.asarray(w)[np.asarray(m) == 0],
+      current.params,
+      masks,
+      is_leaf=lambda x: x is None,
+    )
     assert all(np.all(values == 0) for values in jax.tree.leaves(pruned))
-  for s0, s1, src in zip(jax.tree.leaves(state.scores), jax.tree.leaves(current.scores),
-                         jax.tree.leaves(source_scores)):
+  for s0, s1, src in zip(
+    jax.tree.leaves(state.scores), jax.tree.leaves(current.scores), jax.tree.leaves(source_scores)
+  ):
     np.testing.assert_array_equal(s0, s1)  # scores frozen...
     np.testing.assert_array_equal(s0, src)  # ...and taken from the prune checkpoint
-  assert any(not np.array_equal(w0, w1) for w0, w1 in zip(jax.tree.leaves(state.params),
-                                                          jax.tree.leaves(current.params)))  # weights train
+  assert any(
+    not np.array_equal(w0, w1) for w0, w1 in zip(jax.tree.leaves(state.params), jax.tree.leaves(current.params))
+  )  # weights train
 
 
 def test_mask_is_computed_once_per_step_never_inside_the_attack(pretrained_dir, monkeypatch):
@@ -185,8 +199,10 @@ def test_eight_devices_give_the_single_device_result(mode, objective, pretrained
 
   single, single_metrics = run("single", None)
   multi, multi_metrics = run(mode, parallel.AXIS)
-  for a, b in zip(jax.tree.leaves((single.params, single.scores, single.batch_stats)),
-                  jax.tree.leaves((multi.params, multi.scores, multi.batch_stats))):
+  for a, b in zip(
+    jax.tree.leaves((single.params, single.scores, single.batch_stats)),
+    jax.tree.leaves((multi.params, multi.scores, multi.batch_stats)),
+  ):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(single_metrics["loss"], np.mean(multi_metrics["loss"]), rtol=1e-5)
 
@@ -216,9 +232,18 @@ def test_free_adversarial_carry_is_split_over_devices_and_reset_each_epoch(pretr
 
 def run_to_end(config, workdir):
   summary = train.run_stage(config, workdir)
-  items, _ = checkpoints.restore(workdir, {"model": jax.eval_shape(lambda: {
-      "params": sources.init_variables(config, jax.random.PRNGKey(0))["params"],
-      "batch_stats": sources.init_variables(config, jax.random.PRNGKey(0))["batch_stats"], "scores": None})})
+  items, _ = checkpoints.restore(
+    workdir,
+    {
+      "model": jax.eval_shape(
+        lambda: {
+          "params": sources.init_variables(config, jax.random.PRNGKey(0))["params"],
+          "batch_stats": sources.init_variables(config, jax.random.PRNGKey(0))["batch_stats"],
+          "scores": None,
+        }
+      )
+    },
+  )
   return summary, items["model"]
 
 
@@ -238,8 +263,9 @@ def test_a_stopped_run_resumes_to_bit_identical_params(tmp_path):
 
 def test_nan_is_caught_before_a_mid_epoch_save(tmp_path):
   workdir = str(tmp_path / "run")
-  exploding = tiny_config(**{"stages.pretrain.epochs": 2, "stages.pretrain.lr": 1e30, "checkpoint.every_steps": 2,
-                             "log.every_steps": 100})
+  exploding = tiny_config(
+    **{"stages.pretrain.epochs": 2, "stages.pretrain.lr": 1e30, "checkpoint.every_steps": 2, "log.every_steps": 100}
+  )
   with pytest.raises(FloatingPointError, match="before step 2.*No checkpoint was saved"):
     train.run_stage(exploding, workdir)
   assert not [name for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
@@ -248,13 +274,16 @@ def test_nan_is_caught_before_a_mid_epoch_save(tmp_path):
 def test_cadence_checks_finite_metrics_before_every_save():
   # 23 steps of 10 per epoch: epoch ends at 10, 20 and the stage end 23; evaluation every 2 epochs and at the end.
   for save_every, saves in ((0, {10, 20, 23}), (3, {3, 6, 9, 10, 12, 15, 18, 20, 21, 23})):
-    todo = {done: train.cadence(done, steps_per_epoch=10, total_steps=23, stop=23, log_every=7,
-                                eval_every_epochs=2, save_every=save_every) for done in range(1, 24)}
+    todo = {
+      done: train.cadence(
+        done, steps_per_epoch=10, total_steps=23, stop=23, log_every=7, eval_every_epochs=2, save_every=save_every
+      )
+      for done in range(1, 24)
+    }
     assert {done for done, t in todo.items() if t.save} == saves
     assert {done for done, t in todo.items() if t.log} == saves | {7, 14, 21}
     assert {done for done, t in todo.items() if t.evaluate} == {20, 23}
-  stopped = train.cadence(5, steps_per_epoch=10, total_steps=23, stop=5, log_every=7, eval_every_epochs=1,
-                          save_every=0)
+  stopped = train.cadence(5, steps_per_epoch=10, total_steps=23, stop=5, log_every=7, eval_every_epochs=1, save_every=0)
   assert stopped == train.Cadence(log=True, evaluate=False, save=True)  # an early stop saves, without evaluation
 
 
@@ -297,9 +326,15 @@ def test_lwm_from_a_reference_checkpoint_with_random_scores_is_magnitude_pruning
   variables = sources.init_variables(config, jax.random.PRNGKey(3))
   random_scores = masking.init_scores(variables["params"], "uniform", jax.random.PRNGKey(4))  # subnet layers' init
   source = str(tmp_path / "checkpoint.pth.tar")
-  torch.save({"epoch": 100, "state_dict": convert.to_torch_state_dict(
-      variables, random_scores, model_name="vgg_tiny", input_shape=config_lib.image_shape(config), as_torch=True)},
-             source)
+  torch.save(
+    {
+      "epoch": 100,
+      "state_dict": convert.to_torch_state_dict(
+        variables, random_scores, model_name="vgg_tiny", input_shape=config_lib.image_shape(config), as_torch=True
+      ),
+    },
+    source,
+  )
   lwm = tiny_config(stage="finetune", source=source, k=0.1, **{"stages.finetune.score_init": "scaled"})
   state, _ = make_state(lwm, "finetune", digits_batch())
   kept = jax.tree.map(lambda w: np.asarray(w) != 0, state.params)
@@ -320,8 +355,9 @@ def test_lwm_from_a_reference_checkpoint_with_random_scores_is_magnitude_pruning
 
 
 def test_snip_from_the_config_scores_the_one_batch_loss_sensitivity(pretrained_dir, tmp_path):
-  config = tiny_config(stage="prune", source=pretrained_dir, k=0.1, stop_after_steps=1,
-                       **{"stages.prune.score_init": "snip"})
+  config = tiny_config(
+    stage="prune", source=pretrained_dir, k=0.1, stop_after_steps=1, **{"stages.prune.score_init": "snip"}
+  )
   config.objective = config_lib.objective_config("benign")
   batch = data.train_batches("digits", 32, seed=config.seed).batch_at(0)
   state, _ = train.initial_state(config, "prune", 10, batch["image"].shape, first_batch=batch)
@@ -329,16 +365,18 @@ def test_snip_from_the_config_scores_the_one_batch_loss_sensitivity(pretrained_d
   model = sources.build_model(config)
 
   def loss(p):  # the benign objective: mean cross-entropy, train-mode BatchNorm, all weights kept
-    logits, _ = model.apply({"params": p, "batch_stats": batch_stats}, batch["image"], train=True,
-                            mutable=["batch_stats"])
+    logits, _ = model.apply(
+      {"params": p, "batch_stats": batch_stats}, batch["image"], train=True, mutable=["batch_stats"]
+    )
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
   grads = jax.grad(loss)(params)
   flat_scores = jax.tree_util.tree_flatten_with_path(state.scores, is_leaf=lambda x: x is None)[0]
   for (path, score), w, g in zip(flat_scores, jax.tree.leaves(params), jax.tree.leaves(grads)):
     if score is not None:
-      np.testing.assert_allclose(score, np.abs(np.asarray(w) * np.asarray(g)), rtol=1e-4, atol=1e-9,
-                                 err_msg=masking.path_name(path))
+      np.testing.assert_allclose(
+        score, np.abs(np.asarray(w) * np.asarray(g)), rtol=1e-4, atol=1e-9, err_msg=masking.path_name(path)
+      )
   assert train.run_stage(config, str(tmp_path / "snip"))["step"] == 1
   with pytest.raises(ValueError, match="'snip' needs the stage's first batch"):
     train.initial_state(config, "prune", 10, batch["image"].shape)
@@ -384,13 +422,17 @@ def test_a_checkpoint_saved_on_eight_devices_resumes_on_one(tmp_path):
 
 
 def test_config_errors_name_the_key():
-  cases = [({"k": 0.0}, "config.k=0.0 must lie in \\(0, 1\\]"), ({"k": 1.5}, "config.k=1.5"),
-           ({"stage": "train"}, "config.stage='train' is invalid"),
-           ({"model.name": "resnet9"}, "Unknown model 'resnet9'"),
-           ({"data.name": "cifar11"}, "cifar11"), ({"objective.name": "madry"}, "unknown objective 'madry'"),
-           ({"optimizer.name": "lamb"}, "config.optimizer.name='lamb'"),
-           ({"stage": "prune"}, "config.source must name the checkpoint"),
-           ({"data.batch_size": 0}, "config.data.batch_size must be positive")]
+  cases = [
+    ({"k": 0.0}, "config.k=0.0 must lie in \\(0, 1\\]"),
+    ({"k": 1.5}, "config.k=1.5"),
+    ({"stage": "train"}, "config.stage='train' is invalid"),
+    ({"model.name": "resnet9"}, "Unknown model 'resnet9'"),
+    ({"data.name": "cifar11"}, "cifar11"),
+    ({"objective.name": "madry"}, "unknown objective 'madry'"),
+    ({"optimizer.name": "lamb"}, "config.optimizer.name='lamb'"),
+    ({"stage": "prune"}, "config.source must name the checkpoint"),
+    ({"data.batch_size": 0}, "config.data.batch_size must be positive"),
+  ]
   for overrides, message in cases:
     with pytest.raises(ValueError, match=message):
       config_lib.check_config(tiny_config(**overrides))
@@ -438,8 +480,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("objective", ["benign", "pgd_at", "trades", "free", "smooth"])
 def test_each_objective_lowers_its_loss(objective, tmp_path):
-  config = tiny_config(**{"stages.pretrain.epochs": 3, "stages.pretrain.lr": 0.01, "model.name": "cnn_tiny",
-                          "optimizer.name": "adam"})
+  config = tiny_config(
+    **{"stages.pretrain.epochs": 3, "stages.pretrain.lr": 0.01, "model.name": "cnn_tiny", "optimizer.name": "adam"}
+  )
   config.objective = config_lib.objective_config(objective)
   config.objective.eps, config.objective.step_size, config.objective.steps = 0.05, 0.025, 2
   config.objective.replays = 2
@@ -504,24 +547,31 @@ def test_export_writes_exact_zeros_and_reference_layout_torch_state_dicts(pruned
     np.testing.assert_array_equal(a, b)
 
   size = export.sparse_size(run.variables["params"])
-  kernels = [w for p, w in jax.tree_util.tree_flatten_with_path(run.variables["params"])[0]
-             if masking.is_prunable(p, w)]
+  kernels = [
+    w for p, w in jax.tree_util.tree_flatten_with_path(run.variables["params"])[0] if masking.is_prunable(p, w)
+  ]
   assert size["dense_bytes"] == 4 * sum(w.size for w in kernels)
   assert size["bcoo_bytes"] == sum(np.count_nonzero(w) * 4 * (1 + w.ndim) for w in kernels)  # values + indices
 
 
 def test_warmup_adds_epochs_and_every_schedule_warms_up():
   # W = 2 warmup epochs at 0.01, then E = 4 epochs at lr 0.1; the stage trains W + E epochs (reference).
-  config = tiny_config(**{"optimizer.warmup_epochs": 2, "optimizer.warmup_lr": 0.01, "stages.pretrain.epochs": 4,
-                          "stages.pretrain.lr": 0.1})
+  config = tiny_config(
+    **{
+      "optimizer.warmup_epochs": 2,
+      "optimizer.warmup_lr": 0.01,
+      "stages.pretrain.epochs": 4,
+      "stages.pretrain.lr": 0.1,
+    }
+  )
   assert optim.stage_epochs(config, "pretrain") == 6
   half = lambda angle: 0.05 * (1 + np.cos(angle))  # lr/2 (1 + cos)
   pi = np.pi
   expected = {  # lr at the start of epochs 0..5 and at the end of the stage (epoch 6), 3 steps per epoch
-      "cosine": [0.01, 0.01, 0.1, half(pi / 4), half(pi / 2), half(3 * pi / 4), 0.0],
-      "reference_cosine": [0.01, 0.01, half(-pi / 4), 0.1, half(pi / 4), half(pi / 2), half(3 * pi / 4)],
-      "step": [0.01, 0.01, 0.1, 0.1, 0.1, 0.01, 0.001],  # x0.1 from 75% of E, x0.01 from 90%
-      "constant": [0.01, 0.01, 0.1, 0.1, 0.1, 0.1, 0.1],
+    "cosine": [0.01, 0.01, 0.1, half(pi / 4), half(pi / 2), half(3 * pi / 4), 0.0],
+    "reference_cosine": [0.01, 0.01, half(-pi / 4), 0.1, half(pi / 4), half(pi / 2), half(3 * pi / 4)],
+    "step": [0.01, 0.01, 0.1, 0.1, 0.1, 0.01, 0.001],  # x0.1 from 75% of E, x0.01 from 90%
+    "constant": [0.01, 0.01, 0.1, 0.1, 0.1, 0.1, 0.1],
   }
   for schedule, values in expected.items():
     config.optimizer.schedule = schedule
@@ -557,8 +607,10 @@ def test_config_arguments_are_typed_and_checked():
 
 
 def test_summary_table_rows():
-  rows = [{"method": "hydra", "stage": "finetune", "kept_fraction": 0.01, "clean": 0.5, "robust": 0.25},
-          {"method": "dense", "stage": "pretrain", "kept_fraction": 1.0, "clean": 0.875}]
+  rows = [
+    {"method": "hydra", "stage": "finetune", "kept_fraction": 0.01, "clean": 0.5, "robust": 0.25},
+    {"method": "dense", "stage": "pretrain", "kept_fraction": 1.0, "clean": 0.875},
+  ]
   lines = pipeline.summary_table(rows).splitlines()
   assert lines[1].split() == ["hydra", "finetune", "1.00", "50.00", "25.00"]
   assert lines[2].split() == ["dense", "pretrain", "100.00", "87.50", "-"]

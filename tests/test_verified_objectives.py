@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from hydra_jax import models, objectives
+from hydra_jax import models
+from hydra_jax import objectives
 from tests import robust_helpers as helpers
 from tests import zoo_helpers
 
@@ -20,8 +21,9 @@ def _reference_linear_schedule(step, init_step, final_step, init_value, final_va
   if init_step == final_step:
     return final_value
   rate = (step - init_step) / (final_step - init_step)
-  return float(np.clip(rate * (final_value - init_value) + init_value, min(init_value, final_value),
-                       max(init_value, final_value)))
+  return float(
+    np.clip(rate * (final_value - init_value) + init_value, min(init_value, final_value), max(init_value, final_value))
+  )
 
 
 def test_registered_with_the_reference_defaults_and_takes_epoch():
@@ -30,7 +32,12 @@ def test_registered_with_the_reference_defaults_and_takes_epoch():
   assert not objectives.get_objective("trades").takes_epoch
   crown = objectives.default_config("crown_ibp")
   assert (crown.eps, crown.starting_epsilon, crown.schedule_length, crown.kappa_start, crown.lower_slope) == (
-      0.007, 0.0, 60, 0.0, "adaptive")
+    0.007,
+    0.0,
+    60,
+    0.0,
+    "adaptive",
+  )
   mix = objectives.default_config("mixtrain")
   assert (mix.eps, mix.schedule_length, mix.interval_weight, mix.mixtraink, mix.alpha) == (0.007, 10, 0.1, 1, 0.8)
 
@@ -42,8 +49,9 @@ def test_crown_ibp_eps_follows_the_reference_scheduler_per_step(length):
   config.update(schedule_length=length, starting_epsilon=start, eps=final)
   for epoch in (0, 1, length - 1, length + 2):
     for batch in (0, 3, 6):
-      expected = _reference_linear_schedule(epoch * steps_per_epoch + batch, 0, (length - 1) * steps_per_epoch,
-                                            start, final)
+      expected = _reference_linear_schedule(
+        epoch * steps_per_epoch + batch, 0, (length - 1) * steps_per_epoch, start, final
+      )
       ramp = objectives.crown_ibp_ramp(jnp.float32(epoch + batch / steps_per_epoch), length)
       np.testing.assert_allclose(start + (final - start) * ramp, expected, rtol=1e-5)
 
@@ -68,7 +76,9 @@ def _reference_losses(model_variables, batch, eps, beta):
   """The reference trainer's computation in PyTorch: CE(-lb scattered with 0 at y), natural CE, sym wc CE."""
   torch = pytest.importorskip("torch")
   from hydra_jax import convert  # pylint: disable=g-import-not-at-top
-  from tests import bounds_reference, torch_reference  # pylint: disable=g-import-not-at-top
+  from tests import bounds_reference  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top
+
   seq = torch_reference.build("cnn_tiny", 10)
   seq.load_state_dict(convert.to_torch_state_dict(model_variables, model_name="cnn_tiny", as_torch=True))
   x = torch.from_numpy(np.asarray(batch["image"]).transpose(0, 3, 1, 2).copy())
@@ -94,10 +104,12 @@ def test_crown_ibp_and_ibp_losses_equal_the_reference_trainer_computation():
   config.update(eps=0.02, schedule_length=3)
   epoch = jnp.float32(0.5)  # ramp 0.25: eps_t = 0.005, beta = 0.75
   robust, natural, _ = _reference_losses(variables, batch, 0.005, 0.75)
-  loss, (metrics, _) = objectives.get_objective("crown_ibp").loss_fn(apply_fn, variables, batch, None, config,
-                                                                      epoch=epoch)
-  np.testing.assert_allclose([loss, metrics["natural_loss"], metrics["eps"], metrics["beta"]],
-                             [robust, natural, 0.005, 0.75], rtol=1e-4)
+  loss, (metrics, _) = objectives.get_objective("crown_ibp").loss_fn(
+    apply_fn, variables, batch, None, config, epoch=epoch
+  )
+  np.testing.assert_allclose(
+    [loss, metrics["natural_loss"], metrics["eps"], metrics["beta"]], [robust, natural, 0.005, 0.75], rtol=1e-4
+  )
   ibp_robust, _, _ = _reference_losses(variables, batch, 0.005, 0.0)
   loss, _ = objectives.get_objective("ibp").loss_fn(apply_fn, variables, batch, None, config, epoch=epoch)
   np.testing.assert_allclose(loss, ibp_robust, rtol=1e-4)
@@ -108,8 +120,9 @@ def test_crown_ibp_and_ibp_losses_equal_the_reference_trainer_computation():
   # After the ramp beta = 0: pure IBP at the final eps (the CROWN branch is skipped).
   config.update(kappa_start=0.0)
   final_ibp, _, _ = _reference_losses(variables, batch, 0.02, 0.0)
-  loss, (metrics, _) = objectives.get_objective("crown_ibp").loss_fn(apply_fn, variables, batch, None, config,
-                                                                      epoch=jnp.float32(5.0))
+  loss, (metrics, _) = objectives.get_objective("crown_ibp").loss_fn(
+    apply_fn, variables, batch, None, config, epoch=jnp.float32(5.0)
+  )
   np.testing.assert_allclose([loss, metrics["beta"]], [final_ibp, 0.0], rtol=1e-4, atol=1e-7)
 
 
@@ -122,12 +135,12 @@ def test_mixtrain_loss_adds_the_weighted_symbolic_worst_case_ce_when_drawn():
   for alpha, expected in ((1.0, natural + 0.1 * 2.5 * sym), (0.0, natural)):
     config.alpha = alpha
     loss, (metrics, _) = mixtrain(apply_fn, variables, batch, jax.random.key(0), config, epoch=jnp.float32(7.5))
-    np.testing.assert_allclose([loss, metrics["drawn"], metrics["interval_weight"]], [expected, alpha, 0.25],
-                               rtol=1e-4)
+    np.testing.assert_allclose([loss, metrics["drawn"], metrics["interval_weight"]], [expected, alpha, 0.25], rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["ibp", pytest.param("crown_ibp", marks=pytest.mark.slow),
-                                  pytest.param("mixtrain", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "name", ["ibp", pytest.param("crown_ibp", marks=pytest.mark.slow), pytest.param("mixtrain", marks=pytest.mark.slow)]
+)
 def test_verified_objectives_give_finite_gradients_and_update_bn_statistics(name):
   model = helpers.TinyCNN(batch_norm=True)
   variables = helpers.init_variables(model, (4, 8, 8, 1))
@@ -137,9 +150,12 @@ def test_verified_objectives_give_finite_gradients_and_update_bn_statistics(name
   config = objectives.default_config(name)
   config.alpha = 1.0  # mixtrain: always add the symbolic term
   loss_fn = objectives.get_objective(name).loss_fn
-  grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(apply_fn, {**variables, "params": p}, batch,
-                                                         jax.random.key(1), config, epoch=jnp.float32(2.0)),
-                                       has_aux=True))
+  grad_fn = jax.jit(
+    jax.value_and_grad(
+      lambda p: loss_fn(apply_fn, {**variables, "params": p}, batch, jax.random.key(1), config, epoch=jnp.float32(2.0)),
+      has_aux=True,
+    )
+  )
   (loss, (_, new_variables)), grads = grad_fn(variables["params"])
   assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert all(np.any(g != 0) for g in jax.tree.leaves(grads))
@@ -160,8 +176,9 @@ def test_a_few_adam_steps_lower_the_crown_ibp_loss_and_raise_verified_accuracy()
 
   @jax.jit
   def step(params, opt_state):
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(apply_fn, {"params": p}, batch, None, config,
-                                                   epoch=jnp.float32(1.0)), has_aux=True)
+    grad_fn = jax.value_and_grad(
+      lambda p: loss_fn(apply_fn, {"params": p}, batch, None, config, epoch=jnp.float32(1.0)), has_aux=True
+    )
     (_, (metrics, _)), grads = grad_fn(params)
     updates, opt_state = tx.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state, metrics
@@ -185,13 +202,28 @@ def _verified_config(arg):
 def test_verified_config_carries_the_reference_script_settings():
   config = _verified_config("")
   assert (config.objective.name, config.model.name, config.data.name, config.data.batch_size) == (
-      "crown_ibp", "cnn_large", "svhn_cropped", 128)
-  assert (config.objective.eps, config.objective.schedule_length, config.stages.pretrain.epochs,
-          config.stages.pretrain.lr, config.optimizer.name) == (0.007, 120, 200, 1e-3, "adam")
+    "crown_ibp",
+    "cnn_large",
+    "svhn_cropped",
+    128,
+  )
+  assert (
+    config.objective.eps,
+    config.objective.schedule_length,
+    config.stages.pretrain.epochs,
+    config.stages.pretrain.lr,
+    config.optimizer.name,
+  ) == (0.007, 120, 200, 1e-3, "adam")
   config = _verified_config("method=mixtrain,model=cnn_small,stage=prune")
-  assert (config.objective.name, config.objective.mixtraink, config.objective.schedule_length, config.stage,
-          config.stages.prune.epochs, config.stages.prune.lr, config.data.batch_size) == (
-              "mixtrain", 5, 0, "prune", 20, 1e-5, 50)
+  assert (
+    config.objective.name,
+    config.objective.mixtraink,
+    config.objective.schedule_length,
+    config.stage,
+    config.stages.prune.epochs,
+    config.stages.prune.lr,
+    config.data.batch_size,
+  ) == ("mixtrain", 5, 0, "prune", 20, 1e-5, 50)
   with pytest.raises(ValueError, match="config argument method='diffai' is invalid; valid: crown_ibp, mixtrain"):
     _verified_config("method=diffai")
   with pytest.raises(ValueError, match="config argument stage='all' is invalid"):

@@ -9,8 +9,8 @@ from the reference definitions. They are the independent source for parameter co
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,18 +38,17 @@ LARGE = [(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)]
 
 # ----------------------------------------------------------------------------------------------- vgg_cifar.py
 VGG_CFGS = {
-    "2": [64, "M", 64, "M"],
-    "4": [64, 64, "M", 128, 128, "M"],
-    "6": [64, 64, "M", 128, 128, "M", 256, 256, "M"],
-    "8": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"],
-    "11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
-    "13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
-    "16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+  "2": [64, "M", 64, "M"],
+  "4": [64, 64, "M", 128, 128, "M"],
+  "6": [64, 64, "M", 128, 128, "M", 256, 256, "M"],
+  "8": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"],
+  "11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+  "13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+  "16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
 }
 
 
 class VGG(nn.Module):
-
   def __init__(self, cfg, batch_norm, num_classes, hidden=256):
     super().__init__()
     modules, channels = [], 3
@@ -64,8 +63,9 @@ class VGG(nn.Module):
       channels = v
     self.features = nn.Sequential(*modules)
     self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-    self.classifier = nn.Sequential(nn.Linear(4 * channels, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                    nn.Linear(hidden, num_classes))
+    self.classifier = nn.Sequential(
+      nn.Linear(4 * channels, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
 
   def forward(self, x):
     return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -73,7 +73,6 @@ class VGG(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- wrn_cifar.py
 class WideBlock(nn.Module):
-
   def __init__(self, cin, cout, stride):
     super().__init__()
     self.bn1 = nn.BatchNorm2d(cin)
@@ -91,7 +90,6 @@ class WideBlock(nn.Module):
 
 
 class NetworkBlock(nn.Module):
-
   def __init__(self, n, cin, cout, stride):
     super().__init__()
     self.layer = nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
@@ -162,7 +160,6 @@ class CifarBottleneck(nn.Module):
 
 
 class CifarResNet(nn.Module):
-
   def __init__(self, block, num_blocks, num_classes, widths=(64, 128, 256, 512)):
     super().__init__()
     self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -232,8 +229,9 @@ class ImageNetResNet(nn.Module):
       stride = 1 if stage == 0 else 2
       downsample = None
       if stride != 1 or cin != planes * block.expansion:
-        downsample = nn.Sequential(nn.Conv2d(cin, planes * block.expansion, 1, stride, bias=False),
-                                   nn.BatchNorm2d(planes * block.expansion))
+        downsample = nn.Sequential(
+          nn.Conv2d(cin, planes * block.expansion, 1, stride, bias=False), nn.BatchNorm2d(planes * block.expansion)
+        )
       layer = [block(cin, planes, stride, downsample)]
       cin = planes * block.expansion
       layer += [block(cin, planes, 1, None) for _ in range(1, blocks)]
@@ -249,12 +247,18 @@ class ImageNetResNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- kuangliu MobileNetV2
-MOBILENET_CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                 (6, 320, 1, 1)]
+MOBILENET_CFG = [
+  (1, 16, 1, 1),
+  (6, 24, 2, 1),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+]
 
 
 class MbBlock(nn.Module):
-
   def __init__(self, cin, cout, expansion, stride):
     super().__init__()
     self.stride = stride
@@ -277,7 +281,6 @@ class MbBlock(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-
   def __init__(self, num_classes, cfg=MOBILENET_CFG, stem=32, head=1280):
     super().__init__()
     self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
@@ -299,11 +302,17 @@ class MobileNetV2(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- kuangliu GoogLeNet
-GOOGLENET_CFG = [("a3", (64, 96, 128, 16, 32, 32)), ("b3", (128, 128, 192, 32, 96, 64)),
-                 ("a4", (192, 96, 208, 16, 48, 64)), ("b4", (160, 112, 224, 24, 64, 64)),
-                 ("c4", (128, 128, 256, 24, 64, 64)), ("d4", (112, 144, 288, 32, 64, 64)),
-                 ("e4", (256, 160, 320, 32, 128, 128)), ("a5", (256, 160, 320, 32, 128, 128)),
-                 ("b5", (384, 192, 384, 48, 128, 128))]
+GOOGLENET_CFG = [
+  ("a3", (64, 96, 128, 16, 32, 32)),
+  ("b3", (128, 128, 192, 32, 96, 64)),
+  ("a4", (192, 96, 208, 16, 48, 64)),
+  ("b4", (160, 112, 224, 24, 64, 64)),
+  ("c4", (128, 128, 256, 24, 64, 64)),
+  ("d4", (112, 144, 288, 32, 64, 64)),
+  ("e4", (256, 160, 320, 32, 128, 128)),
+  ("a5", (256, 160, 320, 32, 128, 128)),
+  ("b5", (384, 192, 384, 48, 128, 128)),
+]
 
 
 def _cbr(cin, cout, k):
@@ -311,7 +320,6 @@ def _cbr(cin, cout, k):
 
 
 class Inception(nn.Module):
-
   def __init__(self, cin, n1, r3, n3, r5, n5, pool):
     super().__init__()
     self.b1 = nn.Sequential(*_cbr(cin, n1, 1))
@@ -324,7 +332,6 @@ class Inception(nn.Module):
 
 
 class GoogLeNet(nn.Module):
-
   def __init__(self, num_classes, cfg=GOOGLENET_CFG, stem=192):
     super().__init__()
     self.pre_layers = nn.Sequential(*_cbr(3, stem, 3))
@@ -351,38 +358,43 @@ def _tiny_googlenet_cfg():
 
 _TINY = (8, 16, 32, 64)
 BUILDERS = {
-    "mnist_model": lambda c: sequential_cnn(1, SMALL, 7, [100], c),
-    "mnist_model_large": lambda c: sequential_cnn(1, LARGE, 7, [512, 512], c),
-    "cifar_model": lambda c: sequential_cnn(3, SMALL, 8, [100], c),
-    "cifar_model_large": lambda c: sequential_cnn(3, LARGE, 8, [512, 512], c),
-    "cnn_tiny": lambda c: sequential_cnn(3, [(4, 4, 2, 1), (8, 4, 2, 1)], 8, [16], c),
-    **{f"vgg{d}": (lambda cfg: lambda c: VGG(cfg, False, c))(cfg) for d, cfg in VGG_CFGS.items()},
-    **{f"vgg{d}_bn": (lambda cfg: lambda c: VGG(cfg, True, c))(cfg) for d, cfg in VGG_CFGS.items()},
-    "vgg_tiny": lambda c: VGG([8, "M", 16, "M"], True, c, hidden=32),
-    "wrn_28_1": lambda c: WideResNet(28, 1, c),
-    "wrn_28_2": lambda c: WideResNet(28, 2, c),
-    "wrn_28_4": lambda c: WideResNet(28, 4, c),
-    "wrn_28_10": lambda c: WideResNet(28, 10, c),
-    "wrn_34_10": lambda c: WideResNet(34, 10, c),
-    "wrn_40_2": lambda c: WideResNet(40, 2, c),
-    "wrn_tiny": lambda c: WideResNet(10, 1, c),
-    "resnet18": lambda c: CifarResNet(CifarBasic, [2, 2, 2, 2], c),
-    "resnet34": lambda c: CifarResNet(CifarBasic, [3, 4, 6, 3], c),
-    "resnet50": lambda c: CifarResNet(CifarBottleneck, [3, 4, 6, 3], c),
-    "resnet101": lambda c: CifarResNet(CifarBottleneck, [3, 4, 23, 3], c),
-    "resnet152": lambda c: CifarResNet(CifarBottleneck, [3, 8, 36, 3], c),
-    "resnet_tiny": lambda c: CifarResNet(CifarBasic, [1, 1, 1, 1], c, widths=_TINY),
-    "resnet18_imagenet": lambda c: ImageNetResNet(TvBasic, [2, 2, 2, 2], c),
-    "resnet34_imagenet": lambda c: ImageNetResNet(TvBasic, [3, 4, 6, 3], c),
-    "resnet50_imagenet": lambda c: ImageNetResNet(TvBottleneck, [3, 4, 6, 3], c),
-    "resnet_imagenet_tiny": lambda c: ImageNetResNet(TvBottleneck, [1, 1, 1, 1], c, widths=_TINY),
-    "mobilenet_v2": lambda c: MobileNetV2(c),
-    "mobilenet_v2_tiny": lambda c: MobileNetV2(c, cfg=[(1, 8, 1, 1), (2, 16, 2, 2), (2, 24, 1, 1)], stem=8, head=32),
-    "googlenet": lambda c: GoogLeNet(c),
-    "googlenet_tiny": lambda c: GoogLeNet(c, cfg=_tiny_googlenet_cfg(), stem=12),
+  "mnist_model": lambda c: sequential_cnn(1, SMALL, 7, [100], c),
+  "mnist_model_large": lambda c: sequential_cnn(1, LARGE, 7, [512, 512], c),
+  "cifar_model": lambda c: sequential_cnn(3, SMALL, 8, [100], c),
+  "cifar_model_large": lambda c: sequential_cnn(3, LARGE, 8, [512, 512], c),
+  "cnn_tiny": lambda c: sequential_cnn(3, [(4, 4, 2, 1), (8, 4, 2, 1)], 8, [16], c),
+  **{f"vgg{d}": (lambda cfg: lambda c: VGG(cfg, False, c))(cfg) for d, cfg in VGG_CFGS.items()},
+  **{f"vgg{d}_bn": (lambda cfg: lambda c: VGG(cfg, True, c))(cfg) for d, cfg in VGG_CFGS.items()},
+  "vgg_tiny": lambda c: VGG([8, "M", 16, "M"], True, c, hidden=32),
+  "wrn_28_1": lambda c: WideResNet(28, 1, c),
+  "wrn_28_2": lambda c: WideResNet(28, 2, c),
+  "wrn_28_4": lambda c: WideResNet(28, 4, c),
+  "wrn_28_10": lambda c: WideResNet(28, 10, c),
+  "wrn_34_10": lambda c: WideResNet(34, 10, c),
+  "wrn_40_2": lambda c: WideResNet(40, 2, c),
+  "wrn_tiny": lambda c: WideResNet(10, 1, c),
+  "resnet18": lambda c: CifarResNet(CifarBasic, [2, 2, 2, 2], c),
+  "resnet34": lambda c: CifarResNet(CifarBasic, [3, 4, 6, 3], c),
+  "resnet50": lambda c: CifarResNet(CifarBottleneck, [3, 4, 6, 3], c),
+  "resnet101": lambda c: CifarResNet(CifarBottleneck, [3, 4, 23, 3], c),
+  "resnet152": lambda c: CifarResNet(CifarBottleneck, [3, 8, 36, 3], c),
+  "resnet_tiny": lambda c: CifarResNet(CifarBasic, [1, 1, 1, 1], c, widths=_TINY),
+  "resnet18_imagenet": lambda c: ImageNetResNet(TvBasic, [2, 2, 2, 2], c),
+  "resnet34_imagenet": lambda c: ImageNetResNet(TvBasic, [3, 4, 6, 3], c),
+  "resnet50_imagenet": lambda c: ImageNetResNet(TvBottleneck, [3, 4, 6, 3], c),
+  "resnet_imagenet_tiny": lambda c: ImageNetResNet(TvBottleneck, [1, 1, 1, 1], c, widths=_TINY),
+  "mobilenet_v2": lambda c: MobileNetV2(c),
+  "mobilenet_v2_tiny": lambda c: MobileNetV2(c, cfg=[(1, 8, 1, 1), (2, 16, 2, 2), (2, 24, 1, 1)], stem=8, head=32),
+  "googlenet": lambda c: GoogLeNet(c),
+  "googlenet_tiny": lambda c: GoogLeNet(c, cfg=_tiny_googlenet_cfg(), stem=12),
 }
-ALIASES = {"cnn_small": "cifar_model", "cnn_large": "cifar_model_large", "ResNet18": "resnet18_imagenet",
-           "ResNet34": "resnet34_imagenet", "ResNet50": "resnet50_imagenet"}
+ALIASES = {
+  "cnn_small": "cifar_model",
+  "cnn_large": "cifar_model_large",
+  "ResNet18": "resnet18_imagenet",
+  "ResNet34": "resnet34_imagenet",
+  "ResNet50": "resnet50_imagenet",
+}
 
 
 def build(name, num_classes):
@@ -417,13 +429,16 @@ def count_params(module):
 
 def count_weights(module):
   """Conv/linear weights (the prunable tensors), excluding sub_block1."""
-  return sum(m.weight.numel() for key, m in module.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear)) and not key.startswith("sub_block1"))
+  return sum(
+    m.weight.numel()
+    for key, m in module.named_modules()
+    if isinstance(m, (nn.Conv2d, nn.Linear)) and not key.startswith("sub_block1")
+  )
 
 
 def get_subnet(scores, k):
   """Reference GetSubnet forward: sort |scores| ascending, zero the first int((1 - k) * n), keep the rest."""
   flat = scores.abs().flatten()
   mask = torch.ones_like(flat)
-  mask[flat.sort().indices[:int((1 - k) * flat.numel())]] = 0
+  mask[flat.sort().indices[: int((1 - k) * flat.numel())]] = 0
   return mask.view_as(scores)

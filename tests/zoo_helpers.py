@@ -2,10 +2,10 @@
 
 import math
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from hydra_jax import models
 

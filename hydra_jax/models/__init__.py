@@ -59,14 +59,21 @@ from hydra_jax.models import wrn
 Variables = dict[str, Any]
 ApplyFn = Callable[[Variables, jax.Array, bool], tuple[jax.Array, Variables]]
 
-_MODELS = {**cnn.MODELS, **vgg.MODELS, **wrn.MODELS, **resnet.MODELS, **resnet_imagenet.MODELS,
-           **mobilenet_v2.MODELS, **googlenet.MODELS}
+_MODELS = {
+  **cnn.MODELS,
+  **vgg.MODELS,
+  **wrn.MODELS,
+  **resnet.MODELS,
+  **resnet_imagenet.MODELS,
+  **mobilenet_v2.MODELS,
+  **googlenet.MODELS,
+}
 _CIFAR_SHAPE = (32, 32, 3)
 _INPUT_SHAPES = {
-    "mnist_model": (28, 28, 1),
-    "mnist_model_large": (28, 28, 1),
-    **{name: (224, 224, 3) for name in resnet_imagenet.MODELS},
-    "resnet_imagenet_tiny": (64, 64, 3),
+  "mnist_model": (28, 28, 1),
+  "mnist_model_large": (28, 28, 1),
+  **{name: (224, 224, 3) for name in resnet_imagenet.MODELS},
+  "resnet_imagenet_tiny": (64, 64, 3),
 }
 
 

@@ -17,8 +17,8 @@ Example:
     logits = model.apply(variables, images, train=False)      # (N, 10)
 """
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -82,12 +82,12 @@ _SMALL_CONVS = ((16, 4, 2, 1), (32, 4, 2, 1))
 _LARGE_CONVS = ((32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1))
 
 MODELS = {
-    "mnist_model": functools.partial(SequentialCNN, convs=_SMALL_CONVS, hidden=(100,), he_init=False),
-    "mnist_model_large": functools.partial(SequentialCNN, convs=_LARGE_CONVS, hidden=(512, 512), he_init=False),
-    "cifar_model": functools.partial(SequentialCNN, convs=_SMALL_CONVS, hidden=(100,)),
-    "cifar_model_large": functools.partial(SequentialCNN, convs=_LARGE_CONVS, hidden=(512, 512)),
-    # Not from the paper: a small member of the family for tests and demos.
-    "cnn_tiny": functools.partial(SequentialCNN, convs=((4, 4, 2, 1), (8, 4, 2, 1)), hidden=(16,)),
+  "mnist_model": functools.partial(SequentialCNN, convs=_SMALL_CONVS, hidden=(100,), he_init=False),
+  "mnist_model_large": functools.partial(SequentialCNN, convs=_LARGE_CONVS, hidden=(512, 512), he_init=False),
+  "cifar_model": functools.partial(SequentialCNN, convs=_SMALL_CONVS, hidden=(100,)),
+  "cifar_model_large": functools.partial(SequentialCNN, convs=_LARGE_CONVS, hidden=(512, 512)),
+  # Not from the paper: a small member of the family for tests and demos.
+  "cnn_tiny": functools.partial(SequentialCNN, convs=((4, 4, 2, 1), (8, 4, 2, 1)), hidden=(16,)),
 }
 MODELS["cnn_small"] = MODELS["cifar_model"]
 MODELS["cnn_large"] = MODELS["cifar_model_large"]

@@ -21,8 +21,8 @@ Example:
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 """
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -32,15 +32,15 @@ from hydra_jax.models import layers
 
 # (name, (n1x1, n3x3red, n3x3, n5x5red, n5x5, pool_planes)); a max-pool 3x3/2 follows b3 and e4.
 INCEPTIONS = (
-    ("a3", (64, 96, 128, 16, 32, 32)),
-    ("b3", (128, 128, 192, 32, 96, 64)),
-    ("a4", (192, 96, 208, 16, 48, 64)),
-    ("b4", (160, 112, 224, 24, 64, 64)),
-    ("c4", (128, 128, 256, 24, 64, 64)),
-    ("d4", (112, 144, 288, 32, 64, 64)),
-    ("e4", (256, 160, 320, 32, 128, 128)),
-    ("a5", (256, 160, 320, 32, 128, 128)),
-    ("b5", (384, 192, 384, 48, 128, 128)),
+  ("a3", (64, 96, 128, 16, 32, 32)),
+  ("b3", (128, 128, 192, 32, 96, 64)),
+  ("a4", (192, 96, 208, 16, 48, 64)),
+  ("b4", (160, 112, 224, 24, 64, 64)),
+  ("c4", (128, 128, 256, 24, 64, 64)),
+  ("d4", (112, 144, 288, 32, 64, 64)),
+  ("e4", (256, 160, 320, 32, 128, 128)),
+  ("a5", (256, 160, 320, 32, 128, 128)),
+  ("b5", (384, 192, 384, 48, 128, 128)),
 )
 
 
@@ -104,11 +104,14 @@ class GoogLeNet(nn.Module):
 
 
 MODELS = {
-    "googlenet": GoogLeNet,
-    # Not from the paper: a small member of the family for tests and demos: four of the Inception modules
-    # (a3, b3, pool, e4, pool, a5) with every width / 16.
-    "googlenet_tiny": functools.partial(
-        GoogLeNet, stem_width=12,
-        inceptions=tuple((name, tuple(p // 16 for p in planes)) for name, planes in INCEPTIONS
-                         if name in ("a3", "b3", "e4", "a5"))),
+  "googlenet": GoogLeNet,
+  # Not from the paper: a small member of the family for tests and demos: four of the Inception modules
+  # (a3, b3, pool, e4, pool, a5) with every width / 16.
+  "googlenet_tiny": functools.partial(
+    GoogLeNet,
+    stem_width=12,
+    inceptions=tuple(
+      (name, tuple(p // 16 for p in planes)) for name, planes in INCEPTIONS if name in ("a3", "b3", "e4", "a5")
+    ),
+  ),
 }

@@ -24,15 +24,16 @@ Example:
         return Linear(10, name="fc")(global_avg_pool(x))
 """
 
-from collections.abc import Callable, Sequence
 import functools
 import math
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 Dtype = Any
@@ -75,8 +76,9 @@ WEIGHT_GRADS = ("auto", "xla", "taps")
 def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1) -> jax.Array:
   """XLA's convolution: (N, H, W, C_in) x (kh, kw, C_in / groups, C_out) -> (N, H', W', C_out)."""
   pad = ((padding, padding), (padding, padding))
-  return lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  feature_group_count=groups)
+  return lax.conv_general_dilated(
+    x, kernel, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
+  )
 
 
 def taps_weight_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int, padding: int) -> jax.Array:
@@ -139,8 +141,9 @@ def taps_are_faster(x_shape: Sequence[int], kernel_shape: Sequence[int], stride:
   return not (stride == 1 and kernel_shape[0] > 1 and x_shape[1] >= 32 and kernel_shape[-1] <= 64)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1,
-           weight_grad: str = "xla") -> jax.Array:
+def conv2d(
+  x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1, weight_grad: str = "xla"
+) -> jax.Array:
   """2-D convolution, NHWC x HWIO -> NHWC, with a choice of how its kernel gradient is computed.
 
   Args:
@@ -203,8 +206,9 @@ class Conv2d(nn.Module):
       raise ValueError(f"{in_features} input channels are not divisible by groups={self.groups}")
     shape = (self.kernel_size, self.kernel_size, in_features // self.groups, self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, self.groups,
-               self.weight_grad)
+    y = conv2d(
+      x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, self.groups, self.weight_grad
+    )
     if self.use_bias:
       bias_init = self.bias_init or torch_default_bias_init(_fan_in(shape))
       y = y + self.param("bias", bias_init, (self.features,), jnp.float32).astype(self.dtype)

@@ -20,8 +20,8 @@ Example:
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 """
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -29,8 +29,15 @@ import jax.numpy as jnp
 
 from hydra_jax.models import layers
 
-CIFAR_CONFIG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                (6, 320, 1, 1))
+CIFAR_CONFIG = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 1),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
 
 
 class InvertedResidual(nn.Module):
@@ -86,8 +93,9 @@ class MobileNetV2(nn.Module):
     index = 0
     for expansion, out_planes, num_blocks, stride in self.config:
       for i in range(num_blocks):
-        x = InvertedResidual(expansion, out_planes, stride if i == 0 else 1, self.dtype, self.bn_axis_name,
-                             name=f"layers_{index}")(x, train)
+        x = InvertedResidual(
+          expansion, out_planes, stride if i == 0 else 1, self.dtype, self.bn_axis_name, name=f"layers_{index}"
+        )(x, train)
         index += 1
     x = layers.Conv2d(self.head_width, 1, use_bias=False, dtype=self.dtype, name="conv2")(x)
     x = jax.nn.relu(bn(name="bn2")(x, train))
@@ -96,8 +104,9 @@ class MobileNetV2(nn.Module):
 
 
 MODELS = {
-    "mobilenet_v2": MobileNetV2,
-    # Not from the paper: a small member of the family for tests and demos.
-    "mobilenet_v2_tiny": functools.partial(
-        MobileNetV2, config=((1, 8, 1, 1), (2, 16, 2, 2), (2, 24, 1, 1)), stem_width=8, head_width=32),
+  "mobilenet_v2": MobileNetV2,
+  # Not from the paper: a small member of the family for tests and demos.
+  "mobilenet_v2_tiny": functools.partial(
+    MobileNetV2, config=((1, 8, 1, 1), (2, 16, 2, 2), (2, 24, 1, 1)), stem_width=8, head_width=32
+  ),
 }

@@ -18,8 +18,9 @@ Example:
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 """
 
-from collections.abc import Callable, Sequence
 import functools
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -88,8 +89,15 @@ def _shortcut(block: _Block, x: jax.Array, out_planes: int, train: bool) -> jax.
   return layers.BatchNorm(axis_name=block.bn_axis_name, dtype=block.dtype, name=f"{block.shortcut_name}_1")(x, train)
 
 
-def stages(x: jax.Array, block: Callable[..., _Block], widths: Sequence[int], num_blocks: Sequence[int],
-           dtype: layers.Dtype, bn_axis_name: str | None, train: bool) -> jax.Array:
+def stages(
+  x: jax.Array,
+  block: Callable[..., _Block],
+  widths: Sequence[int],
+  num_blocks: Sequence[int],
+  dtype: layers.Dtype,
+  bn_axis_name: str | None,
+  train: bool,
+) -> jax.Array:
   """The residual stages layer1..layerS, shared by the CIFAR and the ImageNet ResNets.
 
   Must be called inside a compact module, which becomes the blocks' parent: stage s (from 1) has `num_blocks[s-1]`
@@ -144,11 +152,11 @@ class ResNet(nn.Module):
 
 
 MODELS = {
-    "resnet18": functools.partial(ResNet, block=BasicBlock, num_blocks=(2, 2, 2, 2)),
-    "resnet34": functools.partial(ResNet, block=BasicBlock, num_blocks=(3, 4, 6, 3)),
-    "resnet50": functools.partial(ResNet, block=Bottleneck, num_blocks=(3, 4, 6, 3)),
-    "resnet101": functools.partial(ResNet, block=Bottleneck, num_blocks=(3, 4, 23, 3)),
-    "resnet152": functools.partial(ResNet, block=Bottleneck, num_blocks=(3, 8, 36, 3)),
-    # Not from the paper: a small member of the family for tests and demos.
-    "resnet_tiny": functools.partial(ResNet, block=BasicBlock, num_blocks=(1, 1, 1, 1), widths=(8, 16, 32, 64)),
+  "resnet18": functools.partial(ResNet, block=BasicBlock, num_blocks=(2, 2, 2, 2)),
+  "resnet34": functools.partial(ResNet, block=BasicBlock, num_blocks=(3, 4, 6, 3)),
+  "resnet50": functools.partial(ResNet, block=Bottleneck, num_blocks=(3, 4, 6, 3)),
+  "resnet101": functools.partial(ResNet, block=Bottleneck, num_blocks=(3, 4, 23, 3)),
+  "resnet152": functools.partial(ResNet, block=Bottleneck, num_blocks=(3, 8, 36, 3)),
+  # Not from the paper: a small member of the family for tests and demos.
+  "resnet_tiny": functools.partial(ResNet, block=BasicBlock, num_blocks=(1, 1, 1, 1), widths=(8, 16, 32, 64)),
 }

@@ -21,8 +21,9 @@ Example:
     variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
 """
 
-from collections.abc import Callable, Sequence
 import functools
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -62,8 +63,9 @@ class ImageNetResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Maps (N, H, W, 3) images in [0, 1] (224x224 for ImageNet) to (N, num_classes) logits."""
     x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-    x = layers.Conv2d(self.widths[0], 7, 2, 3, use_bias=False, kernel_init=layers.kaiming_normal_fan_out,
-                      dtype=self.dtype, name="conv1")(x)
+    x = layers.Conv2d(
+      self.widths[0], 7, 2, 3, use_bias=False, kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype, name="conv1"
+    )(x)
     x = jax.nn.relu(layers.BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name="bn1")(x, train))
     x = layers.max_pool(x, 3, 2, 1)
     x = resnet.stages(x, self.block, self.widths, self.num_blocks, self.dtype, self.bn_axis_name, train)
@@ -72,13 +74,15 @@ class ImageNetResNet(nn.Module):
 
 
 MODELS = {
-    "resnet18_imagenet": functools.partial(ImageNetResNet, block=BasicBlock, num_blocks=(2, 2, 2, 2)),
-    "resnet34_imagenet": functools.partial(ImageNetResNet, block=BasicBlock, num_blocks=(3, 4, 6, 3)),
-    "resnet50_imagenet": functools.partial(ImageNetResNet, block=Bottleneck, num_blocks=(3, 4, 6, 3)),
-    # Not from the paper: a small member of the family for tests and demos (64x64 inputs suit it).
-    "resnet_imagenet_tiny": functools.partial(
-        ImageNetResNet, block=Bottleneck, num_blocks=(1, 1, 1, 1), widths=(8, 16, 32, 64)),
+  "resnet18_imagenet": functools.partial(ImageNetResNet, block=BasicBlock, num_blocks=(2, 2, 2, 2)),
+  "resnet34_imagenet": functools.partial(ImageNetResNet, block=BasicBlock, num_blocks=(3, 4, 6, 3)),
+  "resnet50_imagenet": functools.partial(ImageNetResNet, block=Bottleneck, num_blocks=(3, 4, 6, 3)),
+  # Not from the paper: a small member of the family for tests and demos (64x64 inputs suit it).
+  "resnet_imagenet_tiny": functools.partial(
+    ImageNetResNet, block=Bottleneck, num_blocks=(1, 1, 1, 1), widths=(8, 16, 32, 64)
+  ),
 }
 # The reference's own names (the "arch" entry of its checkpoints).
-MODELS.update(ResNet18=MODELS["resnet18_imagenet"], ResNet34=MODELS["resnet34_imagenet"],
-              ResNet50=MODELS["resnet50_imagenet"])
+MODELS.update(
+  ResNet18=MODELS["resnet18_imagenet"], ResNet34=MODELS["resnet34_imagenet"], ResNet50=MODELS["resnet50_imagenet"]
+)

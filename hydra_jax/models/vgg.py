@@ -18,8 +18,8 @@ Example:
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 """
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -28,13 +28,13 @@ import jax.numpy as jnp
 from hydra_jax.models import layers
 
 CONFIGS = {
-    "2": (64, "M", 64, "M"),
-    "4": (64, 64, "M", 128, 128, "M"),
-    "6": (64, 64, "M", 128, 128, "M", 256, 256, "M"),
-    "8": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"),
-    "11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
-    "13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
-    "16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
+  "2": (64, "M", 64, "M"),
+  "4": (64, 64, "M", 128, 128, "M"),
+  "6": (64, 64, "M", 128, 128, "M", 256, 256, "M"),
+  "8": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"),
+  "11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+  "13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
+  "16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512),
 }
 
 
@@ -66,8 +66,15 @@ class VGG(nn.Module):
         x = layers.max_pool(x, 2, 2)
         index += 1
         continue
-      x = layers.Conv2d(v, 3, padding=1, use_bias=False, kernel_init=layers.kaiming_normal_fan_out,
-                        dtype=self.dtype, name=f"features_{index}")(x)
+      x = layers.Conv2d(
+        v,
+        3,
+        padding=1,
+        use_bias=False,
+        kernel_init=layers.kaiming_normal_fan_out,
+        dtype=self.dtype,
+        name=f"features_{index}",
+      )(x)
       index += 1
       if self.batch_norm:
         x = layers.BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name=f"features_{index}")(x, train)
@@ -75,8 +82,9 @@ class VGG(nn.Module):
       x = jax.nn.relu(x)
       index += 1
     x = layers.flatten(layers.adaptive_avg_pool(x, (2, 2)))
-    dense = functools.partial(layers.Linear, kernel_init=nn.initializers.normal(0.01),
-                              bias_init=nn.initializers.zeros, dtype=self.dtype)
+    dense = functools.partial(
+      layers.Linear, kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros, dtype=self.dtype
+    )
     x = jax.nn.relu(dense(self.hidden, name="classifier_0")(x))
     x = jax.nn.relu(dense(self.hidden, name="classifier_2")(x))
     return dense(self.num_classes, name="classifier_4")(x).astype(jnp.float32)
@@ -88,8 +96,8 @@ class VGG(nn.Module):
 
 
 MODELS = {
-    **{f"vgg{depth}": functools.partial(VGG, cfg=cfg, batch_norm=False) for depth, cfg in CONFIGS.items()},
-    **{f"vgg{depth}_bn": functools.partial(VGG, cfg=cfg, batch_norm=True) for depth, cfg in CONFIGS.items()},
-    # Not from the paper: a small member of the family for tests and demos.
-    "vgg_tiny": functools.partial(VGG, cfg=(8, "M", 16, "M"), batch_norm=True, hidden=32),
+  **{f"vgg{depth}": functools.partial(VGG, cfg=cfg, batch_norm=False) for depth, cfg in CONFIGS.items()},
+  **{f"vgg{depth}_bn": functools.partial(VGG, cfg=cfg, batch_norm=True) for depth, cfg in CONFIGS.items()},
+  # Not from the paper: a small member of the family for tests and demos.
+  "vgg_tiny": functools.partial(VGG, cfg=(8, "M", 16, "M"), batch_norm=True, hidden=32),
 }

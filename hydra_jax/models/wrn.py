@@ -29,8 +29,9 @@ import jax.numpy as jnp
 
 from hydra_jax.models import layers
 
-_conv3x3 = functools.partial(layers.Conv2d, kernel_size=3, padding=1, use_bias=False,
-                             kernel_init=layers.kaiming_normal_fan_out)
+_conv3x3 = functools.partial(
+  layers.Conv2d, kernel_size=3, padding=1, use_bias=False, kernel_init=layers.kaiming_normal_fan_out
+)
 
 
 class WideBasicBlock(nn.Module):
@@ -51,8 +52,15 @@ class WideBasicBlock(nn.Module):
     out = _conv3x3(self.out_planes, dtype=self.dtype, name="conv2")(out)
     if x.shape[-1] == self.out_planes:
       return x + out
-    shortcut = layers.Conv2d(self.out_planes, 1, self.stride, use_bias=False, kernel_init=layers.kaiming_normal_fan_out,
-                             dtype=self.dtype, name="convShortcut")(pre)
+    shortcut = layers.Conv2d(
+      self.out_planes,
+      1,
+      self.stride,
+      use_bias=False,
+      kernel_init=layers.kaiming_normal_fan_out,
+      dtype=self.dtype,
+      name="convShortcut",
+    )(pre)
     return shortcut + out
 
 
@@ -68,8 +76,9 @@ class NetworkBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.num_layers):
-      x = WideBasicBlock(self.out_planes, self.stride if i == 0 else 1, self.dtype, self.bn_axis_name,
-                         name=f"layer_{i}")(x, train)
+      x = WideBasicBlock(
+        self.out_planes, self.stride if i == 0 else 1, self.dtype, self.bn_axis_name, name=f"layer_{i}"
+      )(x, train)
     return x
 
 
@@ -106,13 +115,13 @@ class WideResNet(nn.Module):
 
 
 MODELS = {
-    "wrn_28_1": functools.partial(WideResNet, depth=28, widen_factor=1),
-    # Not in the reference repo; WRN-28-2 is in the paper's Table 1.
-    "wrn_28_2": functools.partial(WideResNet, depth=28, widen_factor=2),
-    "wrn_28_4": functools.partial(WideResNet, depth=28, widen_factor=4),
-    "wrn_28_10": functools.partial(WideResNet, depth=28, widen_factor=10),
-    "wrn_34_10": functools.partial(WideResNet, depth=34, widen_factor=10),
-    "wrn_40_2": functools.partial(WideResNet, depth=40, widen_factor=2),
-    # Not from the paper: a small member of the family (WRN-10-1) for tests and demos.
-    "wrn_tiny": functools.partial(WideResNet, depth=10, widen_factor=1),
+  "wrn_28_1": functools.partial(WideResNet, depth=28, widen_factor=1),
+  # Not in the reference repo; WRN-28-2 is in the paper's Table 1.
+  "wrn_28_2": functools.partial(WideResNet, depth=28, widen_factor=2),
+  "wrn_28_4": functools.partial(WideResNet, depth=28, widen_factor=4),
+  "wrn_28_10": functools.partial(WideResNet, depth=28, widen_factor=10),
+  "wrn_34_10": functools.partial(WideResNet, depth=34, widen_factor=10),
+  "wrn_40_2": functools.partial(WideResNet, depth=40, widen_factor=2),
+  # Not from the paper: a small member of the family (WRN-10-1) for tests and demos.
+  "wrn_tiny": functools.partial(WideResNet, depth=10, widen_factor=1),
 }
