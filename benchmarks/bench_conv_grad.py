@@ -16,6 +16,7 @@ and checks that taps and im2col equal XLA's gradient (relative max error printed
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -43,7 +44,7 @@ def conv_shapes(model_names: list[str], batch: int) -> dict[tuple, int]:
   for name in model_names:
     model = models.get_model(name, 10)
     with nn.intercept_methods(record):
-      jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, 32, 32, 3)), train=False))
+      jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((batch, 32, 32, 3)))
   return shapes
 
 

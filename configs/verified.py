@@ -9,7 +9,8 @@ Run one stage at a time, as the reference scripts do (the eps schedule length di
   hydra-jax train --config configs/verified.py:method=crown_ibp,model=cnn_large,stage=finetune --config.k=0.01 \
       --config.source=runs/svhn_crown_large/k0.01/prune --workdir runs/svhn_crown_large/k0.01/finetune
 LWM (the reference's "weight based pruning": finetune from the pretrained net with magnitude scores) is the
-finetune stage with --config.source=<pretrain dir> --config.stages.finetune.score_init=scaled --config.stages.finetune.lr=5e-4.
+finetune stage with --config.source=<pretrain dir> --config.stages.finetune.score_init=scaled
+--config.stages.finetune.lr=5e-4.
 
 Arguments (comma separated NAME=VALUE):
   method   crown_ibp | mixtrain (objectives of the same names), default crown_ibp.

@@ -182,14 +182,17 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
   return rows
 
 
+def _percent_cell(row: dict[str, Any], name: str) -> str:
+  return f"{100 * row[name]:>8.2f}" if name in row else f"{'-':>8}"
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
   """Fixed-width text table of pipeline summaries: method, stage, kept %, clean and robust accuracy (%)."""
   lines = [f"{'method':<20} {'stage':<9} {'kept %':>7} {'clean %':>8} {'robust %':>8}"]
   for row in rows:
-    accuracy = lambda name: f"{100 * row[name]:>8.2f}" if name in row else f"{'-':>8}"
     lines.append(
       f"{row.get('method', ''):<20} {row['stage']:<9} {100 * row['kept_fraction']:>7.2f} "
-      f"{accuracy('clean')} {accuracy('robust')}"
+      f"{_percent_cell(row, 'clean')} {_percent_cell(row, 'robust')}"
     )
   return "\n".join(lines)
 

@@ -25,8 +25,8 @@ def numpy_topk_mask(scores, k):
 topk_mask_static_k = jax.jit(masking.topk_mask, static_argnums=1)  # one compile per (shape, k), cached
 
 
-def toy_params(key=jax.random.key(0)):
-  k1, k2, k3 = jax.random.split(key, 3)
+def toy_params(key=None):
+  k1, k2, k3 = jax.random.split(jax.random.key(0) if key is None else key, 3)
   return {
     "conv1": {"kernel": jax.random.normal(k1, (3, 3, 2, 4))},
     "bn1": {"scale": jnp.full((4,), 1.5), "bias": jnp.full((4,), 0.25)},

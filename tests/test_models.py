@@ -113,7 +113,7 @@ def test_output_shapes_train_and_eval(name):
   model, x, variables = _shapes(name, num_classes=7)
   apply_fn = models.make_apply_fn(model)
   for train in (False, True):
-    logits, new_vars = jax.eval_shape(lambda v, x: apply_fn(v, x, train), variables, x)
+    logits, new_vars = jax.eval_shape(lambda v, x, train=train: apply_fn(v, x, train), variables, x)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
     assert jax.tree.structure(new_vars) == jax.tree.structure(variables)
   assert set(variables) == (

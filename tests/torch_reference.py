@@ -7,6 +7,8 @@ from the reference definitions. They are the independent source for parameter co
 `build(name, num_classes)` mirrors `hydra_jax.models.get_model` for every registered name.
 """
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -363,8 +365,8 @@ BUILDERS = {
   "cifar_model": lambda c: sequential_cnn(3, SMALL, 8, [100], c),
   "cifar_model_large": lambda c: sequential_cnn(3, LARGE, 8, [512, 512], c),
   "cnn_tiny": lambda c: sequential_cnn(3, [(4, 4, 2, 1), (8, 4, 2, 1)], 8, [16], c),
-  **{f"vgg{d}": (lambda cfg: lambda c: VGG(cfg, False, c))(cfg) for d, cfg in VGG_CFGS.items()},
-  **{f"vgg{d}_bn": (lambda cfg: lambda c: VGG(cfg, True, c))(cfg) for d, cfg in VGG_CFGS.items()},
+  **{f"vgg{d}": functools.partial(VGG, cfg, False) for d, cfg in VGG_CFGS.items()},
+  **{f"vgg{d}_bn": functools.partial(VGG, cfg, True) for d, cfg in VGG_CFGS.items()},
   "vgg_tiny": lambda c: VGG([8, "M", 16, "M"], True, c, hidden=32),
   "wrn_28_1": lambda c: WideResNet(28, 1, c),
   "wrn_28_2": lambda c: WideResNet(28, 2, c),
