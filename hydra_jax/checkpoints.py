@@ -194,3 +194,12 @@ def check_resumable(workdir: str, threefry_partitionable: bool) -> None:
       f"{threefry_partitionable}: its random draws would differ. Rerun with "
       f"--config.threefry_partitionable={str(recorded).lower()}, or use a new workdir"
     )
+
+
+def write_config(config_json: str, workdir: str) -> None:
+  """`workdir`/config.json of the first run there (each checkpoint's meta holds its own config); process 0 only."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) and jax.process_index() == 0:
+    with open(path, "w") as f:
+      f.write(config_json)

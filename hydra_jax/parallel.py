@@ -430,3 +430,14 @@ def _shard_map_step(step_fn: StepFn, mesh: Mesh, carry_fields: Sequence[str], do
     return compiled[treedef](state, batch)
 
   return run
+
+
+def mode_devices(mode: str, batch_sizes: Mapping[str, int]) -> list[Any]:
+  """The devices a run in `mode` uses; raises ConfigError unless every batch size (by config key) divides."""
+  devices = jax.devices()[:1] if mode == "single" else jax.devices()
+  for key, size in batch_sizes.items():
+    try:
+      check_batch_divides(size, len(devices))
+    except ValueError as error:
+      raise errors.ConfigError(f"config.{key}: {error}") from None
+  return devices

@@ -1,11 +1,13 @@
 """What a stage starts from: the model, its data, its weights (fresh, a run directory, a reference PyTorch checkpoint)
-and its initial scores (an init of `masking.SCORE_INITS`, SNIP on one batch, or the source's).
+and its initial scores (an init of `masking.SCORE_INITS`, SNIP on one batch, or the source's); and what a train
+state's model is made of: the weights it runs with, their sparsity and their evaluation.
 
   model = sources.build_model(config)                             # the zoo model of config.model / config.data
   train_data, eval_data = sources.train_batches(config), sources.eval_split(config)   # config.data's batches
   params, batch_stats, scores = sources.load_source(config)       # config.source: a workdir or a .pth.tar
   scores = sources.initial_scores(config, 'prune', params, batch_stats, scores, key, first_batch, 'single')
   weights = sources.masked_params(params, scores, config.k)       # what the model runs with
+  results = sources.evaluate_state(state, config, eval_data, apply_fn)   # config.eval.methods on the state
 
 `objective_loss` calls a registered objective with the arguments it takes (the train step uses it too).
 """
@@ -26,6 +28,7 @@ from hydra_jax import config as config_lib
 from hydra_jax import convert
 from hydra_jax import data
 from hydra_jax import errors
+from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
@@ -230,3 +233,56 @@ def initial_scores(
       raise errors.ConfigError(f"config.stages.{stage}.score_init='snip' needs the stage's first batch")
     grads = {"grads": snip_gradients(config, params, batch_stats, first_batch, key, mode)}
   return masking.init_scores(params, init, key, **grads)
+
+
+# For evaluation, compiled once per model; k is static so that it rounds exactly as in the train step.
+_masked_params_jit = jax.jit(masked_params, static_argnums=(2, 3, 4))
+_phase_weights_jit = jax.jit(lambda weights_fn, params, phase: weights_fn(params, phase), static_argnums=0)
+
+
+def model_weights(state: Any, config: ml_collections.ConfigDict, hooks: baselines.PhaseHooks | None = None) -> PyTree:
+  """The weights the model runs with (jitted): `hooks.weights` in the str / admm stages, else the masked params."""
+  if hooks is None:
+    return _masked_params_jit(state.params, state.scores, config.k, config.mask.scope, config.mask.min_layer_k)
+  return _phase_weights_jit(hooks.weights, state.params, hooks.phase_state(state.scores, state.aux))
+
+
+def sparsity(
+  state: Any, config: ml_collections.ConfigDict, hooks: baselines.PhaseHooks | None = None
+) -> masking.SparsityReport:
+  """Kept / total weights per prunable layer, counted on the weights the model runs with (STR: |w| > g(s))."""
+  if hooks is not None:
+    return masking.sparsity_report(model_weights(state, config, hooks))
+  return masking.sparsity_report(exported_params(state.params, state.scores, config.k, config.mask))
+
+
+def evaluate_state(
+  state: Any,
+  config: ml_collections.ConfigDict,
+  eval_data: data.EvalBatches,
+  apply_fn: models.ApplyFn,
+  mode: str = "single",
+  devices: list[Any] | None = None,
+  hooks: baselines.PhaseHooks | None = None,
+) -> dict[str, float]:
+  """`evaluate.evaluate` of the state's model (`model_weights`) on `eval_data` with the `config.eval` methods.
+
+  The evaluation key is PRNGKey(config.seed + 1), as in `export.evaluate_checkpoint`.
+
+  Returns:
+    Accuracies in [0, 1]: 'clean', 'clean_top5' (more than 5 classes), one per method of config.eval.methods,
+    'robust' (their per-example worst case; clean without methods), and 'num_examples'.
+  """
+  weights = model_weights(state, config, hooks)
+  batches = data.iterate(eval_data, range(eval_data.num_steps), prefetch=config.data.prefetch)
+  return evaluate.evaluate(
+    apply_fn,
+    model_variables(weights, state.batch_stats),
+    batches,
+    key=jax.random.PRNGKey(config.seed + 1),
+    methods=tuple(config.eval.methods),
+    config=evaluate.config_settings(config.eval),
+    progress=False,
+    mode=mode,
+    devices=devices,
+  )

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
-from collections.abc import Mapping
 from typing import Any
-from typing import NamedTuple
 
 import flax
 import jax
@@ -39,8 +36,6 @@ from hydra_jax import baselines
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import data
-from hydra_jax import errors
-from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import metrics as metrics_lib
 from hydra_jax import models
@@ -74,11 +69,6 @@ class TrainState:
   carry: PyTree
   rng: jax.Array
   aux: PyTree
-
-
-# For evaluation, compiled once per model; k is static so that it rounds exactly as in the train step.
-_masked_params_jit = jax.jit(sources.masked_params, static_argnums=(2, 3, 4))
-_phase_weights_jit = jax.jit(lambda weights_fn, params, phase: weights_fn(params, phase), static_argnums=0)
 
 
 def train_step(
@@ -229,70 +219,6 @@ def initial_state(
   return state, tx
 
 
-def _check_finite(metrics: Mapping[str, float], step: int, ckpt: checkpoints.Checkpoints) -> None:
-  if not all(math.isfinite(value) for value in metrics.values()):
-    last = ckpt.latest_step()
-    kept = (
-      f"The last checkpoint (step {last}) in {ckpt.workdir} is untouched: lower the learning rate or check "
-      f"the data, then rerun to resume from it."
-      if last is not None
-      else "No checkpoint was saved: lower the learning rate or check the data."
-    )
-    raise FloatingPointError(
-      f"non-finite training metrics {dict(metrics)} before step {step}; stopping without saving. {kept}"
-    )
-
-
-def model_weights(
-  state: TrainState, config: ml_collections.ConfigDict, hooks: baselines.PhaseHooks | None = None
-) -> PyTree:
-  """The weights the model runs with (jitted): `hooks.weights` in the str / admm stages, else the masked params."""
-  if hooks is None:
-    return _masked_params_jit(state.params, state.scores, config.k, config.mask.scope, config.mask.min_layer_k)
-  return _phase_weights_jit(hooks.weights, state.params, hooks.phase_state(state.scores, state.aux))
-
-
-def sparsity(
-  state: TrainState, config: ml_collections.ConfigDict, hooks: baselines.PhaseHooks | None = None
-) -> masking.SparsityReport:
-  """Kept / total weights per prunable layer, counted on the weights the model runs with (STR: |w| > g(s))."""
-  if hooks is not None:
-    return masking.sparsity_report(model_weights(state, config, hooks))
-  return masking.sparsity_report(sources.exported_params(state.params, state.scores, config.k, config.mask))
-
-
-def evaluate_state(
-  state: TrainState,
-  config: ml_collections.ConfigDict,
-  eval_data: data.EvalBatches,
-  apply_fn: models.ApplyFn,
-  mode: str = "single",
-  devices: list[Any] | None = None,
-  hooks: baselines.PhaseHooks | None = None,
-) -> dict[str, float]:
-  """`evaluate.evaluate` of the state's model (`model_weights`) on `eval_data` with the `config.eval` methods.
-
-  The evaluation key is PRNGKey(config.seed + 1), as in `export.evaluate_checkpoint`.
-
-  Returns:
-    Accuracies in [0, 1]: 'clean', 'clean_top5' (more than 5 classes), one per method of config.eval.methods,
-    'robust' (their per-example worst case; clean without methods), and 'num_examples'.
-  """
-  weights = model_weights(state, config, hooks)
-  batches = data.iterate(eval_data, range(eval_data.num_steps), prefetch=config.data.prefetch)
-  return evaluate.evaluate(
-    apply_fn,
-    sources.model_variables(weights, state.batch_stats),
-    batches,
-    key=jax.random.PRNGKey(config.seed + 1),
-    methods=tuple(config.eval.methods),
-    config=evaluate.config_settings(config.eval),
-    progress=False,
-    mode=mode,
-    devices=devices,
-  )
-
-
 def _stage_meta(config, stage, state, metrics):
   has_scores = state.scores is not None and stage != "str"  # STR's scores slot holds its thresholds
   return {
@@ -308,46 +234,6 @@ def _stage_meta(config, stage, state, metrics):
   }
 
 
-class Cadence(NamedTuple):
-  """What happens after a step: log the mean train metrics (and check they are finite), evaluate, save."""
-
-  log: bool
-  evaluate: bool
-  save: bool
-
-
-def cadence(
-  done: int,
-  *,
-  steps_per_epoch: int,
-  total_steps: int,
-  stop: int,
-  log_every: int,
-  eval_every_epochs: int,
-  save_every: int,
-) -> Cadence:
-  """The actions after the step that completes `done` steps of a stage (pure; tested without training).
-
-  Args:
-    done: steps completed, 1 <= done <= stop.
-    steps_per_epoch: batches per epoch.
-    total_steps: the stage's length in steps.
-    stop: where this run ends (total_steps, or earlier with config.stop_after_steps).
-    log_every: config.log.every_steps.
-    eval_every_epochs: config.eval.every_epochs.
-    save_every: config.checkpoint.every_steps (0: only at epoch ends and at `stop`).
-
-  Returns:
-    A `Cadence`. Epoch ends log and save, and evaluate every `eval_every_epochs` epochs and at the end; every
-    save also logs, so that no checkpoint ever holds a state whose train metrics are not finite.
-  """
-  epoch_end = done % steps_per_epoch == 0 or done == total_steps
-  evaluate = epoch_end and ((done // steps_per_epoch) % eval_every_epochs == 0 or done == total_steps)
-  save = epoch_end or done == stop or bool(save_every and done % save_every == 0)
-  log = save or done % log_every == 0  # every save is preceded by a finite check of the train metrics
-  return Cadence(log=log, evaluate=evaluate, save=save)
-
-
 def _resume(state: TrainState, ckpt: checkpoints.Checkpoints) -> tuple[TrainState, dict[str, float] | None]:
   """The latest checkpoint's state and its evaluation metrics, or `state` and None when there is none."""
   if ckpt.latest_step() is None:
@@ -355,26 +241,6 @@ def _resume(state: TrainState, ckpt: checkpoints.Checkpoints) -> tuple[TrainStat
   abstract = jax.eval_shape(lambda s: {"model": _model_item(s), "train": _train_item(s)}, state)
   items, meta = ckpt.restore(abstract)
   return state.replace(**items["model"], **items["train"]), meta.get("metrics")
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """config.json of the first run in `workdir` (each checkpoint's meta holds its own config)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path) and jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-
-def _devices(config: ml_collections.ConfigDict, mode: str) -> list[Any]:
-  """The devices of `mode`; raises ConfigError unless both batch sizes divide over them."""
-  devices = jax.devices()[:1] if mode == "single" else jax.devices()
-  for key in ("data.batch_size", "data.eval_batch_size"):
-    try:
-      parallel.check_batch_divides(config_lib.lookup(config, key), len(devices))
-    except ValueError as error:
-      raise errors.ConfigError(f"config.{key}: {error}") from None
-  return devices
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -393,7 +259,9 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   stage = config.stage
   mode = parallel.resolve_mode(config.parallel.mode)
   axis_name = None if mode == "single" else parallel.AXIS
-  devices = _devices(config, mode)
+  devices = parallel.mode_devices(
+    mode, {key: config_lib.lookup(config, key) for key in ("data.batch_size", "data.eval_batch_size")}
+  )
   checkpoints.check_resumable(workdir, config.threefry_partitionable)
   train_data, eval_data = sources.train_batches(config), sources.eval_split(config)
   steps_per_epoch = train_data.steps_per_epoch
@@ -410,7 +278,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   )
   ckpt = checkpoints.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   state, eval_metrics = _resume(state, ckpt)
-  _write_config(config, workdir)
+  checkpoints.write_config(config.to_json_best_effort(indent=2), workdir)
 
   apply_fn = models.make_apply_fn(sources.build_model(config, axis_name))
   objective = objectives.get_objective(config.objective.name)
@@ -433,7 +301,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       step,
       {"model": _model_item(host_state), "train": _train_item(host_state)},
       meta=_stage_meta(config, stage, host_state, metrics),
-      sparsity=sparsity(host_state, config, hooks).to_json(),
+      sparsity=sources.sparsity(host_state, config, hooks).to_json(),
       metrics=metrics,
     )
 
@@ -457,7 +325,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       device_state, step_metrics = runner(device_state, runner.put_batch(next(batches)))
       history.append(step_metrics)
       progress.update()
-      todo = cadence(
+      todo = metrics_lib.cadence(
         done,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
@@ -468,11 +336,13 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       )
       if todo.log:
         train_metrics, history = metrics_lib.mean_metrics(history), []
-        _check_finite(train_metrics, done, ckpt)
+        metrics_lib.check_finite(train_metrics, done, ckpt.latest_step(), ckpt.workdir)
         writer.write(done, "train", train_metrics)
         progress.set_postfix({k: f"{v:.3f}" for k, v in train_metrics.items()})
       if todo.evaluate:
-        eval_metrics = evaluate_state(runner.get_state(device_state), config, eval_data, apply_fn, mode, devices, hooks)
+        eval_metrics = sources.evaluate_state(
+          runner.get_state(device_state), config, eval_data, apply_fn, mode, devices, hooks
+        )
         writer.write(done, "eval", eval_metrics)
       if todo.save:
         save(done, eval_metrics if todo.evaluate else None)
@@ -481,7 +351,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     writer.close()
     ckpt.close()
   final = runner.get_state(device_state)
-  return _summarize(config, total_steps, eval_metrics, workdir, sparsity(final, config, hooks), int(final.step))
+  return _summarize(config, total_steps, eval_metrics, workdir, sources.sparsity(final, config, hooks), int(final.step))
 
 
 def _summarize(

@@ -17,6 +17,7 @@ from hydra_jax import data
 from hydra_jax import errors
 from hydra_jax import export
 from hydra_jax import masking
+from hydra_jax import metrics as metrics_lib
 from hydra_jax import models
 from hydra_jax import objectives
 from hydra_jax import optim
@@ -275,7 +276,7 @@ def test_cadence_checks_finite_metrics_before_every_save():
   # 23 steps of 10 per epoch: epoch ends at 10, 20 and the stage end 23; evaluation every 2 epochs and at the end.
   for save_every, saves in ((0, {10, 20, 23}), (3, {3, 6, 9, 10, 12, 15, 18, 20, 21, 23})):
     todo = {
-      done: train.cadence(
+      done: metrics_lib.cadence(
         done, steps_per_epoch=10, total_steps=23, stop=23, log_every=7, eval_every_epochs=2, save_every=save_every
       )
       for done in range(1, 24)
@@ -283,8 +284,10 @@ def test_cadence_checks_finite_metrics_before_every_save():
     assert {done for done, t in todo.items() if t.save} == saves
     assert {done for done, t in todo.items() if t.log} == saves | {7, 14, 21}
     assert {done for done, t in todo.items() if t.evaluate} == {20, 23}
-  stopped = train.cadence(5, steps_per_epoch=10, total_steps=23, stop=5, log_every=7, eval_every_epochs=1, save_every=0)
-  assert stopped == train.Cadence(log=True, evaluate=False, save=True)  # an early stop saves, without evaluation
+  stopped = metrics_lib.cadence(
+    5, steps_per_epoch=10, total_steps=23, stop=5, log_every=7, eval_every_epochs=1, save_every=0
+  )
+  assert stopped == metrics_lib.Cadence(log=True, evaluate=False, save=True)  # an early stop saves, without evaluation
 
 
 def test_errors_of_the_best_checkpoint_manager_are_raised(tmp_path, monkeypatch):
