@@ -7,8 +7,8 @@ Reduced (the digits upsampled to 16x16, CNN-small, 200 prune steps; minutes on 2
   python experiments/init_ablation.py --dataset=digits --image_size=16 --model=cnn_small --eps=0.1 \
       --pretrain_epochs=15 --pretrain_lr=0.05 --prune_epochs=10 --steps=200 --every=10 --out runs/init_ablation_digits
 
-One pretrain run (`<out>/pretrain`), then one prune stage per init (`<out>/<init>`, `stages.prune.score_init`)
-from it, all at the same k, batches and seed. Every `--every` steps the run logs its mean train loss
+One pretrain run (`<out>/pretrain`, or `--pretrain_dir`), then one prune stage per init (`<out>/<init>`,
+`stages.prune.score_init`) from it, all at the same k, batches and seed. Every `--every` steps the run logs its mean train loss
 (metrics.jsonl) and saves a checkpoint; from each checkpoint the mean |dL/ds| over all scores is computed on the
 batch the run trains on next, with the run's objective (`score_gradient`). Writes `<out>/init_ablation.csv`
 (init, step, loss, score_grad) and `<out>/init_ablation.png`. Rerunning resumes every run from its checkpoints.
@@ -60,6 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--every", type=int, default=50, help="log, checkpoint and score gradient every N steps")
   parser.add_argument("--inits", default=",".join(INITS), help="comma-separated masking.SCORE_INITS names")
   parser.add_argument("--seed", type=int, default=1234)
+  parser.add_argument("--pretrain_dir", default="", help="a finished pretrain run to prune (default: <out>/pretrain)")
   return parser.parse_args(argv)
 
 
@@ -162,8 +163,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
   config = base_config(args)
-  pretrain_dir = os.path.join(args.out, "pretrain")
-  train.run_stage(config_lib.stage_config(config, "pretrain"), pretrain_dir)
+  pretrain_dir = args.pretrain_dir or os.path.join(args.out, "pretrain")
+  if not args.pretrain_dir:
+    train.run_stage(config_lib.stage_config(config, "pretrain"), pretrain_dir)
   rows = []
   for init in args.inits.split(","):
     rows += ablate_init(config, pretrain_dir, os.path.join(args.out, init), init, args.steps, args.every)
