@@ -4,14 +4,15 @@ Run (the paper's setting: CIFAR-10, 99% pruning; VGG16-BN, the reference's defau
 does not name one; 100 pretrain epochs, a 20-epoch prune stage; needs an accelerator and the CIFAR-10 data):
   python experiments/init_ablation.py --out runs/init_ablation
 Reduced (the digits upsampled to 16x16, CNN-small, 200 prune steps; minutes on 2 CPU cores):
-  python experiments/init_ablation.py --dataset=digits --image_size=16 --model=cnn_small --eps=0.1 \
+  python experiments/init_ablation.py --dataset=digits --image_size=16 --model=cnn_small --eps=0.1 --batch_size=64 \
       --pretrain_epochs=15 --pretrain_lr=0.05 --prune_epochs=10 --steps=200 --every=10 --out runs/init_ablation_digits
 
 One pretrain run (`<out>/pretrain`, or `--pretrain_dir`), then one prune stage per init (`<out>/<init>`,
-`stages.prune.score_init`) from it, all at the same k, batches and seed. Every `--every` steps the run logs its mean train loss
-(metrics.jsonl) and saves a checkpoint; from each checkpoint the mean |dL/ds| over all scores is computed on the
-batch the run trains on next, with the run's objective (`score_gradient`). Writes `<out>/init_ablation.csv`
-(init, step, loss, score_grad) and `<out>/init_ablation.png`. Rerunning resumes every run from its checkpoints.
+`stages.prune.score_init`) from it, all at the same k, batches and seed. Every `--every` steps the run logs its
+mean train loss (metrics.jsonl) and saves a checkpoint; from each checkpoint the mean |dL/ds| over all scores is
+computed on the batch the run trains on next, with the run's objective (`score_gradient_fn`). Writes
+`<out>/init_ablation.csv` (init, step, loss, score_grad) and `<out>/init_ablation.png`. Rerunning resumes every run
+from its checkpoints.
 """
 
 import argparse
@@ -19,12 +20,12 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 import ml_collections
-import numpy as np
 
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
@@ -105,19 +106,25 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, step: int) ->
   return items["model"]
 
 
-def score_gradient(config: ml_collections.ConfigDict, model: dict, batch: dict, key: jax.Array) -> float:
-  """Mean over all scores of |dL/ds|: L the run's objective on `batch` with the model run as in training,
-  `apply_masks(params, scores, k)` (straight-through gradient to the scores)."""
+def score_gradient_fn(config: ml_collections.ConfigDict) -> Callable[[dict, dict, jax.Array], jax.Array]:
+  """A jitted `(model, batch, key) -> mean over all scores of |dL/ds|`: L the run's objective on `batch` with the
+  model run as in training, `apply_masks(params, scores, k)` (straight-through gradient to the scores)."""
   apply_fn = models.make_apply_fn(sources.build_model(config))
   objective = objectives.get_objective(config.objective.name)
-  carry = () if objective.init_carry is None else objective.init_carry(batch["image"].shape, config.objective)
 
-  def loss(scores):
-    variables = sources.model_variables(masking.apply_masks(model["params"], scores, config.k), model["batch_stats"])
-    return sources.objective_loss(objective, config, apply_fn, variables, batch, key, carry, jnp.float32(0))[0]
+  @jax.jit
+  def mean_abs_grad(model, batch, key):
+    carry = () if objective.init_carry is None else objective.init_carry(batch["image"].shape, config.objective)
 
-  leaves = jax.tree.leaves(jax.jit(jax.grad(loss))(model["scores"]))
-  return float(jnp.mean(jnp.abs(jnp.concatenate([g.ravel() for g in leaves]))))
+    def loss(scores):
+      params = masking.apply_masks(model["params"], scores, config.k)
+      variables = sources.model_variables(params, model["batch_stats"])
+      return sources.objective_loss(objective, config, apply_fn, variables, batch, key, carry, jnp.float32(0))[0]
+
+    grads = jax.tree.leaves(jax.grad(loss)(model["scores"]))
+    return jnp.mean(jnp.abs(jnp.concatenate([g.ravel() for g in grads])))
+
+  return mean_abs_grad
 
 
 def ablate_init(config: ml_collections.ConfigDict, pretrain_dir: str, workdir: str, init: str, steps: int,
@@ -126,13 +133,14 @@ def ablate_init(config: ml_collections.ConfigDict, pretrain_dir: str, workdir: s
   run_config = prune_config(config, pretrain_dir, init, steps, every)
   train.run_stage(run_config, workdir)
   batches = sources.train_batches(run_config)
+  score_gradient = score_gradient_fn(run_config)
   rows = []
   with config_lib.prng_scope(run_config):
     for step, loss in sorted(train_losses(workdir).items()):
       model = restore_model(run_config, workdir, step)
       batch = {name: jnp.asarray(value) for name, value in batches.batch_at(step).items()}
-      grad = score_gradient(run_config, model, batch, jax.random.fold_in(jax.random.key(config.seed), step))
-      rows.append({"init": init, "step": step, "loss": loss, "score_grad": grad})
+      grad = score_gradient(model, batch, jax.random.fold_in(jax.random.key(config.seed), step))
+      rows.append({"init": init, "step": step, "loss": loss, "score_grad": float(grad)})
   return rows
 
 
