@@ -2,9 +2,9 @@
 
 Run (the paper's setting: CIFAR-10, 99% pruning; VGG16-BN, the reference's default network, since the rebuttal
 does not name one; 100 pretrain epochs, a 20-epoch prune stage; needs an accelerator and the CIFAR-10 data):
-  python experiments/init_ablation.py --out runs/init_ablation
+  python -m experiments.init_ablation --out runs/init_ablation
 Reduced (the digits upsampled to 16x16, CNN-small, 200 prune steps; minutes on 2 CPU cores):
-  python experiments/init_ablation.py --dataset=digits --image_size=16 --model=cnn_small --eps=0.1 --batch_size=64 \
+  python -m experiments.init_ablation --dataset=digits --image_size=16 --model=cnn_small --eps=0.1 --batch_size=64 \
       --pretrain_epochs=15 --pretrain_lr=0.05 --prune_epochs=10 --steps=200 --every=10 --out runs/init_ablation_digits
 
 One pretrain run (`<out>/pretrain`, or `--pretrain_dir`), then one prune stage per init (`<out>/<init>`,
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import matplotlib
 import ml_collections
 
+from experiments import common
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import masking
@@ -44,41 +45,20 @@ INITS = ("scaled", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", required=True, help="output directory (run directories, CSV, PNG)")
-  parser.add_argument("--model", default="vgg16_bn")
-  parser.add_argument("--dataset", default="cifar10")
-  parser.add_argument("--data_dir", default="")
-  parser.add_argument("--image_size", type=int, default=0, help="0: the dataset's own size")
-  parser.add_argument("--batch_size", type=int, default=128)
-  parser.add_argument("--objective", default="trades")
-  parser.add_argument("--eps", type=float, default=8 / 255, help="l_inf radius of training, on [0, 1] pixels")
-  parser.add_argument("--attack_steps", type=int, default=10)
+  common.add_run_flags(parser)
   parser.add_argument("--k", type=float, default=0.01, help="fraction of weights kept (0.01: 99%% pruning)")
-  parser.add_argument("--pretrain_epochs", type=int, default=100)
-  parser.add_argument("--pretrain_lr", type=float, default=0.1)
-  parser.add_argument("--prune_epochs", type=int, default=20)
   parser.add_argument("--steps", type=int, default=0, help="prune steps per init (0: the whole prune stage)")
   parser.add_argument("--every", type=int, default=50, help="log, checkpoint and score gradient every N steps")
   parser.add_argument("--inits", default=",".join(INITS), help="comma-separated masking.SCORE_INITS names")
-  parser.add_argument("--seed", type=int, default=1234)
   parser.add_argument("--pretrain_dir", default="", help="a finished pretrain run to prune (default: <out>/pretrain)")
   return parser.parse_args(argv)
 
 
 def base_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The run config shared by the pretrain and every prune run."""
-  config = config_lib.default_config()
-  config.seed, config.k = args.seed, args.k
-  config.model.name = args.model
-  config.data.name, config.data.data_dir, config.data.image_size = args.dataset, args.data_dir, args.image_size
-  config.data.batch_size = args.batch_size
-  config.objective = config_lib.objective_config(args.objective)
-  for section in (config.objective, config.eval):
-    section.eps, section.step_size, section.steps = args.eps, args.eps / 4, args.attack_steps
-  config.stages.pretrain.epochs, config.stages.pretrain.lr = args.pretrain_epochs, args.pretrain_lr
-  config.stages.prune.epochs = args.prune_epochs
+  config = common.run_config(args)
+  config.k = args.k
   config.eval.every_epochs = max(args.pretrain_epochs, args.prune_epochs)  # evaluate at each stage's end only
-  config.checkpoint.async_save = False
   return config
 
 
