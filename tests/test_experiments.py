@@ -7,6 +7,9 @@ import csv
 import math
 import os
 
+import pytest
+
+from experiments import baselines
 from experiments import init_ablation
 from hydra_jax import masking
 
@@ -25,3 +28,17 @@ def test_init_ablation_writes_a_finite_row_per_init_and_logged_step(tmp_path):
 def test_every_paper_init_is_a_registered_score_init():
   assert set(init_ablation.INITS) <= set(masking.SCORE_INITS)
   assert len(init_ablation.INITS) == 7  # the scaled init and the six it is compared with (rebuttal Fig. 1)
+
+
+@pytest.mark.slow
+def test_baselines_evaluates_every_trained_model_with_the_worst_case_of_its_attacks(tmp_path):
+  baselines.main(["--out", str(tmp_path), "--dataset=digits", "--model=cnn_tiny", "--objective=benign",
+                  "--batch_size=64", "--pretrain_epochs=1", "--prune_epochs=1", "--finetune_epochs=1", "--ks=0.5",
+                  "--attack_steps=2", "--methods=pgd_linf,apgd_ce"])
+  with open(tmp_path / "baselines.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["method"] for r in rows] == ["dense", "hydra", "lwm", "snip", "random", "str"]
+  for row in rows:
+    attacks = [float(row["pgd_linf"]), float(row["apgd_ce"])]
+    assert 0 <= float(row["robust"]) <= min(attacks) and max(attacks) <= float(row["clean"]) <= 1
+  assert [float(r["kept_fraction"]) for r in rows[1:5]] == pytest.approx([0.5] * 4, abs=0.01)
