@@ -33,6 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   common.add_run_flags(parser)
   parser.add_argument("--finetune_epochs", type=int, default=100)
+  parser.add_argument("--str_epochs", type=int, default=100, help="STR's training length (from scratch)")
   parser.add_argument("--ks", default="0.1,0.05,0.01", help="fractions of weights kept, comma-separated")
   parser.add_argument("--baselines", default="lwm,snip,random,str", help="hydra_jax.baselines names")
   parser.add_argument("--methods", default=",".join(METHODS), help="evaluation methods; robust = worst case")
@@ -45,7 +46,7 @@ def pipeline_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.stage = "all"
   config.ks = tuple(float(k) for k in args.ks.split(","))
   config.baselines = tuple(args.baselines.split(","))
-  config.stages.finetune.epochs = args.finetune_epochs
+  config.stages.finetune.epochs, config.stages.str.epochs = args.finetune_epochs, args.str_epochs
   config.eval.every_epochs = max(args.pretrain_epochs, args.prune_epochs, args.finetune_epochs)
   return config
 
