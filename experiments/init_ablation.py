@@ -12,7 +12,8 @@ One pretrain run (`<out>/pretrain`, or `--pretrain_dir`), then one prune stage p
 mean train loss (metrics.jsonl) and saves a checkpoint; from each checkpoint the mean |dL/ds| over all scores is
 computed on the batch the run trains on next, with the run's objective (`score_gradient_fn`). Writes
 `<out>/init_ablation.csv` (init, step, loss, score_grad) and `<out>/init_ablation.png`. Rerunning resumes every run
-from its checkpoints.
+from its checkpoints. Every checkpoint is kept (steps / every copies of the weights and scores per init: choose
+`--every` with the disk in mind at full scale).
 """
 
 import argparse
