@@ -1,0 +1,116 @@
+"""HYDRA against the baselines (LWM, SNIP, random / scratch, STR) at several sparsities, robust accuracy by the
+per-example worst case of PGD, APGD-CE and APGD-DLR.
+
+Run (the paper's setting: CIFAR-10 VGG16-BN, TRADES, 90 / 95 / 99% pruning; needs an accelerator and the data):
+  python -m experiments.baselines --out runs/baselines
+Reduced (the digits upsampled to 16x16, CNN-small; tens of minutes on 2 CPU cores):
+  python -m experiments.baselines --dataset=digits --image_size=16 --model=cnn_small --eps=0.1 --batch_size=64 \
+      --pretrain_epochs=15 --pretrain_lr=0.05 --prune_epochs=5 --finetune_epochs=5 --ks=0.1,0.05 \
+      --out runs/baselines_digits
+
+Runs `stage=all` (`pipeline.train_and_evaluate`: pretrain, then per k HYDRA's prune + finetune and the
+baselines, STR once) in `--out`, then evaluates every trained model with `export.evaluate_checkpoint` and
+`--methods`. Writes `<out>/baselines.csv` (method, target_k, kept_fraction, clean, each attack, robust) and
+prints it. Rerunning resumes every stage and only re-evaluates.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import ml_collections
+
+from experiments import common
+from hydra_jax import export
+from hydra_jax import pipeline
+
+METHODS = ("pgd_linf", "apgd_ce", "apgd_dlr")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  common.add_run_flags(parser)
+  parser.add_argument("--finetune_epochs", type=int, default=100)
+  parser.add_argument("--str_epochs", type=int, default=100, help="STR's training length (from scratch)")
+  parser.add_argument("--ks", default="0.1,0.05,0.01", help="fractions of weights kept, comma-separated")
+  parser.add_argument("--baselines", default="lwm,snip,random,str", help="hydra_jax.baselines names")
+  parser.add_argument("--methods", default=",".join(METHODS), help="evaluation methods; robust = worst case")
+  return parser.parse_args(argv)
+
+
+def pipeline_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """stage='all' over `--ks` with `--baselines`; in-training evaluation at each stage's end only."""
+  config = common.run_config(args)
+  config.stage = "all"
+  config.ks = tuple(float(k) for k in args.ks.split(","))
+  config.baselines = tuple(args.baselines.split(","))
+  config.stages.finetune.epochs, config.stages.str.epochs = args.finetune_epochs, args.str_epochs
+  config.eval.every_epochs = max(args.pretrain_epochs, args.prune_epochs, args.finetune_epochs)
+  return config
+
+
+def trained_models(config: ml_collections.ConfigDict, out: str) -> list[tuple[str, float, str]]:
+  """(method, target k, run directory) of every model `pipeline.run_pipeline` trains, in its layout."""
+  runs = [("dense", 1.0, os.path.join(out, "pretrain"))]
+  for k in config.ks:
+    branch = os.path.join(out, f"k{k:g}")
+    runs.append(("hydra", k, os.path.join(branch, "finetune")))
+    runs += [(name, k, os.path.join(branch, name, "train")) for name in config.baselines if name != "str"]
+  if "str" in config.baselines:
+    runs.append(("str", float("nan"), os.path.join(out, "str")))
+  return runs
+
+
+def evaluate_runs(
+  config: ml_collections.ConfigDict, runs: list[tuple[str, float, str]], methods: list[str]
+) -> list[dict]:
+  """One row per run: `export.evaluate_checkpoint` accuracies (robust: per-example worst case of `methods`)."""
+  rows = []
+  for method, k, workdir in runs:
+    results = export.evaluate_checkpoint(config, workdir, methods=methods, progress=False)
+    rows.append(
+      {
+        "method": method,
+        "target_k": k,
+        "kept_fraction": kept_fraction(workdir),
+        **{name: results[name] for name in ("clean", *methods, "robust")},
+      }
+    )
+  return rows
+
+
+def kept_fraction(workdir: str) -> float:
+  """The kept fraction of a finished run, from its summary.json (counted on the weights it runs with)."""
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return float(json.load(f)["kept_fraction"])
+
+
+def table(rows: list[dict], methods: list[str]) -> str:
+  """Fixed-width text table of the rows, accuracies in %."""
+  names = ["clean", *methods, "robust"]
+  lines = [f"{'method':<8} {'k':>6} {'kept %':>7} " + " ".join(f"{n:>9}" for n in names)]
+  for row in rows:
+    lines.append(
+      f"{row['method']:<8} {row['target_k']:>6g} {100 * row['kept_fraction']:>7.2f} "
+      + " ".join(f"{100 * row[n]:>9.2f}" for n in names)
+    )
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  args = parse_args(argv)
+  config = pipeline_config(args)
+  methods = args.methods.split(",")
+  pipeline.train_and_evaluate(config, args.out)
+  rows = evaluate_runs(config, trained_models(config, args.out), methods)
+  with open(os.path.join(args.out, "baselines.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  print(table(rows, methods))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,44 @@
+"""Flags and the run config shared by the experiment scripts (`init_ablation.py`, `baselines.py`).
+
+Not run by itself; the defaults are the reference's CIFAR-10 setting (VGG16-BN, TRADES, l_inf 8/255, 100
+pretrain epochs at lr 0.1, 20 prune epochs).
+"""
+
+import argparse
+
+import ml_collections
+
+from hydra_jax import config as config_lib
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags that choose the model, data, objective and stage lengths of an experiment's runs."""
+  parser.add_argument("--out", required=True, help="output directory (run directories, CSV, PNG)")
+  parser.add_argument("--model", default="vgg16_bn")
+  parser.add_argument("--dataset", default="cifar10")
+  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--image_size", type=int, default=0, help="0: the dataset's own size")
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--objective", default="trades")
+  parser.add_argument("--eps", type=float, default=8 / 255, help="l_inf radius of training, on [0, 1] pixels")
+  parser.add_argument("--attack_steps", type=int, default=10, help="PGD steps of training and in-training eval")
+  parser.add_argument("--pretrain_epochs", type=int, default=100)
+  parser.add_argument("--pretrain_lr", type=float, default=0.1)
+  parser.add_argument("--prune_epochs", type=int, default=20)
+  parser.add_argument("--seed", type=int, default=1234)
+
+
+def run_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """A `hydra_jax.config` run config from the flags of `add_run_flags` (step size eps / 4)."""
+  config = config_lib.default_config()
+  config.seed = args.seed
+  config.model.name = args.model
+  config.data.name, config.data.data_dir, config.data.image_size = args.dataset, args.data_dir, args.image_size
+  config.data.batch_size = args.batch_size
+  config.objective = config_lib.objective_config(args.objective)
+  for section in (config.objective, config.eval):
+    section.eps, section.step_size, section.steps = args.eps, args.eps / 4, args.attack_steps
+  config.stages.pretrain.epochs, config.stages.pretrain.lr = args.pretrain_epochs, args.pretrain_lr
+  config.stages.prune.epochs = args.prune_epochs
+  config.checkpoint.async_save = False
+  return config
