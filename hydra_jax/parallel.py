@@ -293,6 +293,15 @@ def _split_fields(state: Any, fields: Sequence[str]) -> Any:
   return dataclasses.replace(not_split, **{f: jax.tree.map(lambda _: True, getattr(state, f)) for f in fields})
 
 
+def _local_copy(stacked: Any) -> jax.Array:
+  """A replicated pmap value [devices, ...] -> this process's first copy [...]. Indexing `stacked[0]` instead is
+  a global computation that every process must run in step: with several processes it deadlocked against the
+  next program (seen in a 2-process pmap resume)."""
+  if not isinstance(stacked, jax.Array):
+    return jnp.asarray(stacked[0])
+  return jnp.reshape(stacked.addressable_data(0), stacked.shape[1:])
+
+
 @dataclasses.dataclass(frozen=True)
 class Runner:
   """A step compiled for one parallel mode, with the helpers that move values in and out of it.
@@ -349,7 +358,7 @@ class Runner:
       return state
     split = _split_fields(state, self.carry_fields)
     if self.mode == "pmap":
-      return jax.tree.map(lambda x, s: jnp.reshape(x, (-1,) + x.shape[2:]) if s else x[0], state, split)
+      return jax.tree.map(lambda x, s: jnp.reshape(x, (-1,) + x.shape[2:]) if s else _local_copy(x), state, split)
     return jax.tree.map(
       lambda x, s: (
         jnp.asarray(multihost_utils.process_allgather(x, tiled=True)) if s else jnp.asarray(x.addressable_data(0))
