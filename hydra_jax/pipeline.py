@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from hydra_jax import PyTree
@@ -32,15 +33,16 @@ from hydra_jax import train
 def baseline_loss(config: ml_collections.ConfigDict, batch_stats: PyTree) -> baselines.LossFn:
   """`(params, batch, key) -> loss` of the run's objective (train-mode BN, statistics not carried over).
 
-  Stateful objectives (free AT) start from their initial carry, as at the first batch of an epoch.
+  Stateful objectives (free AT) start from their initial carry, and scheduled ones (takes_epoch) from epoch 0,
+  as at the first batch of a stage (`sources.objective_loss` passes what the objective takes).
   """
   apply_fn = models.make_apply_fn(sources.build_model(config))
   objective = objectives.get_objective(config.objective.name)
 
   def loss_fn(params, batch, key):
+    carry = None if objective.init_carry is None else objective.init_carry(batch["image"].shape, config.objective)
     variables = sources.model_variables(params, batch_stats)
-    carry = () if objective.init_carry is None else (objective.init_carry(batch["image"].shape, config.objective),)
-    return objective.loss_fn(apply_fn, variables, batch, key, config.objective, *carry)[0]
+    return sources.objective_loss(objective, config, apply_fn, variables, batch, key, carry, jnp.float32(0))[0]
 
   return loss_fn
 
