@@ -18,6 +18,7 @@ A config is a plain `ml_collections.ConfigDict` (numbers, strings, tuples, dicts
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -108,6 +109,8 @@ def default_config() -> ml_collections.ConfigDict:
       "restarts": 1,
     }
   )
+  # The `smooth` certifier's own settings (eps: the headline l2 radius; sigma: the training noise_std).
+  c.eval.smooth = {k: v for k, v in evaluate.get_method("smooth").defaults.items() if k != "norm"}
   c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0, "async_save": True})
   # Multi-host (see parallel.init_from_config): setting coordinator_address or num_processes implies
   # distributed=true. Unset keys ("", 0, -1) come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
@@ -252,6 +255,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("epochs", "lr"):
       if not lookup(config, f"stages.{stage}.{field}") >= 0:
         raise errors.ConfigError(f"config.stages.{stage}.{field} must be >= 0")
+  noise = config.objective.get("noise_std") if config.objective.name in ("smooth", "smooth_imagenet") else None
+  if "smooth" in config.eval.methods and noise is not None and config.eval.smooth.sigma != noise:
+    warnings.warn(
+      f"config.eval.smooth.sigma={config.eval.smooth.sigma} certifies another noise level than the model is "
+      f"trained with (config.objective.noise_std={noise})",
+      stacklevel=2,
+    )
   if config.stage in ("prune", "finetune", "admm") and not config.source:
     raise errors.ConfigError(f"config.source must name the checkpoint to start stage '{config.stage}' from")
   for key in (

@@ -1,12 +1,15 @@
 """Robust accuracy, one definition for training, `hydra-jax eval` and experiments: clean top-1 / top-5 and a
-registry of evaluation methods, attacks (PGD, APGD-CE/DLR, targeted APGD-DLR) or verifiers, with their
-per-example worst case.
+registry of evaluation methods, attacks (PGD, APGD-CE/DLR, targeted APGD-DLR), verifiers (IBP, CROWN-IBP,
+symbolic intervals) and a certifier (randomized smoothing), with their per-example worst case.
 
 An example counts as robust under a method when it is classified correctly both clean and by the method:
 an attack's output `x_adv` is classified correctly, or a verifier certifies the example. The headline
 `robust` accuracy is the per-example worst case over all methods run (and `robust_linf` / `robust_l2` over
-the methods of one threat model). Unlike AutoAttack, every method runs on the whole batch (not only on
-still-robust points), which keeps shapes static; the worst case is the same.
+the methods of one threat model). A certifier speaks of another classifier, the base model smoothed with
+Gaussian noise (`smooth`: Cohen et al.'s certified accuracy at l2 radius eps and at each of its `radii`, as
+'smooth' and 'smooth_r<radius>'), so its numbers stand alone, outside the clean and worst-case ones.
+Unlike AutoAttack, every method runs on the whole batch (not only on still-robust points), which keeps shapes
+static; the worst case is the same.
 
 Usage:
 
@@ -29,6 +32,7 @@ A new method is one registration:
 with `verified(logits_fn, x, y, *, key, eps, norm) -> bool[B]` (an attack instead returns `x_adv`). The
 verifiers `ibp`, `crown_ibp` and `symbolic` (`hydra_jax.bounds`) are registered so: their number is the
 verified accuracy on the l_inf eps-ball clipped to [0, 1], with the verifier and eps as its name and setting.
+A run's `config.eval.<method>` (e.g. `config.eval.smooth.sigma`) overrides that method's settings.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ from hydra_jax import PyTree
 from hydra_jax import attacks
 from hydra_jax import bounds
 from hydra_jax import parallel
+from hydra_jax import smoothing
 
 Array = jax.Array
-KINDS = ("attack", "verifier")
+KINDS = ("attack", "verifier", "certifier")
 
 
 class Method(NamedTuple):
@@ -62,9 +67,10 @@ class Method(NamedTuple):
 
   Attributes:
     fn: `fn(logits_fn, x, y, *, key, **settings)`; an attack returns x_adv [B, H, W, C], a verifier returns
-      correct bool [B] (certified robust and correctly classified).
+      correct bool [B] (certified robust and correctly classified), a certifier (of the smoothed classifier)
+      bool [B, 1 + R]: certified correct at eps and at each of its settings' `radii` [R].
     defaults: default settings, including 'norm' and 'eps'.
-    kind: 'attack' or 'verifier'.
+    kind: 'attack', 'verifier' or 'certifier'.
     config_keys: the keys of a run's `config.eval` this method takes when its norm is `config.eval.norm`.
   """
 
@@ -92,7 +98,7 @@ def register_method(
     name: the method's name, also its key in the results.
     fn: the attack or verifier.
     defaults: its default settings (keyword arguments of `fn`), with 'norm' and 'eps'.
-    kind: 'attack' or 'verifier'.
+    kind: 'attack', 'verifier' or 'certifier'.
     config_keys: keys of a run's `config.eval` that override the defaults when the norms agree.
   """
   if name in _METHODS or name in _RESERVED or name.startswith("robust_"):
@@ -134,6 +140,43 @@ def _bound_verifier(bound: str) -> Callable[..., Array]:
 for _bound in bounds.METHODS:  # 'ibp', 'crown_ibp', 'symbolic': verified accuracy at the run's l_inf eps
   register_method(_bound, _bound_verifier(_bound), dict(norm="linf", eps=8 / 255), kind="verifier")
 
+
+def _smoothed_certified(
+  logits_fn: attacks.LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  eps: float,
+  norm: str,
+  radii: Sequence[float],
+  sigma: float,
+  n0: int,
+  n: int,
+  alpha: float,
+  batch_size: int,
+) -> Array:
+  """bool [B, 1 + R]: the smoothed classifier certified correct at l2 radius eps and at each of `radii` [R].
+
+  Monte Carlo settings (sigma, n0, n, alpha, batch_size) as in `smoothing.certified_correct`.
+  """
+  if norm != "l2":
+    raise ValueError(f"smooth certifies l2 radii only, not norm {norm!r}")
+  return smoothing.certified_correct(
+    logits_fn, x, y, key=key, radii=(eps, *radii), sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size
+  )
+
+
+# Cohen et al.'s certification with n = 10k estimation samples by default (their tables use 100k: set
+# config.eval.smooth.n); sigma must be the noise the model was trained with (objective.noise_std).
+register_method(
+  "smooth",
+  _smoothed_certified,
+  dict(norm="l2", eps=0.5, radii=(0.0, 0.25, 0.5, 0.75), sigma=0.25, n0=100, n=10_000, alpha=0.001, batch_size=1000),
+  kind="certifier",
+  config_keys=(),  # its settings come from config.eval.smooth, whatever the run's eval.norm
+)
+
 DEFAULT_METHODS = ("pgd_linf", "apgd_ce", "apgd_dlr")
 
 
@@ -165,14 +208,16 @@ def config_settings(eval_config: Mapping[str, Any], methods: Sequence[str] | Non
   """Per-method settings for a run's `config.eval`: the threat model of the run applied to its methods.
 
   Each method of `methods` (default `eval_config['methods']`) gets its defaults, overridden by the keys of
-  `eval_config` listed in its `config_keys` when its norm is `eval_config['norm']`: eps for every method,
-  and step_size / steps / restarts for PGD. Methods of the other norm keep their defaults.
+  `eval_config` listed in its `config_keys` when its norm is `eval_config['norm']` (eps for every method,
+  and step_size / steps / restarts for PGD; methods of the other norm keep their defaults), then by the
+  method's own section `eval_config[name]` if there is one (e.g. `eval.smooth.sigma`).
   """
   settings = {}
   for name in eval_config["methods"] if methods is None else methods:
     method = get_method(name)
     shared = method.config_keys if method.defaults["norm"] == eval_config["norm"] else ()
-    settings[name] = {**method.defaults, **{key: eval_config[key] for key in shared if key in eval_config}}
+    own = eval_config.get(name, {})
+    settings[name] = {**method.defaults, **{key: eval_config[key] for key in shared if key in eval_config}, **own}
   return settings
 
 
@@ -186,7 +231,8 @@ def _settings(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
   unknown = set(overrides) - valid
   if unknown:
     raise ValueError(f"method {name!r}: unknown settings {sorted(unknown)}; valid: {sorted(valid)}")
-  return {**method.defaults, **overrides}
+  settings = {**method.defaults, **overrides}
+  return {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
 
 
 def top_k_correct(logits: Array, labels: Array, k: int) -> Array:
@@ -199,7 +245,7 @@ def top_k_correct(logits: Array, labels: Array, k: int) -> Array:
 def method_correct(
   name: str, settings: Mapping[str, Any], logits_fn: attacks.LogitsFn, x: Array, y: Array, key: Array
 ) -> Array:
-  """bool [B]: the examples that method `name` with `settings` does not break (attack) or certifies."""
+  """bool [B]: the examples that attack or verifier `name` with `settings` does not break or certifies."""
   method = get_method(name)
   out = method.fn(logits_fn, x, y, key=key, **settings)
   return out if method.kind == "verifier" else top_k_correct(logits_fn(out), y, 1)
@@ -209,7 +255,8 @@ def batch_counts(
   logits_fn: attacks.LogitsFn, batch: Mapping[str, Array], key: Array, methods: tuple[tuple[str, tuple], ...]
 ) -> dict[str, Array]:
   """Weighted counts of one batch: 'num_examples', 'clean', 'clean_top5' (more than 5 classes), each method,
-  'robust' and 'robust_<norm>' (per-example worst cases).
+  'robust' and 'robust_<norm>' (per-example worst cases of the attacks and verifiers), and for a certifier
+  `name` its count at eps ('name') and at each of its radii r ('name_r<r>').
 
   Args:
     logits_fn: `x -> logits` [B, C] in eval mode.
@@ -228,8 +275,13 @@ def batch_counts(
     correct["clean_top5"] = top_k_correct(logits, y, 5)
   correct["robust"] = clean
   for m, (name, items) in enumerate(methods):
-    settings = dict(items)
-    correct[name] = clean & method_correct(name, settings, logits_fn, x, y, jax.random.fold_in(key, m))
+    settings, method_key = dict(items), jax.random.fold_in(key, m)
+    if get_method(name).kind == "certifier":
+      certified = get_method(name).fn(logits_fn, x, y, key=method_key, **settings)
+      correct[name] = certified[:, 0]
+      correct.update({f"{name}_r{r:g}": certified[:, j + 1] for j, r in enumerate(settings["radii"])})
+      continue
+    correct[name] = clean & method_correct(name, settings, logits_fn, x, y, method_key)
     group = f"robust_{settings['norm']}"
     correct[group] = correct.get(group, clean) & correct[name]
     correct["robust"] = correct["robust"] & correct[name]

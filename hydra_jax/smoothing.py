@@ -59,8 +59,7 @@ def check_settings(sigma: float, alpha: float | None = None, **sizes: int) -> No
       raise ValueError(f"smoothing: {name}={value} must be >= 1")
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _chunk_counts(f, x, key, start, num, sigma, *, batch_size):
+def _chunk_votes(f, x, key, start, num, sigma, batch_size):
   """Votes [classes] of f on noise samples start .. start + batch_size - 1, those >= num masked out.
 
   Sample i's noise is N(0, I) drawn from fold_in(key, i), so the counts do not depend on batch_size.
@@ -70,6 +69,9 @@ def _chunk_counts(f, x, key, start, num, sigma, *, batch_size):
   logits = f(x[None] + sigma * noise)
   votes = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.int32)
   return jnp.sum(votes * (index < num)[:, None], axis=0)
+
+
+_chunk_counts = jax.jit(_chunk_votes, static_argnames=("batch_size",))
 
 
 def sample_counts(
@@ -99,7 +101,7 @@ def sample_counts(
   counts = None
   with tqdm(total=num, unit="sample", desc="noise", disable=not progress, leave=False) as bar:
     for start in range(0, num, batch_size):
-      chunk = _chunk_counts(f, x, key, start, num, jnp.float32(sigma), batch_size=batch_size)
+      chunk = _chunk_counts(f, x, key, start, num, jnp.float32(sigma), batch_size)
       counts = chunk if counts is None else counts + chunk
       if progress:
         counts.block_until_ready()
@@ -172,6 +174,77 @@ def certify(
   if p_lower < 0.5:
     return ABSTAIN, 0.0
   return guess, sigma * float(stats.norm.ppf(p_lower))
+
+
+def min_certifying_count(n: int, alpha: float, p: float) -> int:
+  """Smallest vote count c in [0, n] with `lower_confidence_bound(c, n, alpha) >= p`; n + 1 when none.
+
+  The Clopper-Pearson bound increases with c, so `certify` returns a radius >= r exactly when the top class
+  has at least `min_certifying_count(n, alpha, Phi(r / sigma))` of the n estimation votes (r = 0: p = 1/2,
+  the abstention threshold). Found by bisection with scipy in float64.
+  """
+  low, high = 0, n + 1  # invariant: count `high` certifies (n + 1 stands for 'none'), count `low - 1` does not
+  while low < high:
+    middle = (low + high) // 2
+    if lower_confidence_bound(middle, n, alpha) >= p:
+      high = middle
+    else:
+      low = middle + 1
+  return low
+
+
+def _certify_votes(f, x, key, *, sigma, n0, n, batch_size):
+  """(class, votes) of CERTIFY for one example x [H, W, C], traceable: the n0-sample guess and its n votes.
+
+  Draws exactly the noise of `certify(f, x, key=key, ...)` (same key split, same per-sample folds).
+  """
+  select_key, estimate_key = jax.random.split(key)
+
+  def counts(key, num):
+    first = _chunk_votes(f, x, key, 0, num, sigma, batch_size)
+    step = lambda chunk, total: total + _chunk_votes(f, x, key, chunk * batch_size, num, sigma, batch_size)
+    return jax.lax.fori_loop(1, -(-num // batch_size), step, first)
+
+  guess = jnp.argmax(counts(select_key, n0))
+  return guess, counts(estimate_key, n)[guess]
+
+
+def certified_correct(
+  f: LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  sigma: float,
+  radii: Sequence[float],
+  n0: int = 100,
+  n: int = 10_000,
+  alpha: float = 0.001,
+  batch_size: int = 1000,
+) -> Array:
+  """Whether `certify` returns the true label with a radius >= r, for a batch and each radius r; jit-traceable.
+
+  Example i is certified exactly as `certify(f, x[i], key=fold_in(key, i), ...)` would (same noise, same
+  Clopper-Pearson decision: its class equals y[i] and its votes reach `min_certifying_count` for
+  p = Phi(r / sigma), computed on the host in float64 when traced). The examples run one after another
+  (`lax.map`), each in chunks of `batch_size` noise samples. The guarantee is for the smoothed classifier.
+
+  Args:
+    f: base classifier's logits function, [B, H, W, C] -> [B, classes].
+    x: inputs [B, H, W, C]; y: int labels [B].
+    key: PRNG key; example i uses fold_in(key, i).
+    sigma, n0, n, alpha, batch_size: as in `certify`.
+    radii: [R] l2 radii, in the units of x.
+
+  Returns:
+    bool [B, R].
+  """
+  check_settings(sigma, alpha, batch_size=batch_size, n0=n0, n=n)
+  thresholds = jnp.array([min_certifying_count(n, alpha, float(stats.norm.cdf(r / sigma))) for r in radii])
+  certify_one = functools.partial(_certify_votes, f, sigma=sigma, n0=n0, n=n, batch_size=batch_size)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
+  guess, votes = jax.lax.map(lambda args: certify_one(*args), (x, keys))
+  return (guess == y)[:, None] & (votes[:, None] >= thresholds[None, :])
 
 
 def predict(

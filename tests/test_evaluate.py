@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hydra_jax import evaluate
+from hydra_jax import smoothing
 from tests import robust_helpers as helpers
 
 SHAPE = (4, 4, 1)
@@ -293,3 +294,31 @@ def test_verifiers_give_the_exact_verified_accuracy_of_a_linear_model(verifier):
   assert 0 < np.mean(exact) < 1
   np.testing.assert_allclose(results[verifier], np.mean(exact), atol=1e-6)
   np.testing.assert_allclose(results["robust"], np.mean(exact), atol=1e-6)
+
+
+def test_smooth_certifies_a_constant_classifier_up_to_its_largest_radius():
+  # f always predicts class 1: all n votes, so CERTIFY returns class 1 with radius sigma Phi^-1(alpha^(1/n))
+  # (0.85 here) on every example. Certified accuracy: the share of label 1 up to that radius, 0 beyond.
+  sigma, n, alpha = 0.5, 100, 0.01
+  top = smoothing.max_radius(sigma, n, alpha)
+  constant = lambda x: jnp.broadcast_to(jnp.array([0.0, 2.0, 1.0]), (x.shape[0], 3))
+  x, y = np.zeros((12, *SHAPE), np.float32), np.array([1, 0, 2] * 4, np.int32)
+  y[:5] = 1
+  eval_config = {"methods": ("smooth",), "norm": "linf", "eps": 0.1}
+  eval_config["smooth"] = dict(eps=0.8, radii=(0.0, 0.8, top - 1e-3, top + 1e-3), sigma=sigma, n0=10, n=n, alpha=alpha)
+  eval_config["smooth"]["batch_size"] = 32
+  results = evaluate.evaluate(
+    constant,
+    None,
+    _batches(x, y, 6),
+    key=helpers.key(0),
+    methods=("smooth",),
+    config=evaluate.config_settings(eval_config),
+    progress=False,
+  )
+  share = np.mean(y == 1)
+  expected = {"smooth": share, "smooth_r0": share, "smooth_r0.8": share, f"smooth_r{top - 1e-3:g}": share}
+  assert {name: results[name] for name in expected} == pytest.approx(expected)
+  assert results[f"smooth_r{top + 1e-3:g}"] == 0.0
+  assert results["robust"] == results["clean"] == share  # the smoothed classifier's numbers stand apart
+  assert "robust_l2" not in results

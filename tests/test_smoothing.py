@@ -107,6 +107,37 @@ def test_predict_returns_the_top_class_when_the_binomial_test_passes():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Batched certification inside a compiled program (the `smooth` method of `evaluate`).
+
+
+def test_min_certifying_count_is_the_first_count_whose_bound_reaches_p():
+  n, alpha = 60, 0.01
+  bounds = [smoothing.lower_confidence_bound(c, n, alpha) for c in range(n + 1)]  # brute force over counts
+  for p in (0.5, stats.norm.cdf(0.3), 0.9, bounds[45], np.nextafter(bounds[45], 1.0)):
+    expected = next((c for c in range(n + 1) if bounds[c] >= p), n + 1)
+    assert smoothing.min_certifying_count(n, alpha, p) == expected
+  assert smoothing.min_certifying_count(n, alpha, bounds[45]) == 45
+  assert smoothing.min_certifying_count(n, alpha, alpha ** (1 / n) + 1e-9) == n + 1  # beyond n of n votes: never
+
+
+def test_certified_correct_decides_as_certify_on_each_example():
+  rng = np.random.default_rng(4)
+  w = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  f = jax.tree_util.Partial(lambda w, x: x.reshape(x.shape[0], -1) @ w, w)
+  x = jnp.asarray(rng.uniform(size=(6, *SHAPE)), jnp.float32)
+  y = jnp.array([0, 1, 2, 0, 1, 2])
+  radii, settings = (0.0, 0.2, 0.4, 0.6), dict(sigma=0.5, n0=20, n=200, alpha=0.01, batch_size=64)
+  got = jax.jit(lambda x, y, key: smoothing.certified_correct(f, x, y, key=key, radii=radii, **settings))(x, y, KEY)
+  expected = []
+  for i in range(len(y)):  # the host-side CERTIFY with scipy's Clopper-Pearson bound, example by example
+    label, radius = smoothing.certify(f, x[i], key=jax.random.fold_in(KEY, i), **settings)
+    expected.append([label == int(y[i]) and radius >= r for r in radii])
+  assert got.shape == (6, 4) and got.dtype == jnp.bool_
+  np.testing.assert_array_equal(got, np.array(expected))
+  assert 0 < np.sum(expected) < np.size(expected)  # both outcomes occur: the comparison is not vacuous
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Compilation, warnings, bad input.
 
 
@@ -234,3 +265,24 @@ def test_cli_certify_writes_tsv_table_json_and_plot(tmp_path):
   with open(os.path.join(out, "certified_accuracy.png"), "rb") as f:
     assert f.read(4) == b"\x89PNG"
   assert os.path.exists(os.path.join(out, "certified_accuracy.txt"))
+
+  # The same run through `hydra-jax eval --methods=smooth`: certified accuracy at the config's radii.
+  settings = ["--config.eval.smooth.sigma=0.5", "--config.eval.smooth.n0=20", "--config.eval.smooth.n=200"]
+  settings += ["--config.eval.smooth.alpha=0.01", "--config.eval.smooth.batch_size=64"]
+  results = json.loads(hydra_jax("eval", *run, "--methods=smooth", *settings).stdout)
+  at = [results[f"smooth_r{r:g}"] for r in (0, 0.25, 0.5, 0.75)]
+  assert results["num_examples"] == 120 and 0 < at[0] <= 1
+  assert at == sorted(at, reverse=True) and results["smooth"] == at[2]  # eps 0.5: the same decisions as r = 0.5
+
+
+def test_config_warns_when_the_smooth_method_certifies_another_sigma_than_trained():
+  config = config_lib.default_config()
+  config.objective = config_lib.objective_config("smooth")
+  config.eval.methods = ("smooth",)
+  config.objective.noise_std, config.eval.smooth.sigma = 0.5, 0.25
+  with pytest.warns(UserWarning, match=r"eval.smooth.sigma=0.25 .*objective.noise_std=0.5"):
+    config_lib.check_config(config)
+  config.eval.smooth.sigma = 0.5
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    config_lib.check_config(config)
