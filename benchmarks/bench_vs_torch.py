@@ -29,8 +29,11 @@ Workloads (`--workloads`, comma-separated; default all):
   topk      one layer's mask vs tensor size (--sizes): masking.topk_mask against GetSubnet's sort.
   width     prune step of WRN-(--wrn-depth)-w for w in --widths.
   k         prune step of the first of --models at each of --ks (hydra_jax's time must be flat in k).
-  bounds    IBP / CROWN-IBP on cnn_large vs a forward pass: not built yet (reported as skipped).
-  smoothing certification noise samples per second: not built yet (reported as skipped).
+  bounds    IBP and CROWN-IBP (lower bound, margin spec, eps 2/255) on --bounds-model (cnn_large), each also as
+            a multiple of its own framework's forward pass (jax_x_forward, torch_x_forward); torch: the
+            reference's crown/bound_layers.py re-stated in `benchmarks/torch_bounds.py`.
+  smoothing randomized-smoothing noise samples per second of one example (--batch per chunk), first of
+            --models at k: `smoothing.sample_counts` vs Cohen et al.'s `_sample_noise` (torch_hydra.py).
 
 The hydra_jax train step is `train.train_step`'s computation on one device, written here from the public
 pieces (masking.apply_masks once per step, objectives' TRADES, one backward pass, optax SGD with momentum 0.9
@@ -42,6 +45,7 @@ PGD and APGD the attacks module's defaults. Results go to stdout as a table and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -60,11 +64,14 @@ import optax
 import psutil
 import torch
 
+from benchmarks import torch_bounds
 from benchmarks import torch_hydra
 from hydra_jax import attacks
+from hydra_jax import bounds
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax import smoothing
 from hydra_jax.models import layers
 from hydra_jax.models import wrn
 
@@ -91,6 +98,8 @@ TINY = [
   "0.1,0.01",
   "--matmul-size",
   "256",
+  "--bounds-model",
+  "cnn_tiny",
 ]
 WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "bounds", "smoothing")
 COLUMNS = (
@@ -110,6 +119,8 @@ COLUMNS = (
   ("mask_share_pct", "{:.2f}"),
   ("jax_plan_mb", "{:.0f}"),
   ("jax_taps_conv_s", "{:.4f}"),
+  ("jax_x_forward", "{:.2f}"),
+  ("torch_x_forward", "{:.2f}"),
   ("note", "{}"),
 )
 TEXT_COLUMNS = ("workload", "model", "note")
@@ -172,7 +183,7 @@ def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, 
   peaks = dict.fromkeys(calls, 0)
   for _ in range(repeats):
     for name, call in calls.items():
-      with PeakMemory("torch" if name == "torch" else "jax") as memory:
+      with PeakMemory("torch" if name.startswith("torch") else "jax") as memory:
         start = time.perf_counter()
         call()
         times[name].append(time.perf_counter() - start)
@@ -450,9 +461,82 @@ def topk_rows(args):
   return rows
 
 
-def not_built_rows(workload: str, what: str):
-  """A placeholder row for workloads whose hydra_jax side does not exist yet."""
-  return [{"workload": workload, "model": "-", "note": f"skipped: {what} not built yet"}]
+def bounds_rows(args):
+  """IBP and CROWN-IBP (lower bound, margin spec) of --bounds-model, each as a multiple of its own forward pass,
+  hydra_jax (`hydra_jax.bounds`) vs the reference's `crown/bound_layers.py` (`torch_bounds`), same batch."""
+  name, eps = args.bounds_model, 2 / 255
+  model = models.get_model(name, 10)
+  host_batch = random_batch(args.batch)
+  x, y = jax.device_put(host_batch["image"]), jax.device_put(host_batch["label"])
+  variables = model.init(jax.random.key(0), x[:1], train=False)
+  f = lambda v: model.apply(variables, v, train=False)
+  lower, upper, spec = jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1), bounds.margin_spec(y, 10)
+  jax_calls = {
+    "forward": (jax.jit(f), (x,)),
+    "ibp": (jax.jit(lambda lo, hi, c: bounds.ibp(f, lo, hi, c)[0]), (lower, upper, spec)),
+    "crown_ibp": (jax.jit(lambda lo, hi, c: bounds.crown_ibp(f, lo, hi, c)[0]), (lower, upper, spec)),
+  }
+  compiled = {method: compile_seconds(fn, *fn_args) for method, (fn, fn_args) in jax_calls.items()}
+  seq = torch_bounds.cnn(name).to(_torch_device())
+  images, _ = _torch_batch(host_batch, _torch_device())
+  lo, hi = (images - eps).clamp(0, 1), (images + eps).clamp(0, 1)
+  c = torch.from_numpy(np.array(spec)).to(_torch_device())
+  torch_calls = {
+    "forward": lambda: seq(images),
+    "ibp": lambda: torch_bounds.interval_range(seq, lo, hi, c),
+    "crown_ibp": lambda: torch_bounds.backward_range(seq, lo, hi, c),
+  }
+  calls = {}
+  for method, (executable, _) in compiled.items():
+    calls[f"jax_{method}"] = functools.partial(_block, executable, *jax_calls[method][1])
+    calls[f"torch_{method}"] = functools.partial(_torch_no_grad, torch_calls[method])
+  timing = interleaved(calls, args.repeats)
+  rows = []
+  for method in ("forward", "ibp", "crown_ibp"):
+    pair = {"jax": timing[f"jax_{method}"], "torch": timing[f"torch_{method}"]}
+    row = _row("bounds", name, args.batch, pair, compiled[method][1], note=f"{method}, eps 2/255")
+    row["jax_x_forward"] = pair["jax"]["median"] / timing["jax_forward"]["median"]
+    row["torch_x_forward"] = pair["torch"]["median"] / timing["torch_forward"]["median"]
+    rows.append(row)
+  return rows
+
+
+def _block(executable, *call_args):
+  return jax.block_until_ready(executable(*call_args))
+
+
+def _torch_no_grad(call):
+  with torch.no_grad():
+    call()
+  sync_torch()
+
+
+def smoothing_rows(args):
+  """Randomized-smoothing noise samples of one example per second, the first of --models at k (eval-mode BN):
+  `hydra_jax.smoothing.sample_counts` vs Cohen et al.'s `_sample_noise` on the reference's Subnet model.
+  Each call counts --batch samples in one chunk; images/s is samples/s."""
+  name, sigma = args.models[0], 0.25
+  apply_fn, variables, scores = jax_model(name, args.batch)
+  evaluated = {**variables, "params": masking.export_dense(variables["params"], scores, args.k)}
+  f = jax.tree_util.Partial(lambda v, x: apply_fn(v, x, False)[0], evaluated)
+  x = jax.device_put(random_batch(1)["image"][0])
+  count = functools.partial(smoothing.sample_counts, f, x, sigma=sigma, num=args.batch, batch_size=args.batch)
+  start = time.perf_counter()
+  count(key=jax.random.key(4))  # compiles
+  compile_s = time.perf_counter() - start
+  device = _torch_device()
+  net = torch_hydra.prepare(torch_hydra.build(name).to(device), "finetune", args.k).eval()
+  image = _torch_batch(random_batch(1), device)[0][0]
+  timing = interleaved(
+    {
+      "jax": lambda: count(key=jax.random.key(5)),
+      "torch": lambda: (torch_hydra.sample_noise(net, image, args.batch, args.batch, sigma), sync_torch()),
+    },
+    args.repeats,
+  )
+  row = _row("smoothing", name, args.batch, timing, compile_s, note=f"noise samples, sigma {sigma}, k={args.k:g}")
+  row["note"] += f"; certify n=1e5: {1e5 / row['jax_img_s']:.0f} s"
+  return [row]
 
 
 RUNNERS = {
@@ -463,9 +547,8 @@ RUNNERS = {
   "topk": topk_rows,
   "width": width_rows,
   "k": k_rows,
-  # Other helpers are building these; fill in once hydra_jax has bounds and certification.
-  "bounds": lambda args: not_built_rows("bounds", "IBP / CROWN-IBP on cnn_large relative to a forward pass"),
-  "smoothing": lambda args: not_built_rows("smoothing", "smoothing certification noise samples/s (ResNet-18)"),
+  "bounds": bounds_rows,
+  "smoothing": smoothing_rows,
 }
 
 
@@ -514,6 +597,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--widths", type=csv(int), default=[2, 4, 10])
   parser.add_argument("--ks", type=csv(float), default=[0.1, 0.05, 0.01])
   parser.add_argument("--matmul-size", type=int, default=2048, help="side of the roofline matmul")
+  parser.add_argument("--bounds-model", default="cnn_large", help="the bounds workload's model (a basic CNN)")
   parser.add_argument(
     "--compare-taps-conv",
     action="store_true",

@@ -20,6 +20,9 @@ Re-stated from inspire-group/hydra at 9d41c93 (read with `git show HEAD:<file>` 
   reference calls `loss.backward()`, which also accumulates the gradients of every trainable parameter;
   here only the input gradient is taken (`torch.autograd.grad`), which can only make the baseline faster.
 
+- `utils/smoothing.py:Smooth._sample_noise` (Cohen et al.'s code): per chunk `x.repeat`, `randn_like * sigma`,
+  forward, argmax, counted into a numpy array one prediction at a time (`_count_arr`), under `no_grad`.
+
 Not in the reference: `apgd_ce` (the reference evaluated with AutoAttack, outside its code). It is Auto-PGD
 with CE (Croce & Hein 2020): one forward + input gradient per step, momentum 0.75, step size halved at the
 paper's checkpoints when progress stalls, best point kept per example; the model masks in every forward.
@@ -34,6 +37,7 @@ Usage:
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -312,3 +316,17 @@ def apgd_ce(model, x, y, epsilon=8 / 255, steps=100, rho=0.75, alpha=0.75):
       successes.zero_()
       last_check = i + 1
   return best_x.detach()
+
+
+def sample_noise(model, x, num, batch_size, sigma=0.25, num_classes=10):
+  """`Smooth._sample_noise`: class counts [num_classes] of `model` on `num` noisy copies of x [C, H, W]."""
+  with torch.no_grad():
+    counts = np.zeros(num_classes, dtype=int)
+    for _ in range(math.ceil(num / batch_size)):
+      this_batch_size = min(batch_size, num)
+      num -= this_batch_size
+      batch = x.repeat((this_batch_size, 1, 1, 1))
+      predictions = model(batch + torch.randn_like(batch) * sigma).argmax(1)
+      for index in predictions.cpu().numpy():
+        counts[index] += 1
+    return counts

@@ -16,7 +16,7 @@ from hydra_jax import masking  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   path = tmp_path_factory.mktemp("bench") / "result.json"
-  result = bench_vs_torch.main(["--tiny", "--workloads", "prune,topk,bounds", "--json", str(path)])
+  result = bench_vs_torch.main(["--tiny", "--workloads", "prune,topk,bounds,smoothing", "--json", str(path)])
   return result, path
 
 
@@ -26,7 +26,10 @@ def test_tiny_run_reports_every_requested_workload(tiny_run, capsys):
     ("prune", "resnet_tiny"),
     ("topk", "n=1e+03"),
     ("topk", "n=1e+04"),
-    ("bounds", "-"),
+    ("bounds", "cnn_tiny"),
+    ("bounds", "cnn_tiny"),
+    ("bounds", "cnn_tiny"),
+    ("smoothing", "resnet_tiny"),
   ]
   prune = result["rows"][0]
   assert prune["batch"] == 4 and prune["note"] == "prune TRADES-1 k=0.01"
@@ -35,7 +38,14 @@ def test_tiny_run_reports_every_requested_workload(tiny_run, capsys):
   for key in ("jax_s", "torch_s", "compile_s", "jax_gflop_s", "matmul_gflop_s", "mask_s", "jax_plan_mb"):
     assert prune[key] > 0, key
   assert prune["roofline_pct"] == pytest.approx(100 * prune["jax_gflop_s"] / prune["matmul_gflop_s"])
-  assert result["rows"][3]["note"].startswith("skipped:")
+  forward, ibp, crown = result["rows"][3:6]
+  assert [row["note"] for row in (forward, ibp, crown)] == [f"{m}, eps 2/255" for m in ("forward", "ibp", "crown_ibp")]
+  assert forward["jax_x_forward"] == forward["torch_x_forward"] == 1.0
+  for row in (ibp, crown):
+    assert row["jax_x_forward"] == pytest.approx(row["jax_s"] / forward["jax_s"])
+    assert row["torch_x_forward"] == pytest.approx(row["torch_s"] / forward["torch_s"])
+  noise = result["rows"][6]
+  assert noise["batch"] == 4 and noise["jax_img_s"] == pytest.approx(4 / noise["jax_s"]) and noise["torch_s"] > 0
   assert result["machine"]["device"].startswith("cpu")
 
 
@@ -44,7 +54,7 @@ def test_json_holds_the_returned_rows(tiny_run):
   with open(path) as f:
     written = json.load(f)
   assert written["rows"] == json.loads(json.dumps(result["rows"]))
-  assert written["args"]["batch"] == 4 and written["args"]["workloads"] == ["prune", "topk", "bounds"]
+  assert written["args"]["batch"] == 4 and written["args"]["workloads"] == ["prune", "topk", "bounds", "smoothing"]
 
 
 def test_table_has_a_header_and_aligned_rows():
@@ -65,6 +75,15 @@ def test_table_has_a_header_and_aligned_rows():
   assert lines[1].split()[:6] == ["prune", "resnet18", "128", "12.5000", "30.0000", "2.40x"]
   assert lines[2].split() == ["bounds", "-", "skipped:", "later"]
   assert lines[1].index("12.5000") + len("12.5000") == lines[0].index("jax_s") + len("jax_s")  # right-aligned
+
+
+def test_torch_sample_noise_counts_every_sample_of_a_constant_model():
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+  with torch.no_grad():
+    net[1].weight.zero_()
+    net[1].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+  counts = torch_hydra.sample_noise(net, torch.zeros(3, 2, 2), num=10, batch_size=4, num_classes=3)
+  np.testing.assert_array_equal(counts, [0, 10, 0])  # chunks of 4, 4, 2: every sample counted once
 
 
 def test_unknown_workload_is_rejected():

@@ -301,13 +301,13 @@ def test_unsupported_primitive_and_graphs_raise_errors_naming_them():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Agreement with the reference's bound code (PyTorch re-statement in tests/bounds_reference.py).
+# Agreement with the reference's bound code (PyTorch re-statement in benchmarks/torch_bounds.py).
 
 
 def test_ibp_crown_and_symbolic_equal_the_reference_bound_code_on_the_same_weights():
   torch = pytest.importorskip("torch")
+  from benchmarks import torch_bounds as bounds_reference  # pylint: disable=g-import-not-at-top
   from hydra_jax import convert  # pylint: disable=g-import-not-at-top
-  from tests import bounds_reference  # pylint: disable=g-import-not-at-top
   from tests import torch_reference  # pylint: disable=g-import-not-at-top
 
   _, variables, _, _, y, lo, hi = _cnn_setup(7, eps=0.02)

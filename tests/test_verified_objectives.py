@@ -75,8 +75,8 @@ def _cnn_problem(batch=4, seed=0):
 def _reference_losses(model_variables, batch, eps, beta):
   """The reference trainer's computation in PyTorch: CE(-lb scattered with 0 at y), natural CE, sym wc CE."""
   torch = pytest.importorskip("torch")
+  from benchmarks import torch_bounds as bounds_reference  # pylint: disable=g-import-not-at-top
   from hydra_jax import convert  # pylint: disable=g-import-not-at-top
-  from tests import bounds_reference  # pylint: disable=g-import-not-at-top
   from tests import torch_reference  # pylint: disable=g-import-not-at-top
 
   seq = torch_reference.build("cnn_tiny", 10)

@@ -1,15 +1,39 @@
-"""PyTorch re-statement of the reference's bound computations, for agreement tests of `hydra_jax.bounds` only.
+"""PyTorch re-statement of the reference's bound computations: the baseline of `bench_vs_torch`'s `bounds`
+workload and the expectation of `hydra_jax.bounds`' agreement tests.
 
 Written from HYDRA's `crown/bound_layers.py` (BoundSequential.interval_range and backward_range with the
 trainer's bound_opts: adaptive lower slope) and `symbolic_interval/` (Interval_network with a
 Symbolic_interval, `worst_case`), for an `nn.Sequential` of Conv2d / Linear / ReLU / Flatten in NCHW, with the
-reference's own numerics (clamps with 1e-8, error rows only for unstable neurons). Import only after
-`pytest.importorskip("torch")`.
+reference's own numerics (clamps with 1e-8, error rows only for unstable neurons). `cnn(name)` builds the
+reference's `cifar_model_large` (cnn_large) or the tiny test CNN as such a Sequential. Import only where torch
+is installed (tests: after `pytest.importorskip("torch")`).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+CNNS = {  # name: (convs as (out_channels, kernel, stride, padding), hidden widths), inputs 3 x 32 x 32
+  "cnn_large": ([(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512, 512]),
+  "cnn_small": ([(16, 4, 2, 1), (32, 4, 2, 1)], [100]),
+  "cnn_tiny": ([(4, 4, 2, 1), (8, 4, 2, 1)], [16]),
+}
+
+
+def cnn(name, num_classes=10):
+  """The reference's basic CIFAR CNN `name` (see CNNS): conv/ReLU..., Flatten, Linear/ReLU..., Linear."""
+  convs, hidden = CNNS[name]
+  modules, channels, side = [], 3, 32
+  for out, kernel, stride, padding in convs:
+    modules += [nn.Conv2d(channels, out, kernel, stride=stride, padding=padding), nn.ReLU()]
+    channels, side = out, (side + 2 * padding - kernel) // stride + 1
+  modules.append(nn.Flatten())
+  features = channels * side * side
+  for width in hidden:
+    modules += [nn.Linear(features, width), nn.ReLU()]
+    features = width
+  modules.append(nn.Linear(features, num_classes))
+  return nn.Sequential(*modules)
 
 
 def _layers(seq):
