@@ -20,20 +20,25 @@ CNNS = {  # name: (convs as (out_channels, kernel, stride, padding), hidden widt
 }
 
 
-def cnn(name, num_classes=10):
-  """The reference's basic CIFAR CNN `name` (see CNNS): conv/ReLU..., Flatten, Linear/ReLU..., Linear."""
-  convs, hidden = CNNS[name]
-  modules, channels, side = [], 3, 32
+def sequential_cnn(in_channels, convs, flat_hw, hidden, num_classes):
+  """conv/ReLU..., Flatten, Linear/ReLU..., Linear as one nn.Sequential (keys 0.weight, 2.weight, ...)."""
+  modules, channels = [], in_channels
   for out, kernel, stride, padding in convs:
     modules += [nn.Conv2d(channels, out, kernel, stride=stride, padding=padding), nn.ReLU()]
-    channels, side = out, (side + 2 * padding - kernel) // stride + 1
+    channels = out
   modules.append(nn.Flatten())
-  features = channels * side * side
+  features = channels * flat_hw * flat_hw
   for width in hidden:
     modules += [nn.Linear(features, width), nn.ReLU()]
     features = width
   modules.append(nn.Linear(features, num_classes))
   return nn.Sequential(*modules)
+
+
+def cnn(name, num_classes=10):
+  """The reference's basic CIFAR CNN `name` (see CNNS) on 3 x 32 x 32 inputs (each conv pair halves twice: 8 x 8)."""
+  convs, hidden = CNNS[name]
+  return sequential_cnn(3, convs, 8, hidden, num_classes)
 
 
 def _layers(seq):

@@ -90,7 +90,7 @@ def save_source(
   config: ml_collections.ConfigDict, directory: str, label: str, params: PyTree, batch_stats: PyTree, scores: PyTree
 ) -> None:
   """Writes (params, batch_stats, scores) as a checkpoint that `sources.load_source` reads (step 0)."""
-  report = masking.sparsity_report(masking.export_dense(params, scores, config.k, **config.mask))
+  report = masking.sparsity_report(sources.exported_params(params, scores, config.k, config.mask))
   meta = {
     "model": config.model.name,
     "num_classes": config_lib.num_classes(config),

@@ -126,10 +126,18 @@ def masked_params(
 
 
 def exported_params(params: PyTree, scores: PyTree | None, k: Any, mask_config: Mapping[str, Any]) -> PyTree:
-  """`masking.export_dense` (pruned weights exactly 0) with the run's mask settings, or params when dense."""
+  """`masking.export_dense` (pruned weights exactly 0) with the run's mask settings, or params when dense.
+
+  Jitted: eager masking dispatches every op of every layer's top-k search (28 s for ResNet-18 against 9 s
+  compiling and 0.6 s running the jitted program, on the shared 2-core CPU)."""
   if scores is None:
     return params
-  return masking.export_dense(params, scores, k, scope=mask_config["scope"], min_layer_k=mask_config["min_layer_k"])
+  return _export_dense_jit(params, scores, k=k, scope=mask_config["scope"], min_layer_k=mask_config["min_layer_k"])
+
+
+_export_dense_jit = jax.jit(
+  masking.export_dense, static_argnames=("k", "scope", "min_layer_k")
+)  # k static as in training
 
 
 def model_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:

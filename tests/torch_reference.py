@@ -14,28 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import torch_bounds
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------------------------- basic.py CNNs
-def sequential_cnn(in_channels, convs, flat_hw, hidden, num_classes):
-  """conv/ReLU..., Flatten, Linear/ReLU..., Linear as one nn.Sequential (keys 0.weight, 2.weight, ...)."""
-  modules, channels = [], in_channels
-  for out, k, s, p in convs:
-    modules += [nn.Conv2d(channels, out, k, stride=s, padding=p), nn.ReLU()]
-    channels = out
-  modules.append(nn.Flatten())
-  features = channels * flat_hw * flat_hw
-  for width in hidden:
-    modules += [nn.Linear(features, width), nn.ReLU()]
-    features = width
-  modules.append(nn.Linear(features, num_classes))
-  return nn.Sequential(*modules)
-
-
-SMALL = [(16, 4, 2, 1), (32, 4, 2, 1)]
-LARGE = [(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)]
+SMALL, LARGE = torch_bounds.CNNS["cnn_small"][0], torch_bounds.CNNS["cnn_large"][0]
+sequential_cnn = torch_bounds.sequential_cnn
 
 
 # ----------------------------------------------------------------------------------------------- vgg_cifar.py
@@ -364,7 +351,7 @@ BUILDERS = {
   "mnist_model_large": lambda c: sequential_cnn(1, LARGE, 7, [512, 512], c),
   "cifar_model": lambda c: sequential_cnn(3, SMALL, 8, [100], c),
   "cifar_model_large": lambda c: sequential_cnn(3, LARGE, 8, [512, 512], c),
-  "cnn_tiny": lambda c: sequential_cnn(3, [(4, 4, 2, 1), (8, 4, 2, 1)], 8, [16], c),
+  "cnn_tiny": lambda c: torch_bounds.cnn("cnn_tiny", c),
   **{f"vgg{d}": functools.partial(VGG, cfg, False) for d, cfg in VGG_CFGS.items()},
   **{f"vgg{d}_bn": functools.partial(VGG, cfg, True) for d, cfg in VGG_CFGS.items()},
   "vgg_tiny": lambda c: VGG([8, "M", 16, "M"], True, c, hidden=32),
