@@ -87,12 +87,14 @@ def evaluate_checkpoint(
     progress: show a progress bar.
 
   Returns:
-    `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint.
+    `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint and 'settings': every method's
+    settings (threat model, eps, steps; a certifier's sigma, n, alpha), so that each number names what gave it.
   """
   run = load_run(config, workdir, best=best)
   names = [name for name in (config.eval.methods if methods is None else methods) if name != "clean"]
   batches = sources.eval_split(config)
   apply_fn = models.make_apply_fn(sources.build_model(config))
+  settings = evaluate.config_settings(config.eval, names)
   with config_lib.prng_scope(config):
     results = evaluate.evaluate(
       apply_fn,
@@ -100,10 +102,10 @@ def evaluate_checkpoint(
       data.iterate(batches, range(batches.num_steps)),
       key=jax.random.PRNGKey(config.seed + 1),
       methods=names,
-      config=evaluate.config_settings(config.eval, names),
+      config=settings,
       progress=progress,
     )
-  return {**results, "k": run.k, "stage": run.meta.get("stage")}
+  return {**results, "k": run.k, "stage": run.meta.get("stage"), "settings": settings}
 
 
 def sparse_size(params: PyTree) -> dict[str, int]:

@@ -273,6 +273,10 @@ def test_cli_certify_writes_tsv_table_json_and_plot(tmp_path):
   at = [results[f"smooth_r{r:g}"] for r in (0, 0.25, 0.5, 0.75)]
   assert results["num_examples"] == 120 and 0 < at[0] <= 1
   assert at == sorted(at, reverse=True) and results["smooth"] == at[2]  # eps 0.5: the same decisions as r = 0.5
+  assert results["settings"]["smooth"] == {
+    **dict(eps=0.5, radii=[0.0, 0.25, 0.5, 0.75], norm="l2"),
+    **dict(sigma=0.5, n0=20, n=200, alpha=0.01, batch_size=64),
+  }  # each number is written with what produced it
 
 
 def test_config_warns_when_the_smooth_method_certifies_another_sigma_than_trained():
