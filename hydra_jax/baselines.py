@@ -23,7 +23,7 @@ the finetune stage's. STR and Adv-ADMM also change the train step itself: their 
 
 Usage:
   >>> scores = baselines.magnitude_scores(params)                          # LWM
-  >>> scores = baselines.snip_scores(params, baselines.mean_gradient(loss_fn, params, batches, key))
+  >>> scores = baselines.snip_scores(params, baselines.mean_gradient(jax.grad(loss_fn), params, batches, key))
   >>> scores = baselines.random_scores(params, key)                        # scratch
   >>> masked = masking.apply_masks(params, scores, k=0.01)                 # scores frozen: mask fixed
   >>> thresholds = baselines.str_thresholds(params, s_init=-5.0)           # STR, trained beside params
@@ -50,6 +50,7 @@ from hydra_jax import PyTree
 from hydra_jax import masking
 
 LossFn = Callable[[PyTree, Any, jax.Array], jax.Array]
+GradFn = Callable[[PyTree, Any, jax.Array], PyTree]
 
 
 def _at_prunable(fn: Callable[..., jax.Array], params: PyTree, *rest: PyTree) -> PyTree:
@@ -74,11 +75,12 @@ def magnitude_scores(params: PyTree) -> PyTree:
   return _at_prunable(jnp.abs, params)
 
 
-def mean_gradient(loss_fn: LossFn, params: PyTree, batches: Iterable[Any], key: jax.Array) -> PyTree:
-  """(1/n) sum_i dL(params, batch_i, key_i) / dparams over the n `batches`, key_i = fold_in(key, i).
+def mean_gradient(grad_fn: GradFn, params: PyTree, batches: Iterable[Any], key: jax.Array) -> PyTree:
+  """(1/n) sum_i grad_fn(params, batch_i, key_i) over the n `batches`, key_i = fold_in(key, i).
 
   Args:
-    loss_fn: `(params, batch, key) -> scalar loss` (e.g. the robust objective with BN statistics fixed).
+    grad_fn: `(params, batch, key) -> dL/dparams`, e.g. `jax.grad` of the robust objective with BN statistics
+      fixed, or a data-parallel program computing it (`sources.snip_gradients`).
     params: the weights to differentiate at (a fresh initialisation for SNIP).
     batches: one or a few batches (at least one).
     key: seeds each batch's randomness (attack starts).
@@ -86,7 +88,6 @@ def mean_gradient(loss_fn: LossFn, params: PyTree, batches: Iterable[Any], key: 
   Returns:
     A tree shaped like `params`: the gradient of the mean loss over equally sized batches.
   """
-  grad_fn = jax.jit(jax.grad(loss_fn))
   grads = [grad_fn(params, batch, jax.random.fold_in(key, i)) for i, batch in enumerate(batches)]
   if not grads:
     raise ValueError("mean_gradient needs at least one batch")

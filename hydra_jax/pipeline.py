@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from hydra_jax import PyTree
@@ -23,28 +22,9 @@ from hydra_jax import baselines
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import masking
-from hydra_jax import models
-from hydra_jax import objectives
 from hydra_jax import parallel
 from hydra_jax import sources
 from hydra_jax import train
-
-
-def baseline_loss(config: ml_collections.ConfigDict, batch_stats: PyTree) -> baselines.LossFn:
-  """`(params, batch, key) -> loss` of the run's objective (train-mode BN, statistics not carried over).
-
-  Stateful objectives (free AT) start from their initial carry, and scheduled ones (takes_epoch) from epoch 0,
-  as at the first batch of a stage (`sources.objective_loss` passes what the objective takes).
-  """
-  apply_fn = models.make_apply_fn(sources.build_model(config))
-  objective = objectives.get_objective(config.objective.name)
-
-  def loss_fn(params, batch, key):
-    carry = None if objective.init_carry is None else objective.init_carry(batch["image"].shape, config.objective)
-    variables = sources.model_variables(params, batch_stats)
-    return sources.objective_loss(objective, config, apply_fn, variables, batch, key, carry, jnp.float32(0))[0]
-
-  return loss_fn
 
 
 def _start_weights(
@@ -82,7 +62,8 @@ def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str) -
   if baseline.needs_grads:
     stream = sources.train_batches(config)
     batches = [stream.batch_at(step) for step in range(config.baseline.grad_batches)]
-    grads = baselines.mean_gradient(baseline_loss(config, batch_stats), params, batches, grad_key)
+    mode = parallel.resolve_mode(config.parallel.mode)
+    grads = sources.snip_gradients(config, params, batch_stats, batches, grad_key, mode)
   return params, batch_stats, baseline.mask_scores(params, score_key, grads)
 
 

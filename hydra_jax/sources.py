@@ -15,6 +15,7 @@ state's model is made of: the weights it runs with, their sparsity and their eva
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -164,43 +165,63 @@ def objective_loss(
   return objective.loss_fn(apply_fn, variables, batch, key, config.objective, *extra, **by_name)
 
 
+def objective_loss_fn(
+  config: ml_collections.ConfigDict, batch_stats: PyTree, axis_name: str | None = None
+) -> baselines.LossFn:
+  """`(params, batch, key) -> loss` of the run's objective with every weight kept, as at a stage's first batch.
+
+  Train-mode BatchNorm whose statistics are not carried over; stateful objectives (free AT) start from their
+  initial carry and scheduled ones (takes_epoch) from epoch 0 (`objective_loss` passes what each takes).
+  """
+  apply_fn = models.make_apply_fn(build_model(config, axis_name))
+  objective = objectives.get_objective(config.objective.name)
+
+  def loss_fn(params, batch, key):
+    carry = None if objective.init_carry is None else objective.init_carry(batch["image"].shape, config.objective)
+    variables = model_variables(params, batch_stats)
+    return objective_loss(objective, config, apply_fn, variables, batch, key, carry, jnp.float32(0))[0]
+
+  return loss_fn
+
+
 def snip_gradients(
   config: ml_collections.ConfigDict,
   params: PyTree,
   batch_stats: PyTree,
-  batch: dict[str, jax.Array],
+  batches: Sequence[dict[str, jax.Array]],
   key: jax.Array,
   mode: str = "single",
 ) -> PyTree:
-  """dL/dw of the run's objective on one batch with every weight kept: the input of SNIP's |w * dL/dw|.
+  """Mean over `batches` of dL/dw of the run's objective with every weight kept: the g of SNIP's |w * g|.
+
+  Each batch's gradient is one data-parallel program in `mode`, averaged over all devices of every process
+  as in a train step, so that every host derives the same mask from its own part of the global batches.
 
   Args:
     config: run config (model, objective).
-    params, batch_stats: the dense source weights and BN statistics.
-    batch: this host's part of a global batch {'image': [B, H, W, C], 'label': [B]}.
-    key: PRNG key of the objective's randomness (attack start).
-    mode: parallel mode; the gradient is averaged over devices as in a train step.
+    params, batch_stats: the weights to differentiate at and the BN statistics.
+    batches: this host's parts of one or a few global batches {'image': [B, H, W, C], 'label': [B]}.
+    key: PRNG key of the objective's randomness; batch i uses fold_in(key, i) (`baselines.mean_gradient`).
+    mode: parallel mode.
 
   Returns:
     A tree mirroring `params`.
   """
-  objective = objectives.get_objective(config.objective.name)
 
   def step(state, batch, axis_name):
-    apply_fn = models.make_apply_fn(build_model(config, axis_name))
-    carry = None if objective.init_carry is None else objective.init_carry(batch["image"].shape, config.objective)
-    loss = lambda p: objective_loss(
-      objective, config, apply_fn, model_variables(p, state["batch_stats"]), batch, state["key"], carry, jnp.float32(0)
-    )[0]
-    grads = jax.grad(loss)(state["params"])
+    grads = jax.grad(objective_loss_fn(config, state["batch_stats"], axis_name))(state["params"], batch, state["key"])
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
     return {**state, "grads": grads}, {}
 
   runner = parallel.make_runner(step, mode)
-  start = runner.put_state({"params": params, "batch_stats": batch_stats, "key": key, "grads": params})
-  state, _ = runner(start, runner.put_batch(batch))
-  return runner.get_state(state)["grads"]
+
+  def grad_fn(params, batch, key):
+    start = runner.put_state({"params": params, "batch_stats": batch_stats, "key": key, "grads": params})
+    state, _ = runner(start, runner.put_batch(batch))
+    return runner.get_state(state)["grads"]
+
+  return baselines.mean_gradient(grad_fn, params, batches, key)
 
 
 def initial_scores(
@@ -239,7 +260,7 @@ def initial_scores(
   if init == "snip":
     if first_batch is None:
       raise errors.ConfigError(f"config.stages.{stage}.score_init='snip' needs the stage's first batch")
-    grads = {"grads": snip_gradients(config, params, batch_stats, first_batch, key, mode)}
+    grads = {"grads": snip_gradients(config, params, batch_stats, [first_batch], key, mode)}
   return masking.init_scores(params, init, key, **grads)
 
 

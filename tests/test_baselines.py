@@ -74,11 +74,13 @@ def test_snip_scores_are_abs_gradient_times_weight_of_the_stated_batches():
 
   w, b = np.asarray(params["dense"]["kernel"], np.float64), np.asarray(params["dense"]["bias"], np.float64)
   g = np.mean([bt["x"].T @ (bt["x"] @ w + b - bt["y"]) / 5 for bt in batches], axis=0)
-  grads = baselines.mean_gradient(loss_fn, params, batches, jax.random.key(0))
+  grads = baselines.mean_gradient(jax.grad(loss_fn), params, batches, jax.random.key(0))
   scores = baselines.snip_scores(params, grads)
   np.testing.assert_allclose(scores["dense"]["kernel"], np.abs(g * w), rtol=1e-5)
   assert scores["dense"]["bias"] is None
-  one_batch = baselines.snip_scores(params, baselines.mean_gradient(loss_fn, params, batches[:1], jax.random.key(0)))
+  one_batch = baselines.snip_scores(
+    params, baselines.mean_gradient(jax.grad(loss_fn), params, batches[:1], jax.random.key(0))
+  )
   g0 = batches[0]["x"].T @ (batches[0]["x"] @ w + b - batches[0]["y"]) / 5
   np.testing.assert_allclose(one_batch["dense"]["kernel"], np.abs(g0 * w), rtol=1e-5)
 
@@ -273,7 +275,7 @@ def kept_per_layer(params):
 def test_fixed_mask_baselines_keep_their_mask_through_training(name):
   params, loss_fn = tiny_problem()
   k = 0.25
-  grads = baselines.mean_gradient(loss_fn, params, [None], jax.random.key(0))
+  grads = baselines.mean_gradient(jax.grad(loss_fn), params, [None], jax.random.key(0))
   scores = baselines.get_baseline(name).mask_scores(params, jax.random.key(1), grads)
   masks = masking.compute_masks(scores, k)
   start = masking.export_dense(params, scores, k)
@@ -375,13 +377,38 @@ def test_run_baseline_trains_the_snip_mask_with_the_mask_fixed(tmp_path):
     assert kept.sum() == kept_count(kept.size, config.k)
 
 
+def test_snip_gradients_are_the_mean_over_batches_and_equal_on_eight_devices():
+  # What the SNIP baseline scores with: the mean gradient over `baseline.grad_batches` batches, each one
+  # program over all devices (so every host of a multi-host run gets the same mask), against a hand-written
+  # train-mode cross-entropy on one device.
+  config = tiny_config()
+  config.objective = config_lib.objective_config("benign")
+  variables = sources.init_variables(config, jax.random.key(0))
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  stream = data.train_batches("digits", 32, seed=config.seed)
+  batches = [stream.batch_at(step) for step in range(2)]
+  model = sources.build_model(config)
+
+  def cross_entropy(params, batch):
+    logits, _ = model.apply(
+      {"params": params, "batch_stats": batch_stats}, batch["image"], train=True, mutable=["batch_stats"]
+    )
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=1))
+
+  expected = jax.tree.map(lambda *g: sum(g) / 2, *[jax.grad(cross_entropy)(params, b) for b in batches])
+  for mode in ("single", "shard_map"):
+    grads = sources.snip_gradients(config, params, batch_stats, batches, jax.random.key(1), mode)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7, err_msg=mode)
+
+
 def at(tree, path):
   for key in path:
     tree = tree[key.key]
   return tree
 
 
-def test_baseline_loss_starts_stateful_objectives_from_their_initial_carry():
+def test_objective_loss_fn_starts_stateful_objectives_from_their_initial_carry():
   # Free AT with its zero initial perturbation is CE on clip(x + 0) = x: the benign loss, for the same weights.
   config = tiny_config()
   variables = sources.init_variables(config, jax.random.key(0))
@@ -389,7 +416,7 @@ def test_baseline_loss_starts_stateful_objectives_from_their_initial_carry():
   losses = {}
   for name in ("free", "benign"):
     config.objective = config_lib.objective_config(name)
-    losses[name] = pipeline.baseline_loss(config, variables["batch_stats"])(
+    losses[name] = sources.objective_loss_fn(config, variables["batch_stats"])(
       variables["params"], batch, jax.random.key(1)
     )
   assert np.isfinite(losses["free"]) and float(losses["free"]) == pytest.approx(float(losses["benign"]), rel=1e-6)
