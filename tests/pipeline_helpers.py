@@ -36,11 +36,14 @@ def tiny_config(**overrides):
   config.log.progress = False
   config.checkpoint.async_save = False
   config.parallel.mode = "single"
+  return override(config, **overrides)
+
+
+def override(config, **overrides):
+  """`config` with each dotted key of `overrides` set, e.g. override(config, **{"data.batch_size": 16})."""
   for key, value in overrides.items():
-    parent = config
     *path, leaf = key.split(".")
-    for part in path:
-      parent = parent[part]
+    parent = config_lib.lookup(config, ".".join(path)) if path else config
     parent[leaf] = value
   return config
 

@@ -25,6 +25,7 @@ from hydra_jax import parallel
 from hydra_jax import pipeline
 from hydra_jax import sources
 from hydra_jax import train
+from tests import pipeline_helpers as ph
 
 
 def tiny_config(**overrides):
@@ -46,13 +47,7 @@ def tiny_config(**overrides):
   config.log.every_steps = 5
   config.checkpoint.async_save = False
   config.parallel.mode = "single"
-  for key, value in overrides.items():
-    parent = config
-    *path, leaf = key.split(".")
-    for part in path:
-      parent = parent[part]
-    parent[leaf] = value
-  return config
+  return ph.override(config, **overrides)
 
 
 def digits_batch(size=16):
