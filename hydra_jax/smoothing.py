@@ -16,6 +16,8 @@ Usage:
   label, radius = smoothing.certify(logits_fn, image, key=key, sigma=0.25, n0=100, n=100_000,
                                     alpha=0.001, batch_size=1000)       # (-1, 0.0) when it abstains
   label = smoothing.predict(logits_fn, image, key=key, sigma=0.25, n=10_000, alpha=0.001, batch_size=1000)
+  ok = smoothing.certified_correct(logits_fn, images, labels, key=key, sigma=0.25, radii=(0.0, 0.5))  # [B, 2],
+                                                                  # jit-traceable: CERTIFY's decisions per radius
   accuracy = smoothing.certified_accuracy(correct, radii, at=[0.0, 0.25, 0.5])
   print(smoothing.accuracy_table([0.0, 0.25, 0.5], accuracy))
   smoothing.plot_certified_accuracy('certified.png', correct, radii)
