@@ -293,6 +293,13 @@ def _split_fields(state: Any, fields: Sequence[str]) -> Any:
   return dataclasses.replace(not_split, **{f: jax.tree.map(lambda _: True, getattr(state, f)) for f in fields})
 
 
+def _replicas(x: Any, count: int) -> Any:
+  """`count` copies of x stacked on a new leading axis; typed PRNG keys (`jax.random.key`) stay keys."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jnp.broadcast_to(x, (count, *x.shape))
+  return np.broadcast_to(x, (count, *np.shape(x)))
+
+
 def _local_copy(stacked: Any) -> jax.Array:
   """A replicated pmap value [devices, ...] -> this process's first copy [...]. Indexing `stacked[0]` instead is
   a global computation that every process must run in step: with several processes it deadlocked against the
@@ -346,7 +353,7 @@ class Runner:
     if self.mode == "pmap":  # stacked [local devices, ...] host values; pmap places one slice per device
       local = len([d for d in self.devices if d.process_index == jax.process_index()])
       return jax.tree.map(
-        lambda x, s: np.reshape(x, (local, -1) + x.shape[1:]) if s else np.broadcast_to(x, (local, *x.shape)),
+        lambda x, s: np.reshape(x, (local, -1) + x.shape[1:]) if s else _replicas(x, local),
         jax.device_get(state),
         split,
       )

@@ -244,10 +244,12 @@ def test_counts_are_summed_over_eight_devices():
     progress=False,
     mode=mode,
   )
-  single, sharded = run("single"), run("shard_map")
-  assert sharded["num_examples"] == 48
-  for name, value in single.items():
-    np.testing.assert_allclose(sharded[name], value, err_msg=name)
+  single = run("single")
+  for mode in ("shard_map", "pmap"):  # the key is a typed PRNG key (jax.random.key), replicated as one
+    sharded = run(mode)
+    assert sharded["num_examples"] == 48
+    for name, value in single.items():
+      np.testing.assert_allclose(sharded[name], value, err_msg=f"{mode}: {name}")
 
 
 def test_run_settings_apply_the_threat_model_to_the_methods_of_its_norm():
