@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/test_experiments.py
 """
 
 import csv
+import importlib.util
 import math
 import os
 
@@ -15,6 +16,8 @@ from experiments import table1
 from hydra_jax import config as config_lib
 from hydra_jax import masking
 from hydra_jax import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_init_ablation_writes_a_finite_row_per_init_and_logged_step(tmp_path):
@@ -118,3 +121,27 @@ def test_table1_writes_a_row_per_network_and_method_with_the_worst_case_of_its_a
     assert 0 <= float(row["robust"]) <= min(attacks) and max(attacks) <= float(row["clean"]) <= 1
     assert float(row["kept_fraction"]) == pytest.approx(0.01, abs=0.005)
   assert os.path.getsize(tmp_path / "config_resnet_tiny.json") > 0
+
+
+def _imagenet_config(arg):
+  spec = importlib.util.spec_from_file_location("imagenet", os.path.join(ROOT, "configs", "imagenet.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_imagenet_smoothing_config_is_the_references_resnet50_at_90_percent_and_validates():
+  config = _imagenet_config("objective=smooth")
+  config_lib.check_config(config)
+  assert (config.model.name, config.data.name, config.data.batch_size) == ("resnet50_imagenet", "imagenet2012", 256)
+  assert (config.objective.name, config.objective.noise_std, config.ks, config.eval.methods) == (
+    "smooth_imagenet",
+    0.25,
+    (0.1,),
+    (),
+  )
+  stages = {
+    stage: (config.stages[stage].epochs, config.stages[stage].lr) for stage in ("pretrain", "prune", "finetune")
+  }
+  assert stages == {"pretrain": (23, 0.1), "prune": (5, 0.1), "finetune": (23, 0.01)}
+  config_lib.check_config(_imagenet_config(None))  # the free-AT default still validates
