@@ -11,7 +11,7 @@ Reduced (the digits upsampled to 16x16, CNN-small; tens of minutes on 2 CPU core
 Runs `stage=all` (`pipeline.train_and_evaluate`: pretrain, then per k HYDRA's prune + finetune and the
 baselines, STR once) in `--out`, then evaluates every trained model with `export.evaluate_checkpoint` and
 `--methods`. Writes `<out>/baselines.csv` (method, target_k, kept_fraction, clean, each attack, robust) and
-prints it. Rerunning resumes every stage and only re-evaluates.
+`<out>/config.json` (the resolved config), and prints the table. Rerunning resumes every stage and only re-evaluates.
 """
 
 import argparse
@@ -29,6 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   common.add_run_flags(parser)
   parser.add_argument("--finetune_epochs", type=int, default=100)
   parser.add_argument("--str_epochs", type=int, default=100, help="STR's training length (from scratch)")
+  parser.add_argument("--str_s_init", type=float, default=-5.0, help="STR's initial threshold parameter s")
   parser.add_argument("--ks", default="0.1,0.05,0.01", help="fractions of weights kept, comma-separated")
   parser.add_argument("--baselines", default="lwm,snip,random,str", help="hydra_jax.baselines names")
   parser.add_argument("--methods", default=",".join(common.METHODS), help="evaluation methods; robust = worst case")
@@ -42,6 +43,7 @@ def pipeline_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.ks = tuple(float(k) for k in args.ks.split(",") if k)
   config.baselines = tuple(args.baselines.split(","))
   config.stages.finetune.epochs, config.stages.str.epochs = args.finetune_epochs, args.str_epochs
+  config.baseline.s_init = args.str_s_init
   config.eval.every_epochs = max(args.pretrain_epochs, args.prune_epochs, args.finetune_epochs)
   return config
 
@@ -86,6 +88,7 @@ def main(argv: list[str]) -> None:
   pipeline.train_and_evaluate(config, args.out)
   rows = evaluate_runs(config, trained_models(config, args.out), methods)
   common.write_csv(os.path.join(args.out, "baselines.csv"), rows)
+  common.write_config(os.path.join(args.out, "config.json"), config)
   print(table(rows, methods))
 
 
