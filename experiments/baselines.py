@@ -11,22 +11,17 @@ Reduced (the digits upsampled to 16x16, CNN-small; tens of minutes on 2 CPU core
 Runs `stage=all` (`pipeline.train_and_evaluate`: pretrain, then per k HYDRA's prune + finetune and the
 baselines, STR once) in `--out`, then evaluates every trained model with `export.evaluate_checkpoint` and
 `--methods`. Writes `<out>/baselines.csv` (method, target_k, kept_fraction, clean, each attack, robust) and
-prints it. Rerunning resumes every stage and only re-evaluates.
+`<out>/config.json` (the resolved config), and prints the table. Rerunning resumes every stage and only re-evaluates.
 """
 
 import argparse
-import csv
-import json
 import os
 import sys
 
 import ml_collections
 
 from experiments import common
-from hydra_jax import export
 from hydra_jax import pipeline
-
-METHODS = ("pgd_linf", "apgd_ce", "apgd_dlr")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,9 +29,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   common.add_run_flags(parser)
   parser.add_argument("--finetune_epochs", type=int, default=100)
   parser.add_argument("--str_epochs", type=int, default=100, help="STR's training length (from scratch)")
+  parser.add_argument("--str_s_init", type=float, default=-5.0, help="STR's initial threshold parameter s")
   parser.add_argument("--ks", default="0.1,0.05,0.01", help="fractions of weights kept, comma-separated")
   parser.add_argument("--baselines", default="lwm,snip,random,str", help="hydra_jax.baselines names")
-  parser.add_argument("--methods", default=",".join(METHODS), help="evaluation methods; robust = worst case")
+  parser.add_argument("--methods", default=",".join(common.METHODS), help="evaluation methods; robust = worst case")
   return parser.parse_args(argv)
 
 
@@ -44,9 +40,10 @@ def pipeline_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """stage='all' over `--ks` with `--baselines`; in-training evaluation at each stage's end only."""
   config = common.run_config(args)
   config.stage = "all"
-  config.ks = tuple(float(k) for k in args.ks.split(","))
+  config.ks = tuple(float(k) for k in args.ks.split(",") if k)
   config.baselines = tuple(args.baselines.split(","))
   config.stages.finetune.epochs, config.stages.str.epochs = args.finetune_epochs, args.str_epochs
+  config.baseline.s_init = args.str_s_init
   config.eval.every_epochs = max(args.pretrain_epochs, args.prune_epochs, args.finetune_epochs)
   return config
 
@@ -66,25 +63,10 @@ def trained_models(config: ml_collections.ConfigDict, out: str) -> list[tuple[st
 def evaluate_runs(
   config: ml_collections.ConfigDict, runs: list[tuple[str, float, str]], methods: list[str]
 ) -> list[dict]:
-  """One row per run: `export.evaluate_checkpoint` accuracies (robust: per-example worst case of `methods`)."""
-  rows = []
-  for method, k, workdir in runs:
-    results = export.evaluate_checkpoint(config, workdir, methods=methods, progress=False)
-    rows.append(
-      {
-        "method": method,
-        "target_k": k,
-        "kept_fraction": kept_fraction(workdir),
-        **{name: results[name] for name in ("clean", *methods, "robust")},
-      }
-    )
-  return rows
-
-
-def kept_fraction(workdir: str) -> float:
-  """The kept fraction of a finished run, from its summary.json (counted on the weights it runs with)."""
-  with open(os.path.join(workdir, "summary.json")) as f:
-    return float(json.load(f)["kept_fraction"])
+  """One row per run: `common.evaluate_run` accuracies (robust: per-example worst case of `methods`)."""
+  return [
+    {"method": method, "target_k": k, **common.evaluate_run(config, workdir, methods)} for method, k, workdir in runs
+  ]
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
@@ -105,10 +87,8 @@ def main(argv: list[str]) -> None:
   methods = args.methods.split(",")
   pipeline.train_and_evaluate(config, args.out)
   rows = evaluate_runs(config, trained_models(config, args.out), methods)
-  with open(os.path.join(args.out, "baselines.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  common.write_csv(os.path.join(args.out, "baselines.csv"), rows)
+  common.write_config(os.path.join(args.out, "config.json"), config)
   print(table(rows, methods))
 
 

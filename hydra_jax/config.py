@@ -63,7 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
   c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0})
 
-  c.model = ml_collections.ConfigDict({"name": "vgg16_bn", "num_classes": 0, "dtype": "float32"})
+  # width: channel-width multiplier (models.get_model; 1 = the registered network, others only for the ResNet,
+  # WRN, MobileNetV2 and GoogLeNet families).
+  c.model = ml_collections.ConfigDict({"name": "vgg16_bn", "num_classes": 0, "dtype": "float32", "width": 1.0})
   c.data = ml_collections.ConfigDict(
     {
       "name": "cifar10",
@@ -232,7 +234,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     if value not in valid:
       raise errors.ConfigError(f"config.{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}")
   registries = {
-    "model.name": lambda name: models.get_model(name, 10),
+    "model.name": lambda name: models.get_model(name, 10, width=config.model.width),
     "data.name": data.get_dataset_info,
     "objective.name": objectives.get_objective,
     "baselines": lambda names: [baselines.get_baseline(name) for name in names],

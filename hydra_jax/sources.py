@@ -39,7 +39,11 @@ from hydra_jax import parallel
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None):
   """The zoo model of `config.model` for `config.data`'s classes, BN averaged over `axis_name`."""
   return models.get_model(
-    config.model.name, config_lib.num_classes(config), dtype=jnp.dtype(config.model.dtype), bn_axis_name=axis_name
+    config.model.name,
+    config_lib.num_classes(config),
+    width=config.model.width,
+    dtype=jnp.dtype(config.model.dtype),
+    bn_axis_name=axis_name,
   )
 
 

@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/test_experiments.py
 """
 
 import csv
+import importlib.util
 import math
 import os
 
@@ -11,7 +12,12 @@ import pytest
 
 from experiments import baselines
 from experiments import init_ablation
+from experiments import table1
+from hydra_jax import config as config_lib
 from hydra_jax import masking
+from hydra_jax import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_init_ablation_writes_a_finite_row_per_init_and_logged_step(tmp_path):
@@ -67,3 +73,75 @@ def test_baselines_evaluates_every_trained_model_with_the_worst_case_of_its_atta
     attacks = [float(row["pgd_linf"]), float(row["apgd_ce"])]
     assert 0 <= float(row["robust"]) <= min(attacks) and max(attacks) <= float(row["clean"]) <= 1
   assert [float(r["kept_fraction"]) for r in rows[1:5]] == pytest.approx([0.5] * 4, abs=0.01)
+
+
+def test_table1_networks_are_the_papers_six_and_each_has_a_width_option():
+  assert set(table1.PAPER) == set(table1.NETWORKS) and len(table1.NETWORKS) == 6
+  assert all(models.width_scalable(name) for name in table1.NETWORKS)
+
+
+def test_table1_configs_validate_at_full_and_reduced_scale():
+  full = table1.parse_args(["--out", "unused"])
+  reduced = table1.parse_args(["--out", "unused", "--dataset=digits", "--width=0.25", "--eps=0.1"])
+  for args in (full, reduced):
+    for network in table1.NETWORKS:
+      config = table1.network_config(args, network)
+      config_lib.check_config(config)
+      assert (config.stage, config.ks, config.baselines) == ("all", (0.01,), ("admm",))
+  config = table1.network_config(full, "resnet18")
+  assert (config.data.name, config.model.width, config.objective.name) == ("cifar10", 1.0, "trades")
+  assert config.objective.eps == pytest.approx(8 / 255) and config.stages.admm.epochs == 100
+
+
+@pytest.mark.slow
+def test_table1_writes_a_row_per_network_and_method_with_the_worst_case_of_its_attacks(tmp_path):
+  table1.main(
+    [
+      "--out",
+      str(tmp_path),
+      "--dataset=digits",
+      "--networks=resnet_tiny",
+      "--width=0.5",
+      "--objective=benign",
+      "--batch_size=64",
+      "--pretrain_epochs=1",
+      "--prune_epochs=1",
+      "--finetune_epochs=1",
+      "--admm_epochs=1",
+      "--admm_interval_epochs=1",
+      "--attack_steps=2",
+      "--methods=pgd_linf,apgd_ce",
+    ]
+  )
+  with open(tmp_path / "table1.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["network"], r["method"]) for r in rows] == [("resnet_tiny", "hydra"), ("resnet_tiny", "admm")]
+  for row in rows:
+    attacks = [float(row["pgd_linf"]), float(row["apgd_ce"])]
+    assert 0 <= float(row["robust"]) <= min(attacks) and max(attacks) <= float(row["clean"]) <= 1
+    assert float(row["kept_fraction"]) == pytest.approx(0.01, abs=0.005)
+  assert os.path.getsize(tmp_path / "config_resnet_tiny.json") > 0
+
+
+def _imagenet_config(arg):
+  spec = importlib.util.spec_from_file_location("imagenet", os.path.join(ROOT, "configs", "imagenet.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_imagenet_smoothing_config_is_the_references_resnet50_at_90_percent_and_validates():
+  config = _imagenet_config("objective=smooth")
+  config_lib.check_config(config)
+  assert (config.model.name, config.data.name, config.data.batch_size) == ("resnet50_imagenet", "imagenet2012", 256)
+  assert (config.objective.name, config.objective.noise_std, config.ks, config.eval.methods) == (
+    "smooth_imagenet",
+    0.25,
+    (0.1,),
+    (),
+  )
+  stages = {
+    stage: (config.stages[stage].epochs, config.stages[stage].lr) for stage in ("pretrain", "prune", "finetune")
+  }
+  assert stages == {"pretrain": (23, 0.1), "prune": (5, 0.1), "finetune": (23, 0.01)}
+  config_lib.check_config(_imagenet_config(None))  # the free-AT default still validates

@@ -87,6 +87,32 @@ def test_aliases_build_the_same_architecture():
     assert models.get_model(alias, 10) == models.get_model(name, 10)
 
 
+@pytest.mark.parametrize("name", ["resnet_tiny", "wrn_tiny", "mobilenet_v2_tiny", "googlenet_tiny"])
+def test_width_scales_the_output_channels_of_every_conv_and_keeps_the_layout(name):
+  full, narrow = _kernel_shapes(name), _kernel_shapes(name, width=0.5)
+  assert full.keys() == narrow.keys() and models.width_scalable(name)
+  for path, shape in full.items():  # conv kernels (h, w, in / groups, out), the classifier (in, classes)
+    if len(shape) == 4:
+      assert narrow[path][:2] == shape[:2] and narrow[path][-1] == layers.scale_width(shape[-1], 0.5), path
+    else:
+      assert len(narrow[path]) == 2 and narrow[path][-1] == 10, path
+
+
+def test_width_one_is_the_registered_network_and_other_widths_need_a_scalable_family():
+  assert models.get_model("resnet18", 10, width=1.0) == models.get_model("resnet18", 10)
+  assert not models.width_scalable("cnn_small")
+  with pytest.raises(ValueError, match="no width option"):
+    models.get_model("cnn_small", 10, width=0.5)
+  with pytest.raises(ValueError, match="width must be positive"):
+    models.get_model("resnet18", 10, width=0.0)
+
+
+def _kernel_shapes(name, **options):
+  """{path: shape} of the conv / dense kernels of model `name`."""
+  flat = jax.tree_util.tree_leaves_with_path(_shapes(name, **options)[2]["params"])
+  return {jax.tree_util.keystr(p): v.shape for p, v in flat if p[-1].key == "kernel"}
+
+
 # ------------------------------------------------------------------------------------------------ parameter counts
 def test_counts_given_in_the_spec():
   """Prunable (conv + linear) weight counts stated in the reference spec, section 6."""

@@ -16,6 +16,8 @@ Options every model accepts:
   bn_axis_name: name of a mapped axis (`shard_map` / `pmap`) over which BatchNorm averages its batch statistics,
     or None (also right under `jax.jit` with sharded arrays, where the batch axis is global already).
     BN-free models accept and ignore it.
+`get_model`'s `width` multiplies every channel count of the ResNet, WRN, MobileNetV2 and GoogLeNet families
+(e.g. `get_model("resnet18", 10, width=0.25)`: stages of 16 / 32 / 64 / 128 planes), for reduced-scale runs.
 
 Families (`model_names()` lists every name; `input_shape(name)` gives the (H, W, C) it is meant for):
   cnn.py             mnist_model, mnist_model_large, cifar_model (alias cnn_small), cifar_model_large (cnn_large)
@@ -87,24 +89,43 @@ def _check_name(name: str) -> None:
     raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(model_names())}")
 
 
-def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
+def get_model(name: str, num_classes: int, width: float = 1.0, **options: Any) -> nn.Module:
   """Builds the zoo model `name` with `num_classes` outputs.
 
   Args:
     name: a registered name (see `model_names()`).
     num_classes: number of logits.
+    width: channel-width multiplier (1: the registered network). Every channel count is scaled by it and
+      rounded (`layers.scale_width`), depth and layout unchanged; only the families with a `widened` method
+      (`width_scalable`) accept width != 1.
     **options: module attributes, typically `dtype` and `bn_axis_name` (see the module docstring).
 
   Returns:
     An unbound Flax module called as `model.apply(variables, x, train=...)`.
 
   Raises:
-    ValueError: unknown name (the message lists the valid ones) or num_classes < 1.
+    ValueError: unknown name (the message lists the valid ones), num_classes < 1, width <= 0, or width != 1
+      for a model without a width option.
   """
   _check_name(name)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-  return _MODELS[name](num_classes=num_classes, **options)
+  if not width > 0:
+    raise ValueError(f"width must be positive, got {width!r}")
+  model = _MODELS[name](num_classes=num_classes, **options)
+  if width == 1:
+    return model
+  if not width_scalable(name):
+    raise ValueError(
+      f"model {name!r} has no width option (width={width!r}); the ResNet, WRN, MobileNetV2 and GoogLeNet families have"
+    )
+  return model.widened(width)
+
+
+def width_scalable(name: str) -> bool:
+  """Whether model `name` accepts a width multiplier other than 1 in `get_model`."""
+  _check_name(name)
+  return hasattr(_MODELS[name](num_classes=1), "widened")
 
 
 def input_shape(name: str) -> tuple[int, int, int]:

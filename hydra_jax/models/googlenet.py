@@ -102,6 +102,13 @@ class GoogLeNet(nn.Module):
     x = layers.Linear(self.num_classes, dtype=self.dtype, name="linear")(layers.global_avg_pool(x))
     return x.astype(jnp.float32)
 
+  def widened(self, width: float) -> "GoogLeNet":
+    """This network with the stem and every Inception branch's planes times `width`; the modules unchanged."""
+    return self.clone(
+      inceptions=tuple((name, tuple(layers.scale_width(p, width) for p in planes)) for name, planes in self.inceptions),
+      stem_width=layers.scale_width(self.stem_width, width),
+    )
+
 
 MODELS = {
   "googlenet": GoogLeNet,

@@ -294,6 +294,11 @@ class BatchNorm(nn.Module):
     return mean, var
 
 
+def scale_width(channels: int, width: float) -> int:
+  """`channels` times the width multiplier `width`, rounded to the nearest integer and at least 1."""
+  return max(1, round(channels * width))
+
+
 def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int = 0) -> jax.Array:
   """`torch.nn.MaxPool2d(kernel_size, stride, padding)` on NHWC (padding counts as -inf)."""
   pad = ((padding, padding), (padding, padding))

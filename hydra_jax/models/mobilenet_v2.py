@@ -102,6 +102,14 @@ class MobileNetV2(nn.Module):
     x = layers.Linear(self.num_classes, dtype=self.dtype, name="linear")(layers.global_avg_pool(x))
     return x.astype(jnp.float32)
 
+  def widened(self, width: float) -> "MobileNetV2":
+    """This network with the stem, every stage's out_planes and the head times `width`; expansions unchanged."""
+    return self.clone(
+      config=tuple((e, layers.scale_width(planes, width), n, s) for e, planes, n, s in self.config),
+      stem_width=layers.scale_width(self.stem_width, width),
+      head_width=layers.scale_width(self.head_width, width),
+    )
+
 
 MODELS = {
   "mobilenet_v2": MobileNetV2,

@@ -150,6 +150,10 @@ class ResNet(nn.Module):
     x = layers.Linear(self.num_classes, dtype=self.dtype, name="linear")(layers.global_avg_pool(x))
     return x.astype(jnp.float32)
 
+  def widened(self, width: float) -> "ResNet":
+    """This network with every stage's planes times `width` (`layers.scale_width`); depth unchanged."""
+    return self.clone(widths=tuple(layers.scale_width(planes, width) for planes in self.widths))
+
 
 MODELS = {
   "resnet18": functools.partial(ResNet, block=BasicBlock, num_blocks=(2, 2, 2, 2)),

@@ -1,6 +1,7 @@
 """Wide ResNets of the reference (`models/wrn_cifar.py`, the standard / TRADES WRN-depth-width).
 
-Channels (16, 16w, 32w, 64w) with n = (depth - 4) / 6 pre-activation blocks per group (strides 1, 2, 2):
+Channels (16, 16w, 32w, 64w) (16: `base_width`) with n = (depth - 4) / 6 pre-activation blocks per group
+(strides 1, 2, 2):
 
     conv1 3x3 -> block1 -> block2 -> block3 -> BN -> relu -> global average pool -> fc
 
@@ -89,6 +90,7 @@ class WideResNet(nn.Module):
     depth: total depth, 6n + 4.
     widen_factor: width multiplier w.
     num_classes: outputs.
+    base_width: channels of conv1, b; the groups have (b w, 2 b w, 4 b w). 16 in the reference.
     dtype: compute dtype; parameters are float32 and logits are returned as float32.
     bn_axis_name: mapped axis for cross-device BatchNorm statistics, or None.
   """
@@ -96,6 +98,7 @@ class WideResNet(nn.Module):
   depth: int
   widen_factor: int
   num_classes: int
+  base_width: int = 16
   dtype: layers.Dtype = jnp.float32
   bn_axis_name: str | None = None
 
@@ -105,13 +108,17 @@ class WideResNet(nn.Module):
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}")
     n = (self.depth - 4) // 6
-    w = self.widen_factor
-    x = _conv3x3(16, dtype=self.dtype, name="conv1")(x)
-    for i, (planes, stride) in enumerate([(16 * w, 1), (32 * w, 2), (64 * w, 2)]):
+    b, w = self.base_width, self.widen_factor
+    x = _conv3x3(b, dtype=self.dtype, name="conv1")(x)
+    for i, (planes, stride) in enumerate([(b * w, 1), (2 * b * w, 2), (4 * b * w, 2)]):
       x = NetworkBlock(n, planes, stride, self.dtype, self.bn_axis_name, name=f"block{i + 1}")(x, train)
     x = jax.nn.relu(layers.BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name="bn1")(x, train))
     fc = layers.Linear(self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype, name="fc")
     return fc(layers.global_avg_pool(x)).astype(jnp.float32)
+
+  def widened(self, width: float) -> "WideResNet":
+    """This network with every group's channels times `width` (via `base_width`); depth and w unchanged."""
+    return self.clone(base_width=layers.scale_width(self.base_width, width))
 
 
 MODELS = {
