@@ -33,8 +33,9 @@ Workloads (`--workloads`, comma-separated; default all):
   width     prune step of WRN-(--wrn-depth)-w for w in --widths.
   k         prune step of the first of --models at each of --ks (hydra_jax's time must be flat in k).
   memory    prune step of each --models with each side alone in a fresh process (`isolated_step`): the peak
-            RSS increase during its timed steps over the RSS after setup and one warm-up step (jax_peak_mb,
-            torch_peak_mb; jax_base_mb, torch_base_mb the baselines), the clean comparison of step memory.
+            RSS increase during its timed steps over the RSS after setup, one warm-up step and `malloc_trim`
+            (jax_peak_mb, torch_peak_mb; jax_base_mb, torch_base_mb the baselines) and the peak RSS itself
+            (jax_peak_rss_mb, torch_peak_rss_mb; both processes import both frameworks).
             With --compare-xla-defaults also the hydra_jax step compiled with XLA's defaults, in a third process.
   bounds    IBP / CROWN-IBP on cnn_large vs a forward pass: not built yet (reported as skipped).
   smoothing certification noise samples per second: not built yet (reported as skipped).
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
 import json
 import multiprocessing
 import os
@@ -120,6 +122,8 @@ COLUMNS = (
   ("roofline_pct", "{:.1f}"),
   ("mask_share_pct", "{:.2f}"),
   ("jax_plan_mb", "{:.0f}"),
+  ("jax_peak_rss_mb", "{:.0f}"),
+  ("torch_peak_rss_mb", "{:.0f}"),
   ("jax_taps_conv_s", "{:.4f}"),
   ("jax_xla_defaults_s", "{:.4f}"),
   ("jax_xla_defaults_plan_mb", "{:.0f}"),
@@ -414,8 +418,9 @@ def isolated_step(side: str, model_name: str, stage: str, k: float, batch_size: 
 
   `side`: 'jax', 'jax_xla_defaults' (compiled with XLA's default options, see `jax_train_step`) or 'torch'.
 
-  Builds the model, batch and state, runs one warm-up step (hydra_jax compiles first), then takes the
-  process RSS as the baseline and times `repeats` steps, sampling the RSS every 5 ms (`PeakMemory`).
+  Builds the model, batch and state, runs one warm-up step (hydra_jax compiles first), returns the freed heap
+  memory to the OS (`trimmed_rss`), takes the process RSS as the baseline and times `repeats` steps, sampling
+  the RSS every 5 ms (`PeakMemory`).
 
   Returns:
     {'median', 'min': seconds per step, 'peak': bytes, the largest RSS increase over the baseline during a
@@ -431,12 +436,22 @@ def isolated_step(side: str, model_name: str, stage: str, k: float, batch_size: 
   else:
     call = torch_step_call(model_name, stage, k, host_batch, attack_steps)
   call()
-  base, times, peak = psutil.Process().memory_info().rss, [], 0
+  base, times, peak = trimmed_rss(), [], 0
   for _ in range(repeats):
     with PeakMemory("torch" if side == "torch" else "jax") as memory:
       times.append(_time(call))
     peak = max(peak, memory.peak)
   return {"median": statistics.median(times), "min": min(times), "peak": peak, "base": base, "plan": plan}
+
+
+def trimmed_rss() -> int:
+  """Process RSS in bytes after handing freed heap memory back to the OS (glibc's `malloc_trim`, where present),
+  so that memory freed by earlier calls is not counted as held."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+  return psutil.Process().memory_info().rss
 
 
 def memory_rows(args) -> list[dict]:
@@ -457,6 +472,8 @@ def memory_rows(args) -> list[dict]:
       jax_plan_mb=timing["jax"]["plan"] / 2**20,
       jax_base_mb=timing["jax"]["base"] / 2**20,
       torch_base_mb=timing["torch"]["base"] / 2**20,
+      jax_peak_rss_mb=(timing["jax"]["base"] + timing["jax"]["peak"]) / 2**20,
+      torch_peak_rss_mb=(timing["torch"]["base"] + timing["torch"]["peak"]) / 2**20,
     )
     if "jax_xla_defaults" in timing:
       defaults = timing["jax_xla_defaults"]
@@ -464,6 +481,7 @@ def memory_rows(args) -> list[dict]:
         jax_xla_defaults_s=defaults["median"],
         jax_xla_defaults_plan_mb=defaults["plan"] / 2**20,
         jax_xla_defaults_peak_mb=defaults["peak"] / 2**20,
+        jax_xla_defaults_peak_rss_mb=(defaults["base"] + defaults["peak"]) / 2**20,
       )
     rows.append(row)
   return rows
