@@ -12,13 +12,16 @@ the two (and a matmul probe) `--repeats` times after one warm-up call each, so t
 load. Reported per workload: the median seconds per call and images/s of each, `speedup` = torch seconds /
 hydra_jax seconds, hydra_jax compile seconds, peak memory of each (CPU: the largest process RSS increase over
 the call's start, sampled every 5 ms, which charges memory to whichever call first grows the process, so
-compare it only across processes; for train steps also `jax_plan_mb`, the bytes XLA's compiled program plans
-for arguments, outputs and temporaries; GPU: `memory_stats()['peak_bytes_in_use']` for JAX, which only grows
-within a process, and `torch.cuda.max_memory_allocated` reset per workload), and for train steps the
-achieved GFLOP/s of the compiled step (XLA's cost analysis / median time) against a square f32 matmul
-measured in the same rotation (the roofline). With --compare-taps-conv, train steps are also timed (in the
-same rotation) with every conv at `Conv2d(weight_grad="auto")` (per-tap matmul kernel gradients on CPU where
-they win alone, see `layers.conv2d`): `jax_taps_conv_s`.
+compare it only across processes, as the `memory` workload does; for train steps also `jax_plan_mb`, the
+bytes XLA's compiled program plans for arguments, outputs and temporaries; GPU:
+`memory_stats()['peak_bytes_in_use']` for JAX, which only grows within a process, and
+`torch.cuda.max_memory_allocated` reset per workload), and for train steps the achieved GFLOP/s of the
+compiled step (XLA's cost analysis / median time) against a square f32 matmul measured in the same rotation
+(the roofline). With --compare-taps-conv, train steps are also timed (in the same rotation) with every conv
+at `Conv2d(weight_grad="auto")` (per-tap matmul kernel gradients on CPU where they win alone, see
+`layers.conv2d`): `jax_taps_conv_s`. With --compare-xla-defaults, train steps are also timed compiled with
+XLA's default options instead of the runners' (`parallel.compiler_options`: on CPU the memory-optimized
+scheduler): `jax_xla_defaults_s` and its plan `jax_xla_defaults_plan_mb`.
 
 Workloads (`--workloads`, comma-separated; default all):
   prune     prune-stage TRADES step (scores + BatchNorm train, weights frozen) at k=--k for each --models;
@@ -29,6 +32,11 @@ Workloads (`--workloads`, comma-separated; default all):
   topk      one layer's mask vs tensor size (--sizes): masking.topk_mask against GetSubnet's sort.
   width     prune step of WRN-(--wrn-depth)-w for w in --widths.
   k         prune step of the first of --models at each of --ks (hydra_jax's time must be flat in k).
+  memory    prune step of each --models with each side alone in a fresh process (`isolated_step`): the peak
+            RSS increase during its timed steps over the RSS after setup, one warm-up step and `malloc_trim`
+            (jax_peak_mb, torch_peak_mb; jax_base_mb, torch_base_mb the baselines) and the peak RSS itself
+            (jax_peak_rss_mb, torch_peak_rss_mb; both processes import both frameworks).
+            With --compare-xla-defaults also the hydra_jax step compiled with XLA's defaults, in a third process.
   bounds    IBP and CROWN-IBP (lower bound, margin spec, eps 2/255) on --bounds-model (cnn_large), each also as
             a multiple of its own framework's forward pass (jax_x_forward, torch_x_forward); torch: the
             reference's crown/bound_layers.py re-stated in `benchmarks/torch_bounds.py`.
@@ -37,16 +45,20 @@ Workloads (`--workloads`, comma-separated; default all):
 
 The hydra_jax train step is `train.train_step`'s computation on one device, written here from the public
 pieces (masking.apply_masks once per step, objectives' TRADES, one backward pass, optax SGD with momentum 0.9
-and weight decay 1e-4 on the trainable leaves only), so that the benchmark does not depend on train.py's
-internals. TRADES uses the library defaults (eps 8/255, step 2/255, --attack-steps steps, beta 6, unrolled),
-PGD and APGD the attacks module's defaults. Results go to stdout as a table and to --json.
+and weight decay 1e-4 on the trainable leaves only, compiled with the runners' `parallel.compiler_options`),
+so that the benchmark does not depend on train.py's internals. TRADES uses the library defaults (eps 8/255,
+step 2/255, --attack-steps steps, beta 6, unrolled), PGD and APGD the attacks module's defaults. Results go
+to stdout as a table and to --json.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import ctypes
 import functools
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -71,6 +83,7 @@ from hydra_jax import bounds
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax import parallel
 from hydra_jax import smoothing
 from hydra_jax.models import layers
 from hydra_jax.models import wrn
@@ -101,7 +114,7 @@ TINY = [
   "--bounds-model",
   "cnn_tiny",
 ]
-WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "bounds", "smoothing")
+WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "memory", "bounds", "smoothing")
 COLUMNS = (
   ("workload", "{}"),
   ("model", "{}"),
@@ -118,7 +131,11 @@ COLUMNS = (
   ("roofline_pct", "{:.1f}"),
   ("mask_share_pct", "{:.2f}"),
   ("jax_plan_mb", "{:.0f}"),
+  ("jax_peak_rss_mb", "{:.0f}"),
+  ("torch_peak_rss_mb", "{:.0f}"),
   ("jax_taps_conv_s", "{:.4f}"),
+  ("jax_xla_defaults_s", "{:.4f}"),
+  ("jax_xla_defaults_plan_mb", "{:.0f}"),
   ("jax_x_forward", "{:.2f}"),
   ("torch_x_forward", "{:.2f}"),
   ("note", "{}"),
@@ -258,8 +275,12 @@ def trainable_labels(params, scores, stage: str):
   }
 
 
-def jax_train_step(apply_fn, trainable, stage: str, k: float, attack_steps: int):
-  """(jitted step(trainable, batch_stats, opt_state, batch, key) -> (trainable, batch_stats, opt_state, loss), tx)."""
+def jax_train_step(apply_fn, trainable, stage: str, k: float, attack_steps: int, xla_defaults: bool = False):
+  """(jitted step(trainable, batch_stats, opt_state, batch, key) -> (trainable, batch_stats, opt_state, loss), tx).
+
+  Compiled with the XLA options of `parallel.make_runner` (`parallel.compiler_options`), or with XLA's own
+  defaults when `xla_defaults`.
+  """
   config = objectives.default_config("trades")
   config.steps = attack_steps
   trades = objectives.get_objective("trades").loss_fn
@@ -278,7 +299,8 @@ def jax_train_step(apply_fn, trainable, stage: str, k: float, attack_steps: int)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), batch_stats, opt_state, loss
 
-  return jax.jit(step), tx
+  options = None if xla_defaults else parallel.compiler_options(jax.devices()[0].platform)
+  return jax.jit(step, compiler_options=options), tx
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,30 +346,61 @@ def _row(workload, model, batch, timing, compile_s=None, flops=0.0, roofline=Non
   return row
 
 
-def train_step_row(args, workload: str, model_name: str, stage: str, k: float, batch_size: int) -> dict:
-  """TRADES train step of `stage` at `k`, hydra_jax vs torch, with FLOP/s against the matmul probe."""
-  apply_fn, variables, scores = jax_model(model_name, batch_size)
+def jax_step_setup(
+  model_name: str, stage: str, k: float, host_batch: dict, attack_steps: int, xla_defaults: bool = False
+) -> dict:
+  """The hydra_jax side of a train step: {'compiled', 'compile_s', 'call', 'state', 'batch', 'key', 'trainable',
+  'apply_fn'}; `call()` runs one step on the state (updated in place) and waits for it. `xla_defaults`: see
+  `jax_train_step`."""
+  apply_fn, variables, scores = jax_model(model_name, len(host_batch["label"]))
   trainable = {"params": variables["params"], "scores": scores}
   if stage == "finetune":
     trainable["params"] = masking.export_dense(variables["params"], scores, k)
-  step, tx = jax_train_step(apply_fn, trainable, stage, k, args.attack_steps)
-  host_batch = random_batch(batch_size)
+  step, tx = jax_train_step(apply_fn, trainable, stage, k, attack_steps, xla_defaults)
   state = [trainable, variables["batch_stats"], tx.init(trainable)]
   batch, key = jax.device_put(host_batch), jax.random.key(2)
   compiled, compile_s = compile_seconds(step, *state, batch, key)
-  calls = {"jax": _stepper(compiled, state, batch, key)}
-  if args.compare_taps_conv:  # the same step traced with every Conv2d at weight_grad="auto"
-    conv2d = layers.conv2d
-    with mock.patch.object(layers, "conv2d", lambda *conv_args: conv2d(*conv_args[:-1], "auto")):
-      taps_step, _ = jax_train_step(apply_fn, trainable, stage, k, args.attack_steps)
-      calls["jax_taps_conv"] = _stepper(compile_seconds(taps_step, *state, batch, key)[0], list(state), batch, key)
+  return {
+    "compiled": compiled,
+    "compile_s": compile_s,
+    "call": _stepper(compiled, state, batch, key),
+    "state": state,
+    "batch": batch,
+    "key": key,
+    "trainable": trainable,
+    "apply_fn": apply_fn,
+  }
 
+
+def torch_step_call(model_name: str, stage: str, k: float, host_batch: dict, attack_steps: int) -> Callable[[], Any]:
+  """A call running one step of the PyTorch reference's TRADES trainer on `host_batch` (and waiting for it)."""
   device = _torch_device()
   net = torch_hydra.prepare(torch_hydra.build(model_name).to(device), stage, k)
-  torch_step = torch_hydra.trades_train_step(net, torch_hydra.sgd(net), args.attack_steps)
+  torch_step = torch_hydra.trades_train_step(net, torch_hydra.sgd(net), attack_steps)
   images, labels = _torch_batch(host_batch, device)
+  return lambda: (torch_step(images, labels), sync_torch())
+
+
+def train_step_row(args, workload: str, model_name: str, stage: str, k: float, batch_size: int) -> dict:
+  """TRADES train step of `stage` at `k`, hydra_jax vs torch, with FLOP/s against the matmul probe."""
+  host_batch = random_batch(batch_size)
+  jax_side = jax_step_setup(model_name, stage, k, host_batch, args.attack_steps)
+  compiled, compile_s, trainable = jax_side["compiled"], jax_side["compile_s"], jax_side["trainable"]
+  calls = {"jax": jax_side["call"]}
+  if args.compare_taps_conv:  # the same step traced with every Conv2d at weight_grad="auto"
+    conv2d = layers.conv2d
+    state, batch, key = jax_side["state"], jax_side["batch"], jax_side["key"]
+    with mock.patch.object(layers, "conv2d", lambda *conv_args: conv2d(*conv_args[:-1], "auto")):
+      taps_step, _ = jax_train_step(jax_side["apply_fn"], trainable, stage, k, args.attack_steps)
+      calls["jax_taps_conv"] = _stepper(compile_seconds(taps_step, *state, batch, key)[0], list(state), batch, key)
+  if args.compare_xla_defaults:  # the same step compiled with XLA's default options
+    state, batch, key = jax_side["state"], jax_side["batch"], jax_side["key"]
+    default_step, _ = jax_train_step(jax_side["apply_fn"], trainable, stage, k, args.attack_steps, xla_defaults=True)
+    default_compiled = compile_seconds(default_step, *state, batch, key)[0]
+    calls["jax_xla_defaults"] = _stepper(default_compiled, list(state), batch, key)
+
   probe, probe_flops = matmul_probe(args.matmul_size)
-  calls.update(torch=lambda: (torch_step(images, labels), sync_torch()), matmul=probe)
+  calls.update(torch=torch_step_call(model_name, stage, k, host_batch, args.attack_steps), matmul=probe)
   timing = interleaved(calls, args.repeats)
   row = _row(
     workload,
@@ -360,12 +413,89 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
     note=f"{stage} TRADES-{args.attack_steps} k={k:g}",
   )
   row["jax_plan_mb"] = planned_bytes(compiled) / 2**20
+  if "jax_xla_defaults" in timing:
+    row["jax_xla_defaults_s"] = timing["jax_xla_defaults"]["median"]
+    row["jax_xla_defaults_plan_mb"] = planned_bytes(default_compiled) / 2**20
   if "jax_taps_conv" in timing:
     row["jax_taps_conv_s"] = timing["jax_taps_conv"]["median"]
     row["jax_taps_conv_peak_mb"] = timing["jax_taps_conv"]["peak"] / 2**20
   if workload == "prune":
     row.update(mask_row(trainable, k, timing["jax"]["median"], args.repeats))
   return row
+
+
+def isolated_step(side: str, model_name: str, stage: str, k: float, batch_size: int, attack_steps: int, repeats: int):
+  """One side's train step measured alone in this process (run it in a fresh one).
+
+  `side`: 'jax', 'jax_xla_defaults' (compiled with XLA's default options, see `jax_train_step`) or 'torch'.
+
+  Builds the model, batch and state, runs one warm-up step (hydra_jax compiles first), returns the freed heap
+  memory to the OS (`trimmed_rss`), takes the process RSS as the baseline and times `repeats` steps, sampling
+  the RSS every 5 ms (`PeakMemory`).
+
+  Returns:
+    {'median', 'min': seconds per step, 'peak': bytes, the largest RSS increase over the baseline during a
+    step (GPU: the device's peak counters), 'base': the baseline RSS in bytes, 'plan': XLA's planned bytes
+    (hydra_jax only, else None)}.
+  """
+  jax.config.update("jax_threefry_partitionable", False)
+  host_batch = random_batch(batch_size)
+  plan = None
+  if side.startswith("jax"):
+    jax_side = jax_step_setup(model_name, stage, k, host_batch, attack_steps, side == "jax_xla_defaults")
+    call, plan = jax_side["call"], planned_bytes(jax_side["compiled"])
+  else:
+    call = torch_step_call(model_name, stage, k, host_batch, attack_steps)
+  call()
+  base, times, peak = trimmed_rss(), [], 0
+  for _ in range(repeats):
+    with PeakMemory("torch" if side == "torch" else "jax") as memory:
+      times.append(_time(call))
+    peak = max(peak, memory.peak)
+  return {"median": statistics.median(times), "min": min(times), "peak": peak, "base": base, "plan": plan}
+
+
+def trimmed_rss() -> int:
+  """Process RSS in bytes after handing freed heap memory back to the OS (glibc's `malloc_trim`, where present),
+  so that memory freed by earlier calls is not counted as held."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+  return psutil.Process().memory_info().rss
+
+
+def memory_rows(args) -> list[dict]:
+  """Prune step of each --models with each side alone in a fresh (spawned) process: peak RSS over its step."""
+  rows = []
+  for name in args.models:
+    timing = {}
+    for side in ("jax", "torch") + (("jax_xla_defaults",) if args.compare_xla_defaults else ()):
+      spawn = multiprocessing.get_context("spawn")
+      with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as process:
+        timing[side] = process.submit(
+          isolated_step, side, name, "prune", args.k, args.batch, args.attack_steps, args.repeats
+        ).result()
+    row = _row(
+      "memory", name, args.batch, timing, note=f"prune TRADES-{args.attack_steps} k={args.k:g}, own process each"
+    )
+    row.update(
+      jax_plan_mb=timing["jax"]["plan"] / 2**20,
+      jax_base_mb=timing["jax"]["base"] / 2**20,
+      torch_base_mb=timing["torch"]["base"] / 2**20,
+      jax_peak_rss_mb=(timing["jax"]["base"] + timing["jax"]["peak"]) / 2**20,
+      torch_peak_rss_mb=(timing["torch"]["base"] + timing["torch"]["peak"]) / 2**20,
+    )
+    if "jax_xla_defaults" in timing:
+      defaults = timing["jax_xla_defaults"]
+      row.update(
+        jax_xla_defaults_s=defaults["median"],
+        jax_xla_defaults_plan_mb=defaults["plan"] / 2**20,
+        jax_xla_defaults_peak_mb=defaults["peak"] / 2**20,
+        jax_xla_defaults_peak_rss_mb=(defaults["base"] + defaults["peak"]) / 2**20,
+      )
+    rows.append(row)
+  return rows
 
 
 def _stepper(compiled, state: list, batch, key) -> Callable[[], None]:
@@ -547,6 +677,7 @@ RUNNERS = {
   "topk": topk_rows,
   "width": width_rows,
   "k": k_rows,
+  "memory": memory_rows,
   "bounds": bounds_rows,
   "smoothing": smoothing_rows,
 }
@@ -602,6 +733,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--compare-taps-conv",
     action="store_true",
     help="train steps: also time hydra_jax with Conv2d(weight_grad='auto') (jax_taps_conv_s)",
+  )
+  parser.add_argument(
+    "--compare-xla-defaults",
+    action="store_true",
+    help="train steps: also time hydra_jax compiled with XLA's default options (jax_xla_defaults_s, _plan_mb)",
   )
   parser.add_argument("--json", default="", help="also write the results here")
   parser.add_argument("--tiny", action="store_true", help="toy sizes: " + " ".join(TINY))

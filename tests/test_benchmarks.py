@@ -118,3 +118,13 @@ def test_torch_baseline_has_the_zoo_architecture(name, prunable):
 def test_compare_taps_conv_times_the_step_with_taps_kernel_gradients_too():
   row = bench_vs_torch.main(["--tiny", "--workloads", "finetune", "--compare-taps-conv"])["rows"][0]
   assert row["workload"] == "finetune" and row["jax_taps_conv_s"] > 0 and row["jax_taps_conv_peak_mb"] >= 0
+
+
+@pytest.mark.slow
+def test_memory_workload_measures_each_side_in_its_own_process():
+  row = bench_vs_torch.main(["--tiny", "--workloads", "memory"])["rows"][0]
+  assert (row["workload"], row["model"], row["batch"]) == ("memory", "resnet_tiny", 4)
+  assert row["jax_s"] > 0 and row["torch_s"] > 0 and row["jax_plan_mb"] > 0
+  for side in ("jax", "torch"):
+    assert row[f"{side}_peak_mb"] >= 0 and row[f"{side}_base_mb"] > 0
+    assert row[f"{side}_peak_rss_mb"] == pytest.approx(row[f"{side}_base_mb"] + row[f"{side}_peak_mb"])

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hydra_jax import models
 from hydra_jax import parallel
 
 DEVICES = 8
@@ -160,3 +161,22 @@ def test_batches_that_do_not_divide_over_the_devices_are_rejected():
       runner.put_batch(odd)
   with pytest.raises(ValueError, match="unknown parallel mode 'dp'; valid: single, pmap, shard_map"):
     parallel.make_runner(toy_step, "dp")
+
+
+def test_cpu_steps_compile_with_the_memory_optimized_scheduler_to_a_smaller_plan_and_the_same_values():
+  assert parallel.compiler_options("gpu") is None
+  options = parallel.compiler_options("cpu")
+  assert options == parallel.CPU_COMPILER_OPTIONS
+  model = models.get_model("cnn_small", 10)
+  apply_fn = models.make_apply_fn(model)
+  x = jnp.linspace(0.0, 1.0, 8 * 32 * 32 * 3).reshape(8, 32, 32, 3)
+  variables = model.init(jax.random.key(0), x, train=False)
+
+  def loss(params, x):
+    return jnp.sum(apply_fn({**variables, "params": params}, x, True)[0] ** 2)
+
+  default = jax.jit(jax.grad(loss)).lower(variables["params"], x).compile()
+  scheduled = jax.jit(jax.grad(loss), compiler_options=options).lower(variables["params"], x).compile()
+  assert scheduled.memory_analysis().temp_size_in_bytes < default.memory_analysis().temp_size_in_bytes
+  for a, b in zip(jax.tree.leaves(default(variables["params"], x)), jax.tree.leaves(scheduled(variables["params"], x))):
+    np.testing.assert_array_equal(a, b)
