@@ -539,12 +539,18 @@ def k_rows(args):
   return [train_step_row(args, "k", args.models[0], "prune", k, args.batch) for k in args.ks]
 
 
+def masked_logits_fn(name: str, batch: int, k: float) -> jax.tree_util.Partial:
+  """Eval-mode logits [B, 10] of zoo model `name` with its pruned weights exactly 0 at k, the weights held as
+  arguments of the Partial (not constants of a compiled program)."""
+  apply_fn, variables, scores = jax_model(name, batch)
+  evaluated = {**variables, "params": masking.export_dense(variables["params"], scores, k)}
+  return jax.tree_util.Partial(lambda v, x: apply_fn(v, x, False)[0], evaluated)
+
+
 def attack_row(args, workload: str) -> dict:
   """PGD or APGD evaluation of the masked model (eval-mode BN), hydra_jax vs torch, same batch."""
   name, steps = args.models[0], args.pgd_steps if workload == "pgd" else args.apgd_steps
-  apply_fn, variables, scores = jax_model(name, args.batch)
-  evaluated = {**variables, "params": masking.export_dense(variables["params"], scores, args.k)}
-  logits_fn = lambda x: apply_fn(evaluated, x, False)[0]
+  logits_fn = masked_logits_fn(name, args.batch, args.k)
   if workload == "pgd":
     attack = lambda x, y, key: attacks.pgd(logits_fn, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=steps)
   else:
@@ -601,30 +607,30 @@ def bounds_rows(args):
   variables = model.init(jax.random.key(0), x[:1], train=False)
   f = lambda v: model.apply(variables, v, train=False)
   lower, upper, spec = jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1), bounds.margin_spec(y, 10)
-  jax_calls = {
-    "forward": (jax.jit(f), (x,)),
-    "ibp": (jax.jit(lambda lo, hi, c: bounds.ibp(f, lo, hi, c)[0]), (lower, upper, spec)),
-    "crown_ibp": (jax.jit(lambda lo, hi, c: bounds.crown_ibp(f, lo, hi, c)[0]), (lower, upper, spec)),
-  }
-  compiled = {method: compile_seconds(fn, *fn_args) for method, (fn, fn_args) in jax_calls.items()}
-  seq = torch_bounds.cnn(name).to(_torch_device())
-  images, _ = _torch_batch(host_batch, _torch_device())
+  device = _torch_device()
+  seq = torch_bounds.cnn(name).to(device)
+  images, _ = _torch_batch(host_batch, device)
   lo, hi = (images - eps).clamp(0, 1), (images + eps).clamp(0, 1)
-  c = torch.from_numpy(np.array(spec)).to(_torch_device())
-  torch_calls = {
-    "forward": lambda: seq(images),
-    "ibp": lambda: torch_bounds.interval_range(seq, lo, hi, c),
-    "crown_ibp": lambda: torch_bounds.backward_range(seq, lo, hi, c),
+  c = torch.from_numpy(np.array(spec)).to(device)
+  programs = {  # method: (hydra_jax function, its arguments, the reference's call)
+    "forward": (f, (x,), lambda: seq(images)),
+    "ibp": (lambda *a: bounds.ibp(f, *a)[0], (lower, upper, spec), lambda: torch_bounds.interval_range(seq, lo, hi, c)),
+    "crown_ibp": (
+      lambda *a: bounds.crown_ibp(f, *a)[0],
+      (lower, upper, spec),
+      lambda: torch_bounds.backward_range(seq, lo, hi, c),
+    ),
   }
-  calls = {}
-  for method, (executable, _) in compiled.items():
-    calls[f"jax_{method}"] = functools.partial(_block, executable, *jax_calls[method][1])
-    calls[f"torch_{method}"] = functools.partial(_torch_no_grad, torch_calls[method])
+  calls, compile_s = {}, {}
+  for method, (fn, fn_args, torch_call) in programs.items():
+    executable, compile_s[method] = compile_seconds(jax.jit(fn), *fn_args)
+    calls[f"jax_{method}"] = functools.partial(_block, executable, *fn_args)
+    calls[f"torch_{method}"] = functools.partial(_torch_no_grad, torch_call)
   timing = interleaved(calls, args.repeats)
   rows = []
-  for method in ("forward", "ibp", "crown_ibp"):
+  for method in programs:
     pair = {"jax": timing[f"jax_{method}"], "torch": timing[f"torch_{method}"]}
-    row = _row("bounds", name, args.batch, pair, compiled[method][1], note=f"{method}, eps 2/255")
+    row = _row("bounds", name, args.batch, pair, compile_s[method], note=f"{method}, eps 2/255")
     row["jax_x_forward"] = pair["jax"]["median"] / timing["jax_forward"]["median"]
     row["torch_x_forward"] = pair["torch"]["median"] / timing["torch_forward"]["median"]
     rows.append(row)
@@ -646,9 +652,7 @@ def smoothing_rows(args):
   `hydra_jax.smoothing.sample_counts` vs Cohen et al.'s `_sample_noise` on the reference's Subnet model.
   Each call counts --batch samples in one chunk; images/s is samples/s."""
   name, sigma = args.models[0], 0.25
-  apply_fn, variables, scores = jax_model(name, args.batch)
-  evaluated = {**variables, "params": masking.export_dense(variables["params"], scores, args.k)}
-  f = jax.tree_util.Partial(lambda v, x: apply_fn(v, x, False)[0], evaluated)
+  f = masked_logits_fn(name, args.batch, args.k)
   x = jax.device_put(random_batch(1)["image"][0])
   count = functools.partial(smoothing.sample_counts, f, x, sigma=sigma, num=args.batch, batch_size=args.batch)
   start = time.perf_counter()

@@ -275,9 +275,9 @@ def batch_counts(
     correct["clean_top5"] = top_k_correct(logits, y, 5)
   correct["robust"] = clean
   for m, (name, items) in enumerate(methods):
-    settings, method_key = dict(items), jax.random.fold_in(key, m)
-    if get_method(name).kind == "certifier":
-      certified = get_method(name).fn(logits_fn, x, y, key=method_key, **settings)
+    method, settings, method_key = get_method(name), dict(items), jax.random.fold_in(key, m)
+    if method.kind == "certifier":  # bool [B, 1 + R]: at eps, then at each radius
+      certified = method.fn(logits_fn, x, y, key=method_key, **settings)
       correct[name] = certified[:, 0]
       correct.update({f"{name}_r{r:g}": certified[:, j + 1] for j, r in enumerate(settings["radii"])})
       continue

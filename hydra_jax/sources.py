@@ -140,11 +140,6 @@ def exported_params(params: PyTree, scores: PyTree | None, k: Any, mask_config: 
   return _export_dense_jit(params, scores, k=k, scope=mask_config["scope"], min_layer_k=mask_config["min_layer_k"])
 
 
-_export_dense_jit = jax.jit(
-  masking.export_dense, static_argnames=("k", "scope", "min_layer_k")
-)  # k static as in training
-
-
 def model_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
   """{'params': params, 'batch_stats': batch_stats}, without batch_stats for BN-free models."""
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
@@ -268,8 +263,9 @@ def initial_scores(
   return masking.init_scores(params, init, key, **grads)
 
 
-# For evaluation, compiled once per model; k is static so that it rounds exactly as in the train step.
+# For evaluation and export, compiled once per model; k is static so that it rounds exactly as in the train step.
 _masked_params_jit = jax.jit(masked_params, static_argnums=(2, 3, 4))
+_export_dense_jit = jax.jit(masking.export_dense, static_argnames=("k", "scope", "min_layer_k"))
 _phase_weights_jit = jax.jit(lambda weights_fn, params, phase: weights_fn(params, phase), static_argnums=0)
 
 
