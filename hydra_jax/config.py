@@ -37,6 +37,7 @@ from hydra_jax import models
 from hydra_jax import objectives
 from hydra_jax import optim
 from hydra_jax import parallel
+from hydra_jax import smoothing
 
 # HYDRA's stages, then the baselines' training phases that change the train step (`baselines.phase_hooks`).
 STAGES = ("pretrain", "prune", "finetune", "str", "admm")
@@ -247,9 +248,22 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f"config.{key}: {error}") from None
 
 
+def check_eval_methods(config: ml_collections.ConfigDict, methods: Sequence[str]) -> None:
+  """Raises ConfigError naming an unknown evaluation method of `methods` or an invalid `config.eval.smooth`
+  setting (when 'smooth' is among them), before anything is trained or evaluated."""
+  try:
+    settings = evaluate.config_settings(config.eval, methods)
+    if "smooth" in settings:
+      s = settings["smooth"]
+      smoothing.check_settings(s["sigma"], s["alpha"], n0=s["n0"], n=s["n"], batch_size=s["batch_size"])
+  except ValueError as error:
+    raise errors.ConfigError(f"config.eval: {error}") from None
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value is invalid."""
   _check_choices(config)
+  check_eval_methods(config, config.eval.methods)
   for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():
     if not 0 < value <= 1:
       raise errors.ConfigError(f"config.{key}={value!r} must lie in (0, 1]: it is the fraction of weights KEPT")

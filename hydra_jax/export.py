@@ -90,8 +90,9 @@ def evaluate_checkpoint(
     `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint and 'settings': every method's
     settings (threat model, eps, steps; a certifier's sigma, n, alpha), so that each number names what gave it.
   """
-  run = load_run(config, workdir, best=best)
   names = [name for name in (config.eval.methods if methods is None else methods) if name != "clean"]
+  config_lib.check_eval_methods(config, names)
+  run = load_run(config, workdir, best=best)
   batches = sources.eval_split(config)
   apply_fn = models.make_apply_fn(sources.build_model(config))
   settings = evaluate.config_settings(config.eval, names)

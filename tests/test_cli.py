@@ -126,6 +126,10 @@ def test_train_eval_export_end_to_end(tmp_path):
       ],
       "TFDS dataset 'cifar10' (split 'train') is not prepared in ArrayRecord format",
     ),
+    (
+      ["--config.eval.methods=('smooth',)", "--config.eval.smooth.sigma=-0.5"],
+      "config.eval: smoothing: sigma=-0.5 must be positive",
+    ),
   ],
 )
 def test_user_errors_are_a_short_message_and_write_nothing(tmp_path, flags, message):
@@ -137,6 +141,13 @@ def test_user_errors_are_a_short_message_and_write_nothing(tmp_path, flags, mess
   assert not os.path.exists(workdir)
   shown = hydra_jax(*args, check=False, env={"HYDRA_JAX_TRACEBACK": "1"})
   assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+def test_eval_names_an_unknown_method_in_one_line_before_reading_the_run(tmp_path):
+  args = ["eval", "--config", "configs/digits_demo.py", "--workdir", str(tmp_path / "none"), "--methods=pgd_linf,fgsm"]
+  result = hydra_jax(*args, check=False)
+  assert result.returncode == 1 and "unknown evaluation method 'fgsm'; valid methods:" in result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
 
 
 def test_an_internal_key_error_keeps_its_traceback(tmp_path):
