@@ -7,6 +7,10 @@ pixel units (8/255 is eight grey levels). Attacks are batched and free of Python
 time: call them inside `jax.jit` and each compiles into one program. Their loops are `lax.fori_loop`s whose
 `unroll` argument chooses between a rolled loop and straight-line code (see `DEFAULT_UNROLL`).
 
+Examples do not interact in eval mode, so a caller may hand the attacks `in_chunks(logits_fn, size)`, which runs
+the forward and backward passes on batch chunks (the training objectives and `evaluate` do, 32 examples per
+chunk on CPU, where it is faster).
+
 Attacks are composed from small pieces, in the style of deepmind-research `adversarial_robustness`:
 per-example losses (`cross_entropy`, `dlr`, `targeted_dlr`, `kl_divergence`), steps (`sign_step`,
 `l2_step`), projections (`linf_ball`, `l2_ball`, `clip_box`, `projection`) and a shared ascent loop
@@ -44,6 +48,10 @@ LossFn = Callable[[Array, Any], Array]
 # 6 s for a run-time gain of 1.14x (6.7 s vs 7.6 s).
 DEFAULT_UNROLL = True
 NORMS = ("linf", "l2")
+# Examples per chunk when `in_chunks` is given chunk_size=0 ("auto"), per backend; absent: the whole batch.
+# Measured (ResNet-18 TRADES-10 attack at batch 128, 2-core CPU, jitted, 2 calls each): 22.5 s as one batch,
+# 17.5 s in chunks of 32, 17.0 s in chunks of 16 (at 9 s more compile time). One batch keeps an accelerator busy.
+AUTO_CHUNK_SIZE = {"cpu": 32}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,6 +197,44 @@ def _check_nonnegative(**values: float) -> None:
   for name, value in values.items():
     if isinstance(value, (int, float, np.number)) and value < 0:
       raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch chunks.
+
+
+def auto_chunk_size(chunk_size: int, backend: str | None = None) -> int:
+  """`chunk_size` itself when positive; for 0 the `AUTO_CHUNK_SIZE` of `backend` (default: JAX's), 0 if none."""
+  if chunk_size < 0:
+    raise ValueError(f"chunk_size must be >= 0 (0: chosen per backend), got {chunk_size}")
+  if chunk_size:
+    return chunk_size
+  return AUTO_CHUNK_SIZE.get(backend or jax.default_backend(), 0)
+
+
+def in_chunks(logits_fn: LogitsFn, chunk_size: int) -> LogitsFn:
+  """`logits_fn` applied to consecutive chunks of `chunk_size` examples (the last may be smaller), concatenated.
+
+  For a per-example `logits_fn` (BatchNorm in eval mode, as every attack here sees it) the logits and their
+  gradients, which autodiff also splits by chunk, are those of `logits_fn` on the whole batch up to float
+  rounding. On CPU, XLA's convolutions run faster on chunks of 16-32 images than on a batch of 128 (see
+  `AUTO_CHUNK_SIZE`). chunk_size=0 picks `auto_chunk_size`; a chunk as large as the batch changes nothing.
+
+  Args:
+    logits_fn: [B, ...] -> [B, K], per example.
+    chunk_size: examples per chunk (> 0), or 0 for the backend's default.
+
+  Returns:
+    The chunked function, [B, ...] -> [B, K].
+  """
+  size = auto_chunk_size(chunk_size)
+
+  def chunked(x: Array) -> Array:
+    if not size or size >= x.shape[0]:
+      return logits_fn(x)
+    return jnp.concatenate([logits_fn(x[start : start + size]) for start in range(0, x.shape[0], size)])
+
+  return chunked
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -278,6 +278,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f"trained with (config.objective.noise_std={noise})",
       stacklevel=2,
     )
+  if config.objective.get("attack_chunk_size", 0) < 0:
+    raise errors.ConfigError("config.objective.attack_chunk_size must be >= 0 (0: chosen per backend)")
   if config.stage in ("prune", "finetune", "admm") and not config.source:
     raise errors.ConfigError(f"config.source must name the checkpoint to start stage '{config.stage}' from")
   for key in (

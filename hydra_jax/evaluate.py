@@ -245,10 +245,15 @@ def top_k_correct(logits: Array, labels: Array, k: int) -> Array:
 def method_correct(
   name: str, settings: Mapping[str, Any], logits_fn: attacks.LogitsFn, x: Array, y: Array, key: Array
 ) -> Array:
-  """bool [B]: the examples that attack or verifier `name` with `settings` does not break or certifies."""
+  """bool [B]: the examples that attack or verifier `name` with `settings` does not break or certifies.
+
+  Attacks see `logits_fn` in batch chunks of the backend's `attacks.AUTO_CHUNK_SIZE` (`attacks.in_chunks`).
+  """
   method = get_method(name)
-  out = method.fn(logits_fn, x, y, key=key, **settings)
-  return out if method.kind == "verifier" else top_k_correct(logits_fn(out), y, 1)
+  if method.kind == "verifier":
+    return method.fn(logits_fn, x, y, key=key, **settings)
+  x_adv = method.fn(attacks.in_chunks(logits_fn, 0), x, y, key=key, **settings)
+  return top_k_correct(logits_fn(x_adv), y, 1)
 
 
 def batch_counts(

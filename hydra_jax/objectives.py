@@ -10,7 +10,9 @@ masks the params once before calling; objectives never mask), `batch = {'image':
 'label': [B] int32}`, `config` the objective's plain ConfigDict (see `default_config`), `metrics` a dict of
 scalar batch means and the returned `variables` carrying the BN running stats after the objective's
 train-mode forwards. Attacks run in eval mode on gradient-stopped variables, as the reference runs them
-in `model.eval()`. `key` seeds the objective's randomness (attack start or noise).
+in `model.eval()`, so examples do not interact and the attacks of `pgd_at` and `trades` run in batch chunks
+of `config.attack_chunk_size` examples (`attacks.in_chunks`; 0, the default: 32 on CPU, where it is faster,
+the whole batch elsewhere). `key` seeds the objective's randomness (attack start or noise).
 
 Stateful objectives (`free`) also take a `carry` (the perturbation) as last argument. The train step
 differentiates the loss with respect to (trainable params, carry) in one backward pass, applies the
@@ -116,10 +118,11 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 # Small helpers.
 
 
-def _eval_logits_fn(apply_fn: ApplyFn, variables: Variables) -> attacks.LogitsFn:
-  """Eval-mode logits on gradient-stopped variables: what the attacks see."""
+def _eval_logits_fn(apply_fn: ApplyFn, variables: Variables, chunk_size: int) -> attacks.LogitsFn:
+  """Eval-mode logits on gradient-stopped variables, in batch chunks of `chunk_size` (`attacks.in_chunks`; 0:
+  the backend's default): what the attacks see."""
   frozen = lax.stop_gradient(variables)
-  return lambda x: apply_fn(frozen, x, False)[0]
+  return attacks.in_chunks(lambda x: apply_fn(frozen, x, False)[0], chunk_size)
 
 
 def _accuracy(logits: Array, labels: Array) -> Array:
@@ -135,7 +138,9 @@ def _kl(natural_logits: Array, other_logits: Array) -> Array:
   return jnp.mean(attacks.kl_divergence(other_logits, jax.nn.softmax(natural_logits, axis=-1)))
 
 
-_ATTACK_DEFAULTS = dict(eps=8 / 255, step_size=2 / 255, steps=10, norm="linf", unroll=attacks.DEFAULT_UNROLL)
+_ATTACK_DEFAULTS = dict(
+  eps=8 / 255, step_size=2 / 255, steps=10, norm="linf", unroll=attacks.DEFAULT_UNROLL, attack_chunk_size=0
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,7 +169,7 @@ def pgd_at_loss(
   inputs only. metrics: loss, accuracy (clean inputs, eval-mode forward), adv_accuracy (train mode).
   """
   x, y = batch["image"], batch["label"]
-  logits_fn = _eval_logits_fn(apply_fn, variables)
+  logits_fn = _eval_logits_fn(apply_fn, variables, config.get("attack_chunk_size", 0))
   x_adv = attacks.pgd(
     logits_fn,
     x,
@@ -202,7 +207,7 @@ def trades_loss(
   """
   x, y = batch["image"], batch["label"]
   x_adv = attacks.trades_attack(
-    _eval_logits_fn(apply_fn, variables),
+    _eval_logits_fn(apply_fn, variables, config.get("attack_chunk_size", 0)),
     x,
     key=key,
     eps=config.eps,

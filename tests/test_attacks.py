@@ -461,3 +461,49 @@ def test_apgd_agrees_with_torchattacks(loss):
     f"hydra_jax {ours:.3f}, torchattacks {torch_robust:.3f}"
   )
   assert abs(ours - torch_robust) <= 0.015
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch chunks.
+
+
+def test_in_chunks_equals_the_whole_batch_in_values_and_gradients():
+  """Batch 10 in chunks of 4 runs the function on 4, 4 and 2 examples; logits and input gradients equal the
+  unchunked ones, so attacks on a per-example function do not depend on the chunking."""
+  rng = np.random.default_rng(0)
+  w1, w2 = rng.normal(size=(DIM, 8)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+  seen = []
+
+  def logits_fn(z):
+    seen.append(z.shape[0])
+    return jnp.tanh(z.reshape(z.shape[0], -1) @ w1) @ w2
+
+  x = jnp.asarray(rng.uniform(size=(10, 4, 4, 1)).astype(np.float32))
+  chunked = attacks.in_chunks(logits_fn, 4)
+  np.testing.assert_allclose(chunked(x), logits_fn(x), rtol=1e-6, atol=1e-6)
+  assert seen == [4, 4, 2, 10]
+  weights = jnp.asarray(rng.normal(size=(10, 3)).astype(np.float32))
+  grad = lambda f: jax.grad(lambda z: jnp.sum(weights * f(z)))(x)
+  np.testing.assert_allclose(grad(chunked), grad(logits_fn), rtol=1e-6, atol=1e-6)
+  seen.clear()
+  attacks.in_chunks(logits_fn, 10)(x)
+  assert seen == [10]
+
+
+def test_chunked_attack_equals_the_whole_batch_attack():
+  """PGD on a small CNN in chunks of 3 finds the same adversarial examples as on the batch of 8."""
+  model = helpers.TinyCNN()
+  x_train, y_train, _, _ = helpers.digits()
+  x, y = jnp.asarray(x_train[:8]), jnp.asarray(y_train[:8])
+  variables = helpers.init_variables(model, x.shape)
+  logits_fn = lambda z: model.apply(variables, z, train=False)
+  attack = lambda f: attacks.pgd(f, x, y, key=helpers.key(0), eps=0.1, step_size=0.03, steps=3)
+  np.testing.assert_allclose(attack(attacks.in_chunks(logits_fn, 3)), attack(logits_fn), atol=1e-6)
+
+
+def test_auto_chunk_size_is_per_backend():
+  assert attacks.auto_chunk_size(0, "cpu") == attacks.AUTO_CHUNK_SIZE["cpu"] > 0
+  assert attacks.auto_chunk_size(0, "gpu") == 0 and attacks.auto_chunk_size(0, "tpu") == 0
+  assert attacks.auto_chunk_size(7, "gpu") == 7
+  with pytest.raises(ValueError, match="chunk_size must be >= 0"):
+    attacks.auto_chunk_size(-1)

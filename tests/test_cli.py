@@ -43,6 +43,7 @@ def test_unknown_command_prints_usage():
     ("--config.optimiser.lr=0.1", "optimiser"),
     ("--config.k=2.0", "config.k=2.0 must lie in (0, 1]"),
     ("--config.model.name=resnet9", "Unknown model 'resnet9'"),
+    ("--config.objective.attack_chunk_size=-1", "config.objective.attack_chunk_size must be >= 0"),
   ],
 )
 def test_bad_config_is_rejected_by_name(tmp_path, flag, message):

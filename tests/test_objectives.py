@@ -348,3 +348,25 @@ def test_adversarial_training_beats_benign_training_under_attack(name):
   # Measured: benign 0.52; pgd_at 0.84, trades 0.89, free 0.61 (free sees a quarter of the batches, m = 4).
   assert robust_adv > benign_adv + {"pgd_at": 0.15, "trades": 0.15, "free": 0.05}[name]
   assert robust_clean > 0.8
+
+
+@pytest.mark.parametrize("name", ["trades", "pgd_at"])
+def test_attack_chunks_do_not_change_the_loss_or_its_gradient(name):
+  """The training attacks run in eval mode, per example: chunks of 5 (5, 5, 5, 1) give the loss, gradients and
+  BN statistics of the whole batch of 16."""
+  model = helpers.TinyCNN(batch_norm=True)
+  apply_fn = helpers.make_apply_fn(model)
+  x_train, y_train, _, _ = helpers.digits()
+  batch = {"image": jnp.asarray(x_train[:16]), "label": jnp.asarray(y_train[:16])}
+  variables = helpers.init_variables(model, batch["image"].shape)
+
+  def loss_and_grads(chunk_size):
+    config = objectives.default_config(name)
+    config.update(steps=2, attack_chunk_size=chunk_size)
+    loss = lambda params: objectives.get_objective(name).loss_fn(
+      apply_fn, {**variables, "params": params}, batch, helpers.key(1), config
+    )
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+  chunked, whole = loss_and_grads(5), loss_and_grads(16)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), chunked, whole)
