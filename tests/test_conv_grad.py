@@ -81,7 +81,7 @@ def test_conv2d_layer_gradients_agree_for_every_weight_grad_choice():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads(choice), reference)
 
 
-def test_auto_uses_taps_on_cpu_only_where_measured_faster_and_the_default_is_xla(monkeypatch):
+def test_auto_uses_taps_on_cpu_only_where_measured_faster_and_is_the_default(monkeypatch):
   used = []
   monkeypatch.setattr(layers, "taps_conv", lambda *args: used.append(args[0].shape) or layers.xla_conv(*args))
   strided = jnp.zeros((2, 16, 16, 32))
@@ -91,11 +91,12 @@ def test_auto_uses_taps_on_cpu_only_where_measured_faster_and_the_default_is_xla
   auto(jnp.zeros((2, 32, 32, 64)), jnp.zeros((3, 3, 64, 64)), 1, 1)  # 32x32 stride 1, 64 out: XLA
   wide = jnp.zeros((2, 32, 32, 160))
   auto(wide, jnp.zeros((3, 3, 160, 160)), 1, 1)  # 32x32 stride 1, 160 out: taps
-  layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)  # the default is XLA's
-  assert used == [strided.shape, wide.shape]
+  layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1, weight_grad="xla")
+  layers.conv2d(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)  # the default is 'auto'
+  assert used == [strided.shape, wide.shape, strided.shape]
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   auto(strided, jnp.zeros((3, 3, 32, 64)), 2, 1)
-  assert used == [strided.shape, wide.shape]  # never on GPU / TPU
+  assert len(used) == 3  # never on GPU / TPU
 
 
 def test_invalid_weight_grad_choices_are_rejected():
@@ -105,3 +106,51 @@ def test_invalid_weight_grad_choices_are_rejected():
   with pytest.raises(ValueError, match="groups=1"):
     layers.conv2d(x, w, groups=2, weight_grad="taps")
   assert layers.conv2d(x, w, 1, 1, groups=2, weight_grad="auto").shape == (1, 4, 4, 4)  # grouped: XLA's
+
+
+@pytest.mark.parametrize("weight_grad, groups", [("xla", 1), ("xla", 2), ("taps", 1)])
+def test_batch_chunks_give_the_whole_batch_values_and_gradients(weight_grad, groups):
+  """Batch 7 in chunks of 3 (3, 3, 1 images): the output and input gradient per image and the kernel gradient
+  (a sum over chunks) equal the whole batch's, which lax's own convolution gives."""
+  x, w, g, stride, padding = _inputs((7, 9, 4, 6, 3, 2, 1), seed=3)
+  w = w[:, :, : 4 // groups]
+  calls, xla_conv = [], layers.xla_conv
+
+  def conv(x, *args):
+    calls.append(x.shape[0])
+    return xla_conv(x, *args)
+
+  ours, our_vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, stride, padding, groups, weight_grad, 3), x, w)
+  theirs, their_vjp = jax.vjp(
+    lambda x, w: lax.conv_general_dilated(
+      x,
+      w,
+      (stride, stride),
+      [(padding, padding)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups,
+    ),
+    x,
+    w,
+  )
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-5)
+  for got, want in zip(our_vjp(g), their_vjp(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(layers, "xla_conv", conv)
+    layers.conv2d(x, w, stride, padding, groups, "xla", 3)
+    layers.conv2d(x, w, stride, padding, groups, "xla", 7)
+  assert calls == [3, 3, 1, 7]
+
+
+def test_batch_chunk_is_32_on_cpu_and_the_whole_batch_elsewhere(monkeypatch):
+  calls = []
+  monkeypatch.setattr(layers, "xla_conv", lambda x, *args: calls.append(x.shape[0]) or x)
+  x, w = jnp.zeros((70, 1, 1, 1)), jnp.zeros((1, 1, 1, 1))
+  layers.conv2d(x, w)
+  assert calls == [32, 32, 6]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  layers.conv2d(x, w)
+  assert calls == [32, 32, 6, 70]
+  with pytest.raises(ValueError, match="batch_chunk must be >= 0"):
+    layers.conv2d(x, w, batch_chunk=-1)

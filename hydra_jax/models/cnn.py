@@ -1,9 +1,10 @@
 """BN-free sequential CNNs of verified training (reference `models/basic.py`): CNN-small/large, MNIST variants.
 
 Each network is a plain chain conv -> relu -> ... -> flatten -> dense -> relu -> ... -> dense, so its jaxpr
-contains only conv, dense (dot_general + add), relu, and reshape: what IBP/CROWN/symbolic-interval bounds
-propagate through. Submodules are named by their index in the reference `nn.Sequential`
-("0", "2", ... for convs, then the denses), so the flax path `params/5/kernel` is the PyTorch key `5.weight`.
+contains only conv (on CPU, where its per-tap kernel gradient is faster, wrapped in a custom_vjp_call), dense
+(dot_general + add), relu, and reshape: what IBP/CROWN/symbolic-interval bounds propagate through. Submodules
+are named by their index in the reference `nn.Sequential` ("0", "2", ... for convs, then the denses), so the
+flax path `params/5/kernel` is the PyTorch key `5.weight`.
 
 Differences from the reference, by design:
 - The reference hard-codes 10 outputs and ignores num_classes; here the last layer has `num_classes` outputs

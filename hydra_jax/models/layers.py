@@ -7,8 +7,11 @@ initialisation so that HYDRA's reference checkpoints load one-to-one (see `hydra
   from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's `kaiming_uniform_(a=sqrt(5))` default; flax has no
   fan-in-aware bias initialiser, hence these two small layers).
 - `Conv2d(weight_grad="taps" | "auto")` computes its kernel gradient as one matmul per kernel offset (`conv2d`);
-  values and gradients equal XLA's own to float rounding. The default stays XLA's: per conv the taps are up to
-  27x faster on CPU, but in the whole ResNet-18 prune step they were slower (benchmarks/RESULTS.md).
+  values and gradients equal XLA's own to float rounding. The default, 'auto', does so on CPU for the convs
+  where it was faster alone (`taps_are_faster`), and keeps XLA's own elsewhere and on GPU / TPU.
+- `Conv2d` / `conv2d` run the batch in chunks of `batch_chunk` images, by default 32 on CPU (`AUTO_BATCH_CHUNK`),
+  where XLA's convolutions are faster on chunks, and the whole batch on GPU / TPU. Per image the result is the
+  same; the kernel gradient sums the chunks'.
 - `BatchNorm` has PyTorch semantics: batch statistics with the biased variance for normalising, running variance
   updated with the unbiased one, `momentum=0.9` in the flax convention (= torch momentum 0.1), `epsilon=1e-5`.
 
@@ -71,6 +74,11 @@ def kaiming_normal_fan_out(key: jax.Array, shape: Sequence[int], dtype: Dtype = 
 
 
 WEIGHT_GRADS = ("auto", "xla", "taps")
+# Images per convolution call when `conv2d`'s batch_chunk is 0 ("auto"), per backend; absent: the whole batch.
+# On the 2-core CPU XLA's convolutions run faster on chunks of 32 images than on a batch of 128: one 3x3 64->64
+# conv at 32x32, 106 vs 128 ms; the ResNet-18 TRADES-10 prune step at batch 128, 26.1 vs 29.7 s
+# (benchmarks/RESULTS.md); chunks of 16 were slower (29.0 s). One batch keeps an accelerator busy.
+AUTO_BATCH_CHUNK = {"cpu": 32}
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1) -> jax.Array:
@@ -142,9 +150,18 @@ def taps_are_faster(x_shape: Sequence[int], kernel_shape: Sequence[int], stride:
 
 
 def conv2d(
-  x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1, weight_grad: str = "xla"
+  x: jax.Array,
+  kernel: jax.Array,
+  stride: int = 1,
+  padding: int = 0,
+  groups: int = 1,
+  weight_grad: str = "auto",
+  batch_chunk: int = 0,
 ) -> jax.Array:
   """2-D convolution, NHWC x HWIO -> NHWC, with a choice of how its kernel gradient is computed.
+
+  The batch runs in chunks of `batch_chunk` images, one convolution each, concatenated: per image the same
+  result, and the kernel gradient is the sum of the chunks' (equal up to float rounding).
 
   Args:
     x: (N, H, W, C_in) input.
@@ -153,22 +170,32 @@ def conv2d(
     padding: zero padding on every spatial side.
     groups: feature groups.
     weight_grad: 'xla' (XLA's own), 'taps' (`taps_conv`; groups 1 only) or 'auto': 'taps' on CPU where
-      `taps_are_faster`, else 'xla' (GPU and TPU always use XLA's). 'xla' is the default: in the full
-      ResNet-18 TRADES prune step (batch 32 and 128) 'auto' was slower than 'xla' on the 2-core CPU.
+      `taps_are_faster`, else 'xla' (GPU and TPU always use XLA's). 'auto' is the default: the ResNet-18
+      TRADES-10 prune step at batch 128 took 26.9 s with it against 28.5 s with 'xla' on the idle 2-core CPU
+      (batch chunks of 32; benchmarks/RESULTS.md).
+    batch_chunk: images per convolution (> 0), or 0 for the backend's `AUTO_BATCH_CHUNK` (32 on CPU, the
+      whole batch elsewhere).
 
   Returns:
     (N, H', W', C_out) with H' = (H + 2 padding - kh) // stride + 1; equal for every `weight_grad`.
   """
   if weight_grad not in WEIGHT_GRADS:
     raise ValueError(f"weight_grad={weight_grad!r}; valid: {', '.join(WEIGHT_GRADS)}")
+  if batch_chunk < 0:
+    raise ValueError(f"batch_chunk must be >= 0 (0: chosen per backend), got {batch_chunk}")
   if weight_grad == "auto":
     faster = jax.default_backend() == "cpu" and taps_are_faster(x.shape, kernel.shape, stride, groups)
     weight_grad = "taps" if faster else "xla"
+  if weight_grad == "taps" and groups != 1:
+    raise ValueError("weight_grad='taps' needs groups=1")
   if weight_grad == "taps":
-    if groups != 1:
-      raise ValueError("weight_grad='taps' needs groups=1")
-    return taps_conv(x, kernel, stride, padding)
-  return xla_conv(x, kernel, stride, padding, groups)
+    conv = lambda images: taps_conv(images, kernel, stride, padding)
+  else:
+    conv = lambda images: xla_conv(images, kernel, stride, padding, groups)
+  size = batch_chunk or AUTO_BATCH_CHUNK.get(jax.default_backend(), 0)
+  if not size or x.shape[0] <= size:
+    return conv(x)
+  return jnp.concatenate([conv(x[start : start + size]) for start in range(0, x.shape[0], size)])
 
 
 class Conv2d(nn.Module):
@@ -184,7 +211,8 @@ class Conv2d(nn.Module):
     kernel_init: initialiser of the (kh, kw, in/groups, out) kernel.
     bias_init: initialiser of the bias; None means PyTorch's U(+-1/sqrt(fan_in)).
     dtype: compute dtype; parameters stay float32.
-    weight_grad: how the kernel gradient is computed: 'xla' (default), 'taps' or 'auto' (see `conv2d`).
+    weight_grad: how the kernel gradient is computed: 'auto' (default), 'xla' or 'taps' (see `conv2d`).
+    batch_chunk: images per convolution call, 0 for the backend's default (see `conv2d`).
   """
 
   features: int
@@ -196,7 +224,8 @@ class Conv2d(nn.Module):
   kernel_init: Initializer = torch_default_init
   bias_init: Initializer | None = None
   dtype: Dtype = jnp.float32
-  weight_grad: str = "xla"
+  weight_grad: str = "auto"
+  batch_chunk: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -207,7 +236,13 @@ class Conv2d(nn.Module):
     shape = (self.kernel_size, self.kernel_size, in_features // self.groups, self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
     y = conv2d(
-      x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, self.groups, self.weight_grad
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      self.stride,
+      self.padding,
+      self.groups,
+      self.weight_grad,
+      self.batch_chunk,
     )
     if self.use_bias:
       bias_init = self.bias_init or torch_default_bias_init(_fan_in(shape))
