@@ -17,11 +17,14 @@ bytes XLA's compiled program plans for arguments, outputs and temporaries; GPU:
 `memory_stats()['peak_bytes_in_use']` for JAX, which only grows within a process, and
 `torch.cuda.max_memory_allocated` reset per workload), and for train steps the achieved GFLOP/s of the
 compiled step (XLA's cost analysis / median time) against a square f32 matmul measured in the same rotation
-(the roofline). With --compare-taps-conv, train steps are also timed (in the same rotation) with every conv
-at `Conv2d(weight_grad="auto")` (per-tap matmul kernel gradients on CPU where they win alone, see
-`layers.conv2d`): `jax_taps_conv_s`. With --compare-xla-defaults, train steps are also timed compiled with
-XLA's default options instead of the runners' (`parallel.compiler_options`: on CPU the memory-optimized
-scheduler): `jax_xla_defaults_s` and its plan `jax_xla_defaults_plan_mb`.
+(the roofline). With --compare-xla-conv, train steps are also timed (in the same rotation) with every conv
+at `Conv2d(weight_grad="xla")` (XLA's own kernel gradients; the default 'auto' uses per-tap matmuls on CPU
+where they win alone, see `layers.conv2d`): `jax_xla_conv_s`. With --compare-xla-defaults, train steps are also
+timed compiled with XLA's default options instead of the runners' (`parallel.compiler_options`: on CPU the
+memory-optimized scheduler): `jax_xla_defaults_s` and its plan `jax_xla_defaults_plan_mb`. hydra_jax's attacks
+(in train steps, pgd, apgd) run in batch chunks of --attack-chunk-size examples (`attacks.in_chunks`; 0, the
+default, is what users get: `attacks.AUTO_CHUNK_SIZE`); with --compare-whole-batch-attack they are also timed on
+the whole batch at once, `jax_whole_batch_s`.
 
 Workloads (`--workloads`, comma-separated; default all):
   prune     prune-stage TRADES step (scores + BatchNorm train, weights frozen) at k=--k for each --models;
@@ -133,7 +136,8 @@ COLUMNS = (
   ("jax_plan_mb", "{:.0f}"),
   ("jax_peak_rss_mb", "{:.0f}"),
   ("torch_peak_rss_mb", "{:.0f}"),
-  ("jax_taps_conv_s", "{:.4f}"),
+  ("jax_whole_batch_s", "{:.4f}"),
+  ("jax_xla_conv_s", "{:.4f}"),
   ("jax_xla_defaults_s", "{:.4f}"),
   ("jax_xla_defaults_plan_mb", "{:.0f}"),
   ("jax_x_forward", "{:.2f}"),
@@ -275,14 +279,17 @@ def trainable_labels(params, scores, stage: str):
   }
 
 
-def jax_train_step(apply_fn, trainable, stage: str, k: float, attack_steps: int, xla_defaults: bool = False):
+def jax_train_step(
+  apply_fn, trainable, stage: str, k: float, attack_steps: int, xla_defaults: bool = False, attack_chunk_size: int = 0
+):
   """(jitted step(trainable, batch_stats, opt_state, batch, key) -> (trainable, batch_stats, opt_state, loss), tx).
 
   Compiled with the XLA options of `parallel.make_runner` (`parallel.compiler_options`), or with XLA's own
-  defaults when `xla_defaults`.
+  defaults when `xla_defaults`. `attack_chunk_size`: the TRADES config's (0: `attacks.AUTO_CHUNK_SIZE`).
   """
   config = objectives.default_config("trades")
   config.steps = attack_steps
+  config.attack_chunk_size = attack_chunk_size
   trades = objectives.get_objective("trades").loss_fn
   sgd = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
   tx = optax.multi_transform(
@@ -347,16 +354,22 @@ def _row(workload, model, batch, timing, compile_s=None, flops=0.0, roofline=Non
 
 
 def jax_step_setup(
-  model_name: str, stage: str, k: float, host_batch: dict, attack_steps: int, xla_defaults: bool = False
+  model_name: str,
+  stage: str,
+  k: float,
+  host_batch: dict,
+  attack_steps: int,
+  xla_defaults: bool = False,
+  attack_chunk_size: int = 0,
 ) -> dict:
   """The hydra_jax side of a train step: {'compiled', 'compile_s', 'call', 'state', 'batch', 'key', 'trainable',
-  'apply_fn'}; `call()` runs one step on the state (updated in place) and waits for it. `xla_defaults`: see
-  `jax_train_step`."""
+  'apply_fn'}; `call()` runs one step on the state (updated in place) and waits for it. `xla_defaults` and
+  `attack_chunk_size`: see `jax_train_step`."""
   apply_fn, variables, scores = jax_model(model_name, len(host_batch["label"]))
   trainable = {"params": variables["params"], "scores": scores}
   if stage == "finetune":
     trainable["params"] = masking.export_dense(variables["params"], scores, k)
-  step, tx = jax_train_step(apply_fn, trainable, stage, k, attack_steps, xla_defaults)
+  step, tx = jax_train_step(apply_fn, trainable, stage, k, attack_steps, xla_defaults, attack_chunk_size)
   state = [trainable, variables["batch_stats"], tx.init(trainable)]
   batch, key = jax.device_put(host_batch), jax.random.key(2)
   compiled, compile_s = compile_seconds(step, *state, batch, key)
@@ -384,18 +397,27 @@ def torch_step_call(model_name: str, stage: str, k: float, host_batch: dict, att
 def train_step_row(args, workload: str, model_name: str, stage: str, k: float, batch_size: int) -> dict:
   """TRADES train step of `stage` at `k`, hydra_jax vs torch, with FLOP/s against the matmul probe."""
   host_batch = random_batch(batch_size)
-  jax_side = jax_step_setup(model_name, stage, k, host_batch, args.attack_steps)
+  jax_side = jax_step_setup(model_name, stage, k, host_batch, args.attack_steps, False, args.attack_chunk_size)
   compiled, compile_s, trainable = jax_side["compiled"], jax_side["compile_s"], jax_side["trainable"]
   calls = {"jax": jax_side["call"]}
-  if args.compare_taps_conv:  # the same step traced with every Conv2d at weight_grad="auto"
+  state, batch, key = jax_side["state"], jax_side["batch"], jax_side["key"]
+  if args.compare_whole_batch_attack:  # the same step with its attack on the whole batch at once
+    whole_step, _ = jax_train_step(
+      jax_side["apply_fn"], trainable, stage, k, args.attack_steps, attack_chunk_size=batch_size
+    )
+    calls["jax_whole_batch"] = _stepper(compile_seconds(whole_step, *state, batch, key)[0], list(state), batch, key)
+  if args.compare_xla_conv:  # the same step traced with every Conv2d at weight_grad="xla"
     conv2d = layers.conv2d
-    state, batch, key = jax_side["state"], jax_side["batch"], jax_side["key"]
-    with mock.patch.object(layers, "conv2d", lambda *conv_args: conv2d(*conv_args[:-1], "auto")):
-      taps_step, _ = jax_train_step(jax_side["apply_fn"], trainable, stage, k, args.attack_steps)
-      calls["jax_taps_conv"] = _stepper(compile_seconds(taps_step, *state, batch, key)[0], list(state), batch, key)
+    with mock.patch.object(layers, "conv2d", lambda *conv_args: conv2d(*conv_args[:5], "xla", *conv_args[6:])):
+      xla_conv_step, _ = jax_train_step(
+        jax_side["apply_fn"], trainable, stage, k, args.attack_steps, attack_chunk_size=args.attack_chunk_size
+      )
+      compiled_xla_conv = compile_seconds(xla_conv_step, *state, batch, key)[0]
+      calls["jax_xla_conv"] = _stepper(compiled_xla_conv, list(state), batch, key)
   if args.compare_xla_defaults:  # the same step compiled with XLA's default options
-    state, batch, key = jax_side["state"], jax_side["batch"], jax_side["key"]
-    default_step, _ = jax_train_step(jax_side["apply_fn"], trainable, stage, k, args.attack_steps, xla_defaults=True)
+    default_step, _ = jax_train_step(
+      jax_side["apply_fn"], trainable, stage, k, args.attack_steps, True, args.attack_chunk_size
+    )
     default_compiled = compile_seconds(default_step, *state, batch, key)[0]
     calls["jax_xla_defaults"] = _stepper(default_compiled, list(state), batch, key)
 
@@ -416,9 +438,11 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
   if "jax_xla_defaults" in timing:
     row["jax_xla_defaults_s"] = timing["jax_xla_defaults"]["median"]
     row["jax_xla_defaults_plan_mb"] = planned_bytes(default_compiled) / 2**20
-  if "jax_taps_conv" in timing:
-    row["jax_taps_conv_s"] = timing["jax_taps_conv"]["median"]
-    row["jax_taps_conv_peak_mb"] = timing["jax_taps_conv"]["peak"] / 2**20
+  if "jax_whole_batch" in timing:
+    row["jax_whole_batch_s"] = timing["jax_whole_batch"]["median"]
+  if "jax_xla_conv" in timing:
+    row["jax_xla_conv_s"] = timing["jax_xla_conv"]["median"]
+    row["jax_xla_conv_peak_mb"] = timing["jax_xla_conv"]["peak"] / 2**20
   if workload == "prune":
     row.update(mask_row(trainable, k, timing["jax"]["median"], args.repeats))
   return row
@@ -551,20 +575,28 @@ def attack_row(args, workload: str) -> dict:
   """PGD or APGD evaluation of the masked model (eval-mode BN), hydra_jax vs torch, same batch."""
   name, steps = args.models[0], args.pgd_steps if workload == "pgd" else args.apgd_steps
   logits_fn = masked_logits_fn(name, args.batch, args.k)
-  if workload == "pgd":
-    attack = lambda x, y, key: attacks.pgd(logits_fn, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=steps)
-  else:
-    attack = lambda x, y, key: attacks.apgd(logits_fn, x, y, key=key, eps=8 / 255, steps=steps)
+
+  def attack(x, y, key, chunk_size):
+    chunked = attacks.in_chunks(logits_fn, chunk_size)
+    if workload == "pgd":
+      return attacks.pgd(chunked, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=steps)
+    return attacks.apgd(chunked, x, y, key=key, eps=8 / 255, steps=steps)
+
   host_batch = random_batch(args.batch)
   x, y = jax.device_put(host_batch["image"]), jax.device_put(host_batch["label"])
-  compiled, compile_s = compile_seconds(jax.jit(attack), x, y, jax.random.key(3))
+  jitted = jax.jit(attack, static_argnums=3)
+  compiled, compile_s = compile_seconds(jitted, x, y, jax.random.key(3), args.attack_chunk_size)
+  calls = {"jax": lambda: compiled(x, y, jax.random.key(3)).block_until_ready()}
+  if args.compare_whole_batch_attack:
+    whole = compile_seconds(jitted, x, y, jax.random.key(3), args.batch)[0]
+    calls["jax_whole_batch"] = lambda: whole(x, y, jax.random.key(3)).block_until_ready()
   device = _torch_device()
   net = torch_hydra.prepare(torch_hydra.build(name).to(device), "finetune", args.k)
   images, labels = _torch_batch(host_batch, device)
   torch_attack = torch_hydra.pgd_whitebox if workload == "pgd" else torch_hydra.apgd_ce
   timing = interleaved(
     {
-      "jax": lambda: compiled(x, y, jax.random.key(3)).block_until_ready(),
+      **calls,
       "torch": lambda: (
         torch_attack(
           model=net, x=images, y=labels, **{"pgd": {"num_steps": steps}, "apgd": {"steps": steps}}[workload]
@@ -575,7 +607,10 @@ def attack_row(args, workload: str) -> dict:
     args.repeats,
   )
   label = f"PGD-{steps}" if workload == "pgd" else f"APGD-CE-{steps}"
-  return _row(workload, name, args.batch, timing, compile_s, note=f"{label}, eps 8/255, k={args.k:g}")
+  row = _row(workload, name, args.batch, timing, compile_s, note=f"{label}, eps 8/255, k={args.k:g}")
+  if "jax_whole_batch" in timing:
+    row["jax_whole_batch_s"] = timing["jax_whole_batch"]["median"]
+  return row
 
 
 def topk_rows(args):
@@ -734,14 +769,25 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--matmul-size", type=int, default=2048, help="side of the roofline matmul")
   parser.add_argument("--bounds-model", default="cnn_large", help="the bounds workload's model (a basic CNN)")
   parser.add_argument(
-    "--compare-taps-conv",
+    "--compare-xla-conv",
     action="store_true",
-    help="train steps: also time hydra_jax with Conv2d(weight_grad='auto') (jax_taps_conv_s)",
+    help="train steps: also time hydra_jax with Conv2d(weight_grad='xla') (jax_xla_conv_s)",
   )
   parser.add_argument(
     "--compare-xla-defaults",
     action="store_true",
     help="train steps: also time hydra_jax compiled with XLA's default options (jax_xla_defaults_s, _plan_mb)",
+  )
+  parser.add_argument(
+    "--attack-chunk-size",
+    type=int,
+    default=0,
+    help="examples per chunk of hydra_jax's attacks (0: attacks.AUTO_CHUNK_SIZE of the backend)",
+  )
+  parser.add_argument(
+    "--compare-whole-batch-attack",
+    action="store_true",
+    help="train steps, pgd, apgd: also time hydra_jax's attack on the whole batch at once (jax_whole_batch_s)",
   )
   parser.add_argument("--json", default="", help="also write the results here")
   parser.add_argument("--tiny", action="store_true", help="toy sizes: " + " ".join(TINY))

@@ -115,9 +115,16 @@ def test_torch_baseline_has_the_zoo_architecture(name, prunable):
 
 
 @pytest.mark.slow
-def test_compare_taps_conv_times_the_step_with_taps_kernel_gradients_too():
-  row = bench_vs_torch.main(["--tiny", "--workloads", "finetune", "--compare-taps-conv"])["rows"][0]
-  assert row["workload"] == "finetune" and row["jax_taps_conv_s"] > 0 and row["jax_taps_conv_peak_mb"] >= 0
+def test_compare_xla_conv_times_the_step_with_xla_kernel_gradients_too():
+  row = bench_vs_torch.main(["--tiny", "--workloads", "finetune", "--compare-xla-conv"])["rows"][0]
+  assert row["workload"] == "finetune" and row["jax_xla_conv_s"] > 0 and row["jax_xla_conv_peak_mb"] >= 0
+
+
+def test_compare_whole_batch_attack_times_the_attack_unchunked_too():
+  row = bench_vs_torch.main(
+    ["--tiny", "--workloads", "pgd", "--attack-chunk-size", "2", "--compare-whole-batch-attack"]
+  )["rows"][0]
+  assert row["workload"] == "pgd" and row["jax_whole_batch_s"] > 0 and row["jax_s"] > 0
 
 
 @pytest.mark.slow
