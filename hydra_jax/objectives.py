@@ -118,11 +118,11 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 # Small helpers.
 
 
-def _eval_logits_fn(apply_fn: ApplyFn, variables: Variables, chunk_size: int) -> attacks.LogitsFn:
-  """Eval-mode logits on gradient-stopped variables, in batch chunks of `chunk_size` (`attacks.in_chunks`; 0:
-  the backend's default): what the attacks see."""
+def _eval_logits_fn(apply_fn: ApplyFn, variables: Variables, config: ml_collections.ConfigDict) -> attacks.LogitsFn:
+  """Eval-mode logits on gradient-stopped variables, in batch chunks of `config.attack_chunk_size`
+  (`attacks.in_chunks`; 0 or absent: the backend's default): what the attacks see."""
   frozen = lax.stop_gradient(variables)
-  return attacks.in_chunks(lambda x: apply_fn(frozen, x, False)[0], chunk_size)
+  return attacks.in_chunks(lambda x: apply_fn(frozen, x, False)[0], config.get("attack_chunk_size", 0))
 
 
 def _accuracy(logits: Array, labels: Array) -> Array:
@@ -169,7 +169,7 @@ def pgd_at_loss(
   inputs only. metrics: loss, accuracy (clean inputs, eval-mode forward), adv_accuracy (train mode).
   """
   x, y = batch["image"], batch["label"]
-  logits_fn = _eval_logits_fn(apply_fn, variables, config.get("attack_chunk_size", 0))
+  logits_fn = _eval_logits_fn(apply_fn, variables, config)
   x_adv = attacks.pgd(
     logits_fn,
     x,
@@ -207,7 +207,7 @@ def trades_loss(
   """
   x, y = batch["image"], batch["label"]
   x_adv = attacks.trades_attack(
-    _eval_logits_fn(apply_fn, variables, config.get("attack_chunk_size", 0)),
+    _eval_logits_fn(apply_fn, variables, config),
     x,
     key=key,
     eps=config.eps,

@@ -186,9 +186,9 @@ def conv2d(
   if weight_grad == "auto":
     faster = jax.default_backend() == "cpu" and taps_are_faster(x.shape, kernel.shape, stride, groups)
     weight_grad = "taps" if faster else "xla"
-  if weight_grad == "taps" and groups != 1:
-    raise ValueError("weight_grad='taps' needs groups=1")
   if weight_grad == "taps":
+    if groups != 1:
+      raise ValueError("weight_grad='taps' needs groups=1")
     conv = lambda images: taps_conv(images, kernel, stride, padding)
   else:
     conv = lambda images: xla_conv(images, kernel, stride, padding, groups)
