@@ -1,10 +1,12 @@
 """Command line: `hydra-jax {train,eval,export,certify} --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR`.
 
+`hydra-jax COMMAND --help` lists the command's own flags. eval, export and certify default to the config stored
+with the run (`--workdir` alone).
+
   hydra-jax train  --config configs/digits_demo.py --workdir runs/demo
   hydra-jax train  --config configs/adversarial.py:model=wrn_28_4 --config.stage=prune --config.k=0.01 \
                    --config.source=runs/pretrain --workdir runs/prune
-  hydra-jax eval   --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune \
-                   --methods=pgd_linf,apgd_ce,apgd_dlr,apgd_t
+  hydra-jax eval   --workdir runs/finetune --methods=pgd_linf,apgd_ce,apgd_dlr,apgd_t --per_example=examples.csv
   hydra-jax export --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune --out model.npz
   hydra-jax certify --config configs/adversarial.py:model=wrn_28_4,objective=smooth --workdir runs/smooth \
                    --sigma=0.25 --n=100000 --skip=20 --out=runs/smooth/certify
@@ -22,22 +24,37 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 
+import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hydra_jax import config as config_lib
 from hydra_jax import errors
 from hydra_jax import export
 from hydra_jax import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':ARG'.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (train: created or resumed; eval/export: read).")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "A config file: FILE's get_config(ARG) (ARG: the text after ':'), e.g. configs/adversarial.py:model=wrn_28_4.",
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (train: created or resumed; the others: read).")
 _METHODS = flags.DEFINE_list(
   "methods",
   None,
-  "eval: methods to run (default: the config's eval.methods); robust accuracy is the per-example worst case over them.",
+  "Evaluation methods to run (default: the config's eval.methods); robust accuracy is the per-example worst "
+  "case over them.",
+)
+_PER_EXAMPLE = flags.DEFINE_string(
+  "per_example",
+  None,
+  "Also write, per test example, its index, label, clean correctness, each method's and the worst cases, "
+  "to FILE (.npz or .csv).",
 )
 _OUT = flags.DEFINE_string(
   "out",
@@ -45,25 +62,95 @@ _OUT = flags.DEFINE_string(
   "export: output file (.npz for numpy, .pth for a PyTorch state dict); "
   "certify: output directory (default WORKDIR/certify_sigma<SIGMA>).",
 )
-_DENSE = flags.DEFINE_bool("dense", True, "export: masked dense weights (zeros) instead of weights + scores.")
-_SIGMA = flags.DEFINE_float("sigma", 0.25, "certify: smoothing noise std (pixels in [0, 1]).")
-_N0 = flags.DEFINE_integer("n0", 100, "certify: Monte Carlo samples to select the class.")
-_N = flags.DEFINE_integer("n", 100_000, "certify: Monte Carlo samples to estimate its probability.")
-_ALPHA = flags.DEFINE_float("alpha", 0.001, "certify: failure probability of each certificate.")
-_SKIP = flags.DEFINE_integer("skip", 1, "certify: every skip-th eval example.")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "certify: at most this many examples (0: all).")
-_CERTIFY_BATCH = flags.DEFINE_integer("certify_batch", 1000, "certify: noise samples per forward pass.")
+_DENSE = flags.DEFINE_bool("dense", True, "Masked dense weights (zeros) instead of weights + scores.")
+_SIGMA = flags.DEFINE_float("sigma", 0.25, "Smoothing noise std (pixels in [0, 1]).")
+_N0 = flags.DEFINE_integer("n0", 100, "Monte Carlo samples to select the class.")
+_N = flags.DEFINE_integer("n", 100_000, "Monte Carlo samples to estimate its probability.")
+_ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
+_SKIP = flags.DEFINE_integer("skip", 1, "Certify every skip-th eval example.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Certify at most this many examples (0: all).")
+_CERTIFY_BATCH = flags.DEFINE_integer("certify_batch", 1000, "Noise samples per forward pass.")
 
 COMMANDS = ("train", "eval", "export", "certify")
 TRACEBACK_ENV = "HYDRA_JAX_TRACEBACK"  # set to 1 to see the traceback of a user error
+
+_RUN_CONFIG_HELP = "A config file (FILE[:ARG], see below); default: the run's own, stored with its checkpoint."
+# Per command: what it does, and its flags with their help there (None: the flag's own).
+_COMMAND_HELP = {
+  "train": (
+    "Runs config.stage (pretrain, prune, finetune, str, admm; 'all': pretrain, then per k prune, finetune and "
+    "the baselines) in DIR and prints its summary; rerunning the command resumes the run.",
+    {"config": None, "workdir": "Run directory, created or resumed."},
+  ),
+  "eval": (
+    "Evaluates the run's latest checkpoint as its training evaluation does (same test split, key and threat "
+    "model), with any methods, and prints the accuracies and every method's settings as JSON.",
+    {"config": _RUN_CONFIG_HELP, "workdir": "Run directory to read.", "methods": None, "per_example": None},
+  ),
+  "export": (
+    "Writes the run's latest model: masked dense weights as .npz, or a reference-layout PyTorch state dict "
+    "(.pth) and the reference class that loads it.",
+    {
+      "config": _RUN_CONFIG_HELP,
+      "workdir": "Run directory to read.",
+      "out": "Output file: .npz (numpy) or .pth (PyTorch state dict).",
+      "dense": None,
+    },
+  ),
+  "certify": (
+    "Certifies the run's smoothed classifier (Cohen et al.'s CERTIFY) on every skip-th test example; writes "
+    "certify.tsv and certified_accuracy.{txt,json,png}.",
+    {
+      "config": _RUN_CONFIG_HELP,
+      "workdir": "Run directory to read.",
+      "out": "Output directory (default WORKDIR/certify_sigma<SIGMA>).",
+      "sigma": None,
+      "n0": None,
+      "n": None,
+      "alpha": None,
+      "skip": None,
+      "max_examples": None,
+      "certify_batch": None,
+    },
+  ),
+}
+_CONFIG_HELP = """config:
+  --config FILE[:ARG]   FILE is a Python file whose get_config(ARG) returns an ml_collections ConfigDict
+                        (configs/*.py; each one's docstring has its run command); ARG is the text after ':',
+                        e.g. configs/adversarial.py:model=wrn_28_4,objective=trades
+  --config.KEY=VALUE    overrides one key, dotted: --config.k=0.01, --config.stages.prune.lr=0.05,
+                        --config.eval.methods="('pgd_linf','ibp')"; an unknown key is an error naming it
+  The keys: docs/configuration.md; every key with its default: hydra_jax/config.py (default_config).
+  --helpfull lists absl's own flags too (--verbosity, ...)."""
+
+
+def command_help(command: str) -> str:
+  """The `hydra-jax COMMAND --help` text: usage, what it does, its own flags, the config syntax."""
+  summary, own = _COMMAND_HELP[command]
+  lines = [
+    f"usage: hydra-jax {command} --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR [flags]",
+    "",
+    *textwrap.wrap(summary, 110),
+    "",
+    "flags:",
+  ]
+  for name, text in own.items():
+    flag = flags.FLAGS[name]
+    default = "" if flag.default is None or name in ("config", "workdir") else f" (default: {flag.default_as_str})"
+    metavar = {"config": " FILE[:ARG]", "workdir": " DIR", "out": " PATH", "per_example": " FILE"}.get(name, "")
+    lines.append(f"  --{name}{metavar}")
+    lines += textwrap.wrap((text or flag.help) + default, 104, initial_indent="      ", subsequent_indent="      ")
+  return "\n".join([*lines, "", _CONFIG_HELP])
 
 
 def _run(command: str) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  if config is None or workdir is None:
-    raise app.UsageError("--config and --workdir are required")
+  config, workdir = _loaded_config(), _WORKDIR.value
+  if workdir is None or (config is None and command == "train"):
+    raise app.UsageError(f"{'--workdir is' if config else '--config and --workdir are'} required (see --help)")
+  if config is None:  # eval, export, certify: the run's own config
+    config = export.run_config(workdir)
   if command == "train":
     result = pipeline.train_and_evaluate(config, workdir)
     if isinstance(result, list):
@@ -71,7 +158,8 @@ def _run(command: str) -> None:
     else:
       print(json.dumps(result, indent=2))
   elif command == "eval":
-    print(json.dumps(export.evaluate_checkpoint(config, workdir, methods=_METHODS.value), indent=2))
+    results = export.evaluate_checkpoint(config, workdir, methods=_METHODS.value, per_example=_PER_EXAMPLE.value)
+    print(json.dumps(results, indent=2))
   elif command == "certify":
     out_dir = _OUT.value or os.path.join(workdir, f"certify_sigma{_SIGMA.value}")
     print(
@@ -92,6 +180,15 @@ def _run(command: str) -> None:
     if not _OUT.value:
       raise app.UsageError("export needs --out FILE (.npz or .pth)")
     print(export.export_checkpoint(config, workdir, _OUT.value, dense=_DENSE.value))
+
+
+def _loaded_config() -> ml_collections.ConfigDict | None:
+  """--config's ConfigDict. ml_collections defers a failed load (a missing file) to the config's first use, where
+  it would read as a missing key: loading the file again raises the error that names it."""
+  config = _CONFIG.value
+  if config is None or isinstance(config, ml_collections.ConfigDict):
+    return config
+  return config_lib.load_config(config_flags.get_config_filename(flags.FLAGS["config"]))
 
 
 def _show_tracebacks(argv: list[str]) -> bool:
@@ -121,6 +218,13 @@ def _parse_flags(command: str, argv: list[str]) -> list[str]:
     if _show_tracebacks(argv):
       raise
     _fail(command, str(error))
+  except OSError:  # an override of a config that failed to load (a missing file): name the file
+    spec = next((b for a, b in zip(argv, argv[1:]) if a == "--config"), None)
+    spec = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), spec)
+    if spec is None or _show_tracebacks(argv):
+      raise
+    config_lib.load_config(spec)  # raises the ConfigError that names the file
+    raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     sys.exit(2)
   command = argv.pop(1)
+  if any(arg in ("--help", "-h", "-?", "--helpshort") for arg in argv[1:]):
+    print(command_help(command))
+    sys.exit(0)
   try:
     app.run(lambda _: _run(command), argv=argv, flags_parser=lambda args: _parse_flags(command, args))
   except (errors.UserError, FloatingPointError, TimeoutError) as error:  # bad input; a diverged run; peers absent

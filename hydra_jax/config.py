@@ -11,6 +11,7 @@ A config is a plain `ml_collections.ConfigDict` (numbers, strings, tuples, dicts
     config.model.name = args.model
     return config
 
+`load_config('configs/adversarial.py:model=wrn_28_4')` is what `--config FILE[:ARG]` gives on the command line.
 `check_config(config)` raises `errors.ConfigError` naming the first invalid key before a run writes anything;
 `lookup(config, 'stages.prune.lr')` reads a dotted key and names it when it does not exist.
 """
@@ -18,6 +19,8 @@ A config is a plain `ml_collections.ConfigDict` (numbers, strings, tuples, dicts
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -168,6 +171,29 @@ def parse_config_arg(
     if parsed[name] not in valid:
       raise errors.ConfigError(f"config argument {name}={parsed[name]!r} is invalid; valid: {', '.join(valid)}")
   return parsed
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The locked config of `spec` = 'FILE[:ARG]': FILE's `get_config(ARG)` (`get_config()` without ':'), as the
+  command line's `--config FILE[:ARG]` loads it (before its `--config.KEY=VALUE` overrides).
+
+  Example: `load_config('configs/adversarial.py:model=wrn_28_4,objective=trades')`.
+
+  Raises:
+    ConfigError: FILE does not exist, or it defines no `get_config` returning a ConfigDict.
+  """
+  path, has_arg, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location("hydra_jax_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  get_config = getattr(module, "get_config", None)
+  config = get_config(*([arg] if has_arg else [])) if callable(get_config) else None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise errors.ConfigError(f"config file {path} must define get_config(arg=None) returning a ConfigDict")
+  config.lock()
+  return config
 
 
 def lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:

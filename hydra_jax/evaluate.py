@@ -256,23 +256,24 @@ def method_correct(
   return top_k_correct(logits_fn(x_adv), y, 1)
 
 
-def batch_counts(
+def batch_correct(
   logits_fn: attacks.LogitsFn, batch: Mapping[str, Array], key: Array, methods: tuple[tuple[str, tuple], ...]
 ) -> dict[str, Array]:
-  """Weighted counts of one batch: 'num_examples', 'clean', 'clean_top5' (more than 5 classes), each method,
-  'robust' and 'robust_<norm>' (per-example worst cases of the attacks and verifiers), and for a certifier
-  `name` its count at eps ('name') and at each of its radii r ('name_r<r>').
+  """Per-example correctness of one batch: 'clean', 'clean_top5' (more than 5 classes), each method (correct
+  clean and under the method), 'robust' and 'robust_<norm>' (per-example worst cases of the attacks and
+  verifiers), and for a certifier `name` its certificates at eps ('name') and at each of its radii r
+  ('name_r<r>').
 
   Args:
     logits_fn: `x -> logits` [B, C] in eval mode.
-    batch: {'image': [B, H, W, C], 'label': [B] int, 'mask': [B] float (0: padding)}.
+    batch: {'image': [B, H, W, C], 'label': [B] int}.
     key: PRNG key; method m uses fold_in(key, m).
     methods: ((name, sorted settings items), ...).
 
   Returns:
-    float32 scalars: sums of `mask` over the examples counted.
+    bool [B] per name.
   """
-  x, y, weight = batch["image"], batch["label"], batch["mask"]
+  x, y = batch["image"], batch["label"]
   logits = logits_fn(x)
   clean = top_k_correct(logits, y, 1)
   correct = {"clean": clean}
@@ -290,8 +291,20 @@ def batch_counts(
     group = f"robust_{settings['norm']}"
     correct[group] = correct.get(group, clean) & correct[name]
     correct["robust"] = correct["robust"] & correct[name]
-  counts = {name: jnp.sum(weight * c) for name, c in correct.items()}
-  return {"num_examples": jnp.sum(weight), **counts}
+  return correct
+
+
+def weighted_counts(correct: Mapping[str, Array], weight: Array) -> dict[str, Array]:
+  """float32 sums of `weight` [B] (0: padding) over all examples ('num_examples') and over the correct ones of
+  each bool [B] of `correct`."""
+  return {"num_examples": jnp.sum(weight), **{name: jnp.sum(weight * c) for name, c in correct.items()}}
+
+
+def batch_counts(
+  logits_fn: attacks.LogitsFn, batch: Mapping[str, Array], key: Array, methods: tuple[tuple[str, tuple], ...]
+) -> dict[str, Array]:
+  """`weighted_counts` of `batch_correct` with the batch's 'mask' [B] float (0: padding) as weights."""
+  return weighted_counts(batch_correct(logits_fn, batch, key, methods), batch["mask"])
 
 
 def eval_step(
@@ -301,8 +314,9 @@ def eval_step(
   fn: Callable,
   methods: tuple[tuple[str, tuple], ...],
   axis_name: str | None,
-) -> tuple[dict, dict[str, Array]]:
-  """Per-device step for `parallel.make_runner`: the counts of one batch, summed over devices.
+) -> tuple[dict, dict[str, dict[str, Array]]]:
+  """Per-device step for `parallel.make_runner`: the counts of one batch, summed over devices, and its
+  per-example 'label', 'mask' and correctness (`batch_correct`) gathered over devices, in global batch order.
 
   `state` is {'variables': model variables or None (then `fn` is a logits_fn), 'key': PRNG key, 'batch':
   int32 batch counter}; batch b's key is fold_in(key, b) (and the device index).
@@ -312,10 +326,13 @@ def eval_step(
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   variables = state["variables"]
   logits_fn = fn if variables is None else (lambda x: fn(variables, x, False)[0])
-  counts = batch_counts(logits_fn, batch, key, methods)
+  correct = batch_correct(logits_fn, batch, key, methods)
+  counts = weighted_counts(correct, batch["mask"])
+  examples = {"label": batch["label"], "mask": batch["mask"], **correct}
   if axis_name is not None:
     counts = jax.lax.psum(counts, axis_name)
-  return {**state, "batch": state["batch"] + 1}, counts
+    examples = jax.lax.all_gather(examples, axis_name, tiled=True)
+  return {**state, "batch": state["batch"] + 1}, {"counts": counts, "examples": examples}
 
 
 @functools.lru_cache(maxsize=16)
@@ -346,7 +363,25 @@ def evaluate(
   mode: str = "single",
   devices: Sequence[Any] | None = None,
 ) -> dict[str, float]:
-  """Clean (top-1, top-5) and robust accuracy over `batches`.
+  """Clean (top-1, top-5) and robust accuracy over `batches`: `evaluate_per_example`'s accuracies."""
+  return evaluate_per_example(
+    fn, variables, batches, key=key, methods=methods, config=config, progress=progress, mode=mode, devices=devices
+  )[0]
+
+
+def evaluate_per_example(
+  fn: Callable,
+  variables: Any,
+  batches: Iterable[Mapping[str, Any]],
+  *,
+  key: Array,
+  methods: Sequence[str] = DEFAULT_METHODS,
+  config: Mapping[str, Any] | None = None,
+  progress: bool = True,
+  mode: str = "single",
+  devices: Sequence[Any] | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Clean (top-1, top-5) and robust accuracy over `batches`, and each example's correctness.
 
   Args:
     fn: `apply_fn(variables, x, train) -> (logits, variables)` (called in eval mode), or, with
@@ -365,19 +400,44 @@ def evaluate(
     {'clean': top-1 acc, 'clean_top5': top-5 acc (more than 5 classes), <method>: robust acc under that
      method, 'robust': worst case over all methods (clean when none), 'robust_<norm>': worst case over the
      methods of each norm, 'num_examples': count}; accuracies in [0, 1], NaN with no examples.
+    Per example, padding dropped, in the order of `batches` (global batch order on several processes):
+    {'index': int [N] (0, 1, ...), 'label': int [N], and bool [N] for each accuracy's name}; the mean of each
+    bool column is its accuracy.
   """
   items = tuple((name, tuple(sorted(_settings(name, config).items()))) for name in methods)
   runner = _runner(fn, items, mode, tuple(devices) if devices is not None else None)
   state = runner.put_state({"variables": variables, "key": key, "batch": jnp.int32(0)})
-  totals = {}
+  totals, examples = {}, []
   bar = tqdm(batches, desc="evaluate", disable=not progress)
   for batch in bar:
-    state, counts = runner(state, runner.put_batch(_host_batch(batch)))
-    counts = jax.tree.map(lambda c: float(np.asarray(c).reshape(-1)[0]), jax.device_get(counts))
+    state, outputs = runner(state, runner.put_batch(_host_batch(batch)))
+    outputs = jax.device_get(outputs)
+    if mode == "pmap":  # one copy per local device
+      outputs = jax.tree.map(lambda x: x[0], outputs)
+    counts = jax.tree.map(float, outputs["counts"])
+    examples.append(outputs["examples"])
     totals = {name: totals.get(name, 0.0) + value for name, value in counts.items()}
     seen = max(totals["num_examples"], 1)
     bar.set_postfix(clean=totals["clean"] / seen, robust=totals["robust"] / seen)
   count = totals.pop("num_examples", 0.0)
   if not count:
-    return {**dict.fromkeys(["clean", *methods, "robust"], float("nan")), "num_examples": 0.0}
-  return {**{name: total / count for name, total in totals.items()}, "num_examples": count}
+    return {**dict.fromkeys(["clean", *methods, "robust"], float("nan")), "num_examples": 0.0}, {}
+  accuracies = {**{name: total / count for name, total in totals.items()}, "num_examples": count}
+  return accuracies, _unpadded_examples(examples, methods)
+
+
+def _column_rank(name: str, methods: Sequence[str]) -> tuple:
+  """Columns in reading order: label, clean ones, each method's in the order run, the worst cases, 'robust'."""
+  if name == "label" or name.startswith("clean"):
+    return (name != "label", name)
+  if name.startswith("robust"):
+    return (3, name == "robust", name)
+  return (2, next(i for i, m in enumerate(methods) if name == m or name.startswith(f"{m}_r")), name)
+
+
+def _unpadded_examples(batches: list[dict[str, np.ndarray]], methods: Sequence[str]) -> dict[str, np.ndarray]:
+  """The per-example arrays of `batches` concatenated, without padding (mask 0), with 'index' 0..N-1 in front."""
+  kept = np.concatenate([b["mask"] for b in batches]) > 0
+  names = sorted((name for name in batches[0] if name != "mask"), key=lambda name: _column_rank(name, methods))
+  columns = {name: np.concatenate([b[name] for b in batches])[kept] for name in names}
+  return {"index": np.arange(int(kept.sum())), **columns}

@@ -1,6 +1,9 @@
-"""Evaluate and export a finished run: credible robust accuracy, dense / PyTorch / sparse weight files.
+"""Use, evaluate and export a finished run: a callable model, credible robust accuracy, dense / PyTorch / sparse
+weight files.
 
-  model = export.load_run(config, 'runs/k0.01/finetune')           # latest checkpoint ('best=True': best)
+  model = export.load_run('runs/k0.01/finetune')                   # also hydra_jax.load_run; 'best' or a step
+  logits = model(images)                                           # [N, H, W, C] in [0, 1] -> [N, classes]
+  model.evaluate(['pgd_linf', 'apgd_ce'])                          # = hydra-jax eval (test split, key, threat model)
   export.evaluate_checkpoint(config, 'runs/k0.01/finetune', methods=['pgd_linf', 'apgd_ce', 'apgd_dlr'])
   export.export_checkpoint(config, 'runs/k0.01/finetune', 'wrn.pth')   # reference-layout PyTorch state dict
   export.certify_checkpoint(config, 'runs/smooth', 'runs/smooth/certify', sigma=0.25)  # randomized smoothing
@@ -12,14 +15,18 @@ compressed (BCOO) copy of the kept weights would occupy.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import time
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,6 +39,7 @@ from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import convert
 from hydra_jax import data
+from hydra_jax import errors
 from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
@@ -39,9 +47,13 @@ from hydra_jax import smoothing
 from hydra_jax import sources
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class RunModel:
-  """A trained model read back from a run directory.
+  """A trained model read back from a run directory (`load_run`): `model(images) -> logits`.
+
+  `model(x)` maps float images [N, H, W, C] in [0, 1] to logits [N, classes]: jitted, BatchNorm in eval mode,
+  with the weights the model runs with (pruned entries exactly 0). It is a pure, differentiable function of x,
+  so `jax.grad`, `jax.vmap` and attack libraries that take a JAX `logits_fn` use it as it is.
 
   Attributes:
     variables: {'params': weights the model runs with (pruned entries exactly 0), 'batch_stats': ...}.
@@ -49,6 +61,10 @@ class RunModel:
     scores: the scores tree, or None for a dense (pretrain) run.
     k: fraction kept (1.0 for dense runs).
     meta: the checkpoint's metadata (config, stage, metrics, versions).
+    config: the run's config (its checkpoint's resolved config unless `load_run` was given one), locked.
+    step: the checkpoint's step.
+    module: the Flax module; `models.make_apply_fn(module)` with `variables` is the model in the library's
+      call convention (`apply_fn`).
   """
 
   variables: dict[str, PyTree]
@@ -56,15 +72,90 @@ class RunModel:
   scores: PyTree | None
   k: float
   meta: dict[str, Any]
+  config: ml_collections.ConfigDict
+  step: int
+  module: nn.Module
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """Logits [N, classes] of float images [N, H, W, C] in [0, 1]."""
+    return self._forward(self.variables, images)
+
+  @functools.cached_property
+  def _forward(self):
+    return jax.jit(lambda variables, images: self.module.apply(variables, images, train=False))
+
+  @functools.cached_property
+  def apply_fn(self) -> models.ApplyFn:
+    """`apply_fn(variables, x, train) -> (logits, variables)` of `models.make_apply_fn` (one object per model,
+    so that `evaluate.evaluate(model.apply_fn, model.variables, ...)` compiles once)."""
+    return models.make_apply_fn(self.module)
+
+  def evaluate_per_example(
+    self, methods: Sequence[str] | None = None, *, progress: bool = False
+  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`evaluate` and `evaluate.evaluate_per_example`'s per-example correctness (index, label, each accuracy)."""
+    names = [name for name in (self.config.eval.methods if methods is None else methods) if name != "clean"]
+    config_lib.check_eval_methods(self.config, names)
+    batches = sources.eval_split(self.config)
+    settings = evaluate.config_settings(self.config.eval, names)
+    with config_lib.prng_scope(self.config):
+      results, examples = evaluate.evaluate_per_example(
+        self.apply_fn,
+        self.variables,
+        data.iterate(batches, range(batches.num_steps)),
+        key=jax.random.PRNGKey(self.config.seed + 1),
+        methods=names,
+        config=settings,
+        progress=progress,
+      )
+    return {**results, "k": self.k, "stage": self.meta.get("stage"), "settings": settings}, examples
+
+  def evaluate(self, methods: Sequence[str] | None = None, *, progress: bool = False) -> dict[str, Any]:
+    """Accuracies on the run's test split exactly as its training evaluation and `hydra-jax eval` compute them
+    (`config.data.eval_examples`, the key PRNGKey(seed + 1), `config.eval`'s threat model), with `methods`
+    (default: config.eval.methods; see `evaluate_checkpoint`)."""
+    return self.evaluate_per_example(methods, progress=progress)[0]
 
 
-def load_run(config: ml_collections.ConfigDict, workdir: str, *, best: bool = False) -> RunModel:
-  """The latest (or best) checkpoint of the run in `workdir`, built for `config.model` / `config.data`."""
-  directory = os.path.join(workdir, "best") if best else workdir
-  _, meta = checkpoints.read_meta(directory)
-  params, batch_stats, scores = sources.load_source(config_lib.stage_config(config, config.stage, source=directory))
+CHECKPOINTS = ("latest", "best")
+
+
+def load_run(
+  workdir: str, checkpoint: str | int = "latest", *, config: ml_collections.ConfigDict | None = None
+) -> RunModel:
+  """The model of the run in `workdir` at `checkpoint`: a callable `RunModel` with its variables and config.
+
+  Args:
+    workdir: a run directory (one stage's: of a stage='all' run, e.g. 'runs/all/k0.01/finetune').
+    checkpoint: 'latest', 'best' (the highest robust accuracy, `best/`) or a step number.
+    config: the config to build the model and data for (e.g. with another data_dir); default: the resolved
+      config stored with the checkpoint.
+
+  Raises:
+    CheckpointError: no run or no such checkpoint in `workdir`, or one of another model than `config`'s.
+  """
+  if checkpoint not in CHECKPOINTS and not isinstance(checkpoint, int):
+    raise checkpoints.CheckpointError(f"checkpoint={checkpoint!r} must be 'latest', 'best' or a step number")
+  directory = os.path.join(workdir, "best") if checkpoint == "best" else workdir
+  step = checkpoint if isinstance(checkpoint, int) else None
+  step, meta = checkpoints.read_meta(directory, step)
+  config = _stored_config(meta) if config is None else config
+  source_config = config_lib.stage_config(config, config.stage, source=directory)
+  params, batch_stats, scores = sources.load_source(source_config, step=step)
   weights = sources.exported_params(params, scores, meta["k"], meta["config"]["mask"])
-  return RunModel(sources.model_variables(weights, batch_stats), params, scores, meta["k"], meta)
+  variables = sources.model_variables(weights, batch_stats)
+  return RunModel(variables, params, scores, meta["k"], meta, config, step, sources.build_model(config))
+
+
+def _stored_config(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(meta["config"])
+  config.lock()
+  return config
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config stored with the latest checkpoint of the run in `workdir` (what `load_run` uses), locked."""
+  return _stored_config(checkpoints.read_meta(workdir)[1])
 
 
 def evaluate_checkpoint(
@@ -74,7 +165,8 @@ def evaluate_checkpoint(
   methods: Sequence[str] | None = None,
   best: bool = False,
   progress: bool = True,
-) -> dict[str, float]:
+  per_example: str | None = None,
+) -> dict[str, Any]:
   """`evaluate.evaluate` of a finished run, exactly as the run's own evaluation but with any methods.
 
   Args:
@@ -85,28 +177,40 @@ def evaluate_checkpoint(
       reported and may be listed.
     best: evaluate the best/ checkpoint instead of the latest.
     progress: show a progress bar.
+    per_example: also write each test example's correctness to this file (`write_per_example`).
 
   Returns:
     `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint and 'settings': every method's
     settings (threat model, eps, steps; a certifier's sigma, n, alpha), so that each number names what gave it.
   """
-  names = [name for name in (config.eval.methods if methods is None else methods) if name != "clean"]
-  config_lib.check_eval_methods(config, names)
-  run = load_run(config, workdir, best=best)
-  batches = sources.eval_split(config)
-  apply_fn = models.make_apply_fn(sources.build_model(config))
-  settings = evaluate.config_settings(config.eval, names)
-  with config_lib.prng_scope(config):
-    results = evaluate.evaluate(
-      apply_fn,
-      run.variables,
-      data.iterate(batches, range(batches.num_steps)),
-      key=jax.random.PRNGKey(config.seed + 1),
-      methods=names,
-      config=settings,
-      progress=progress,
-    )
-  return {**results, "k": run.k, "stage": run.meta.get("stage"), "settings": settings}
+  if per_example is not None and not per_example.endswith(PER_EXAMPLE_FORMATS):
+    raise errors.UserError(f"per-example file '{per_example}' must end in .npz or .csv")
+  config_lib.check_eval_methods(config, [name for name in (methods or ()) if name != "clean"])
+  run = load_run(workdir, "best" if best else "latest", config=config)
+  results, examples = run.evaluate_per_example(methods, progress=progress)
+  if per_example is not None:
+    write_per_example(per_example, examples)
+  return results
+
+
+PER_EXAMPLE_FORMATS = (".npz", ".csv")
+
+
+def write_per_example(path: str, examples: Mapping[str, np.ndarray]) -> None:
+  """Writes `evaluate.evaluate_per_example`'s columns: `.npz` (one array per column) or `.csv` (a header row of
+  the column names, then one row per example; correctness as 0 / 1).
+
+  Columns: index (in the eval split), label, then per accuracy name (clean, each method, robust, ...) whether
+  the example counts as correct there; each column's mean is the accuracy `hydra-jax eval` prints.
+  """
+  if path.endswith(".npz"):
+    np.savez(path, **examples)
+    return
+  names = list(examples)
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(names)
+    writer.writerows(zip(*(np.asarray(examples[name], np.int64) for name in names)))
 
 
 def sparse_size(params: PyTree) -> dict[str, int]:
@@ -129,7 +233,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   """
   if not out.endswith((".pth", ".pt", ".npz")):
     raise ValueError(f"export file '{out}' must end in .npz, .pth or .pt")
-  run = load_run(config, workdir)
+  run = load_run(workdir, config=config)
   variables, scores = run.variables, None
   if not dense and run.scores is not None:
     variables, scores = {**run.variables, "params": run.trained_params}, run.scores
@@ -208,8 +312,8 @@ def certify_checkpoint(
     The JSON summary ('certified_accuracy' fractions per radius, settings, counts) plus 'table' (text).
   """
   smoothing.check_settings(sigma, alpha, n0=n0, n=n, batch_size=batch_size, skip=skip)
-  run = load_run(config, workdir, best=best)
-  apply_fn = models.make_apply_fn(sources.build_model(config))
+  run = load_run(workdir, "best" if best else "latest", config=config)
+  apply_fn = run.apply_fn
   logits_fn = jax.tree_util.Partial(lambda variables, x: apply_fn(variables, x, False)[0], run.variables)
   examples, indices = _certify_examples(config, skip, max_examples)
   key = jax.random.PRNGKey(config.seed)

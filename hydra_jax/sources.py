@@ -80,10 +80,10 @@ def eval_split(config: ml_collections.ConfigDict) -> data.EvalBatches:
   return data.first_examples(batches, config.data.eval_examples)
 
 
-def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTree | None]:
+def load_source(config: ml_collections.ConfigDict, step: int | None = None) -> tuple[PyTree, PyTree, PyTree | None]:
   """(params, batch_stats, scores or None) of `config.source`.
 
-  The source is a hydra_jax run directory (its latest checkpoint), or a reference HYDRA PyTorch checkpoint
+  The source is a hydra_jax run directory (its latest checkpoint, or `step`), or a reference HYDRA PyTorch checkpoint
   (`.pth`, `.pth.tar`, `.pt`; needs torch) read by `convert.load_torch_checkpoint`. A run of stage 'str' gives
   the weights its model runs with, `baselines.str_weights` (exact zeros below its thresholds), and no scores.
   """
@@ -94,7 +94,7 @@ def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTr
     )
     return variables["params"], variables.get("batch_stats", {}), scores
   template = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
-  _, meta = checkpoints.read_meta(config.source)
+  step, meta = checkpoints.read_meta(config.source, step)
   if (meta.get("model"), meta.get("num_classes")) != (config.model.name, classes):
     raise checkpoints.CheckpointError(
       f"source {config.source} holds model '{meta.get('model')}' with {meta.get('num_classes')} classes, "
@@ -114,6 +114,7 @@ def load_source(config: ml_collections.ConfigDict) -> tuple[PyTree, PyTree, PyTr
     {
       "model": {"params": template["params"], "batch_stats": template.get("batch_stats", {}), "scores": abstract_scores}
     },
+    step,
   )
   model = items["model"]
   if str_run:

@@ -191,7 +191,7 @@ def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
     (config[parents[0]] if parents else config)[leaf] = value
   with jax.threefry_partitionable(True):  # a notebook's JAX default; the library decides for the run
     pipeline.train_and_evaluate(config, library_dir)
-  from_cli, from_library = export.load_run(config, cli_dir), export.load_run(config, library_dir)
+  from_cli, from_library = export.load_run(cli_dir, config=config), export.load_run(library_dir, config=config)
   assert from_cli.meta["threefry_partitionable"] is False
   for a, b in zip(jax.tree.leaves(from_cli.trained_params), jax.tree.leaves(from_library.trained_params)):
     np.testing.assert_array_equal(a, b)
@@ -215,3 +215,47 @@ def restore_model(workdir):
   items, _ = checkpoints.restore(workdir, {"model": {"params": params, "batch_stats": {}, "scores": scores}})
   flat = lambda tree: {"/".join(p): np.asarray(v) for p, v in traverse_util.flatten_dict(tree).items() if v is not None}
   return flat(items["model"]["params"]), flat(items["model"]["scores"])
+
+
+def test_a_missing_config_file_is_named_in_one_line(tmp_path):
+  workdir = str(tmp_path / "run")
+  for extra in ([], ["--config.k=0.5"]):
+    result = hydra_jax(
+      "train", "--config", "configs/nosuch.py:model=cnn_tiny", *extra, "--workdir", workdir, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    first = result.stderr.strip().splitlines()[0]
+    assert first == "hydra-jax train: error: config file configs/nosuch.py does not exist", result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize(
+  "command, own, foreign, says",
+  [
+    ("train", ["--config", "--workdir"], ["--methods", "--out", "--sigma", "--per_example"], "created or resumed"),
+    ("eval", ["--config", "--workdir", "--methods", "--per_example"], ["--out", "--sigma", "--dense"], "worst case"),
+    ("export", ["--config", "--workdir", "--out", "--dense"], ["--methods", "--sigma", "--per_example"], ".pth"),
+    (
+      "certify",
+      ["--config", "--workdir", "--out", "--sigma", "--n0", "--n", "--alpha"],
+      ["--methods"],
+      "Output directory",
+    ),
+  ],
+)
+def test_help_lists_the_commands_own_flags_and_the_config_syntax(command, own, foreign, says):
+  from hydra_jax import cli  # pylint: disable=g-import-not-at-top  (defines absl flags)
+
+  text = cli.command_help(command)
+  assert text.startswith(f"usage: hydra-jax {command} --config FILE[:ARG]"), text
+  flag_lines = [line.split()[0] for line in text.split("config:\n")[0].splitlines() if line.startswith("  --")]
+  assert set(own) <= set(flag_lines) and not set(foreign) & set(flag_lines), flag_lines
+  assert says in text
+  assert "--config.KEY=VALUE" in text and "get_config(ARG)" in text and "docs/configuration.md" in text
+
+
+def test_help_is_the_commands_own_from_the_command_line():
+  from hydra_jax import cli  # pylint: disable=g-import-not-at-top
+
+  result = hydra_jax("eval", "--workdir", "x", "--help")
+  assert result.stdout.strip() == cli.command_help("eval") and "Try --helpfull" not in result.stdout

@@ -60,7 +60,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(run_dir):
   """export.load_run of the run (about a second per call on CPU: the masks are computed op by op)."""
-  return export.load_run(ph.tiny_config(stage="prune"), run_dir[0])
+  return export.load_run(run_dir[0], config=ph.tiny_config(stage="prune"))
 
 
 def masked(params, scores, k=K):
@@ -171,7 +171,7 @@ def test_a_dense_run_exports_its_weights_unchanged(tmp_path):
   workdir = str(tmp_path / "pretrain")
   params, _ = write_run(workdir, with_scores=False, stage="pretrain")
   config = ph.tiny_config(stage="pretrain")
-  run = export.load_run(config, workdir)
+  run = export.load_run(workdir, config=config)
   assert run.scores is None and run.k == 1.0
   out = str(tmp_path / "dense.npz")
   assert "1,248 of 1,248 prunable weights kept (100.00%)" in export.export_checkpoint(config, workdir, out, dense=False)
@@ -186,7 +186,7 @@ def test_export_errors_name_the_problem(run_dir, tmp_path):
   with pytest.raises(ValueError, match="export file '.*model.onnx' must end in .npz, .pth or .pt"):
     export.export_checkpoint(ph.tiny_config(stage="prune"), workdir, str(tmp_path / "model.onnx"))
   with pytest.raises(checkpoints.CheckpointError, match="holds model 'cnn_tiny' with 10 classes.*'vgg_tiny'"):
-    export.load_run(ph.tiny_config(stage="prune", **{"model.name": "vgg_tiny"}), workdir)
+    export.load_run(workdir, config=ph.tiny_config(stage="prune", **{"model.name": "vgg_tiny"}))
   with pytest.raises(checkpoints.CheckpointError, match="no checkpoint directory"):
-    export.load_run(ph.tiny_config(stage="prune"), str(tmp_path / "nowhere"))
+    export.load_run(str(tmp_path / "nowhere"), config=ph.tiny_config(stage="prune"))
   assert not list(tmp_path.glob("model.*"))  # nothing written on error

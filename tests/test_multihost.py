@@ -128,7 +128,7 @@ def config():
 
 def final_variables(workdir):
   """The weights and BN statistics of the latest checkpoint in `workdir`."""
-  return export.load_run(config(), workdir).variables
+  return export.load_run(workdir, config=config()).variables
 
 
 def metrics(workdir, split):

@@ -211,7 +211,7 @@ def test_global_mask_scope_in_training_and_export(pipeline, tmp_path):
   assert summary["kept_fraction"] == 312 / 1248
   per_layer = {name: m.mean() for name, m in masks.items()}
   assert len(set(np.round(list(per_layer.values()), 6))) > 1  # global ranking: layers keep different fractions
-  run = export.load_run(config_lib.stage_config(config, "prune"), run_dir)
+  run = export.load_run(run_dir, config=config_lib.stage_config(config, "prune"))
   exported = ph.flat(run.variables["params"])
   for name, mask in masks.items():
     np.testing.assert_array_equal(exported[name] != 0, mask & (ph.flat(run.trained_params)[name] != 0), name)

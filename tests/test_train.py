@@ -525,7 +525,7 @@ def test_k_one_masking_reproduces_the_dense_model_exactly():
 def test_export_writes_exact_zeros_and_reference_layout_torch_state_dicts(pruned_dir, tmp_path):
   torch = pytest.importorskip("torch")
   config = tiny_config(stage="prune")
-  run = export.load_run(config, pruned_dir)
+  run = export.load_run(pruned_dir, config=config)
   for layer in masking.sparsity_report(run.variables["params"]).layers:
     assert layer[1] == layer[2] - int(0.9 * layer[2])  # exported weights: exactly the kept count nonzero
 

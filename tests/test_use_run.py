@@ -1,0 +1,126 @@
+"""A trained run used from Python and the command line: `hydra_jax.load_run` (logits of the masked model, its
+config and step, the same accuracies as `hydra-jax eval`), `hydra-jax eval --per_example`, and their errors."""
+
+import csv
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import hydra_jax
+from hydra_jax import checkpoints
+from hydra_jax import export
+from hydra_jax import models
+from hydra_jax import pipeline
+from hydra_jax import sources
+from tests import pipeline_helpers as ph
+from tests.test_cli import hydra_jax as run_cli
+from tests.test_export import write_run
+
+K = 0.25
+METHODS = ("pgd_linf", "ibp")
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+  """A prune run of one epoch (11 steps of 128) at k=0.25 from random dense weights (`test_export.write_run`),
+  saved every 5 steps and evaluated (best/) at its end."""
+  root = tmp_path_factory.mktemp("use_run")
+  pretrain_dir, prune_dir = str(root / "pretrain"), str(root / "prune")
+  write_run(pretrain_dir, with_scores=False, stage="pretrain")
+  config = ph.tiny_config(stage="prune", source=pretrain_dir, k=K, **{"data.batch_size": 128})
+  config.checkpoint.every_steps, config.data.eval_examples = 5, 40  # 40 = one full batch and one padded one
+  pipeline.train_and_evaluate(config, prune_dir)
+  return config, prune_dir
+
+
+def eval_images(config):
+  split = sources.eval_split(config)
+  batches = [split.batch_at(i) for i in range(split.num_steps)]
+  keep = np.concatenate([b["mask"] for b in batches]) > 0
+  return tuple(np.concatenate([b[key] for b in batches])[keep] for key in ("image", "label"))
+
+
+def test_load_run_maps_images_to_the_masked_models_logits(pruned):
+  config, workdir = pruned
+  model = hydra_jax.load_run(workdir)
+  assert model.step == 11 and model.k == K and model.meta["stage"] == "prune"
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert model.config.to_dict() == json.load(f)  # the run's own resolved config
+  # Independent expectation: the checkpoint read with orbax, masked with the reference's GetSubnet in numpy.
+  params, _, scores = ph.restore_model(workdir)
+  masked = {n: np.where(ph.numpy_topk_mask(scores[n], K), w, 0) if n in scores else w for n, w in params.items()}
+  x, _ = eval_images(config)
+  flax_params = {}
+  for name, value in masked.items():
+    layer, leaf = name.split("/")
+    flax_params.setdefault(layer, {})[leaf] = value
+  expected = models.get_model(ph.MODEL, 10).apply({"params": flax_params}, x, train=False)
+  np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+  # The evaluation path's logits: the apply_fn and variables evaluate.evaluate gets.
+  np.testing.assert_array_equal(model(x), model.apply_fn(model.variables, x, False)[0])
+  # Differentiable in x, as an attack library needs.
+  assert np.all(np.isfinite(jax.grad(lambda x: model(x).sum())(x)))
+  earlier = hydra_jax.load_run(workdir, checkpoint=5)
+  assert earlier.step == 5 and not np.allclose(earlier(x), model(x))
+  best = hydra_jax.load_run(workdir, checkpoint="best")
+  assert best.step == 11 and best.meta["metrics"]["robust"] >= 0
+
+
+def test_load_run_accuracies_equal_hydra_jax_eval_and_the_per_example_file_adds_up_to_them(pruned, tmp_path):
+  config, workdir = pruned
+  csv_path = str(tmp_path / "examples.csv")
+  printed = json.loads(
+    run_cli("eval", "--workdir", workdir, f"--methods={','.join(METHODS)}", f"--per_example={csv_path}").stdout
+  )
+  model = hydra_jax.load_run(workdir)
+  from_python, examples = model.evaluate_per_example(METHODS)
+  assert json.loads(json.dumps(from_python)) == printed  # the same numbers and settings
+  x, y = eval_images(config)
+  assert printed["num_examples"] == len(y) == 40
+  assert printed["clean"] == np.mean(np.argmax(model(x), axis=-1) == y)
+  with open(csv_path) as f:
+    rows = list(csv.DictReader(f))
+  columns = {name: np.array([int(row[name]) for row in rows]) for name in rows[0]}
+  assert list(columns)[:3] == ["index", "label", "clean"]
+  np.testing.assert_array_equal(columns["index"], np.arange(40))
+  np.testing.assert_array_equal(columns["label"], y)
+  accuracies = {
+    name: value for name, value in printed.items() if name not in ("num_examples", "k", "stage", "settings")
+  }
+  assert set(accuracies) == set(columns) - {"index", "label"} >= {"clean", "robust", *METHODS}
+  for name, accuracy in accuracies.items():
+    assert columns[name].sum() / len(rows) == accuracy, name  # exactly what eval prints
+  worst = columns["clean"] & columns["pgd_linf"] & columns["ibp"]
+  np.testing.assert_array_equal(columns["robust"], worst)
+  npz_path = str(tmp_path / "examples.npz")
+  export.write_per_example(npz_path, examples)
+  with np.load(npz_path) as arrays:
+    assert sorted(arrays.files) == sorted(columns)
+    for name, values in columns.items():
+      np.testing.assert_array_equal(arrays[name].astype(int), values)
+
+
+def test_a_workdir_without_a_run_is_one_line_naming_it(tmp_path, pruned):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for workdir in (str(tmp_path / "nowhere"), str(empty)):
+    with pytest.raises(checkpoints.CheckpointError, match=rf"^no [a-z ]*checkpoint[a-z ]* {re.escape(workdir)}$"):
+      hydra_jax.load_run(workdir)
+  with pytest.raises(checkpoints.CheckpointError, match=r"has no step 4; it has \[5, 10, 11\]"):
+    hydra_jax.load_run(pruned[1], checkpoint=4)
+  with pytest.raises(checkpoints.CheckpointError, match="'newest' must be 'latest', 'best' or a step number"):
+    hydra_jax.load_run(pruned[1], checkpoint="newest")
+  with pytest.raises(ValueError, match="per-example file 'x.json' must end in .npz or .csv"):
+    export.evaluate_checkpoint(pruned[0], pruned[1], per_example="x.json")
+
+
+def test_a_models_evaluation_data_is_its_configs(pruned):
+  """load_run(config=...) builds the model and data for that config (e.g. another eval_examples)."""
+  config, workdir = pruned
+  config = ph.override(ph.tiny_config(stage="prune", source="x", k=K), **{"data.eval_examples": 32})
+  model = hydra_jax.load_run(workdir, config=config)
+  assert model.config is config and model.evaluate(())["num_examples"] == 32
