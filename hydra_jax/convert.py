@@ -220,6 +220,81 @@ def _convert(array: np.ndarray, leaf, path, key: str, flat_map) -> jax.Array:
   return jnp.asarray(_torch_to_flax(array, path, flat_map), dtype=leaf.dtype)
 
 
+# The reference's (inspire-group/hydra) file of each zoo family it has, and its names for our aliases.
+_REFERENCE_FILES = (
+  (r"(cifar|mnist)_model(_large)?$", "models/basic.py"),
+  (r"vgg\d+(_bn)?$", "models/vgg_cifar.py"),
+  (r"wrn_\d+_\d+$", "models/wrn_cifar.py"),
+  (r"resnet\d+$", "models/resnet_cifar.py"),
+  (r"ResNet\d+$", "models/resnet.py"),
+)
+_REFERENCE_NAMES = {
+  "cnn_small": "cifar_model",
+  "cnn_large": "cifar_model_large",
+  **{f"resnet{depth}_imagenet": f"ResNet{depth}" for depth in (18, 34, 50)},
+}
+_REFERENCE_FORWARD_NOTES = {  # what the reference's forward assumes beyond the state dict's shapes
+  "models/wrn_cifar.py": "its forward's avg_pool2d(8) expects 32x32 inputs (ours pools globally)",
+  "models/resnet_cifar.py": "its forward's avg_pool2d(4) expects 32x32 inputs (ours pools globally)",
+  "models/resnet.py": "normalise inputs with the ImageNet mean/std first (our model does it inside)",
+}
+
+
+def _torch_module(key: str, shape: tuple[int, ...]) -> str:
+  """'5: Linear(512, 100)' for the PyTorch weight `key` of `shape` (out, in) or (out, in, kh, kw)."""
+  module = key.removesuffix(".weight")
+  if len(shape) == 4:
+    return f"{module}: Conv2d({shape[1]}, {shape[0]}, kernel_size={shape[2]})"
+  return f"{module}: Linear({shape[1]}, {shape[0]})"
+
+
+def _weight_shapes(model_name: str, num_classes: int, input_shape) -> dict[str, tuple[int, ...]]:
+  """PyTorch key -> shape of every conv / linear weight of the zoo model built for `input_shape` (H, W, C)."""
+  _, _, shapes = _model_and_shapes(model_name, num_classes, input_shape)
+  return {torch_key(p): _torch_shape(v.shape, p) for p, v in shapes.items() if p[-1] == "kernel"}
+
+
+def reference_model(model_name: str, num_classes: int, input_shape: tuple[int, int, int], *, subnet: bool) -> str:
+  """Which reference (inspire-group/hydra) class loads `to_torch_state_dict`'s output, and how to build it.
+
+  The reference's classes are written for one input (CIFAR 32x32x3, MNIST 28x28x1, ImageNet 224x224x3) and
+  basic.py's for 10 classes; every conv / linear layer whose shape differs for `input_shape` and `num_classes`
+  is named with the shape it needs (e.g. CNN-small on 16x16x1 digits: '0: Conv2d(1, 16, kernel_size=4)' and
+  '5: Linear(512, 100)').
+
+  Args:
+    model_name: registered zoo name.
+    num_classes: the model's outputs.
+    input_shape: (H, W, C) the model was trained on.
+    subnet: the state dict has `popup_scores` (the reference's `--layer-type subnet`), else dense weights.
+
+  Returns:
+    One paragraph of text.
+  """
+  arch = _REFERENCE_NAMES.get(model_name, model_name)
+  file = next((f for pattern, f in _REFERENCE_FILES if re.match(pattern, arch)), None)
+  if file is None:
+    return f"model {model_name} has no class in inspire-group/hydra (its keys follow the zoo's module names)"
+  layers = "SubnetConv, SubnetLinear" if subnet else "nn.Conv2d, nn.Linear"
+  text = (
+    f"loads (strict=True) into inspire-group/hydra {file} {arch}({layers}, 'kaiming_normal', num_classes={num_classes})"
+  )
+  written_classes = 10 if file == "models/basic.py" else num_classes  # basic.py ignores num_classes
+  written = _weight_shapes(model_name, written_classes, models.input_shape(model_name))
+  needed = _weight_shapes(model_name, num_classes, input_shape)
+  changed = [key for key in needed if needed[key] != written.get(key)]
+  if changed:
+    size = "x".join(map(str, input_shape))
+    text += f" with, for {size} inputs and {num_classes} classes, " + ", ".join(
+      f"{_torch_module(key, needed[key])} (written: {_torch_module(key, written[key]).split(': ')[1]})"
+      for key in changed
+    )
+  note = _REFERENCE_FORWARD_NOTES.get(file)
+  notes = [note] if note and not ("32x32" in note and tuple(input_shape[:2]) == (32, 32)) else []
+  notes.append("it takes NCHW images: torch.from_numpy(nhwc).permute(0, 3, 1, 2).contiguous()")
+  return f"{text}; {'; '.join(notes)}"
+
+
 def to_torch_state_dict(
   variables: Mapping[str, Any],
   scores: Mapping[str, Any] | None = None,

@@ -229,7 +229,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   `.npz`: flattened '/'-joined variable paths -> arrays ('scores/...' too when dense=False). `.pth`/`.pt`:
   a reference-layout PyTorch state dict (needs torch) that loads with strict=True into the reference model
   (dense=True: masked weights and no scores, for the reference's `dense` layer type; dense=False: raw
-  weights plus `popup_scores` for its `subnet` layers).
+  weights plus `popup_scores` for its `subnet` layers); the description then names the reference class and
+  the layer shapes it needs for the run's input size (`convert.reference_model`).
   """
   if not out.endswith((".pth", ".pt", ".npz")):
     raise ValueError(f"export file '{out}' must end in .npz, .pth or .pt")
@@ -237,13 +238,17 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   variables, scores = run.variables, None
   if not dense and run.scores is not None:
     variables, scores = {**run.variables, "params": run.trained_params}, run.scores
+  reference = ""
   if out.endswith((".pth", ".pt")):
     import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
 
+    input_shape = config_lib.image_shape(config)
     state_dict = convert.to_torch_state_dict(
-      variables, scores, model_name=config.model.name, input_shape=config_lib.image_shape(config), as_torch=True
+      variables, scores, model_name=config.model.name, input_shape=input_shape, as_torch=True
     )
     torch.save(state_dict, out)
+    classes = config_lib.num_classes(config)
+    reference = convert.reference_model(config.model.name, classes, input_shape, subnet=scores is not None)
   else:
     tree = {**variables, **({"scores": scores} if scores is not None else {})}
     flat = {masking.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -253,7 +258,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   return (
     f"wrote {out}: {report.kept:,} of {report.total:,} prunable weights kept "
     f"({100 * report.kept / report.total:.2f}%); kernels {size['dense_bytes']:,} bytes dense, "
-    f"{size['bcoo_bytes']:,} bytes as BCOO"
+    f"{size['bcoo_bytes']:,} bytes as BCOO" + (f"\nthe state dict {reference}" if reference else "")
   )
 
 

@@ -1,6 +1,5 @@
 """The command line: bad keys and values are rejected by name; train -> eval -> export works end to end."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import hydra_jax as hydra_jax_lib
 from hydra_jax import checkpoints
 from hydra_jax import export
 from hydra_jax import models
@@ -161,13 +161,6 @@ def test_an_internal_key_error_keeps_its_traceback(tmp_path):
   assert result.returncode != 0 and "Traceback" in result.stderr and "KeyError: 'internal'" in result.stderr
 
 
-def _digits_config(arg):
-  spec = importlib.util.spec_from_file_location("digits_demo", os.path.join(ROOT, "configs", "digits_demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
   overrides = {
     "stage": "pretrain",
@@ -185,10 +178,12 @@ def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
     "--workdir",
     cli_dir,
   )
-  config = _digits_config("model=cnn_tiny,objective=benign")
+  config = hydra_jax_lib.load_config("configs/digits_demo.py:model=cnn_tiny,objective=benign")
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     (config[parents[0]] if parents else config)[leaf] = value
+  with open(os.path.join(cli_dir, "config.json")) as f:
+    assert json.load(f) == json.loads(config.to_json_best_effort())  # load_config + overrides = the CLI's config
   with jax.threefry_partitionable(True):  # a notebook's JAX default; the library decides for the run
     pipeline.train_and_evaluate(config, library_dir)
   from_cli, from_library = export.load_run(cli_dir, config=config), export.load_run(library_dir, config=config)

@@ -304,3 +304,35 @@ def test_partial_scores_name_the_missing_score(resnet_tiny_state_dict):
 def test_unknown_model_name(resnet_tiny_state_dict):
   with pytest.raises(ValueError, match="valid names"):
     convert.from_torch_state_dict(resnet_tiny_state_dict, "resnet_small", 10)
+
+
+@pytest.mark.parametrize(
+  "name, input_shape, changed",
+  [
+    ("cifar_model", (16, 16, 1), {"0", "5"}),  # CNN-small on the demo's digits: 1 channel, Linear(512, 100)
+    ("wrn_28_1", (16, 16, 1), {"conv1"}),
+    ("mnist_model", (28, 28, 1), set()),  # the input the reference's class is written for
+  ],
+)
+def test_reference_model_names_the_class_and_every_layer_shape_the_export_needs(name, input_shape, changed):
+  torch = pytest.importorskip("torch")
+  import re  # pylint: disable=g-import-not-at-top
+
+  from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top  (needs torch)
+
+  model = models.get_model(name, 10)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+  exported = convert.to_torch_state_dict(variables, model_name=name, input_shape=input_shape)
+  text = convert.reference_model(name, 10, input_shape, subnet=False)
+  file = {"cifar_model": "basic.py", "wrn_28_1": "wrn_cifar.py", "mnist_model": "basic.py"}[name]
+  assert f"inspire-group/hydra models/{file} {name}(nn.Conv2d, nn.Linear, " in text
+  stated = re.findall(r"([\w.]+): (Conv2d|Linear)\((\d+), (\d+)(?:, kernel_size=(\d+))?\) \(written: ", text)
+  assert {module for module, *_ in stated} == changed, text
+  for module, kind, fan_in, fan_out, size in stated:  # the stated layer has the exported tensor's shape
+    shape = (int(fan_out), int(fan_in), *((int(size),) * 2 if kind == "Conv2d" else ()))
+    assert exported[f"{module}.weight"].shape == shape
+  # Every other weight already has the shape of the reference's class as written (a PyTorch re-statement).
+  written = {k: tuple(v.shape) for k, v in tr.build(name, 10).state_dict().items()}
+  assert {k for k, v in exported.items() if written[k] != v.shape} == {f"{m}.weight" for m in changed}
+  assert "permute(0, 3, 1, 2).contiguous()" in text and isinstance(torch.__version__, str)

@@ -133,7 +133,10 @@ def test_pth_export_loads_strictly_into_the_reference_model(run_dir, tmp_path):
   expected = models.get_model(ph.MODEL, 10).apply(variables, x, train=False)
 
   dense_file = str(tmp_path / "dense.pth")
-  export.export_checkpoint(config, workdir, dense_file)
+  message = export.export_checkpoint(config, workdir, dense_file)
+  assert message.endswith(
+    "\nthe state dict model cnn_tiny has no class in inspire-group/hydra (its keys follow the zoo's module names)"
+  )
   net = reference_cnn(tr)
   net.load_state_dict(torch.load(dense_file), strict=True)  # the reference's dense layer type
   np.testing.assert_allclose(tr.logits(net, x), expected, rtol=1e-5, atol=1e-5)
