@@ -7,7 +7,7 @@ Adversarially pretrains CNN-small with TRADES (l_inf eps 0.1 on [0, 1] pixels; t
 16x16, which gives the CNN 61k prunable weights instead of 22k), prunes it with HYDRA at k=0.05 and k=0.03 (95%
 and 97% pruning, scaled score init), finetunes, runs the LWM baseline at each k, and prints a table of clean /
 PGD-10 accuracy and the kept fraction. At 98% LWM falls to chance on this small CNN and at 99% every method does
-(each layer keeps k of its weights: 3 of the first convolution's 256); see the README. Tiny sizes so that it
+(each layer keeps k of its weights: 3 of the first convolution's 256); see docs/pipeline.md. Tiny sizes so that it
 finishes in a few minutes on 2 CPU cores; not a result of the paper.
 Arguments: model (default cnn_small), objective (default trades).
 """

@@ -8,7 +8,7 @@ Run (free adversarial training, all stages in one job):
 ResNet-50 (torchvision layout, ImageNet normalisation inside the model), free AT with m=4 replays (90 epochs
 become ceil(90 / 4) = 23 passes, as the reference), eps 4/255, evaluation PGD-10 with step 1/255, batch 256,
 SGD lr 0.1 cosine, weight decay 1e-4. data_dir holds ImageNet as torchvision's class folders (train/<wnid>/,
-val/<wnid>/, as the reference reads it) or as TFDS imagenet2012 ArrayRecord files (see the README).
+val/<wnid>/, as the reference reads it) or as TFDS imagenet2012 ArrayRecord files (see docs/data_formats.md).
 
 Randomized smoothing (`objective=smooth`, the rebuttal's setting: ResNet-50, k = 0.1, certified accuracy at
 l_2 0.5; the rebuttal reports 47% for HYDRA, 49% for the dense pretrained and 44% for Adv-LWM), one stage at a

@@ -19,7 +19,7 @@ Arguments (comma separated NAME=VALUE):
   stage    pretrain | prune | finetune, default pretrain.
 
 Reference settings, l_inf eps 0.007 on [0, 1] pixels (starting eps 0), Adam lr 1e-3 with the cosine schedule
-(weight decay 1e-4 in the reference's Adam; hydra_jax's adam has none):
+and weight decay 1e-4 added to the gradient before Adam, as the reference's torch Adam does:
   crown_ibp: batch 128; pretrain 200 epochs, eps ramped over 120 (beta 1 -> 0 with it); prune 20 epochs at
     lr 1e-5 and finetune 100 epochs at lr 1e-5, both with schedule length 1 (final eps, pure IBP); LWM lr 5e-4.
   mixtrain: batch 50, mixtraink 1 (cnn_large) or 5 (cnn_small), alpha 0.8, interval weight 0.1; pretrain 60

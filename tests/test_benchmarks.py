@@ -103,7 +103,7 @@ def test_torch_baseline_has_the_zoo_architecture(name, prunable):
   net = torch_hydra.build(name)
   scores = {n: p.numel() for n, p in net.named_parameters() if n.endswith("popup_scores")}
   used = sum(v for n, v in scores.items() if not n.startswith("sub_block1"))
-  assert used == prunable  # the README's prunable-weight counts of the JAX zoo
+  assert used == prunable  # docs/models.md's prunable-weight counts of the JAX zoo
   torch_hydra.prepare(net, "prune", 0.01)
   trainable = {n for n, p in net.named_parameters() if p.requires_grad}
   assert trainable and all(

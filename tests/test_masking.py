@@ -207,7 +207,7 @@ def test_scaled_init_is_bounded_by_kaiming_uniform_and_keeps_weight_order():
 
 
 def _stated_distribution(method, fan_in, fan_out):
-  """The distribution each random init promises (README / `init_scores` docstring), as a scipy.stats law."""
+  """The distribution each random init promises (docs/masking.md / `init_scores` docstring), as a scipy.stats law."""
   xavier_std = math.sqrt(2) * math.sqrt(2 / (fan_in + fan_out))  # ReLU gain sqrt(2), as the reference
   bound = {
     "kaiming_uniform": math.sqrt(6 / fan_in),

@@ -239,7 +239,7 @@ def test_adam_and_rmsprop_follow_torch_optim(name):
   trainable = {"params": {"w": jnp.asarray(w0), "frozen": jnp.ones(2)}, "scores": None}
   state = tx.init(trainable)
   weight = torch.nn.Parameter(torch.tensor(w0))
-  if name == "adam":  # torch's weight_decay is L2 added to the gradient, as the README states for hydra_jax
+  if name == "adam":  # torch's weight_decay is L2 added to the gradient, as docs/differences.md states for hydra_jax
     reference = torch.optim.Adam([weight], lr=0.01, weight_decay=0.1)
   else:
     reference = torch.optim.RMSprop([weight], lr=0.01, alpha=0.99, eps=1e-8, momentum=0.9, weight_decay=0.1)
