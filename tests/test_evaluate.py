@@ -252,6 +252,42 @@ def test_counts_are_summed_over_eight_devices():
       np.testing.assert_allclose(sharded[name], value, err_msg=f"{mode}: {name}")
 
 
+def test_per_example_results_are_each_examples_in_order_on_any_number_of_devices():
+  """Padding dropped, split order kept, every column averaging to its accuracy; each example's verdict the
+  closed-form one, the same on 1 and 8 devices."""
+  model, variables, x, y = _linear_problem(n=44)
+  eps = 0.05
+  apply_fn = helpers.make_apply_fn(model)
+  config = {"pgd_linf": {"steps": 3, "random_start": False, "eps": eps}, "crown_ibp": {"eps": eps}}
+  run = lambda mode: evaluate.evaluate_per_example(
+    apply_fn,
+    variables,
+    _batches(x, y, 12, pad_to=16),
+    key=helpers.key(1),
+    methods=("pgd_linf", "crown_ibp"),
+    config=config,
+    progress=False,
+    mode=mode,
+  )
+  accuracies, examples = run("single")
+  assert list(examples) == ["index", "label", "clean", "clean_top5", "pgd_linf", "crown_ibp", "robust_linf", "robust"]
+  np.testing.assert_array_equal(examples["index"], np.arange(44))
+  np.testing.assert_array_equal(examples["label"], y)
+  dense = variables["params"]["Dense_0"]
+  logits = x.reshape(len(x), -1) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+  np.testing.assert_array_equal(examples["clean"], logits.argmax(-1) == y)
+  # The margin bound of a linear model is exact: its verdict is the closed-form one.
+  np.testing.assert_array_equal(examples["crown_ibp"], _exact_linf_robust(variables, x, y, eps))
+  np.testing.assert_array_equal(examples["robust"], examples["clean"] & examples["pgd_linf"] & examples["crown_ibp"])
+  for name, column in examples.items():
+    if name not in ("index", "label"):
+      assert column.dtype == bool and column.mean() == accuracies[name], name
+  for mode in ("shard_map", "pmap"):
+    _, sharded = run(mode)
+    for name, column in examples.items():
+      np.testing.assert_array_equal(sharded[name], column, err_msg=f"{mode}: {name}")
+
+
 def test_run_settings_apply_the_threat_model_to_the_methods_of_its_norm():
   eval_config = {
     "methods": ("pgd_linf", "apgd_ce", "pgd_l2"),
