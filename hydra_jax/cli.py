@@ -127,8 +127,10 @@ _CONFIG_HELP = """config:
 def command_help(command: str) -> str:
   """The `hydra-jax COMMAND --help` text: usage, what it does, its own flags, the config syntax."""
   summary, own = _COMMAND_HELP[command]
+  config = "--config FILE[:ARG] [--config.KEY=VALUE ...]"
+  usage = f"{config} --workdir DIR" if command == "train" else f"--workdir DIR [{config}]"
   lines = [
-    f"usage: hydra-jax {command} --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR [flags]",
+    f"usage: hydra-jax {command} {usage} [flags]",
     "",
     *textwrap.wrap(summary, 110),
     "",

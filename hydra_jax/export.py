@@ -61,7 +61,7 @@ class RunModel:
     scores: the scores tree, or None for a dense (pretrain) run.
     k: fraction kept (1.0 for dense runs).
     meta: the checkpoint's metadata (config, stage, metrics, versions).
-    config: the run's config (its checkpoint's resolved config unless `load_run` was given one), locked.
+    config: the run's config: its checkpoint's resolved config (locked), unless `load_run` was given one.
     step: the checkpoint's step.
     module: the Flax module; `models.make_apply_fn(module)` with `variables` is the model in the library's
       call convention (`apply_fn`).
