@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import datetime
 import functools
+import glob
 import json
 import os
 import time
@@ -138,13 +139,28 @@ def load_run(
     raise checkpoints.CheckpointError(f"checkpoint={checkpoint!r} must be 'latest', 'best' or a step number")
   directory = os.path.join(workdir, "best") if checkpoint == "best" else workdir
   step = checkpoint if isinstance(checkpoint, int) else None
-  step, meta = checkpoints.read_meta(directory, step)
+  try:
+    step, meta = checkpoints.read_meta(directory, step)
+  except checkpoints.CheckpointError as error:
+    runs = runs_under(workdir)
+    if not runs:
+      raise
+    raise checkpoints.CheckpointError(f"{error}; the runs under it: {', '.join(runs)}") from None
   config = _stored_config(meta) if config is None else config
   source_config = config_lib.stage_config(config, config.stage, source=directory)
   params, batch_stats, scores = sources.load_source(source_config, step=step)
   weights = sources.exported_params(params, scores, meta["k"], meta["config"]["mask"])
   variables = sources.model_variables(weights, batch_stats)
   return RunModel(variables, params, scores, meta["k"], meta, config, step, sources.build_model(config))
+
+
+def runs_under(directory: str, depth: int = 3) -> list[str]:
+  """The run directories (holding checkpoints/) up to `depth` levels below `directory`, relative to it and sorted,
+  e.g. ['k0.05/finetune', 'k0.05/prune', 'pretrain'] for a stage='all' run."""
+  found = []
+  for level in range(1, depth + 1):
+    found += glob.glob(os.path.join(directory, *["*"] * level, "checkpoints"))
+  return sorted(os.path.relpath(os.path.dirname(path), directory) for path in found)
 
 
 def _stored_config(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:

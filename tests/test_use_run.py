@@ -110,6 +110,8 @@ def test_a_workdir_without_a_run_is_one_line_naming_it(tmp_path, pruned):
   for workdir in (str(tmp_path / "nowhere"), str(empty)):
     with pytest.raises(checkpoints.CheckpointError, match=rf"^no [a-z ]*checkpoint[a-z ]* {re.escape(workdir)}$"):
       hydra_jax.load_run(workdir)
+  with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint in .*; the runs under it: pretrain, prune$"):
+    hydra_jax.load_run(os.path.dirname(pruned[1]))  # the parent of two runs, as the top of a stage='all' run
   with pytest.raises(checkpoints.CheckpointError, match=r"has no step 4; it has \[5, 10, 11\]"):
     hydra_jax.load_run(pruned[1], checkpoint=4)
   with pytest.raises(checkpoints.CheckpointError, match="'newest' must be 'latest', 'best' or a step number"):
