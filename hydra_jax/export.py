@@ -135,23 +135,29 @@ def load_run(
   Raises:
     CheckpointError: no run or no such checkpoint in `workdir`, or one of another model than `config`'s.
   """
-  if checkpoint not in CHECKPOINTS and not isinstance(checkpoint, int):
-    raise checkpoints.CheckpointError(f"checkpoint={checkpoint!r} must be 'latest', 'best' or a step number")
-  directory = os.path.join(workdir, "best") if checkpoint == "best" else workdir
-  step = checkpoint if isinstance(checkpoint, int) else None
-  try:
-    step, meta = checkpoints.read_meta(directory, step)
-  except checkpoints.CheckpointError as error:
-    runs = runs_under(workdir)
-    if not runs:
-      raise
-    raise checkpoints.CheckpointError(f"{error}; the runs under it: {', '.join(runs)}") from None
+  directory, step, meta = _checkpoint_meta(workdir, checkpoint)
   config = _stored_config(meta) if config is None else config
   source_config = config_lib.stage_config(config, config.stage, source=directory)
   params, batch_stats, scores = sources.load_source(source_config, step=step)
   weights = sources.exported_params(params, scores, meta["k"], meta["config"]["mask"])
   variables = sources.model_variables(weights, batch_stats)
   return RunModel(variables, params, scores, meta["k"], meta, config, step, sources.build_model(config))
+
+
+def _checkpoint_meta(workdir: str, checkpoint: str | int) -> tuple[str, int, dict[str, Any]]:
+  """(checkpoint directory, step, meta) of `checkpoint` ('latest', 'best', a step) of the run in `workdir`; a
+  workdir without one is an error that names the runs under it, if any."""
+  if checkpoint not in CHECKPOINTS and not isinstance(checkpoint, int):
+    raise checkpoints.CheckpointError(f"checkpoint={checkpoint!r} must be 'latest', 'best' or a step number")
+  directory = os.path.join(workdir, "best") if checkpoint == "best" else workdir
+  try:
+    step, meta = checkpoints.read_meta(directory, checkpoint if isinstance(checkpoint, int) else None)
+  except checkpoints.CheckpointError as error:
+    runs = runs_under(workdir)
+    if not runs:
+      raise
+    raise checkpoints.CheckpointError(f"{error}; the runs under it: {', '.join(runs)}") from None
+  return directory, step, meta
 
 
 def runs_under(directory: str, depth: int = 3) -> list[str]:
@@ -169,9 +175,9 @@ def _stored_config(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return config
 
 
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config stored with the latest checkpoint of the run in `workdir` (what `load_run` uses), locked."""
-  return _stored_config(checkpoints.read_meta(workdir)[1])
+def run_config(workdir: str, checkpoint: str | int = "latest") -> ml_collections.ConfigDict:
+  """The resolved config stored with `checkpoint` of the run in `workdir` (what `load_run` uses), locked."""
+  return _stored_config(_checkpoint_meta(workdir, checkpoint)[2])
 
 
 def evaluate_checkpoint(
