@@ -23,21 +23,21 @@ the finetune stage's. STR, Adv-ADMM and RigL also change the train step itself: 
 `train.train_step` calls in the stages 'str', 'admm' and 'rigl' (`phase_hooks`).
 
 RigL (stage 'rigl', or `config.baselines` containing 'rigl' in stage='all': one run per k in <workdir>/k<k>/rigl).
-The run starts from fresh weights and a uniformly random mask keeping, per layer, exactly the count HYDRA's
-mask keeps at `config.k` (`baseline.rigl_distribution='uniform'`), or Erdos-Renyi-Kernel densities with k of all
-weights kept overall ('erk', `erk_densities`). The model runs with the inactive weights at exactly 0 and the
-optimizer trains the active ones (their gradient is masked). After the optimizer update of every step that
-ends at t = `baseline.rigl_delta_t` (default 100), 2 delta_t, ... below t_end = `baseline.rigl_end_fraction`
-(default 0.75) of the stage's batches, each layer drops the floor(alpha_t * n_active) active weights of smallest
-|w| and grows as many inactive ones of largest |dL/dw|, alpha_t = alpha/2 (1 + cos(pi t / t_end)), alpha =
-`baseline.rigl_alpha` (default 0.3). dL/dw is the dense gradient of the run's objective (any objective: benign
-for Evci et al.'s RigL, TRADES / PGD-AT for a robustness-aware variant) w.r.t. the weights the model ran with at
-that step, averaged over devices and processes, so the mask is the same on every device. Dropped weights are set
-to 0; grown ones start at exactly 0 (a weight is not regrown in the update that drops it). The mask
-(`RiglState`, bool) lives in `TrainState.aux`, is checkpointed with the run and resumes bit-identically. The
-update is a `lax.cond` inside the one train step: it needs the step's own dense gradient (no second forward /
-backward), one compiled program serves every step, and the sorts and the gradient's all-reduce run only on
-the update steps. The stage trains for `config.stages.rigl` (epochs, lr) with the run's optimizer; its
+The run starts from fresh weights and a uniformly random mask keeping, per layer, exactly the count HYDRA's mask
+keeps at `config.k` (`baseline.rigl_distribution='uniform'`), or Erdos-Renyi-Kernel densities with k of all
+weights kept overall ('erk', `erk_densities`); `config.mask` (HYDRA's scope) is not read. The model runs with the
+inactive weights at exactly 0 and the optimizer trains the active ones (their gradient is masked). After the
+optimizer update of every step that ends at t = `baseline.rigl_delta_t` (default 100), 2 delta_t, ... below t_end
+= `baseline.rigl_end_fraction` (default 0.75) of the stage's batches, each layer drops the floor(alpha_t *
+n_active) active weights of smallest |w| and grows as many inactive ones of largest |dL/dw|, alpha_t = alpha/2 (1
++ cos(pi t / t_end)), alpha = `baseline.rigl_alpha` (default 0.3). dL/dw is the dense gradient of the run's
+objective (any objective: benign for Evci et al.'s RigL, TRADES / PGD-AT for a robustness-aware variant) w.r.t.
+the weights the model ran with at that step, averaged over devices and processes, so the mask is the same on every
+device. Dropped weights are set to 0; grown ones start at exactly 0 (a weight is not regrown in the update that
+drops it). The mask (`RiglState`, bool) lives in `TrainState.aux`, is checkpointed with the run and resumes
+bit-identically. The update is a `lax.cond` inside the one train step: it needs the step's own dense gradient (no
+second forward / backward), one compiled program serves every step, and the sorts and the gradient's all-reduce
+run only on the update steps. The stage trains for `config.stages.rigl` (epochs, lr) with the run's optimizer; its
 sparsity report counts the masks.
 
   hydra-jax train --config configs/digits_demo.py --config.stage=rigl --config.k=0.1 \

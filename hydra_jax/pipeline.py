@@ -141,8 +141,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
 
   Layout: <workdir>/pretrain, <workdir>/k<k>/{prune,finetune,<baseline>} for HYDRA and the fixed-mask baselines
   (lwm, snip, random, admm: `run_baseline` at that k) and RigL (its stage 'rigl' from scratch at that k, in
-  <workdir>/k<k>/rigl), and <workdir>/str for STR, run once: its sparsity is
-  what its thresholds reach, not a k. Each stage resumes independently, so rerunning the command after an
+  <workdir>/k<k>/rigl), and <workdir>/str for STR, run once: its sparsity is what its thresholds reach, not a k.
+  Each stage resumes independently, so rerunning the command after an
   interruption continues where it stopped. Returns one summary row per trained model ('method': dense, hydra
   (prune only), hydra, then each baseline's name), also written to summary.json.
   """
