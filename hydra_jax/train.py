@@ -241,7 +241,7 @@ def _stage_meta(config, stage, state, metrics):
     "model": config.model.name,
     "num_classes": config_lib.num_classes(config),
     "stage": stage,
-    "k": config.k if has_scores else 1.0,
+    "k": config.k if has_scores or stage == "rigl" else 1.0,  # RigL keeps k (its masks live in the train item)
     "has_scores": has_scores,
     "metrics": metrics,
     "versions": checkpoints.versions(),

@@ -219,6 +219,7 @@ def test_a_stopped_rigl_stage_resumes_bit_identically_with_its_masks(tmp_path):
   for a, b in zip(jax.tree.leaves(ends[0]), jax.tree.leaves(ends[1]), strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
+  assert checkpoints.read_meta(interrupted)[1]["k"] == 0.25
   masks = mask_list(ends[1]["train"]["aux"])
   assert all(m.dtype == bool for m in masks) and int(ends[1]["train"]["step"]) == 2 * STEPS_PER_EPOCH
   # The kept fraction is exactly k per layer, counted on the weights the model runs with.
