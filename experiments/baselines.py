@@ -1,5 +1,5 @@
-"""HYDRA against the baselines (LWM, SNIP, random / scratch, STR) at several sparsities, robust accuracy by the
-per-example worst case of PGD, APGD-CE and APGD-DLR.
+"""HYDRA against the baselines (LWM, SNIP, random / scratch, STR; RigL with --baselines) at several sparsities,
+robust accuracy by the per-example worst case of PGD, APGD-CE and APGD-DLR.
 
 Run (the paper's setting: CIFAR-10 VGG16-BN, TRADES, 90 / 95 / 99% pruning; needs an accelerator and the data):
   python -m experiments.baselines --out runs/baselines
@@ -54,7 +54,8 @@ def trained_models(config: ml_collections.ConfigDict, out: str) -> list[tuple[st
   for k in config.ks:
     branch = os.path.join(out, f"k{k:g}")
     runs.append(("hydra", k, os.path.join(branch, "finetune")))
-    runs += [(name, k, os.path.join(branch, name, "train")) for name in config.baselines if name != "str"]
+    for name in (name for name in config.baselines if name != "str"):  # rigl trains in one stage, in branch/rigl
+      runs.append((name, k, os.path.join(branch, name) if name == "rigl" else os.path.join(branch, name, "train")))
   if "str" in config.baselines:
     runs.append(("str", float("nan"), os.path.join(out, "str")))
   return runs

@@ -14,12 +14,38 @@ HYDRA's scores do (jaxpruner's convention).
           2019), hard prune (top-k of the trained |w|), then robust retraining with the mask fixed.
   str     from a fresh initialisation: no fixed mask; the model runs with w_eff = sign(w) relu(|w| - g(s)),
           g = sigmoid, s a learnable threshold per layer, and the sparsity emerges (Kusupati et al. 2020).
+  rigl    from a fresh initialisation: sparse training at k with a mask that moves (Evci et al. 2020, RigL).
 
 A mask is always given as a scores tree whose per-layer top-k (`masking.compute_masks`) is that mask, so the
 mask-fixed phase is exactly HYDRA's finetune stage started from a checkpoint holding those scores
 (`pipeline.run_baseline`). "scratch" trains for the pretrain stage's epochs and learning rate, "pretrained" for
-the finetune stage's. STR and Adv-ADMM also change the train step itself: their `PhaseHooks` are what
-`train.train_step` calls in the stages 'str' and 'admm' (`phase_hooks`).
+the finetune stage's. STR, Adv-ADMM and RigL also change the train step itself: their `PhaseHooks` are what
+`train.train_step` calls in the stages 'str', 'admm' and 'rigl' (`phase_hooks`).
+
+RigL (stage 'rigl', or `config.baselines` containing 'rigl' in stage='all': one run per k in <workdir>/k<k>/rigl).
+The run starts from fresh weights and a uniformly random mask keeping, per layer, exactly the count HYDRA's mask
+keeps at `config.k` (`baseline.rigl_distribution='uniform'`), or Erdos-Renyi-Kernel densities with k of all
+weights kept overall ('erk', `erk_densities`); `config.mask` (HYDRA's scope) is not read. The model runs with the
+inactive weights at exactly 0 and the optimizer trains the active ones (their gradient is masked). After the
+optimizer update of every step that ends at t = `baseline.rigl_delta_t` (default 100), 2 delta_t, ... below t_end
+= `baseline.rigl_end_fraction` (default 0.75) of the stage's batches, each layer drops the floor(alpha_t *
+n_active) active weights of smallest |w| and grows as many inactive ones of largest |dL/dw|, alpha_t = alpha/2 (1
++ cos(pi t / t_end)), alpha = `baseline.rigl_alpha` (default 0.3). dL/dw is the dense gradient of the run's
+objective (any objective: benign for Evci et al.'s RigL, TRADES / PGD-AT for a robustness-aware variant) w.r.t.
+the weights the model ran with at that step, averaged over devices and processes, so the mask is the same on every
+device. Dropped weights are set to 0; grown ones start at exactly 0 (a weight is not regrown in the update that
+drops it). The mask (`RiglState`, bool) lives in `TrainState.aux`, is checkpointed with the run and resumes
+bit-identically. The update is a `lax.cond` inside the one train step: it needs the step's own dense gradient (no
+second forward / backward), one compiled program serves every step, and the sorts and the gradient's all-reduce
+run only on the update steps. The stage trains for `config.stages.rigl` (epochs, lr) with the run's optimizer; its
+sparsity report counts the masks.
+
+  hydra-jax train --config configs/digits_demo.py --config.stage=rigl --config.k=0.1 \
+      --config.objective.name=benign --config.baseline.rigl_delta_t=10 --config.stages.rigl.epochs=15 \
+      --config.optimizer.name=adam --config.stages.rigl.lr=1e-3 --workdir runs/rigl_benign
+
+(On the demo's CNN, SGD from a fresh sparse initialisation stays at chance for 15 epochs at 10% kept; Adam
+trains: experiments/RESULTS.md, "RigL and STR without the robust objective".)
 
 Usage:
   >>> scores = baselines.magnitude_scores(params)                          # LWM
@@ -33,10 +59,15 @@ Usage:
   >>> admm = baselines.admm_schedule(params, admm, step, interval_steps=n, k=0.01, rho_growth=1.3)
   >>> hooks = baselines.get_baseline("str").phase(s_init=-5.0)             # the same, as train-step hooks
   >>> hooks = baselines.phase_hooks(config, "admm", steps_per_epoch=390)   # what the train step calls
+  >>> rigl = baselines.rigl_init(params, key, k=0.1)                       # RigL: random masks at k
+  >>> weights = baselines.rigl_weights(params, rigl)                       # inactive weights exactly 0
+  >>> params, rigl = baselines.rigl_update(params, rigl, dense_grads, baselines.rigl_drop_fraction(t, 0.3, t_end))
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -48,6 +79,7 @@ import ml_collections
 
 from hydra_jax import PyTree
 from hydra_jax import masking
+from hydra_jax import optim
 
 LossFn = Callable[[PyTree, Any, jax.Array], jax.Array]
 GradFn = Callable[[PyTree, Any, jax.Array], PyTree]
@@ -243,6 +275,147 @@ def admm_schedule(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# RigL: Rigging the Lottery (Evci et al. 2020), sparse training from scratch with a mask that moves.
+
+RIGL_DISTRIBUTIONS = ("uniform", "erk")
+
+
+class RiglState(NamedTuple):
+  """RigL's mask: a bool array (True = active) at each prunable kernel, None elsewhere (mirrors params)."""
+
+  masks: PyTree
+
+
+def erk_densities(params: PyTree, k: float, power_scale: float = 1.0) -> dict[str, float]:
+  """Erdos-Renyi-Kernel per-layer densities with k of all prunable weights kept overall (Evci et al. 2020).
+
+  Layer l (kernel shape (kh, kw, in, out) or (in, out), n_l entries) gets density
+  d_l = eps * (sum(shape) / prod(shape))^power_scale, eps chosen so that sum_l d_l n_l = k * sum_l n_l. A layer
+  whose d_l would exceed 1 is made dense and eps solved again over the others, the largest raw ratio first (the
+  RigL code's `get_sparsities_erdos_renyi`, `erk_power_scale` = 1).
+
+  Returns:
+    {'layer/kernel': density in (0, 1]} for every prunable kernel (`masking.path_name`).
+  """
+  shapes = {
+    masking.path_name(p): w.shape
+    for p, w in jax.tree_util.tree_flatten_with_path(params)[0]
+    if masking.is_prunable(p, w)
+  }
+  sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+  raw = {name: (sum(shape) / sizes[name]) ** power_scale for name, shape in shapes.items()}
+  dense: set[str] = set()
+  while True:
+    sparse = [name for name in shapes if name not in dense]
+    budget = k * sum(sizes.values()) - sum(sizes[name] for name in dense)
+    eps = budget / sum(raw[name] * sizes[name] for name in sparse)
+    if all(eps * raw[name] <= 1 for name in sparse):
+      return {name: 1.0 if name in dense else eps * raw[name] for name in shapes}
+    dense.add(max(sparse, key=raw.get))
+
+
+def rigl_init(params: PyTree, key: jax.Array, k: Any) -> RiglState:
+  """Random masks keeping exactly `n - floor((1 - k_l) n)` entries of each prunable kernel (`masking.num_pruned`).
+
+  Args:
+    params: the fresh weights (only shapes are read).
+    key: draws the masks (uniformly random subsets of each layer).
+    k: fraction kept: a float (every layer) or per-layer {'layer/kernel': k_l} (`erk_densities`).
+  """
+  masks = masking.compute_masks(random_scores(params, key), k)
+  return RiglState(masks=jax.tree.map(lambda m: None if m is None else m > 0, masks, is_leaf=lambda x: x is None))
+
+
+def rigl_weights(params: PyTree, state: RiglState) -> PyTree:
+  """The weights the model runs with: each prunable kernel with its inactive entries exactly 0.
+
+  Its gradient is dL/dw_eff at the active entries and 0 at the inactive ones: the optimizer trains only the
+  active weights (RigL's sparse training).
+  """
+  return jax.tree.map(
+    lambda w, m: w if m is None else jnp.where(m, w, jnp.zeros_like(w)),
+    params,
+    state.masks,
+    is_leaf=lambda x: x is None,
+  )
+
+
+def rigl_drop_fraction(step: jax.Array, alpha: float, t_end: int) -> jax.Array:
+  """alpha_t = alpha / 2 (1 + cos(pi t / t_end)): RigL's cosine decay of the fraction updated (float32)."""
+  return 0.5 * alpha * (1 + jnp.cos(jnp.pi * jnp.asarray(step, jnp.float32) / t_end))
+
+
+def _largest(values: jax.Array, count: jax.Array, eligible: jax.Array) -> jax.Array:
+  """Bool mask of the `count` largest `values` among the `eligible` entries (ties: lowest flat index first).
+
+  `count` may be traced (at most the number of eligible entries); one stable sort of the layer.
+  """
+  flat = jnp.where(eligible, values, -jnp.inf).ravel()
+  order = jnp.argsort(-flat, stable=True)
+  ranks = jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
+  return (ranks < count).reshape(values.shape) & eligible
+
+
+def rigl_layer_update(mask: jax.Array, w: jax.Array, g: jax.Array, drop_fraction: jax.Array) -> jax.Array:
+  """One layer's new mask: drop n = floor(drop_fraction * n_active) active entries, grow n inactive ones.
+
+  The dropped are the n active entries of smallest |w|; the grown the n entries inactive before this update of
+  largest |g| (so a weight just dropped is not regrown in the same update, and the active count is unchanged).
+  n is capped at the number of inactive entries.
+
+  Args:
+    mask: bool, True at the active entries.
+    w: the weights, shaped like `mask`.
+    g: dL/dw at every entry (the dense gradient), shaped like `mask`.
+    drop_fraction: alpha_t (`rigl_drop_fraction`), float32 scalar.
+  """
+  n_active = jnp.sum(mask)
+  n_swap = jnp.minimum(jnp.floor(drop_fraction * n_active).astype(n_active.dtype), mask.size - n_active)
+  kept = _largest(jnp.abs(w), n_active - n_swap, mask)
+  grown = _largest(jnp.abs(g), n_swap, ~mask)
+  return kept | grown
+
+
+def rigl_update(params: PyTree, state: RiglState, grads: PyTree, drop_fraction: jax.Array) -> tuple[PyTree, RiglState]:
+  """Every layer's `rigl_layer_update`; the dropped weights are set to 0 and the grown start at exactly 0."""
+  masks = jax.tree.map(
+    lambda m, w, g: None if m is None else rigl_layer_update(m, w, g, drop_fraction),
+    state.masks,
+    params,
+    grads,
+    is_leaf=lambda x: x is None,
+  )
+  new = RiglState(masks=masks)
+  return rigl_weights(params, new), new
+
+
+def rigl_schedule(
+  params: PyTree,
+  state: RiglState,
+  grads: Callable[[], PyTree],
+  step: jax.Array,
+  *,
+  alpha: float,
+  delta_t: int,
+  t_end: int,
+) -> tuple[PyTree, RiglState]:
+  """After an optimizer update: inactive weights back to 0, then `rigl_update` when `step` is due.
+
+  Due: `step` (batches consumed) is a positive multiple of `delta_t` below `t_end` (Evci et al.'s Algorithm 1,
+  t mod delta_t = 0 and t < T_end). The update runs in a lax.cond, so the sorts and `grads()` (the dense
+  gradient and its device average) cost only on the due steps. Zeroing every step undoes what momentum or Adam
+  moments of a dropped weight would otherwise move it by.
+  """
+  params = rigl_weights(params, state)
+  due = (step > 0) & (step % delta_t == 0) & (step < t_end)
+  return jax.lax.cond(
+    due,
+    lambda: rigl_update(params, state, grads(), rigl_drop_fraction(step, alpha, t_end)),
+    lambda: (params, state),
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training phases that change the train step: what the one step calls for STR and Adv-ADMM.
 
 
@@ -252,32 +425,42 @@ class PhaseHooks(NamedTuple):
   The step (`train.train_step`), with `aux` the phase's state:
     aux = before_step(params, aux, step)                      # before the loss (ADMM's Z/U update)
     loss = objective(weights(params, aux)) + penalty(params, aux)
+    params = optimizer update of params (and of aux when trains_aux)
+    params, aux = after_step(params, aux, weight_grads, step + 1)   # when set (RigL's mask update)
   When `trains_aux`, `aux` lives in the train state's scores slot and is optimised beside the params (STR's
   thresholds, with weight decay); otherwise it lives in `TrainState.aux` and is a constant of the gradient
   step (ADMM's Z, U, rho). `weights(params, aux)` is also what the phase evaluates and counts as its sparsity.
 
   Attributes:
-    init: `params -> aux` at the start of the phase.
+    init: `(params, key) -> aux` at the start of the phase (`key` seeds RigL's initial masks).
     weights: `(params, aux) -> params` the model runs with.
     penalty: `(params, aux) -> scalar` added to the objective's loss.
     before_step: `(params, aux, step) -> aux`, `step` = batches consumed (traced); the train step calls it
       only for an untrained aux (STR's is the identity).
     trains_aux: whether the optimizer updates `aux`.
+    after_step: None, or `(params, aux, weight_grads, step) -> (params, aux)` after the optimizer update, `step`
+      = batches consumed after it; `weight_grads()` is dL/d(the weights the model ran with) at every entry,
+      pruned ones included (dense), averaged over the devices, of the step's last replay. It is a thunk so that
+      its device average (a params-sized all-reduce) runs only where it is called (inside RigL's lax.cond).
+    kept: None (the kept weights are the nonzero entries of `weights(params, aux)`), or `(params, aux) -> tree`
+      whose nonzero entries are the kept weights (RigL's masks: a weight just grown is still exactly 0).
   """
 
-  init: Callable[[PyTree], PyTree]
+  init: Callable[[PyTree, jax.Array], PyTree]
   weights: Callable[[PyTree, PyTree], PyTree]
   penalty: Callable[[PyTree, PyTree], jax.Array]
   before_step: Callable[[PyTree, PyTree, jax.Array], PyTree]
   trains_aux: bool
+  after_step: Callable[[PyTree, PyTree, Callable[[], PyTree], jax.Array], tuple[PyTree, PyTree]] | None = None
+  kept: Callable[[PyTree, PyTree], PyTree] | None = None
 
   def phase_state(self, scores: PyTree, aux: PyTree) -> PyTree:
     """The phase's `aux` as the train state holds it: in the trained scores slot (STR) or in `aux` (ADMM)."""
     return scores if self.trains_aux else aux
 
-  def init_state(self, params: PyTree) -> tuple[PyTree, PyTree]:
-    """(scores, aux) of the train state at the phase's start: `init(params)` in the slot it lives in."""
-    state = self.init(params)
+  def init_state(self, params: PyTree, key: jax.Array) -> tuple[PyTree, PyTree]:
+    """(scores, aux) of the train state at the phase's start: `init(params, key)` in the slot it lives in."""
+    state = self.init(params, key)
     return (state, ()) if self.trains_aux else (None, state)
 
 
@@ -288,7 +471,7 @@ def str_hooks(s_init: float) -> PhaseHooks:
   pulls a very negative s_init toward 0 and raises the threshold.
   """
   return PhaseHooks(
-    init=lambda params: str_thresholds(params, s_init),
+    init=lambda params, key: str_thresholds(params, s_init),
     weights=str_weights,
     penalty=lambda params, aux: jnp.zeros((), jnp.float32),
     before_step=lambda params, aux, step: aux,
@@ -303,7 +486,7 @@ def admm_hooks(k: Any, rho: float, rho_growth: float, interval_steps: int, **mas
   (`admm_epoch`) over 200 epochs at lr 0.01, PGD-10 training; then hard prune and retrain (`pipeline.run_baseline`).
   """
   return PhaseHooks(
-    init=lambda params: admm_init(params, k, rho, **mask_options),
+    init=lambda params, key: admm_init(params, k, rho, **mask_options),
     weights=lambda params, aux: params,
     penalty=admm_penalty,
     before_step=lambda params, aux, step: admm_schedule(
@@ -313,18 +496,57 @@ def admm_hooks(k: Any, rho: float, rho_growth: float, interval_steps: int, **mas
   )
 
 
+def rigl_hooks(k: Any, alpha: float, delta_t: int, t_end: int, distribution: str = "uniform") -> PhaseHooks:
+  """RigL from a fresh initialisation: masked weights, the mask updated by `rigl_schedule` after every step.
+
+  Args:
+    k: fraction of the prunable weights kept: in every layer ('uniform'), or overall with ERK's per-layer
+      densities ('erk', `erk_densities`).
+    alpha: the initial drop fraction (Evci et al.: 0.3).
+    delta_t: batches between mask updates (Evci et al.: 100).
+    t_end: no update from this many batches on (Evci et al.: 75% of training).
+    distribution: 'uniform' or 'erk'.
+  """
+  if distribution not in RIGL_DISTRIBUTIONS:
+    raise ValueError(f"unknown RigL distribution {distribution!r}; valid: {list(RIGL_DISTRIBUTIONS)}")
+
+  def init(params, key):
+    return rigl_init(params, key, erk_densities(params, k) if distribution == "erk" else k)
+
+  return PhaseHooks(
+    init=init,
+    weights=rigl_weights,
+    penalty=lambda params, aux: jnp.zeros((), jnp.float32),
+    before_step=lambda params, aux, step: aux,
+    trains_aux=False,
+    after_step=functools.partial(rigl_schedule, alpha=alpha, delta_t=delta_t, t_end=t_end),
+    kept=lambda params, aux: aux.masks,
+  )
+
+
 def phase_hooks(config: ml_collections.ConfigDict, stage: str, steps_per_epoch: int) -> PhaseHooks | None:
-  """The train-step hooks of `stage`: STR's for 'str', Adv-ADMM's for 'admm', None for HYDRA's stages.
+  """The train-step hooks of `stage`: STR's for 'str', Adv-ADMM's for 'admm', RigL's for 'rigl', None for HYDRA's.
 
   Args:
     config: the run config; `config.baseline` holds s_init (STR), rho, rho_growth and admm_interval_epochs
-      (ADMM), and ADMM projects onto the k-sparse set of `config.k` / `config.mask`.
+      (ADMM), the rigl_* keys (RigL), and ADMM projects onto the k-sparse set of `config.k` / `config.mask`;
+      RigL keeps `config.k`.
     stage: the stage being run.
-    steps_per_epoch: batches per epoch: ADMM updates Z and U every admm_interval_epochs * steps_per_epoch batches.
+    steps_per_epoch: batches per epoch: ADMM updates Z and U every admm_interval_epochs * steps_per_epoch batches;
+      RigL's t_end is rigl_end_fraction of the stage's batches (`optim.stage_epochs` * steps_per_epoch).
   """
   options = config.baseline
   if stage == "str":
     return str_hooks(options.s_init)
+  if stage == "rigl":
+    total_steps = optim.stage_epochs(config, stage) * steps_per_epoch
+    return rigl_hooks(
+      config.k,
+      options.rigl_alpha,
+      options.rigl_delta_t,
+      max(1, round(options.rigl_end_fraction * total_steps)),
+      options.rigl_distribution,
+    )
   if stage == "admm":
     return admm_hooks(
       config.k,
@@ -348,10 +570,11 @@ class Baseline(NamedTuple):
     start: 'pretrained' (a run directory's weights; mask-fixed phase on the finetune schedule) or
       'scratch' (a fresh initialisation; mask-fixed phase on the pretrain schedule).
     mask_scores: `(params, key, grads) -> scores` whose top-k is the fixed mask, computed from the weights
-      the mask-fixed phase starts from (after `phase`, if any); None: no mask-fixed phase (STR).
+      the mask-fixed phase starts from (after `phase`, if any); None: no mask-fixed phase (STR, RigL: the
+      baseline is its phase, run as the stage of its name).
     needs_grads: `mask_scores` reads `grads`, the mean gradient of the run's objective (SNIP).
     phase: None, or the factory of the `PhaseHooks` of the training phase run first (`str_hooks`,
-      `admm_hooks`): it needs the train step to call the hooks.
+      `admm_hooks`, `rigl_hooks`): it needs the train step to call the hooks.
   """
 
   start: str
@@ -366,6 +589,7 @@ BASELINES: dict[str, Baseline] = {
   "random": Baseline("scratch", lambda params, key, grads: random_scores(params, key)),
   "admm": Baseline("pretrained", lambda params, key, grads: magnitude_scores(params), phase=admm_hooks),
   "str": Baseline("scratch", None, phase=str_hooks),
+  "rigl": Baseline("scratch", None, phase=rigl_hooks),
 }
 
 

@@ -43,26 +43,38 @@ from hydra_jax import parallel
 from hydra_jax import smoothing
 
 # HYDRA's stages, then the baselines' training phases that change the train step (`baselines.phase_hooks`).
-STAGES = ("pretrain", "prune", "finetune", "str", "admm")
+STAGES = ("pretrain", "prune", "finetune", "str", "admm", "rigl")
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Every key a run reads, with the reference's CIFAR-10 defaults (spec section 7)."""
   c = ml_collections.ConfigDict()
   c.seed = 1234
-  # 'pretrain' | 'prune' | 'finetune' | 'str' (STR from scratch) | 'admm' (Adv-ADMM's phase) | 'all' (pretrain, then
-  # per k: prune, finetune and the baselines).
+  # 'pretrain' | 'prune' | 'finetune' | 'str' (STR from scratch) | 'admm' (Adv-ADMM's phase) | 'rigl' (RigL from
+  # scratch at k) | 'all' (pretrain, then per k: prune, finetune and the baselines).
   c.stage = "pretrain"
   c.source = ""  # prune/finetune/admm: workdir or checkpoint dir of the previous stage, or a HYDRA PyTorch .pth.tar.
   c.k = 0.01  # fraction of weights KEPT in prune/finetune (admm: the k-sparse set it is pulled toward).
   c.ks = (0.1, 0.01)  # stage='all': one prune + finetune (+ baselines) branch per k.
-  # stage='all': the baselines run beside HYDRA (hydra_jax.baselines names): lwm, snip, random and admm at each k,
-  # str once (its sparsity is what it reaches).
+  # stage='all': the baselines run beside HYDRA (hydra_jax.baselines names): lwm, snip, random, admm and rigl at each
+  # k, str once (its sparsity is what it reaches).
   c.baselines = ("lwm",)
   # grad_batches: SNIP's gradient batches; s_init: STR's initial threshold parameter (sigmoid(s) on |w|);
-  # rho, rho_growth, admm_interval_epochs: Adv-ADMM's penalty, its growth per Z/U update, and the update interval.
+  # rho, rho_growth, admm_interval_epochs: Adv-ADMM's penalty, its growth per Z/U update, and the update interval;
+  # rigl_*: RigL's drop fraction alpha, steps between mask updates delta_t, last update at end_fraction of the
+  # stage's steps, per-layer density 'uniform' (k in every layer) or 'erk' (Erdos-Renyi-Kernel, k overall).
   c.baseline = ml_collections.ConfigDict(
-    {"grad_batches": 1, "s_init": -5.0, "rho": 1e-3, "rho_growth": 1.3, "admm_interval_epochs": 20}
+    {
+      "grad_batches": 1,
+      "s_init": -5.0,
+      "rho": 1e-3,
+      "rho_growth": 1.3,
+      "admm_interval_epochs": 20,
+      "rigl_alpha": 0.3,
+      "rigl_delta_t": 100,
+      "rigl_end_fraction": 0.75,
+      "rigl_distribution": "uniform",
+    }
   )
   c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
   c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0})
@@ -92,7 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
   )
   # Per-stage length, learning rate (reference scripts) and score init: a masking.SCORE_INITS name, or
   # 'source' for the source checkpoint's scores. LWM is finetune with score_init='scaled' from a pretrain run.
-  # str trains from scratch (a pretrain-like schedule); admm from the pretrained weights.
+  # str and rigl train from scratch (a pretrain-like schedule); admm from the pretrained weights.
   c.stages = ml_collections.ConfigDict(
     {
       "pretrain": {"epochs": 100, "lr": 0.1},
@@ -100,6 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
       "finetune": {"epochs": 100, "lr": 0.01, "score_init": "source"},
       "str": {"epochs": 100, "lr": 0.1},
       "admm": {"epochs": 100, "lr": 0.01},
+      "rigl": {"epochs": 100, "lr": 0.1},
     }
   )
   # In-training evaluation: evaluate.py methods (attacks or verifiers) at the threat model (norm, eps); PGD's
@@ -255,6 +268,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     "stages.prune.score_init": (*masking.SCORE_INITS, "source"),
     "stages.finetune.score_init": (*masking.SCORE_INITS, "source"),
     "data.format": ("auto", *data_formats.FORMATS),
+    "baseline.rigl_distribution": baselines.RIGL_DISTRIBUTIONS,
   }
   for key, valid in choices.items():
     value = lookup(config, key)
@@ -316,6 +330,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     "eval.every_epochs",
     "baseline.grad_batches",
     "baseline.admm_interval_epochs",
+    "baseline.rigl_delta_t",
   ):
     if lookup(config, key) <= 0:
       raise errors.ConfigError(f"config.{key} must be positive")
+  for key in ("baseline.rigl_alpha", "baseline.rigl_end_fraction"):
+    if not 0 < lookup(config, key) <= 1:
+      raise errors.ConfigError(f"config.{key}={lookup(config, key)!r} must lie in (0, 1]")

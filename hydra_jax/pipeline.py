@@ -2,7 +2,7 @@
 `config.baselines`; the runner of a fixed-mask baseline; and the entry point for every stage.
 
   config = config_lib.default_config()         # or a configs/*.py get_config(arg)
-  config.stage, config.baselines = 'all', ('lwm', 'snip', 'random', 'admm', 'str')
+  config.stage, config.baselines = 'all', ('lwm', 'snip', 'random', 'admm', 'rigl', 'str')
   rows = pipeline.train_and_evaluate(config, '/tmp/hydra_run')
   print(pipeline.summary_table(rows))
   row = pipeline.run_baseline(config, 'lwm', 'runs/pretrain', 'runs/k0.01/lwm')   # one baseline at config.k
@@ -127,12 +127,22 @@ def run_baseline(config: ml_collections.ConfigDict, name: str, source_dir: str, 
   return {"method": name, **train.run_stage(stage, train_dir)}
 
 
+def _run_baseline_at_k(
+  config: ml_collections.ConfigDict, name: str, k: float, pretrain_dir: str, workdir: str
+) -> dict[str, Any]:
+  """One baseline's row at `k`: a training phase of its own (rigl: its stage, in `workdir`) or `run_baseline`."""
+  if baselines.get_baseline(name).mask_scores is None:
+    return {"method": name, **train.run_stage(config_lib.stage_config(config, name, k=k), workdir)}
+  return run_baseline(config_lib.stage_config(config, "finetune", k=k), name, pretrain_dir, workdir)
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """stage='all': pretrain, then for each k in config.ks prune + finetune and the baselines of config.baselines.
 
   Layout: <workdir>/pretrain, <workdir>/k<k>/{prune,finetune,<baseline>} for HYDRA and the fixed-mask baselines
-  (lwm, snip, random, admm: `run_baseline` at that k), and <workdir>/str for STR, run once: its sparsity is
-  what its thresholds reach, not a k. Each stage resumes independently, so rerunning the command after an
+  (lwm, snip, random, admm: `run_baseline` at that k) and RigL (its stage 'rigl' from scratch at that k, in
+  <workdir>/k<k>/rigl), and <workdir>/str for STR, run once: its sparsity is what its thresholds reach, not a k.
+  Each stage resumes independently, so rerunning the command after an
   interruption continues where it stopped. Returns one summary row per trained model ('method': dense, hydra
   (prune only), hydra, then each baseline's name), also written to summary.json.
   """
@@ -153,9 +163,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
       }
     )
     for name in (name for name in config.baselines if name != "str"):
-      rows.append(
-        run_baseline(config_lib.stage_config(config, "finetune", k=k), name, pretrain_dir, os.path.join(branch, name))
-      )
+      rows.append(_run_baseline_at_k(config, name, k, pretrain_dir, os.path.join(branch, name)))
   if "str" in config.baselines:
     str_run = train.run_stage(config_lib.stage_config(config, "str"), os.path.join(workdir, "str"))
     rows.append({"method": "str", **str_run})

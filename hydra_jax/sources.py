@@ -271,7 +271,8 @@ _phase_weights_jit = jax.jit(lambda weights_fn, params, phase: weights_fn(params
 
 
 def model_weights(state: Any, config: ml_collections.ConfigDict, hooks: baselines.PhaseHooks | None = None) -> PyTree:
-  """The weights the model runs with (jitted): `hooks.weights` in the str / admm stages, else the masked params."""
+  """The weights the model runs with (jitted): `hooks.weights` in the str / admm / rigl stages, else the masked
+  params."""
   if hooks is None:
     return _masked_params_jit(state.params, state.scores, config.k, config.mask.scope, config.mask.min_layer_k)
   return _phase_weights_jit(hooks.weights, state.params, hooks.phase_state(state.scores, state.aux))
@@ -280,7 +281,10 @@ def model_weights(state: Any, config: ml_collections.ConfigDict, hooks: baseline
 def sparsity(
   state: Any, config: ml_collections.ConfigDict, hooks: baselines.PhaseHooks | None = None
 ) -> masking.SparsityReport:
-  """Kept / total weights per prunable layer, counted on the weights the model runs with (STR: |w| > g(s))."""
+  """Kept / total weights per prunable layer, counted on the weights the model runs with (STR: |w| > g(s)), or on
+  `hooks.kept` where set (RigL's masks)."""
+  if hooks is not None and hooks.kept is not None:
+    return masking.sparsity_report(hooks.kept(state.params, hooks.phase_state(state.scores, state.aux)))
   if hooks is not None:
     return masking.sparsity_report(model_weights(state, config, hooks))
   return masking.sparsity_report(exported_params(state.params, state.scores, config.k, config.mask))

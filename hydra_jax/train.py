@@ -1,4 +1,4 @@
-"""One stage (HYDRA's pretrain, prune or finetune; the baselines' str or admm): the train state, one train step
+"""One stage (HYDRA's pretrain, prune or finetune; the baselines' str, admm or rigl): the train state, one train step
 for every stage and objective, and the stage loop with evaluation, checkpoints and resume.
 
 A stage only chooses what trains (Sehwag et al. 2020, Sec. 3; `optim.trainable_labels`): pretrain trains the
@@ -7,8 +7,9 @@ the scores and trains the weights, whose pruned entries start at exactly 0 and s
 the mask is 0). BatchNorm running statistics update in every stage. The step masks the parameters once
 (`masking.apply_masks`), then calls the objective, whose attacks close over the masked parameters. It is
 written per device: with `axis_name` set it averages gradients, metrics and BN statistics over that axis, and
-`parallel.make_runner` runs it with pmap or shard_map. The baselines' stages 'str' and 'admm' change the step
-through `baselines.PhaseHooks` (the weights the model runs with, a loss term, an update before each step).
+`parallel.make_runner` runs it with pmap or shard_map. The baselines' stages 'str', 'admm' and 'rigl' change the
+step through `baselines.PhaseHooks` (the weights the model runs with, a loss term, an update before or after
+each step).
 
   config = config_lib.default_config()        # hydra_jax.config, or a configs/*.py get_config(arg)
   config.stage, config.source, config.k = 'prune', 'runs/pretrain', 0.01
@@ -58,7 +59,8 @@ class TrainState:
     opt_state: optax state over {'params': params, 'scores': scores}.
     carry: per-example objective state (free AT's perturbation, leading axis = batch), () otherwise.
     rng: the run's root key; step keys are fold_in(rng, step).
-    aux: the admm stage's `baselines.AdmmState` (not trained: updated by its hooks), () otherwise.
+    aux: the admm stage's `baselines.AdmmState` or the rigl stage's `baselines.RiglState` (not trained: updated by
+      their hooks), () otherwise.
   """
 
   step: jax.Array
@@ -97,8 +99,9 @@ def train_step(
     steps_per_epoch: batches per epoch; the objective's carry is reset at each epoch start, and an objective
       with `takes_epoch` gets `epoch=step / steps_per_epoch` (float32).
     axis_name: the device axis to average over, or None on one device.
-    hooks: `baselines.phase_hooks` of the stage (str, admm): `before_step` updates an untrained aux first, the
-      model runs with `hooks.weights` instead of the mask, and `hooks.penalty` joins the loss.
+    hooks: `baselines.phase_hooks` of the stage (str, admm, rigl): `before_step` updates an untrained aux first,
+      the model runs with `hooks.weights` instead of the mask, `hooks.penalty` joins the loss, and
+      `hooks.after_step` (RigL) gets the updated params and the dense gradient w.r.t. the weights the model ran with.
 
   Returns:
     The new state and scalar metrics averaged over the batch (and devices).
@@ -115,14 +118,17 @@ def train_step(
   aux = state.aux
   if hooks is not None and not hooks.trains_aux:
     aux = hooks.before_step(state.params, aux, state.step)  # ADMM's Z/U update, before this batch's forward
+  after_step = None if hooks is None else hooks.after_step
 
-  def loss_fn(trainable, carry, batch_stats, key):
+  def loss_fn(trainable, carry, batch_stats, key, probe):
     params, scores = trainable["params"], trainable["scores"]
     if hooks is None:
       weights, penalty = sources.masked_params(params, scores, k, config.mask.scope, config.mask.min_layer_k), 0.0
     else:
       phase = hooks.phase_state(scores, aux)
       weights, penalty = hooks.weights(params, phase), hooks.penalty(params, phase)
+    if probe is not None:  # zeros: d loss / d probe is the dense gradient dL/d(weights) that RigL grows by
+      weights = jax.tree.map(jnp.add, weights, probe)
     loss, (metrics, variables) = sources.objective_loss(
       objective, config, apply_fn, sources.model_variables(weights, batch_stats), batch, key, carry, epoch
     )
@@ -130,10 +136,11 @@ def train_step(
 
   trainable = {"params": state.params, "scores": state.scores}
   opt_state, batch_stats = state.opt_state, state.batch_stats
-  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+  probe = None if after_step is None else jax.tree.map(jnp.zeros_like, state.params)
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 4), has_aux=True)
   for replay in range(objective.replays(config.objective)):
-    (_, (metrics, batch_stats)), (grads, carry_grad) = grad_fn(
-      trainable, carry, batch_stats, jax.random.fold_in(key, replay)
+    (_, (metrics, batch_stats)), (grads, carry_grad, weight_grads) = grad_fn(
+      trainable, carry, batch_stats, jax.random.fold_in(key, replay), probe
     )
     if axis_name is not None:
       grads, metrics, batch_stats = jax.lax.pmean((grads, metrics, batch_stats), axis_name)
@@ -141,9 +148,13 @@ def train_step(
     trainable = optax.apply_updates(trainable, updates)
     if stateful:
       carry = objective.update_carry(carry, carry_grad, config.objective)
+  params = trainable["params"]
+  if after_step is not None:  # RigL's mask update; the device average of weight_grads runs only where it is used
+    mean_weight_grads = functools.partial(_device_mean, weight_grads, axis_name)
+    params, aux = after_step(params, aux, mean_weight_grads, state.step + 1)
   new_state = state.replace(
     step=state.step + 1,
-    params=trainable["params"],
+    params=params,
     scores=trainable["scores"],
     batch_stats=batch_stats,
     opt_state=opt_state,
@@ -151,6 +162,10 @@ def train_step(
     aux=aux,
   )
   return new_state, metrics
+
+
+def _device_mean(tree: PyTree, axis_name: str | None) -> PyTree:
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
 def _model_item(state: TrainState) -> dict[str, PyTree]:
@@ -175,7 +190,8 @@ def initial_state(
   pretrain: fresh weights, no scores. prune / finetune: the source's weights, and scores from
   `config.stages.<stage>.score_init` ('source': the source's scores, the finetune default; 'snip': SNIP on
   `first_batch` with the run's objective). finetune zeroes the pruned weights. str: fresh weights and STR's
-  thresholds in the scores slot; admm: the source's weights and ADMM's state in aux (`PhaseHooks.init_state`).
+  thresholds in the scores slot; admm: the source's weights and ADMM's state in aux; rigl: fresh weights and
+  RigL's random masks at k in aux (`PhaseHooks.init_state`).
 
   Args:
     config: run config.
@@ -191,7 +207,7 @@ def initial_state(
   rng = jax.random.PRNGKey(config.seed)  # raw uint32[2]: checkpointable
   init_key, score_key = jax.random.split(jax.random.fold_in(rng, config_lib.STAGES.index(stage)))
   hooks, scores, aux = baselines.phase_hooks(config, stage, steps_per_epoch), None, ()
-  if stage in ("pretrain", "str"):
+  if stage in ("pretrain", "str", "rigl"):
     variables = sources.init_variables(config, init_key)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
   else:
@@ -199,7 +215,7 @@ def initial_state(
   if stage in ("prune", "finetune"):
     scores = sources.initial_scores(config, stage, params, batch_stats, source_scores, score_key, first_batch, mode)
   if hooks is not None:
-    scores, aux = hooks.init_state(params)
+    scores, aux = hooks.init_state(params, score_key)
   if stage == "finetune":
     params = sources.exported_params(params, scores, config.k, config.mask)
   objective = objectives.get_objective(config.objective.name)
@@ -225,7 +241,7 @@ def _stage_meta(config, stage, state, metrics):
     "model": config.model.name,
     "num_classes": config_lib.num_classes(config),
     "stage": stage,
-    "k": config.k if has_scores else 1.0,
+    "k": config.k if has_scores or stage == "rigl" else 1.0,  # RigL keeps k (its masks live in the train item)
     "has_scores": has_scores,
     "metrics": metrics,
     "versions": checkpoints.versions(),

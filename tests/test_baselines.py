@@ -36,9 +36,9 @@ def none_at_non_prunable(tree):
   return tree["bn1"] == {"scale": None, "bias": None} and tree["fc"]["bias"] is None
 
 
-def test_registry_lists_the_five_baselines_and_rejects_unknown_names():
-  assert baselines.baseline_names() == ["admm", "lwm", "random", "snip", "str"]
-  with pytest.raises(ValueError, match=r"unknown baseline 'gmp'.*'admm', 'lwm', 'random', 'snip', 'str'"):
+def test_registry_lists_the_six_baselines_and_rejects_unknown_names():
+  assert baselines.baseline_names() == ["admm", "lwm", "random", "rigl", "snip", "str"]
+  with pytest.raises(ValueError, match=r"unknown baseline 'gmp'.*'admm', 'lwm', 'random', 'rigl', 'snip', 'str'"):
     baselines.get_baseline("gmp")
 
 
@@ -234,7 +234,7 @@ def tiny_problem():
 def run_phase(hooks, loss_fn, params, steps, weight_decay=0.0):
   """The train step's protocol for `PhaseHooks`, with SGD (lr 0.05, momentum 0.9) and weight decay."""
   tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(0.05, momentum=0.9))
-  aux = hooks.init(params)
+  aux = hooks.init(params, jax.random.key(0))
   trainable = {"params": params, "aux": aux if hooks.trains_aux else ()}
   frozen = () if hooks.trains_aux else aux
 
@@ -259,7 +259,7 @@ def run_phase(hooks, loss_fn, params, steps, weight_decay=0.0):
 def fixed_hooks(scores, k):
   """HYDRA's finetune stage in the same protocol: scores frozen, the model runs with the masked params."""
   return baselines.PhaseHooks(
-    init=lambda params: scores,
+    init=lambda params, key: scores,
     weights=lambda params, s: masking.apply_masks(params, s, k),
     penalty=lambda params, aux: 0.0,
     before_step=lambda params, aux, step: aux,

@@ -12,6 +12,7 @@ import pytest
 
 from experiments import baselines
 from experiments import init_ablation
+from experiments import rigl_rebuttal
 from experiments import table1
 from hydra_jax import config as config_lib
 from hydra_jax import masking
@@ -78,6 +79,41 @@ def test_baselines_evaluates_every_trained_model_with_the_worst_case_of_its_atta
   assert [r["method"] for r in rows] == ["dense", "hydra", "lwm", "snip", "random", "str"]
   assert_robust_is_the_worst_case(rows, ("pgd_linf", "apgd_ce"))
   assert [float(r["kept_fraction"]) for r in rows[1:5]] == pytest.approx([0.5] * 4, abs=0.01)
+
+
+@pytest.mark.slow
+def test_rigl_rebuttal_evaluates_the_robust_and_benign_runs_with_the_worst_case_of_its_attacks(tmp_path):
+  rigl_rebuttal.main(
+    [
+      "--out",
+      str(tmp_path),
+      "--dataset=digits",
+      "--model=cnn_tiny",
+      "--objective=benign",
+      "--batch_size=64",
+      "--pretrain_epochs=1",
+      "--prune_epochs=1",
+      "--finetune_epochs=1",
+      "--k=0.5",
+      "--rigl_delta_t=5",
+      "--scratch_optimizer=adam",
+      "--scratch_lr=1e-3",
+      "--attack_steps=2",
+      "--methods=pgd_linf,apgd_ce",
+    ]
+  )
+  with open(tmp_path / "rigl_rebuttal.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["objective"], r["method"]) for r in rows] == [
+    ("benign", "dense"),
+    ("benign", "hydra"),
+    ("benign", "rigl"),
+    ("benign", "dense"),
+    ("benign", "rigl"),
+    ("benign", "str"),
+  ]  # --objective=benign: the "robust" runs use it too
+  assert_robust_is_the_worst_case(rows, ("pgd_linf", "apgd_ce"))
+  assert [float(rows[i]["kept_fraction"]) for i in (1, 2, 4)] == pytest.approx([0.5] * 3, abs=0.01)
 
 
 def test_table1_networks_are_the_papers_six_and_each_has_a_width_option():

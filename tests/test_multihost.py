@@ -258,3 +258,17 @@ def test_distributed_args_take_config_values_over_environment_variables():
     parallel.distributed_args(environ={"JAX_NUM_PROCESSES": "two"})
   with pytest.raises(ValueError, match=r"process id 2 is not in \[0, 2\)"):
     parallel.distributed_args(num_processes=2, process_id=2, environ={})
+
+
+@pytest.mark.slow
+def test_two_processes_run_rigl_with_the_masks_of_one_process(tmp_path):
+  rigl = ["--config.stage=rigl", "--config.stages.rigl.epochs=3", "--config.baseline.rigl_delta_t=2", "--config.k=0.25"]
+  one, two = Job(tmp_path / "one", 1, 4, *rigl), Job(tmp_path / "two", 2, 2, *rigl)
+  wait_all(one, two)  # 6 steps, t_end = 4: the mask moves at step 2
+  rigl_config = config()
+  rigl_config.stage = "rigl"
+  got, want = (export.load_run(rigl_config, job.workdir).trained_params for job in (two, one))
+  assert_same_params(got, want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a) != 0, np.asarray(b) != 0)  # the same support in every layer
+  assert checkpoints.read_meta(two.workdir)[1]["stage"] == "rigl"
