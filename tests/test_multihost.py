@@ -267,7 +267,7 @@ def test_two_processes_run_rigl_with_the_masks_of_one_process(tmp_path):
   wait_all(one, two)  # 6 steps, t_end = 4: the mask moves at step 2
   rigl_config = config()
   rigl_config.stage = "rigl"
-  got, want = (export.load_run(rigl_config, job.workdir).trained_params for job in (two, one))
+  got, want = (export.load_run(job.workdir, config=rigl_config).trained_params for job in (two, one))
   assert_same_params(got, want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a) != 0, np.asarray(b) != 0)  # the same support in every layer
