@@ -267,6 +267,25 @@ def local_copy(tree: PyTree) -> PyTree:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Positions in the global batch: per-example random draws are keyed by them, so that a run's results do not
+# depend on its device or process count.
+
+
+def with_positions(batch: dict[str, jax.Array], axis_name: str | None) -> dict[str, jax.Array]:
+  """`batch` (this device's share, leading axis B) with 'index' (int32 [B], the examples' positions in the
+  global batch) and 'global_batch_size' (int32 scalar), inside a per-device step.
+
+  Device d of `axis_name` holds rows d*B .. (d+1)*B - 1 of the global batch: the layout `put_batch` makes
+  from the hosts' slices, in the order of the processes and their devices.
+  """
+  size = batch["image"].shape[0]
+  devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * size
+  index = (offset + jnp.arange(size)).astype(jnp.int32)
+  return {**batch, "index": index, "global_batch_size": jnp.int32(size * devices)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Runners.
 
 

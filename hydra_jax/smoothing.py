@@ -238,7 +238,7 @@ def certified_correct(
   Args:
     f: base classifier's logits function, [B, H, W, C] -> [B, classes].
     x: inputs [B, H, W, C]; y: int labels [B].
-    key: PRNG key; example i uses fold_in(key, i).
+    key: PRNG key, example i using fold_in(key, i); or per-example keys [B], example i using key[i].
     sigma, n0, n, alpha, batch_size: as in `certify`.
     radii: [R] l2 radii, in the units of x.
 
@@ -248,7 +248,9 @@ def certified_correct(
   check_settings(sigma, alpha, batch_size=batch_size, n0=n0, n=n)
   thresholds = jnp.array([min_certifying_count(n, alpha, float(stats.norm.cdf(r / sigma))) for r in radii])
   certify_one = functools.partial(_certify_votes, f, sigma=sigma, n0=n0, n=n, batch_size=batch_size)
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  per_example = key.ndim == (1 if typed else 2)
+  keys = key if per_example else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
   guess, votes = jax.lax.map(lambda args: certify_one(*args), (x, keys))
   return (guess == y)[:, None] & (votes[:, None] >= thresholds[None, :])
 
