@@ -49,7 +49,7 @@ class Job:
   up and stall a process, and with it the whole run).
   """
 
-  def __init__(self, workdir, processes, devices, *flags, cache=None, process_flags=None):
+  def __init__(self, workdir, processes, devices, *flags, cache=None, process_flags=None, config=CONFIG):
     port = portpicker.pick_unused_port()
     self.workdir, self.procs, self.logs = str(workdir), [], []
     counts = [devices] * processes if isinstance(devices, int) else devices
@@ -83,7 +83,7 @@ class Job:
               "hydra_jax",
               "train",
               "--config",
-              CONFIG,
+              config,
               *TINY,
               *multihost,
               *flags,
@@ -115,21 +115,21 @@ def wait_all(*jobs):
   return [job.wait() for job in jobs]
 
 
-def config():
+def config(objective="pgd_at"):
   """The config the jobs run, built the way the CLI builds it (to read their checkpoints back)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
 
   spec = importlib.util.spec_from_file_location("digits_demo", os.path.join(ROOT, "configs/digits_demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config("model=vgg_tiny,objective=pgd_at")
+  c = module.get_config(f"model=vgg_tiny,objective={objective}")
   c.stage, c.data.image_size = "pretrain", 8
   return c
 
 
-def final_variables(workdir):
+def final_variables(workdir, objective="pgd_at"):
   """The weights and BN statistics of the latest checkpoint in `workdir`."""
-  return export.load_run(workdir, config=config()).variables
+  return export.load_run(workdir, config=config(objective)).variables
 
 
 def metrics(workdir, split):
@@ -273,3 +273,35 @@ def test_two_processes_run_rigl_with_the_masks_of_one_process(tmp_path):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a) != 0, np.asarray(b) != 0)  # the same support in every layer
   assert checkpoints.read_meta(two.workdir)[1]["stage"] == "rigl"
+
+
+FREE = "configs/digits_demo.py:model=vgg_tiny,objective=free"
+FREE_FLAGS = ["--config.objective.replays=2"]
+
+
+@pytest.fixture(scope="module")
+def free_runs(tmp_path_factory):
+  """Free adversarial training (a per-example carry, split over devices): uninterrupted on 1 process x 1 device,
+  and on 2 x 2 with pmap stopped after 3 steps (mid-epoch: the carry is in the checkpoint), then resumed."""
+  base = tmp_path_factory.mktemp("free")
+  cache = base / "cache"
+  flags = [*FREE_FLAGS, "--config.parallel.mode=pmap"]
+  wait_all(
+    Job(base / "one", 1, 1, *FREE_FLAGS, config=FREE, cache=cache),
+    Job(base / "pmap", 2, 2, *flags, "--config.stop_after_steps=3", config=FREE, cache=cache),
+  )
+  assert checkpoints.read_meta(str(base / "pmap"))[0] == 3
+  Job(base / "pmap", 2, 2, *flags, config=FREE, cache=cache).wait()
+  return {name: str(base / name) for name in ("one", "pmap")}
+
+
+def test_free_adversarial_training_with_pmap_on_two_processes_resumes_to_the_one_device_result(free_runs):
+  assert_same_params(final_variables(free_runs["pmap"], "free"), final_variables(free_runs["one"], "free"))
+
+
+@pytest.mark.slow
+def test_free_adversarial_training_with_shard_map_on_two_processes_resumes_on_one(free_runs, tmp_path):
+  workdir, flags = tmp_path / "run", [*FREE_FLAGS, "--config.parallel.mode=shard_map"]
+  Job(workdir, 2, 2, *flags, "--config.stop_after_steps=3", config=FREE).wait()
+  Job(workdir, 1, 2, *flags, config=FREE).wait()
+  assert_same_params(final_variables(str(workdir), "free"), final_variables(free_runs["one"], "free"))
