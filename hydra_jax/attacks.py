@@ -120,6 +120,49 @@ def get_loss(loss: str | LossFn) -> LossFn:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Random keys: one for the batch, or one per example.
+#
+# Every attack takes `key`: a PRNG key, whose draws cover the batch at once, or one key per example [B]
+# (`example_keys`), whose example i draws only from key[i]. With per-example keys derived from positions in
+# the global batch, an example's random start does not depend on the batch it is in: not on the device
+# count of a data-parallel step, nor on chunking. (This holds for threefry keys, JAX's default and
+# `jax.random.PRNGKey`'s; the 'rbg' implementation draws differently under vmap than alone.)
+
+
+def example_keys(key: Array, positions: Array) -> Array:
+  """One key per example: fold_in(key, positions[i]) for int positions [B] (e.g. in the global batch)."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, positions)
+
+
+def _is_per_example(key: Array) -> bool:
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim == (1 if typed else 2)
+
+
+def fold_in(key: Array, data: int | Array) -> Array:
+  """`jax.random.fold_in` of a key, or of each of the per-example keys [B]."""
+  if _is_per_example(key):
+    return jax.vmap(jax.random.fold_in, (0, None))(key, data)
+  return jax.random.fold_in(key, data)
+
+
+def split(key: Array) -> tuple[Array, Array]:
+  """Two keys from one (`jax.random.split`), or two sets of per-example keys from per-example keys."""
+  if _is_per_example(key):
+    return fold_in(key, 0), fold_in(key, 1)
+  first, second = jax.random.split(key)
+  return first, second
+
+
+def draw(sampler: Callable[..., Array], key: Array, shape: tuple[int, ...], dtype: Any, *args: Any) -> Array:
+  """`sampler(key, shape, dtype, *args)` (e.g. jax.random.normal) for a batch [B, ...]: at once from one
+  key, or example i's row [...] from key[i] when the keys are per example."""
+  if _is_per_example(key):
+    return jax.vmap(lambda k: sampler(k, shape[1:], dtype, *args))(key)
+  return sampler(key, shape, dtype, *args)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Norms, steps and projections. Every function works per example on [B, ...] arrays.
 
 
@@ -152,7 +195,7 @@ def l2_step(x_adv: Array, grad: Array, step_size: float | Array, key: Array | No
   norm = _per_example(l2_norm(grad), grad)
   direction = jnp.where(norm > 0, grad / jnp.where(norm > 0, norm, 1.0), 0.0)
   if key is not None:
-    direction = jnp.where(norm > 0, direction, jax.random.normal(key, grad.shape, grad.dtype))
+    direction = jnp.where(norm > 0, direction, draw(jax.random.normal, key, grad.shape, grad.dtype))
   return x_adv + step_size * direction
 
 
@@ -243,15 +286,15 @@ def in_chunks(logits_fn: LogitsFn, chunk_size: int) -> LogitsFn:
 
 def uniform_linf_start(key: Array, x: Array, eps: float) -> Array:
   """x + U(-eps, eps), not clipped (the reference's `pgd_whitebox` start, clipped by its first step)."""
-  return x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+  return x + draw(jax.random.uniform, key, x.shape, x.dtype, -eps, eps)
 
 
 def uniform_l2_start(key: Array, x: Array, eps: float) -> Array:
   """x + r * d, d a uniform random unit direction and r ~ U(0, eps), clipped to the [0, 1] box."""
-  dir_key, radius_key = jax.random.split(key)
-  direction = jax.random.normal(dir_key, x.shape, x.dtype)
+  dir_key, radius_key = split(key)
+  direction = draw(jax.random.normal, dir_key, x.shape, x.dtype)
   direction = direction / _per_example(jnp.maximum(l2_norm(direction), 1e-12), x)
-  radius = jax.random.uniform(radius_key, (x.shape[0],), x.dtype, 0.0, eps)
+  radius = draw(jax.random.uniform, radius_key, (x.shape[0],), x.dtype, 0.0, eps)
   return clip_box(x + _per_example(radius, x) * direction)
 
 
@@ -307,7 +350,7 @@ def iterate(
 
   def body(i, x_adv):
     _, _, grad = loss_and_grad(logits_fn, loss_fn, x_adv, target)
-    return project(step(x_adv, grad, jax.random.fold_in(key, i)), x)
+    return project(step(x_adv, grad, fold_in(key, i)), x)
 
   return lax.fori_loop(0, steps, body, x_init, unroll=unroll)
 
@@ -335,8 +378,8 @@ def _scored(logits_fn, loss_fn, x_adv, y):
 
 def _best_of_restarts(run: Callable[[Array], tuple], key: Array, restarts: int, unroll: bool) -> Array:
   """Runs `run(key_r)` for r < restarts and keeps per example the strongest result (`keep_stronger`)."""
-  first = run(jax.random.fold_in(key, 0))
-  body = lambda r, best: keep_stronger(best, run(jax.random.fold_in(key, r)))
+  first = run(fold_in(key, 0))
+  body = lambda r, best: keep_stronger(best, run(fold_in(key, r)))
   return lax.fori_loop(1, restarts, body, first, unroll=unroll)[0]
 
 
@@ -404,7 +447,7 @@ def pgd(
     )
 
   if restarts == 1:  # the same first run as with restarts, without the scoring forward
-    return lax.stop_gradient(run(jax.random.fold_in(key, 0)))
+    return lax.stop_gradient(run(fold_in(key, 0)))
   scored_run = lambda run_key: _scored(logits_fn, loss_fn, run(run_key), y)
   return lax.stop_gradient(_best_of_restarts(scored_run, key, restarts, unroll))
 
@@ -451,9 +494,9 @@ def trades_attack(
   """
   _check_norm(norm)
   _check_nonnegative(eps=eps, step_size=step_size, steps=steps)
-  init_key, step_key = jax.random.split(key)
+  init_key, step_key = split(key)
   probs = jax.nn.softmax(lax.stop_gradient(logits_fn(x)), axis=-1)
-  x_init = x + init_std * jax.random.normal(init_key, x.shape, x.dtype)
+  x_init = x + init_std * draw(jax.random.normal, init_key, x.shape, x.dtype)
   if norm == "linf":
     step = lambda x_adv, g, _: sign_step(x_adv, g, step_size)
   else:
@@ -505,9 +548,9 @@ def apgd_schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
 def _apgd_start(key: Array, x: Array, eps: float, norm: str) -> Array:
   """x + eps * t / ||t||, t ~ U(-1, 1) (l_inf) or N(0, I) (l_2), clipped to the box."""
   if norm == "linf":
-    t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+    t = draw(jax.random.uniform, key, x.shape, x.dtype, -1.0, 1.0)
     return clip_box(x + eps * t / _per_example(linf_norm(t) + 1e-12, x))
-  t = jax.random.normal(key, x.shape, x.dtype)
+  t = draw(jax.random.normal, key, x.shape, x.dtype)
   return clip_box(x + eps * t / _per_example(l2_norm(t) + 1e-12, x))
 
 
@@ -673,7 +716,7 @@ def apgd_targeted(
     return _apgd_run(logits_fn, x, y, run_key, eps=eps, norm=norm, steps=steps, loss_fn=loss_fn, rho=rho, unroll=unroll)
 
   def run_index(j):  # j enumerates (target rank, restart) pairs.
-    return run(jax.random.fold_in(key, j), 1 + j // restarts)
+    return run(fold_in(key, j), 1 + j // restarts)
 
   first = run_index(0)
   body = lambda j, best: keep_stronger(best, run_index(j))

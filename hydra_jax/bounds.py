@@ -12,11 +12,13 @@ How: `f` is traced to a jaxpr and interpreted with one rule per primitive (jax_v
   add/sub, mul/div by constants (so BN in eval mode), reduce_sum, reduce_window_sum (average pooling), reshape,
   transpose, broadcast, slice, concatenate, pad, convert_element_type. Monotone ops map (l, u) to (g(l), g(u)):
   max/min (relu arrives as `custom_jvp_call(max(x, 0))`), max pooling, exp, tanh, ...; rsqrt maps to
-  (g(u), g(l)). pjit / closed_call / custom_jvp / custom_vjp / remat sub-jaxprs are recursed into; equations
-  that do not depend on x are evaluated. Any other primitive with an x-dependent operand raises
-  NotImplementedError naming it. Consecutive affine ops are kept as one affine map of the last box, so the
-  spec is merged into the whole last affine segment (`|C W| r`, not `|C| |W| r`), as the reference merges it
-  into the last linear layer.
+  (g(u), g(l)). The sub-jaxprs of call-like primitives (an explicit list, `_CALLS`: jit, closed_call,
+  custom_jvp / custom_vjp calls, checkpoint, shard_map on replicated values) are recursed into; `scan` (what
+  fori_loop with static bounds, lax.scan, lax.map and nn.scan lower to) is unrolled over its static length,
+  xs sliced per step; equations that do not depend on x are evaluated. Any other primitive with an
+  x-dependent operand (while, cond, ...) raises NotImplementedError naming it. Consecutive affine ops are
+  kept as one affine map of the last box, so the spec is merged into the whole last affine segment
+  (`|C W| r`, not `|C| |W| r`), as the reference merges it into the last linear layer.
 - CROWN-IBP (Zhang et al. 2020, eq. 5): IBP pre-activation bounds, then a CROWN backward pass (Zhang et al.
   2018, Thm. 3.2) from the spec through the ReLU relaxations: upper line u/(u-l) (z - l); lower slope 1 if
   u > -l else 0 (the reference's adaptive choice, `lower_slope="adaptive"`) or always 0 (`"zero"`),
@@ -168,7 +170,22 @@ _INCREASING = {
   "sign",
 }
 _DECREASING = {"rsqrt"}
-_SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+# Call-like primitives: their outputs are their sub-jaxpr's (names across JAX versions: pjit became jit,
+# checkpoint is remat2 under jax 0.10). Other primitives with sub-jaxprs (while, cond, ...) have no rule.
+_CALLS = {
+  "pjit": "jaxpr",
+  "jit": "jaxpr",
+  "closed_call": "call_jaxpr",
+  "core_call": "call_jaxpr",
+  "call": "call_jaxpr",
+  "custom_jvp_call": "call_jaxpr",
+  "custom_vjp_call": "call_jaxpr",
+  "custom_vjp_call_jaxpr": "fun_jaxpr",
+  "checkpoint": "jaxpr",
+  "remat": "jaxpr",
+  "remat2": "jaxpr",
+  "shard_map": "jaxpr",
+}
 
 
 def _linear_rule(prim, params, values, shape) -> _Box | _Affine:
@@ -233,12 +250,63 @@ def _monotone_rule(prim, params, values, increasing: bool) -> _Box:
   return _Box(low, high, prim.name)
 
 
-def _sub_jaxpr(eqn):
-  for name in _SUB_JAXPR_PARAMS:
-    if name in eqn.params:
-      sub = eqn.params[name]
-      return (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
-  return None
+def _open(jaxpr) -> tuple[Any, Sequence[Any]]:
+  """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr."""
+  return (jaxpr.jaxpr, jaxpr.consts) if hasattr(jaxpr, "consts") else (jaxpr, ())
+
+
+def _call_rule(eqn, values) -> list:
+  """A call-like primitive: its sub-jaxpr on the same values (shard_map only on a one-device mesh or with
+  every operand and result replicated, where the body sees the global values)."""
+  if eqn.primitive.name == "shard_map":
+    specs = (*eqn.params["in_specs"], *eqn.params["out_specs"])
+    if eqn.params["mesh"].size > 1 and any(any(axis is not None for axis in spec) for spec in specs):
+      raise NotImplementedError("bounds: primitive 'shard_map' splits x over devices; call f outside shard_map")
+  return _interpret(*_open(eqn.params[_CALLS[eqn.primitive.name]]), values)
+
+
+def _shape_of(value: Any) -> jax.ShapeDtypeStruct:
+  if _is_bound(value):
+    like = value.lower if isinstance(value, _Box) else value.center
+    return jax.ShapeDtypeStruct(like.shape, like.dtype)
+  return jax.ShapeDtypeStruct(np.shape(value), jnp.result_type(value))
+
+
+def _interpret_fn(fn: Callable[..., Any], *values: Any) -> list:
+  """`fn`'s outputs (a flat list) on abstract values, through its jaxpr."""
+  closed = jax.make_jaxpr(fn)(*map(_shape_of, values))
+  return _interpret(closed.jaxpr, closed.consts, values)
+
+
+def _index(value: Any, t: int) -> Any:
+  """value[t]: a constant is indexed, a bound goes through the slice and squeeze rules."""
+  return _interpret_fn(lambda v: v[t], value)[0] if _is_bound(value) else value[t]
+
+
+def _stack(values: Sequence[Any]) -> Any:
+  """jnp.stack of per-step outputs (bounds through the broadcast and concatenate rules)."""
+  stack = lambda *vs: lax.concatenate([lax.expand_dims(v, (0,)) for v in vs], 0)
+  return _interpret_fn(stack, *values)[0] if any(map(_is_bound, values)) else stack(*values)
+
+
+def _scan_rule(eqn, values) -> list:
+  """`lax.scan` (also fori_loop with static bounds, nn.scan) unrolled over its static length: the body runs
+  on (consts, carry, xs[t]) for t = 0 .. length - 1 (backwards if `reverse`), its ys are stacked over t.
+  Stacked weights in xs are constants sliced per step, so each step is bounded exactly as written out."""
+  params = eqn.params
+  jaxpr, consts = _open(params["jaxpr"])
+  n_consts, n_carry = params["num_consts"], params["num_carry"]
+  body_consts, carry, xs = values[:n_consts], values[n_consts : n_consts + n_carry], values[n_consts + n_carry :]
+  steps = range(params["length"])[::-1] if params["reverse"] else range(params["length"])
+  ys_per_step = []
+  for t in steps:
+    outs = _interpret(jaxpr, consts, [*body_consts, *carry, *[_index(x, t) for x in xs]])
+    carry = outs[:n_carry]
+    ys_per_step.append(outs[n_carry:])
+  if params["reverse"]:
+    ys_per_step.reverse()
+  ys = [_stack(step_values) for step_values in zip(*ys_per_step)] if ys_per_step else []
+  return [*carry, *ys]
 
 
 def _eval_constant(eqn, values):
@@ -249,9 +317,10 @@ def _eval_constant(eqn, values):
 def _apply_rule(eqn, values) -> list:
   """Abstract value(s) of one equation's outputs given its inputs' (at least one x-dependent)."""
   prim, name = eqn.primitive, eqn.primitive.name
-  sub = _sub_jaxpr(eqn)
-  if sub is not None:
-    return _interpret(*sub, values)
+  if name in _CALLS:
+    return _call_rule(eqn, values)
+  if name == "scan":
+    return _scan_rule(eqn, values)
   shape = eqn.outvars[0].aval.shape
   if name in _LINEAR:
     return [_linear_rule(prim, eqn.params, values, shape)]

@@ -267,7 +267,7 @@ def batch_correct(
   Args:
     logits_fn: `x -> logits` [B, C] in eval mode.
     batch: {'image': [B, H, W, C], 'label': [B] int}.
-    key: PRNG key; method m uses fold_in(key, m).
+    key: PRNG key, or per-example keys [B] (`attacks.example_keys`); method m uses fold_in(key, m).
     methods: ((name, sorted settings items), ...).
 
   Returns:
@@ -281,7 +281,7 @@ def batch_correct(
     correct["clean_top5"] = top_k_correct(logits, y, 5)
   correct["robust"] = clean
   for m, (name, items) in enumerate(methods):
-    method, settings, method_key = get_method(name), dict(items), jax.random.fold_in(key, m)
+    method, settings, method_key = get_method(name), dict(items), attacks.fold_in(key, m)
     if method.kind == "certifier":  # bool [B, 1 + R]: at eps, then at each radius
       certified = method.fn(logits_fn, x, y, key=method_key, **settings)
       correct[name] = certified[:, 0]
@@ -319,11 +319,11 @@ def eval_step(
   per-example 'label', 'mask' and correctness (`batch_correct`) gathered over devices, in global batch order.
 
   `state` is {'variables': model variables or None (then `fn` is a logits_fn), 'key': PRNG key, 'batch':
-  int32 batch counter}; batch b's key is fold_in(key, b) (and the device index).
+  int32 batch counter}; batch b's key is fold_in(key, b), and its example at position i of the global batch
+  draws from fold_in of that with i (`attacks.example_keys`), whatever the device count.
   """
   key = jax.random.fold_in(state["key"], state["batch"])
-  if axis_name is not None:
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  key = attacks.example_keys(key, parallel.with_positions(batch, axis_name)["index"])
   variables = state["variables"]
   logits_fn = fn if variables is None else (lambda x: fn(variables, x, False)[0])
   correct = batch_correct(logits_fn, batch, key, methods)

@@ -12,7 +12,10 @@ scalar batch means and the returned `variables` carrying the BN running stats af
 train-mode forwards. Attacks run in eval mode on gradient-stopped variables, as the reference runs them
 in `model.eval()`, so examples do not interact and the attacks of `pgd_at` and `trades` run in batch chunks
 of `config.attack_chunk_size` examples (`attacks.in_chunks`; 0, the default: 32 on CPU, where it is faster,
-the whole batch elsewhere). `key` seeds the objective's randomness (attack start or noise).
+the whole batch elsewhere). `key` seeds the objective's randomness (attack start or noise): the same key on
+every device, each example drawing from fold_in(key, its position in the global batch), `batch['index']`
+(int32 [B], added by the train step with `batch['global_batch_size']`; absent: the batch is the global one),
+so that results do not depend on the device count.
 
 Stateful objectives (`free`) also take a `carry` (the perturbation) as last argument. The train step
 differentiates the loss with respect to (trainable params, carry) in one backward pass, applies the
@@ -125,6 +128,17 @@ def _eval_logits_fn(apply_fn: ApplyFn, variables: Variables, config: ml_collecti
   return attacks.in_chunks(lambda x: apply_fn(frozen, x, False)[0], config.get("attack_chunk_size", 0))
 
 
+def _positions(batch: Batch) -> tuple[Array, Array]:
+  """(int32 [B] positions of the batch's examples in the global batch, global batch size)."""
+  size = batch["image"].shape[0]
+  return batch.get("index", jnp.arange(size, dtype=jnp.int32)), batch.get("global_batch_size", jnp.int32(size))
+
+
+def _example_keys(key: Array, batch: Batch) -> Array:
+  """Per-example keys [B] (`attacks.example_keys`) from the examples' positions in the global batch."""
+  return attacks.example_keys(key, _positions(batch)[0])
+
+
 def _accuracy(logits: Array, labels: Array) -> Array:
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
@@ -174,7 +188,7 @@ def pgd_at_loss(
     logits_fn,
     x,
     y,
-    key=key,
+    key=_example_keys(key, batch),
     eps=config.eps,
     step_size=config.step_size,
     steps=config.steps,
@@ -209,7 +223,7 @@ def trades_loss(
   x_adv = attacks.trades_attack(
     _eval_logits_fn(apply_fn, variables, config),
     x,
-    key=key,
+    key=_example_keys(key, batch),
     eps=config.eps,
     step_size=config.step_size,
     steps=config.steps,
@@ -243,7 +257,7 @@ def smooth_loss(
   detached. metrics: loss, natural_loss, robust_loss, accuracy, noisy_accuracy.
   """
   x, y = batch["image"], batch["label"]
-  noise = config.noise_std * jax.random.normal(key, x.shape, x.dtype)
+  noise = config.noise_std * attacks.draw(jax.random.normal, _example_keys(key, batch), x.shape, x.dtype)
   logits, variables = apply_fn(variables, x, True)
   noisy_logits, variables = apply_fn(variables, x + noise, True)
   natural_loss, robust_loss = _cross_entropy(logits, y), _kl(logits, noisy_logits)
@@ -273,7 +287,7 @@ def smooth_imagenet_loss(
   metrics: loss, accuracy and noisy_accuracy (both on x + delta, the only forward, as the reference logs).
   """
   x, y = batch["image"], batch["label"]
-  noise = config.noise_std * jax.random.normal(key, x.shape, x.dtype)
+  noise = config.noise_std * attacks.draw(jax.random.normal, _example_keys(key, batch), x.shape, x.dtype)
   noisy_logits, variables = apply_fn(variables, x + noise, True)
   loss = _cross_entropy(noisy_logits, y)
   accuracy = _accuracy(noisy_logits, y)
@@ -456,27 +470,35 @@ def mixtrain_loss(
 ) -> LossOutput:
   """MixTrain (Wang et al. 2018), the reference's `mixtrain` trainer.
 
-  L = CE(f(x), y) (train mode) and, with probability alpha = 0.8 (drawn from `key`), plus iw * CE of the
-  symbolic-interval worst-case logits (`bounds.symbolic_interval` on the margins, 0 at y) of `mixtraink`
-  examples drawn uniformly with replacement; eps and iw from `mixtrain_schedule`. The symbolic pass runs only
-  when drawn (lax.cond). metrics: loss, natural_loss, robust_loss (0 when not drawn), accuracy, eps,
-  interval_weight, drawn.
+  L = CE(f(x), y) (train mode) and, with probability alpha = 0.8 (one coin per step, drawn from `key`), plus
+  iw * CE of the symbolic-interval worst-case logits (`bounds.symbolic_interval` on the margins, 0 at y) of
+  `mixtraink` examples drawn uniformly with replacement from the global batch; eps and iw from
+  `mixtrain_schedule`. Data-parallel, each device bounds the chosen examples it holds (the symbolic pass runs
+  only when the coin falls and the device holds one, lax.cond) and scales its sum so that the mean over
+  devices is the mean over the k examples. metrics: loss, natural_loss, robust_loss (0 when not drawn; the
+  device's share before the mean over devices), accuracy, eps, interval_weight, drawn.
   """
   x, y = batch["image"], batch["label"]
   logits, new_variables = apply_fn(variables, x, True)
   eps, weight = mixtrain_schedule(epoch, config)
   draw_key, index_key = jax.random.split(key)
   drawn = jax.random.uniform(draw_key) <= config.alpha
-  index = jax.random.randint(index_key, (config.mixtraink,), 0, x.shape[0])
+  positions, global_size = _positions(batch)
+  chosen = jax.random.randint(index_key, (config.mixtraink,), 0, global_size)  # positions in the global batch
+  rows, mine = (
+    jnp.clip(chosen - positions[0], 0, x.shape[0] - 1),
+    (chosen >= positions[0]) & (chosen < positions[0] + x.shape[0]),
+  )
   f = lambda inputs: apply_fn(variables, inputs, False)[0]
 
-  def robust():
-    lower, upper = _ball(x[index], eps, config)
-    spec = bounds.margin_spec(y[index], logits.shape[-1])
+  def robust():  # sum over this device's chosen examples, scaled so that the mean over devices is the mean over k
+    lower, upper = _ball(x[rows], eps, config)
+    spec = bounds.margin_spec(y[rows], logits.shape[-1])
     lb, _ = bounds.symbolic_interval(f, lower, upper, spec)
-    return _cross_entropy(_worst_case_logits(lb, spec, y[index]), y[index])
+    losses = attacks.cross_entropy(_worst_case_logits(lb, spec, y[rows]), y[rows])
+    return jnp.sum(jnp.where(mine, losses, 0.0)) * (global_size / x.shape[0]) / config.mixtraink
 
-  robust_loss = lax.cond(drawn, robust, lambda: jnp.zeros(()))
+  robust_loss = lax.cond(drawn & jnp.any(mine), robust, lambda: jnp.zeros(()))
   natural_loss = _cross_entropy(logits, y)
   loss = natural_loss + weight * robust_loss
   metrics = {

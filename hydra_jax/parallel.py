@@ -267,6 +267,25 @@ def local_copy(tree: PyTree) -> PyTree:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Positions in the global batch: per-example random draws are keyed by them, so that a run's results do not
+# depend on its device or process count.
+
+
+def with_positions(batch: dict[str, jax.Array], axis_name: str | None) -> dict[str, jax.Array]:
+  """`batch` (this device's share, leading axis B) with 'index' (int32 [B], the examples' positions in the
+  global batch) and 'global_batch_size' (int32 scalar), inside a per-device step.
+
+  Device d of `axis_name` holds rows d*B .. (d+1)*B - 1 of the global batch: the layout `put_batch` makes
+  from the hosts' slices, in the order of the processes and their devices.
+  """
+  size = batch["image"].shape[0]
+  devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * size
+  index = (offset + jnp.arange(size)).astype(jnp.int32)
+  return {**batch, "index": index, "global_batch_size": jnp.int32(size * devices)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Runners.
 
 
@@ -333,9 +352,13 @@ class Runner:
   def mesh(self) -> Mesh:
     return Mesh(np.asarray(self.devices), (AXIS,))
 
+  def _local_positions(self) -> list[int]:
+    """Indices in `devices` of this process's devices."""
+    return [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
+
   def put_batch(self, batch: PyTree) -> PyTree:
     """Places this host's slice of the global batch (numpy, leading axis = examples) for `run`."""
-    local = len([d for d in self.devices if d.process_index == jax.process_index()])
+    local = len(self._local_positions())
     for x in jax.tree.leaves(batch):
       check_batch_divides(np.shape(x)[0], local)
     if self.mode == "single":
@@ -346,26 +369,28 @@ class Runner:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
   def put_state(self, state: PyTree) -> PyTree:
-    """Replicates `state` on the devices; the carry fields are split by example instead."""
+    """Replicates `state` on the devices; the carry fields (global rows, e.g. the global batch's) are split by
+    example instead, device d of `devices` holding its d-th block of rows (as it holds the batch's)."""
     if self.mode == "single":
       return jax.device_put(state, self.devices[0])
     split = _split_fields(state, self.carry_fields)
     if self.mode == "pmap":  # stacked [local devices, ...] host values; pmap places one slice per device
-      local = len([d for d in self.devices if d.process_index == jax.process_index()])
+      mine = self._local_positions()
       return jax.tree.map(
-        lambda x, s: np.reshape(x, (local, -1) + x.shape[1:]) if s else _replicas(x, local),
+        lambda x, s: np.reshape(x, (len(self.devices), -1) + x.shape[1:])[mine] if s else _replicas(x, len(mine)),
         jax.device_get(state),
         split,
       )
     return jax.tree.map(lambda x, s: _global_array(x, NamedSharding(self.mesh, P(AXIS) if s else P())), state, split)
 
   def get_state(self, state: PyTree) -> PyTree:
-    """The inverse of `put_state`: host-local single-device arrays (carry fields re-joined over examples)."""
+    """The inverse of `put_state`: host-local single-device arrays, the carry fields re-joined over the examples
+    of every process (a collective: every process calls it)."""
     if self.mode == "single":
       return state
     split = _split_fields(state, self.carry_fields)
     if self.mode == "pmap":
-      return jax.tree.map(lambda x, s: jnp.reshape(x, (-1,) + x.shape[2:]) if s else _local_copy(x), state, split)
+      return jax.tree.map(lambda x, s: _all_rows(x) if s else _local_copy(x), state, split)
     return jax.tree.map(
       lambda x, s: (
         jnp.asarray(multihost_utils.process_allgather(x, tiled=True)) if s else jnp.asarray(x.addressable_data(0))
@@ -373,6 +398,18 @@ class Runner:
       state,
       split,
     )
+
+
+def _all_rows(stacked: jax.Array) -> jax.Array:
+  """A split pmap value [local devices, rows, ...] -> the rows of every process's devices, in device order."""
+  if isinstance(stacked, jax.Array):  # this process's shards only (np.asarray would need all processes')
+    shards = sorted(stacked.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    local = np.concatenate([np.asarray(shard.data).reshape((-1,) + stacked.shape[2:]) for shard in shards])
+  else:
+    local = np.reshape(stacked, (-1,) + np.shape(stacked)[2:])
+  if jax.process_count() == 1:
+    return jnp.asarray(local)
+  return jnp.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:

@@ -61,19 +61,18 @@ def check_settings(sigma: float, alpha: float | None = None, **sizes: int) -> No
       raise ValueError(f"smoothing: {name}={value} must be >= 1")
 
 
-def _chunk_votes(f, x, key, start, num, sigma, batch_size):
-  """Votes [classes] of f on noise samples start .. start + batch_size - 1, those >= num masked out.
+def _chunk_votes(f, x, key, start, sigma, size):
+  """Votes [classes] of f on the `size` noise samples start .. start + size - 1 (one forward pass).
 
   Sample i's noise is N(0, I) drawn from fold_in(key, i), so the counts do not depend on batch_size.
   """
-  index = start + jnp.arange(batch_size)
+  index = start + jnp.arange(size)
   noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype))(index)
   logits = f(x[None] + sigma * noise)
-  votes = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.int32)
-  return jnp.sum(votes * (index < num)[:, None], axis=0)
+  return jnp.sum(jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.int32), axis=0)
 
 
-_chunk_counts = jax.jit(_chunk_votes, static_argnames=("batch_size",))
+_chunk_counts = jax.jit(_chunk_votes, static_argnames=("size",))
 
 
 def sample_counts(
@@ -81,8 +80,9 @@ def sample_counts(
 ) -> np.ndarray:
   """How often f predicts each class at x + eps over `num` draws of eps ~ N(0, sigma^2 I).
 
-  Runs ceil(num / batch_size) batches of exactly `batch_size` samples (the last one padded and its extra
-  votes dropped), so the counting program compiles once per (f, x shape, batch_size), whatever num.
+  Runs ceil(num / batch_size) forward passes of min(batch_size, remaining) samples, as Cohen et al. do (so
+  n0 = 100 selection samples cost 100 forwards, not batch_size); the counting program compiles once per
+  (f, x shape, pass size): at most two sizes per num.
 
   Args:
     f: logits function, [B, H, W, C] -> [B, classes].
@@ -103,11 +103,12 @@ def sample_counts(
   counts = None
   with tqdm(total=num, unit="sample", desc="noise", disable=not progress, leave=False) as bar:
     for start in range(0, num, batch_size):
-      chunk = _chunk_counts(f, x, key, start, num, jnp.float32(sigma), batch_size)
+      size = min(batch_size, num - start)
+      chunk = _chunk_counts(f, x, key, start, jnp.float32(sigma), size)
       counts = chunk if counts is None else counts + chunk
       if progress:
         counts.block_until_ready()
-        bar.update(min(batch_size, num - start))
+        bar.update(size)
   return np.asarray(counts, np.int64)
 
 
@@ -202,10 +203,13 @@ def _certify_votes(f, x, key, *, sigma, n0, n, batch_size):
   """
   select_key, estimate_key = jax.random.split(key)
 
-  def counts(key, num):
-    first = _chunk_votes(f, x, key, 0, num, sigma, batch_size)
-    step = lambda chunk, total: total + _chunk_votes(f, x, key, chunk * batch_size, num, sigma, batch_size)
-    return jax.lax.fori_loop(1, -(-num // batch_size), step, first)
+  def counts(key, num):  # num // batch_size full passes, then one of the remaining samples (as `sample_counts`)
+    size, full = min(batch_size, num), num // min(batch_size, num)
+    first = _chunk_votes(f, x, key, 0, sigma, size)
+    step = lambda chunk, total: total + _chunk_votes(f, x, key, chunk * size, sigma, size)
+    total = jax.lax.fori_loop(1, full, step, first)
+    rest = num - full * size
+    return total + _chunk_votes(f, x, key, full * size, sigma, rest) if rest else total
 
   guess = jnp.argmax(counts(select_key, n0))
   return guess, counts(estimate_key, n)[guess]
@@ -234,7 +238,7 @@ def certified_correct(
   Args:
     f: base classifier's logits function, [B, H, W, C] -> [B, classes].
     x: inputs [B, H, W, C]; y: int labels [B].
-    key: PRNG key; example i uses fold_in(key, i).
+    key: PRNG key, example i using fold_in(key, i); or per-example keys [B], example i using key[i].
     sigma, n0, n, alpha, batch_size: as in `certify`.
     radii: [R] l2 radii, in the units of x.
 
@@ -244,7 +248,9 @@ def certified_correct(
   check_settings(sigma, alpha, batch_size=batch_size, n0=n0, n=n)
   thresholds = jnp.array([min_certifying_count(n, alpha, float(stats.norm.cdf(r / sigma))) for r in radii])
   certify_one = functools.partial(_certify_votes, f, sigma=sigma, n0=n0, n=n, batch_size=batch_size)
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  per_example = key.ndim == (1 if typed else 2)
+  keys = key if per_example else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
   guess, votes = jax.lax.map(lambda args: certify_one(*args), (x, keys))
   return (guess == y)[:, None] & (votes[:, None] >= thresholds[None, :])
 

@@ -209,6 +209,7 @@ def snip_gradients(
   """
 
   def step(state, batch, axis_name):
+    batch = parallel.with_positions(batch, axis_name)  # the objective's draws keyed by global position
     grads = jax.grad(objective_loss_fn(config, state["batch_stats"], axis_name))(state["params"], batch, state["key"])
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)

@@ -106,9 +106,8 @@ def train_step(
   Returns:
     The new state and scalar metrics averaged over the batch (and devices).
   """
-  key = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  key = jax.random.fold_in(state.rng, state.step)  # the same on every device: draws are keyed by position
+  batch = parallel.with_positions(batch, axis_name)
   epoch = state.step.astype(jnp.float32) / steps_per_epoch
   stateful = objective.init_carry is not None
   carry = state.carry

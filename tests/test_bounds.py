@@ -279,6 +279,91 @@ def test_verified_correct_on_a_linear_model_equals_the_closed_form_margin():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Loops: a scan is unrolled, its xs sliced per step.
+
+LOOP_W = jnp.asarray(np.random.default_rng(18).normal(size=(4, 4)), jnp.float32)
+
+
+def _loop_step(h, w):
+  return jax.nn.relu(h @ w) + 0.5
+
+
+def _fori_net(x):
+  """The issue's example: 3 steps of h <- relu(h @ W) + 0.5 as a fori_loop (a scan of length 3)."""
+  return jax.lax.fori_loop(0, 3, lambda i, h: _loop_step(h, LOOP_W), x)
+
+
+def _unrolled_net(x):
+  return _loop_step(_loop_step(_loop_step(x, LOOP_W), LOOP_W), LOOP_W)
+
+
+@pytest.mark.parametrize("method", [bounds.ibp, bounds.crown_ibp])
+def test_fori_loop_bounds_contain_the_function_and_equal_the_unrolled_loop(method):
+  x, lo, hi = _box(np.random.default_rng(0), 2, (4,), 0.01)
+  lb, ub = method(_fori_net, lo, hi)
+  points = jax.vmap(_fori_net)(_samples(lo, hi, jax.random.key(0)))
+  assert np.all(np.asarray(lb) <= np.asarray(_fori_net(x))) and np.all(np.asarray(_fori_net(x)) <= np.asarray(ub))
+  assert _inside(np.asarray(points), np.asarray(lb), np.asarray(ub))
+  expected = method(_unrolled_net, lo, hi)  # the same ops without a loop: the interpreter's plain rules
+  np.testing.assert_allclose(lb, expected[0], rtol=1e-6)
+  np.testing.assert_allclose(ub, expected[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("method", [bounds.ibp, bounds.crown_ibp])
+def test_scan_over_stacked_weights_bounds_equal_the_unrolled_loop(method, reverse):
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 4)), jnp.float32)
+  offsets = jnp.asarray([0.0, 0.5, -0.25], jnp.float32)  # a second xs, and a ys output that is dropped
+
+  def scanned(x):
+    step = lambda h, wb: (_loop_step(h, wb[0]) + wb[1], h.sum())
+    return jax.lax.scan(step, x, (weights, offsets), reverse=reverse)[0]
+
+  def unrolled(x):
+    for t in reversed(range(3)) if reverse else range(3):
+      x = _loop_step(x, weights[t]) + offsets[t]
+    return x
+
+  x, lo, hi = _box(np.random.default_rng(2), 2, (4,), 0.02)
+  lb, ub = method(scanned, lo, hi)
+  expected = method(unrolled, lo, hi)
+  np.testing.assert_allclose(lb, expected[0], rtol=1e-6)
+  np.testing.assert_allclose(ub, expected[1], rtol=1e-6)
+  assert _inside(np.asarray(jax.vmap(scanned)(_samples(lo, hi, jax.random.key(1)))), np.asarray(lb), np.asarray(ub))
+
+
+def test_scan_outputs_stacked_over_steps_are_bounded_per_step():
+  def f(x):  # ys: the state after each step, [3, B, 4] -> [B, 12]
+    ys = jax.lax.scan(lambda h, _: (_loop_step(h, LOOP_W),) * 2, x, None, length=3)[1]
+    return jnp.transpose(ys, (1, 0, 2)).reshape(x.shape[0], -1)
+
+  x, lo, hi = _box(np.random.default_rng(3), 2, (4,), 0.01)
+  lb, ub = bounds.ibp(f, lo, hi)
+  h1 = _loop_step(x, LOOP_W)
+  steps = [
+    bounds.ibp(lambda x, n=n: functools.reduce(lambda h, _: _loop_step(h, LOOP_W), range(n), x), lo, hi)
+    for n in (1, 2, 3)
+  ]
+  np.testing.assert_allclose(lb, np.concatenate([s[0] for s in steps], axis=1), rtol=1e-6)
+  np.testing.assert_allclose(ub, np.concatenate([s[1] for s in steps], axis=1), rtol=1e-6)
+  assert np.all(np.asarray(lb[:, :4]) <= np.asarray(h1))
+
+
+def test_loops_and_primitives_without_a_rule_raise_errors_naming_them():
+  lo, hi = jnp.zeros((1, 3)), jnp.ones((1, 3))
+  with pytest.raises(NotImplementedError, match="'while'"):
+    bounds.ibp(lambda x: jax.lax.while_loop(lambda h: h.sum() < 10, lambda h: h + 1, x), lo, hi)
+  with pytest.raises(NotImplementedError, match="'cond'"):
+    bounds.ibp(lambda x: jax.lax.cond(True, lambda h: h + 1, lambda h: h - 1, x), lo, hi)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("d",))
+  split = jax.shard_map(lambda h: h * 2, mesh=mesh, in_specs=jax.P("d"), out_specs=jax.P("d"))
+  with pytest.raises(NotImplementedError, match="'shard_map' splits x"):
+    bounds.ibp(split, jnp.zeros((2, 3)), jnp.ones((2, 3)))
+  replicated = jax.shard_map(lambda h: h * 2, mesh=mesh, in_specs=jax.P(), out_specs=jax.P())
+  np.testing.assert_array_equal(bounds.ibp(replicated, lo, hi)[1], 2 * hi)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Unsupported input.
 
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hydra_jax import attacks
 from hydra_jax import evaluate
 from hydra_jax import smoothing
 from tests import robust_helpers as helpers
@@ -286,6 +287,34 @@ def test_per_example_results_are_each_examples_in_order_on_any_number_of_devices
     _, sharded = run(mode)
     for name, column in examples.items():
       np.testing.assert_array_equal(sharded[name], column, err_msg=f"{mode}: {name}")
+
+
+def _coin(logits_fn, x, y, *, key, eps, norm):
+  """A 'verifier' that certifies each example with probability 1/2, drawn from its key."""
+  del logits_fn, y, eps, norm
+  return attacks.draw(jax.random.uniform, key, (x.shape[0],), jnp.float32) < 0.5
+
+
+evaluate.register_method("test_coin", _coin, {"norm": "linf", "eps": 0.0}, kind="verifier")
+
+
+def test_random_draws_of_methods_do_not_depend_on_the_device_count():
+  model, variables, x, y = _linear_problem(n=32)
+  # Example i of a batch of 16 weighs 2^i: the weighted count is the per-example outcome pattern, in binary.
+  batches = [{"image": x[s : s + 16], "label": y[s : s + 16], "mask": 2.0 ** np.arange(16)} for s in range(0, 32, 16)]
+  run = lambda mode: evaluate.evaluate(
+    helpers.make_apply_fn(model),
+    variables,
+    batches,
+    key=jax.random.key(2),  # threefry: rbg draws under vmap depend on the batch shape
+    methods=("test_coin",),
+    progress=False,
+    mode=mode,
+  )
+  single = run("single")
+  assert 0.05 < single["test_coin"] < 0.95
+  for mode in ("shard_map", "pmap"):
+    assert run(mode)["test_coin"] == single["test_coin"], mode
 
 
 def test_run_settings_apply_the_threat_model_to_the_methods_of_its_norm():

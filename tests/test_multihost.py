@@ -1,4 +1,5 @@
-"""Multi-host training with real processes: 2 processes x 2 CPU devices on localhost against 1 process x 4.
+"""Multi-host training with real processes: 2 processes x 2 CPU devices on localhost against 1 process x 1 device
+(pgd_at with its random start: a run's results do not depend on its process or device count).
 
 Every run is the command line (`python -m hydra_jax train`) on configs/digits_demo.py's pretrain stage, shrunk
 to a few steps: 10% of the digits (143 images) in batches of 64 is 2 steps per epoch, 3 epochs = 6 steps,
@@ -48,7 +49,7 @@ class Job:
   up and stall a process, and with it the whole run).
   """
 
-  def __init__(self, workdir, processes, devices, *flags, cache=None, process_flags=None):
+  def __init__(self, workdir, processes, devices, *flags, cache=None, process_flags=None, config=CONFIG):
     port = portpicker.pick_unused_port()
     self.workdir, self.procs, self.logs = str(workdir), [], []
     counts = [devices] * processes if isinstance(devices, int) else devices
@@ -82,7 +83,7 @@ class Job:
               "hydra_jax",
               "train",
               "--config",
-              CONFIG,
+              config,
               *TINY,
               *multihost,
               *flags,
@@ -114,21 +115,21 @@ def wait_all(*jobs):
   return [job.wait() for job in jobs]
 
 
-def config():
+def config(objective="pgd_at"):
   """The config the jobs run, built the way the CLI builds it (to read their checkpoints back)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
 
   spec = importlib.util.spec_from_file_location("digits_demo", os.path.join(ROOT, "configs/digits_demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config("model=vgg_tiny,objective=pgd_at")
+  c = module.get_config(f"model=vgg_tiny,objective={objective}")
   c.stage, c.data.image_size = "pretrain", 8
   return c
 
 
-def final_variables(workdir):
+def final_variables(workdir, objective="pgd_at"):
   """The weights and BN statistics of the latest checkpoint in `workdir`."""
-  return export.load_run(workdir, config=config()).variables
+  return export.load_run(workdir, config=config(objective)).variables
 
 
 def metrics(workdir, split):
@@ -146,12 +147,12 @@ def assert_same_params(got, want):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Round 1: 1 x 4 uninterrupted, 1 x 4 and 2 x 2 stopped after 3 steps. Round 2: resume 2 x 2 in 2 x 2 and
+  """Round 1: 1 x 1 uninterrupted, 1 x 4 and 2 x 2 stopped after 3 steps. Round 2: resume 2 x 2 in 2 x 2 and
   1 x 4, and 1 x 4 in 2 x 2 with pmap (whose collectives must span both processes)."""
   base = tmp_path_factory.mktemp("multihost")
   cache = base / "cache"
   wait_all(
-    Job(base / "one", 1, 4, cache=cache),
+    Job(base / "one", 1, 1, cache=cache),  # one device: 2 x 2 must equal it (draws keyed by global position)
     Job(base / "one_stopped", 1, 4, "--config.stop_after_steps=3", cache=cache),
     Job(base / "two_stopped", 2, 2, "--config.stop_after_steps=3", cache=cache),
   )
@@ -171,7 +172,7 @@ def runs(tmp_path_factory):
   }
 
 
-def test_two_processes_train_evaluate_and_save_as_one_process_with_four_devices(runs):
+def test_two_processes_train_evaluate_and_save_as_one_process_with_one_device(runs):
   one, two = runs["dir"]["one"], runs["dir"]["two_then_two"]
   assert_same_params(final_variables(two), final_variables(one))
   # Evaluation counts are summed over both processes: the same accuracies as on one process, every epoch.
@@ -272,3 +273,35 @@ def test_two_processes_run_rigl_with_the_masks_of_one_process(tmp_path):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a) != 0, np.asarray(b) != 0)  # the same support in every layer
   assert checkpoints.read_meta(two.workdir)[1]["stage"] == "rigl"
+
+
+FREE = "configs/digits_demo.py:model=vgg_tiny,objective=free"
+FREE_FLAGS = ["--config.objective.replays=2"]
+
+
+@pytest.fixture(scope="module")
+def free_runs(tmp_path_factory):
+  """Free adversarial training (a per-example carry, split over devices): uninterrupted on 1 process x 1 device,
+  and on 2 x 2 with pmap stopped after 3 steps (mid-epoch: the carry is in the checkpoint), then resumed."""
+  base = tmp_path_factory.mktemp("free")
+  cache = base / "cache"
+  flags = [*FREE_FLAGS, "--config.parallel.mode=pmap"]
+  wait_all(
+    Job(base / "one", 1, 1, *FREE_FLAGS, config=FREE, cache=cache),
+    Job(base / "pmap", 2, 2, *flags, "--config.stop_after_steps=3", config=FREE, cache=cache),
+  )
+  assert checkpoints.read_meta(str(base / "pmap"))[0] == 3
+  Job(base / "pmap", 2, 2, *flags, config=FREE, cache=cache).wait()
+  return {name: str(base / name) for name in ("one", "pmap")}
+
+
+def test_free_adversarial_training_with_pmap_on_two_processes_resumes_to_the_one_device_result(free_runs):
+  assert_same_params(final_variables(free_runs["pmap"], "free"), final_variables(free_runs["one"], "free"))
+
+
+@pytest.mark.slow
+def test_free_adversarial_training_with_shard_map_on_two_processes_resumes_on_one(free_runs, tmp_path):
+  workdir, flags = tmp_path / "run", [*FREE_FLAGS, "--config.parallel.mode=shard_map"]
+  Job(workdir, 2, 2, *flags, "--config.stop_after_steps=3", config=FREE).wait()
+  Job(workdir, 1, 2, *flags, config=FREE).wait()
+  assert_same_params(final_variables(str(workdir), "free"), final_variables(free_runs["one"], "free"))

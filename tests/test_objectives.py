@@ -101,15 +101,24 @@ def test_benign_is_cross_entropy():
   np.testing.assert_allclose(metrics["accuracy"], np.mean(logits.argmax(-1) == np.asarray(batch["label"])))
 
 
+def _example_normal(key, x, fold=None):
+  """Example i's N(0, I) draw [*x.shape[1:]] from fold_in(key, i) (then fold_in(., fold)), stacked: what the
+  objectives draw from per-example keys. `key` must be threefry: rbg draws under vmap differ from a loop's."""
+  keys = [jax.random.fold_in(key, i) for i in range(len(x))]
+  keys = keys if fold is None else [jax.random.fold_in(k, fold) for k in keys]
+  return np.stack([np.asarray(jax.random.normal(k, x.shape[1:])) for k in keys])
+
+
 def test_trades_with_zero_steps_matches_numpy():
-  """steps=0: x_adv = clip(x + 0.001 N(0, I)), the start drawn from the first half of split(key)."""
+  """steps=0: x_adv = clip(x + 0.001 N(0, I)), example i's start drawn from fold_in(fold_in(key, i), 0) (its
+  position i in the global batch, then the first of `attacks.split`'s two per-example keys)."""
   _, apply_fn, variables, batch = _linear_setup()
   config = objectives.default_config("trades")
   config.steps = 0
-  key = helpers.key(3)
+  key = jax.random.key(3)  # threefry (see _example_normal)
   loss, (metrics, _) = objectives.trades_loss(apply_fn, variables, batch, key, config)
   x, y = np.asarray(batch["image"]), np.asarray(batch["label"])
-  noise = 0.001 * np.asarray(jax.random.normal(jax.random.split(key)[0], x.shape))
+  noise = 0.001 * _example_normal(key, x, fold=0)  # the first of attacks.split's per-example keys
   natural, adv = _np_linear_logits(variables, x), _np_linear_logits(variables, np.clip(x + noise, 0, 1))
   np.testing.assert_allclose(loss, _np_ce(natural, y) + 6.0 * _np_kl(natural, adv), rtol=1e-5)
   np.testing.assert_allclose(metrics["robust_loss"], _np_kl(natural, adv), atol=5e-8)  # float32 KL ~ 1e-7
@@ -139,10 +148,10 @@ def test_trades_loss_matches_numpy_at_the_attack_output():
   _, apply_fn, variables, batch = _linear_setup(seed=1)
   config = objectives.default_config("trades")
   config.update(eps=0.1, step_size=0.03, steps=3, beta=2.0)
-  key = helpers.key(4)
+  key = jax.random.key(4)  # threefry (see _example_normal)
   loss, (metrics, _) = objectives.trades_loss(apply_fn, variables, batch, key, config)
   x, y = np.asarray(batch["image"], np.float64), np.asarray(batch["label"])
-  noise = 0.001 * np.asarray(jax.random.normal(jax.random.split(key)[0], x.shape))  # start: first half of split(key)
+  noise = 0.001 * _example_normal(key, x, fold=0)  # the first of attacks.split's per-example keys
   x_adv = _np_trades_attack(variables, x, noise, eps=0.1, step_size=0.03, steps=3)
   assert np.abs(x_adv - x).max() > 0.09  # three steps of 0.03 reach the l_inf ball's surface
   natural, adv = _np_linear_logits(variables, x), _np_linear_logits(variables, x_adv)
@@ -157,10 +166,10 @@ def test_trades_updates_bn_stats_in_reference_order():
   _, apply_fn, variables, batch = _linear_setup(batch_norm=True)
   config = objectives.default_config("trades")
   config.update(eps=0.2, step_size=0.1, steps=2)
-  key = helpers.key(5)
+  key = jax.random.key(5)  # threefry (see _example_normal)
   _, (_, new_variables) = objectives.trades_loss(apply_fn, variables, batch, key, config)
   x = np.asarray(batch["image"], np.float64)
-  noise = 0.001 * np.asarray(jax.random.normal(jax.random.split(key)[0], x.shape))
+  noise = 0.001 * _example_normal(key, x, fold=0)  # the first of attacks.split's per-example keys
   x_adv = _np_trades_attack(variables, x, noise, eps=0.2, step_size=0.1, steps=2, scale=BN_EVAL_SCALE)
   mean, var = np.zeros(1), np.ones(1)
   for inputs in (x, x, x_adv, x):
@@ -208,10 +217,10 @@ def test_pgd_at_is_cross_entropy_at_pgd_examples_with_bn_on_adversarial_inputs()
 def test_smooth_matches_numpy():
   _, apply_fn, variables, batch = _linear_setup(seed=3)
   config = objectives.default_config("smooth")
-  key = helpers.key(8)
+  key = jax.random.key(8)  # threefry (see _example_normal)
   loss, (metrics, _) = objectives.smooth_loss(apply_fn, variables, batch, key, config)
   x, y = np.asarray(batch["image"]), np.asarray(batch["label"])
-  noisy = x + 0.25 * np.asarray(jax.random.normal(key, x.shape))
+  noisy = x + 0.25 * _example_normal(key, x)
   natural, other = _np_linear_logits(variables, x), _np_linear_logits(variables, noisy)
   np.testing.assert_allclose(loss, _np_ce(natural, y) + 6.0 * _np_kl(natural, other), rtol=1e-5)
   np.testing.assert_allclose(metrics["noisy_accuracy"], np.mean(other.argmax(-1) == y))
@@ -221,10 +230,10 @@ def test_smooth_imagenet_is_cross_entropy_on_the_noisy_input_only():
   _, apply_fn, variables, batch = _linear_setup(seed=6)
   config = objectives.default_config("smooth_imagenet")
   config.noise_std = 0.5
-  key = helpers.key(9)
+  key = jax.random.key(9)  # threefry (see _example_normal)
   loss, (metrics, _) = objectives.smooth_imagenet_loss(apply_fn, variables, batch, key, config)
   x, y = np.asarray(batch["image"]), np.asarray(batch["label"])
-  noisy = _np_linear_logits(variables, x + 0.5 * np.asarray(jax.random.normal(key, x.shape)))
+  noisy = _np_linear_logits(variables, x + 0.5 * _example_normal(key, x))
   np.testing.assert_allclose(loss, _np_ce(noisy, y), rtol=1e-5)
   assert abs(float(loss) - _np_ce(_np_linear_logits(variables, x), y)) > 1e-3  # the clean input plays no part
   np.testing.assert_allclose(metrics["accuracy"], np.mean(noisy.argmax(-1) == y))

@@ -2,6 +2,7 @@
 known Gaussian probabilities), abstention, one compilation across chunks, the hopeless-(n, alpha) warnings,
 certified accuracy by hand, the plot, and `hydra-jax certify` on a tiny trained run."""
 
+import functools
 import json
 import os
 import warnings
@@ -92,6 +93,31 @@ def test_counts_do_not_depend_on_batch_size():
   np.testing.assert_array_equal(counts[0], counts[1])
 
 
+def _recording(sizes):
+  """`constant`, appending the batch size of every forward pass it runs (at run time) to `sizes`."""
+
+  def f(x):
+    jax.debug.callback(functools.partial(sizes.append, x.shape[0]))
+    return constant(x)
+
+  return f
+
+
+def test_certify_forwards_min_of_batch_and_remaining_samples_as_cohen_et_al():
+  sizes = []
+  smoothing.certify(_recording(sizes), np.zeros(SHAPE), key=KEY, sigma=0.5, n0=100, n=2500, batch_size=1000)
+  assert sizes == [100, 1000, 1000, 500]  # selection: n0 = 100 in one pass; estimation: 1000 + 1000 + 500
+
+
+def test_certified_correct_forwards_min_of_batch_and_remaining_samples():
+  sizes = []
+  f = _recording(sizes)
+  x, y = np.zeros((2, *SHAPE), np.float32), jnp.array([1, 0])
+  settings = dict(sigma=0.5, n0=100, n=2500, alpha=0.001, batch_size=1000)
+  jax.jit(lambda x: smoothing.certified_correct(f, x, y, key=KEY, radii=(0.0,), **settings))(x)
+  assert sorted(sizes) == sorted([100, 1000, 1000, 500] * 2)  # per example, as `certify`
+
+
 def test_abstains_on_a_fifty_fifty_classifier():
   f, x = linear_case(0.0, seed=2)  # the input lies on the boundary: p = 1/2 exactly
   assert smoothing.certify(f, x, key=KEY, sigma=0.5, n0=100, n=10_000, batch_size=1000) == (smoothing.ABSTAIN, 0.0)
@@ -141,12 +167,12 @@ def test_certified_correct_decides_as_certify_on_each_example():
 # Compilation, warnings, bad input.
 
 
-def test_counting_compiles_once_per_shape_across_chunks_sigmas_and_sizes():
-  f = chex.assert_max_traces(lambda x: constant(x) + x.sum(axis=(1, 2, 3))[:, None], n=1)
+def test_counting_compiles_once_per_pass_size_across_chunks_sigmas_and_inputs():
+  f = chex.assert_max_traces(lambda x: constant(x) + x.sum(axis=(1, 2, 3))[:, None], n=3)
   x = np.zeros(SHAPE, np.float32)
-  smoothing.certify(f, x, key=KEY, sigma=0.25, n0=100, n=1000, batch_size=64)  # 2 + 16 chunks, last ones padded
-  smoothing.certify(f, x + 1, key=KEY, sigma=0.5, n0=30, n=333, batch_size=64)
-  smoothing.predict(f, x, key=KEY, sigma=1.0, n=77, alpha=0.01, batch_size=64)
+  smoothing.certify(f, x, key=KEY, sigma=0.25, n0=128, n=1000, batch_size=64)  # passes of 64 (2 + 15) and 40
+  smoothing.certify(f, x + 1, key=KEY, sigma=0.5, n0=64, n=360, batch_size=64)  # 64 (1 + 5) and 40
+  smoothing.predict(f, x, key=KEY, sigma=1.0, n=77, alpha=0.01, batch_size=64)  # 64 and 13: the third program
   with pytest.raises(AssertionError):  # a new input shape is a new program: the counter sees the second trace
     smoothing.certify(f, np.zeros((2, 2, 1)), key=KEY, sigma=0.25, n0=10, n=10, batch_size=64)
 
