@@ -9,6 +9,9 @@ initialisation so that HYDRA's reference checkpoints load one-to-one (see `hydra
 - `Conv2d(weight_grad="taps" | "auto")` computes its kernel gradient as one matmul per kernel offset (`conv2d`);
   values and gradients equal XLA's own to float rounding. The default, 'auto', does so on CPU for the convs
   where it was faster alone (`taps_are_faster`), and keeps XLA's own elsewhere and on GPU / TPU.
+- On CPU the input gradient of `Conv2d` / `conv2d` (groups 1) is an explicit NHWC x HWIO convolution
+  (`input_grad`), the layout XLA:CPU's fast kernels need: inside loop bodies (rolled attack loops, `lax.map`) XLA
+  does not rewrite the swapped-label form of autodiff's own, which then ran 3-4x slower.
 - `Conv2d` / `conv2d` run the batch in chunks of `batch_chunk` images, by default 32 on CPU (`AUTO_BATCH_CHUNK`),
   where XLA's convolutions are faster on chunks, and the whole batch on GPU / TPU. Per image the result is the
   same; the kernel gradient sums the chunks'.
@@ -123,10 +126,10 @@ def input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int], stride: 
   its in / out channels swapped, written as an NHWC x HWIO convolution.
 
   This is the convolution JAX's own transpose rule emits, but with the kernel transposed explicitly instead of by
-  swapped dimension labels (HWOI). XLA:CPU runs a convolution on its fast Eigen kernels only in the HWIO layout;
-  it rewrites other layouts into that one only in a program's top level, so inside a loop body (`lax.fori_loop`,
-  `lax.map`) the input gradient with swapped labels ran on a slow generic loop nest: a rolled attack loop took
-  3-4x its unrolled time (benchmarks/RESULTS.md, "Rolled loops"). The values are equal.
+  swapped dimension labels (HWOI). XLA:CPU's fast (Eigen) convolutions take the HWIO layout, and XLA rewrites
+  other layouts into it at a program's top level but, as observed in the optimized HLO, not inside a loop body
+  (`lax.fori_loop`, `lax.map`): there the swapped-label input gradient stayed as it was and a rolled attack loop
+  took 3-4x its unrolled time (benchmarks/RESULTS.md, "Rolled loops"). The values are equal.
 
   Args:
     g: (N, H', W', C_out) gradient of the loss with respect to the conv output.
