@@ -129,7 +129,7 @@ def input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int], stride: 
   swapped dimension labels (HWOI). XLA:CPU's fast (Eigen) convolutions take the HWIO layout, and XLA rewrites
   other layouts into it at a program's top level but, as observed in the optimized HLO, not inside a loop body
   (`lax.fori_loop`, `lax.map`): there the swapped-label input gradient stayed as it was and a rolled attack loop
-  took 3-4x its unrolled time (benchmarks/RESULTS.md, "Rolled loops"). The values are equal.
+  took 3-4x its unrolled time (benchmarks/RESULTS.md, "Evaluation speed"). The values are equal.
 
   Args:
     g: (N, H', W', C_out) gradient of the loss with respect to the conv output.
