@@ -45,6 +45,10 @@ Workloads (`--workloads`, comma-separated; default all):
             reference's crown/bound_layers.py re-stated in `benchmarks/torch_bounds.py`.
   smoothing randomized-smoothing noise samples per second of one example (--batch per chunk), first of
             --models at k: `smoothing.sample_counts` vs Cohen et al.'s `_sample_noise` (torch_hydra.py).
+  input     ImageNet training input of --input-images synthetic 500x375 JPEGs, one process (one core's worth):
+            hydra_jax's (Pillow decode, `data.inception_crop_box`, flip, `data.resize` in float32) against
+            torchvision's recipe in Pillow (decode, the same crop box, `Image.resize(box=...)` on uint8, flip,
+            then to float32); batch = images per call, images/s per side.
 
 The hydra_jax train step is `train.train_step`'s computation on one device, written here from the public
 pieces (masking.apply_masks once per step, objectives' TRADES, one backward pass, optax SGD with momentum 0.9
@@ -66,6 +70,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -78,11 +83,14 @@ import numpy as np
 import optax
 import psutil
 import torch
+from PIL import Image
 
 from benchmarks import torch_bounds
 from benchmarks import torch_hydra
 from hydra_jax import attacks
 from hydra_jax import bounds
+from hydra_jax import data
+from hydra_jax import data_formats
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
@@ -116,8 +124,10 @@ TINY = [
   "256",
   "--bounds-model",
   "cnn_tiny",
+  "--input-images",
+  "4",
 ]
-WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "memory", "bounds", "smoothing")
+WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "memory", "bounds", "smoothing", "input")
 COLUMNS = (
   ("workload", "{}"),
   ("model", "{}"),
@@ -708,6 +718,45 @@ def smoothing_rows(args):
   return [row]
 
 
+def _synthetic_jpegs(folder: str, count: int) -> list[str]:
+  """`count` smooth random 500x375 RGB JPEGs (quality 90, ImageNet's typical size) written under `folder`."""
+  rng, paths = np.random.default_rng(0), []
+  for i in range(count):
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+    noisy = np.asarray(coarse, np.int16) + rng.integers(-12, 13, (375, 500, 3))
+    paths.append(os.path.join(folder, f"{i}.jpg"))
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(paths[-1], quality=90)
+  return paths
+
+
+def input_rows(args):
+  """ImageNet training input (decode, random resized crop to 224, flip), hydra_jax vs torchvision's Pillow recipe."""
+  size, count = 224, args.input_images
+  rng = np.random.default_rng(1)
+  uniforms, flips = rng.random((count, 10, 4)), rng.random(count) < 0.5
+  with tempfile.TemporaryDirectory() as folder:
+    source = data_formats.ImageFolderSource(tuple(_synthetic_jpegs(folder, count)), np.zeros(count, np.int32), ("c",))
+
+    def ours():
+      for image, u, flip in ((source[i]["image"], uniforms[i], flips[i]) for i in range(count)):
+        top, left, h, w = data.inception_crop_box(image.shape[0], image.shape[1], u)
+        crop = image[top : top + h, left : left + w]
+        data.resize(np.divide(crop[:, ::-1] if flip else crop, np.float32(255), dtype=np.float32), size, size)
+
+    def torchvision_recipe():
+      for path, u, flip in zip(source.paths, uniforms, flips):
+        with Image.open(path) as image:
+          image = image.convert("RGB")
+          top, left, h, w = data.inception_crop_box(image.height, image.width, u)
+          out = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+          out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+          np.divide(np.asarray(out), np.float32(255), dtype=np.float32)
+
+    timing = interleaved({"jax": ours, "torch": torchvision_recipe}, args.repeats)
+  note = "ImageNet train input 500x375 JPEG -> 224; torch = torchvision's Pillow recipe (uint8 resize)"
+  return [_row("input", "imagenet_rrc", count, timing, note=note)]
+
+
 RUNNERS = {
   "prune": prune_rows,
   "finetune": finetune_rows,
@@ -719,6 +768,7 @@ RUNNERS = {
   "memory": memory_rows,
   "bounds": bounds_rows,
   "smoothing": smoothing_rows,
+  "input": input_rows,
 }
 
 
@@ -767,6 +817,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--widths", type=csv(int), default=[2, 4, 10])
   parser.add_argument("--ks", type=csv(float), default=[0.1, 0.05, 0.01])
   parser.add_argument("--matmul-size", type=int, default=2048, help="side of the roofline matmul")
+  parser.add_argument("--input-images", type=int, default=64, help="JPEGs per call of the input workload")
   parser.add_argument("--bounds-model", default="cnn_large", help="the bounds workload's model (a basic CNN)")
   parser.add_argument(
     "--compare-xla-conv",

@@ -40,12 +40,15 @@ LogitsFn = Callable[[Array], Array]
 # A per-example loss: (logits [B, K], target) -> [B]. `target` is labels [B] or any pytree the loss reads.
 LossFn = Callable[[Array, Any], Array]
 
-# Chosen by measurement (`python -m benchmarks.bench_attacks`, 2-core CPU): PGD-10 as straight-line code
-# runs 3.8x (small CNN, batch 64: 0.11 s vs 0.42 s) and 6.6x (narrow ResNet-18, batch 16: 0.51 s vs 3.4 s)
-# faster than as a rolled while loop, at about the same compile time (3-8 s). Unrolling costs compile time
-# growing with the number of steps (x restarts): pass unroll=False for long evaluation attacks. `apgd`
-# defaults to a rolled loop: for APGD-100 on the small CNN unrolling gave 116 s of compilation against
-# 6 s for a run-time gain of 1.14x (6.7 s vs 7.6 s).
+# Chosen by measurement (`python -m benchmarks.bench_attacks`, 2-core CPU, flax's nn.Conv models): PGD-10 as
+# straight-line code ran 3.8x (small CNN, batch 64) and 6.6x (narrow ResNet-18, batch 16) faster than as a
+# rolled while loop. The cause is XLA:CPU: it moves a convolution onto its fast (Eigen) kernels only in the HWIO
+# kernel layout and rewrites other layouts into it only at a program's top level, and autodiff's input gradient
+# of a convolution has swapped kernel labels. hydra_jax's `layers.conv2d` writes that gradient in the HWIO layout
+# (`layers.input_grad`), so for the zoo's models rolled loops run at the unrolled rate (ResNet-18, batch 32:
+# PGD-3 rolled 1.42 s, unrolled 1.52 s; before: 6.66 vs 1.96 s) with the same results; `apgd`, `apgd_targeted`
+# and evaluation's PGD (`evaluate`) use rolled loops, whose compile time does not grow with the steps. Training
+# attacks (TRADES-10, PGD-10) keep this default, as measured for models built from flax's own layers.
 DEFAULT_UNROLL = True
 NORMS = ("linf", "l2")
 # Examples per chunk when `in_chunks` is given chunk_size=0 ("auto"), per backend; absent: the whole batch.
@@ -262,6 +265,8 @@ def in_chunks(logits_fn: LogitsFn, chunk_size: int) -> LogitsFn:
   gradients, which autodiff also splits by chunk, are those of `logits_fn` on the whole batch up to float
   rounding. On CPU, XLA's convolutions run faster on chunks of 16-32 images than on a batch of 128 (see
   `AUTO_CHUNK_SIZE`). chunk_size=0 picks `auto_chunk_size`; a chunk as large as the batch changes nothing.
+  The whole chunks run as one `lax.map` (one copy of the model in the program, so compile time does not grow
+  with the number of chunks), a smaller last chunk as one more call.
 
   Args:
     logits_fn: [B, ...] -> [B, K], per example.
@@ -275,7 +280,11 @@ def in_chunks(logits_fn: LogitsFn, chunk_size: int) -> LogitsFn:
   def chunked(x: Array) -> Array:
     if not size or size >= x.shape[0]:
       return logits_fn(x)
-    return jnp.concatenate([logits_fn(x[start : start + size]) for start in range(0, x.shape[0], size)])
+    whole = x.shape[0] // size * size
+    chunks = x[:whole].reshape((whole // size, size) + x.shape[1:])
+    logits = lax.map(logits_fn, chunks)
+    logits = logits.reshape((whole,) + logits.shape[2:])
+    return logits if whole == x.shape[0] else jnp.concatenate([logits, logits_fn(x[whole:])])
 
   return chunked
 
@@ -659,8 +668,8 @@ def apgd(
     loss: 'ce', 'dlr' (needs >= 3 classes) or a per-example loss `(logits, y) -> [B]`.
     restarts: independent random starts.
     rho: fraction of loss increases below which a window counts as oscillating.
-    unroll: straight-line steps (True; ~2 minutes of compilation for 100 steps on CPU, see
-      `DEFAULT_UNROLL`) or a rolled loop (default).
+    unroll: straight-line steps (True; ~2 minutes of compilation for 100 steps on CPU) or a rolled loop
+      (default; as fast per step for the zoo's models, see `DEFAULT_UNROLL`).
 
   Returns:
     x_adv [B, H, W, C] inside the eps-ball and the [0, 1] box, gradient-stopped.

@@ -114,11 +114,14 @@ _PGD_KEYS = ("eps", "step_size", "steps", "restarts")
 register_method(
   "pgd_linf",
   attacks.pgd,
-  dict(norm="linf", eps=8 / 255, step_size=2 / 255, steps=20, restarts=1),
+  dict(norm="linf", eps=8 / 255, step_size=2 / 255, steps=20, restarts=1, unroll=False),
   config_keys=_PGD_KEYS,
 )
 register_method(
-  "pgd_l2", attacks.pgd, dict(norm="l2", eps=0.5, step_size=0.125, steps=20, restarts=1), config_keys=_PGD_KEYS
+  "pgd_l2",
+  attacks.pgd,
+  dict(norm="l2", eps=0.5, step_size=0.125, steps=20, restarts=1, unroll=False),
+  config_keys=_PGD_KEYS,
 )
 register_method("apgd_ce", attacks.apgd, dict(norm="linf", eps=8 / 255, steps=100, loss="ce", restarts=1))
 register_method("apgd_dlr", attacks.apgd, dict(norm="linf", eps=8 / 255, steps=100, loss="dlr", restarts=1))

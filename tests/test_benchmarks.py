@@ -135,3 +135,12 @@ def test_memory_workload_measures_each_side_in_its_own_process():
   for side in ("jax", "torch"):
     assert row[f"{side}_peak_mb"] >= 0 and row[f"{side}_base_mb"] > 0
     assert row[f"{side}_peak_rss_mb"] == pytest.approx(row[f"{side}_base_mb"] + row[f"{side}_peak_mb"])
+
+
+def test_input_workload_times_both_recipes_on_the_same_jpegs():
+  row = bench_vs_torch.main(["--tiny", "--workloads", "input"])["rows"][0]
+  assert (row["workload"], row["model"], row["batch"]) == ("input", "imagenet_rrc", 4)
+  assert row["jax_s"] > 0 and row["torch_s"] > 0
+  assert row["jax_img_s"] == pytest.approx(4 / row["jax_s"]) and row["speedup"] == pytest.approx(
+    row["torch_s"] / row["jax_s"]
+  )

@@ -1,6 +1,7 @@
 """The per-tap matmul kernel gradient of `layers.conv2d` equals XLA's convolution in values and gradients."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +155,21 @@ def test_batch_chunk_is_32_on_cpu_and_the_whole_batch_elsewhere(monkeypatch):
   assert calls == [32, 32, 6, 70]
   with pytest.raises(ValueError, match="batch_chunk must be >= 0"):
     layers.conv2d(x, w, batch_chunk=-1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_input_grad_equals_xla_input_gradient(shape):
+  x, w, g, stride, padding = _inputs(shape, seed=4)
+  _, their_vjp = jax.vjp(lambda x: reference_conv(x, w, stride, padding), x)
+  np.testing.assert_allclose(layers.input_grad(g, w, x.shape, stride, padding), their_vjp(g)[0], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_grad", ["xla", "taps"])
+def test_input_gradient_in_a_loop_body_is_an_hwio_convolution(weight_grad):
+  """XLA:CPU runs only NHWC x HWIO convolutions on its fast kernels and rewrites other layouts only at a program's
+  top level: conv2d's input gradient inside a rolled loop must already be HWIO (dim_labels ..._01io->...)."""
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+  grad = jax.grad(lambda z: jnp.sum(jnp.square(layers.conv2d(z, w, 2, 1, weight_grad=weight_grad))))
+  loop = jax.jit(lambda z: lax.fori_loop(0, 2, lambda i, z: z - 1e-3 * grad(z), z, unroll=False))
+  labels = re.findall(r"dim_labels=([\w]+_[\w]+->[\w]+)", loop.lower(x).compile().as_text())
+  assert len(labels) == 2 and all(label.split("_")[1].startswith("01io") for label in labels), labels

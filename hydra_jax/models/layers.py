@@ -9,6 +9,9 @@ initialisation so that HYDRA's reference checkpoints load one-to-one (see `hydra
 - `Conv2d(weight_grad="taps" | "auto")` computes its kernel gradient as one matmul per kernel offset (`conv2d`);
   values and gradients equal XLA's own to float rounding. The default, 'auto', does so on CPU for the convs
   where it was faster alone (`taps_are_faster`), and keeps XLA's own elsewhere and on GPU / TPU.
+- On CPU the input gradient of `Conv2d` / `conv2d` (groups 1) is an explicit NHWC x HWIO convolution
+  (`input_grad`), the layout XLA:CPU's fast kernels need: inside loop bodies (rolled attack loops, `lax.map`) XLA
+  does not rewrite the swapped-label form of autodiff's own, which then ran 3-4x slower.
 - `Conv2d` / `conv2d` run the batch in chunks of `batch_chunk` images, by default 32 on CPU (`AUTO_BATCH_CHUNK`),
   where XLA's convolutions are faster on chunks, and the whole batch on GPU / TPU. Per image the result is the
   same; the kernel gradient sums the chunks'.
@@ -118,23 +121,68 @@ def taps_weight_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], st
   return jnp.stack(taps).reshape(kernel_shape)
 
 
+def input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int], stride: int, padding: int) -> jax.Array:
+  """dL/dx of y = xla_conv(x, W) (groups 1): g, dilated by the stride, convolved with W flipped in space and with
+  its in / out channels swapped, written as an NHWC x HWIO convolution.
+
+  This is the convolution JAX's own transpose rule emits, but with the kernel transposed explicitly instead of by
+  swapped dimension labels (HWOI). XLA:CPU's fast (Eigen) convolutions take the HWIO layout, and XLA rewrites
+  other layouts into it at a program's top level but, as observed in the optimized HLO, not inside a loop body
+  (`lax.fori_loop`, `lax.map`): there the swapped-label input gradient stayed as it was and a rolled attack loop
+  took 3-4x its unrolled time (benchmarks/RESULTS.md, "Evaluation speed"). The values are equal.
+
+  Args:
+    g: (N, H', W', C_out) gradient of the loss with respect to the conv output.
+    kernel: (kh, kw, C_in, C_out).
+    x_shape: (N, H, W, C_in), the input's shape.
+    stride: square stride.
+    padding: zero padding on every spatial side.
+
+  Returns:
+    (N, H, W, C_in), the gradient with respect to the input.
+  """
+  pads = []
+  for size, out_size, k in zip(x_shape[1:3], g.shape[1:3], kernel.shape[:2]):
+    before = k - 1 - padding
+    pads.append((before, size + k - 1 - ((out_size - 1) * stride + 1) - before))
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  return lax.conv_general_dilated(
+    g, flipped, (1, 1), pads, lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def taps_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-  """`xla_conv` (groups 1) whose kernel gradient is `taps_weight_grad`; the input gradient stays XLA's."""
+  """`xla_conv` (groups 1) whose kernel gradient is `taps_weight_grad` and input gradient `input_grad`."""
   return xla_conv(x, kernel, stride, padding)
 
 
-def _taps_conv_fwd(x, kernel, stride, padding):
+def _conv_fwd(x, kernel, stride, padding):
   return xla_conv(x, kernel, stride, padding), (x, kernel)
 
 
 def _taps_conv_bwd(stride, padding, residuals, g):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: xla_conv(x, kernel, stride, padding), x)
-  return input_vjp(g)[0], taps_weight_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
+  dx = input_grad(g, kernel, x.shape, stride, padding)
+  return dx, taps_weight_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
 
 
-taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
+taps_conv.defvjp(_conv_fwd, _taps_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def hwio_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """`xla_conv` (groups 1) whose input gradient is `input_grad`; the kernel gradient stays XLA's."""
+  return xla_conv(x, kernel, stride, padding)
+
+
+def _hwio_conv_bwd(stride, padding, residuals, g):
+  x, kernel = residuals
+  _, kernel_vjp = jax.vjp(lambda kernel: xla_conv(x, kernel, stride, padding), kernel)
+  return input_grad(g, kernel, x.shape, stride, padding), kernel_vjp(g)[0]
+
+
+hwio_conv.defvjp(_conv_fwd, _hwio_conv_bwd)
 
 
 def taps_are_faster(x_shape: Sequence[int], kernel_shape: Sequence[int], stride: int, groups: int) -> bool:
@@ -190,6 +238,8 @@ def conv2d(
     if groups != 1:
       raise ValueError("weight_grad='taps' needs groups=1")
     conv = lambda images: taps_conv(images, kernel, stride, padding)
+  elif groups == 1 and jax.default_backend() == "cpu":
+    conv = lambda images: hwio_conv(images, kernel, stride, padding)
   else:
     conv = lambda images: xla_conv(images, kernel, stride, padding, groups)
   size = batch_chunk or AUTO_BATCH_CHUNK.get(jax.default_backend(), 0)
