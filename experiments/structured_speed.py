@@ -7,7 +7,8 @@ Run (after `hydra-jax train --config configs/digits_demo.py --config.mask.granul
   PYTHONPATH=. python experiments/structured_speed.py --workdir runs/channel_demo --ks 0.5,0.25
 
 Prints, per method and k: parameters, XLA GFLOPs and median jitted eval-mode latency at `--batch` for the
-full (masked) and the compact network (`export.load_run(..., compact=True)`), and the max |logit difference| between them.
+full (masked) and the compact network (`export.load_run(..., compact=True)`), and the max |logit difference|
+between them.
 """
 
 import argparse
@@ -60,13 +61,14 @@ def main(argv=None):
       workdir = os.path.join(args.workdir, f"k{k:g}", sub)
       full = export.load_run(workdir, config=config).variables
       small = export.load_run(workdir, config=config, compact=True)
+      params = f"{num_params({'params': full['params']}):>6d}/{num_params(small.variables):<6d}"
       full_s, full_flops, _ = compiled_stats(functools.partial(_logits, model), full, x, args.repeats)
       small_s, small_flops, _ = compiled_stats(
-        functools.partial(_logits, small.model), small.variables, x, args.repeats
+        functools.partial(_logits, small.module), small.variables, x, args.repeats
       )
       diff = float(np.max(np.abs(np.asarray(small(x[:8])) - np.asarray(model.apply(full, x[:8], train=False)))))
       print(
-        f"{method:<7} {k:>5.2f} {num_params({'params': full['params']}):>6d}/{num_params(small.variables):<6d} {full_flops / 1e9:>6.3f}/"
+        f"{method:<7} {k:>5.2f} {params} {full_flops / 1e9:>6.3f}/"
         f"{small_flops / 1e9:<6.3f} {1e3 * full_s:>8.2f} {1e3 * small_s:>10.2f} {full_s / small_s:>7.2f} {diff:>10.1e}"
       )
 
