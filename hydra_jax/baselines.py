@@ -107,6 +107,13 @@ def magnitude_scores(params: PyTree) -> PyTree:
   return _at_prunable(jnp.abs, params)
 
 
+def channel_magnitude_scores(params: PyTree, groups: masking.ChannelGroups) -> PyTree:
+  """||w_c||_1 of each output channel of each scored kernel: the channel LWM (Li et al. 2017, L1-norm filter
+  pruning). A group of tied channels ranks its units by the sum of their members' norms (`masking.channel_masks`).
+  """
+  return masking.init_channel_scores(params, "l1_norm", jax.random.key(0), groups)  # 'l1_norm' draws nothing
+
+
 def mean_gradient(grad_fn: GradFn, params: PyTree, batches: Iterable[Any], key: jax.Array) -> PyTree:
   """(1/n) sum_i grad_fn(params, batch_i, key_i) over the n `batches`, key_i = fold_in(key, i).
 

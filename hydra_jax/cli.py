@@ -8,6 +8,7 @@ with the run (`--workdir` alone).
                    --config.source=runs/pretrain --workdir runs/prune
   hydra-jax eval   --workdir runs/finetune --methods=pgd_linf,apgd_ce,apgd_dlr,apgd_t --per_example=examples.csv
   hydra-jax export --config configs/adversarial.py:model=wrn_28_4 --workdir runs/finetune --out model.npz
+  hydra-jax export --workdir runs/channels/k0.5/finetune --compact --out small.npz   # a mask.granularity=channel run
   hydra-jax certify --config configs/adversarial.py:model=wrn_28_4,objective=smooth --workdir runs/smooth \
                    --sigma=0.25 --n=100000 --skip=20 --out=runs/smooth/certify
 
@@ -62,6 +63,12 @@ _OUT = flags.DEFINE_string(
   "export: output file (.npz for numpy, .pth for a PyTorch state dict); "
   "certify: output directory (default WORKDIR/certify_sigma<SIGMA>).",
 )
+_COMPACT = flags.DEFINE_bool(
+  "compact",
+  False,
+  "Use the compact network of a mask.granularity=channel run (only its kept channels): export writes it as "
+  ".npz with its channel plan, eval evaluates it.",
+)
 _DENSE = flags.DEFINE_bool("dense", True, "Masked dense weights (zeros) instead of weights + scores.")
 _SIGMA = flags.DEFINE_float("sigma", 0.25, "Smoothing noise std (pixels in [0, 1]).")
 _N0 = flags.DEFINE_integer("n0", 100, "Monte Carlo samples to select the class.")
@@ -85,7 +92,13 @@ _COMMAND_HELP = {
   "eval": (
     "Evaluates the run's latest checkpoint as its training evaluation does (same test split, key and threat "
     "model), with any methods, and prints the accuracies and every method's settings as JSON.",
-    {"config": _RUN_CONFIG_HELP, "workdir": "Run directory to read.", "methods": None, "per_example": None},
+    {
+      "config": _RUN_CONFIG_HELP,
+      "workdir": "Run directory to read.",
+      "methods": None,
+      "per_example": None,
+      "compact": None,
+    },
   ),
   "export": (
     "Writes the run's latest model: masked dense weights as .npz, or a reference-layout PyTorch state dict "
@@ -95,6 +108,7 @@ _COMMAND_HELP = {
       "workdir": "Run directory to read.",
       "out": "Output file: .npz (numpy) or .pth (PyTorch state dict).",
       "dense": None,
+      "compact": None,
     },
   ),
   "certify": (
@@ -160,7 +174,9 @@ def _run(command: str) -> None:
     else:
       print(json.dumps(result, indent=2))
   elif command == "eval":
-    results = export.evaluate_checkpoint(config, workdir, methods=_METHODS.value, per_example=_PER_EXAMPLE.value)
+    results = export.evaluate_checkpoint(
+      config, workdir, methods=_METHODS.value, per_example=_PER_EXAMPLE.value, compact=_COMPACT.value
+    )
     print(json.dumps(results, indent=2))
   elif command == "certify":
     out_dir = _OUT.value or os.path.join(workdir, f"certify_sigma{_SIGMA.value}")
@@ -181,7 +197,10 @@ def _run(command: str) -> None:
   else:
     if not _OUT.value:
       raise app.UsageError("export needs --out FILE (.npz or .pth)")
-    print(export.export_checkpoint(config, workdir, _OUT.value, dense=_DENSE.value))
+    if _COMPACT.value:
+      print(export.export_compact(config, workdir, _OUT.value))
+    else:
+      print(export.export_checkpoint(config, workdir, _OUT.value, dense=_DENSE.value))
 
 
 def _loaded_config() -> ml_collections.ConfigDict | None:

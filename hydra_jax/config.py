@@ -77,7 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     }
   )
   c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
-  c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0})
+  # granularity: 'weight' (HYDRA: one score per weight) | 'channel' (structured: one score per output channel,
+  # k = fraction of channels kept per group of tied channels; docs/structured.md).
+  c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0, "granularity": "weight"})
 
   # width: channel-width multiplier (models.get_model; 1 = the registered network, others only for the ResNet,
   # WRN, MobileNetV2 and GoogLeNet families).
@@ -265,8 +267,8 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     "optimizer.schedule": optim.schedule_names(),
     "parallel.mode": ("auto", *parallel.MODES),
     "eval.norm": attacks.NORMS,
-    "stages.prune.score_init": (*masking.SCORE_INITS, "source"),
-    "stages.finetune.score_init": (*masking.SCORE_INITS, "source"),
+    "stages.prune.score_init": (*_score_inits(config), "source"),
+    "stages.finetune.score_init": (*_score_inits(config), "source"),
     "data.format": ("auto", *data_formats.FORMATS),
     "baseline.rigl_distribution": baselines.RIGL_DISTRIBUTIONS,
   }
@@ -288,6 +290,33 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f"config.{key}: {error}") from None
 
 
+def _score_inits(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  if config.mask.get("granularity") == "channel":
+    return tuple(masking.CHANNEL_SCORE_INITS)
+  return tuple(masking.SCORE_INITS)
+
+
+def _check_channel_granularity(config: ml_collections.ConfigDict) -> None:
+  """A known config.mask.granularity (absent: 'weight'), and what 'channel' does not support: a global scope,
+  the weight-only baselines and stages."""
+  granularity = config.mask.get("granularity", "weight")
+  if granularity not in masking.GRANULARITIES:
+    raise errors.ConfigError(
+      f"config.mask.granularity={granularity!r} is invalid; valid: {', '.join(masking.GRANULARITIES)}"
+    )
+  if granularity != "channel":
+    return
+  if config.mask.scope != "layer":
+    raise errors.ConfigError("config.mask.scope='global' needs mask.granularity='weight'; channels rank per group")
+  if config.stage in ("str", "admm", "rigl"):
+    raise errors.ConfigError(f"stage '{config.stage}' prunes weights; set --config.mask.granularity=weight")
+  others = [name for name in config.baselines if name != "lwm"]
+  if config.stage == "all" and others:
+    raise errors.ConfigError(
+      f"config.baselines {others} have no channel version; with mask.granularity='channel' use --config.baselines=lwm"
+    )
+
+
 def check_eval_methods(config: ml_collections.ConfigDict, methods: Sequence[str]) -> None:
   """Raises ConfigError naming an unknown evaluation method of `methods` or an invalid `config.eval.smooth`
   setting (when 'smooth' is among them), before anything is trained or evaluated."""
@@ -302,6 +331,7 @@ def check_eval_methods(config: ml_collections.ConfigDict, methods: Sequence[str]
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value is invalid."""
+  _check_channel_granularity(config)
   _check_choices(config)
   check_eval_methods(config, config.eval.methods)
   for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():

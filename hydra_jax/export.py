@@ -7,10 +7,15 @@ weight files.
   export.evaluate_checkpoint(config, 'runs/k0.01/finetune', methods=['pgd_linf', 'apgd_ce', 'apgd_dlr'])
   export.export_checkpoint(config, 'runs/k0.01/finetune', 'wrn.pth')   # reference-layout PyTorch state dict
   export.certify_checkpoint(config, 'runs/smooth', 'runs/smooth/certify', sigma=0.25)  # randomized smoothing
+  small = export.load_run('runs/k0.5/finetune', compact=True)     # channel runs: the physically smaller network
+  export.export_compact(config, 'runs/k0.5/finetune', 'small.npz'); small = export.read_compact('small.npz')
 
 Exported weights are dense arrays with the pruned entries exactly 0 (`masking.export_dense`). Masking does not
 make inference faster by itself: a dense kernel full of zeros costs what it did. `sparse_size` reports what a
-compressed (BCOO) copy of the kept weights would occupy.
+compressed (BCOO) copy of the kept weights would occupy. A run pruned with `mask.granularity='channel'` has a
+compact form (`compact=True`): every layer with only its kept channels (`channels.compact_variables`), built by
+the zoo from its channel plan; its logits equal the masked network's (eval mode) and it runs faster
+(benchmarks/bench_compact.py, docs/structured.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from jax.experimental import sparse
 from tqdm import tqdm
 
 from hydra_jax import PyTree
+from hydra_jax import channels
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import convert
@@ -66,6 +72,8 @@ class RunModel:
     step: the checkpoint's step.
     module: the Flax module; `models.make_apply_fn(module)` with `variables` is the model in the library's
       call convention (`apply_fn`).
+    channel_plan: for a compact network (`load_run(..., compact=True)`, `read_compact`), {conv / dense module
+      path: kept output channels}, and `module` is `models.get_model(..., channel_plan=channel_plan)`; else None.
   """
 
   variables: dict[str, PyTree]
@@ -75,7 +83,8 @@ class RunModel:
   meta: dict[str, Any]
   config: ml_collections.ConfigDict
   step: int
-  module: nn.Module
+  module: nn.Module | models.PlannedModel
+  channel_plan: dict[str, int] | None = None
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Logits [N, classes] of float images [N, H, W, C] in [0, 1]."""
@@ -122,7 +131,11 @@ CHECKPOINTS = ("latest", "best")
 
 
 def load_run(
-  workdir: str, checkpoint: str | int = "latest", *, config: ml_collections.ConfigDict | None = None
+  workdir: str,
+  checkpoint: str | int = "latest",
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  compact: bool = False,
 ) -> RunModel:
   """The model of the run in `workdir` at `checkpoint`: a callable `RunModel` with its variables and config.
 
@@ -131,17 +144,92 @@ def load_run(
     checkpoint: 'latest', 'best' (the highest robust accuracy, `best/`) or a step number.
     config: the config to build the model and data for (e.g. with another data_dir); default: the resolved
       config stored with the checkpoint.
+    compact: for a mask.granularity='channel' run: the compact network (only the kept channels of every layer,
+      `channels.compact_variables`); its logits equal the masked network's, and `trained_params` are its
+      params and `scores` None.
 
   Raises:
     CheckpointError: no run or no such checkpoint in `workdir`, or one of another model than `config`'s.
+    ConfigError: compact=True for a run that is not channel-pruned.
   """
   directory, step, meta = _checkpoint_meta(workdir, checkpoint)
   config = _stored_config(meta) if config is None else config
   source_config = config_lib.stage_config(config, config.stage, source=directory)
   params, batch_stats, scores = sources.load_source(source_config, step=step)
-  weights = sources.exported_params(params, scores, meta["k"], meta["config"]["mask"])
+  groups = sources.mask_groups(config, _granularity(meta))
+  weights = sources.exported_params(params, scores, meta["k"], meta["config"]["mask"], groups)
   variables = sources.model_variables(weights, batch_stats)
-  return RunModel(variables, params, scores, meta["k"], meta, config, step, sources.build_model(config))
+  run = RunModel(variables, params, scores, meta["k"], meta, config, step, sources.build_model(config))
+  return _compact(run, workdir) if compact else run
+
+
+def _granularity(meta: Mapping[str, Any]) -> str:
+  return meta["config"]["mask"].get("granularity", "weight")
+
+
+_channel_masks_jit = jax.jit(masking.channel_masks, static_argnames=("k", "groups"))
+
+
+def _compact(run: RunModel, workdir: str) -> RunModel:
+  """`run` with its pruned channels removed from every tensor (`channels.compact_variables`)."""
+  if run.scores is None or _granularity(run.meta) != "channel":
+    raise errors.ConfigError(
+      f"{workdir} is not a channel-pruned run (stage {run.meta.get('stage')!r}); a compact network needs a "
+      "prune / finetune run trained with --config.mask.granularity=channel"
+    )
+  wiring = sources.channel_wiring(run.config)
+  masks = _channel_masks_jit(run.trained_params, run.scores, k=run.k, groups=wiring.groups)
+  variables, plan = channels.compact_variables(wiring, run.variables, channels.pruned_units(wiring, masks))
+  return _compact_model(jax.tree.map(jnp.asarray, variables), plan, run.meta, run.config, run.step)
+
+
+def _compact_model(variables, plan, meta, config, step) -> RunModel:
+  module = models.get_model(
+    config.model.name, config_lib.num_classes(config), width=config.model.width, channel_plan=plan
+  )
+  return RunModel(variables, variables["params"], None, meta["k"], meta, config, step, module, plan)
+
+
+_PLAN_KEY = "__channel_plan__"
+
+
+def export_compact(config: ml_collections.ConfigDict, workdir: str, out: str) -> str:
+  """Writes the compact network of a channel run (`load_run(..., compact=True)`) to `out` and describes it.
+
+  `.npz`: the '/'-joined variable paths of the compact network, and under '__channel_plan__' a JSON object with
+  the channel plan, the checkpoint's meta (its config, k, stage) and step: `read_compact(out)` rebuilds it.
+  """
+  if not out.endswith(".npz"):
+    raise errors.ConfigError(f"compact export file '{out}' must end in .npz")
+  full = load_run(workdir, config=config)
+  small = _compact(full, workdir)
+  flat = {masking.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(small.variables)[0]}
+  info = {"plan": small.channel_plan, "meta": small.meta, "step": small.step, "config": config.to_dict()}
+  np.savez(out, **flat, **{_PLAN_KEY: np.array(json.dumps(info, default=str))})
+  count = lambda run: sum(int(np.size(w)) for w in jax.tree.leaves(run.variables["params"]))
+  return (
+    f"wrote {out}: compact {config.model.name} with {count(small):,} of {count(full):,} parameters "
+    f"({100 * count(small) / count(full):.2f}%), k={small.k:g} of the channels of every group"
+  )
+
+
+def read_compact(path: str) -> RunModel:
+  """The compact network written by `export_compact`, with its config (no run directory needed)."""
+  with np.load(path) as archive:
+    if _PLAN_KEY not in archive:
+      raise errors.ConfigError(f"{path} is not a compact export (no channel plan); write one with export --compact")
+    info = json.loads(str(archive[_PLAN_KEY]))
+    variables: dict[str, Any] = {}
+    for name in archive.files:
+      if name != _PLAN_KEY:
+        *parents, leaf = name.split("/")
+        node = variables
+        for parent in parents:
+          node = node.setdefault(parent, {})
+        node[leaf] = jnp.asarray(archive[name])
+  config = ml_collections.ConfigDict(info["config"])
+  config.lock()
+  return _compact_model(variables, info["plan"], info["meta"], config, info["step"])
 
 
 def _checkpoint_meta(workdir: str, checkpoint: str | int) -> tuple[str, int, dict[str, Any]]:
@@ -188,6 +276,7 @@ def evaluate_checkpoint(
   best: bool = False,
   progress: bool = True,
   per_example: str | None = None,
+  compact: bool = False,
 ) -> dict[str, Any]:
   """`evaluate.evaluate` of a finished run, exactly as the run's own evaluation but with any methods.
 
@@ -200,6 +289,8 @@ def evaluate_checkpoint(
     best: evaluate the best/ checkpoint instead of the latest.
     progress: show a progress bar.
     per_example: also write each test example's correctness to this file (`write_per_example`).
+    compact: evaluate the compact network of a channel run (`load_run(..., compact=True)`): the masked
+      network's accuracies up to float rounding.
 
   Returns:
     `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint and 'settings': every method's
@@ -208,7 +299,7 @@ def evaluate_checkpoint(
   if per_example is not None and not per_example.endswith(PER_EXAMPLE_FORMATS):
     raise errors.UserError(f"per-example file '{per_example}' must end in .npz or .csv")
   config_lib.check_eval_methods(config, [name for name in (methods or ()) if name != "clean"])
-  run = load_run(workdir, "best" if best else "latest", config=config)
+  run = load_run(workdir, "best" if best else "latest", config=config, compact=compact)
   results, examples = run.evaluate_per_example(methods, progress=progress)
   if per_example is not None:
     write_per_example(per_example, examples)
@@ -258,6 +349,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
     raise ValueError(f"export file '{out}' must end in .npz, .pth or .pt")
   run = load_run(workdir, config=config)
   variables, scores = run.variables, None
+  if not dense and _granularity(run.meta) == "channel":
+    raise errors.ConfigError("a channel run exports its masked weights (--dense) or its compact network (--compact)")
   if not dense and run.scores is not None:
     variables, scores = {**run.variables, "params": run.trained_params}, run.scores
   reference = ""

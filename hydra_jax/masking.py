@@ -19,6 +19,12 @@ Example:
 
 Masks are computed once per step on the whole tree; attacks then close over the masked params, so no mask
 is ever recomputed inside an attack loop.
+
+Channel granularity (structured HYDRA, docs/structured.md): with `groups` (a model's `ChannelGroup`s, traced
+by `hydra_jax.channels`) each scored kernel has one score per output channel, and `apply_masks(params,
+scores, k, groups=groups)` keeps the top-k fraction of every group of tied channels, masking its kernels'
+output channels, conv biases and BatchNorm scale / shift together (`channel_masks`), with the same top-k and
+straight-through gradient.
 """
 
 from __future__ import annotations
@@ -241,7 +247,15 @@ def compute_masks(scores: PyTree, k: Any, *, scope: str = "layer", min_layer_k: 
   raise ValueError(f"unknown mask scope '{scope}'; valid: 'layer', 'global'")
 
 
-def apply_masks(params: PyTree, scores: PyTree, k: Any, *, scope: str = "layer", min_layer_k: float = 0.0) -> PyTree:
+def apply_masks(
+  params: PyTree,
+  scores: PyTree,
+  k: Any,
+  *,
+  scope: str = "layer",
+  min_layer_k: float = 0.0,
+  groups: ChannelGroups | None = None,
+) -> PyTree:
   """Params whose prunable kernels are `w * topk_mask(s, k)`; every other leaf is returned as is.
 
   Differentiable in both arguments: `dL/dw = mask * dL/dw_eff` (pruned weights get zero gradient, so they
@@ -254,19 +268,185 @@ def apply_masks(params: PyTree, scores: PyTree, k: Any, *, scope: str = "layer",
     k: fraction kept: float, per-layer tree/dict (see `layer_masks`), or, with scope='global', a float.
     scope: 'layer' ranks each layer alone (the reference); 'global' ranks across layers.
     min_layer_k: with scope='global', the fraction every layer keeps at least.
+    groups: None (weight granularity), or the model's `ChannelGroups` (channel granularity: see
+      `channel_masks`; scores are then (C_out,) per scored kernel, and k a float per group).
   """
+  if groups is not None:
+    _check_channel_options(scope)
+    masks = channel_masks(params, scores, k, groups)
+    return _map_with_names(lambda name, w: w * masks[name] if name in masks else w, params)
   _check_scores(params, scores)
   masks = compute_masks(scores, k, scope=scope, min_layer_k=min_layer_k)
   return jax.tree.map(lambda w, m: w if m is None else w * m, params, masks, is_leaf=lambda x: x is None)
 
 
-def export_dense(params: PyTree, scores: PyTree, k: Any, **mask_options) -> PyTree:
-  """Plain params with every pruned weight exactly +0.0 (no scores needed to use them)."""
+def export_dense(
+  params: PyTree, scores: PyTree, k: Any, *, groups: ChannelGroups | None = None, **mask_options
+) -> PyTree:
+  """Plain params with every pruned weight exactly +0.0 (no scores needed to use them).
+
+  With channel `groups`, every leaf of a pruned channel (kernel slice, conv bias, BatchNorm scale and shift)
+  is exactly +0.0.
+  """
+  if groups is not None:
+    _check_channel_options(mask_options.get("scope", "layer"))
+    masks = jax.lax.stop_gradient(channel_masks(params, scores, k, groups))
+    return _map_with_names(
+      lambda name, w: jnp.where(masks[name] > 0, w, 0).astype(w.dtype) if name in masks else w, params
+    )
   _check_scores(params, scores)
   masks = jax.lax.stop_gradient(compute_masks(scores, k, **mask_options))
   return jax.tree.map(
     lambda w, m: w if m is None else jnp.where(m > 0, w, jnp.zeros_like(w)), params, masks, is_leaf=lambda x: x is None
   )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Channel granularity: one score per output channel, one decision per group of tied channels.
+
+GRANULARITIES = ("weight", "channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+  """Channels of one or more param leaves that are kept or pruned together, one decision per unit.
+
+  A unit is one channel of every member: channels that a residual addition ties together (or a depthwise
+  conv ties to its input) form one unit. Members are prunable kernels (their (C_out,) scores rank the units;
+  masked on the last, output axis) and per-channel vectors (conv bias, BatchNorm scale and shift: masked
+  only), so that a pruned unit outputs exactly zero everywhere.
+
+  Attributes:
+    members: ((param path, channel index of each unit along the leaf's last axis), ...).
+  """
+
+  members: tuple[tuple[str, tuple[int, ...]], ...]
+
+  @property
+  def size(self) -> int:
+    """Number of units (channels) in the group."""
+    return len(self.members[0][1])
+
+  def kept(self, k: float) -> int:
+    """Units kept at fraction `k`: size - floor((1 - k) * size), at least one (`num_pruned`)."""
+    return self.size - num_pruned(self.size, k)
+
+
+ChannelGroups = tuple[ChannelGroup, ...]
+
+
+def _check_channel_options(scope: str) -> None:
+  if scope != "layer":
+    raise ValueError(f"mask scope {scope!r} is not available with channel granularity; use scope='layer'")
+
+
+def _map_with_names(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(path_name(path), leaf), tree)
+
+
+def _named_scores(scores: PyTree) -> dict[str, jax.Array]:
+  flat = jax.tree_util.tree_flatten_with_path(scores, is_leaf=lambda x: x is None)[0]
+  return {path_name(p): s for p, s in flat if s is not None}
+
+
+def _gather(values: jax.Array, index: tuple[int, ...]) -> jax.Array:
+  """values[index]; the identity when `index` is every channel in order (the common case: no gather op)."""
+  return values if index == tuple(range(values.shape[-1])) else values[np.asarray(index)]
+
+
+def _scatter(mask: jax.Array, index: tuple[int, ...], units: jax.Array) -> jax.Array:
+  """mask with mask[index] = units; `units` itself when `index` covers every channel in order."""
+  return units if index == tuple(range(mask.shape[-1])) else mask.at[np.asarray(index)].set(units)
+
+
+def channel_masks(params: PyTree, scores: PyTree, k: float | jax.Array, groups: ChannelGroups) -> dict[str, jax.Array]:
+  """Per-leaf 0/1 channel masks: each group keeps the top-k fraction of its units, ranked by summed |scores|.
+
+  A unit's score is the sum of |s| over the scored kernels of its group (one shared decision); the group keeps
+  `group.kept(k)` units (ties: lowest unit first, as `topk_mask`). The gradient is straight through, as for
+  weights (Eq. 4): a member's mask cotangent is its unit's, `dL/ds_c = sign(s_c) * sum over the tensors the
+  unit masks of w * dL/dw_eff` (for a lone conv without bias: its kernel slice [..., c]).
+
+  Args:
+    params: the 'params' collection (gives each member's channel count).
+    scores: a tree with a (C_out,) array at each scored kernel and None elsewhere (`init_channel_scores`).
+    k: fraction of units kept per group, in (0, 1]; a float or a traced scalar.
+    groups: the model's channel groups (`hydra_jax.channels.channel_groups`).
+
+  Returns:
+    {param path: float mask of shape (C,) over the leaf's last axis}, for every member of a group.
+  """
+  check_k(k)
+  named_scores, named_params = _named_scores(scores), dict(_named_leaves(params))
+  masks: dict[str, jax.Array] = {}
+  for group in groups:
+    scored = [(named_scores[name], index) for name, index in group.members if name in named_scores]
+    if not scored:
+      raise ValueError(f"channel group of {[name for name, _ in group.members]} has no scores")
+    unit_scores = sum(_gather(_magnitude(s), index) for s, index in scored)
+    units = _topk_of_abs(unit_scores, num_pruned(group.size, k))
+    for name, index in group.members:
+      channels = named_params[name].shape[-1]
+      masks[name] = _scatter(masks.get(name, jnp.ones(channels, units.dtype)), index, units)
+  return masks
+
+
+def _named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+  return [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def scored_kernels(groups: ChannelGroups) -> set[str]:
+  """Paths of the kernels that carry channel scores: every kernel member (leaf named 'kernel') of a group."""
+  return {name for group in groups for name, _ in group.members if name.rsplit("/", 1)[-1] == "kernel"}
+
+
+def _channel_l1(w: jax.Array) -> jax.Array:
+  """(C_out,) L1 norm of each output channel's slice w[..., c]."""
+  return jnp.sum(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
+
+
+CHANNEL_SCORE_INITS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+  # HYDRA's scaled init per channel: sqrt(6 / fan_in) * ||w_c||_1 / max_c ||w_c||_1 (the initial mask is then
+  # the channel LWM's in every one-layer group).
+  "scaled": lambda w, key: math.sqrt(6.0 / fans(w.shape)[0]) * _channel_l1(w) / jnp.max(_channel_l1(w)),
+  # L1-norm filter pruning (Li et al. 2017): the channel LWM.
+  "l1_norm": lambda w, key: _channel_l1(w),
+  "kaiming_normal": lambda w, key: math.sqrt(2.0 / fans(w.shape)[0]) * jax.random.normal(key, w.shape[-1:], w.dtype),
+  "uniform": lambda w, key: jax.random.uniform(key, w.shape[-1:], w.dtype, -1.0, 1.0) / math.sqrt(fans(w.shape)[0]),
+}
+
+
+def init_channel_scores(params: PyTree, method: str, key: jax.Array, groups: ChannelGroups) -> PyTree:
+  """A channel scores tree: a (C_out,) array at each scored kernel of `groups`, None at every other leaf.
+
+  Methods: 'scaled' (HYDRA's, per-channel L1 norms), 'l1_norm' (the channel LWM's raw norms),
+  'kaiming_normal' N(0, 2 / fan_in), 'uniform' U(+-1 / sqrt(fan_in)), one value per output channel.
+
+  Args:
+    params: the 'params' collection (pretrained weights for 'scaled' and 'l1_norm').
+    method: a name in CHANNEL_SCORE_INITS.
+    key: PRNG key, split per leaf.
+    groups: the model's channel groups; kernels outside every group (the classifier) get None.
+  """
+  if method not in CHANNEL_SCORE_INITS:
+    raise ValueError(f"unknown channel score init '{method}'; valid: {sorted(CHANNEL_SCORE_INITS)}")
+  scored = scored_kernels(groups)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(key, len(flat))
+  init = CHANNEL_SCORE_INITS[method]
+  leaves = [init(jnp.asarray(w), k) if path_name(p) in scored else None for (p, w), k in zip(flat, keys)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def channel_sparsity_report(params: PyTree, groups: ChannelGroups) -> SparsityReport:
+  """Kept (nonzero) and total output channels of each scored kernel of `params` (e.g. `export_dense`'s)."""
+  scored = scored_kernels(groups)
+  layers = tuple(
+    (name, int(np.count_nonzero(np.any(np.asarray(w).reshape(-1, w.shape[-1]) != 0, axis=0))), int(w.shape[-1]))
+    for name, w in _named_leaves(params)
+    if name in scored
+  )
+  return SparsityReport(layers)
 
 
 # ----------------------------------------------------------------------------------------------------------

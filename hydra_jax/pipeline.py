@@ -44,7 +44,8 @@ def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str) -
   Args:
     config: the run config (model, data, objective, seed; SNIP's `baseline.grad_batches`: g is the mean
       gradient over that many first training batches).
-    name: a baseline with `mask_scores` ('lwm', 'snip', 'random', 'admm').
+    name: a baseline with `mask_scores` ('lwm', 'snip', 'random', 'admm'); with channel granularity only
+      'lwm', whose mask is then L1-norm filter pruning (`baselines.channel_magnitude_scores`).
     source_dir: the run directory whose weights 'pretrained' baselines start from: the pretrain stage's
       (lwm) or the ADMM phase's (admm: the hard prune); unused by 'scratch' baselines, which start from a
       fresh initialisation drawn with fold_in(PRNGKey(seed), len(config.STAGES)) (each stage uses its index).
@@ -58,6 +59,11 @@ def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str) -
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(config_lib.STAGES))
   init_key, score_key, grad_key = jax.random.split(rng, 3)
   params, batch_stats = _start_weights(config, baseline, source_dir, init_key)
+  groups = sources.mask_groups(config)
+  if groups is not None:
+    if name != "lwm":
+      raise ValueError(f"baseline {name!r} has no channel version; with mask.granularity='channel' use 'lwm'")
+    return params, batch_stats, baselines.channel_magnitude_scores(params, groups)
   grads = None
   if baseline.needs_grads:
     stream = sources.train_batches(config)
@@ -71,7 +77,8 @@ def save_source(
   config: ml_collections.ConfigDict, directory: str, label: str, params: PyTree, batch_stats: PyTree, scores: PyTree
 ) -> None:
   """Writes (params, batch_stats, scores) as a checkpoint that `sources.load_source` reads (step 0)."""
-  report = masking.sparsity_report(sources.exported_params(params, scores, config.k, config.mask))
+  weights = sources.exported_params(params, scores, config.k, config.mask, sources.mask_groups(config))
+  report = masking.sparsity_report(weights)
   meta = {
     "model": config.model.name,
     "num_classes": config_lib.num_classes(config),

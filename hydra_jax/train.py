@@ -122,7 +122,9 @@ def train_step(
   def loss_fn(trainable, carry, batch_stats, key, probe):
     params, scores = trainable["params"], trainable["scores"]
     if hooks is None:
-      weights, penalty = sources.masked_params(params, scores, k, config.mask.scope, config.mask.min_layer_k), 0.0
+      mask = config.mask
+      weights = sources.masked_params(params, scores, k, mask.scope, mask.min_layer_k, sources.mask_groups(config))
+      penalty = 0.0
     else:
       phase = hooks.phase_state(scores, aux)
       weights, penalty = hooks.weights(params, phase), hooks.penalty(params, phase)
@@ -216,7 +218,7 @@ def initial_state(
   if hooks is not None:
     scores, aux = hooks.init_state(params, score_key)
   if stage == "finetune":
-    params = sources.exported_params(params, scores, config.k, config.mask)
+    params = sources.exported_params(params, scores, config.k, config.mask, sources.mask_groups(config))
   objective = objectives.get_objective(config.objective.name)
   labels = optim.trainable_labels(params, scores, stage, config.freeze_bn)
   tx = optim.make_optimizer(config, stage, labels, steps_per_epoch * objective.replays(config.objective))

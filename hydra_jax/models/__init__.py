@@ -44,7 +44,9 @@ Example:
     logits, _ = apply_fn(variables, x, False)                    # eval mode: variables unchanged
 """
 
+import dataclasses
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -52,6 +54,7 @@ import jax
 
 from hydra_jax.models import cnn
 from hydra_jax.models import googlenet
+from hydra_jax.models import layers
 from hydra_jax.models import mobilenet_v2
 from hydra_jax.models import resnet
 from hydra_jax.models import resnet_imagenet
@@ -89,7 +92,33 @@ def _check_name(name: str) -> None:
     raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(model_names())}")
 
 
-def get_model(name: str, num_classes: int, width: float = 1.0, **options: Any) -> nn.Module:
+@dataclasses.dataclass(frozen=True)
+class PlannedModel:
+  """A zoo model built to a channel plan: each conv / dense layer has the plan's output channels.
+
+  Called like the module it wraps (`init`, `apply`); its variables have the module's paths with the planned
+  (smaller) shapes, e.g. the compact network of `hydra_jax.channels.compact_variables`.
+
+  Attributes:
+    module: the zoo model at its full widths (the plan keeps its structure: blocks, shortcuts, branches).
+    plan: ((module path, output channels), ...), e.g. (('conv1', 40), ('layer1_0/conv1', 31), ...).
+  """
+
+  module: nn.Module
+  plan: tuple[tuple[str, int], ...]
+
+  def init(self, *args: Any, **kwargs: Any) -> Variables:
+    with layers.channel_plan(dict(self.plan)):
+      return self.module.init(*args, **kwargs)
+
+  def apply(self, *args: Any, **kwargs: Any) -> Any:
+    with layers.channel_plan(dict(self.plan)):
+      return self.module.apply(*args, **kwargs)
+
+
+def get_model(
+  name: str, num_classes: int, width: float = 1.0, channel_plan: Mapping[str, int] | None = None, **options: Any
+) -> nn.Module | PlannedModel:
   """Builds the zoo model `name` with `num_classes` outputs.
 
   Args:
@@ -98,10 +127,12 @@ def get_model(name: str, num_classes: int, width: float = 1.0, **options: Any) -
     width: channel-width multiplier (1: the registered network). Every channel count is scaled by it and
       rounded (`layers.scale_width`), depth and layout unchanged; only the families with a `widened` method
       (`width_scalable`) accept width != 1.
+    channel_plan: {conv / dense module path: output channels} of a network with pruned channels removed
+      (`hydra_jax.channels.compact_variables`); layers absent from it keep their width. None: the full network.
     **options: module attributes, typically `dtype` and `bn_axis_name` (see the module docstring).
 
   Returns:
-    An unbound Flax module called as `model.apply(variables, x, train=...)`.
+    An unbound Flax module called as `model.apply(variables, x, train=...)` (a `PlannedModel` with a plan).
 
   Raises:
     ValueError: unknown name (the message lists the valid ones), num_classes < 1, width <= 0, or width != 1
@@ -113,13 +144,14 @@ def get_model(name: str, num_classes: int, width: float = 1.0, **options: Any) -
   if not width > 0:
     raise ValueError(f"width must be positive, got {width!r}")
   model = _MODELS[name](num_classes=num_classes, **options)
-  if width == 1:
-    return model
-  if not width_scalable(name):
-    raise ValueError(
-      f"model {name!r} has no width option (width={width!r}); the ResNet, WRN, MobileNetV2 and GoogLeNet families have"
-    )
-  return model.widened(width)
+  if width != 1:
+    if not width_scalable(name):
+      raise ValueError(
+        f"model {name!r} has no width option (width={width!r}); the ResNet, WRN, MobileNetV2 and GoogLeNet families "
+        "have"
+      )
+    model = model.widened(width)
+  return model if channel_plan is None else PlannedModel(model, tuple(sorted(channel_plan.items())))
 
 
 def width_scalable(name: str) -> bool:

@@ -30,6 +30,8 @@ Example:
         return Linear(10, name="fc")(global_avg_pool(x))
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Callable
@@ -248,6 +250,46 @@ def conv2d(
   return jnp.concatenate([conv(x[start : start + size]) for start in range(0, x.shape[0], size)])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Channel plans: the widths of a network with pruned channels removed (hydra_jax.channels.compact_variables).
+
+_CHANNEL_PLAN: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("channel_plan", default=None)
+
+
+@contextlib.contextmanager
+def channel_plan(plan: dict[str, int] | None):
+  """Within it, `Conv2d` / `Linear` at module path P ('layer1_0/conv1') have `plan[P]` output channels.
+
+  Used by `models.get_model(..., channel_plan=plan)` around `init` / `apply` (so at trace time); the plan of a
+  network whose pruned channels are removed, with one entry per conv / dense layer.
+  """
+  token = _CHANNEL_PLAN.set(None if plan is None else dict(plan))
+  try:
+    yield
+  finally:
+    _CHANNEL_PLAN.reset(token)
+
+
+def _module_path(module: nn.Module) -> str:
+  return "/".join(str(part) for part in module.path)
+
+
+def planned_features(module: nn.Module, features: int) -> int:
+  """The output channels of conv / dense `module`: the current channel plan's, else `features`."""
+  plan = _CHANNEL_PLAN.get()
+  return features if plan is None else plan.get(_module_path(module), features)
+
+
+def has_layer(parent: nn.Module, name: str, nominal: bool) -> bool:
+  """Whether the conv / dense `name` under `parent` exists: in the current plan if any, else `nominal`.
+
+  For structure decided from channel counts (a projection shortcut when in != out channels): a compact network
+  keeps the full network's structure, whatever its kept counts.
+  """
+  plan = _CHANNEL_PLAN.get()
+  return nominal if plan is None else "/".join([*map(str, parent.path), name]) in plan
+
+
 class Conv2d(nn.Module):
   """2-D convolution with PyTorch's padding and initialisation, NHWC in and out.
 
@@ -280,23 +322,24 @@ class Conv2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps (N, H, W, C_in) to (N, H', W', features), H' = (H + 2p - k) // s + 1."""
-    in_features = x.shape[-1]
-    if in_features % self.groups:
-      raise ValueError(f"{in_features} input channels are not divisible by groups={self.groups}")
-    shape = (self.kernel_size, self.kernel_size, in_features // self.groups, self.features)
+    in_features, features = x.shape[-1], planned_features(self, self.features)
+    groups = features if 1 < self.groups == self.features else self.groups  # depthwise stays depthwise
+    if in_features % groups:
+      raise ValueError(f"{in_features} input channels are not divisible by groups={groups}")
+    shape = (self.kernel_size, self.kernel_size, in_features // groups, features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
     y = conv2d(
       x.astype(self.dtype),
       kernel.astype(self.dtype),
       self.stride,
       self.padding,
-      self.groups,
+      groups,
       self.weight_grad,
       self.batch_chunk,
     )
     if self.use_bias:
       bias_init = self.bias_init or torch_default_bias_init(_fan_in(shape))
-      y = y + self.param("bias", bias_init, (self.features,), jnp.float32).astype(self.dtype)
+      y = y + self.param("bias", bias_init, (features,), jnp.float32).astype(self.dtype)
     return y
 
 
@@ -318,9 +361,9 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps (N, in) to (N, features)."""
-    shape = (x.shape[-1], self.features)
+    shape = (x.shape[-1], planned_features(self, self.features))
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-    bias = self.param("bias", self.bias_init or torch_default_bias_init(shape[0]), (self.features,), jnp.float32)
+    bias = self.param("bias", self.bias_init or torch_default_bias_init(shape[0]), shape[1:], jnp.float32)
     return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
 
 

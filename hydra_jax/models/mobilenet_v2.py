@@ -60,7 +60,7 @@ class InvertedResidual(nn.Module):
     out = bn(name="bn3")(conv(self.out_planes, 1, name="conv3")(out), train)
     if self.stride != 1:
       return out
-    if x.shape[-1] != self.out_planes:
+    if layers.has_layer(self, "shortcut_0", nominal=x.shape[-1] != self.out_planes):
       x = bn(name="shortcut_1")(conv(self.out_planes, 1, name="shortcut_0")(x), train)
     return out + x
 

@@ -83,9 +83,10 @@ def _conv(block: _Block) -> Callable[..., layers.Conv2d]:
 
 def _shortcut(block: _Block, x: jax.Array, out_planes: int, train: bool) -> jax.Array:
   """Identity, or conv1x1(stride) + BN (`{shortcut_name}_0`, `{shortcut_name}_1` of `block`) on a shape change."""
-  if block.stride == 1 and x.shape[-1] == out_planes:
+  name = f"{block.shortcut_name}_0"
+  if not layers.has_layer(block, name, nominal=block.stride != 1 or x.shape[-1] != out_planes):
     return x
-  x = _conv(block)(out_planes, 1, block.stride, name=f"{block.shortcut_name}_0")(x)
+  x = _conv(block)(out_planes, 1, block.stride, name=name)(x)
   return layers.BatchNorm(axis_name=block.bn_axis_name, dtype=block.dtype, name=f"{block.shortcut_name}_1")(x, train)
 
 

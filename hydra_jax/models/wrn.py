@@ -51,7 +51,7 @@ class WideBasicBlock(nn.Module):
     out = _conv3x3(self.out_planes, stride=self.stride, dtype=self.dtype, name="conv1")(pre)
     out = jax.nn.relu(bn(name="bn2")(out, train))
     out = _conv3x3(self.out_planes, dtype=self.dtype, name="conv2")(out)
-    if x.shape[-1] == self.out_planes:
+    if not layers.has_layer(self, "convShortcut", nominal=x.shape[-1] != self.out_planes):
       return x + out
     shortcut = layers.Conv2d(
       self.out_planes,
