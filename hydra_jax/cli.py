@@ -35,7 +35,9 @@ from ml_collections import config_flags
 from hydra_jax import config as config_lib
 from hydra_jax import errors
 from hydra_jax import export
+from hydra_jax import paths
 from hydra_jax import pipeline
+from hydra_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -153,6 +155,9 @@ def _run(command: str) -> None:
     raise app.UsageError(f"{'--workdir is' if config else '--config and --workdir are'} required (see --help)")
   if config is None:  # eval, export, certify: the run's own config
     config = export.run_config(workdir)
+  for location in (workdir, _OUT.value):
+    if location:
+      paths.check_access(location)
   if command == "train":
     result = pipeline.train_and_evaluate(config, workdir)
     if isinstance(result, list):
@@ -163,7 +168,7 @@ def _run(command: str) -> None:
     results = export.evaluate_checkpoint(config, workdir, methods=_METHODS.value, per_example=_PER_EXAMPLE.value)
     print(json.dumps(results, indent=2))
   elif command == "certify":
-    out_dir = _OUT.value or os.path.join(workdir, f"certify_sigma{_SIGMA.value}")
+    out_dir = _OUT.value or paths.join(workdir, f"certify_sigma{_SIGMA.value}")
     print(
       export.certify_checkpoint(
         config,
@@ -248,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     if _show_tracebacks(argv):
       raise
     _fail(command, str(error))
+  except preemption.Preempted as stop:  # SIGTERM / SIGINT: a checkpoint at the step reached, then exit
+    print(f"hydra-jax {command}: {stop}", file=sys.stderr)
+    sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":
