@@ -192,9 +192,10 @@ def restore(
   try:
     restored = manager.restore(step, args=args)
   except Exception as error:  # orbax raises ValueError/KeyError/FileNotFoundError/... for mismatches
-    raise CheckpointError(
-      f"checkpoint {where} step {step} does not match the expected state or is unreadable: {_first_line(error)}"
-    ) from error
+    problem = (
+      "is unreadable: its files are damaged" if "DATA_LOSS" in str(error) else "does not match the expected state"
+    )
+    raise CheckpointError(f"checkpoint {where} step {step} {problem} ({_first_line(error)})") from error
   return {name: parallel.local_copy(restored[name]) for name in abstract_items}, restored.meta
 
 

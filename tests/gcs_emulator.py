@@ -2,7 +2,8 @@
 
 `emulator()` starts it (with the generation headers of real GCS: gcs_emulator_server.py) as a subprocess with
 one bucket, `bucket`, in memory, and points this process and its children at it: `STORAGE_EMULATOR_HOST`
-(gcsfs, google-cloud-storage) and `TENSORSTORE_GCS_HTTP_URL` (orbax's TensorStore), so `gs://bucket/...` paths work with anonymous credentials.
+(gcsfs, google-cloud-storage) and `TENSORSTORE_GCS_HTTP_URL` (orbax's TensorStore), so `gs://bucket/...` paths
+work with anonymous credentials.
 """
 
 import contextlib
