@@ -275,13 +275,21 @@ def _class_folders(folder: str) -> list[str]:
 
 def _images_under(folder: str) -> list[str]:
   """Image files under `folder` (recursively, following links), in sorted walk order, as ImageFolder lists them."""
-  walk = os.walk(folder, followlinks=True) if not paths.is_remote(folder) else paths.path(folder).walk()
+  walk = _remote_walk(folder) if paths.is_remote(folder) else os.walk(folder, followlinks=True)
   return [
-    _join(os.fspath(path), name)
-    for path, _, names in sorted(walk, key=lambda entry: os.fspath(entry[0]))
+    _join(path, name)
+    for path, _, names in sorted(walk)
     for name in sorted(names)
     if name.lower().endswith(IMAGE_EXTENSIONS)
   ]
+
+
+def _remote_walk(folder: str) -> list[tuple[str, list[str], list[str]]]:
+  """`os.walk`'s (folder, sub-folder names, file names) triples for a URL folder, listed through `paths`."""
+  entries = list(paths.path(folder).iterdir())
+  folders = [entry.name for entry in entries if entry.is_dir()]
+  files = [entry.name for entry in entries if entry.name not in folders]
+  return [(folder, folders, files)] + [triple for name in folders for triple in _remote_walk(_join(folder, name))]
 
 
 def read_image_folder(root: str, dataset: str, split: str) -> ImageFolderSource:

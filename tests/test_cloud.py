@@ -18,9 +18,11 @@ import pytest
 from etils import epath
 
 from hydra_jax import checkpoints
+from hydra_jax import data_formats
 from hydra_jax import export
 from hydra_jax import paths
 from hydra_jax import pipeline
+from tests import test_data_formats
 from tests import test_multihost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,3 +205,32 @@ def test_two_processes_write_to_a_bucket_and_resume_from_it(gcs, tmp_path):
   assert_bitwise_equal(
     export.load_run(config, url).variables, export.load_run(config, str(tmp_path / "local")).variables
   )
+
+
+def upload(local_root, url):
+  """Copies every file under `local_root` to `url` (through the path layer)."""
+  for folder, _, names in os.walk(local_root):
+    for name in names:
+      relative = os.path.relpath(os.path.join(folder, name), local_root)
+      (epath.Path(url) / relative).write_bytes(open(os.path.join(folder, name), "rb").read())
+
+
+@pytest.mark.parametrize(
+  "dataset, split, write",
+  [
+    ("cifar10", "train", lambda root: test_data_formats._write_cifar10(os.path.join(root, "cifar-10-batches-py"))),
+    ("svhn_cropped", "test", lambda root: test_data_formats._write_svhn(root, "test", 7)),
+    ("imagenet2012", "train", lambda root: test_data_formats._write_tree(root, "train", ["b", "a"])),
+  ],
+)
+def test_dataset_files_read_from_a_bucket_equal_the_local_files(gcs, tmp_path, dataset, split, write):
+  local, url = str(tmp_path / "data"), f"gs://bucket/data_{dataset}"
+  write(local)
+  upload(local, url)
+  formats = [data_formats.resolve("auto", dataset, where) for where in (local, url)]
+  assert formats[0][0] == formats[1][0] and formats[1][1].startswith(url)
+  here, there = (data_formats.load(fmt, root, dataset, split) for fmt, root in formats)
+  assert len(here) == len(there) > 0
+  for index in range(len(here)):
+    assert there[index]["label"] == here[index]["label"]
+    np.testing.assert_array_equal(there[index]["image"], here[index]["image"])
