@@ -265,7 +265,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
   A rerun of the same command continues from the last checkpoint and ends with exactly the params of an
   uninterrupted run. Nothing in `workdir` is written before the config and any checkpoint there have been
-  read and checked. Every random draw happens under `config_lib.prng_scope(config)`.
+  read and checked. Every random draw happens under `config_lib.prng_scope(config)`. On SIGTERM or SIGINT the
+  stage finishes its step, saves it (every process the same step) and raises `preemption.Preempted`.
   """
   config_lib.check_config(config)
   with config_lib.prng_scope(config):

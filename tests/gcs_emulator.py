@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import portpicker
@@ -18,11 +19,12 @@ import portpicker
 BUCKET = "bucket"
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+def _wait_for_port(port: int, process: subprocess.Popen, log, timeout: float = 30.0) -> None:
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if process.poll() is not None:
-      raise RuntimeError(f"the GCS emulator exited with {process.returncode}: {process.stderr.read()}")
+      log.seek(0)
+      raise RuntimeError(f"the GCS emulator exited with {process.returncode}: {log.read()}")
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
       return
     time.sleep(0.1)
@@ -33,12 +35,13 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) 
 def emulator():
   """Runs the emulator for the duration of the block; yields its URL. Restores the environment after."""
   port = portpicker.pick_unused_port()
+  # Its error reports go to a file: a pipe that nobody reads fills up and stalls the (single-threaded) server.
+  log = tempfile.TemporaryFile("w+")
   process = subprocess.Popen(
     [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator_server.py"), "start",
      "--host=127.0.0.1", f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
     stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
+    stderr=log,
   )  # fmt: skip
   url = f"http://127.0.0.1:{port}"
   settings = {
@@ -50,7 +53,7 @@ def emulator():
   }
   saved = {name: os.environ.get(name) for name in settings}
   try:
-    _wait_for_port(port, process)
+    _wait_for_port(port, process, log)
     os.environ.update(settings)
     yield url
   finally:
@@ -61,3 +64,4 @@ def emulator():
         os.environ[name] = value
     process.terminate()
     process.wait(30)
+    log.close()
