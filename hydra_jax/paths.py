@@ -23,11 +23,16 @@ from __future__ import annotations
 import os
 import re
 
+import fsspec
 from etils import epath
 
 from hydra_jax import errors
 
 SCHEMES = ("gs",)  # URL schemes served (gcsfs for files, TensorStore for orbax's arrays)
+# A listing must show what other processes (and TensorStore) wrote since: a resumed or multi-host run, or a
+# notebook reading a run that goes on elsewhere. gcsfs would otherwise answer from its cache of earlier listings.
+for _protocol in ("gs", "gcs"):
+  fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _CREDENTIALS_FIX = (
   "give this machine Google Cloud credentials: on a TPU/GCE VM its service account (with Storage access), "
