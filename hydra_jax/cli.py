@@ -153,11 +153,11 @@ def _run(command: str) -> None:
   config, workdir = _loaded_config(), _WORKDIR.value
   if workdir is None or (config is None and command == "train"):
     raise app.UsageError(f"{'--workdir is' if config else '--config and --workdir are'} required (see --help)")
-  if config is None:  # eval, export, certify: the run's own config
-    config = export.run_config(workdir)
-  for location in (workdir, _OUT.value):
+  for location in (workdir, _OUT.value, _PER_EXAMPLE.value):
     if location:
       paths.check_access(location)
+  if config is None:  # eval, export, certify: the run's own config
+    config = export.run_config(workdir)
   if command == "train":
     result = pipeline.train_and_evaluate(config, workdir)
     if isinstance(result, list):

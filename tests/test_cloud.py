@@ -56,7 +56,7 @@ def test_a_run_on_a_bucket_resumes_and_equals_the_same_run_on_local_disk(gcs, tm
   assert summary["step"] == TOTAL_STEPS and checkpoints.read_meta(url)[0] == TOTAL_STEPS
 
   config = tiny_config()
-  assert_bitwise_equal(export.load_run(config, url).variables, export.load_run(config, local).variables)
+  assert_bitwise_equal(export.load_run(url, config=config).variables, export.load_run(local, config=config).variables)
   run = epath.Path(url)
   lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert [line["step"] for line in lines if line["split"] == "train"] == list(range(1, TOTAL_STEPS + 1))
@@ -170,7 +170,9 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_ends_with_the_uninterrupte
   rerun = cli("train", *LONG, "--workdir", stopped, cwd=tmp_path, env=cache, stdout=subprocess.DEVNULL)
   assert rerun.wait(300) == 0 and uninterrupted.wait(300) == 0
   config = test_multihost.config()
-  assert_bitwise_equal(export.load_run(config, stopped).variables, export.load_run(config, whole).variables)
+  assert_bitwise_equal(
+    export.load_run(stopped, config=config).variables, export.load_run(whole, config=config).variables
+  )
 
 
 @pytest.mark.slow
@@ -187,8 +189,8 @@ def test_two_processes_stop_together_when_only_process_1_is_signalled(tmp_path):
   whole.wait()
   config = test_multihost.config()
   assert_bitwise_equal(
-    export.load_run(config, str(tmp_path / "stopped")).variables,
-    export.load_run(config, str(tmp_path / "whole")).variables,
+    export.load_run(str(tmp_path / "stopped"), config=config).variables,
+    export.load_run(str(tmp_path / "whole"), config=config).variables,
   )
 
 
@@ -203,7 +205,7 @@ def test_two_processes_write_to_a_bucket_and_resume_from_it(gcs, tmp_path):
   config = test_multihost.config()
   assert checkpoints.read_meta(url)[0] == TOTAL_STEPS
   assert_bitwise_equal(
-    export.load_run(config, url).variables, export.load_run(config, str(tmp_path / "local")).variables
+    export.load_run(url, config=config).variables, export.load_run(str(tmp_path / "local"), config=config).variables
   )
 
 
