@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import flax
@@ -41,6 +42,7 @@ import orbax.checkpoint as ocp
 from hydra_jax import PyTree
 from hydra_jax import errors
 from hydra_jax import parallel
+from hydra_jax import paths
 
 
 def versions() -> dict[str, str]:
@@ -64,7 +66,7 @@ def _manager(directory: str, keep: int, async_save: bool, best_metric: str | Non
     best_mode="max",
     multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=os.path.basename(directory)),
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(paths.path(directory), options=options)
 
 
 class Checkpoints:
@@ -73,8 +75,8 @@ class Checkpoints:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, best_metric: str | None = "robust"):
     self.workdir = workdir
     self.best_metric = best_metric
-    self._last = _manager(os.path.join(workdir, "checkpoints"), keep, async_save, None)
-    self._best = _manager(os.path.join(workdir, "best"), 1, async_save, best_metric) if best_metric else None
+    self._last = _manager(paths.join(workdir, "checkpoints"), keep, async_save, None)
+    self._best = _manager(paths.join(workdir, "best"), 1, async_save, best_metric) if best_metric else None
 
   def latest_step(self) -> int | None:
     return self._last.latest_step()
@@ -112,6 +114,39 @@ class Checkpoints:
     """The items at `step` (default: latest) shaped like `abstract_items`, and the meta."""
     return restore(self._last, abstract_items, step)
 
+  def restore_intact(self, abstract_items: dict[str, PyTree]) -> tuple[dict, dict[str, Any]]:
+    """The items and meta of the latest step that reads back, for a resume.
+
+    Newer steps that cannot be read (damaged files) are moved aside to `<workdir>/unreadable_checkpoint_<step>`
+    with a warning on stderr, so that the run saves those steps again; when no step reads, the newest step's
+    error is raised and nothing is moved.
+    """
+    newest_first = sorted(self._last.all_steps(), reverse=True)
+    errors_by_step = {}
+    for step in newest_first:
+      try:
+        result = restore(self._last, abstract_items, step)
+      except CheckpointError as error:
+        errors_by_step[step] = error
+        continue
+      for bad, error in errors_by_step.items():
+        print(f"warning: {error}; resuming from step {step}, the latest readable one", file=sys.stderr)
+        self._set_aside(bad)
+      return result
+    raise errors_by_step[newest_first[0]]
+
+  def _set_aside(self, step: int) -> None:
+    """Moves the unreadable `step` out of the managed steps (process 0; the others wait for it)."""
+    if jax.process_index() == 0:
+      target = paths.path(self.workdir) / f"unreadable_checkpoint_{step}"
+      (paths.path(self.workdir) / "checkpoints" / str(step)).rename(target)
+      print(f"warning: moved the unreadable step {step} to {target}", file=sys.stderr)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices(f"hydra_jax_set_aside_{step}")
+    self._last.reload()
+
   def close(self) -> None:
     self.wait()
     self._last.close()
@@ -126,7 +161,9 @@ def read_meta(directory: str, step: int | None = None) -> tuple[int, dict[str, A
   try:
     return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   except Exception as error:  # orbax raises many types for damaged files
-    raise CheckpointError(f"cannot read the metadata of checkpoint {directory} step {step}: {error}") from error
+    raise CheckpointError(
+      f"cannot read the metadata of checkpoint {directory} step {step}: {_first_line(error)}"
+    ) from error
 
 
 def restore(
@@ -155,17 +192,27 @@ def restore(
   try:
     restored = manager.restore(step, args=args)
   except Exception as error:  # orbax raises ValueError/KeyError/FileNotFoundError/... for mismatches
-    raise CheckpointError(f"checkpoint {where} step {step} does not match the expected state: {error}") from error
+    problem = (
+      "is unreadable: its files are damaged" if "DATA_LOSS" in str(error) else "does not match the expected state"
+    )
+    raise CheckpointError(f"checkpoint {where} step {step} {problem} ({_first_line(error)})") from error
   return {name: parallel.local_copy(restored[name]) for name in abstract_items}, restored.meta
 
 
+def _first_line(error: Exception, limit: int = 240) -> str:
+  """The first line of an orbax / TensorStore error (they run to 40 lines with the whole TensorStore spec)."""
+  lines = str(error).strip().splitlines()
+  line = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _open_for_reading(directory: str) -> ocp.CheckpointManager:
-  subdir = os.path.join(directory, "checkpoints")
-  path = subdir if os.path.isdir(subdir) else directory
-  if not os.path.isdir(path):
+  subdir = paths.path(directory) / "checkpoints"
+  path = subdir if subdir.is_dir() else paths.path(directory)
+  if not path.is_dir():
     raise CheckpointError(f"no checkpoint directory at {directory}")
   # A plain manager that never saves (read_only=True would log three warnings per open).
-  return ocp.CheckpointManager(os.path.abspath(path), options=ocp.CheckpointManagerOptions(create=False))
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
 
 
 def _pick_step(manager: ocp.CheckpointManager, where: str, step: int | None) -> int:
@@ -181,7 +228,7 @@ def _pick_step(manager: ocp.CheckpointManager, where: str, step: int | None) -> 
 
 def check_resumable(workdir: str, threefry_partitionable: bool) -> None:
   """Raises CheckpointError when `workdir` holds a checkpoint drawn under the other PRNG setting."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not (paths.path(workdir) / "checkpoints").is_dir():
     return
   try:
     _, meta = read_meta(workdir)
@@ -198,8 +245,7 @@ def check_resumable(workdir: str, threefry_partitionable: bool) -> None:
 
 def write_config(config_json: str, workdir: str) -> None:
   """`workdir`/config.json of the first run there (each checkpoint's meta holds its own config); process 0 only."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path) and jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(config_json)
+  path = paths.path(workdir) / "config.json"
+  if jax.process_index() == 0 and not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_json)

@@ -36,7 +36,9 @@ from ml_collections import config_flags
 from hydra_jax import config as config_lib
 from hydra_jax import errors
 from hydra_jax import export
+from hydra_jax import paths
 from hydra_jax import pipeline
+from hydra_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -165,6 +167,9 @@ def _run(command: str) -> None:
   config, workdir = _loaded_config(), _WORKDIR.value
   if workdir is None or (config is None and command == "train"):
     raise app.UsageError(f"{'--workdir is' if config else '--config and --workdir are'} required (see --help)")
+  for location in (workdir, _OUT.value, _PER_EXAMPLE.value):
+    if location:
+      paths.check_access(location)
   if config is None:  # eval, export, certify: the run's own config
     config = export.run_config(workdir)
   if command == "train":
@@ -179,7 +184,7 @@ def _run(command: str) -> None:
     )
     print(json.dumps(results, indent=2))
   elif command == "certify":
-    out_dir = _OUT.value or os.path.join(workdir, f"certify_sigma{_SIGMA.value}")
+    out_dir = _OUT.value or paths.join(workdir, f"certify_sigma{_SIGMA.value}")
     print(
       export.certify_checkpoint(
         config,
@@ -267,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     if _show_tracebacks(argv):
       raise
     _fail(command, str(error))
+  except preemption.Preempted as stop:  # SIGTERM / SIGINT: a checkpoint at the step reached, then exit
+    print(f"hydra-jax {command}: {stop}", file=sys.stderr)
+    sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from hydra_jax import models
+from hydra_jax import paths
 from hydra_jax.models import cnn
 from hydra_jax.models import vgg
 from hydra_jax.models import wrn
@@ -192,7 +193,8 @@ def load_torch_checkpoint(
   """
   import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
 
-  checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+  with paths.path(path).open("rb") as f:  # a local file or a gs:// URL
+    checkpoint = torch.load(f, map_location="cpu", weights_only=False)
   return from_torch_state_dict(checkpoint.get("state_dict", checkpoint), model_name, num_classes, input_shape)
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import pickle
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -75,6 +74,7 @@ from PIL import Image
 
 from hydra_jax import data_formats
 from hydra_jax import errors
+from hydra_jax import paths
 from hydra_jax.data_formats import ArraySource
 
 Batch = dict[str, np.ndarray]
@@ -254,14 +254,14 @@ def load_source(name: str, split: str, data_dir: str | None = None, data_format:
 def _load_semisup(path: str, image_shape: tuple[int, ...], num_classes: int) -> ArraySource:
   """Loads pseudo-labelled images: a pickle (trusted files only) or .npz with `data` and
   `extrapolated_targets`."""
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise errors.MissingDataError(f"semisup_path {path!r} does not exist.")
-  if path.endswith(".npz"):
-    with np.load(path) as f:
-      content = dict(f)
-  else:
-    with open(path, "rb") as f:
-      content = pickle.load(f)
+  with paths.path(path).open("rb") as file:
+    if path.endswith(".npz"):
+      with np.load(file) as f:
+        content = dict(f)
+    else:
+      content = pickle.load(file)
   missing = {"data", "extrapolated_targets"} - set(content)
   if missing:
     raise errors.DataError(f"semisup file {path!r} lacks keys {sorted(missing)}.")

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from hydra_jax import errors
+from hydra_jax import paths
 
 # torchvision's IMG_EXTENSIONS (matched case-insensitively, as ImageFolder does).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -105,8 +106,22 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     """Returns {"image": uint8 [H, W, 3] (Pillow's decode, converted to RGB), "label": int}."""
-    with Image.open(self.paths[index]) as image:
+    with paths.path(self.paths[index]).open("rb") as file, Image.open(file) as image:
       return {"image": np.asarray(image.convert("RGB")), "label": int(self.labels[index])}
+
+
+def _join(location: str, *parts: str) -> str:
+  """`location`/`parts`, normalised for a local path (a URL is joined as it is, never turned into 'gs:/')."""
+  joined = paths.join(location, *parts)
+  return joined if paths.is_remote(joined) else os.path.normpath(joined)
+
+
+def _is_file(location: str) -> bool:
+  return paths.path(location).is_file()
+
+
+def _is_dir(location: str) -> bool:
+  return paths.path(location).is_dir()
 
 
 # -------------------------------------------------------------------------------------------- CIFAR pickles
@@ -123,16 +138,16 @@ def find_cifar_pickles(data_dir: str, dataset: str) -> str | None:
   spec = _CIFAR[dataset]
   names = [name for files in spec["files"].values() for name in files]
   for root in _CIFAR_ROOTS:
-    for folder in (os.path.join(data_dir, root), os.path.join(data_dir, root, spec["folder"])):
-      if any(os.path.isfile(os.path.join(folder, name)) for name in names):
-        return os.path.normpath(folder)
+    for folder in (_join(data_dir, root), _join(data_dir, root, spec["folder"])):
+      if any(_is_file(_join(folder, name)) for name in names):
+        return folder
   return None
 
 
 def _unpickle(path: str) -> dict[str, Any]:
   """A CIFAR batch file as a dict with str keys (the files hold Python 2 str keys, read here as bytes)."""
   try:
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
       content = pickle.load(f, encoding="latin1")  # latin1 as torchvision: Python 2 numpy arrays need it
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
     raise errors.DataError(
@@ -172,14 +187,14 @@ def read_cifar_pickles(root: str, dataset: str, split: str) -> ArraySource:
     ArraySource of images uint8 [N, 32, 32, 3] (HWC) and labels int32 [N] (CIFAR-100: fine labels).
   """
   spec = _CIFAR[dataset]
-  paths = [os.path.join(root, name) for name in spec["files"][split]]
-  absent = [os.path.basename(path) for path in paths if not os.path.isfile(path)]
+  files = [_join(root, name) for name in spec["files"][split]]
+  absent = [os.path.basename(file) for file in files if not _is_file(file)]
   if absent:
     raise errors.MissingDataError(
       f"{dataset} split {split!r} needs {absent} in {root}, which lacks them; extract the whole "
       f"{spec['folder']} archive there"
     )
-  parts = [_cifar_file(path, spec["label_key"]) for path in paths]
+  parts = [_cifar_file(file, spec["label_key"]) for file in files]
   return ArraySource(np.ascontiguousarray(np.concatenate([p[0] for p in parts])), np.concatenate([p[1] for p in parts]))
 
 
@@ -190,9 +205,9 @@ def find_svhn_mat(data_dir: str, dataset: str) -> str | None:
   """The folder (`data_dir` or its `SVHN/`) holding any `*_32x32.mat` file of SVHN, or None."""
   del dataset  # svhn_cropped only
   for root in _SVHN_ROOTS:
-    folder = os.path.join(data_dir, root)
-    if any(os.path.isfile(os.path.join(folder, f"{split}_32x32.mat")) for split in ("train", "test", "extra")):
-      return os.path.normpath(folder)
+    folder = _join(data_dir, root)
+    if any(_is_file(_join(folder, f"{split}_32x32.mat")) for split in ("train", "test", "extra")):
+      return folder
   return None
 
 
@@ -209,14 +224,15 @@ def read_svhn_mat(root: str, dataset: str, split: str) -> ArraySource:
   """
   import scipy.io  # pylint: disable=g-import-not-at-top  # only SVHN users pay its import
 
-  path = os.path.join(root, f"{split}_32x32.mat")
-  if not os.path.isfile(path):
+  path = _join(root, f"{split}_32x32.mat")
+  if not _is_file(path):
     raise errors.MissingDataError(
       f"{dataset} split {split!r} needs {path}, which does not exist; put SVHN's "
       f"{split}_32x32.mat (http://ufldl.stanford.edu/housenumbers/) there"
     )
   try:
-    content = scipy.io.loadmat(path)
+    with paths.path(path).open("rb") as f:
+      content = scipy.io.loadmat(f)
   except (scipy.io.matlab.MatReadError, ValueError, TypeError, NotImplementedError, OSError) as error:
     raise errors.DataError(f"{path} is not a MATLAB (v5) file as SVHN distributes it ({error})") from error
   if "X" not in content or "y" not in content:
@@ -237,16 +253,15 @@ def read_svhn_mat(root: str, dataset: str, split: str) -> ArraySource:
 def find_image_folder(data_dir: str, dataset: str) -> str | None:
   """`data_dir` if it has a `train/` or `val/` folder (ImageNet as class-per-folder JPEGs), else None."""
   del dataset  # imagenet2012 only
-  has_split = any(os.path.isdir(os.path.join(data_dir, folder)) for folder in _FOLDER_SPLITS.values())
-  return os.path.normpath(data_dir) if has_split else None
+  has_split = any(_is_dir(_join(data_dir, folder)) for folder in _FOLDER_SPLITS.values())
+  return _join(data_dir) if has_split else None
 
 
 def _class_folders(folder: str) -> list[str]:
   """Sorted names of the sub-folders of `folder`; raises ValueError when there are none."""
-  if not os.path.isdir(folder):
+  if not _is_dir(folder):
     raise errors.MissingDataError(f"{folder} does not exist: it must hold one sub-folder of images per class")
-  with os.scandir(folder) as entries:
-    entries = list(entries)
+  entries = list(paths.path(folder).iterdir())
   classes = sorted(entry.name for entry in entries if entry.is_dir())
   if not classes:
     loose = sum(entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in entries)
@@ -260,12 +275,21 @@ def _class_folders(folder: str) -> list[str]:
 
 def _images_under(folder: str) -> list[str]:
   """Image files under `folder` (recursively, following links), in sorted walk order, as ImageFolder lists them."""
+  walk = _remote_walk(folder) if paths.is_remote(folder) else os.walk(folder, followlinks=True)
   return [
-    os.path.join(path, name)
-    for path, _, names in sorted(os.walk(folder, followlinks=True))
+    _join(path, name)
+    for path, _, names in sorted(walk)
     for name in sorted(names)
     if name.lower().endswith(IMAGE_EXTENSIONS)
   ]
+
+
+def _remote_walk(folder: str) -> list[tuple[str, list[str], list[str]]]:
+  """`os.walk`'s (folder, sub-folder names, file names) triples for a URL folder, listed through `paths`."""
+  entries = list(paths.path(folder).iterdir())
+  folders = [entry.name for entry in entries if entry.is_dir()]
+  files = [entry.name for entry in entries if entry.name not in folders]
+  return [(folder, folders, files)] + [triple for name in folders for triple in _remote_walk(_join(folder, name))]
 
 
 def read_image_folder(root: str, dataset: str, split: str) -> ImageFolderSource:
@@ -279,16 +303,16 @@ def read_image_folder(root: str, dataset: str, split: str) -> ImageFolderSource:
   Returns:
     ImageFolderSource; its labels are positions of the class folders in their sorted names.
   """
-  folder = os.path.join(root, _FOLDER_SPLITS[split])
+  folder = _join(root, _FOLDER_SPLITS[split])
   classes = _class_folders(folder)
   for other in _FOLDER_SPLITS.values():
-    other_folder = os.path.join(root, other)
-    if other_folder != folder and os.path.isdir(other_folder) and _class_folders(other_folder) != classes:
+    other_folder = _join(root, other)
+    if other_folder != folder and _is_dir(other_folder) and _class_folders(other_folder) != classes:
       raise errors.DataError(
         f"{folder} and {other_folder} have different class folders, so their labels would not "
         f"agree; {dataset} needs the same class names in both"
       )
-  per_class = [_images_under(os.path.join(folder, name)) for name in classes]
+  per_class = [_images_under(_join(folder, name)) for name in classes]
   empty = [name for name, paths in zip(classes, per_class) if not paths]
   if empty:
     raise errors.DataError(
@@ -304,7 +328,7 @@ def read_image_folder(root: str, dataset: str, split: str) -> ImageFolderSource:
 
 def find_tfds(data_dir: str, dataset: str) -> str | None:
   """`data_dir` if it has a TFDS folder `<dataset>/`, else None."""
-  return os.path.normpath(data_dir) if os.path.isdir(os.path.join(data_dir, dataset)) else None
+  return _join(data_dir) if _is_dir(_join(data_dir, dataset)) else None
 
 
 def _tfds_hint(dataset: str, data_dir: str | None) -> str:
@@ -412,7 +436,7 @@ def resolve(data_format: str, dataset: str, data_dir: str | None) -> tuple[str, 
     return data_format, root
   if not data_dir:
     return "tfds", None
-  if not os.path.isdir(data_dir):
+  if not _is_dir(data_dir):
     raise errors.MissingDataError(
       f"data_dir={data_dir!r} is not a folder; point data.data_dir at the folder holding {dataset}"
     )

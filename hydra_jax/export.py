@@ -24,9 +24,7 @@ import csv
 import dataclasses
 import datetime
 import functools
-import glob
 import json
-import os
 import time
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -50,6 +48,7 @@ from hydra_jax import errors
 from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
+from hydra_jax import paths
 from hydra_jax import smoothing
 from hydra_jax import sources
 
@@ -237,7 +236,7 @@ def _checkpoint_meta(workdir: str, checkpoint: str | int) -> tuple[str, int, dic
   workdir without one is an error that names the runs under it, if any."""
   if checkpoint not in CHECKPOINTS and not isinstance(checkpoint, int):
     raise checkpoints.CheckpointError(f"checkpoint={checkpoint!r} must be 'latest', 'best' or a step number")
-  directory = os.path.join(workdir, "best") if checkpoint == "best" else workdir
+  directory = paths.join(workdir, "best") if checkpoint == "best" else workdir
   try:
     step, meta = checkpoints.read_meta(directory, checkpoint if isinstance(checkpoint, int) else None)
   except checkpoints.CheckpointError as error:
@@ -253,8 +252,9 @@ def runs_under(directory: str, depth: int = 3) -> list[str]:
   e.g. ['k0.05/finetune', 'k0.05/prune', 'pretrain'] for a stage='all' run."""
   found = []
   for level in range(1, depth + 1):
-    found += glob.glob(os.path.join(directory, *["*"] * level, "checkpoints"))
-  return sorted(os.path.relpath(os.path.dirname(path), directory) for path in found)
+    for path in paths.path(directory).glob("/".join(["*"] * level + ["checkpoints"])):
+      found.append("/".join(path.parent.parts[-level:]))
+  return sorted(found)
 
 
 def _stored_config(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -317,10 +317,11 @@ def write_per_example(path: str, examples: Mapping[str, np.ndarray]) -> None:
   the example counts as correct there; each column's mean is the accuracy `hydra-jax eval` prints.
   """
   if path.endswith(".npz"):
-    np.savez(path, **examples)
+    with paths.path(path).open("wb") as f:
+      np.savez(f, **examples)
     return
   names = list(examples)
-  with open(path, "w", newline="") as f:
+  with paths.path(path).open("w") as f:
     writer = csv.writer(f)
     writer.writerow(names)
     writer.writerows(zip(*(np.asarray(examples[name], np.int64) for name in names)))
@@ -361,13 +362,15 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
     state_dict = convert.to_torch_state_dict(
       variables, scores, model_name=config.model.name, input_shape=input_shape, as_torch=True
     )
-    torch.save(state_dict, out)
+    with paths.path(out).open("wb") as f:
+      torch.save(state_dict, f)
     classes = config_lib.num_classes(config)
     reference = convert.reference_model(config.model.name, classes, input_shape, subnet=scores is not None)
   else:
     tree = {**variables, **({"scores": scores} if scores is not None else {})}
     flat = {masking.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    np.savez(out, **flat)
+    with paths.path(out).open("wb") as f:
+      np.savez(f, **flat)
   size = sparse_size(run.variables["params"])
   report = masking.sparsity_report(run.variables["params"])
   return (
@@ -437,10 +440,11 @@ def certify_checkpoint(
   logits_fn = jax.tree_util.Partial(lambda variables, x: apply_fn(variables, x, False)[0], run.variables)
   examples, indices = _certify_examples(config, skip, max_examples)
   key = jax.random.PRNGKey(config.seed)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   rows = []
-  with open(os.path.join(out_dir, "certify.tsv"), "w") as tsv:
-    print("idx\tlabel\tpredict\tradius\tcorrect\ttime", file=tsv, flush=True)
+  tsv = paths.Appender(paths.join(out_dir, "certify.tsv"), keep=False)
+  try:
+    tsv.write("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
     for index in tqdm(indices, desc=f"certify sigma={sigma}", disable=not progress):
       example = examples.batch_at(index)
       label, start = int(example["label"][0]), time.time()
@@ -455,12 +459,12 @@ def certify_checkpoint(
         batch_size=batch_size,
       )
       rows.append((predicted, label, radius))
-      print(
+      tsv.write(
         f"{index}\t{label}\t{predicted}\t{radius:.6g}\t{int(predicted == label)}\t"
-        f"{datetime.timedelta(seconds=time.time() - start)}",
-        file=tsv,
-        flush=True,
+        f"{datetime.timedelta(seconds=time.time() - start)}\n"
       )
+  finally:
+    tsv.close()
   settings = {
     "checkpoint": workdir,
     "stage": run.meta.get("stage"),
@@ -494,9 +498,9 @@ def _write_certified_accuracy(
     "radii": [float(r) for r in radii],
     "certified_accuracy": [float(a) for a in accuracy],
   }
-  with open(os.path.join(out_dir, "certified_accuracy.txt"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(out_dir, "certified_accuracy.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  smoothing.plot_certified_accuracy(os.path.join(out_dir, "certified_accuracy.png"), correct, radius, title=title)
+  out = paths.path(out_dir)
+  (out / "certified_accuracy.txt").write_text(table + "\n")
+  (out / "certified_accuracy.json").write_text(json.dumps(summary, indent=2))
+  with (out / "certified_accuracy.png").open("wb") as f:
+    smoothing.plot_certified_accuracy(f, correct, radius, title=title)
   return {**summary, "table": table}

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
 import numpy as np
+
+from hydra_jax import paths
 
 
 class MetricWriter:
@@ -25,19 +26,19 @@ class MetricWriter:
 
   def __init__(self, workdir: str, tensorboard: bool):
     self.active = jax.process_index() == 0
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.active else None
+    self._jsonl = paths.Appender(paths.join(workdir, "metrics.jsonl")) if self.active else None
     self._tb = None
     if self.active and tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top  (optional dependency)
 
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      paths.register_tensorboard_writers()
+      self._tb = tensorboardX.SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     """Appends one line (and TensorBoard scalars '<split>/<name>') for `step`."""
     if not self.active:
       return
     self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-    self._jsonl.flush()
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(f"{split}/{name}", value, step)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -23,6 +22,7 @@ from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import masking
 from hydra_jax import parallel
+from hydra_jax import paths
 from hydra_jax import sources
 from hydra_jax import train
 
@@ -121,9 +121,9 @@ def run_baseline(config: ml_collections.ConfigDict, name: str, source_dir: str, 
   Returns:
     The finetune stage's summary (kept_fraction, clean / PGD accuracy, ...) with 'method': name.
   """
-  mask_dir, train_dir = os.path.join(workdir, "mask"), os.path.join(workdir, "train")
+  mask_dir, train_dir = paths.join(workdir, "mask"), paths.join(workdir, "train")
   if name == "admm":
-    phase_dir = os.path.join(workdir, "phase")
+    phase_dir = paths.join(workdir, "phase")
     train.run_stage(config_lib.stage_config(config, "admm", source=source_dir), phase_dir)
     source_dir = phase_dir
   if not _has_checkpoint(mask_dir):
@@ -153,30 +153,29 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
   interruption continues where it stopped. Returns one summary row per trained model ('method': dense, hydra
   (prune only), hydra, then each baseline's name), also written to summary.json.
   """
-  pretrain_dir = os.path.join(workdir, "pretrain")
+  pretrain_dir = paths.join(workdir, "pretrain")
   rows = [{"method": "dense", **train.run_stage(config_lib.stage_config(config, "pretrain"), pretrain_dir)}]
   for k in config.ks:
-    branch = os.path.join(workdir, f"k{k:g}")
+    branch = paths.join(workdir, f"k{k:g}")
     prune_config = config_lib.stage_config(config, "prune", source=pretrain_dir, k=k)
-    prune = train.run_stage(prune_config, os.path.join(branch, "prune"))
+    prune = train.run_stage(prune_config, paths.join(branch, "prune"))
     rows.append({"method": "hydra (prune only)", **prune})
-    finetune_dir = os.path.join(branch, "finetune")
+    finetune_dir = paths.join(branch, "finetune")
     rows.append(
       {
         "method": "hydra",
         **train.run_stage(
-          config_lib.stage_config(config, "finetune", source=os.path.join(branch, "prune"), k=k), finetune_dir
+          config_lib.stage_config(config, "finetune", source=paths.join(branch, "prune"), k=k), finetune_dir
         ),
       }
     )
     for name in (name for name in config.baselines if name != "str"):
-      rows.append(_run_baseline_at_k(config, name, k, pretrain_dir, os.path.join(branch, name)))
+      rows.append(_run_baseline_at_k(config, name, k, pretrain_dir, paths.join(branch, name)))
   if "str" in config.baselines:
-    str_run = train.run_stage(config_lib.stage_config(config, "str"), os.path.join(workdir, "str"))
+    str_run = train.run_stage(config_lib.stage_config(config, "str"), paths.join(workdir, "str"))
     rows.append({"method": "str", **str_run})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(rows, f, indent=2)
+    (paths.path(workdir) / "summary.json").write_text(json.dumps(rows, indent=2))
   return rows
 
 
@@ -203,8 +202,16 @@ def _agreed_settings(config: ml_collections.ConfigDict, workdir: str) -> dict[st
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Runs `config.stage` in `workdir`: one stage's summary dict, or for 'all' the list of pipeline rows."""
+  """Runs `config.stage` in `workdir`: one stage's summary dict, or for 'all' the list of pipeline rows.
+
+  Every path (workdir, source, data_dir, semisup_path) may be a `gs://` URL; one that cannot be reached is a
+  one-line `paths.PathError` before anything is written. SIGTERM / SIGINT stop every stage after its current
+  step with a checkpoint there (`preemption.Preempted`); rerunning resumes.
+  """
   config_lib.check_config(config)
+  for location in (workdir, config.source, config.data.data_dir, config.data.semisup_path):
+    if location:
+      paths.check_access(location)
   if parallel.init_from_config(config.parallel):
     parallel.check_processes_agree(_agreed_settings(config, workdir), timeout_s=config.parallel.timeout_s)
   if config.stage == "all":

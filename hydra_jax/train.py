@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import signal
 from typing import Any
 
 import flax
@@ -43,6 +43,8 @@ from hydra_jax import models
 from hydra_jax import objectives
 from hydra_jax import optim
 from hydra_jax import parallel
+from hydra_jax import paths
+from hydra_jax import preemption
 from hydra_jax import sources
 
 
@@ -256,7 +258,7 @@ def _resume(state: TrainState, ckpt: checkpoints.Checkpoints) -> tuple[TrainStat
   if ckpt.latest_step() is None:
     return state, None
   abstract = jax.eval_shape(lambda s: {"model": _model_item(s), "train": _train_item(s)}, state)
-  items, meta = ckpt.restore(abstract)
+  items, meta = ckpt.restore_intact(abstract)
   return state.replace(**items["model"], **items["train"]), meta.get("metrics")
 
 
@@ -265,7 +267,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
   A rerun of the same command continues from the last checkpoint and ends with exactly the params of an
   uninterrupted run. Nothing in `workdir` is written before the config and any checkpoint there have been
-  read and checked. Every random draw happens under `config_lib.prng_scope(config)`.
+  read and checked. Every random draw happens under `config_lib.prng_scope(config)`. On SIGTERM or SIGINT the
+  stage finishes its step, saves it (every process the same step) and raises `preemption.Preempted`.
   """
   config_lib.check_config(config)
   with config_lib.prng_scope(config):
@@ -327,6 +330,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   device_state = runner.put_state(state)
   history = []
   writer = metrics_lib.MetricWriter(workdir, config.log.tensorboard)
+  signals = preemption.StopSignals()
   progress = tqdm.tqdm(
     total=stop,
     initial=start,
@@ -334,10 +338,12 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     unit="step",
     disable=not (config.log.progress and jax.process_index() == 0),
   )
+  stopped = 0
   try:
     batches = data.iterate(
       train_data, range(start, stop), prefetch=config.data.prefetch, worker_count=config.data.workers
     )
+    signals.install()
     for done in range(start + 1, stop + 1):
       device_state, step_metrics = runner(device_state, runner.put_batch(next(batches)))
       history.append(step_metrics)
@@ -351,6 +357,9 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         eval_every_epochs=config.eval.every_epochs,
         save_every=config.checkpoint.every_steps,
       )
+      stopped = signals.stop_signal()  # every process agrees: all save this step and stop
+      if stopped:
+        todo = todo._replace(log=True, save=True)
       if todo.log:
         train_metrics, history = metrics_lib.mean_metrics(history), []
         metrics_lib.check_finite(train_metrics, done, ckpt.latest_step(), ckpt.workdir)
@@ -363,10 +372,20 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         writer.write(done, "eval", eval_metrics)
       if todo.save:
         save(done, eval_metrics if todo.evaluate else None)
+      if stopped:
+        break
   finally:
     progress.close()
     writer.close()
     ckpt.close()
+    signals.restore()
+  if stopped:
+    raise preemption.Preempted(
+      stopped,
+      done,
+      f"stopped by {signal.Signals(stopped).name} after step {done} of {total_steps} of stage {stage}; "
+      f"the checkpoint of step {done} is in {paths.join(workdir, 'checkpoints')}: rerun the same command to resume",
+    )
   final = runner.get_state(device_state)
   return _summarize(config, total_steps, eval_metrics, workdir, sources.sparsity(final, config, hooks), int(final.step))
 
@@ -388,6 +407,5 @@ def _summarize(
     **(eval_metrics or {}),
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    (paths.path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 # The partitionable threefry PRNG (JAX's default) takes seconds to compile per random op on this CPU; the
@@ -17,3 +18,13 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A local Cloud Storage emulator with bucket `bucket` (tests/gcs_emulator.py), one per session: gcsfs keeps
+  one client per process, bound to the first endpoint it sees."""
+  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  with gcs_emulator.emulator() as url:
+    yield url

@@ -172,8 +172,64 @@ def test_corrupt_files_raise_checkpoint_errors(tmp_path):
   before = tree_digest(workdir)
   with pytest.raises(checkpoints.CheckpointError, match="cannot read the metadata of checkpoint .* step 1"):
     checkpoints.read_meta(workdir)
-  with pytest.raises(checkpoints.CheckpointError, match="step 1 does not match the expected state"):
+  with pytest.raises(checkpoints.CheckpointError, match="step 1 (does not match the expected state|is unreadable)"):
     checkpoints.restore(workdir, {"model": abstract()["model"]})
+  assert tree_digest(workdir) == before
+
+
+def flip_array_bytes(step_dir):
+  """Flips 8 bytes in the middle of every array data file of the step's 'model' item (orbax's merged OCDBT)."""
+  data_dir = os.path.join(step_dir, "model", "d")
+  for name in os.listdir(data_dir):
+    with open(os.path.join(data_dir, name), "r+b") as f:
+      data = bytearray(f.read())
+      middle = len(data) // 2
+      data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+      f.seek(0)
+      f.write(data)
+
+
+def test_a_damaged_step_is_named_in_one_line(tmp_path):
+  workdir = str(tmp_path)
+  save_steps(workdir, [1, 2])
+  flip_array_bytes(os.path.join(workdir, "checkpoints", "2"))
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    checkpoints.restore(workdir, abstract())
+  message = str(error.value)
+  assert message.startswith(f"checkpoint {workdir} step 2 is unreadable: its files are damaged (ValueError: DATA_LOSS")
+  assert "\n" not in message and len(message) < 400
+
+
+def test_a_resume_skips_damaged_steps_to_the_latest_readable_one_with_a_warning(tmp_path, capsys):
+  workdir = str(tmp_path)
+  save_steps(workdir, [1, 2, 3])
+  for step in (2, 3):
+    flip_array_bytes(os.path.join(workdir, "checkpoints", str(step)))
+  ckpt = checkpoints.Checkpoints(workdir, async_save=False)
+  items, meta = ckpt.restore_intact(abstract())
+  assert meta["step"] == 1
+  assert_items_equal(items, make_items(scale=1.0))
+  warnings = capsys.readouterr().err
+  assert "step 3 is unreadable" in warnings and "step 2 is unreadable" in warnings
+  assert "resuming from step 1, the latest readable one" in warnings
+  # The damaged steps are kept aside, so that the resumed run saves steps 2 and 3 again.
+  assert ckpt.latest_step() == 1
+  assert sorted(n for n in os.listdir(workdir) if n.startswith("unreadable")) == [
+    "unreadable_checkpoint_2",
+    "unreadable_checkpoint_3",
+  ]
+  ckpt.save(2, make_items(scale=-2.0), meta={"step": 2}, sparsity="{}")
+  ckpt.close()
+  assert checkpoints.read_meta(workdir)[0] == 2
+
+
+def test_a_resume_with_no_readable_step_raises_and_moves_nothing(tmp_path):
+  workdir = str(tmp_path)
+  save_steps(workdir, [1])
+  flip_array_bytes(os.path.join(workdir, "checkpoints", "1"))
+  before = tree_digest(workdir)
+  with pytest.raises(checkpoints.CheckpointError, match="step 1 is unreadable"):
+    checkpoints.Checkpoints(workdir, async_save=False).restore_intact(abstract())
   assert tree_digest(workdir) == before
 
 

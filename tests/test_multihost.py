@@ -45,11 +45,11 @@ TOTAL_STEPS = 6
 class Job:
   """One run of `hydra_jax train`: `processes` processes with `devices` CPU devices each (or one count each).
 
-  `process_flags[i]` are extra flags of process i. Output goes to files beside the workdir (pipes could fill
-  up and stall a process, and with it the whole run).
+  `process_flags[i]` are extra flags of process i. Output goes to files beside the workdir, or beside `logs`
+  for a URL workdir (pipes could fill up and stall a process, and with it the whole run).
   """
 
-  def __init__(self, workdir, processes, devices, *flags, cache=None, process_flags=None, config=CONFIG):
+  def __init__(self, workdir, processes, devices, *flags, cache=None, process_flags=None, config=CONFIG, logs=None):
     port = portpicker.pick_unused_port()
     self.workdir, self.procs, self.logs = str(workdir), [], []
     counts = [devices] * processes if isinstance(devices, int) else devices
@@ -73,8 +73,8 @@ class Job:
       }
       if cache:  # relaunches compile the same programs: share them
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-      logs = [f"{self.workdir}.{index}.{stream}" for stream in ("stdout", "stderr")]
-      with open(logs[0], "w") as out, open(logs[1], "w") as err:
+      files = [f"{logs or self.workdir}.{index}.{stream}" for stream in ("stdout", "stderr")]
+      with open(files[0], "w") as out, open(files[1], "w") as err:
         self.procs.append(
           subprocess.Popen(
             [
@@ -97,7 +97,7 @@ class Job:
             stderr=err,
           )
         )
-      self.logs.append(logs)
+      self.logs.append(files)
 
   def wait(self, check=True, timeout=600):
     """[(returncode, stdout, stderr)] per process; with `check`, raises unless every process succeeded."""

@@ -1,0 +1,238 @@
+"""Runs on Cloud Storage (a real local GCS emulator, tests/gcs_emulator.py) and runs stopped by a signal.
+
+The runs are configs/digits_demo.py's pretrain stage shrunk to a few steps (vgg_tiny on 8x8 digits, PGD-1 AT),
+as in tests/test_multihost.py. Checkpoints on the bucket go through orbax's own gs:// support (TensorStore);
+everything else through hydra_jax.paths (gcsfs).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from hydra_jax import checkpoints
+from hydra_jax import data_formats
+from hydra_jax import export
+from hydra_jax import paths
+from hydra_jax import pipeline
+from tests import test_data_formats
+from tests import test_multihost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = test_multihost.TOTAL_STEPS  # 3 epochs of 2 steps
+
+
+def tiny_config(**overrides):
+  """test_multihost's run (the CLI flags TINY) as a config, for runs inside this process."""
+  config = test_multihost.config()
+  config.data.data_fraction, config.stages.pretrain.epochs, config.stages.pretrain.lr = 0.1, 3, 0.2
+  config.eval.every_epochs, config.eval.steps, config.objective.steps = 1, 1, 1
+  config.log.progress, config.log.every_steps, config.checkpoint.keep = False, 1, 3
+  for key, value in overrides.items():
+    config.update_from_flattened_dict({key: value})
+  return config
+
+
+def assert_bitwise_equal(got, want):
+  leaves = jax.tree.leaves(want)
+  assert leaves and len(jax.tree.leaves(got)) == len(leaves)
+  for a, b in zip(jax.tree.leaves(got), leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_run_on_a_bucket_resumes_and_equals_the_same_run_on_local_disk(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a path mistaken for local would appear here as gs:/...
+  local, url = str(tmp_path / "local"), "gs://bucket/digits"
+  pipeline.train_and_evaluate(tiny_config(), local)
+  assert pipeline.train_and_evaluate(tiny_config(stop_after_steps=3), url)["step"] == 3
+  summary = pipeline.train_and_evaluate(tiny_config(**{"log.tensorboard": True}), url)
+  assert summary["step"] == TOTAL_STEPS and checkpoints.read_meta(url)[0] == TOTAL_STEPS
+
+  config = tiny_config()
+  assert_bitwise_equal(export.load_run(url, config=config).variables, export.load_run(local, config=config).variables)
+  run = epath.Path(url)
+  lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines if line["split"] == "train"] == list(range(1, TOTAL_STEPS + 1))
+  assert json.loads((run / "summary.json").read_text()) == summary
+  assert json.loads((run / "config.json").read_text())["seed"] == config.seed
+  assert [p.name for p in (run / "tensorboard").iterdir()][0].startswith("events.out.tfevents")
+
+  evaluated = export.evaluate_checkpoint(config, url, methods=["pgd_linf"], progress=False)
+  assert evaluated["clean"] == summary["clean"]  # the run's own last evaluation, of the same weights
+  export.export_checkpoint(config, url, f"{url}/model.npz")
+  export.export_checkpoint(config, local, str(tmp_path / "model.npz"))
+  with (run / "model.npz").open("rb") as f, np.load(f) as remote, np.load(tmp_path / "model.npz") as here:
+    assert sorted(remote) == sorted(here) and all(np.array_equal(remote[k], here[k]) for k in here)
+  settings = dict(sigma=0.25, n0=10, n=100, batch_size=100, max_examples=2, progress=False)
+  certified = export.certify_checkpoint(config, url, f"{url}/certify", **settings)
+  assert len((run / "certify" / "certify.tsv").read_text().splitlines()) == 1 + 2
+  assert json.loads((run / "certify" / "certified_accuracy.json").read_text())["num_examples"] == 2
+  assert certified["num_examples"] == 2
+  assert (run / "certify" / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+  assert sorted(os.listdir(tmp_path)) == ["local", "model.npz"]  # nothing named after a URL
+
+
+@pytest.mark.parametrize(
+  "key, location, env, message",
+  [
+    ("workdir", "s5://bucket/run", {}, "s5://bucket/run: unknown URL scheme 's5://'"),
+    ("workdir", "gs://nosuch/run", {}, "gs://nosuch/run: bucket gs://nosuch does not exist"),
+    ("data.data_dir", "gs://nosuch/data", {}, "gs://nosuch/data: bucket gs://nosuch does not exist"),
+    (
+      "workdir",
+      "gs://bucket/run",
+      {"STORAGE_EMULATOR_HOST": None, "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"},
+      "gs://bucket/run: no Google Cloud credentials",
+    ),
+  ],
+)
+def test_unreachable_paths_are_one_line_errors_that_create_nothing(
+  gcs, tmp_path, monkeypatch, key, location, env, message
+):
+  monkeypatch.chdir(tmp_path)
+  for name, value in env.items():
+    monkeypatch.delenv(name) if value is None else monkeypatch.setenv(name, value)
+  config = tiny_config(**({"data.data_dir": location} if key != "workdir" else {}))
+  with pytest.raises(paths.PathError, match=message) as error:
+    pipeline.train_and_evaluate(config, location if key == "workdir" else str(tmp_path / "run"))
+  assert "\n" not in str(error.value)
+  assert os.listdir(tmp_path) == []
+
+
+def cli(*args, cwd, env=None, **popen):
+  """`python -m hydra_jax ARGS` (single device), as a Popen."""
+  env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
+  return subprocess.Popen([sys.executable, "-m", "hydra_jax", *args], cwd=cwd, env=env, text=True, **popen)
+
+
+def test_the_command_line_names_an_unknown_scheme_in_one_line(tmp_path):
+  proc = cli(
+    "train", "--config", os.path.join(ROOT, "configs/digits_demo.py"), "--workdir", "xyz://bucket/run",
+    cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  )  # fmt: skip
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  assert err.splitlines()[0] == (
+    "hydra-jax train: error: xyz://bucket/run: unknown URL scheme 'xyz://'; hydra_jax reads and writes local "
+    "paths and gs:// URLs"
+  )
+  assert os.listdir(tmp_path) == []
+
+
+# A stage long enough to be stopped part-way: all 1437 digits in batches of 64, 22 steps, one epoch (saved at
+# its end only), a train log line per step; plain training (the signal handling does not depend on the objective).
+LONG = [
+  "--config", os.path.join(ROOT, "configs/digits_demo.py:model=vgg_tiny,objective=benign"),
+  "--config.stage=pretrain", "--config.data.image_size=8", "--config.stages.pretrain.epochs=1",
+  "--config.eval.steps=1", "--config.log.progress=false", "--config.log.every_steps=1",
+]  # fmt: skip
+LONG_STEPS = 1437 // 64
+
+
+def train_lines(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  return sum('"train"' in line for line in open(path)) if os.path.exists(path) else 0
+
+
+def signal_after_two_steps(procs, workdir, signum):
+  """Sends `signum` to `procs` once the run has logged 2 steps; returns the time it was sent."""
+  while train_lines(workdir) < 2:
+    assert all(p.poll() is None for p in procs), "the run ended before the signal"
+    time.sleep(0.02)
+  for proc in procs:
+    proc.send_signal(signum)
+  return time.monotonic()
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_ends_with_the_uninterrupted_params(tmp_path):
+  stopped, whole = str(tmp_path / "stopped"), str(tmp_path / "whole")
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  uninterrupted = cli("train", *LONG, "--workdir", whole, cwd=tmp_path, env=cache, stdout=subprocess.DEVNULL)
+  proc = cli(
+    "train", *LONG, "--workdir", stopped, cwd=tmp_path, env=cache, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+  )
+  sent = signal_after_two_steps([proc], stopped, signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert time.monotonic() - sent < 30
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  step, meta = checkpoints.read_meta(stopped)
+  assert 2 <= step < LONG_STEPS and meta["stage"] == "pretrain"
+  assert f"stopped by SIGTERM after step {step} of {LONG_STEPS} of stage pretrain" in err.splitlines()[-1]
+  assert "rerun the same command to resume" in err.splitlines()[-1]
+  assert train_lines(stopped) == step  # every step it ran was logged, nothing after the save
+  rerun = cli("train", *LONG, "--workdir", stopped, cwd=tmp_path, env=cache, stdout=subprocess.DEVNULL)
+  assert rerun.wait(300) == 0 and uninterrupted.wait(300) == 0
+  config = test_multihost.config()
+  assert_bitwise_equal(
+    export.load_run(stopped, config=config).variables, export.load_run(whole, config=config).variables
+  )
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_when_only_process_1_is_signalled(tmp_path):
+  flags = ["--config.data.data_fraction=1.0", "--config.stages.pretrain.epochs=1"]
+  whole = test_multihost.Job(tmp_path / "whole", 2, 2, *flags)
+  job = test_multihost.Job(tmp_path / "stopped", 2, 2, *flags)
+  signal_after_two_steps(job.procs[1:], str(tmp_path / "stopped"), signal.SIGTERM)
+  results = job.wait(check=False, timeout=300)
+  assert [code for code, _, _ in results] == [128 + signal.SIGTERM] * 2, results
+  step = checkpoints.read_meta(str(tmp_path / "stopped"))[0]
+  assert all(f"after step {step} of {LONG_STEPS}" in err for _, _, err in results)
+  test_multihost.Job(tmp_path / "stopped", 2, 2, *flags).wait()
+  whole.wait()
+  config = test_multihost.config()
+  assert_bitwise_equal(
+    export.load_run(str(tmp_path / "stopped"), config=config).variables,
+    export.load_run(str(tmp_path / "whole"), config=config).variables,
+  )
+
+
+@pytest.mark.slow
+def test_two_processes_write_to_a_bucket_and_resume_from_it(gcs, tmp_path):
+  url = "gs://bucket/multihost"
+  local = test_multihost.Job(tmp_path / "local", 2, 2)
+  test_multihost.Job(url, 2, 2, "--config.stop_after_steps=3", logs=tmp_path / "gs").wait()
+  assert checkpoints.read_meta(url)[0] == 3
+  test_multihost.Job(url, 2, 2, logs=tmp_path / "gs").wait()
+  local.wait()
+  config = test_multihost.config()
+  assert checkpoints.read_meta(url)[0] == TOTAL_STEPS
+  assert_bitwise_equal(
+    export.load_run(url, config=config).variables, export.load_run(str(tmp_path / "local"), config=config).variables
+  )
+
+
+def upload(local_root, url):
+  """Copies every file under `local_root` to `url` (through the path layer)."""
+  for folder, _, names in os.walk(local_root):
+    for name in names:
+      relative = os.path.relpath(os.path.join(folder, name), local_root)
+      (epath.Path(url) / relative).write_bytes(open(os.path.join(folder, name), "rb").read())
+
+
+@pytest.mark.parametrize(
+  "dataset, split, write",
+  [
+    ("cifar10", "train", lambda root: test_data_formats._write_cifar10(os.path.join(root, "cifar-10-batches-py"))),
+    ("svhn_cropped", "test", lambda root: test_data_formats._write_svhn(root, "test", 7)),
+    ("imagenet2012", "train", lambda root: test_data_formats._write_tree(root, "train", ["b", "a"])),
+  ],
+)
+def test_dataset_files_read_from_a_bucket_equal_the_local_files(gcs, tmp_path, dataset, split, write):
+  local, url = str(tmp_path / "data"), f"gs://bucket/data_{dataset}"
+  write(local)
+  upload(local, url)
+  formats = [data_formats.resolve("auto", dataset, where) for where in (local, url)]
+  assert formats[0][0] == formats[1][0] and formats[1][1].startswith(url)
+  here, there = (data_formats.load(fmt, root, dataset, split) for fmt, root in formats)
+  assert len(here) == len(there) > 0
+  for index in range(len(here)):
+    assert there[index]["label"] == here[index]["label"]
+    np.testing.assert_array_equal(there[index]["image"], here[index]["image"])
