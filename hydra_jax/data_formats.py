@@ -12,7 +12,9 @@ files as they are (no TensorFlow, no download):
 | `svhn_mat`     | svhn_cropped              | `train_32x32.mat`, `test_32x32.mat`, `extra_32x32.mat` (or `SVHN/`)     |
 | `image_folder` | imagenet2012              | `train/<class>/*.JPEG`, `val/<class>/*.JPEG` (torchvision's ImageFolder)|
 
-The CIFAR and SVHN sub-folders are also found under the reference's `CIFAR10/`, `CIFAR100/` and `SVHN/` roots.
+`data_dir` may be a local folder or a `gs://` URL (read through `hydra_jax.paths`; TFDS's ArrayRecord files
+through a local copy of the split, see `read_tfds`). The CIFAR and SVHN sub-folders are also found under the
+reference's `CIFAR10/`, `CIFAR100/` and `SVHN/` roots.
 `data.format='auto'` picks the one format whose files `data_dir` holds (TFDS's default directory when
 `data_dir` is empty); when it holds a dataset in two formats, `data.format` must choose.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -339,8 +342,11 @@ def _tfds_hint(dataset: str, data_dir: str | None) -> str:
 def read_tfds(root: str | None, dataset: str, split: str) -> Sequence[Any]:
   """One split of a TFDS dataset prepared in ArrayRecord format (`tfds.data_source`; TensorFlow not needed).
 
+  From a URL (`gs://...`), the split's files are read from a copy in the local cache (`_tfds_local_copy`):
+  ArrayRecord's reader opens its files in C++, which reads local paths only.
+
   Args:
-    root: TFDS data directory (None: TFDS's default, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+    root: TFDS data directory, local or a URL (None: TFDS's default, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
     dataset: TFDS builder name, e.g. "cifar10".
     split: TFDS split name.
 
@@ -351,8 +357,9 @@ def read_tfds(root: str | None, dataset: str, split: str) -> Sequence[Any]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
+    data_dir = _tfds_local_copy(root, dataset, split) if root and paths.is_remote(root) else root
     return tfds.data_source(
-      dataset, split=split, data_dir=root, download=False, builder_kwargs={"file_format": "array_record"}
+      dataset, split=split, data_dir=data_dir, download=False, builder_kwargs={"file_format": "array_record"}
     )
   except (KeyError, FileNotFoundError, AssertionError) as error:
     raise errors.MissingDataError(
@@ -360,6 +367,31 @@ def read_tfds(root: str | None, dataset: str, split: str) -> Sequence[Any]:
       f"data_dir={root or '(TFDS default)'!r}. Prepare it with {_tfds_hint(dataset, root)}, or "
       "point data.data_dir at the files you have (see data.format)"
     ) from error
+
+
+def _tfds_local_copy(root: str, dataset: str, split: str) -> str:
+  """A local TFDS data directory holding the copy of `<root>/<dataset>/<version>/` that `split` reads.
+
+  The version is the one TFDS reads (the builder's); the copy holds the split's shards and every file that is
+  not a shard (dataset_info.json, features.json, label files), not the other splits' shards.
+
+  Raises:
+    FileNotFoundError: `root` has no folder of that version (nothing is copied).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  folder = _join(root, dataset, str(tfds.builder_cls(dataset).VERSION))
+  if not _is_dir(folder):
+    raise FileNotFoundError(folder)
+  # Shards are named `<dataset>-<split>.<file format>-<index>-of-<count>` (TFDS's naming).
+  shard = re.compile(rf"{re.escape(dataset)}-(?P<split>.+)\.\w+-\d{{5}}-of-\d{{5}}")
+  names = [
+    file.name
+    for file in paths.path(folder).iterdir()
+    if file.is_file() and ((match := shard.fullmatch(file.name)) is None or match["split"] == split)
+  ]
+  paths.cached_copy(folder, names)
+  return paths.cache_path(root)
 
 
 # ----------------------------------------------------------------------------------------------- registry

@@ -14,14 +14,23 @@ flush (metrics.jsonl, TensorBoard event files), and appends in place on a local 
   (run / 'config.json').write_text('{}')
   paths.join('gs://bucket/runs/x', 'checkpoints')   # 'gs://bucket/runs/x/checkpoints'
 
+Readers that open files in C++ and take local paths only (ArrayRecord's, under TFDS) read a copy that
+`cached_copy` makes once in a local cache (`$HYDRA_JAX_CACHE`, else `~/.cache/hydra_jax`):
+
+  local = paths.cached_copy('gs://bucket/tfds/cifar10/3.0.2', ['dataset_info.json', ...])
+
 Tests and local development reach a GCS emulator through `STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage)
 and `TENSORSTORE_GCS_HTTP_URL` (orbax's TensorStore); with the emulator no credentials are needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import posixpath
 import re
+import shutil
+import tempfile
 
 import fsspec
 from etils import epath
@@ -112,6 +121,60 @@ def check_access(location: str | os.PathLike) -> None:
       f"{location}: bucket gs://{bucket} does not exist (or this account cannot see it); create it with "
       f"`gcloud storage buckets create gs://{bucket}` or fix the name"
     )
+
+
+def cache_dir() -> str:
+  """The local folder of copies of remote files: `$HYDRA_JAX_CACHE`, else `~/.cache/hydra_jax`."""
+  return os.environ.get("HYDRA_JAX_CACHE") or os.path.expanduser(os.path.join("~", ".cache", "hydra_jax"))
+
+
+def cache_path(location: str | os.PathLike) -> str:
+  """Where `cached_copy` puts the URL `location`: `<cache_dir>/<scheme>/<bucket>/<path>` (one folder per URL)."""
+  location = os.fspath(location)
+  relative = posixpath.normpath("/" + location.split("://", 1)[1]).lstrip("/")  # no '..' above the cache
+  return os.path.join(cache_dir(), scheme(location), *relative.split("/"))
+
+
+def cached_copy(location: str | os.PathLike, names: list[str]) -> str:
+  """The local copy of the files `names` of the remote folder `location`, made once in the local cache.
+
+  A file already there with the remote one's size and modification time (set on each copy) is kept; any other
+  (missing, damaged, or older or newer than the remote one) is copied to a temporary name in the same
+  folder and renamed, so an interrupted copy is never read under its name. Each process that calls this (every
+  host of a multi-host run, each with its own disk) makes or reuses its own copy.
+
+  Args:
+    location: a folder URL (`gs://bucket/...`).
+    names: names of files in it.
+
+  Returns:
+    `cache_path(location)`, the local folder holding the copies.
+  """
+  remote, local = path(location), cache_path(location)
+  os.makedirs(local, exist_ok=True)
+  for name in names:
+    source, target = remote / name, os.path.join(local, name)
+    stat = source.stat()
+    size, mtime = stat.length, int(stat.mtime)
+    if os.path.isfile(target) and (os.path.getsize(target), int(os.path.getmtime(target))) == (size, mtime):
+      continue
+    _copy_atomically(source, target, mtime)
+  return local
+
+
+def _copy_atomically(source: epath.Path, target: str, mtime: int) -> None:
+  """Copies `source` to the local file `target`, given modification time `mtime` (seconds since the epoch),
+  through a temporary file beside it (removed on failure)."""
+  handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.")
+  try:
+    with os.fdopen(handle, "wb") as writer, source.open("rb") as reader:
+      shutil.copyfileobj(reader, writer, 16 << 20)
+    os.utime(temporary, (mtime, mtime))
+    os.replace(temporary, target)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(temporary)
+    raise
 
 
 class Appender:

@@ -223,10 +223,12 @@ def upload(local_root, url):
     ("cifar10", "train", lambda root: test_data_formats._write_cifar10(os.path.join(root, "cifar-10-batches-py"))),
     ("svhn_cropped", "test", lambda root: test_data_formats._write_svhn(root, "test", 7)),
     ("imagenet2012", "train", lambda root: test_data_formats._write_tree(root, "train", ["b", "a"])),
+    ("cifar10", "test", test_data_formats._write_tfds_cifar10),  # TFDS ArrayRecord files (cifar10/3.0.2/)
   ],
 )
-def test_dataset_files_read_from_a_bucket_equal_the_local_files(gcs, tmp_path, dataset, split, write):
-  local, url = str(tmp_path / "data"), f"gs://bucket/data_{dataset}"
+def test_dataset_files_read_from_a_bucket_equal_the_local_files(gcs, tmp_path, monkeypatch, dataset, split, write):
+  monkeypatch.setenv("HYDRA_JAX_CACHE", str(tmp_path / "cache"))  # where TFDS's files are copied to
+  local, url = str(tmp_path / "data"), f"gs://bucket/{tmp_path.name}"  # one folder per case
   write(local)
   upload(local, url)
   formats = [data_formats.resolve("auto", dataset, where) for where in (local, url)]
@@ -236,3 +238,46 @@ def test_dataset_files_read_from_a_bucket_equal_the_local_files(gcs, tmp_path, d
   for index in range(len(here)):
     assert there[index]["label"] == here[index]["label"]
     np.testing.assert_array_equal(there[index]["image"], here[index]["image"])
+
+
+def test_tfds_files_in_a_bucket_are_read_from_one_local_copy_of_the_split(gcs, tmp_path, monkeypatch):
+  cache, url = tmp_path / "cache", "gs://bucket/tensorflow_datasets"
+  monkeypatch.setenv("HYDRA_JAX_CACHE", str(cache))
+  test_data_formats._write_tfds_cifar10(tmp_path / "data")
+  upload(tmp_path / "data", url)
+  assert data_formats.resolve("auto", "cifar10", url) == ("tfds", url)
+  source = data_formats.load("tfds", url, "cifar10", "train")
+  copy = cache / "gs" / "bucket" / "tensorflow_datasets" / "cifar10" / "3.0.2"
+  names = ["cifar10-train.array_record-00000-of-00001", "dataset_info.json", "features.json"]
+  assert sorted(os.listdir(copy)) == names  # the train split's files and the metadata, not the test split's
+  shard = copy / names[0]
+  assert shard.read_bytes() == (tmp_path / "data" / "cifar10" / "3.0.2" / names[0]).read_bytes()
+
+  before = {name: (copy / name).stat().st_mtime_ns for name in names}
+  assert len(data_formats.load("tfds", url, "cifar10", "train")) == len(source) == 6
+  assert {name: (copy / name).stat().st_mtime_ns for name in names} == before  # reused, not copied again
+  original, info = shard.read_bytes(), copy / "dataset_info.json"
+  shard.write_bytes(original[:100])  # a damaged copy (another size) is copied again,
+  info_inode = info.stat().st_ino
+  os.utime(info, (0, 0))  # and so is one with another modification time than the object's
+  reread = data_formats.load("tfds", url, "cifar10", "train")
+  assert [example["id"] for example in reread] == [example["id"] for example in source]
+  assert shard.read_bytes() == original and info.stat().st_mtime_ns == before["dataset_info.json"]
+  assert info.stat().st_ino != info_inode
+  assert sorted(os.listdir(copy)) == names  # no temporary file left behind
+
+
+def test_a_dataset_missing_from_the_bucket_says_how_to_prepare_it_and_copies_nothing(gcs, tmp_path, monkeypatch):
+  monkeypatch.setenv("HYDRA_JAX_CACHE", str(tmp_path / "cache"))
+  url = "gs://bucket/no_tfds_here"
+  (epath.Path(url) / "mnist" / "3.0.1" / "dataset_info.json").write_text("{}")  # another dataset only
+  with pytest.raises(
+    ValueError,
+    match=r"^TFDS dataset 'cifar10' \(split 'train'\) is not prepared in ArrayRecord format under "
+    r"data_dir='gs://bucket/no_tfds_here'\. Prepare it with `tfds build cifar10 --file_format=array_record "
+    r"--data_dir=gs://bucket/no_tfds_here`",
+  ):
+    data_formats.load(*data_formats.resolve("tfds", "cifar10", url), "cifar10", "train")
+  with pytest.raises(ValueError, match=r"no cifar10 files in data_dir='gs://bucket/no_tfds_here'.*tfds build cifar10"):
+    data_formats.resolve("auto", "cifar10", url)
+  assert not (tmp_path / "cache").exists()

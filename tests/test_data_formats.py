@@ -1,17 +1,20 @@
 """Tests of hydra_jax.data_formats: the readers of the files users already have, and format selection.
 
 Every test writes tiny files in the exact formats of the real ones (pickled dicts with bytes keys as in
-torchvision's CIFAR archives, MATLAB files with scipy.io.savemat as SVHN's, JPEG trees written with Pillow)
-and checks what the readers and the batch pipeline give against what it wrote.
+torchvision's CIFAR archives, MATLAB files with scipy.io.savemat as SVHN's, JPEG trees written with Pillow,
+TFDS ArrayRecord files written by TFDS's own cifar10 builder from a few generated examples) and checks what
+the readers and the batch pipeline give against what it wrote.
 """
 
 import dataclasses
+import io
 import os
 import pickle
 
 import numpy as np
 import pytest
 import scipy.io
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from hydra_jax import config as config_lib
@@ -279,6 +282,65 @@ def test_image_folder_errors(tmp_path):
   _write_tree(tmp_path, "val", ["a"])
   with pytest.raises(ValueError, match="different class folders"):
     data.load_source("imagenet2012", "validation", data_dir=str(tmp_path))
+
+
+# -------------------------------------------------------------------------------------------------- TFDS
+
+
+def _png(image):
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _tiny_cifar10(split, n):
+  """{id: (uint8 [32, 32, 3] image, label)} of `n` generated examples of `split`."""
+  rng = np.random.default_rng(len(split))
+  return {
+    f"{split}_{i}": (rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), int(rng.integers(0, 10))) for i in range(n)
+  }
+
+
+class _TinyCifar10(tfds.builder_cls("cifar10"), skip_registration=True):
+  """TFDS's cifar10 builder (its features, version, file naming and writer) on `_tiny_cifar10`'s examples.
+
+  The images go in PNG-encoded (with Pillow), as TFDS's own encoder would store them: its encoder needs
+  TensorFlow, the rest of the writer does not.
+  """
+
+  name = "cifar10"
+  sizes = {"train": 6, "test": 4}
+  code_path = None  # where TFDS would look for a download checksums file; nothing is downloaded
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate(split, n) for split, n in self.sizes.items()}
+
+  def _generate(self, split, n):
+    for key, (image, label) in _tiny_cifar10(split, n).items():
+      yield key, {"id": key, "image": _png(image), "label": label}
+
+
+def _write_tfds_cifar10(data_dir):
+  """Real TFDS ArrayRecord files of cifar10 (`<data_dir>/cifar10/3.0.2/`); returns {split: {id: (image, label)}}."""
+  _TinyCifar10(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return {split: _tiny_cifar10(split, n) for split, n in _TinyCifar10.sizes.items()}
+
+
+def test_tfds_array_record_files_give_the_written_pixels_and_labels(tmp_path):
+  written = _write_tfds_cifar10(tmp_path)
+  assert sorted(os.listdir(tmp_path / "cifar10" / "3.0.2"))[:2] == [
+    "cifar10-test.array_record-00000-of-00001",
+    "cifar10-train.array_record-00000-of-00001",
+  ]
+  assert data_formats.resolve("auto", "cifar10", str(tmp_path)) == ("tfds", str(tmp_path))
+  for split, examples in written.items():
+    source = data.load_source("cifar10", split, data_dir=str(tmp_path))
+    assert len(source) == len(examples)
+    read = {example["id"].decode(): example for example in source}  # TFDS stores examples in its own (hashed) order
+    assert sorted(read) == sorted(examples)
+    for key, (image, label) in examples.items():
+      np.testing.assert_array_equal(read[key]["image"], image)
+      assert read[key]["label"] == label
 
 
 # ------------------------------------------------------------------------------------------ format choice
