@@ -12,9 +12,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 # classic one compiles in a fraction of a second. Tests check behaviour, not particular random streams.
 jax.config.update("jax_threefry_partitionable", False)
 # Programs recompiled by several tests (the same train step in another run, say) load from a per-session
-# persistent cache instead of compiling again: XLA compilation dominates this suite's time on CPU.
+# persistent cache instead of compiling again: XLA compilation dominates this suite's time on CPU. The pytest-xdist
+# workers of one run share it (one run id), so what one worker compiled the other loads.
+_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
 jax.config.update(
-  "jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hydra_jax_test_cache_{os.getpid()}")
+  "jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hydra_jax_test_cache_{_SESSION}")
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
