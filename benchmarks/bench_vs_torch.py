@@ -49,6 +49,12 @@ Workloads (`--workloads`, comma-separated; default all):
             hydra_jax's (Pillow decode, `data.inception_crop_box`, flip, `data.resize` in float32) against
             torchvision's recipe in Pillow (decode, the same crop box, `Image.resize(box=...)` on uint8, flip,
             then to float32); batch = images per call, images/s per side.
+  compile   cold-cache compile time, hydra_jax only (the persistent compilation cache off): for each --models
+            the prune step (TRADES-(--attack-steps)), each evaluation attack of `evaluate` alone
+            (`evaluate.method_correct` with its default settings, as `evaluate` runs it) and the evaluation
+            program of `evaluate.DEFAULT_METHODS` together (`evaluate.batch_counts`), at --batch: seconds
+            tracing + lowering to StableHLO (lower_s) and XLA compiling (xla_compile_s); compile_s, their sum,
+            is what the other workloads report as their compile time.
 
 The hydra_jax train step is `train.train_step`'s computation on one device, written here from the public
 pieces (masking.apply_masks once per step, objectives' TRADES, one backward pass, optax SGD with momentum 0.9
@@ -91,6 +97,7 @@ from hydra_jax import attacks
 from hydra_jax import bounds
 from hydra_jax import data
 from hydra_jax import data_formats
+from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
@@ -127,7 +134,20 @@ TINY = [
   "--input-images",
   "4",
 ]
-WORKLOADS = ("prune", "finetune", "pgd", "apgd", "topk", "width", "k", "memory", "bounds", "smoothing", "input")
+WORKLOADS = (
+  "prune",
+  "finetune",
+  "pgd",
+  "apgd",
+  "topk",
+  "width",
+  "k",
+  "memory",
+  "bounds",
+  "smoothing",
+  "input",
+  "compile",
+)
 COLUMNS = (
   ("workload", "{}"),
   ("model", "{}"),
@@ -138,6 +158,8 @@ COLUMNS = (
   ("jax_img_s", "{:.1f}"),
   ("torch_img_s", "{:.1f}"),
   ("compile_s", "{:.1f}"),
+  ("lower_s", "{:.1f}"),
+  ("xla_compile_s", "{:.1f}"),
   ("jax_peak_mb", "{:.0f}"),
   ("torch_peak_mb", "{:.0f}"),
   ("jax_gflop_s", "{:.1f}"),
@@ -227,6 +249,15 @@ def matmul_probe(size: int) -> tuple[Callable[[], Any], float]:
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   return lambda: f(a).block_until_ready(), 2.0 * size**3
+
+
+def lower_and_compile_seconds(jitted, *args) -> tuple[Any, float, float]:
+  """(compiled executable, seconds tracing + lowering it, seconds XLA compiling it)."""
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
 def compile_seconds(jitted, *args) -> tuple[Any, float]:
@@ -757,6 +788,57 @@ def input_rows(args):
   return [_row("input", "imagenet_rrc", count, timing, note=note)]
 
 
+def compile_rows(args) -> list[dict]:
+  """Cold-cache lower / compile seconds of the prune step and the evaluation programs of each --models."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return [row for name in args.models for row in _compile_rows_of(args, name)]
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def _compile_rows_of(args, name: str) -> list[dict]:
+  """`compile_rows` for model `name`: the prune step, each attack alone, the default methods together."""
+  host_batch = random_batch(args.batch)
+  apply_fn, variables, scores = jax_model(name, args.batch)
+  trainable = {"params": variables["params"], "scores": scores}
+  step, tx = jax_train_step(apply_fn, trainable, "prune", args.k, args.attack_steps)
+  state = [trainable, variables["batch_stats"], tx.init(trainable)]
+  programs = {
+    f"prune step, TRADES-{args.attack_steps}": (step, (*state, jax.device_put(host_batch), jax.random.key(2)))
+  }
+  logits_fn = masked_logits_fn(name, args.batch, args.k)
+  x, y = jax.device_put(host_batch["image"]), jax.device_put(host_batch["label"])
+  attacks_ = [m for m in evaluate.method_names() if evaluate.get_method(m).kind == "attack"]
+  for method in attacks_:
+    settings = evaluate.get_method(method).defaults
+    correct = functools.partial(evaluate.method_correct, method, settings)
+    programs[f"eval {method} {settings.get('steps', '')}"] = (jax.jit(correct), (logits_fn, x, y, jax.random.key(3)))
+  methods = tuple((m, tuple(sorted(evaluate.get_method(m).defaults.items()))) for m in evaluate.DEFAULT_METHODS)
+  batch = {"image": x, "label": y, "mask": jnp.ones(args.batch)}
+  counts = functools.partial(evaluate.batch_counts, methods=methods)
+  programs[f"eval {'+'.join(evaluate.DEFAULT_METHODS)}"] = (jax.jit(counts), (logits_fn, batch, jax.random.key(3)))
+  rows = []
+  for program, (jitted, call_args) in programs.items():
+    _, lower_s, xla_compile_s = lower_and_compile_seconds(jitted, *call_args)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    note = f"{program}, k={args.k:g}" + (f", load {load:.1f}" if load is not None else "")
+    rows.append(
+      {
+        "workload": "compile",
+        "model": name,
+        "batch": args.batch,
+        "compile_s": lower_s + xla_compile_s,
+        "lower_s": lower_s,
+        "xla_compile_s": xla_compile_s,
+        "note": note,
+      }
+    )
+    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+  return rows
+
+
 RUNNERS = {
   "prune": prune_rows,
   "finetune": finetune_rows,
@@ -769,6 +851,7 @@ RUNNERS = {
   "bounds": bounds_rows,
   "smoothing": smoothing_rows,
   "input": input_rows,
+  "compile": compile_rows,
 }
 
 

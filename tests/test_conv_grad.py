@@ -58,6 +58,13 @@ def test_taps_weight_grad_equals_the_direct_sum(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+def test_hwio_weight_grad_equals_the_direct_sum(shape):
+  x, w, g, stride, padding = _inputs(shape)
+  got = layers.hwio_weight_grad(x, g, w.shape, stride, padding)
+  np.testing.assert_allclose(got, direct_weight_grad(x, g, w.shape[0], stride, padding), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_taps_conv_values_and_both_gradients_equal_xla(shape):
   x, w, g, stride, padding = _inputs(shape, seed=1)
   ours, our_vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, stride, padding, weight_grad="taps"), x, w)
@@ -141,7 +148,7 @@ def test_batch_chunks_give_the_whole_batch_values_and_gradients(weight_grad, gro
     patch.setattr(layers, "xla_conv", conv)
     layers.conv2d(x, w, stride, padding, groups, "xla", 3)
     layers.conv2d(x, w, stride, padding, groups, "xla", 7)
-  assert calls == [3, 3, 1, 7]
+  assert calls == [3, 1, 7]  # the whole chunks are traced once (one lax.map), then the smaller rest
 
 
 def test_batch_chunk_is_32_on_cpu_and_the_whole_batch_elsewhere(monkeypatch):
@@ -149,12 +156,55 @@ def test_batch_chunk_is_32_on_cpu_and_the_whole_batch_elsewhere(monkeypatch):
   monkeypatch.setattr(layers, "xla_conv", lambda x, *args: calls.append(x.shape[0]) or x)
   x, w = jnp.zeros((70, 1, 1, 1)), jnp.zeros((1, 1, 1, 1))
   layers.conv2d(x, w)
-  assert calls == [32, 32, 6]
+  assert calls == [32, 6]  # two chunks of 32 in one lax.map, then 6
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   layers.conv2d(x, w)
-  assert calls == [32, 32, 6, 70]
+  assert calls == [32, 6, 70]
   with pytest.raises(ValueError, match="batch_chunk must be >= 0"):
     layers.conv2d(x, w, batch_chunk=-1)
+
+
+def _primitive_counts(jaxpr, names=("conv_general_dilated", "dot_general")) -> dict[str, int]:
+  """How often each primitive of `names` appears in a jaxpr, sub-jaxprs (loop bodies, custom rules) included."""
+  counts = dict.fromkeys(names, 0)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in counts:
+      counts[eqn.primitive.name] += 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple | list) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          for name, count in _primitive_counts(inner, names).items():
+            counts[name] += count
+  return counts
+
+
+@pytest.mark.parametrize("weight_grad", ["xla", "taps"])
+def test_chunked_conv_holds_the_conv_once_with_the_whole_batch_values_and_gradients(weight_grad):
+  """Batch 8 in 4 chunks of 2: the program of the conv and both its gradients holds as many convolutions and
+  matmuls as in 2 chunks, and no more than the whole batch's (one chunk loop, not a copy per chunk), and gives
+  the same output, input gradient and kernel gradient (the sum over the chunks)."""
+  x, w, g, stride, padding = _inputs((8, 9, 16, 8, 3, 2, 1), seed=5)
+
+  def loss(x, w, chunk):
+    return jnp.vdot(layers.conv2d(x, w, stride, padding, 1, weight_grad, chunk), g)
+
+  def value_and_grads(chunk):
+    return jax.value_and_grad(loss, (0, 1))(x, w, chunk)
+
+  def counts(chunk):
+    return _primitive_counts(jax.make_jaxpr(value_and_grads, static_argnums=0)(chunk).jaxpr)
+
+  in_four, in_two, whole = counts(2), counts(4), counts(8)
+  assert in_four == in_two  # not one copy per chunk
+  assert all(in_four[name] <= whole[name] for name in whole)
+  assert in_four["conv_general_dilated"] >= 2  # the forward conv and the input gradient
+  (ours, (our_dx, our_dw)), (theirs, (their_dx, their_dw)) = value_and_grads(2), value_and_grads(8)
+  outputs = lambda chunk: layers.conv2d(x, w, stride, padding, 1, weight_grad, chunk)
+  np.testing.assert_array_equal(outputs(2), outputs(8))
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+  np.testing.assert_array_equal(our_dx, their_dx)
+  np.testing.assert_allclose(our_dw, their_dw, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(their_dw))))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
