@@ -225,13 +225,16 @@ def sync_torch() -> None:
     torch.cuda.synchronize()
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
-  """Runs each call once to warm up, then all of them in turn `repeats` times.
+def interleaved(
+  calls: dict[str, Callable[[], Any]], repeats: int, warmups: dict[str, Callable[[], Any]] | None = None
+) -> dict[str, dict[str, float]]:
+  """Runs each call once to warm up (or its stand-in in `warmups`: the same program on the same shapes, shorter),
+  then all of them in turn `repeats` times.
 
   Returns per name: median and min seconds, and peak memory bytes over the timed calls (see PeakMemory).
   """
-  for call in calls.values():
-    call()
+  for name, call in calls.items():
+    (warmups or {}).get(name, call)()
   times = {name: [] for name in calls}
   peaks = dict.fromkeys(calls, 0)
   for _ in range(repeats):
@@ -617,7 +620,7 @@ def attack_row(args, workload: str) -> dict:
   name, steps = args.models[0], args.pgd_steps if workload == "pgd" else args.apgd_steps
   logits_fn = masked_logits_fn(name, args.batch, args.k)
 
-  def attack(x, y, key, chunk_size):
+  def attack(x, y, key, chunk_size, steps):
     chunked = attacks.in_chunks(logits_fn, chunk_size)
     if workload == "pgd":
       return attacks.pgd(chunked, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=steps)
@@ -625,28 +628,27 @@ def attack_row(args, workload: str) -> dict:
 
   host_batch = random_batch(args.batch)
   x, y = jax.device_put(host_batch["image"]), jax.device_put(host_batch["label"])
-  jitted = jax.jit(attack, static_argnums=3)
-  compiled, compile_s = compile_seconds(jitted, x, y, jax.random.key(3), args.attack_chunk_size)
+  jitted = jax.jit(attack, static_argnums=(3, 4))
+  compiled, compile_s = compile_seconds(jitted, x, y, jax.random.key(3), args.attack_chunk_size, steps)
   calls = {"jax": lambda: compiled(x, y, jax.random.key(3)).block_until_ready()}
+  warmups = {}
+  if args.attack_warmup_steps:
+    short = compile_seconds(jitted, x, y, jax.random.key(3), args.attack_chunk_size, args.attack_warmup_steps)[0]
+    warmups["jax"] = lambda: short(x, y, jax.random.key(3)).block_until_ready()
   if args.compare_whole_batch_attack:
-    whole = compile_seconds(jitted, x, y, jax.random.key(3), args.batch)[0]
+    whole = compile_seconds(jitted, x, y, jax.random.key(3), args.batch, steps)[0]
     calls["jax_whole_batch"] = lambda: whole(x, y, jax.random.key(3)).block_until_ready()
   device = _torch_device()
   net = torch_hydra.prepare(torch_hydra.build(name).to(device), "finetune", args.k)
   images, labels = _torch_batch(host_batch, device)
   torch_attack = torch_hydra.pgd_whitebox if workload == "pgd" else torch_hydra.apgd_ce
-  timing = interleaved(
-    {
-      **calls,
-      "torch": lambda: (
-        torch_attack(
-          model=net, x=images, y=labels, **{"pgd": {"num_steps": steps}, "apgd": {"steps": steps}}[workload]
-        ),
-        sync_torch(),
-      ),
-    },
-    args.repeats,
+  run_torch = lambda n: (
+    torch_attack(model=net, x=images, y=labels, **{"pgd": {"num_steps": n}, "apgd": {"steps": n}}[workload]),
+    sync_torch(),
   )
+  if args.attack_warmup_steps:
+    warmups["torch"] = lambda: run_torch(args.attack_warmup_steps)
+  timing = interleaved({**calls, "torch": lambda: run_torch(steps)}, args.repeats, warmups)
   label = f"PGD-{steps}" if workload == "pgd" else f"APGD-CE-{steps}"
   row = _row(workload, name, args.batch, timing, compile_s, note=f"{label}, eps 8/255, k={args.k:g}")
   if "jax_whole_batch" in timing:
@@ -895,6 +897,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--attack-steps", type=int, default=10, help="TRADES attack steps of the train steps")
   parser.add_argument("--pgd-steps", type=int, default=50)
   parser.add_argument("--apgd-steps", type=int, default=100)
+  parser.add_argument(
+    "--attack-warmup-steps",
+    type=int,
+    default=0,
+    help="pgd, apgd: warm each side up with this many steps on the same batch instead of a full attack (0: full)",
+  )
   parser.add_argument("--sizes", type=csv(lambda v: int(float(v))), default=[10**e for e in range(3, 8)])
   parser.add_argument("--wrn-depth", type=int, default=28)
   parser.add_argument("--widths", type=csv(int), default=[2, 4, 10])
