@@ -46,9 +46,13 @@ Workloads (`--workloads`, comma-separated; default all):
   smoothing randomized-smoothing noise samples per second of one example (--batch per chunk), first of
             --models at k: `smoothing.sample_counts` vs Cohen et al.'s `_sample_noise` (torch_hydra.py).
   input     ImageNet training input of --input-images synthetic 500x375 JPEGs, one process (one core's worth):
-            hydra_jax's (Pillow decode, `data.inception_crop_box`, flip, `data.resize` in float32) against
-            torchvision's recipe in Pillow (decode, the same crop box, `Image.resize(box=...)` on uint8, flip,
-            then to float32); batch = images per call, images/s per side.
+            hydra_jax's (`ImageFolderSource.decode`, `data.random_resized_crop`, the batch divided by 255, as
+            `TrainBatches` does) against torchvision's recipe spelled out in Pillow calls (pil_loader's decode and
+            convert("RGB"), RandomResizedCrop's crop then resize to 224 BILINEAR on uint8 with the same box,
+            RandomHorizontalFlip's transpose, ToTensor's division by 255 without its HWC->CHW copy); both give
+            the same float32 bytes (checked); batch = images per call, images/s per side; the note adds the
+            ratio per CPU second of the process (jax_cpu_img_s, torch_cpu_img_s, cpu_speedup in --json), the
+            per-core rate, which the machine's load disturbs less than the wall-clock one.
   compile   cold-cache compile time, hydra_jax only (the persistent compilation cache off): for each --models
             the prune step (TRADES-(--attack-steps)), each evaluation attack of `evaluate` alone
             (`evaluate.method_correct` with its default settings, as `evaluate` runs it) and the evaluation
@@ -771,23 +775,47 @@ def input_rows(args):
     source = data_formats.ImageFolderSource(tuple(_synthetic_jpegs(folder, count)), np.zeros(count, np.int32), ("c",))
 
     def ours():
-      for image, u, flip in ((source[i]["image"], uniforms[i], flips[i]) for i in range(count)):
-        top, left, h, w = data.inception_crop_box(image.shape[0], image.shape[1], u)
-        crop = image[top : top + h, left : left + w]
-        data.resize(np.divide(crop[:, ::-1] if flip else crop, np.float32(255), dtype=np.float32), size, size)
+      crops = [data.random_resized_crop(source.decode(i), uniforms[i], flips[i], size) for i in range(count)]
+      return np.divide(np.stack(crops), np.float32(255), dtype=np.float32)
 
     def torchvision_recipe():
+      out = []
       for path, u, flip in zip(source.paths, uniforms, flips):
-        with Image.open(path) as image:
+        with open(path, "rb") as file, Image.open(file) as image:
           image = image.convert("RGB")
-          top, left, h, w = data.inception_crop_box(image.height, image.width, u)
-          out = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-          out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
-          np.divide(np.asarray(out), np.float32(255), dtype=np.float32)
+        top, left, h, w = data.inception_crop_box(image.height, image.width, u)
+        crop = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+        out.append(np.divide(np.asarray(crop), np.float32(255), dtype=np.float32))
+      return out
 
-    timing = interleaved({"jax": ours, "torch": torchvision_recipe}, args.repeats)
-  note = "ImageNet train input 500x375 JPEG -> 224; torch = torchvision's Pillow recipe (uint8 resize)"
-  return [_row("input", "imagenet_rrc", count, timing, note=note)]
+    if not np.array_equal(ours(), np.stack(torchvision_recipe())):
+      raise AssertionError("hydra_jax's ImageNet input differs from torchvision's recipe")
+    cpu_s = {"jax": [], "torch": []}
+    calls = {name: _cpu_timed(call, cpu_s[name]) for name, call in (("jax", ours), ("torch", torchvision_recipe))}
+    timing = interleaved(calls, args.repeats)
+  row = _row("input", "imagenet_rrc", count, timing)
+  # Per core: images per second of this process's CPU time (both sides are single-threaded), robust to load.
+  for name in cpu_s:
+    row[f"{name}_cpu_img_s"] = count / statistics.median(cpu_s[name][1:])  # [0] is the warm-up call
+  row["cpu_speedup"] = row["jax_cpu_img_s"] / row["torch_cpu_img_s"]
+  row["note"] = (
+    f"500x375 JPEG -> 224, identical output; per CPU second {row['cpu_speedup']:.2f}x "
+    f"({row['jax_cpu_img_s']:.0f} vs {row['torch_cpu_img_s']:.0f} img/s)"
+  )
+  return [row]
+
+
+def _cpu_timed(call: Callable[[], Any], seconds: list[float]) -> Callable[[], Any]:
+  """`call`, appending the process CPU time (user + system, all threads) of each run to `seconds`."""
+
+  def run():
+    start = time.process_time()
+    result = call()
+    seconds.append(time.process_time() - start)
+    return result
+
+  return run
 
 
 def compile_rows(args) -> list[dict]:

@@ -24,8 +24,9 @@ divided by 16. The other datasets are read from files under `data_dir`, in the f
 TFDS ArrayRecord files (read with `tfds.data_source`, no TensorFlow needed), torchvision's
 CIFAR pickles, SVHN's .mat files, or ImageNet as class-per-folder JPEGs. Nothing is ever
 downloaded here. Whatever the format, the batches below are the same functions of (seed, step).
-ImageNet crops are resized in float32 with PIL's antialiased bilinear filter (torchvision's
-default), without PIL's rounding to uint8 between the two passes.
+ImageNet images are cropped, resized and flipped on uint8 exactly as torchvision's transforms do on a
+Pillow image (`random_resized_crop`, `resize_center_crop`: the same Pillow calls, so the same bytes), then
+divided by 255 as its `ToTensor`; image folders hand Pillow's decode over without a copy through numpy.
 
 Train batches: `batch_size` is the global batch; host `process_index` of `process_count`
 reads only its contiguous slice of `batch_size // process_count` examples. The global batch
@@ -279,9 +280,11 @@ def _load_semisup(path: str, image_shape: tuple[int, ...], num_classes: int) -> 
 
 
 def _read(source: Sequence[Any], indices: np.ndarray) -> tuple[Any, np.ndarray]:
-  """Returns (images: array [B, H, W, C] or list of [H_i, W_i, C], labels: int32 [B])."""
+  """Returns (images: array [B, H, W, C], or a list of [H_i, W_i, C] arrays or RGB Pillow images, labels: int32 [B])."""
   if isinstance(source, ArraySource):
     return source.images[indices], source.labels[indices].astype(np.int32)
+  if isinstance(source, data_formats.ImageFolderSource):  # Pillow images: no round trip through numpy
+    return [source.decode(int(i)) for i in indices], source.labels[indices].astype(np.int32)
   records = [source[int(i)] for i in indices]
   return [r["image"] for r in records], np.array([r["label"] for r in records], np.int32)
 
@@ -311,36 +314,32 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pa
   return out
 
 
-def resize(
-  image: np.ndarray, height: int, width: int, rows: slice = slice(None), cols: slice = slice(None)
-) -> np.ndarray:
-  """Antialiased bilinear resize of one image, optionally computing only a window of it.
+def _as_pil(image: np.ndarray | Image.Image) -> Image.Image:
+  """`image` as a Pillow image: uint8 [H, W, 3] arrays become RGB images; Pillow images pass through."""
+  return image if isinstance(image, Image.Image) else Image.fromarray(image)
 
-  PIL's BILINEAR filter (torchvision's default; `jax.image.resize(..., 'linear', antialias=True)` computes the
-  same), run by PIL on float32 planes, one per channel: no rounding to uint8 between the two passes. A window
-  is the resize of the matching source box (`Image.resize(box=...)`), as torchvision crops.
+
+def random_resized_crop(image: np.ndarray | Image.Image, uniforms: np.ndarray, flip: bool, size: int) -> np.ndarray:
+  """torchvision's `RandomResizedCrop(size)` then `RandomHorizontalFlip()`, on uint8, with the draws given.
+
+  As torchvision does on a Pillow image: `image.crop(box)` (box from `inception_crop_box`), then
+  `resize((size, size), BILINEAR)` (Pillow's antialiased bilinear filter, rounding to uint8 after each of its two
+  passes, no `reducing_gap`), then `transpose(FLIP_LEFT_RIGHT)` when `flip`. Note that
+  `image.resize(..., box=box)` is not the same: its filter reads pixels outside the box at the crop's edges.
 
   Args:
-    image: [H, W, C], any real dtype.
-    height: output height in pixels.
-    width: output width in pixels.
-    rows: output rows to compute (default all; a contiguous slice).
-    cols: output columns to compute (default all; a contiguous slice).
+    image: uint8 [H, W, 3] array or RGB Pillow image.
+    uniforms: [attempts, 4] draws in [0, 1) for `inception_crop_box`.
+    flip: mirror the output left-right.
+    size: output side in pixels.
 
   Returns:
-    float32 [height, width, C][rows, cols] in the units of `image`.
+    uint8 [size, size, 3].
   """
-  rows, cols = range(height)[rows], range(width)[cols]
-  if rows.step != 1 or cols.step != 1:
-    raise ValueError(f"resize: rows and cols must be contiguous slices, got steps {rows.step} and {cols.step}")
-  scale_y, scale_x = image.shape[0] / height, image.shape[1] / width
-  box = (cols.start * scale_x, rows.start * scale_y, cols.stop * scale_x, rows.stop * scale_y)
-  planes = np.asarray(image, np.float32).transpose(2, 0, 1)
-  resized = [
-    Image.fromarray(np.ascontiguousarray(plane), "F").resize((len(cols), len(rows)), Image.Resampling.BILINEAR, box=box)
-    for plane in planes
-  ]
-  return np.stack([np.asarray(plane) for plane in resized], axis=-1)
+  image = _as_pil(image)
+  top, left, h, w = inception_crop_box(image.height, image.width, uniforms)
+  out = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
+  return np.asarray(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out)
 
 
 def inception_crop_box(height: int, width: int, uniforms: np.ndarray) -> tuple[int, int, int, int]:
@@ -374,24 +373,29 @@ def inception_crop_box(height: int, width: int, uniforms: np.ndarray) -> tuple[i
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resize_center_crop(image: np.ndarray, resize_to: int, crop: int) -> np.ndarray:
-  """torchvision's `Resize(resize_to)` (shorter side) then `CenterCrop(crop)`.
+def resize_center_crop(image: np.ndarray | Image.Image, resize_to: int, crop: int) -> np.ndarray:
+  """torchvision's `Resize(resize_to)` (shorter side) then `CenterCrop(crop)`, on uint8 as torchvision on Pillow.
+
+  The whole image is resized with Pillow's BILINEAR filter to shorter side `resize_to` and longer side
+  `int(resize_to * longer / shorter)`, then cropped at (top, left) = round((new size - crop) / 2).
 
   Args:
-    image: [H, W, C].
-    resize_to: shorter side after resizing, in pixels.
+    image: uint8 [H, W, 3] array or RGB Pillow image.
+    resize_to: shorter side after resizing, in pixels (>= crop).
     crop: side of the square center crop, in pixels.
 
   Returns:
-    float32 [crop, crop, C] in the units of `image`.
+    uint8 [crop, crop, 3].
   """
-  h, w = image.shape[:2]
+  image = _as_pil(image)
+  w, h = image.size
   if h <= w:
     new_h, new_w = resize_to, int(resize_to * w / h)
   else:
     new_h, new_w = int(resize_to * h / w), resize_to
   top, left = round((new_h - crop) / 2), round((new_w - crop) / 2)
-  return resize(image, new_h, new_w, slice(top, top + crop), slice(left, left + crop))
+  resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+  return np.asarray(resized.crop((left, top, left + crop, top + crop)))
 
 
 def _to_unit_float(images: np.ndarray) -> np.ndarray:
@@ -519,18 +523,13 @@ class TrainBatches:
     flips = host(rng.random(self.batch_size) < 0.5) & self.info.flip
     if self.info.variable_size:
       uniforms = host(rng.random((self.batch_size, _CROP_ATTEMPTS, 4)))
-      images = np.stack([self._inception_crop(*args) for args in zip(images, uniforms, flips)])
+      crops = [random_resized_crop(*args, self.image_size) for args in zip(images, uniforms, flips)]
+      images = _to_unit_float(np.stack(crops))
     else:
       offsets = host(rng.integers(0, 2 * self.info.pad + 1, (self.batch_size, 2)))
       images = pad_crop_flip(np.asarray(images), offsets, flips, self.info.pad)
       images = _upsample(_to_unit_float(images), self.image_size // self.info.image_shape[0])
     return {"image": images, "label": labels}
-
-  def _inception_crop(self, image: np.ndarray, uniforms: np.ndarray, flip: bool) -> np.ndarray:
-    top, left, h, w = inception_crop_box(image.shape[0], image.shape[1], uniforms)
-    crop = image[top : top + h, left : left + w, :]
-    crop = crop[:, ::-1] if flip else crop
-    return resize(_to_unit_float(crop), self.image_size, self.image_size)
 
 
 def train_batches(
@@ -638,7 +637,7 @@ class EvalBatches:
   def _transform(self, images: Any) -> np.ndarray:
     if self.info.variable_size:
       resize_to = round(self.image_size * _IMAGENET_RESIZE / _IMAGENET_CROP)
-      return np.stack([resize_center_crop(_to_unit_float(im), resize_to, self.image_size) for im in images])
+      return _to_unit_float(np.stack([resize_center_crop(im, resize_to, self.image_size) for im in images]))
     return _upsample(_to_unit_float(np.asarray(images)), self.image_size // self.info.image_shape[0])
 
 

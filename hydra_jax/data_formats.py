@@ -108,9 +108,17 @@ class ImageFolderSource:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    """Returns {"image": uint8 [H, W, 3] (Pillow's decode, converted to RGB), "label": int}."""
+    """Returns {"image": uint8 [H, W, 3] (`decode(index)` as an array), "label": int}."""
+    return {"image": np.asarray(self.decode(index)), "label": int(self.labels[index])}
+
+  def decode(self, index: int) -> Image.Image:
+    """The RGB Pillow image of example `index`: torchvision's loader's image (Pillow's decode, converted to RGB).
+
+    An image already RGB is returned as decoded: `convert("RGB")` would only copy it.
+    """
     with paths.path(self.paths[index]).open("rb") as file, Image.open(file) as image:
-      return {"image": np.asarray(image.convert("RGB")), "label": int(self.labels[index])}
+      image.load()
+      return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _join(location: str, *parts: str) -> str:

@@ -144,3 +144,5 @@ def test_input_workload_times_both_recipes_on_the_same_jpegs():
   assert row["jax_img_s"] == pytest.approx(4 / row["jax_s"]) and row["speedup"] == pytest.approx(
     row["torch_s"] / row["jax_s"]
   )
+  # Per CPU second too; main() raised had the two sides' float32 outputs differed.
+  assert row["jax_cpu_img_s"] > 0 and row["cpu_speedup"] == pytest.approx(row["jax_cpu_img_s"] / row["torch_cpu_img_s"])

@@ -11,9 +11,11 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 from sklearn import datasets as sk_datasets
 
 from hydra_jax import data
+from hydra_jax import data_formats
 
 
 @pytest.fixture
@@ -145,29 +147,50 @@ def test_pad_crop_flip_special_cases():
   np.testing.assert_array_equal(data.pad_crop_flip(image, np.array([[0, 0]]), no, 1), shifted)
 
 
-@pytest.mark.parametrize("in_shape,out_shape", [((37, 50), (16, 21)), ((9, 6), (20, 13)), ((30, 17), (30, 40))])
-def test_resize_matches_jax_antialiased_linear(in_shape, out_shape):
-  image = np.random.default_rng(1).random((*in_shape, 3)).astype(np.float32)
-  expected = jax.image.resize(image, (*out_shape, 3), "linear", antialias=True)
-  np.testing.assert_allclose(data.resize(image, *out_shape), expected, atol=1e-5)
+def _jpeg(tmp_path, height=48, width=64, seed=0):
+  """A smooth random RGB JPEG (quality 90) written with Pillow; returns its path."""
+  rng = np.random.default_rng(seed)
+  coarse = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+  path = str(tmp_path / "image.jpg")
+  coarse.save(path, quality=90)
+  return path
 
 
-def test_resize_window_is_a_crop_of_the_full_resize():
-  image = np.random.default_rng(5).random((40, 30, 2)).astype(np.float32)
-  window = data.resize(image, 23, 17, slice(3, 20), slice(5, 9))
-  np.testing.assert_allclose(window, data.resize(image, 23, 17)[3:20, 5:9], rtol=1e-6)
+def _torchvision_train_recipe(path, box, flip, size):
+  """torchvision's pil_loader, RandomResizedCrop (F.resized_crop: crop, then resize) and RandomHorizontalFlip
+  on a Pillow image, spelled out with the Pillow calls torchvision makes; uint8 [size, size, 3]."""
+  with open(path, "rb") as file, Image.open(file) as image:
+    image = image.convert("RGB")
+  top, left, height, width = box
+  out = image.crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
+  return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out)
 
 
-def test_resize_center_crop_crops_the_shorter_side_resize():
-  image = np.random.default_rng(6).random((50, 80, 3)).astype(np.float32)
-  full = jax.image.resize(image, (32, 51, 3), "linear", antialias=True)  # int(32 * 80 / 50)
-  np.testing.assert_allclose(data.resize_center_crop(image, 32, 28), full[2:30, 12:40], atol=1e-5)
+def test_random_resized_crop_is_torchvisions_recipe_bit_for_bit(tmp_path):
+  path = _jpeg(tmp_path)
+  source = data_formats.ImageFolderSource((path,), np.zeros(1, np.int32), ("c",))
+  rng = np.random.default_rng(0)
+  for size, flip in ((24, False), (24, True), (80, True)):  # downscaled and upscaled crops
+    uniforms = rng.random((10, 4))
+    box = data.inception_crop_box(48, 64, uniforms)
+    expected = _torchvision_train_recipe(path, box, flip, size)
+    for image in (source[0]["image"], source.decode(0)):  # TFDS hands arrays over, image folders Pillow images
+      out = data.random_resized_crop(image, uniforms, flip, size)
+      assert out.dtype == np.uint8 and out.shape == (size, size, 3)
+      np.testing.assert_array_equal(out, expected)
 
 
-def test_resize_keeps_constants_and_same_size_images():
-  image = np.random.default_rng(2).integers(0, 256, (11, 13, 3)).astype(np.uint8)
-  np.testing.assert_array_equal(data.resize(image, 11, 13), image)
-  np.testing.assert_allclose(data.resize(np.full((50, 70, 1), 7.0), 9, 31), 7.0, rtol=1e-6)
+def test_random_resized_crop_is_the_antialiased_bilinear_resize_within_uint8_rounding():
+  # Pillow rounds to uint8 after each of its two passes: at most 1 level from the exact antialiased resize.
+  image = np.random.default_rng(1).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+  whole = np.full((10, 4), 0.999)  # no attempt fits in 37x50: the fallback box is the whole image
+  for size in (16, 61):
+    exact = np.clip(jax.image.resize(image.astype(np.float32), (size, size, 3), "linear", antialias=True), 0, 255)
+    out = data.random_resized_crop(image, whole, False, size)
+    assert np.abs(out - exact).max() <= 1.0
+    np.testing.assert_array_equal(data.random_resized_crop(image, whole, True, size), out[:, ::-1])
+  square = image[:37, :37]
+  np.testing.assert_array_equal(data.random_resized_crop(square, whole, False, 37), square)  # same size: a copy
 
 
 def test_inception_crop_box_by_hand():
@@ -195,8 +218,20 @@ def test_inception_crop_box_respects_torchvision_ranges():
     assert 0.75 / 1.1 <= w / h <= 4 / 3 * 1.1
 
 
+def test_resize_center_crop_is_torchvisions_resize_then_center_crop():
+  image = np.random.default_rng(6).integers(0, 256, (50, 81, 3), dtype=np.uint8)
+  # torchvision's Resize(32): shorter side 32, longer int(32 * 81 / 50) = 51, the whole image resized; then
+  # CenterCrop(28): top round(4 / 2) = 2, left round(23 / 2) = 12 (Python rounds half to even).
+  full = np.asarray(Image.fromarray(image).resize((51, 32), Image.BILINEAR))
+  np.testing.assert_array_equal(data.resize_center_crop(image, 32, 28), full[2:30, 12:40])
+  np.testing.assert_array_equal(data.resize_center_crop(Image.fromarray(image), 32, 28), full[2:30, 12:40])
+  tall = np.ascontiguousarray(image.transpose(1, 0, 2))  # 81x50: resized to 51x32, cropped at (12, 2)
+  full = np.asarray(Image.fromarray(tall).resize((32, 51), Image.BILINEAR))
+  np.testing.assert_array_equal(data.resize_center_crop(tall, 32, 28), full[12:40, 2:30])
+
+
 def test_resize_center_crop_without_resampling_is_a_slice():
-  image = np.random.default_rng(4).random((256, 300, 3)).astype(np.float32)
+  image = np.random.default_rng(4).integers(0, 256, (256, 300, 3), dtype=np.uint8)
   out = data.resize_center_crop(image, 256, 224)
   np.testing.assert_array_equal(out, image[16:240, 38:262])
 
@@ -374,6 +409,7 @@ def test_imagenet_batches(mock_tfds):
   assert train["image"].shape == (4, 40, 40, 3) and test["image"].shape == (4, 224, 224, 3)
   for batch in (train, test):
     assert 0 <= batch["image"].min() and 0.5 < batch["image"].max() <= 1
+    np.testing.assert_array_equal(np.round(batch["image"] * 255) / np.float32(255), batch["image"])  # uint8 / 255
   np.testing.assert_array_equal(test["mask"], [1, 1, 0, 0])
   assert data.get_dataset_info("imagenet2012").split_sizes["validation"] == 50000
 

@@ -258,12 +258,16 @@ def test_image_folder_batches_resize_pils_decode(tmp_path):
   last = batches.batch_at(1)
   np.testing.assert_array_equal(last["mask"], [1, 0, 0])
   np.testing.assert_array_equal(last["label"], [1, 0, 0])
-  expected = data.resize_center_crop(_pil(paths["b"][1]) / np.float32(255), 18, 16)  # 18 = round(16 * 256 / 224)
-  np.testing.assert_allclose(last["image"][0], expected, atol=1e-6)
+  # torchvision's Resize(18) (18 = round(16 * 256 / 224)) of the 26x24 image: 19x18, then CenterCrop(16) at
+  # top round(1) = 1, left round(1.5) = 2, then ToTensor's division by 255.
+  with Image.open(paths["b"][1]) as image:
+    expected = np.asarray(image.convert("RGB").resize((19, 18), Image.BILINEAR).crop((2, 1, 18, 17)))
+  np.testing.assert_array_equal(last["image"][0], expected / np.float32(255))
   _write_tree(tmp_path, "train", ["a", "b"], per_class=2)
   train_batches = data.train_batches("imagenet2012", 4, seed=0, data_dir=str(tmp_path), image_size=12, **HOST)
   batch = train_batches.batch_at(0)
   assert batch["image"].shape == (4, 12, 12, 3) and sorted(batch["label"]) == [0, 0, 1, 1]
+  np.testing.assert_array_equal(np.round(batch["image"] * 255) / np.float32(255), batch["image"])  # uint8 crops
   np.testing.assert_array_equal(batch["image"], train_batches.batch_at(0)["image"])
 
 
