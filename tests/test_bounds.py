@@ -318,6 +318,14 @@ _OP_CASES = [
     _SIGNED,
   ),
   ("to_float16", "convert_element_type", lambda x: x.astype(jnp.float16), lambda lo, hi: (lo, hi), _SIGNED),
+  # A cast to an integer truncates toward zero: monotone, not linear (int(c) -/+ int(r) is unsound).
+  (
+    "to_int32",
+    "convert_element_type",
+    lambda x: x.astype(jnp.int32),
+    lambda lo, hi: (np.trunc(lo), np.trunc(hi)),
+    _SIGNED,
+  ),
   ("reduce_max", "reduce_max", lambda x: jnp.max(x, 1), lambda lo, hi: (lo.max(1), hi.max(1)), _SIGNED),
   ("reduce_min", "reduce_min", lambda x: jnp.min(x, 1), lambda lo, hi: (lo.min(1), hi.min(1)), _SIGNED),
   ("exp", "exp", jnp.exp, lambda lo, hi: (np.exp(lo), np.exp(hi)), _SIGNED),
@@ -636,6 +644,8 @@ def test_unsupported_primitive_and_graphs_raise_errors_naming_them():
     bounds.ibp(lambda x: jnp.sin(x) @ jnp.ones((3, 2)), lo, hi)
   with pytest.raises(NotImplementedError, match="'mul'"):
     bounds.ibp(lambda x: x * x, lo, hi)
+  with pytest.raises(NotImplementedError, match="'convert_element_type' to bool"):
+    bounds.ibp(lambda x: x.astype(bool).astype(jnp.float32), lo, hi)
   model, x, variables = zoo_helpers.random_variables("resnet_tiny", batch=1)
   f = lambda x: model.apply(variables, x, train=False)
   with pytest.raises(NotImplementedError, match="chain.*'add'"):
