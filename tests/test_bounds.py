@@ -187,8 +187,8 @@ def test_residual_relu_plus_input_ibp_is_the_exact_sum_of_the_two_intervals():
   lb, ub = _ibp_np(_relu_residual(w, b), lo, hi)
   np.testing.assert_allclose(lb, np.maximum(pre_lo, 0) + lo, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ub, np.maximum(pre_hi, 0) + hi, rtol=1e-5, atol=1e-5)
-  # This sum of intervals is also the exact range of f where every relu is active (f = x (W + I) + b is
-  # affine, and IBP of an add of two boxes cannot know they share x) -- checked as containment of samples.
+  # IBP adds the two intervals as if the summands were independent (both depend on x), so this may be wider
+  # than f's range, but it must contain f at every point of the box.
   points = lo + (hi - lo) * rng.uniform(size=(64, *lo.shape))
   values = np.asarray(jax.vmap(_relu_residual(w, b))(jnp.asarray(points, jnp.float32)))
   assert _inside(values, lb, ub)
