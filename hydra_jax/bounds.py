@@ -10,15 +10,15 @@ the data range) and an optional specification `spec [B, m, classes]`, and return
 How: `f` is traced to a jaxpr and interpreted with one rule per primitive (jax_verify's approach):
 - IBP (Gowal et al. 2018, eqs. 6-7): affine ops map (center, radius) to (W c + b, |W| r): conv, dot_general,
   add/sub, mul/div by constants (so BN in eval mode), reduce_sum, reduce_window_sum (average pooling), reshape,
-  transpose, broadcast, slice, concatenate, pad, convert_element_type. Monotone ops map (l, u) to (g(l), g(u)):
-  max/min (relu arrives as `custom_jvp_call(max(x, 0))`), max pooling, exp, tanh, ...; rsqrt maps to
-  (g(u), g(l)). The sub-jaxprs of call-like primitives (an explicit list, `_CALLS`: jit, closed_call,
-  custom_jvp / custom_vjp calls, checkpoint, shard_map on replicated values) are recursed into; `scan` (what
-  fori_loop with static bounds, lax.scan, lax.map and nn.scan lower to) is unrolled over its static length,
-  xs sliced per step; equations that do not depend on x are evaluated. Any other primitive with an
-  x-dependent operand (while, cond, ...) raises NotImplementedError naming it. Consecutive affine ops are
-  kept as one affine map of the last box, so the spec is merged into the whole last affine segment
-  (`|C W| r`, not `|C| |W| r`), as the reference merges it into the last linear layer.
+  transpose, broadcast, slice, concatenate, pad, convert_element_type between floats. Monotone ops map (l, u)
+  to (g(l), g(u)): max/min (relu arrives as `custom_jvp_call(max(x, 0))`), max pooling, casts to integers,
+  exp, tanh, ...; rsqrt maps to (g(u), g(l)). The sub-jaxprs of call-like primitives (an explicit list,
+  `_CALLS`: jit, closed_call, custom_jvp / custom_vjp calls, checkpoint, shard_map on replicated values) are
+  recursed into; `scan` (what fori_loop with static bounds, lax.scan, lax.map and nn.scan lower to) is
+  unrolled over its static length, xs sliced per step; equations that do not depend on x are evaluated. Any
+  other primitive with an x-dependent operand (while, cond, ...) raises NotImplementedError naming it.
+  Consecutive affine ops are kept as one affine map of the last box, so the spec is merged into the whole
+  last affine segment (`|C W| r`, not `|C| |W| r`), as the reference merges it into the last linear layer.
 - CROWN-IBP (Zhang et al. 2020, eq. 5): IBP pre-activation bounds, then a CROWN backward pass (Zhang et al.
   2018, Thm. 3.2) from the spec through the ReLU relaxations: upper line u/(u-l) (z - l); lower slope 1 if
   u > -l else 0 (the reference's adaptive choice, `lower_slope="adaptive"`) or always 0 (`"zero"`),
@@ -250,6 +250,14 @@ def _monotone_rule(prim, params, values, increasing: bool) -> _Box:
   return _Box(low, high, prim.name)
 
 
+def _cast_to_integer_rule(prim, params, values) -> _Box:
+  """A cast to an integer type truncates toward zero: not linear (int(c) -/+ int(r) misses x = 0.5 in
+  [0.4, 1.6]) but nondecreasing. A cast to bool (x != 0) is neither."""
+  if params["new_dtype"] == jnp.bool_:
+    raise NotImplementedError("bounds: primitive 'convert_element_type' to bool with an x-dependent operand")
+  return _monotone_rule(prim, params, values, increasing=True)
+
+
 def _open(jaxpr) -> tuple[Any, Sequence[Any]]:
   """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr."""
   return (jaxpr.jaxpr, jaxpr.consts) if hasattr(jaxpr, "consts") else (jaxpr, ())
@@ -322,6 +330,8 @@ def _apply_rule(eqn, values) -> list:
   if name == "scan":
     return _scan_rule(eqn, values)
   shape = eqn.outvars[0].aval.shape
+  if name == "convert_element_type" and not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+    return [_cast_to_integer_rule(prim, eqn.params, values)]
   if name in _LINEAR:
     return [_linear_rule(prim, eqn.params, values, shape)]
   if name in _SCALED:
