@@ -98,6 +98,22 @@ def test_stage_all_gives_one_row_per_method_at_exactly_k(tmp_path):
     assert row["kept_fraction"] == exact and row["step"] == 2, row
   for name in ("lwm", "snip", "random"):  # each baseline's mask and mask-fixed training in its own directory
     assert checkpoints.read_meta(str(tmp_path / "k0.1" / name / "train"))[1]["stage"] == "finetune"
+  # Through the real train step, each kept set is exactly the baseline's mask: LWM's the top-k |w| (numpy) of the
+  # pretrained weights; random's the top-k |s| of its stored scores, not the top-k |w| of the fresh weights it
+  # starts from.
+  load = lambda run: sources.load_source(config_lib.stage_config(config, "finetune", source=str(tmp_path / run)))
+  pretrained = kernels(load("pretrain")[0])
+  random_start, _, random_scores = load("k0.1/random/mask")
+  random_masks = [topk(np.abs(np.asarray(s)), 0.1) for s in jax.tree.leaves(random_scores)]
+  magnitude_masks = [topk(np.abs(w), 0.1) for w in kernels(random_start)]
+  assert not all(np.array_equal(a, b) for a, b in zip(random_masks, magnitude_masks, strict=True))
+  for name, masks, start in (
+    ("lwm", [topk(np.abs(w), 0.1) for w in pretrained], pretrained),
+    ("random", random_masks, kernels(random_start)),
+  ):
+    for w, mask, w0 in zip(kernels(load(f"k0.1/{name}/train")[0]), masks, start, strict=True):
+      np.testing.assert_array_equal(w != 0, mask > 0, err_msg=name)
+      assert not np.allclose(w[mask > 0], w0[mask > 0]), name  # the kept weights trained
   with open(tmp_path / "summary.json") as f:
     assert [row["method"] for row in json.load(f)] == [row["method"] for row in rows]
 
@@ -121,6 +137,13 @@ def test_str_stage_reports_the_kept_fraction_of_its_thresholds(tmp_path):
   # A later stage (or eval / export) reads the weights STR's model runs with: exact zeros, no scores.
   weights, _, scores = sources.load_source(config_lib.stage_config(config, "finetune", source=workdir))
   assert scores is None and masking.sparsity_report(weights).kept == kept
+
+
+def topk(values, k):
+  """0/1 array keeping the kept_count largest `values` (a full sort; continuous draws have no ties)."""
+  mask = np.zeros(values.size)
+  mask[np.argsort(-values.ravel())[: kept_count(values.size, k)]] = 1
+  return mask.reshape(values.shape)
 
 
 def project(w, k):
@@ -185,12 +208,24 @@ def test_admm_stage_adds_its_penalty_and_updates_z_and_u_at_the_interval(pretrai
     np.testing.assert_allclose(u, w - project(w, 0.1), atol=1e-7)
 
 
-def test_a_stopped_admm_stage_resumes_bit_identically_with_its_aux(pretrained_dir, tmp_path):
-  config = config_lib.stage_config(
+def admm_phase_config(pretrained_dir):
+  """Stage 'admm' from the pretrained run: 2 epochs of 4 batches, Z and U updated after every epoch."""
+  return config_lib.stage_config(
     tiny_config(), "admm", source=pretrained_dir, **{"stages.admm.epochs": 2, "baseline.admm_interval_epochs": 1}
   )
-  straight = str(tmp_path / "straight")
-  train.run_stage(config, straight)
+
+
+@pytest.fixture(scope="module")
+def admm_phase_dir(pretrained_dir, tmp_path_factory):
+  """A finished `admm_phase_config` run: the weights Adv-ADMM's hard prune ranks."""
+  workdir = str(tmp_path_factory.mktemp("admm_phase"))
+  train.run_stage(admm_phase_config(pretrained_dir), workdir)
+  return workdir
+
+
+def test_a_stopped_admm_stage_resumes_bit_identically_with_its_aux(pretrained_dir, admm_phase_dir, tmp_path):
+  config = admm_phase_config(pretrained_dir)
+  straight = admm_phase_dir
   interrupted = str(tmp_path / "interrupted")
   train.run_stage(config_lib.stage_config(config, "admm", stop_after_steps=5), interrupted)
   train.run_stage(config, interrupted)
@@ -199,6 +234,21 @@ def test_a_stopped_admm_stage_resumes_bit_identically_with_its_aux(pretrained_di
   for a, b in zip(jax.tree.leaves(ends[0]), jax.tree.leaves(ends[1]), strict=True):
     np.testing.assert_array_equal(a, b)
   assert int(ends[1]["train"]["step"]) == 2 * STEPS_PER_EPOCH
+
+
+def test_admm_hard_prune_keeps_the_top_k_of_the_admm_phase_weights(pretrained_dir, admm_phase_dir, tmp_path):
+  # pipeline.run_baseline's steps after the phase: the mask from the phase's weights, saved, and the finetune
+  # stage's start from it (the real initial_state): exactly the weights W of the phase's end at their top-k |W|.
+  config = config_lib.stage_config(tiny_config(), "finetune")
+  phase_weights = kernels(sources.load_source(config_lib.stage_config(config, "finetune", source=admm_phase_dir))[0])
+  pretrained = kernels(sources.load_source(config_lib.stage_config(config, "finetune", source=pretrained_dir))[0])
+  assert not any(np.allclose(a, b) for a, b in zip(phase_weights, pretrained, strict=True))  # the phase trained
+  mask_dir = str(tmp_path / "mask")
+  pipeline.save_source(config, mask_dir, "admm mask", *pipeline.mask_source(config, "admm", admm_phase_dir))
+  finetune = config_lib.stage_config(config, "finetune", source=mask_dir, **{"stages.finetune.score_init": "source"})
+  state, _ = train.initial_state(finetune, "finetune", STEPS_PER_EPOCH, (32, 8, 8, 1))
+  for start, w in zip(kernels(state.params), phase_weights, strict=True):
+    np.testing.assert_array_equal(start, project(w, 0.1))
 
 
 @pytest.mark.slow

@@ -42,6 +42,39 @@ def test_registry_lists_the_six_baselines_and_rejects_unknown_names():
     baselines.get_baseline("gmp")
 
 
+def numpy_topk(values, k):
+  """0/1 array keeping the kept_count(n, k) largest `values` (a full sort; continuous draws have no ties)."""
+  flat = np.asarray(values, np.float64).ravel()
+  mask = np.zeros(flat.size)
+  mask[np.argsort(-flat)[: kept_count(flat.size, k)]] = 1
+  return mask.reshape(np.shape(values))
+
+
+@pytest.mark.parametrize("name", ["lwm", "admm", "snip", "random"])
+def test_each_registered_fixed_mask_is_its_defining_function(name):
+  # What pipeline.mask_source calls: get_baseline(name).mask_scores(start weights, key, grads), its top-k the mask.
+  params, other = toy_params(0), toy_params(1)  # `other`: different weights of the same shapes
+  grads = jax.tree.map(lambda w: jax.random.normal(jax.random.key(7), w.shape), params)
+  baseline = baselines.get_baseline(name)
+  assert baseline.start == {"lwm": "pretrained", "admm": "pretrained", "snip": "scratch", "random": "scratch"}[name]
+  assert baseline.needs_grads == (name == "snip") and (baseline.phase is not None) == (name == "admm")
+  k = 0.25
+  masks = masking.compute_masks(baseline.mask_scores(params, jax.random.key(3), grads), k)
+  for layer in ("conv1", "fc"):
+    w, g = np.asarray(params[layer]["kernel"]), np.asarray(grads[layer]["kernel"])
+    got = np.asarray(masks[layer]["kernel"])
+    magnitude = numpy_topk(np.abs(w), k)
+    if name in ("lwm", "admm"):  # LWM; Adv-ADMM's hard prune of the weights its phase trained
+      np.testing.assert_array_equal(got, magnitude)
+    elif name == "snip":
+      np.testing.assert_array_equal(got, numpy_topk(np.abs(g * w), k))
+    else:  # a uniformly random subset at the same count: a function of the key alone, not of the weights
+      assert got.sum() == kept_count(w.size, k) and not np.array_equal(got, magnitude)
+      for weights, key, same in ((other, 3, True), (params, 4, False)):
+        again = masking.compute_masks(baseline.mask_scores(weights, jax.random.key(key), grads), k)
+        assert np.array_equal(np.asarray(again[layer]["kernel"]), got) == same, (layer, key)
+
+
 @pytest.mark.parametrize("k", [0.5, 0.1, 0.01])
 def test_lwm_keeps_exactly_the_largest_magnitudes_of_each_layer(k):
   params = toy_params()

@@ -3,6 +3,7 @@ reference's schedulers, loss values against the reference's bound code in PyTorc
 steps that lower the verified loss."""
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 from hydra_jax import models
 from hydra_jax import objectives
 from tests import robust_helpers as helpers
+from tests import verified_reference
 from tests import zoo_helpers
 
 
@@ -74,28 +76,9 @@ def _cnn_problem(batch=4, seed=0):
 
 def _reference_losses(model_variables, batch, eps, beta):
   """The reference trainer's computation in PyTorch: CE(-lb scattered with 0 at y), natural CE, sym wc CE."""
-  torch = pytest.importorskip("torch")
-  from benchmarks import torch_bounds as bounds_reference  # pylint: disable=g-import-not-at-top
-  from hydra_jax import convert  # pylint: disable=g-import-not-at-top
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
-
-  seq = torch_reference.build("cnn_tiny", 10)
-  seq.load_state_dict(convert.to_torch_state_dict(model_variables, model_name="cnn_tiny", as_torch=True))
-  x = torch.from_numpy(np.asarray(batch["image"]).transpose(0, 3, 1, 2).copy())
-  y = torch.from_numpy(np.asarray(batch["label"]).astype(np.int64))
-  eye = torch.eye(10)
-  c = (eye[y].unsqueeze(1) - eye.unsqueeze(0))[y.unsqueeze(1) != torch.arange(10).unsqueeze(0)].view(-1, 9, 10)
-  lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-  ce = torch.nn.CrossEntropyLoss()
-  with torch.no_grad():
-    _, ilb, _ = bounds_reference.interval_range(seq, lo, hi, c)
-    clb = bounds_reference.backward_range(seq, lo, hi, c)
-    lb = clb * beta + ilb * (1 - beta)
-    others = torch.tensor([[j for j in range(10) if j != t] for t in y.tolist()])
-    robust = ce(-torch.zeros(len(y), 10).scatter(1, others, lb), y).item()
-    natural = ce(seq(x), y).item()
-    sym = ce(bounds_reference.sym_worst_case(seq, lo, hi, y, 10), y).item()
-  return robust, natural, sym
+  pytest.importorskip("torch")
+  losses = verified_reference.reference_losses(model_variables, batch, eps, beta)
+  return tuple(float(np.mean(losses[name])) for name in ("robust", "natural", "sym"))
 
 
 def test_crown_ibp_and_ibp_losses_equal_the_reference_trainer_computation():
@@ -136,6 +119,101 @@ def test_mixtrain_loss_adds_the_weighted_symbolic_worst_case_ce_when_drawn():
     config.alpha = alpha
     loss, (metrics, _) = mixtrain(apply_fn, variables, batch, jax.random.key(0), config, epoch=jnp.float32(7.5))
     np.testing.assert_allclose([loss, metrics["drawn"], metrics["interval_weight"]], [expected, alpha, 0.25], rtol=1e-4)
+
+
+def _stored(case):
+  """`case` of tests/data/verified_reference.json (torch reference values) and its problem, checked to be the same."""
+  with open(verified_reference.FIXTURE) as f:
+    stored = json.load(f)
+  values = stored["cases"][case]
+  apply_fn, variables, batch = verified_reference.problem(values["problem"])
+  sums = verified_reference.checksums(variables, batch)
+  for name, total in sums.items():  # the problem the values were computed for (numpy draws only)
+    assert total == pytest.approx(stored["problems"][values["problem"]][name], rel=1e-9), name
+  return apply_fn, variables, batch, values
+
+
+@pytest.mark.parametrize("start", [0.0, 0.004])
+def test_crown_ibp_and_ibp_at_a_starting_epsilon_equal_the_stored_torch_reference(start):
+  """The reference's bound code in PyTorch at eps_t and beta computed here by hand; no torch needed.
+
+  The stored values come from `PYTHONPATH=. python -m tests.verified_reference` (torch==2.13.0 CPU), which runs
+  `verified_reference.reference_losses` (benchmarks/torch_bounds.py on tests/torch_reference.py's cnn_tiny).
+  """
+  # eps 0.02, L 3, epoch 0.5: ramp = 0.5 / (3 - 1) = 0.25; eps_t = start + (0.02 - start) * 0.25;
+  # beta = 1 - eps_t / 0.02.
+  eps_t, beta = {0.0: (0.005, 0.75), 0.004: (0.008, 0.6)}[start]
+  apply_fn, variables, batch, values = _stored("crown_start0" if start == 0 else "crown_start004")
+  assert (values["eps"], values["beta"]) == (eps_t, beta)
+  config = objectives.default_config("crown_ibp")
+  config.update(eps=0.02, starting_epsilon=start, schedule_length=3)
+  loss, (metrics, _) = objectives.get_objective("crown_ibp").loss_fn(
+    apply_fn, variables, batch, None, config, epoch=jnp.float32(0.5)
+  )
+  np.testing.assert_allclose(
+    [loss, metrics["natural_loss"], metrics["eps"], metrics["beta"]],
+    [np.mean(values["robust"]), np.mean(values["natural"]), eps_t, beta],
+    rtol=1e-4,
+  )
+  if start:
+    ibp = _stored("ibp_start004")[3]
+    loss, (metrics, _) = objectives.get_objective("ibp").loss_fn(
+      apply_fn, variables, batch, None, config, epoch=jnp.float32(0.5)
+    )
+    np.testing.assert_allclose([loss, metrics["eps"]], [np.mean(ibp["robust"]), eps_t], rtol=1e-4)
+
+
+def test_stored_torch_reference_values_are_what_the_torch_reference_computes():
+  pytest.importorskip("torch")
+  for case in verified_reference.CASES:
+    _, variables, batch, values = _stored(case)
+    live = verified_reference.reference_losses(variables, batch, values["eps"], values["beta"])
+    for name in ("robust", "natural", "sym"):
+      np.testing.assert_allclose(live[name], values[name], rtol=1e-6, err_msg=f"{case} {name}")
+
+
+def test_mixtrain_draws_its_coin_at_rate_alpha():
+  """400 keys at alpha 0.5 (a linear model on 8 x 8 digits: the bound is cheap): drawn at rate 0.5 (binomial, within
+  4 sigma); a step not drawn is the natural CE alone, a drawn one adds iw * a positive robust CE."""
+  model = helpers.Linear()
+  variables = helpers.init_variables(model, (4, 8, 8, 1))
+  x, y, _, _ = helpers.digits()
+  batch = {"image": jnp.asarray(x[:4]), "label": jnp.asarray(y[:4])}
+  config = objectives.default_config("mixtrain")
+  config.update(eps=0.05, schedule_length=0, interval_weight=0.1, alpha=0.5)
+  mixtrain = objectives.get_objective("mixtrain").loss_fn
+  apply_fn = helpers.make_apply_fn(model)
+  run = jax.jit(jax.vmap(lambda key: mixtrain(apply_fn, variables, batch, key, config, epoch=jnp.float32(0))[1][0]))
+  metrics = jax.tree.map(np.asarray, run(jax.random.split(jax.random.key(0), 400)))
+  drawn = metrics["drawn"] == 1
+  assert abs(drawn.sum() - 200) <= 4 * 10, drawn.sum()  # binomial(400, 0.5): sd 10
+  np.testing.assert_array_equal(metrics["robust_loss"][~drawn], 0.0)
+  assert np.all(metrics["robust_loss"][drawn] > 0)
+  np.testing.assert_allclose(metrics["loss"], metrics["natural_loss"] + 0.1 * metrics["robust_loss"], rtol=1e-6)
+
+
+def test_mixtrain_bounds_the_example_at_a_drawn_position_that_varies_with_the_key():
+  """Batch 4, mixtraink 1, alpha 1, 16 keys: each step adds iw * the stored torch "sym" CE (see
+  `test_crown_ibp_and_ibp_at_a_starting_epsilon_equal_the_stored_torch_reference`) of one example of the batch,
+  and not always the same one (4 positions, 16 draws: all equal w.p. 4^-15)."""
+  apply_fn, variables, batch, values = _stored("mixtrain")
+  config = objectives.default_config("mixtrain")
+  config.update(eps=0.01, schedule_length=2, interval_weight=0.1, mixtraink=1, alpha=1.0)  # epoch 7.5: iw 0.25
+  mixtrain = objectives.get_objective("mixtrain").loss_fn
+  run = jax.jit(  # lax.map, not vmap: the 16 symbolic passes run one at a time (memory)
+    lambda keys: jax.lax.map(
+      lambda key: mixtrain(apply_fn, variables, batch, key, config, epoch=jnp.float32(7.5))[1][0], keys
+    )
+  )
+  metrics = jax.tree.map(np.asarray, run(jax.random.split(jax.random.key(0), 16)))
+  np.testing.assert_allclose(metrics["natural_loss"], np.mean(values["natural"]), rtol=1e-4)
+  sym = np.asarray(values["sym"])
+  assert np.min(np.abs(sym[:, None] - sym[None, :]) + np.eye(4)) > 0.01  # distinct: the value names the example
+  errors = np.abs(metrics["robust_loss"][:, None] - sym[None, :]) / sym
+  assert np.all(np.min(errors, axis=1) < 1e-4), errors  # each step bounds exactly one example of the batch
+  positions = np.argmin(errors, axis=1)
+  assert len(set(positions.tolist())) >= 2, positions
+  np.testing.assert_allclose(metrics["loss"], metrics["natural_loss"] + 0.25 * metrics["robust_loss"], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
