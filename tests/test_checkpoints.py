@@ -2,6 +2,7 @@
 and clear errors (missing, mismatched, corrupt) that leave what was saved untouched."""
 
 import hashlib
+import importlib.metadata
 import json
 import os
 
@@ -234,13 +235,7 @@ def test_a_resume_with_no_readable_step_raises_and_moves_nothing(tmp_path):
 
 
 def test_versions_name_the_libraries_that_wrote_the_checkpoint():
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  assert checkpoints.versions() == {
-    "jax": jax.__version__,
-    "jaxlib": jaxlib.__version__,
-    "flax": flax.__version__,
-    "orbax": ocp.__version__,
-  }
+  """The installed distributions' versions, as pip reports them (package metadata, not the modules)."""
+  distributions = {"jax": "jax", "jaxlib": "jaxlib", "flax": "flax", "orbax": "orbax-checkpoint"}
+  expected = {name: importlib.metadata.version(dist) for name, dist in distributions.items()}
+  assert checkpoints.versions() == expected

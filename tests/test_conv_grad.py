@@ -89,6 +89,20 @@ def test_conv2d_layer_gradients_agree_for_every_weight_grad_choice():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads(choice), reference)
 
 
+@pytest.mark.parametrize("batch_chunk", [0, 2])
+def test_conv2d_layer_gradient_holds_the_per_tap_matmuls_exactly_when_chosen(batch_chunk):
+  """The kernel gradient of the `Conv2d` layer is kh * kw matmuls (one per tap) with weight_grad='taps', and with
+  'auto' where `taps_are_faster` (16 input channels, stride 2); a convolution, no matmul, with 'xla' and with
+  'auto' on a 3-channel stem. In one pass (batch_chunk 0) and in batch chunks."""
+  expected_matmuls = {("taps", 16): 9, ("auto", 16): 9, ("xla", 16): 0, ("taps", 3): 9, ("auto", 3): 0, ("xla", 3): 0}
+  for (choice, channels), matmuls in expected_matmuls.items():
+    conv = layers.Conv2d(8, 3, stride=2, padding=1, weight_grad=choice, batch_chunk=batch_chunk)
+    x = jnp.zeros((4, 8, 8, channels))
+    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda v: jnp.sum(conv.apply(v, x))))(variables).jaxpr  # noqa: B023
+    assert _primitive_counts(jaxpr)["dot_general"] == matmuls, (choice, channels)
+
+
 def test_auto_uses_taps_on_cpu_only_where_measured_faster_and_is_the_default(monkeypatch):
   used = []
   monkeypatch.setattr(layers, "taps_conv", lambda *args: used.append(args[0].shape) or layers.xla_conv(*args))

@@ -127,8 +127,13 @@ def test_cifar_train_batches_are_the_pipelines_batches_of_the_written_images(tmp
       np.testing.assert_array_equal(batch[key], reference.batch_at(step)[key])
       np.testing.assert_array_equal(batch[key], again.batch_at(step)[key])
       np.testing.assert_array_equal(batch[key], np.concatenate([h.batch_at(step)[key] for h in hosts]))
-  one_epoch = np.concatenate([batches.batch_at(s)["label"] for s in range(3)])
-  assert len(one_epoch) == 18 and np.bincount(one_epoch, minlength=10).sum() == 18
+  # The same stream with each example's index as its label: an epoch (3 steps of 6 of the 20) draws 18 distinct
+  # examples, the next epoch a new order of them, and each batch's labels are the written labels of those examples.
+  numbered = dataclasses.replace(batches, source=data.ArraySource(images, np.arange(20)))
+  epochs = [np.concatenate([numbered.batch_at(s)["label"] for s in range(3 * e, 3 * e + 3)]) for e in range(2)]
+  assert all(len(set(epoch)) == 18 and set(epoch) <= set(range(20)) for epoch in epochs)
+  assert list(epochs[0]) != list(epochs[1])
+  np.testing.assert_array_equal(np.concatenate([batches.batch_at(s)["label"] for s in range(3)]), labels[epochs[0]])
 
 
 def test_cifar_eval_batches_are_the_test_batch_in_order_zero_padded(tmp_path):
@@ -187,13 +192,24 @@ def test_svhn_mat_gives_every_pixel_and_maps_label_10_to_0(tmp_path, sub):
 
 def test_svhn_eval_padding_and_train_batches(tmp_path):
   images, digits = _write_svhn(tmp_path, "test", 5)
-  _write_svhn(tmp_path, "train", 8, seed=1)
+  train_images, train_digits = _write_svhn(tmp_path, "train", 10, seed=1)
   batch = data.eval_batches("svhn_cropped", 4, data_dir=str(tmp_path), data_format="svhn_mat", **HOST).batch_at(1)
   np.testing.assert_array_equal(batch["mask"], [1, 0, 0, 0])
   np.testing.assert_array_equal(np.round(batch["image"][0] * 255), images[:, :, :, 4])
   assert batch["label"][0] == digits[4] % 10
-  train_batch = data.train_batches("svhn_cropped", 4, seed=0, data_dir=str(tmp_path), **HOST).batch_at(2)
-  assert train_batch["image"].shape == (4, 32, 32, 3) and train_batch["label"].max() <= 9
+  batches = data.train_batches("svhn_cropped", 10, seed=0, data_dir=str(tmp_path), **HOST)
+  train_batch = batches.batch_at(2)
+  assert train_batch["image"].shape == (10, 32, 32, 3)
+  # Which written example each row is: the same stream over the .mat images with their indices as labels.
+  numbered = dataclasses.replace(batches, source=data.ArraySource(train_images.transpose(3, 0, 1, 2), np.arange(10)))
+  rows = numbered.batch_at(2)["label"]
+  assert sorted(rows) == list(range(10))  # the whole epoch, digit 10 (label 0) included
+  np.testing.assert_array_equal(train_batch["label"], train_digits[rows] % 10)
+  for image, row in zip(train_batch["image"], rows):  # a 32x32 window of the 4-padded image, maybe mirrored
+    padded = np.pad(train_images[:, :, :, row], ((4, 4), (4, 4), (0, 0)))
+    pixels = np.round(image * 255)
+    windows = [padded[i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
+    assert any(np.array_equal(pixels, w) or np.array_equal(pixels[:, ::-1], w) for w in windows)
 
 
 def test_svhn_missing_and_malformed_files_are_named(tmp_path):

@@ -22,10 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_robust_is_the_worst_case(rows, methods):
-  """Each CSV row: 0 <= robust <= every method's accuracy <= clean <= 1 (robust is their per-example worst case)."""
+  """Each CSV row: 0 <= robust <= every method's accuracy <= clean <= 1 (robust is their per-example worst case),
+  and robust >= clean - sum over the methods of (clean - method): a method's correct examples are clean-correct
+  ones, so each method removes at most clean - method of the examples robust to all."""
   for row in rows:
     accuracies = [float(row[name]) for name in methods]
-    assert 0 <= float(row["robust"]) <= min(accuracies) and max(accuracies) <= float(row["clean"]) <= 1
+    clean, robust = float(row["clean"]), float(row["robust"])
+    assert 0 <= robust <= min(accuracies) and max(accuracies) <= clean <= 1
+    assert robust >= clean - sum(clean - a for a in accuracies) - 1e-9
 
 
 def test_init_ablation_writes_a_finite_row_per_init_and_logged_step(tmp_path):

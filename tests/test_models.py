@@ -217,6 +217,8 @@ def test_cnn_jaxpr_is_sequential_conv_dense_relu():
   model, x, variables = _init("cifar_model_large")
   jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x, train=False))(x)
   primitives = set()
+  convs = [kernel for kernel in jax.tree.leaves(variables["params"]) if kernel.ndim == 4]
+  assert len(convs) == [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns].count("custom_vjp_call") == 4  # each conv
   for eqn in jaxpr.jaxpr.eqns:
     if eqn.primitive.name == "custom_vjp_call":
       assert [inner.primitive.name for inner in eqn.params["call_jaxpr"].jaxpr.eqns] == ["conv_general_dilated"]

@@ -71,3 +71,10 @@ def test_robust_accuracy_is_the_worst_case_of_the_attacks(executed):
   assert accuracies["robust"] <= min(accuracies["pgd_linf"], accuracies["apgd_ce"], accuracies["apgd_dlr"])
   assert all(accuracies[m] <= accuracies["clean"] + 1e-9 for m in ("pgd_linf", "apgd_ce", "apgd_dlr"))
   assert int(values["examples"]) == 32
+  # As counts of the 32 examples (printed to 4 decimals): an example is robust when classified correctly clean and
+  # under every attack, and an attack's correct examples are clean-correct ones, so each attack removes at most
+  # clean - attack of them: robust >= clean - sum over the attacks of (clean - attack).
+  counts = {name: round(32 * a) for name, a in accuracies.items()}
+  assert all(abs(32 * a - counts[name]) < 0.01 for name, a in accuracies.items())
+  lost = sum(counts["clean"] - counts[m] for m in ("pgd_linf", "apgd_ce", "apgd_dlr"))
+  assert counts["robust"] >= counts["clean"] - lost

@@ -1,6 +1,8 @@
 """Tests of hydra_jax.parallel: pmap and shard_map runners against the single-device step, batch and state
 placement over the 8 simulated devices, and the errors for batches that do not divide."""
 
+import inspect
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -180,3 +182,22 @@ def test_cpu_steps_compile_with_the_memory_optimized_scheduler_to_a_smaller_plan
   assert scheduled.memory_analysis().temp_size_in_bytes < default.memory_analysis().temp_size_in_bytes
   for a, b in zip(jax.tree.leaves(default(variables["params"], x)), jax.tree.leaves(scheduled(variables["params"], x))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["single", "shard_map"])
+def test_the_runners_own_cpu_program_is_compiled_with_the_memory_optimized_scheduler(mode):
+  """The program a 'single' / 'shard_map' runner executes is the one XLA compiles with `CPU_COMPILER_OPTIONS`
+  (the toy step's schedule differs from XLA's default one), not a default compile of the same step."""
+  runner = parallel.make_runner(toy_step, mode, carry_fields=("carry",))
+  state, batches = toy_data(steps=1)
+  state, batch = runner.put_state(state), runner.put_batch(batches[0])
+  runner(state, batch)  # a 'shard_map' runner builds its jitted step on the first call
+  if mode == "single":
+    jitted = runner.run
+  else:
+    (jitted,) = inspect.getclosurevars(runner.run).nonlocals["compiled"].values()
+  program = jitted.lower(state, batch).compile().as_text()
+  step = jitted.__wrapped__
+  scheduled = jax.jit(step, compiler_options=parallel.CPU_COMPILER_OPTIONS).lower(state, batch).compile().as_text()
+  assert program == scheduled
+  assert program != jax.jit(step).lower(state, batch).compile().as_text()

@@ -10,6 +10,7 @@ import warnings
 import chex
 import jax
 import jax.numpy as jnp
+import matplotlib.image
 import numpy as np
 import pytest
 from scipy import stats
@@ -132,6 +133,28 @@ def test_predict_returns_the_top_class_when_the_binomial_test_passes():
   assert smoothing.predict(f, x, key=KEY, sigma=0.25, n=100, alpha=0.001, batch_size=1000) == smoothing.ABSTAIN
 
 
+def votes_by_row(classes, x):
+  """Votes for classes[i] on the i-th noisy copy of a pass, whatever the noise: exact counts per pass."""
+  return jax.nn.one_hot(classes[: x.shape[0]], 3)
+
+
+def test_predict_tests_the_top_count_against_the_top_two_not_all_samples():
+  """Three classes, counts 20 / 20 / 60 of n = 100: Hung and Fithian's test of 60 successes in 60 + 20 trials
+  passes at alpha = 0.001, while 60 of all 100 would not (a third class's votes must not weaken the test)."""
+  classes = jnp.asarray([0] * 20 + [1] * 20 + [2] * 60)
+  f = jax.tree_util.Partial(votes_by_row, classes)
+  x = np.zeros(SHAPE, np.float32)
+  counts = smoothing.sample_counts(f, x, key=KEY, sigma=0.5, num=100, batch_size=100)
+  np.testing.assert_array_equal(counts, [20, 20, 60])
+  alpha = 0.001
+  assert stats.binomtest(60, 80, p=0.5).pvalue <= alpha < stats.binomtest(60, 100, p=0.5).pvalue  # 1.5e-5, 0.057
+  assert smoothing.predict(f, x, key=KEY, sigma=0.5, n=100, alpha=alpha, batch_size=100) == 2
+  # 40 / 35 / 25: 40 of 75 has p-value 0.64: abstain.
+  f = jax.tree_util.Partial(votes_by_row, jnp.asarray([0] * 40 + [1] * 35 + [2] * 25))
+  assert stats.binomtest(40, 75, p=0.5).pvalue > alpha
+  assert smoothing.predict(f, x, key=KEY, sigma=0.5, n=100, alpha=alpha, batch_size=100) == smoothing.ABSTAIN
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Batched certification inside a compiled program (the `smooth` method of `evaluate`).
 
@@ -233,12 +256,27 @@ def test_certified_accuracy_counts_correct_examples_at_or_beyond_each_radius():
     smoothing.certified_accuracy([True], [0.1, 0.2], at)
 
 
-def test_plot_writes_a_png(tmp_path):
+def test_plot_draws_the_certified_accuracy_curve_and_writes_it_as_a_png(tmp_path, monkeypatch):
+  figures = []
+
+  class RecordedFigure(smoothing.Figure):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      figures.append(self)
+
+  monkeypatch.setattr(smoothing, "Figure", RecordedFigure)
   path = str(tmp_path / "certified.png")
   smoothing.plot_certified_accuracy(path, [True, False, True], [0.3, 0.0, 0.8], title="test")
+  (axes,) = figures[0].axes
+  ((radius, accuracy),) = [line.get_data() for line in axes.get_lines()]
+  np.testing.assert_allclose(radius, 0.01 * np.arange(81), atol=1e-12)  # steps of 0.01 up to the largest radius
+  # Examples 1 and 3 are certified up to 0.3, example 3 up to 0.8 (grid points compared as plotted).
+  np.testing.assert_array_equal(accuracy, np.where(radius <= 0.3, 2 / 3, np.where(radius <= 0.8, 1 / 3, 0.0)))
+  assert accuracy[10] == 2 / 3 and accuracy[50] == 1 / 3  # at radius 0.1 and 0.5
+  assert axes.get_xlim() == (0, 0.8) and axes.get_ylim() == (0, 1) and axes.get_title() == "test"
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert os.path.getsize(path) > 1000
+  assert matplotlib.image.imread(path).shape == (675, 900, 4)  # 6 x 4.5 inches at 150 dpi
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,31 +304,45 @@ def test_cli_certify_writes_tsv_table_json_and_plot(tmp_path):
     "--n0=20",
     "--n=200",
     "--alpha=0.01",
-    "--skip=120",
-    "--max_examples=2",
+    "--skip=40",
+    "--max_examples=4",
     "--certify_batch=64",
     f"--out={out}",
   )
-  assert "sigma=0.5, n=200, alpha=0.01, 2 examples" in result.stdout
+  assert "sigma=0.5, n=200, alpha=0.01, 4 examples" in result.stdout
 
   with open(os.path.join(out, "certify.tsv")) as f:
     header, *rows = [line.rstrip("\n").split("\t") for line in f]
   assert header == ["idx", "label", "predict", "radius", "correct", "time"]
   test_labels = data.eval_batches("digits", 360).batch_at(0)["label"]
-  assert [int(r[0]) for r in rows] == [0, 120] and [int(r[1]) for r in rows] == list(test_labels[[0, 120]])
+  assert [int(r[0]) for r in rows] == [0, 40, 80, 120]
+  assert [int(r[1]) for r in rows] == list(test_labels[[0, 40, 80, 120]])
   top = smoothing.max_radius(0.5, 200, 0.01)  # 0.5 * Phi^-1(0.01^(1/200)) = 0.96
+  # A returned class has pA_lower > 1/2 for some count of the n = 200 votes: its radius is > 0 and is one of
+  # sigma * Phi^-1(Clopper-Pearson lower bound of c of 200), c = 101 .. 200.
+  possible = 0.5 * stats.norm.ppf(stats.beta.ppf(0.01, np.arange(101, 201), 200 - np.arange(101, 201) + 1))
   for _, label, predict, radius, correct, _ in rows:
     assert int(correct) == (predict == label) and -1 <= int(predict) < 10
-    assert (float(radius) == 0) if int(predict) == -1 else (0 <= float(radius) <= top + 1e-5)
+    if int(predict) == -1:
+      assert float(radius) == 0
+    else:
+      assert 0 < float(radius) <= top + 1e-5 and np.min(np.abs(possible - float(radius))) < 1e-5, radius
+  predicted = np.array([int(r[2]) for r in rows])
+  assert (predicted == -1).any() and (predicted != -1).any()  # the checks above are not vacuous
 
   with open(os.path.join(out, "certified_accuracy.json")) as f:
     summary = json.load(f)
-  assert (summary["sigma"], summary["n0"], summary["n"], summary["alpha"], summary["skip"]) == (0.5, 20, 200, 0.01, 120)
+  assert (summary["sigma"], summary["n0"], summary["n"], summary["alpha"], summary["skip"]) == (0.5, 20, 200, 0.01, 40)
   assert summary["radii"] == [0.0, 0.25, 0.5, 0.75]  # multiples of 0.25 up to the largest certifiable radius
-  assert summary["certified_accuracy"][0] == np.mean([int(r[4]) for r in rows])
-  with open(os.path.join(out, "certified_accuracy.png"), "rb") as f:
-    assert f.read(4) == b"\x89PNG"
-  assert os.path.exists(os.path.join(out, "certified_accuracy.txt"))
+  # The whole curve and the abstentions, recomputed from the TSV: correct and certified at or beyond r.
+  correct, radii = np.array([r[4] == "1" for r in rows]), np.array([float(r[3]) for r in rows])
+  curve = [np.mean(correct & (radii >= r)) for r in (0.0, 0.25, 0.5, 0.75)]
+  np.testing.assert_allclose(summary["certified_accuracy"], curve, atol=1e-12)
+  assert summary["abstained"] == np.sum(predicted == -1) and summary["num_examples"] == 4
+  with open(os.path.join(out, "certified_accuracy.txt")) as f:
+    table = [line.split() for line in f.read().splitlines()[2:]]
+  assert [(float(r), float(a)) for r, a in table] == [(r, round(100 * a, 2)) for r, a in zip(summary["radii"], curve)]
+  assert matplotlib.image.imread(os.path.join(out, "certified_accuracy.png")).shape == (675, 900, 4)
 
   # The same run through `hydra-jax eval --methods=smooth`: certified accuracy at the config's radii.
   settings = ["--config.eval.smooth.sigma=0.5", "--config.eval.smooth.n0=20", "--config.eval.smooth.n=200"]
