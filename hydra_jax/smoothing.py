@@ -35,14 +35,19 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib.figure import Figure
-from scipy import stats
 from tqdm import tqdm
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
 ABSTAIN = -1
+
+
+def _stats():
+  """scipy.stats, imported on first use: its ~0.6 s import is paid only by code that certifies or predicts."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  return stats
 
 
 def _as_pytree(f: LogitsFn) -> jax.tree_util.Partial:
@@ -118,7 +123,7 @@ def lower_confidence_bound(count: int, n: int, alpha: float) -> float:
   It is the alpha quantile of Beta(count, n - count + 1) (0 when count = 0), i.e. Cohen et al.'s
   `proportion_confint(count, n, alpha=2 * alpha, method='beta')[0]`; for count = n it equals alpha^(1/n).
   """
-  return float(stats.beta.ppf(alpha, count, n - count + 1)) if count > 0 else 0.0
+  return float(_stats().beta.ppf(alpha, count, n - count + 1)) if count > 0 else 0.0
 
 
 def max_radius(sigma: float, n: int, alpha: float) -> float:
@@ -126,7 +131,7 @@ def max_radius(sigma: float, n: int, alpha: float) -> float:
 
   Negative when (n, alpha) can never certify (alpha^(1/n) < 1/2, i.e. n < log2(1 / alpha)).
   """
-  return sigma * float(stats.norm.ppf(alpha ** (1 / n)))
+  return sigma * float(_stats().norm.ppf(alpha ** (1 / n)))
 
 
 def certify(
@@ -176,7 +181,7 @@ def certify(
   p_lower = lower_confidence_bound(int(sample(key=estimate_key, num=n)[guess]), n, alpha)
   if p_lower < 0.5:
     return ABSTAIN, 0.0
-  return guess, sigma * float(stats.norm.ppf(p_lower))
+  return guess, sigma * float(_stats().norm.ppf(p_lower))
 
 
 def min_certifying_count(n: int, alpha: float, p: float) -> int:
@@ -246,7 +251,7 @@ def certified_correct(
     bool [B, R].
   """
   check_settings(sigma, alpha, batch_size=batch_size, n0=n0, n=n)
-  thresholds = jnp.array([min_certifying_count(n, alpha, float(stats.norm.cdf(r / sigma))) for r in radii])
+  thresholds = jnp.array([min_certifying_count(n, alpha, float(_stats().norm.cdf(r / sigma))) for r in radii])
   certify_one = functools.partial(_certify_votes, f, sigma=sigma, n0=n0, n=n, batch_size=batch_size)
   typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
   per_example = key.ndim == (1 if typed else 2)
@@ -273,7 +278,7 @@ def predict(
     The class index, or ABSTAIN = -1.
   """
   check_settings(sigma, alpha, batch_size=batch_size, n=n)
-  best_p_value = stats.binomtest(n, n, p=0.5).pvalue
+  best_p_value = _stats().binomtest(n, n, p=0.5).pvalue
   if best_p_value > alpha:
     warnings.warn(
       f"predict: n={n}, alpha={alpha} always abstains: n of n votes have p-value {best_p_value:.4g} > alpha",
@@ -282,7 +287,7 @@ def predict(
   counts = sample_counts(f, x, key=key, sigma=sigma, num=n, batch_size=batch_size, progress=progress)
   first, second = np.argsort(-counts, kind="stable")[:2]
   top, runner_up = int(counts[first]), int(counts[second])
-  if stats.binomtest(top, top + runner_up, p=0.5).pvalue > alpha:
+  if _stats().binomtest(top, top + runner_up, p=0.5).pvalue > alpha:
     return ABSTAIN
   return int(first)
 
@@ -337,6 +342,8 @@ def plot_certified_accuracy(
   """
   top = max_radius_plotted or max(float(np.max(radii)), step)
   grid = np.arange(0.0, top + step, step)
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  # only plotting pays its import
+
   figure = Figure(figsize=(6, 4.5))  # no pyplot: no global state, no interactive backend
   axes = figure.subplots()
   axes.plot(grid, certified_accuracy(correct, radii, grid))

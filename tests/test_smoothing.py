@@ -10,6 +10,7 @@ import warnings
 import chex
 import jax
 import jax.numpy as jnp
+import matplotlib.figure
 import matplotlib.image
 import numpy as np
 import pytest
@@ -259,12 +260,12 @@ def test_certified_accuracy_counts_correct_examples_at_or_beyond_each_radius():
 def test_plot_draws_the_certified_accuracy_curve_and_writes_it_as_a_png(tmp_path, monkeypatch):
   figures = []
 
-  class RecordedFigure(smoothing.Figure):
+  class RecordedFigure(matplotlib.figure.Figure):
     def __init__(self, *args, **kwargs):
       super().__init__(*args, **kwargs)
       figures.append(self)
 
-  monkeypatch.setattr(smoothing, "Figure", RecordedFigure)
+  monkeypatch.setattr(matplotlib.figure, "Figure", RecordedFigure)
   path = str(tmp_path / "certified.png")
   smoothing.plot_certified_accuracy(path, [True, False, True], [0.3, 0.0, 0.8], title="test")
   (axes,) = figures[0].axes
