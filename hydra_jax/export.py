@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import sparse
 from tqdm import tqdm
 
 from hydra_jax import PyTree
@@ -329,6 +328,8 @@ def write_per_example(path: str, examples: Mapping[str, np.ndarray]) -> None:
 
 def sparse_size(params: PyTree) -> dict[str, int]:
   """Bytes of the prunable kernels stored dense vs as BCOO (int32 indices + float values of nonzeros)."""
+  from jax.experimental import sparse  # pylint: disable=g-import-not-at-top  # only this report pays its import
+
   kernels = [jnp.asarray(w) for p, w in jax.tree_util.tree_flatten_with_path(params)[0] if masking.is_prunable(p, w)]
   bcoo = [sparse.BCOO.fromdense(w) for w in kernels]
   return {
