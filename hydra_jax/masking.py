@@ -45,8 +45,8 @@ from hydra_jax import PyTree
 Path = tuple[Any, ...]
 
 _BISECTION_STEPS = 31  # Keys of [0, inf] lie in [0, 0x7F800000] (< 2**31 values): 31 halvings pin one.
-_PACK_WIDTH = 1024  # keys per row of a pack (`_Packing`)
-_PACK_ROWS = 2048  # rows per pack at least (8 MB of keys: cache-sized): `_Packing`
+_PACK_WIDTH = 1024  # keys per row of a pack at most (`_Packing`)
+_PACK_ROWS = 2048  # rows per pack at least, unless all layers fit in fewer (8 MB of keys: cache-sized)
 _PAD_KEY = np.iinfo(np.int32).max  # pads the rows: above every threshold (<= the key of +inf)
 
 
@@ -115,13 +115,15 @@ def _order_key(values: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Packing:
-  """Where L layers' flat keys lie in packs of equal shape (rows, _PACK_WIDTH), each layer in whole rows of one pack.
+  """Where L layers' flat keys lie in packs of equal shape (rows, width), each layer in whole rows of one pack.
 
-  Layers share packs by first fit, largest first (a pack has the rows of the largest layer, at least
-  _PACK_ROWS), so that the bisection, run pack after pack, passes over a cache-sized block of keys.
+  width = min(_PACK_WIDTH, the largest layer's size). Layers share packs by first fit, largest first (a pack
+  has the rows of the largest layer, at least _PACK_ROWS unless all layers fit in fewer), so that the
+  bisection, run pack after pack, passes over a cache-sized block of keys, and small layers pad little.
 
   Attributes:
     sizes: (L,) entries per layer.
+    width: keys per row.
     pack: (L,) the pack of each layer; first_row: (L,) its first row there.
     row_slot: (packs, rows) the slot of each row's layer, ascending (padding rows, whose keys never count: the last).
     row_start: (packs, rows) the flat index within its layer of each row's first entry.
@@ -129,6 +131,7 @@ class _Packing:
   """
 
   sizes: tuple[int, ...]
+  width: int
   pack: np.ndarray
   first_row: np.ndarray
   row_slot: np.ndarray
@@ -137,8 +140,9 @@ class _Packing:
 
   @classmethod
   def of(cls, sizes: list[int]) -> _Packing:
-    layer_rows = [-(-n // _PACK_WIDTH) for n in sizes]
-    rows = max([_PACK_ROWS, *layer_rows])
+    width = min(_PACK_WIDTH, max(sizes))
+    layer_rows = [-(-n // width) for n in sizes]
+    rows = max(*layer_rows, min(_PACK_ROWS, sum(layer_rows)))
     pack, first_row, slot = [0] * len(sizes), [0] * len(sizes), [0] * len(sizes)
     used, slots = [], []  # per pack: rows filled, layers held
     for index in sorted(range(len(sizes)), key=lambda i: -layer_rows[i]):  # first fit, largest layers first
@@ -154,27 +158,29 @@ class _Packing:
     layer = np.full((len(slots), max(slots)), -1, np.int32)
     for index, (p, r, s, n_rows) in enumerate(zip(pack, first_row, slot, layer_rows)):
       row_slot[p, r : r + n_rows] = s
-      row_start[p, r : r + n_rows] = np.arange(n_rows) * _PACK_WIDTH
+      row_start[p, r : r + n_rows] = np.arange(n_rows) * width
       layer[p, s] = index
-    return cls(tuple(sizes), np.asarray(pack, np.int32), np.asarray(first_row, np.int32), row_slot, row_start, layer)
+    return cls(
+      tuple(sizes), width, np.asarray(pack, np.int32), np.asarray(first_row, np.int32), row_slot, row_start, layer
+    )
 
   def pack_keys(self, keys: list[jax.Array]) -> jax.Array:
-    """(packs, rows, _PACK_WIDTH) int32: each layer's flat keys in its rows, padded with _PAD_KEY."""
+    """(packs, rows, width) int32: each layer's flat keys in its rows, padded with _PAD_KEY."""
     packs, rows = self.row_slot.shape
     flat = []
     for members in self.layer:  # in slot order, which is row order
-      padded = [jnp.pad(keys[i], (0, -keys[i].size % _PACK_WIDTH), constant_values=_PAD_KEY) for i in members if i >= 0]
-      flat += padded + [jnp.full(rows * _PACK_WIDTH - sum(k.size for k in padded), _PAD_KEY, jnp.int32)]
-    return jnp.concatenate(flat).reshape(packs, rows, _PACK_WIDTH)
+      padded = [jnp.pad(keys[i], (0, -keys[i].size % self.width), constant_values=_PAD_KEY) for i in members if i >= 0]
+      flat += padded + [jnp.full(rows * self.width - sum(k.size for k in padded), _PAD_KEY, jnp.int32)]
+    return jnp.concatenate(flat).reshape(packs, rows, self.width)
 
   def per_slot(self, per_layer: jax.Array) -> jax.Array:
     """(packs, slots): an (L,) vector's entry for each slot's layer (0 in empty slots)."""
     return jnp.where(self.layer >= 0, per_layer[np.maximum(self.layer, 0)], 0)
 
   def unpack(self, packed: jax.Array) -> list[jax.Array]:
-    """The L flat arrays of a (packs, rows, _PACK_WIDTH) array laid out as `pack_keys`'s."""
+    """The L flat arrays of a (packs, rows, width) array laid out as `pack_keys`'s."""
     return [
-      packed[p, r : r + -(-n // _PACK_WIDTH)].ravel()[:n] for p, r, n in zip(self.pack, self.first_row, self.sizes)
+      packed[p, r : r + -(-n // self.width)].ravel()[:n] for p, r, n in zip(self.pack, self.first_row, self.sizes)
     ]
 
 
@@ -219,7 +225,7 @@ def _hard_topk(values: tuple[jax.Array, ...], n_pruned: jax.Array) -> tuple[jax.
     counts = lambda hits: jax.ops.segment_sum(
       jnp.sum(hits, axis=1, dtype=jnp.int32), row_slot, n_pruned.size, indices_are_sorted=True
     )
-    flat_index = row_start[:, None] + jax.lax.iota(jnp.int32, _PACK_WIDTH)[None, :]
+    flat_index = row_start[:, None] + jax.lax.iota(jnp.int32, packing.width)[None, :]
     # Per layer the smallest key t with #{keys <= t} > n_pruned (#{keys <= -1} = 0).
     lo, hi = jnp.full_like(n_pruned, -1), jnp.full_like(n_pruned, _order_key(jnp.float32(jnp.inf)))
     thresholds = _bisect(lambda t: counts(keys <= rows(t)) > n_pruned, lo, hi, _BISECTION_STEPS)
