@@ -58,7 +58,10 @@ Workloads (`--workloads`, comma-separated; default all):
             (`evaluate.method_correct` with its default settings, as `evaluate` runs it) and the evaluation
             program of `evaluate.DEFAULT_METHODS` together (`evaluate.batch_counts`), at --batch: seconds
             tracing + lowering to StableHLO (lower_s) and XLA compiling (xla_compile_s); compile_s, their sum,
-            is what the other workloads report as their compile time.
+            is what the other workloads report as their compile time; compile_cpu_s, the process's CPU
+            seconds over both (less dependent on the machine's load). Also IBP on each --models, IBP and
+            CROWN-IBP on --bounds-model (`evaluate.method_correct`; CROWN-IBP bounds chains only), and the
+            smoothing sampler's program (one pass of the smooth method's batch_size noise samples).
 
 The hydra_jax train step is `train.train_step`'s computation on one device, written here from the public
 pieces (masking.apply_masks once per step, objectives' TRADES, one backward pass, optax SGD with momentum 0.9
@@ -164,6 +167,7 @@ COLUMNS = (
   ("compile_s", "{:.1f}"),
   ("lower_s", "{:.1f}"),
   ("xla_compile_s", "{:.1f}"),
+  ("compile_cpu_s", "{:.1f}"),
   ("jax_peak_mb", "{:.0f}"),
   ("torch_peak_mb", "{:.0f}"),
   ("jax_gflop_s", "{:.1f}"),
@@ -840,18 +844,32 @@ def _compile_rows_of(args, name: str) -> list[dict]:
   }
   logits_fn = masked_logits_fn(name, args.batch, args.k)
   x, y = jax.device_put(host_batch["image"]), jax.device_put(host_batch["label"])
-  attacks_ = [m for m in evaluate.method_names() if evaluate.get_method(m).kind == "attack"]
+  attacks_ = [m for m in evaluate.method_names() if evaluate.get_method(m).kind == "attack"] + ["ibp"]
   for method in attacks_:
     settings = evaluate.get_method(method).defaults
     correct = functools.partial(evaluate.method_correct, method, settings)
-    programs[f"eval {method} {settings.get('steps', '')}"] = (jax.jit(correct), (logits_fn, x, y, jax.random.key(3)))
+    programs[f"eval {method} {settings.get('steps', '')}".rstrip()] = (
+      jax.jit(correct),
+      (logits_fn, x, y, jax.random.key(3)),
+    )
   methods = tuple((m, tuple(sorted(evaluate.get_method(m).defaults.items()))) for m in evaluate.DEFAULT_METHODS)
   batch = {"image": x, "label": y, "mask": jnp.ones(args.batch)}
   counts = functools.partial(evaluate.batch_counts, methods=methods)
   programs[f"eval {'+'.join(evaluate.DEFAULT_METHODS)}"] = (jax.jit(counts), (logits_fn, batch, jax.random.key(3)))
+  bounds_logits_fn = masked_logits_fn(args.bounds_model, args.batch, args.k)  # CROWN-IBP: chains only
+  for method in ("ibp", "crown_ibp"):
+    correct = functools.partial(evaluate.method_correct, method, evaluate.get_method(method).defaults)
+    programs[f"eval {method} on {args.bounds_model}"] = (jax.jit(correct), (bounds_logits_fn, x, y, jax.random.key(3)))
+  smooth = evaluate.get_method("smooth").defaults  # the sampler's one program: a pass of batch_size noise samples
+  programs[f"eval smooth sampler, {smooth['batch_size']} samples"] = (
+    jax.jit(functools.partial(smoothing._chunk_votes, size=smooth["batch_size"])),  # = smoothing._chunk_counts
+    (logits_fn, x[0], jax.random.key(3), 0, jnp.float32(smooth["sigma"])),
+  )
   rows = []
   for program, (jitted, call_args) in programs.items():
+    cpu_start = time.process_time()
     _, lower_s, xla_compile_s = lower_and_compile_seconds(jitted, *call_args)
+    compile_cpu_s = time.process_time() - cpu_start  # all threads of this process: less load-dependent
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     note = f"{program}, k={args.k:g}" + (f", load {load:.1f}" if load is not None else "")
     rows.append(
@@ -862,6 +880,7 @@ def _compile_rows_of(args, name: str) -> list[dict]:
         "compile_s": lower_s + xla_compile_s,
         "lower_s": lower_s,
         "xla_compile_s": xla_compile_s,
+        "compile_cpu_s": compile_cpu_s,
         "note": note,
       }
     )

@@ -45,6 +45,9 @@ from hydra_jax import PyTree
 Path = tuple[Any, ...]
 
 _BISECTION_STEPS = 31  # Keys of [0, inf] lie in [0, 0x7F800000] (< 2**31 values): 31 halvings pin one.
+_PACK_WIDTH = 1024  # keys per row of a pack at most (`_Packing`)
+_PACK_ROWS = 2048  # rows per pack at least, unless all layers fit in fewer (8 MB of keys: cache-sized)
+_PAD_KEY = np.iinfo(np.int32).max  # pads the rows: above every threshold (<= the key of +inf)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,35 +113,141 @@ def _order_key(values: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
 
 
-def _kth_smallest_key(keys: jax.Array, rank: jax.Array | int) -> jax.Array:
-  """The smallest t with #{keys <= t} > rank, by bisection on the int32 range: 31 O(n) passes, no sort."""
+@dataclasses.dataclass(frozen=True)
+class _Packing:
+  """Where L layers' flat keys lie in packs of equal shape (rows, width), each layer in whole rows of one pack.
+
+  width = min(_PACK_WIDTH, the largest layer's size). Layers share packs by first fit, largest first (a pack
+  has the rows of the largest layer, at least _PACK_ROWS unless all layers fit in fewer), so that the
+  bisection, run pack after pack, passes over a cache-sized block of keys, and small layers pad little.
+
+  Attributes:
+    sizes: (L,) entries per layer.
+    width: keys per row.
+    pack: (L,) the pack of each layer; first_row: (L,) its first row there.
+    row_slot: (packs, rows) the slot of each row's layer, ascending (padding rows, whose keys never count: the last).
+    row_start: (packs, rows) the flat index within its layer of each row's first entry.
+    layer: (packs, slots) the layer in each slot of a pack (-1: empty slot).
+  """
+
+  sizes: tuple[int, ...]
+  width: int
+  pack: np.ndarray
+  first_row: np.ndarray
+  row_slot: np.ndarray
+  row_start: np.ndarray
+  layer: np.ndarray
+
+  @classmethod
+  def of(cls, sizes: list[int]) -> _Packing:
+    width = min(_PACK_WIDTH, max(sizes))
+    layer_rows = [-(-n // width) for n in sizes]
+    rows = max(*layer_rows, min(_PACK_ROWS, sum(layer_rows)))
+    pack, first_row, slot = [0] * len(sizes), [0] * len(sizes), [0] * len(sizes)
+    used, slots = [], []  # per pack: rows filled, layers held
+    for index in sorted(range(len(sizes)), key=lambda i: -layer_rows[i]):  # first fit, largest layers first
+      p = next((p for p, filled in enumerate(used) if filled + layer_rows[index] <= rows), len(used))
+      if p == len(used):
+        used.append(0)
+        slots.append(0)
+      pack[index], first_row[index], slot[index] = p, used[p], slots[p]
+      used[p] += layer_rows[index]
+      slots[p] += 1
+    row_slot = np.repeat(np.asarray(slots, np.int32)[:, None] - 1, rows, axis=1)  # padding: the last slot
+    row_start = np.zeros((len(slots), rows), np.int32)
+    layer = np.full((len(slots), max(slots)), -1, np.int32)
+    for index, (p, r, s, n_rows) in enumerate(zip(pack, first_row, slot, layer_rows)):
+      row_slot[p, r : r + n_rows] = s
+      row_start[p, r : r + n_rows] = np.arange(n_rows) * width
+      layer[p, s] = index
+    return cls(
+      tuple(sizes), width, np.asarray(pack, np.int32), np.asarray(first_row, np.int32), row_slot, row_start, layer
+    )
+
+  def pack_keys(self, keys: list[jax.Array]) -> jax.Array:
+    """(packs, rows, width) int32: each layer's flat keys in its rows, padded with _PAD_KEY."""
+    packs, rows = self.row_slot.shape
+    flat = []
+    for members in self.layer:  # in slot order, which is row order
+      padded = [jnp.pad(keys[i], (0, -keys[i].size % self.width), constant_values=_PAD_KEY) for i in members if i >= 0]
+      flat += padded + [jnp.full(rows * self.width - sum(k.size for k in padded), _PAD_KEY, jnp.int32)]
+    return jnp.concatenate(flat).reshape(packs, rows, self.width)
+
+  def per_slot(self, per_layer: jax.Array) -> jax.Array:
+    """(packs, slots): an (L,) vector's entry for each slot's layer (0 in empty slots)."""
+    return jnp.where(self.layer >= 0, per_layer[np.maximum(self.layer, 0)], 0)
+
+  def unpack(self, packed: jax.Array) -> list[jax.Array]:
+    """The L flat arrays of a (packs, rows, width) array laid out as `pack_keys`'s."""
+    return [
+      packed[p, r : r + -(-n // self.width)].ravel()[:n] for p, r, n in zip(self.pack, self.first_row, self.sizes)
+    ]
+
+
+def _bisect(reached: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array, steps: int) -> jax.Array:
+  """Per layer, the smallest int t in (lo, hi] with `reached(t)`, for a `reached` monotone in t (elementwise).
+
+  Args:
+    reached: (L,) int32 -> (L,) bool, False at `lo` and True at `hi` in every layer.
+    lo, hi: (L,) int32 bounds; `steps` halvings must bring every `hi - lo` down to 1 (more are no-ops).
+  """
 
   def halve(_, bounds):
-    lo, hi = bounds  # invariant: count(keys <= lo) <= rank < count(keys <= hi)
+    lo, hi = bounds
     mid = lo + (hi - lo) // 2
-    enough = jnp.sum(keys <= mid) > rank
+    enough = reached(mid)
     return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
 
-  start = (jnp.int32(-1), _order_key(jnp.float32(jnp.inf)))  # hi - lo < 2**31: no overflow
-  return jax.lax.fori_loop(0, _BISECTION_STEPS, halve, start)[1]
+  return jax.lax.fori_loop(0, steps, halve, (lo, hi))[1]
 
 
-def _hard_topk(values: jax.Array, n_pruned: jax.Array | int) -> jax.Array:
-  """0/1 mask dropping the `n_pruned` smallest of the non-negative `values` (ties: lowest flat index first)."""
-  keys = _order_key(values).ravel()
-  threshold = _kth_smallest_key(keys, n_pruned)
-  ties_to_drop = n_pruned - jnp.sum(keys < threshold)
+def _hard_topk(values: tuple[jax.Array, ...], n_pruned: jax.Array) -> tuple[jax.Array, ...]:
+  """0/1 masks dropping the `n_pruned[l]` smallest of each non-negative `values[l]` (ties: lowest flat index first).
 
-  def drop_first_ties(keys):  # an O(n) cumsum, paid only when some tied entries must go
-    at_threshold = keys == threshold
-    return (keys > threshold) | (at_threshold & (jnp.cumsum(at_threshold) > ties_to_drop))
+  Every layer's keys go into packs of one shape (`_Packing`); one loop over the packs (`lax.map`) runs, per
+  pack, one bisection finding all its layers' thresholds at once (per-layer counts: a segment sum over rows),
+  and, only when some layer must drop some of its tied entries, a second bisection over flat indices. The
+  masks thus compile into one loop body whatever the depth, and each pack stays in cache over its passes.
 
-  keep = jax.lax.cond(ties_to_drop == 0, lambda keys: keys >= threshold, drop_first_ties, keys)
-  return keep.reshape(values.shape).astype(values.dtype)
+  Args:
+    values: L non-negative float arrays of any shapes.
+    n_pruned: (L,) int, each in [0, values[l].size).
+  """
+  packing = _Packing.of([v.size for v in values])
+  keys = packing.pack_keys([_order_key(v).ravel() for v in values])
+  n_pruned = packing.per_slot(jnp.asarray(n_pruned, jnp.int32))
+  sizes = packing.per_slot(jnp.asarray(packing.sizes, jnp.int32))
+  tie_steps = max(packing.sizes).bit_length()
+
+  def one_pack(pack):
+    keys, row_slot, row_start, n_pruned, sizes = pack
+    rows = lambda per_slot: per_slot[row_slot][:, None]
+    counts = lambda hits: jax.ops.segment_sum(
+      jnp.sum(hits, axis=1, dtype=jnp.int32), row_slot, n_pruned.size, indices_are_sorted=True
+    )
+    flat_index = row_start[:, None] + jax.lax.iota(jnp.int32, packing.width)[None, :]
+    # Per layer the smallest key t with #{keys <= t} > n_pruned (#{keys <= -1} = 0).
+    lo, hi = jnp.full_like(n_pruned, -1), jnp.full_like(n_pruned, _order_key(jnp.float32(jnp.inf)))
+    thresholds = _bisect(lambda t: counts(keys <= rows(t)) > n_pruned, lo, hi, _BISECTION_STEPS)
+    at_threshold = keys == rows(thresholds)
+    ties_to_drop = n_pruned - counts(keys < rows(thresholds))
+
+    def tie_cutoffs(at_threshold, ties_to_drop):  # the smallest p with #{tied entries before p} >= ties_to_drop
+      tied_before = lambda p: counts(at_threshold & (flat_index < rows(p)))
+      # #{tied before 0} = 0 < ties <= #{tied before size} where ties > 0; other slots are discarded.
+      cutoffs = _bisect(lambda p: tied_before(p) >= ties_to_drop, jnp.zeros_like(sizes), sizes, tie_steps)
+      return jnp.where(ties_to_drop > 0, cutoffs, 0)
+
+    no_cutoffs = lambda at_threshold, ties_to_drop: jnp.zeros_like(ties_to_drop)
+    cutoffs = jax.lax.cond(jnp.any(ties_to_drop > 0), tie_cutoffs, no_cutoffs, at_threshold, ties_to_drop)
+    return (keys > rows(thresholds)) | (at_threshold & (flat_index >= rows(cutoffs)))
+
+  keep = jax.lax.map(one_pack, (keys, packing.row_slot, packing.row_start, n_pruned, sizes))
+  return tuple(m.reshape(v.shape).astype(v.dtype) for m, v in zip(packing.unpack(keep), values))
 
 
 @jax.custom_vjp
-def _topk_of_abs(abs_scores: jax.Array, n_pruned: jax.Array | int) -> jax.Array:
+def _topk_of_abs(abs_scores: tuple[jax.Array, ...], n_pruned: jax.Array) -> tuple[jax.Array, ...]:
   return _hard_topk(abs_scores, n_pruned)
 
 
@@ -146,8 +255,8 @@ def _topk_of_abs_fwd(abs_scores, n_pruned):
   return _hard_topk(abs_scores, n_pruned), None
 
 
-def _topk_of_abs_bwd(_, mask_cotangent):
-  return mask_cotangent, None  # straight through: d mask / d|s| := identity (GetSubnet.backward)
+def _topk_of_abs_bwd(_, mask_cotangents):
+  return mask_cotangents, None  # straight through: d mask / d|s| := identity (GetSubnet.backward)
 
 
 _topk_of_abs.defvjp(_topk_of_abs_fwd, _topk_of_abs_bwd)
@@ -156,6 +265,26 @@ _topk_of_abs.defvjp(_topk_of_abs_fwd, _topk_of_abs_bwd)
 def _magnitude(scores: jax.Array) -> jax.Array:
   """|scores| whose derivative is sign(scores), zero at 0 as torch.abs's (jnp.abs's is 1 there)."""
   return scores * jnp.sign(scores)
+
+
+def _n_pruned_vector(sizes: list[int], ks: list[Any]) -> jax.Array:
+  """(L,) int32: `num_pruned(sizes[l], ks[l])` for each layer (Python or traced ks)."""
+  return jnp.stack([jnp.asarray(num_pruned(n, k), jnp.int32) for n, k in zip(sizes, ks)])
+
+
+def topk_masks(scores: list[jax.Array], ks: list[Any]) -> list[jax.Array]:
+  """`topk_mask(scores[l], ks[l])` for every l, ranked in one bisection loop (one program, not L).
+
+  Args:
+    scores: L arrays of any shapes and float dtypes (one per layer).
+    ks: L fractions kept, each in (0, 1]; Python floats or traced scalars.
+  """
+  for k in ks:
+    check_k(k)
+  if not scores:
+    return []
+  n_pruned = _n_pruned_vector([s.size for s in scores], ks)
+  return list(_topk_of_abs(tuple(_magnitude(s) for s in scores), n_pruned))
 
 
 def topk_mask(scores: jax.Array, k: float | jax.Array) -> jax.Array:
@@ -169,8 +298,7 @@ def topk_mask(scores: jax.Array, k: float | jax.Array) -> jax.Array:
     mask of `scores`' shape and dtype with exactly `n - floor((1 - k) * n)` ones, n = scores.size.
     Its gradient is `sign(scores) * upstream` (straight through the top-k, then autodiff through abs).
   """
-  check_k(k)
-  return _topk_of_abs(_magnitude(scores), num_pruned(scores.size, k))
+  return topk_masks([scores], [k])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,17 +324,18 @@ def _k_for_layer(k: Any, name: str) -> Any:
 def layer_masks(scores: PyTree, k: Any) -> PyTree:
   """Per-layer top-k masks (the reference's rule): the tree of `topk_mask(s, k_layer)`, None where None.
 
+  Every layer is ranked in one bisection loop (`topk_masks`), so the masks compile as one loop for any depth.
+
   Args:
     scores: pytree with an array at each prunable leaf and None elsewhere.
     k: a float (uniform over layers, as the reference) or per-layer: a tree mirroring `scores` with a
       float at each prunable leaf, or a dict {'layer1_0/conv1/kernel': k, ...} naming every prunable leaf.
   """
   flat_k = _per_layer_k(k)
-  return jax.tree_util.tree_map_with_path(
-    lambda path, s: None if s is None else topk_mask(s, _k_for_layer(flat_k, path_name(path))),
-    scores,
-    is_leaf=lambda x: x is None,
-  )
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(scores, is_leaf=lambda x: x is None)
+  scored = [(path_name(path), s) for path, s in leaves if s is not None]
+  masks = iter(topk_masks([s for _, s in scored], [_k_for_layer(flat_k, name) for name, _ in scored]))
+  return jax.tree_util.tree_unflatten(treedef, [None if s is None else next(masks) for _, s in leaves])
 
 
 def global_masks(scores: PyTree, k: float | jax.Array, min_layer_k: float = 0.0) -> PyTree:
@@ -224,15 +353,15 @@ def global_masks(scores: PyTree, k: float | jax.Array, min_layer_k: float = 0.0)
   arrays = [s for s in leaves if s is not None]
   abs_flat = jnp.concatenate([_magnitude(s).ravel() for s in arrays])
   if min_layer_k > 0:
-    guaranteed = jnp.concatenate(
-      [_hard_topk(jnp.abs(s), num_pruned(s.size, min_layer_k)).ravel() > 0 for s in jax.lax.stop_gradient(arrays)]
-    )
+    arrays_abs = tuple(jnp.abs(s) for s in jax.lax.stop_gradient(arrays))
+    own_top = _hard_topk(arrays_abs, _n_pruned_vector([s.size for s in arrays], [min_layer_k] * len(arrays)))
+    guaranteed = jnp.concatenate([m.ravel() > 0 for m in own_top])
     # Guaranteed entries rank above every other (+inf); the identity-plus-constant keeps d/d|s| = 1.
     abs_flat = abs_flat + jax.lax.stop_gradient(jnp.where(guaranteed, jnp.inf, abs_flat) - abs_flat)
     n_pruned = jnp.minimum(num_pruned(abs_flat.size, k), abs_flat.size - jnp.sum(guaranteed))
   else:
     n_pruned = num_pruned(abs_flat.size, k)
-  flat_mask = _topk_of_abs(abs_flat, n_pruned)
+  (flat_mask,) = _topk_of_abs((abs_flat,), jnp.reshape(n_pruned, (1,)).astype(jnp.int32))
   splits = np.cumsum([s.size for s in arrays])[:-1]
   masks = iter(m.reshape(s.shape) for m, s in zip(jnp.split(flat_mask, splits), arrays))
   return jax.tree_util.tree_unflatten(treedef, [None if s is None else next(masks) for s in leaves])
@@ -378,13 +507,16 @@ def channel_masks(params: PyTree, scores: PyTree, k: float | jax.Array, groups: 
   """
   check_k(k)
   named_scores, named_params = _named_scores(scores), dict(_named_leaves(params))
-  masks: dict[str, jax.Array] = {}
+  unit_scores = []
   for group in groups:
     scored = [(named_scores[name], index) for name, index in group.members if name in named_scores]
     if not scored:
       raise ValueError(f"channel group of {[name for name, _ in group.members]} has no scores")
-    unit_scores = sum(_gather(_magnitude(s), index) for s, index in scored)
-    units = _topk_of_abs(unit_scores, num_pruned(group.size, k))
+    unit_scores.append(sum(_gather(_magnitude(s), index) for s, index in scored))
+  n_pruned = _n_pruned_vector([group.size for group in groups], [k] * len(groups))
+  group_units = _topk_of_abs(tuple(unit_scores), n_pruned) if groups else ()  # every group in one loop
+  masks: dict[str, jax.Array] = {}
+  for group, units in zip(groups, group_units):
     for name, index in group.members:
       channels = named_params[name].shape[-1]
       masks[name] = _scatter(masks.get(name, jnp.ones(channels, units.dtype)), index, units)

@@ -270,3 +270,27 @@ def test_dirac_orthogonal_and_snip_inits():
   np.testing.assert_allclose(snip["fc"]["kernel"], 2 * params["fc"]["kernel"] ** 2, rtol=1e-6)
   with pytest.raises(ValueError, match="unknown score init 'he'.*kaiming_normal"):
     masking.init_scores(params, "he", jax.random.key(0))
+
+
+@pytest.mark.parametrize("pack_rows", [1, 2048])  # several packs (each the largest layer's 3 rows), or one
+def test_all_layers_ranked_together_match_numpy_per_layer(monkeypatch, pack_rows):
+  # Layers of different sizes (one spans 3 rows of a pack, one is a single entry), heavy ties (|s| from 4
+  # values, +-0 included), a per-layer k each: every mask equals its own layer's numpy stable-sort top-k.
+  monkeypatch.setattr(masking, "_PACK_ROWS", pack_rows)
+  rng = np.random.default_rng(0)
+  shapes = {"a": (3, 3, 4, 70), "b": (1,), "c": (7, 5), "d": (2, 3), "e": (1100, 2)}
+  ks = {"a": 0.3, "b": 0.5, "c": 0.01, "d": 0.75, "e": 0.1}
+  scores = {
+    name: {"kernel": jnp.asarray(rng.choice([0.0, -0.0, 0.5, -1.0, 2.0], shape))} for name, shape in shapes.items()
+  }
+  per_layer_k = {f"{name}/kernel": k for name, k in ks.items()}
+  masks = masking.layer_masks(scores, per_layer_k)
+  for name in shapes:
+    np.testing.assert_array_equal(
+      masks[name]["kernel"], numpy_topk_mask(scores[name]["kernel"], ks[name]), err_msg=name
+    )
+  grads = jax.grad(lambda s: sum(jnp.sum(m * 2.0) for m in jax.tree.leaves(masking.layer_masks(s, per_layer_k))))(
+    scores
+  )
+  for name in shapes:  # straight through: 2 * sign(s) everywhere, kept or not
+    np.testing.assert_array_equal(grads[name]["kernel"], 2.0 * np.sign(scores[name]["kernel"]))
