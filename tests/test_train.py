@@ -168,11 +168,11 @@ def test_mask_is_computed_once_per_step_never_inside_the_attack(pretrained_dir, 
   config.objective.steps = 7
   batch = digits_batch()
   state, tx = make_state(config, "prune", batch)
-  calls = []
-  real = masking.topk_mask
-  monkeypatch.setattr(masking, "topk_mask", lambda s, k: calls.append(1) or real(s, k))
+  ranked = []  # the number of layers of each call of the one mask function
+  real = masking.topk_masks
+  monkeypatch.setattr(masking, "topk_masks", lambda scores, ks: ranked.append(len(scores)) or real(scores, ks))
   single_step(config, tx).lower(state, batch)
-  assert len(calls) == len(masking.prunable_paths(state.params))  # one per layer, not x attack steps
+  assert ranked == [len(masking.prunable_paths(state.params))]  # every layer once, not x attack steps
 
 
 def _single_and_multi(config, state, tx, batches, mode):
