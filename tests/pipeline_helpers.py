@@ -39,6 +39,31 @@ def tiny_config(**overrides):
   return override(config, **overrides)
 
 
+TENTH_STEPS_PER_EPOCH = 4  # 10% of the 1437 digits training images in batches of 32
+
+
+def tenth_of_digits_config(model):
+  """Benign (key-free) training of `model` on 10% of digits (4 steps per epoch), one epoch per stage, k = 0.1,
+  clean evaluation on the first 64 test images, in this process."""
+  config = config_lib.default_config()
+  config.model.name = model
+  config.data.name = "digits"
+  config.data.batch_size = 32
+  config.data.data_fraction = 0.1
+  config.data.eval_batch_size = 64
+  config.data.eval_examples = 64
+  config.data.prefetch = 0
+  config.objective = config_lib.objective_config("benign")
+  config.eval.methods = ()
+  for stage in config_lib.STAGES:
+    config.stages[stage].epochs = 1
+  config.log.progress = False
+  config.checkpoint.async_save = False
+  config.parallel.mode = "single"
+  config.k = 0.1
+  return config
+
+
 def override(config, **overrides):
   """`config` with each dotted key of `overrides` set, e.g. override(config, **{"data.batch_size": 16})."""
   for key, value in overrides.items():
@@ -98,7 +123,21 @@ def numpy_global_mask(scores, k):
 
 
 def kept_count(n, k):
-  return n - int((1 - k) * n)
+  """Entries a top-k mask keeps of n: the reference's n - int((1 - k) n), at least one."""
+  return n - min(int((1 - k) * n), n - 1)
+
+
+def numpy_topk(values, k):
+  """0/1 float array keeping the kept_count(n, k) largest `values` (a full sort; continuous draws have no ties)."""
+  flat = np.asarray(values, np.float64).ravel()
+  mask = np.zeros(flat.size)
+  mask[np.argsort(-flat)[: kept_count(flat.size, k)]] = 1
+  return mask.reshape(np.shape(values))
+
+
+def numpy_project(w, k):
+  """`w` with its kept_count(n, k) largest |w| kept and every other entry 0 (a full sort; distinct values)."""
+  return np.where(numpy_topk(np.abs(w), k) > 0, w, np.zeros_like(w))
 
 
 def scaled_scores(weight):

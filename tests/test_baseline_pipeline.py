@@ -20,33 +20,14 @@ from hydra_jax import parallel
 from hydra_jax import pipeline
 from hydra_jax import sources
 from hydra_jax import train
+from tests import pipeline_helpers as ph
 
-STEPS_PER_EPOCH = 4  # 10% of the 1437 digits training images in batches of 32
+STEPS_PER_EPOCH = ph.TENTH_STEPS_PER_EPOCH
 
 
 def tiny_config(model="vgg_tiny"):
   """Benign (key-free) training on 10% of digits: 4 steps per epoch, one epoch per stage, clean evaluation."""
-  config = config_lib.default_config()
-  config.model.name = model
-  config.data.name = "digits"
-  config.data.batch_size = 32
-  config.data.data_fraction = 0.1
-  config.data.eval_batch_size = 64
-  config.data.eval_examples = 64
-  config.data.prefetch = 0
-  config.objective = config_lib.objective_config("benign")
-  config.eval.methods = ()
-  for stage in config_lib.STAGES:
-    config.stages[stage].epochs = 1
-  config.log.progress = False
-  config.checkpoint.async_save = False
-  config.parallel.mode = "single"
-  config.k = 0.1
-  return config
-
-
-def kept_count(n, k):
-  return n - min(int((1 - k) * n), n - 1)
+  return ph.tenth_of_digits_config(model)
 
 
 def prunable_sizes(config):
@@ -92,7 +73,7 @@ def test_stage_all_gives_one_row_per_method_at_exactly_k(tmp_path):
   rows = pipeline.train_and_evaluate(config, str(tmp_path))
   assert [row["method"] for row in rows] == ["dense", "hydra (prune only)", "hydra", "lwm", "snip", "random"]
   sizes = prunable_sizes(config)
-  exact = sum(kept_count(n, 0.1) for n in sizes) / sum(sizes)
+  exact = sum(ph.kept_count(n, 0.1) for n in sizes) / sum(sizes)
   assert rows[0]["kept_fraction"] == 1.0
   for row in rows[1:]:
     assert row["kept_fraction"] == exact and row["step"] == 2, row
@@ -104,11 +85,11 @@ def test_stage_all_gives_one_row_per_method_at_exactly_k(tmp_path):
   load = lambda run: sources.load_source(config_lib.stage_config(config, "finetune", source=str(tmp_path / run)))
   pretrained = kernels(load("pretrain")[0])
   random_start, _, random_scores = load("k0.1/random/mask")
-  random_masks = [topk(np.abs(np.asarray(s)), 0.1) for s in jax.tree.leaves(random_scores)]
-  magnitude_masks = [topk(np.abs(w), 0.1) for w in kernels(random_start)]
+  random_masks = [ph.numpy_topk(np.abs(np.asarray(s)), 0.1) for s in jax.tree.leaves(random_scores)]
+  magnitude_masks = [ph.numpy_topk(np.abs(w), 0.1) for w in kernels(random_start)]
   assert not all(np.array_equal(a, b) for a, b in zip(random_masks, magnitude_masks, strict=True))
   for name, masks, start in (
-    ("lwm", [topk(np.abs(w), 0.1) for w in pretrained], pretrained),
+    ("lwm", [ph.numpy_topk(np.abs(w), 0.1) for w in pretrained], pretrained),
     ("random", random_masks, kernels(random_start)),
   ):
     for w, mask, w0 in zip(kernels(load(f"k0.1/{name}/train")[0]), masks, start, strict=True):
@@ -137,21 +118,6 @@ def test_str_stage_reports_the_kept_fraction_of_its_thresholds(tmp_path):
   # A later stage (or eval / export) reads the weights STR's model runs with: exact zeros, no scores.
   weights, _, scores = sources.load_source(config_lib.stage_config(config, "finetune", source=workdir))
   assert scores is None and masking.sparsity_report(weights).kept == kept
-
-
-def topk(values, k):
-  """0/1 array keeping the kept_count largest `values` (a full sort; continuous draws have no ties)."""
-  mask = np.zeros(values.size)
-  mask[np.argsort(-values.ravel())[: kept_count(values.size, k)]] = 1
-  return mask.reshape(values.shape)
-
-
-def project(w, k):
-  """Keep the kept_count largest |w| (a full sort; continuous draws have no ties), zero the rest."""
-  flat, z = w.ravel(), np.zeros(w.size, w.dtype)
-  keep = np.argsort(-np.abs(w.ravel()))[: kept_count(w.size, k)]
-  z[keep] = flat[keep]
-  return z.reshape(w.shape)
 
 
 def kernels(params):
@@ -187,7 +153,7 @@ def test_admm_stage_adds_its_penalty_and_updates_z_and_u_at_the_interval(pretrai
     )
   )
   for w, z in zip(kernels(state.params), jax.tree.leaves(state.aux.z), strict=True):
-    np.testing.assert_array_equal(z, project(w, 0.1))  # Z_0 = Pi_k(W_0), U_0 = 0
+    np.testing.assert_array_equal(z, ph.numpy_project(w, 0.1))  # Z_0 = Pi_k(W_0), U_0 = 0
   # First step (SGD with momentum starts at d = grad, lr 0.01): the same step with rho = 0 differs by exactly
   # lr * rho * (W - Z + U), the gradient of the penalty rho / 2 ||W - Z + U||^2.
   first, _ = run(state, batch)
@@ -204,8 +170,8 @@ def test_admm_stage_adds_its_penalty_and_updates_z_and_u_at_the_interval(pretrai
   for w, z, u in zip(
     kernels(before.params), jax.tree.leaves(current.aux.z), jax.tree.leaves(current.aux.u), strict=True
   ):  # Z' = Pi_k(W + U), U' = U + W - Z' with the weights before that step, U = 0
-    np.testing.assert_allclose(z, project(w, 0.1), atol=0)
-    np.testing.assert_allclose(u, w - project(w, 0.1), atol=1e-7)
+    np.testing.assert_allclose(z, ph.numpy_project(w, 0.1), atol=0)
+    np.testing.assert_allclose(u, w - ph.numpy_project(w, 0.1), atol=1e-7)
 
 
 def admm_phase_config(pretrained_dir):
@@ -248,7 +214,7 @@ def test_admm_hard_prune_keeps_the_top_k_of_the_admm_phase_weights(pretrained_di
   finetune = config_lib.stage_config(config, "finetune", source=mask_dir, **{"stages.finetune.score_init": "source"})
   state, _ = train.initial_state(finetune, "finetune", STEPS_PER_EPOCH, (32, 8, 8, 1))
   for start, w in zip(kernels(state.params), phase_weights, strict=True):
-    np.testing.assert_array_equal(start, project(w, 0.1))
+    np.testing.assert_array_equal(start, ph.numpy_project(w, 0.1))
 
 
 @pytest.mark.slow
@@ -268,7 +234,7 @@ def test_stage_all_runs_admm_per_k_and_str_once(tmp_path):
   ]
   sizes = prunable_sizes(config)
   for row, k in ((rows[3], 0.1), (rows[6], 0.5)):  # the hard prune of the ADMM phase's weights, then retraining
-    assert row["kept_fraction"] == sum(kept_count(n, k) for n in sizes) / sum(sizes)
+    assert row["kept_fraction"] == sum(ph.kept_count(n, k) for n in sizes) / sum(sizes)
   phase_meta = checkpoints.read_meta(str(tmp_path / "k0.1" / "admm" / "phase"))[1]
   assert phase_meta["stage"] == "admm" and not phase_meta["has_scores"]
   assert 0 < rows[-1]["kept_fraction"] < 1  # s_init = -5: weights below sigmoid(-5) = 0.0067 are zero

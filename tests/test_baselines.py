@@ -17,6 +17,9 @@ from hydra_jax import masking
 from hydra_jax import pipeline
 from hydra_jax import sources
 from hydra_jax import train
+from tests.pipeline_helpers import kept_count
+from tests.pipeline_helpers import numpy_project
+from tests.pipeline_helpers import numpy_topk
 
 
 def toy_params(seed=0):
@@ -28,10 +31,6 @@ def toy_params(seed=0):
   }
 
 
-def kept_count(n, k):
-  return n - min(int((1 - k) * n), n - 1)
-
-
 def none_at_non_prunable(tree):
   return tree["bn1"] == {"scale": None, "bias": None} and tree["fc"]["bias"] is None
 
@@ -40,14 +39,6 @@ def test_registry_lists_the_six_baselines_and_rejects_unknown_names():
   assert baselines.baseline_names() == ["admm", "lwm", "random", "rigl", "snip", "str"]
   with pytest.raises(ValueError, match=r"unknown baseline 'gmp'.*'admm', 'lwm', 'random', 'rigl', 'snip', 'str'"):
     baselines.get_baseline("gmp")
-
-
-def numpy_topk(values, k):
-  """0/1 array keeping the kept_count(n, k) largest `values` (a full sort; continuous draws have no ties)."""
-  flat = np.asarray(values, np.float64).ravel()
-  mask = np.zeros(flat.size)
-  mask[np.argsort(-flat)[: kept_count(flat.size, k)]] = 1
-  return mask.reshape(np.shape(values))
 
 
 @pytest.mark.parametrize("name", ["lwm", "admm", "snip", "random"])
@@ -82,10 +73,8 @@ def test_lwm_keeps_exactly_the_largest_magnitudes_of_each_layer(k):
   assert none_at_non_prunable(scores)
   masks = masking.compute_masks(scores, k)
   for name in ("conv1", "fc"):
-    w = np.asarray(params[name]["kernel"]).ravel()
-    expected = np.zeros(w.size)
-    expected[np.argsort(-np.abs(w))[: kept_count(w.size, k)]] = 1  # normal draws: no ties
-    np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]).ravel(), expected)
+    expected = numpy_topk(np.abs(params[name]["kernel"]), k)  # normal draws: no ties
+    np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]), expected)
 
 
 def test_snip_scores_are_abs_gradient_times_weight_of_the_stated_batches():
@@ -200,7 +189,7 @@ def test_admm_state_updates_and_penalty_follow_the_equations():
   state = baselines.admm_init(params, k, rho)
   assert none_at_non_prunable(state.z) and none_at_non_prunable(state.u)
   np.testing.assert_array_equal(state.u["fc"]["kernel"], 0)
-  np.testing.assert_array_equal(state.z["fc"]["kernel"], brute_force_like_topk(params["fc"]["kernel"], k))
+  np.testing.assert_array_equal(state.z["fc"]["kernel"], numpy_project(params["fc"]["kernel"], k))
   assert float(baselines.admm_penalty(params, state)) == pytest.approx(
     rho
     / 2
@@ -211,7 +200,7 @@ def test_admm_state_updates_and_penalty_follow_the_equations():
   new = baselines.admm_update(moved, state, k, rho_growth=1.3)
   for name in ("conv1", "fc"):
     w, u = np.asarray(moved[name]["kernel"]), np.asarray(state.u[name]["kernel"])
-    z_new = brute_force_like_topk(w + u, k)
+    z_new = numpy_project(w + u, k)
     np.testing.assert_allclose(new.z[name]["kernel"], z_new, atol=1e-6)
     np.testing.assert_allclose(new.u[name]["kernel"], u + w - z_new, atol=1e-6)
   assert float(new.rho) == pytest.approx(1.3 * rho)
@@ -219,15 +208,6 @@ def test_admm_state_updates_and_penalty_follow_the_equations():
   grad = jax.grad(baselines.admm_penalty)(moved, new)
   np.testing.assert_allclose(grad["fc"]["kernel"], 1.3 * rho * (w - z + u), rtol=1e-5, atol=1e-8)
   np.testing.assert_array_equal(grad["bn1"]["scale"], 0)
-
-
-def brute_force_like_topk(x, k):
-  """Keep the kept_count(n, k) largest |x| (distinct values) by a full sort."""
-  flat = np.asarray(x).ravel()
-  z = np.zeros_like(flat)
-  keep = np.argsort(-np.abs(flat))[: kept_count(flat.size, k)]
-  z[keep] = flat[keep]
-  return z.reshape(np.shape(x))
 
 
 def test_admm_schedule_updates_only_at_positive_multiples_of_the_interval():

@@ -21,33 +21,18 @@ from hydra_jax import parallel
 from hydra_jax import pipeline
 from hydra_jax import sources
 from hydra_jax import train
+from tests import pipeline_helpers as ph
 
-STEPS_PER_EPOCH = 4  # 10% of the 1437 digits training images in batches of 32
+STEPS_PER_EPOCH = ph.TENTH_STEPS_PER_EPOCH
 
 
 def tiny_config(**overrides):
   """cnn_tiny (BN-free) on 10% of digits, benign loss, SGD: RigL at k = 0.25 with a mask update every 2 steps."""
-  config = config_lib.default_config()
-  config.model.name = "cnn_tiny"
-  config.data.name = "digits"
-  config.data.batch_size = 32
-  config.data.data_fraction = 0.1
-  config.data.eval_batch_size = 64
-  config.data.eval_examples = 64
-  config.data.prefetch = 0
-  config.objective = config_lib.objective_config("benign")
-  config.eval.methods = ()
-  config.log.progress = False
-  config.checkpoint.async_save = False
-  config.parallel.mode = "single"
+  config = ph.tenth_of_digits_config("cnn_tiny")
   config.stage, config.k = "rigl", 0.25
   config.stages.rigl.epochs, config.stages.rigl.lr = 2, 0.05
   config.baseline.rigl_delta_t = 2
   return config_lib.stage_config(config, "rigl", **overrides)
-
-
-def kept_count(n, k):
-  return n - min(int((1 - k) * n), n - 1)
 
 
 def mask_list(state):
@@ -100,7 +85,7 @@ def test_schedule_updates_at_multiples_of_delta_t_before_t_end_as_the_brute_forc
     "fc": {"kernel": jax.random.normal(jax.random.key(1), (10, 7))},
   }
   state = baselines.rigl_init(params, jax.random.key(2), 0.3)
-  assert [int(m.sum()) for m in mask_list(state)] == [kept_count(72, 0.3), kept_count(70, 0.3)] == [22, 21]
+  assert [int(m.sum()) for m in mask_list(state)] == [ph.kept_count(72, 0.3), ph.kept_count(70, 0.3)] == [22, 21]
   schedule = jax.jit(
     lambda params, state, grads, step: baselines.rigl_schedule(
       params, state, lambda: grads, step, alpha=0.3, delta_t=3, t_end=10
@@ -178,7 +163,7 @@ def test_the_train_step_drops_by_the_updated_weights_and_grows_by_the_objectives
     )(variables)["params"]
 
   masks0 = mask_list(state.aux)
-  assert [int(m.sum()) for m in masks0] == [kept_count(m.size, 0.25) for m in masks0]
+  assert [int(m.sum()) for m in masks0] == [ph.kept_count(m.size, 0.25) for m in masks0]
   for index in range(2):
     batch = sources.train_batches(config).batch_at(index)
     dense = kernel_list(dense_gradient(baselines.rigl_weights(state.params, state.aux), batch))
@@ -224,7 +209,7 @@ def test_a_stopped_rigl_stage_resumes_bit_identically_with_its_masks(tmp_path):
   assert all(m.dtype == bool for m in masks) and int(ends[1]["train"]["step"]) == 2 * STEPS_PER_EPOCH
   # The kept fraction is exactly k per layer, counted on the weights the model runs with.
   sizes = [m.size for m in masks]
-  assert summary["kept_fraction"] == sum(kept_count(n, 0.25) for n in sizes) / sum(sizes)
+  assert summary["kept_fraction"] == sum(ph.kept_count(n, 0.25) for n in sizes) / sum(sizes)
   for w, m in zip(kernel_list(ends[1]["model"]["params"]), masks, strict=True):
     np.testing.assert_array_equal(w != 0, m)
 
@@ -269,4 +254,4 @@ def test_stage_all_trains_rigl_at_each_k(tmp_path):
   assert checkpoints.read_meta(str(tmp_path / "k0.1" / "rigl"))[1]["stage"] == "rigl"
   shapes = jax.eval_shape(lambda: sources.init_variables(config, jax.random.key(0)))["params"]
   sizes = [w.size for p, w in jax.tree_util.tree_flatten_with_path(shapes)[0] if masking.is_prunable(p, w)]
-  assert rows[-1]["kept_fraction"] == sum(kept_count(n, 0.1) for n in sizes) / sum(sizes)
+  assert rows[-1]["kept_fraction"] == sum(ph.kept_count(n, 0.1) for n in sizes) / sum(sizes)
