@@ -72,13 +72,9 @@ def evaluate_runs(
 
 def table(rows: list[dict], methods: list[str]) -> str:
   """Fixed-width text table of the rows, accuracies in %."""
-  names = ["clean", *methods, "robust"]
-  lines = [f"{'method':<8} {'k':>6} {'kept %':>7} " + " ".join(f"{n:>9}" for n in names)]
+  lines = [f"{'method':<8} {'k':>6} " + common.accuracy_header(methods)]
   for row in rows:
-    lines.append(
-      f"{row['method']:<8} {row['target_k']:>6g} {100 * row['kept_fraction']:>7.2f} "
-      + " ".join(f"{100 * row[n]:>9.2f}" for n in names)
-    )
+    lines.append(f"{row['method']:<8} {row['target_k']:>6g} " + common.accuracy_cells(row, methods))
   return "\n".join(lines)
 
 

@@ -69,6 +69,18 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, methods: list[
   return {"kept_fraction": kept_fraction(workdir), **{name: results[name] for name in ("clean", *methods, "robust")}}
 
 
+def accuracy_header(methods: list[str]) -> str:
+  """Header of `accuracy_cells`: kept %, clean, each method, robust."""
+  return f"{'kept %':>7} " + " ".join(f"{n:>9}" for n in ("clean", *methods, "robust"))
+
+
+def accuracy_cells(row: dict, methods: list[str]) -> str:
+  """A row of `evaluate_run` as fixed-width cells in %: kept fraction, clean, each method, robust."""
+  return f"{100 * row['kept_fraction']:>7.2f} " + " ".join(
+    f"{100 * row[n]:>9.2f}" for n in ("clean", *methods, "robust")
+  )
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
   """The rows (dicts with the same keys, in order) as a CSV file with a header."""
   with open(path, "w", newline="") as f:

@@ -110,13 +110,9 @@ def main(argv: list[str]) -> None:
 
 def table(rows: list[dict], methods: list[str]) -> str:
   """Fixed-width text table of the rows, accuracies in %."""
-  names = ["clean", *methods, "robust"]
-  lines = [f"{'objective':<10} {'method':<8} {'kept %':>7} " + " ".join(f"{n:>9}" for n in names)]
+  lines = [f"{'objective':<10} {'method':<8} " + common.accuracy_header(methods)]
   for row in rows:
-    lines.append(
-      f"{row['objective']:<10} {row['method']:<8} {100 * row['kept_fraction']:>7.2f} "
-      + " ".join(f"{100 * row[n]:>9.2f}" for n in names)
-    )
+    lines.append(f"{row['objective']:<10} {row['method']:<8} " + common.accuracy_cells(row, methods))
   return "\n".join(lines)
 
 

@@ -87,17 +87,12 @@ def run_network(args: argparse.Namespace, network: str, methods: list[str]) -> l
 
 def table(rows: list[dict], methods: list[str]) -> str:
   """Fixed-width text table of the rows in %, with the paper's clean / robust beside HYDRA's and Adv-ADMM's."""
-  names = ["clean", *methods, "robust"]
-  header = f"{'network':<13} {'method':<6} {'kept %':>7} " + " ".join(f"{n:>9}" for n in names)
+  header = f"{'network':<13} {'method':<6} " + common.accuracy_header(methods)
   lines = [header + f" {'paper clean':>11} {'paper rob.':>10}"]
   for row in rows:
     paper = PAPER.get(row["network"], {}).get(row["method"])
     paper_cells = f" {paper[0]:>11.1f} {paper[1]:>10.1f}" if paper else f" {'-':>11} {'-':>10}"
-    lines.append(
-      f"{row['network']:<13} {row['method']:<6} {100 * row['kept_fraction']:>7.2f} "
-      + " ".join(f"{100 * row[n]:>9.2f}" for n in names)
-      + paper_cells
-    )
+    lines.append(f"{row['network']:<13} {row['method']:<6} " + common.accuracy_cells(row, methods) + paper_cells)
   return "\n".join(lines)
 
 
