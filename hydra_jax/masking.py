@@ -279,6 +279,8 @@ def topk_masks(scores: list[jax.Array], ks: list[Any]) -> list[jax.Array]:
     scores: L arrays of any shapes and float dtypes (one per layer).
     ks: L fractions kept, each in (0, 1]; Python floats or traced scalars.
   """
+  if len(ks) != len(scores):
+    raise ValueError(f"topk_masks: {len(scores)} score arrays but {len(ks)} values of k (one k per array)")
   for k in ks:
     check_k(k)
   if not scores:

@@ -94,6 +94,12 @@ def test_k_outside_unit_interval_is_rejected(k):
     masking.apply_masks(toy_params(), masking.init_scores(toy_params(), "scaled", jax.random.key(0)), k)
 
 
+def test_topk_masks_needs_one_k_per_score_array():
+  with pytest.raises(ValueError, match="2 score arrays but 1 values of k"):
+    masking.topk_masks([jnp.ones(4), jnp.ones(3)], [0.5])
+  assert masking.topk_masks([], []) == []
+
+
 def test_prunable_leaves_are_conv_and_dense_kernels_only():
   assert masking.prunable_paths(toy_params()) == ["conv1/kernel", "fc/kernel"]
   scores = masking.init_scores(toy_params(), "uniform", jax.random.key(0))
