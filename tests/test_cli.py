@@ -96,6 +96,7 @@ BAD_INPUT = [
   (["eval", *NO_RUN], 1, "no checkpoint directory at no_run"),
   (["eval", "--config", DEMO, *NO_RUN, "--methods=pgd_linf,fgsm"], 1, "unknown evaluation method 'fgsm'; valid"),
   (["eval", *NO_RUN, "--per_example=x.json"], 1, "per-example file 'x.json' must end in .npz or .csv"),
+  (["eval", "--config", DEMO, "--config.eval.eps=nan", *NO_RUN], 1, "config.eval.eps=nan is not a finite number"),
   (["export", *NO_RUN], 1, "export needs --out FILE (.npz or .pth)"),
   (["export", *NO_RUN, "--out", "x.bin"], 1, "export file 'x.bin' must end in .npz, .pth or .pt"),
   (["export", *NO_RUN, "--compact", "--out", "x.pth"], 1, "compact export file 'x.pth' must end in .npz"),
