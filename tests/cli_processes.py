@@ -28,7 +28,7 @@ class Result(NamedTuple):
 
 
 def run(commands, cwd, *, prefix=()):
-  """Runs each command line of `commands` (argv lists after `hydra-jax`, or (argv, env) pairs) in `cwd`.
+  """Runs each command line of `commands` (argv lists after `hydra-jax`, or (argv, env) tuples) in `cwd`.
 
   Args:
     commands: the command lines; env: variables to set for that one.
@@ -38,7 +38,7 @@ def run(commands, cwd, *, prefix=()):
   Returns:
     One `Result` per command line, in order.
   """
-  cases = [(c, {}) if isinstance(c[0], str) else c for c in commands]
+  cases = [c if isinstance(c, tuple) else (c, {}) for c in commands]
   env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   env.pop("HYDRA_JAX_TRACEBACK", None)
   done = subprocess.run(

@@ -129,8 +129,13 @@ def test_bad_input_is_one_line_naming_it_before_any_work_and_creates_nothing(tmp
   (tmp_path / "a_folder.npz").mkdir()
   before = tree(tmp_path)
   shown = ([*TRAIN, "--config.k=2.0"], {"HYDRA_JAX_TRACEBACK": "1"})
-  *results, traceback = cli_processes.run([argv for argv, _, _ in BAD_INPUT] + [shown], tmp_path)
+  *results, traceback, bare, helped = cli_processes.run(
+    [argv for argv, _, _ in BAD_INPUT] + [shown, [], ["--help"]], tmp_path
+  )
   assert_one_line_each(BAD_INPUT, results, tmp_path, before)
+  usage = "usage: hydra-jax {train,eval,export,certify} --config FILE[:ARG] --workdir DIR [flags]\n"
+  assert bare.returncode == 2 and bare.stderr.startswith(usage) and not bare.stdout  # no command: the usage
+  assert helped.returncode == 0 and helped.stdout.startswith(usage) and not helped.stderr
   stderr = lambda argv: results[[case[0] for case in BAD_INPUT].index(argv)].stderr.strip()
   assert stderr(["train", "--config", "syntax.py", "--workdir", "run"]).endswith("config.k = = 1")  # the line
   assert stderr([*TRAIN[:-1], "a_file/run"]).endswith(f"{tmp_path}/a_file is a file, not a directory")
