@@ -91,6 +91,11 @@ BAD_INPUT = [
   ),
   (["train", "--config", DEMO], 1, "--workdir is required (see hydra-jax train --help)"),
   (["train", "--workdir", "run"], 1, "--config and --workdir are required"),
+  (
+    [*TRAIN[:-1], "xyz://bucket/run"],  # no local folder 'xyz:' appears
+    1,
+    "xyz://bucket/run: unknown URL scheme 'xyz://'; hydra_jax reads and writes local paths and gs:// URLs",
+  ),
   ([*TRAIN[:-1], "a_file"], 1, "a_file is a file; give a directory"),
   ([*TRAIN[:-1], "a_file/run"], 1, "a_file/run: "),  # ... {cwd}/a_file is a file, not a directory
   (["eval", *NO_RUN], 1, "no checkpoint directory at no_run"),
