@@ -41,7 +41,7 @@ _BATCH = {"crown_ibp": 128, "mixtrain": 50}
 def get_config(arg=None):
   args = config_lib.parse_config_arg(
     arg,
-    choices={"method": tuple(_STAGES), "stage": config_lib.STAGES},
+    choices={"method": tuple(_STAGES), "stage": tuple(_STAGES["crown_ibp"])},
     method="crown_ibp",
     dataset="svhn_cropped",
     model="cnn_large",

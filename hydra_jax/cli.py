@@ -12,16 +12,19 @@ with the run (`--workdir` alone).
   hydra-jax certify --config configs/adversarial.py:model=wrn_28_4,objective=smooth --workdir runs/smooth \
                    --sigma=0.25 --n=100000 --skip=20 --out=runs/smooth/certify
 
-The config is locked: an unknown `--config.KEY` is rejected with the key's name, and `train` checks values
-(`config.check_config`). The commands only parse flags and call the library (`pipeline.train_and_evaluate`,
-`export.evaluate_checkpoint`, `export.export_checkpoint`, `export.certify_checkpoint`); `python -m hydra_jax`
-is the same program. A user error (`errors.UserError`: config, data, checkpoint; or a diverged run) prints one
-line naming the problem and the fix and exits with status 1, writing nothing; `HYDRA_JAX_TRACEBACK=1` or
-`--verbosity` shows its traceback. Any other exception is a bug and keeps its traceback.
+The config file is read by `config.load_config` (its names and numbers checked), the config is locked (an
+unknown `--config.KEY` is rejected with the key's name), and `train` checks every value (`config.check_config`).
+The commands only parse flags and call the library (`pipeline.train_and_evaluate`, `export.evaluate_checkpoint`,
+`export.export_checkpoint`, `export.certify_checkpoint`); `python -m hydra_jax` is the same program. Bad input
+(`errors.UserError`: a command, flag, config, path, data or checkpoint; or a diverged run) prints one line naming
+the problem and the fix and exits with status 1 (2 for an unknown command), before any work where it is the
+input's; `HYDRA_JAX_TRACEBACK=1` or `--verbosity` shows its traceback. Any other exception is a bug and keeps its
+traceback. docs/failures.md lists each failure and what it keeps.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -46,6 +49,21 @@ _CONFIG = config_flags.DEFINE_config_file(
   "A config file: FILE's get_config(ARG) (ARG: the text after ':'), e.g. configs/adversarial.py:model=wrn_28_4.",
   lock_config=True,
 )
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """`--config FILE[:ARG]` read by `config.load_config`, as from Python: a missing or unparsable file, an invalid
+  ARG or value is a one-line ConfigError at once (ml_collections' own parser defers a missing file to the
+  config's first use and wraps other errors in a traceback)."""
+
+  def parse(self, spec: str) -> ml_collections.ConfigDict:
+    return config_lib.load_config(spec)
+
+  def flag_type(self) -> str:
+    return "config object"
+
+
+flags.FLAGS["config"].parser = _ConfigFileParser()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (train: created or resumed; the others: read).")
 _METHODS = flags.DEFINE_list(
   "methods",
@@ -137,7 +155,8 @@ _CONFIG_HELP = """config:
   --config.KEY=VALUE    overrides one key, dotted: --config.k=0.01, --config.stages.prune.lr=0.05,
                         --config.eval.methods="('pgd_linf','ibp')"; an unknown key is an error naming it
   The keys: docs/configuration.md; every key with its default: hydra_jax/config.py (default_config).
-  --helpfull lists absl's own flags too (--verbosity, ...)."""
+  --helpfull lists absl's own flags too (--verbosity, ...).
+  An error is one line; HYDRA_JAX_TRACEBACK=1 shows its traceback (docs/failures.md)."""
 
 
 def command_help(command: str) -> str:
@@ -164,14 +183,15 @@ def command_help(command: str) -> str:
 def _run(command: str) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
-  config, workdir = _loaded_config(), _WORKDIR.value
+  config, workdir = _CONFIG.value, _WORKDIR.value
   if workdir is None or (config is None and command == "train"):
-    raise app.UsageError(f"{'--workdir is' if config else '--config and --workdir are'} required (see --help)")
-  for location in (workdir, _OUT.value, _PER_EXAMPLE.value):
-    if location:
-      paths.check_access(location)
+    missing = "--workdir is" if config is not None or command != "train" else "--config and --workdir are"
+    raise errors.UserError(f"{missing} required (see hydra-jax {command} --help)")
+  _check_paths(command, workdir)
   if config is None:  # eval, export, certify: the run's own config
     config = export.run_config(workdir)
+  else:
+    config_lib.check_values(config)  # the overrides' numbers and names (train checks all of check_config)
   if command == "train":
     result = pipeline.train_and_evaluate(config, workdir)
     if isinstance(result, list):
@@ -184,12 +204,11 @@ def _run(command: str) -> None:
     )
     print(json.dumps(results, indent=2))
   elif command == "certify":
-    out_dir = _OUT.value or paths.join(workdir, f"certify_sigma{_SIGMA.value}")
     print(
       export.certify_checkpoint(
         config,
         workdir,
-        out_dir,
+        _certify_dir(workdir),
         sigma=_SIGMA.value,
         n0=_N0.value,
         n=_N.value,
@@ -200,21 +219,32 @@ def _run(command: str) -> None:
       )["table"]
     )
   else:
-    if not _OUT.value:
-      raise app.UsageError("export needs --out FILE (.npz or .pth)")
     if _COMPACT.value:
       print(export.export_compact(config, workdir, _OUT.value))
     else:
       print(export.export_checkpoint(config, workdir, _OUT.value, dense=_DENSE.value))
 
 
-def _loaded_config() -> ml_collections.ConfigDict | None:
-  """--config's ConfigDict. ml_collections defers a failed load (a missing file) to the config's first use, where
-  it would read as a missing key: loading the file again raises the error that names it."""
-  config = _CONFIG.value
-  if config is None or isinstance(config, ml_collections.ConfigDict):
-    return config
-  return config_lib.load_config(config_flags.get_config_filename(flags.FLAGS["config"]))
+def _certify_dir(workdir: str) -> str:
+  return _OUT.value or paths.join(workdir, f"certify_sigma{_SIGMA.value}")
+
+
+def _check_paths(command: str, workdir: str) -> None:
+  """The flags' paths before any work: reachable (`paths.check_access`), and the command's output of the right
+  kind and writable (`export.check_output`; train's workdir: `pipeline.train_and_evaluate`)."""
+  for location in (workdir, _OUT.value, _PER_EXAMPLE.value):
+    if location:
+      paths.check_access(location)
+  if command == "export" and not _OUT.value:
+    raise errors.UserError("export needs --out FILE (.npz or .pth)")
+  kind, location = {
+    "train": (None, None),
+    "eval": ("per_example", _PER_EXAMPLE.value),
+    "export": ("compact" if _COMPACT.value else "export", _OUT.value),
+    "certify": ("certify", _certify_dir(workdir)),
+  }[command]
+  if location:
+    export.check_output(kind, location)
 
 
 def _show_tracebacks(argv: list[str]) -> bool:
@@ -222,7 +252,7 @@ def _show_tracebacks(argv: list[str]) -> bool:
 
 
 def _fail(command: str, message: str) -> None:
-  print(f"hydra-jax {command}: error: {message}\n(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+  print(f"hydra-jax {command}: error: {message}", file=sys.stderr)
   sys.exit(1)
 
 
@@ -231,34 +261,36 @@ def _parse_flags(command: str, argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
-    key = str(error.args[0] if error.args else error).strip("'\"")
+    key, _, hint = str(error.args[0] if error.args else error).partition("\n")  # hint: 'Did you mean ...?'
+    key = key.strip("'\"")
     given = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
     if not given or _show_tracebacks(argv):
       raise  # not an override's key: an error inside the config file keeps its traceback
     _fail(
       command,
-      f"{', '.join(given)}: the config has no key '{key}'; the keys are listed in "
-      f"hydra_jax/config.py (default_config) and the config file",
+      f"{', '.join(given)}: the config has no key '{key}'{f' ({hint.strip()})' if hint.strip() else ''}; the keys "
+      f"are listed in hydra_jax/config.py (default_config) and the config file",
     )
   except flags.Error as error:
     if _show_tracebacks(argv):
       raise
-    _fail(command, str(error))
-  except OSError:  # an override of a config that failed to load (a missing file): name the file
-    spec = next((b for a, b in zip(argv, argv[1:]) if a == "--config"), None)
-    spec = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), spec)
-    if spec is None or _show_tracebacks(argv):
-      raise
-    config_lib.load_config(spec)  # raises the ConfigError that names the file
-    raise
+    cause = error.__context__  # absl recasts a parser's ValueError; a ConfigError (from --config) says it all
+    _fail(command, str(cause if isinstance(cause, errors.UserError) else error))
 
 
 def main(argv: list[str] | None = None) -> None:
   """Entry point of the `hydra-jax` console script."""
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] not in COMMANDS:
+  if len(argv) < 2 or argv[1] in ("--help", "-h", "help"):
+    usage = f"usage: hydra-jax {{{','.join(COMMANDS)}}} --config FILE[:ARG] --workdir DIR [flags]\n\n{__doc__}"
+    print(usage, file=sys.stdout if len(argv) > 1 else sys.stderr)
+    sys.exit(0 if len(argv) > 1 else 2)
+  if argv[1] not in COMMANDS:
+    close = difflib.get_close_matches(argv[1], COMMANDS, n=1)
     print(
-      f"usage: hydra-jax {{{','.join(COMMANDS)}}} --config FILE[:ARG] --workdir DIR [flags]\n\n{__doc__}",
+      f"hydra-jax: '{argv[1]}' is not a command"
+      + (f"; did you mean '{close[0]}'?" if close else "")
+      + f" (commands: {', '.join(COMMANDS)}; hydra-jax COMMAND --help lists its flags)",
       file=sys.stderr,
     )
     sys.exit(2)

@@ -19,7 +19,9 @@ A config is a plain `ml_collections.ConfigDict` (numbers, strings, tuples, dicts
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -172,41 +174,65 @@ def parse_config_arg(
 ) -> ml_collections.ConfigDict:
   """'model=wrn_28_4,objective=trades' -> ConfigDict over `defaults`; values typed like the default.
 
-  For config files' `get_config(arg)`; unknown names, and values outside `choices[name]` where given, raise
-  ConfigError listing the valid ones.
+  For config files' `get_config(arg)`; an unknown name, a value that is not of its default's type, and a value
+  outside `choices[name]` where given raise ConfigError naming the argument and the valid ones.
   """
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
     name, sep, value = item.partition("=")
     if not sep or name not in defaults:
-      raise errors.ConfigError(f"config argument '{item}' is not NAME=VALUE with NAME in {sorted(defaults)}")
-    default = defaults[name]
-    parsed[name] = type(default)(value) if not isinstance(default, bool) else value.lower() in ("1", "true")
+      close = difflib.get_close_matches(name, defaults, n=1)
+      raise errors.ConfigError(
+        f"config argument '{item}' is not NAME=VALUE with NAME one of {', '.join(defaults)}"
+        + (f" (did you mean {close[0]}?)" if close and sep else "")
+      )
+    parsed[name] = _typed_like(defaults[name], name, value)
   for name, valid in (choices or {}).items():
     if parsed[name] not in valid:
       raise errors.ConfigError(f"config argument {name}={parsed[name]!r} is invalid; valid: {', '.join(valid)}")
   return parsed
 
 
+def _typed_like(default: Any, name: str, value: str) -> Any:
+  if isinstance(default, bool):
+    return value.lower() in ("1", "true")
+  try:
+    return type(default)(value)
+  except ValueError:
+    raise errors.ConfigError(f"config argument {name}={value!r} is not a valid {type(default).__name__}") from None
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """The locked config of `spec` = 'FILE[:ARG]': FILE's `get_config(ARG)` (`get_config()` without ':'), as the
-  command line's `--config FILE[:ARG]` loads it (before its `--config.KEY=VALUE` overrides).
+  command line's `--config FILE[:ARG]` loads it (before its `--config.KEY=VALUE` overrides), with its names and
+  numbers checked (`check_values`).
 
   Example: `load_config('configs/adversarial.py:model=wrn_28_4,objective=trades')`.
 
   Raises:
-    ConfigError: FILE does not exist, or it defines no `get_config` returning a ConfigDict.
+    ConfigError: FILE does not exist or does not parse (naming FILE:LINE), it defines no `get_config` returning a
+      ConfigDict, ARG is invalid, or the config holds an unknown name or a number that is not finite.
   """
   path, has_arg, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise errors.ConfigError(f"config file {path} does not exist")
   module_spec = importlib.util.spec_from_file_location("hydra_jax_config_file", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as error:  # IndentationError too
+    line = f": {error.text.strip()}" if error.text and error.text.strip() else ""
+    raise errors.ConfigError(f"config file {path}:{error.lineno}: {error.msg}{line}") from error
   get_config = getattr(module, "get_config", None)
-  config = get_config(*([arg] if has_arg else [])) if callable(get_config) else None
-  if not isinstance(config, ml_collections.ConfigDict):
+  if not callable(get_config):
     raise errors.ConfigError(f"config file {path} must define get_config(arg=None) returning a ConfigDict")
+  try:
+    config = get_config(*([arg] if has_arg else []))
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise errors.ConfigError(f"get_config returned a {type(config).__name__}, not a ConfigDict")
+    check_values(config)
+  except errors.ConfigError as error:
+    raise errors.ConfigError(f"config file {path}: {error}") from error
   config.lock()
   return config
 
@@ -329,10 +355,37 @@ def check_eval_methods(config: ml_collections.ConfigDict, methods: Sequence[str]
     raise errors.ConfigError(f"config.eval: {error}") from None
 
 
+def _check_finite(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first float (alone or in a tuple) that is inf or NaN."""
+  for key, value in _leaves(config.to_dict()):
+    numbers = value if isinstance(value, (tuple, list)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+      raise errors.ConfigError(f"config.{key}={value!r} is not a finite number")
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+  """(dotted key, value) of every non-dict value of the nested dict `tree`."""
+  leaves = []
+  for name, value in tree.items():
+    if isinstance(value, Mapping):
+      leaves += _leaves(value, f"{prefix}{name}.")
+    else:
+      leaves.append((f"{prefix}{name}", value))
+  return leaves
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first number that is not finite or name that no registry knows (stage, model,
+  dataset, objective, optimizer, schedule, evaluation methods, baselines, ...): what every command checks of the
+  config it is given, and `load_config` of a file's. `check_config` checks the rest before a run."""
+  _check_finite(config)
+  _check_choices(config)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value is invalid."""
   _check_channel_granularity(config)
-  _check_choices(config)
+  check_values(config)
   check_eval_methods(config, config.eval.methods)
   for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():
     if not 0 < value <= 1:

@@ -37,6 +37,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -47,6 +48,7 @@ from typing import Any
 from typing import NoReturn
 
 import numpy as np
+from absl import logging as absl_logging
 from PIL import Image
 
 from hydra_jax import errors
@@ -366,15 +368,26 @@ def read_tfds(root: str | None, dataset: str, split: str) -> Sequence[Any]:
 
   try:
     data_dir = _tfds_local_copy(root, dataset, split) if root and paths.is_remote(root) else root
-    return tfds.data_source(
-      dataset, split=split, data_dir=data_dir, download=False, builder_kwargs={"file_format": "array_record"}
-    )
+    with _absl_errors_only():  # TFDS warns of each folder it finds unprepared: the error below says it in one line
+      return tfds.data_source(
+        dataset, split=split, data_dir=data_dir, download=False, builder_kwargs={"file_format": "array_record"}
+      )
   except (KeyError, FileNotFoundError, AssertionError) as error:
     raise errors.MissingDataError(
       f"TFDS dataset {dataset!r} (split {split!r}) is not prepared in ArrayRecord format under "
       f"data_dir={root or '(TFDS default)'!r}. Prepare it with {_tfds_hint(dataset, root)}, or "
       "point data.data_dir at the files you have (see data.format)"
     ) from error
+
+
+@contextlib.contextmanager
+def _absl_errors_only():
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
 
 
 def _tfds_local_copy(root: str, dataset: str, split: str) -> str:

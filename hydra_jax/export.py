@@ -197,8 +197,7 @@ def export_compact(config: ml_collections.ConfigDict, workdir: str, out: str) ->
   `.npz`: the '/'-joined variable paths of the compact network, and under '__channel_plan__' a JSON object with
   the channel plan, the checkpoint's meta (its config, k, stage) and step: `read_compact(out)` rebuilds it.
   """
-  if not out.endswith(".npz"):
-    raise errors.ConfigError(f"compact export file '{out}' must end in .npz")
+  check_output("compact", out)
   full = load_run(workdir, config=config)
   small = _compact(full, workdir)
   flat = {masking.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(small.variables)[0]}
@@ -295,8 +294,8 @@ def evaluate_checkpoint(
     `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint and 'settings': every method's
     settings (threat model, eps, steps; a certifier's sigma, n, alpha), so that each number names what gave it.
   """
-  if per_example is not None and not per_example.endswith(PER_EXAMPLE_FORMATS):
-    raise errors.UserError(f"per-example file '{per_example}' must end in .npz or .csv")
+  if per_example is not None:
+    check_output("per_example", per_example)
   config_lib.check_eval_methods(config, [name for name in (methods or ()) if name != "clean"])
   run = load_run(workdir, "best" if best else "latest", config=config, compact=compact)
   results, examples = run.evaluate_per_example(methods, progress=progress)
@@ -305,7 +304,23 @@ def evaluate_checkpoint(
   return results
 
 
-PER_EXAMPLE_FORMATS = (".npz", ".csv")
+# What each kind of output is called in messages, and the file name endings it takes (None: a directory).
+OUTPUTS = {
+  "export": ("export file", (".npz", ".pth", ".pt")),
+  "compact": ("compact export file", (".npz",)),
+  "per_example": ("per-example file", (".npz", ".csv")),
+  "certify": ("certify output directory", None),
+}
+
+
+def check_output(kind: str, location: str) -> None:
+  """Raises a one-line UserError before any work when `location`, an output of `kind` (an `OUTPUTS` key), has
+  a name ending it does not take or cannot be written (`paths.check_writable`); creates nothing."""
+  what, endings = OUTPUTS[kind]
+  if endings and not location.endswith(endings):
+    listed = f"{', '.join(endings[:-1])} or {endings[-1]}" if len(endings) > 1 else endings[0]
+    raise errors.UserError(f"{what} '{location}' must end in {listed}")
+  paths.check_writable(location, directory=endings is None)
 
 
 def write_per_example(path: str, examples: Mapping[str, np.ndarray]) -> None:
@@ -347,8 +362,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   weights plus `popup_scores` for its `subnet` layers); the description then names the reference class and
   the layer shapes it needs for the run's input size (`convert.reference_model`).
   """
-  if not out.endswith((".pth", ".pt", ".npz")):
-    raise ValueError(f"export file '{out}' must end in .npz, .pth or .pt")
+  check_output("export", out)
   run = load_run(workdir, config=config)
   variables, scores = run.variables, None
   if not dense and _granularity(run.meta) == "channel":
@@ -436,6 +450,7 @@ def certify_checkpoint(
     The JSON summary ('certified_accuracy' fractions per radius, settings, counts) plus 'table' (text).
   """
   smoothing.check_settings(sigma, alpha, n0=n0, n=n, batch_size=batch_size, skip=skip)
+  check_output("certify", out_dir)
   run = load_run(workdir, "best" if best else "latest", config=config)
   apply_fn = run.apply_fn
   logits_fn = jax.tree_util.Partial(lambda variables, x: apply_fn(variables, x, False)[0], run.variables)

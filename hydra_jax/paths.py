@@ -11,6 +11,7 @@ flush (metrics.jsonl, TensorBoard event files), and appends in place on a local 
 
   run = paths.path('gs://bucket/runs/x')           # epath.Path; 'runs/x' gives a local one
   paths.check_access('gs://bucket/runs/x')          # one-line PathError: unknown scheme, no bucket, no credentials
+  paths.check_writable('runs/x', directory=True)     # one-line PathError: a file there, or a read-only folder
   (run / 'config.json').write_text('{}')
   paths.join('gs://bucket/runs/x', 'checkpoints')   # 'gs://bucket/runs/x/checkpoints'
 
@@ -121,6 +122,36 @@ def check_access(location: str | os.PathLike) -> None:
       f"{location}: bucket gs://{bucket} does not exist (or this account cannot see it); create it with "
       f"`gcloud storage buckets create gs://{bucket}` or fix the name"
     )
+
+
+def check_writable(location: str | os.PathLike, *, directory: bool) -> None:
+  """Raises a one-line PathError when the local `location` cannot be written, before any work is done: a file
+  where a folder must be (the location or one of its parents), a folder where a file must be, or a read-only
+  folder or file. Nothing is created. A URL passes (`check_access` checks its bucket).
+
+  Args:
+    location: the path to write.
+    directory: True for a folder to create or write in (a run directory), False for a file to create or replace.
+  """
+  if is_remote(location):
+    return
+  target = os.path.abspath(os.path.expanduser(os.fspath(location)))
+  if os.path.exists(target):
+    if directory != os.path.isdir(target):
+      raise PathError(
+        f"{location} is a {'file' if directory else 'directory'}; give a {'directory' if directory else 'file'}"
+      )
+    writable = [target] if directory else [target, os.path.dirname(target)]
+  else:
+    folder = os.path.dirname(target)
+    while not os.path.exists(folder):
+      folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+      raise PathError(f"{location}: {folder} is a file, not a directory")
+    writable = [folder]
+  for existing in writable:
+    if not os.access(existing, os.W_OK | (os.X_OK if os.path.isdir(existing) else 0)):
+      raise PathError(f"{location}: {existing} is not writable (permission denied or a read-only file system)")
 
 
 def cache_dir() -> str:

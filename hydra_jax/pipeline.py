@@ -204,14 +204,15 @@ def _agreed_settings(config: ml_collections.ConfigDict, workdir: str) -> dict[st
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Runs `config.stage` in `workdir`: one stage's summary dict, or for 'all' the list of pipeline rows.
 
-  Every path (workdir, source, data_dir, semisup_path) may be a `gs://` URL; one that cannot be reached is a
-  one-line `paths.PathError` before anything is written. SIGTERM / SIGINT stop every stage after its current
-  step with a checkpoint there (`preemption.Preempted`); rerunning resumes.
+  Every path (workdir, source, data_dir, semisup_path) may be a `gs://` URL; one that cannot be reached, or a
+  local workdir that cannot be written, is a one-line `paths.PathError` before anything is done. SIGTERM / SIGINT
+  stop every stage after its current step with a checkpoint there (`preemption.Preempted`); rerunning resumes.
   """
   config_lib.check_config(config)
   for location in (workdir, config.source, config.data.data_dir, config.data.semisup_path):
     if location:
       paths.check_access(location)
+  paths.check_writable(workdir, directory=True)
   if parallel.init_from_config(config.parallel):
     parallel.check_processes_agree(_agreed_settings(config, workdir), timeout_s=config.parallel.timeout_s)
   if config.stage == "all":

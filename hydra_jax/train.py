@@ -271,6 +271,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   stage finishes its step, saves it (every process the same step) and raises `preemption.Preempted`.
   """
   config_lib.check_config(config)
+  paths.check_writable(workdir, directory=True)
   with config_lib.prng_scope(config):
     return _run_stage(config, workdir)
 

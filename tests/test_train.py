@@ -635,8 +635,14 @@ def test_sgd_follows_pytorch_weight_decay_and_momentum():
 def test_config_arguments_are_typed_and_checked():
   args = config_lib.parse_config_arg("model=wrn_28_4,steps=7,lwm=false", model="vgg16_bn", steps=10, lwm=True)
   assert (args.model, args.steps, args.lwm) == ("wrn_28_4", 7, False)
-  with pytest.raises(ValueError, match="'depth=3' is not NAME=VALUE with NAME in \\['model'\\]"):
+  with pytest.raises(errors.ConfigError, match="^config argument 'depth=3' is not NAME=VALUE with NAME one of model$"):
     config_lib.parse_config_arg("depth=3", model="vgg16_bn")
+  with pytest.raises(
+    errors.ConfigError, match="'modle=x' is not NAME=VALUE with NAME one of model, steps .did you mean model"
+  ):
+    config_lib.parse_config_arg("modle=x", model="vgg16_bn", steps=10)
+  with pytest.raises(errors.ConfigError, match="^config argument steps='ten' is not a valid int$"):
+    config_lib.parse_config_arg("steps=ten", model="vgg16_bn", steps=10)
 
 
 def test_summary_table_rows():

@@ -70,6 +70,41 @@ def test_load_run_maps_images_to_the_masked_models_logits(pruned):
   assert best.step == 11 and best.meta["metrics"]["robust"] >= 0
 
 
+def conv_hwio(x, kernel, stride, padding):
+  """Cross-correlation of NHWC x with an HWIO kernel (as torch.nn.Conv2d and lax.conv), in numpy."""
+  x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  kh, kw = kernel.shape[:2]
+  out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  taps = [
+    x[:, i : i + stride * out_h : stride, j : j + stride * out_w : stride] @ kernel[i, j]
+    for i in range(kh)
+    for j in range(kw)
+  ]
+  return np.sum(taps, axis=0)
+
+
+def ibp_margins(params, x, y, eps):
+  """Per example, the lowest margin z_y - z_j (j != y) that interval bound propagation proves for cnn_tiny on the
+  l_inf eps-ball clipped to [0, 1], in float64 numpy: intervals through each conv / dense layer as center +- |W|
+  radius and through ReLU, the margin rows e_y - e_j merged into the last layer (as IBP with a specification)."""
+  weights = {layer: {leaf: np.asarray(v, np.float64) for leaf, v in leaves.items()} for layer, leaves in params.items()}
+  lower, upper = np.clip(x - eps, 0, 1).astype(np.float64), np.clip(x + eps, 0, 1).astype(np.float64)
+  affine = [lambda h, w: conv_hwio(h, w, 2, 1)] * 2 + [lambda h, w: h.reshape(len(h), -1) @ w]
+  for layer, apply in zip(("0", "2", "5"), affine, strict=True):
+    center, radius = (upper + lower) / 2, (upper - lower) / 2
+    kernel, bias = weights[layer]["kernel"], weights[layer]["bias"]
+    center, radius = apply(center, kernel) + bias, apply(radius, np.abs(kernel))
+    lower, upper = np.maximum(center - radius, 0), np.maximum(center + radius, 0)
+  kernel, bias = weights["7"]["kernel"], weights["7"]["bias"]
+  rows = kernel[:, y].T[:, None, :] - kernel.T[None]  # [N, classes, hidden]: row j is w_y - w_j
+  center, radius = (upper + lower) / 2, (upper - lower) / 2
+  margins = (
+    np.einsum("nch,nh->nc", rows, center) + (bias[y][:, None] - bias) - np.einsum("nch,nh->nc", np.abs(rows), radius)
+  )
+  margins[np.arange(len(y)), y] = np.inf  # j = y is no constraint
+  return margins.min(axis=1)
+
+
 def test_load_run_accuracies_equal_hydra_jax_eval_and_the_per_example_file_adds_up_to_them(pruned, tmp_path):
   config, workdir = pruned
   csv_path = str(tmp_path / "examples.csv")
@@ -94,6 +129,12 @@ def test_load_run_accuracies_equal_hydra_jax_eval_and_the_per_example_file_adds_
   assert set(accuracies) == set(columns) - {"index", "label"} >= {"clean", "robust", *METHODS}
   for name, accuracy in accuracies.items():
     assert columns[name].sum() / len(rows) == accuracy, name  # exactly what eval prints
+  # Row by row (a shift of the rows would keep every mean): clean is the model's top-1, ibp the bound computed here.
+  np.testing.assert_array_equal(columns["clean"], np.argmax(model(x), axis=-1) == y)
+  margins = ibp_margins(model.variables["params"], x, y, config.eval.eps)
+  decided = np.abs(margins) > 1e-4  # verdicts float32 rounding in the library's bounds cannot flip
+  assert decided.mean() > 0.9 and 0 < np.sum(margins > 0) < len(y)
+  np.testing.assert_array_equal(columns["ibp"][decided], (margins > 0)[decided])
   worst = columns["clean"] & columns["pgd_linf"] & columns["ibp"]
   np.testing.assert_array_equal(columns["robust"], worst)
   npz_path = str(tmp_path / "examples.npz")
