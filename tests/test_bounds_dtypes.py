@@ -87,15 +87,15 @@ def test_a_bf16_elementwise_op_rounds_its_result(op, exact):
   the op's slope, and by the op's (half the spacing at the largest |op| on the cast's hull, 2^(e - 8))."""
   lo, hi = _scalar_box(-0.0039, 0.1)
   nearest = lambda v: np.float64(np.float32(v).astype(ml_dtypes.bfloat16))
-  l, u = _f32(-0.0039), _f32(0.1)
-  ends = sorted([exact(min(l, nearest(l))), exact(max(u, nearest(u)))])
+  low, high = _f32(-0.0039), _f32(0.1)
+  ends = sorted([exact(min(low, nearest(low))), exact(max(high, nearest(high)))])
   f = lambda x: op(x.astype(BF16)).astype(jnp.float32)
   lb, ub = (float(b[0, 0]) for b in bounds.ibp(f, lo, hi))
   assert (lb, ub) == (min(ends[0], nearest(ends[0])), max(ends[1], nearest(ends[1])))
   assert nearest(ends[0]) != ends[0] or nearest(ends[1]) != ends[1]  # the op's rounding matters here
   crown_lb, crown_ub = (float(b[0, 0]) for b in bounds.crown_ibp(f, lo, hi))
   errors = 2.0**-12 * abs(exact(1.0) - exact(0.0)) + 2.0 ** (np.floor(np.log2(max(map(abs, ends)))) - 8)
-  crown_ends = sorted([exact(l), exact(u)])
+  crown_ends = sorted([exact(low), exact(high)])
   np.testing.assert_allclose([crown_lb, crown_ub], [crown_ends[0] - errors, crown_ends[1] + errors], rtol=1e-6)
 
 
