@@ -10,24 +10,38 @@ the data range) and an optional specification `spec [B, m, classes]`, and return
 How: `f` is traced to a jaxpr and interpreted with one rule per primitive (jax_verify's approach):
 - IBP (Gowal et al. 2018, eqs. 6-7): affine ops map (center, radius) to (W c + b, |W| r): conv, dot_general,
   add/sub, mul/div by constants (so BN in eval mode), reduce_sum, reduce_window_sum (average pooling), reshape,
-  transpose, broadcast, slice, concatenate, pad, convert_element_type between floats. Monotone ops map (l, u)
-  to (g(l), g(u)): max/min (relu arrives as `custom_jvp_call(max(x, 0))`), max pooling, casts to integers,
-  exp, tanh, ...; rsqrt maps to (g(u), g(l)). The sub-jaxprs of call-like primitives (an explicit list,
-  `_CALLS`: jit, closed_call, custom_jvp / custom_vjp calls, checkpoint, shard_map on replicated values) are
-  recursed into; `scan` (what fori_loop with static bounds, lax.scan, lax.map and nn.scan lower to) is
-  unrolled over its static length, xs sliced per step; equations that do not depend on x are evaluated. Any
-  other primitive with an x-dependent operand (while, cond, ...) raises NotImplementedError naming it.
+  transpose, broadcast, slice, concatenate, pad. Monotone ops map (l, u) to (g(l), g(u)): max/min (relu
+  arrives as `custom_jvp_call(max(x, 0))`), clamp, max pooling, exp, tanh, ...; rsqrt maps to (g(u), g(l)).
+  The sub-jaxprs of call-like primitives (an explicit list, `_CALLS`: jit, closed_call, custom_jvp /
+  custom_vjp calls, checkpoint, shard_map on replicated values) are recursed into; `scan` (what fori_loop with
+  static bounds, lax.scan, lax.map and nn.scan lower to) is unrolled over its static length, xs sliced per
+  step; equations that do not depend on x are evaluated. Any other primitive with an x-dependent operand
+  (while, cond, ...) raises NotImplementedError naming it.
   Consecutive affine ops are kept as one affine map of the last box, so the spec is merged into the whole
   last affine segment (`|C W| r`, not `|C| |W| r`), as the reference merges it into the last linear layer.
+- Floating-point formats: bounds are computed in float32 (float64 for a float64 box) whatever the model's
+  dtype; bfloat16 weights enter exactly. Where the model rounds (an op whose result is bfloat16 / float16, a
+  cast to such a format, reduce_precision) the bounds are widened to hold the value rounded to nearest and the
+  value unrounded (XLA may keep excess precision: on CPU a bfloat16 dot inside a jit is not rounded before a
+  cast back to float32): [min(l, nearest(l)), max(u, nearest(u))], nearest being monotone. A sum of n terms in
+  such a format (reduce_sum, average pooling's reduce_window_sum, cumsum; XLA's CPU rounds after every
+  addition) widens by Higham's gamma_{n-1} sum |x_i|. bfloat16 dots and convolutions are assumed to accumulate
+  in float32 and round once (XLA on CPU, GPU and TPU); the float32 arithmetic of the model and of the bounds is
+  trusted as for float32 models. Casts to integers truncate and saturate (monotone); integer -> float casts
+  round as above; integer arithmetic on x is refused (NotImplementedError naming the primitive).
 - CROWN-IBP (Zhang et al. 2020, eq. 5): IBP pre-activation bounds, then a CROWN backward pass (Zhang et al.
-  2018, Thm. 3.2) from the spec through the ReLU relaxations: upper line u/(u-l) (z - l); lower slope 1 if
-  u > -l else 0 (the reference's adaptive choice, `lower_slope="adaptive"`) or always 0 (`"zero"`),
-  concretised over the box as A c -/+ |A| r.
+  2018, Thm. 3.2) from the spec through the relaxations of elementwise nonlinearities: ReLU's upper line
+  u/(u-l) (z - l), lower slope 1 if u > -l else 0 (the reference's adaptive choice, `lower_slope="adaptive"`)
+  or always 0 (`"zero"`); max(z, c) = c + relu(z - c) and min(z, c) = c - relu(c - z) for constants c (relu6,
+  clip, clamp); a rounding z -/+ half the format's spacing at max(|l|, |u|) (gamma_{n-1} sum |x_i| for the sums
+  above); concretised over the box as A c -/+ |A| r.
 - Symbolic intervals (Wang et al. 2018, "Efficient formal safety analysis", the MixTrain "sym" method): every
-  neuron is kept as a linear function of the input plus one error term per relaxed ReLU (Neurify's
-  relaxation: slope u/(u-l), offset and error u(-l)/(2(u-l))), concretised at each layer.
-CROWN-IBP and symbolic intervals need a chain input -> affine -> ReLU -> affine -> ... -> affine (the zoo's cnn
-models and any other such net, whatever its linear ops); other graphs raise NotImplementedError naming the op.
+  neuron is kept as a linear function of the input plus one error term per relaxed neuron (Neurify's
+  relaxation for ReLU: slope u/(u-l), offset and error u(-l)/(2(u-l)); the same bands for max / min with a
+  constant and rounding), concretised at each layer.
+CROWN-IBP and symbolic intervals need a chain input -> affine -> relaxation -> affine -> ... -> affine (the zoo's
+cnn models and any other such net, whatever its linear ops, in any float dtype); other graphs raise
+NotImplementedError naming the op. Bounds that inf - inf would make NaN (an overflow) are returned as -inf / inf.
 
 Differences from the reference (`crown/bound_layers.py`, `symbolic_interval/`): the box is the caller's (the
 reference clamps x -/+ eps to the batch's min/max); symbolic generators are dense, so memory grows as
@@ -43,9 +57,11 @@ Usage:
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.extend  # jax.extend.core.Literal
@@ -63,17 +79,8 @@ LOWER_SLOPES = ("adaptive", "zero")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Relu:
-  """A ReLU on `pre` with pre-activation IBP bounds [lower, upper]."""
-
-  pre: "_Affine"
-  lower: Array
-  upper: Array
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
 class _Box:
-  """lower <= v <= upper. origin: "input", the _Relu that made it, or the name of the op that concretised it."""
+  """lower <= v <= upper. origin: "input", the _Relaxation that made it, or the name of the op that concretised it."""
 
   lower: Array
   upper: Array
@@ -119,6 +126,166 @@ def _fit(x: Array, shape: tuple[int, ...]) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Relaxations: an elementwise nonlinearity g of an _Affine `pre`, bounded by lines over [lower, upper].
+
+
+Lines = tuple[Array, Array, Array, Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Relaxation:
+  """g(z) for z = `pre`, with z's IBP bounds [lower, upper]; subclasses give g's linear relaxations."""
+
+  pre: _Affine
+  lower: Array
+  upper: Array
+
+  def lines(self, lower: Array, upper: Array, lower_slope: str) -> Lines:
+    """(a_l, b_l, a_u, b_u) with a_l z + b_l <= g(z) <= a_u z + b_u for z in [lower, upper] (CROWN)."""
+    raise NotImplementedError
+
+  def parallel(self, lower: Array, upper: Array) -> tuple[Array, Array, Array]:
+    """(slope, offset, error) with |g(z) - slope z - offset| <= error on [lower, upper] (symbolic intervals)."""
+    raise NotImplementedError
+
+
+def _relu_lines(lower: Array, upper: Array, lower_slope: str) -> tuple[Array, Array, Array]:
+  """relu on [l, u]: lower slope a_l (intercept 0), upper line a_u z + b_u (the chord u/(u-l) (z - l) where
+  l < 0 < u). Unstable lower slope: 1 if u > -l else 0 ("adaptive", the reference's) or 0 ("zero")."""
+  unstable = (lower < 0) & (upper > 0)
+  slope = jnp.where(unstable, upper / jnp.where(unstable, upper - lower, 1.0), (lower >= 0).astype(lower.dtype))
+  adaptive = (upper > -lower).astype(lower.dtype) if lower_slope == "adaptive" else jnp.zeros_like(lower)
+  return jnp.where(unstable, adaptive, slope), slope, jnp.where(unstable, -lower * slope, 0.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Max(_Relaxation):
+  """g(z) = max(z, c) = c + relu(z - c) for a constant c (relu: c = 0)."""
+
+  const: Array
+
+  def lines(self, lower, upper, lower_slope):
+    c = self.const
+    low, up, intercept = _relu_lines(lower - c, upper - c, lower_slope)
+    return low, c * (1 - low), up, c * (1 - up) + intercept
+
+  def parallel(self, lower, upper):
+    c = self.const
+    _, slope, intercept = _relu_lines(lower - c, upper - c, "zero")
+    return slope, c * (1 - slope) + intercept / 2, intercept / 2  # Neurify: the band between the chord and it - b_u
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Min(_Relaxation):
+  """g(z) = min(z, c) = c - relu(c - z) for a constant c (relu6's second half, clip's upper end)."""
+
+  const: Array
+
+  def lines(self, lower, upper, lower_slope):
+    c = self.const
+    low, up, intercept = _relu_lines(c - upper, c - lower, lower_slope)
+    return up, c * (1 - up) - intercept, low, c * (1 - low)
+
+  def parallel(self, lower, upper):
+    c = self.const
+    _, slope, intercept = _relu_lines(c - upper, c - lower, "zero")
+    return slope, c * (1 - slope) - intercept / 2, intercept / 2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Rounding(_Relaxation):
+  """g(z) = z rounded to a floating-point format `fmt` (or not: XLA may keep excess precision), within z -/+ half
+  the format's spacing at max(|l|, |u|); for a sum that may round at every addition, within z -/+ `accumulated`."""
+
+  fmt: "_Format"
+  accumulated: Array | None
+
+  def error(self, lower: Array, upper: Array) -> Array:
+    magnitude = jnp.maximum(jnp.abs(lower), jnp.abs(upper))
+    error = _spacing(magnitude, self.fmt) / 2 if self.accumulated is None else self.accumulated
+    overflow = jnp.isinf(self.fmt.nearest(magnitude)) | jnp.isinf(error)  # z may round to inf
+    return jnp.where(overflow, jnp.finfo(error.dtype).max, error)
+
+  def lines(self, lower, upper, lower_slope):
+    error = self.error(lower, upper)
+    return jnp.ones_like(error), -error, jnp.ones_like(error), error
+
+  def parallel(self, lower, upper):
+    error = self.error(lower, upper)
+    return jnp.ones_like(error), jnp.zeros_like(error), error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Floating-point formats. Bounds are computed in float32 (float64 for a float64 box) whatever the model's dtype;
+# where the model rounds to a narrower format (a bfloat16 / float16 op, a cast, reduce_precision), the interval
+# grows to hold both the rounded and the unrounded value, since XLA may keep excess precision (on CPU a bfloat16
+# dot inside a jit is not rounded before a cast back to float32).
+
+
+class _Format(NamedTuple):
+  """A binary floating-point format: normal numbers m 2^e, 1 <= m < 2 with `mantissa_bits` fraction bits and
+  e >= min_exponent (below: subnormals spaced 2^(min_exponent - mantissa_bits)), up to max_finite. `nearest`
+  rounds a working-dtype array to it (to nearest, ties to even), as XLA does."""
+
+  mantissa_bits: int
+  min_exponent: int
+  max_finite: float
+  nearest: Callable[[Array], Array]
+
+
+def _format_of(dtype: Any) -> _Format:
+  """The format of a float dtype, rounding as a cast does. bfloat16 rounds with reduce_precision (half the compile
+  time of casts; it differs only on float32 subnormals, which XLA's CPU flushes anyway); float16 must not (on CPU,
+  reduce_precision flushes float16 subnormals to zero, a cast keeps them)."""
+  info = jnp.finfo(dtype)
+  if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+    return _reduced_format(int(info.nexp), int(info.nmant))
+  return _Format(int(info.nmant), int(info.minexp), float(info.max), lambda v: v.astype(dtype).astype(v.dtype))
+
+
+def _reduced_format(exponent_bits: int, mantissa_bits: int) -> _Format:
+  """The format `lax.reduce_precision(x, exponent_bits, mantissa_bits)` rounds to (IEEE-style, with infinities)."""
+  max_exponent = 2 ** (exponent_bits - 1) - 1
+  nearest = lambda v: lax.reduce_precision(v, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits)
+  return _Format(mantissa_bits, 1 - max_exponent, (2 - 2.0**-mantissa_bits) * 2.0**max_exponent, nearest)
+
+
+def _is_narrower(dtype: Any, work: Any) -> bool:
+  """A float dtype with fewer mantissa bits than the working dtype (bfloat16, float16, float8 under float32)."""
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).nmant < jnp.finfo(work).nmant
+
+
+def _spacing(magnitude: Array, fmt: _Format) -> Array:
+  """An upper bound on the gap between neighbours of `fmt` at |v| <= magnitude (>= 0): the gap at the magnitude,
+  2^(max(e, min_exponent) - mantissa_bits) with e = floor(log2 magnitude) read from the exponent bits (a normal
+  number of the working dtype, so that nothing hits flushed subnormals). Piecewise constant, nondecreasing."""
+  info = jnp.finfo(magnitude.dtype)
+  integer, bias = {32: jnp.int32, 64: jnp.int64}[info.bits], info.maxexp - 1
+  field = lax.bitcast_convert_type(lax.stop_gradient(magnitude), integer) >> info.nmant
+  power = jnp.clip(field - bias, fmt.min_exponent, info.maxexp) - fmt.mantissa_bits
+  power = jnp.clip(power, info.minexp, info.maxexp - 1)
+  return lax.bitcast_convert_type((power + bias).astype(integer) << info.nmant, magnitude.dtype)
+
+
+def _gamma(terms: int, fmt: _Format) -> float:
+  """Higham's gamma_{n-1} = (n-1) u / (1 - (n-1) u), u = 2^-(mantissa_bits + 1): |computed - exact| <= gamma
+  sum |x_i| for a sum of n terms added in `fmt` in any order (inf when (n-1) u >= 1)."""
+  k = (terms - 1) * 2.0 ** -(fmt.mantissa_bits + 1)
+  return k / (1 - k) if k < 1 else np.inf
+
+
+def _round_rule(value: Any, fmt: _Format, accumulated: Array | None) -> _Box:
+  """z rounded to `fmt` to nearest, or kept unrounded: both lie in [min(l, nearest(l)), max(u, nearest(u))]
+  (rounding is nondecreasing). For a sum whose every addition may round: [l - a, u + a], a = `accumulated`."""
+  box = _as_box(value, "round")
+  if accumulated is None:
+    lower, upper = jnp.minimum(box.lower, fmt.nearest(box.lower)), jnp.maximum(box.upper, fmt.nearest(box.upper))
+  else:
+    lower, upper = box.lower - accumulated, box.upper + accumulated
+  return _Box(lower, upper, _Rounding(_as_affine(value), box.lower, box.upper, fmt, accumulated))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Rules.
 
 
@@ -136,12 +303,10 @@ _LINEAR = {
   "slice",
   "rev",
   "reduce_sum",
-  "convert_element_type",
   "copy",
   "copy_p",
   "reduce_window_sum",
   "cumsum",
-  "reduce_precision",
 }
 _SCALED = {"mul": (0, 1), "dot_general": (0, 1), "conv_general_dilated": (0,), "div": (0,)}
 _INCREASING = {
@@ -170,6 +335,16 @@ _INCREASING = {
   "sign",
 }
 _DECREASING = {"rsqrt"}
+# Ops whose result is exactly representable in their operands' format: no rounding in any dtype.
+_EXACT = {
+  *("concatenate", "pad", "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice", "rev"),
+  *("copy", "copy_p", "neg", "max", "min", "clamp", "reduce_max", "reduce_min", "reduce_window_max"),
+  *("reduce_window_min", "floor", "ceil", "round", "sign"),
+}
+# Of those, the ones bounded on an integer operand (integer arithmetic has no rule: it wraps around).
+_INTEGER_EXACT = (_EXACT - {"neg", "sign"}) | {"convert_element_type"}
+# Sums of many terms: in a narrow float format XLA may round after every addition (CPU does for bfloat16).
+_ACCUMULATING = {"reduce_sum", "reduce_window_sum", "cumsum"}
 # Call-like primitives: their outputs are their sub-jaxpr's (names across JAX versions: pjit became jit,
 # checkpoint is remat2 under jax 0.10). Other primitives with sub-jaxprs (while, cond, ...) have no rule.
 _CALLS = {
@@ -228,15 +403,9 @@ def _neg_rule(value: _Box | _Affine) -> _Affine:
   return _Affine(a.base, lambda h: -a.linear(h), -a.center, a.radius)
 
 
-def _is_zero(value: Any) -> bool:
-  try:
-    return bool(np.all(np.asarray(value) == 0))
-  except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return False
-
-
 def _monotone_rule(prim, params, values, increasing: bool) -> _Box:
-  """Elementwise / window ops monotone in every operand: bounds from the operands' bounds (IBP eq. 7)."""
+  """Elementwise / window ops monotone in every operand: bounds from the operands' bounds (IBP eq. 7). max / min of
+  one x-dependent operand and a constant (relu, relu6, clip) also keep their relaxation for CROWN."""
   boxes = [_as_box(v, prim.name) if _is_bound(v) else None for v in values]
   lows = [b.lower if b else v for b, v in zip(boxes, values)]
   highs = [b.upper if b else v for b, v in zip(boxes, values)]
@@ -244,18 +413,39 @@ def _monotone_rule(prim, params, values, increasing: bool) -> _Box:
   if not increasing:
     low, high = high, low
   bound = [i for i, box in enumerate(boxes) if box]
-  if prim.name == "max" and len(values) == 2 and len(bound) == 1 and _is_zero(values[1 - bound[0]]):
-    pre = _as_affine(values[bound[0]])
-    return _Box(low, high, _Relu(pre, boxes[bound[0]].lower, boxes[bound[0]].upper))
+  if prim.name in ("max", "min") and len(bound) == 1:
+    index = bound[0]
+    relaxation = _Max if prim.name == "max" else _Min
+    const = _fit(jnp.asarray(values[1 - index], low.dtype), low.shape)
+    return _Box(low, high, relaxation(_as_affine(values[index]), boxes[index].lower, boxes[index].upper, const))
   return _Box(low, high, prim.name)
 
 
-def _cast_to_integer_rule(prim, params, values) -> _Box:
-  """A cast to an integer type truncates toward zero: not linear (int(c) -/+ int(r) misses x = 0.5 in
-  [0.4, 1.6]) but nondecreasing. A cast to bool (x != 0) is neither."""
-  if params["new_dtype"] == jnp.bool_:
+def _clamp_rule(values) -> _Box:
+  """lax.clamp(a, x, b) = min(max(x, a), b) (XLA's definition): two relaxations when a and b are constants."""
+  return _interpret_fn(lambda a, x, b: lax.min(lax.max(x, a), b), *values)[0]
+
+
+def _convert_rule(eqn, value: _Box | _Affine) -> Any:
+  """A float -> float or integer -> float cast is the identity in the working dtype (rounded afterwards where the
+  target is narrower). float -> integer truncates toward zero and saturates: not linear (int(c) -/+ int(r) misses
+  x = 0.5 in [0.4, 1.6]) but nondecreasing. integer -> integer is the identity where it cannot wrap around."""
+  source, target = eqn.invars[0].aval.dtype, eqn.params["new_dtype"]
+  if target == jnp.bool_:
     raise NotImplementedError("bounds: primitive 'convert_element_type' to bool with an x-dependent operand")
-  return _monotone_rule(prim, params, values, increasing=True)
+  if not jnp.issubdtype(target, jnp.integer):
+    return value
+  info = jnp.iinfo(target)
+  if jnp.issubdtype(source, jnp.integer):
+    if jnp.iinfo(source).min < info.min or jnp.iinfo(source).max > info.max:
+      raise NotImplementedError(
+        f"bounds: primitive 'convert_element_type' from {source} to {target} on an x-dependent operand "
+        "(it wraps around)"
+      )
+    return value
+  box = _as_box(value, "convert_element_type")
+  to_integer = lambda v: jnp.clip(jnp.trunc(v), info.min, info.max)
+  return _Box(to_integer(box.lower), to_integer(box.upper), "convert_element_type")
 
 
 def _open(jaxpr) -> tuple[Any, Sequence[Any]]:
@@ -322,25 +512,99 @@ def _eval_constant(eqn, values):
   return out if eqn.primitive.multiple_results else [out]
 
 
+def _value_rule(eqn, values) -> Any:
+  """Abstract value of one equation's output in the working dtype, before any rounding to the output's format."""
+  prim, name, params = eqn.primitive, eqn.primitive.name, eqn.params
+  if params.get("preferred_element_type") is not None:  # dot / conv accumulate in the working dtype
+    params = {**params, "preferred_element_type": _working_dtype(values)}
+  if name == "convert_element_type":
+    return _convert_rule(eqn, values[0])
+  if name == "reduce_precision":
+    return values[0]
+  if name == "clamp":
+    return _clamp_rule(values)
+  if name in _LINEAR:
+    return _linear_rule(prim, params, values, eqn.outvars[0].aval.shape)
+  if name in _SCALED:
+    return _scaled_rule(prim, params, values, eqn.outvars[0].aval.shape)
+  if name == "neg":
+    return _neg_rule(values[0])
+  if name in _INCREASING or name in _DECREASING:
+    return _monotone_rule(prim, params, values, name in _INCREASING)
+  raise NotImplementedError(f"bounds: no rule for primitive {name!r} with an x-dependent operand")
+
+
+def _working_dtype(values: Sequence[Any]) -> Any:
+  """The dtype bounds are computed in: that of the x-dependent operands (float32, or float64 for such a box)."""
+  bound = next(v for v in values if _is_bound(v))
+  return (bound.lower if isinstance(bound, _Box) else bound.center).dtype
+
+
+def _promoted(eqn, values: Sequence[Any]) -> list:
+  """Constant operands in the working dtype: narrower floats (bfloat16 weights) always, exactly; integers where
+  the x-dependent operands are integers (whose bounds are held as floats). Integer arithmetic on x is refused."""
+  work = _working_dtype(values)
+  integers = [_is_bound(v) and not jnp.issubdtype(var.aval.dtype, jnp.inexact) for var, v in zip(eqn.invars, values)]
+  if any(integers) and eqn.primitive.name not in _INTEGER_EXACT:
+    raise NotImplementedError(
+      f"bounds: integer arithmetic: primitive {eqn.primitive.name!r} on an x-dependent integer operand "
+      "(cast it to a float type first)"
+    )
+
+  def promote(value):
+    dtype = jnp.result_type(value)
+    if _is_narrower(dtype, work) or (any(integers) and jnp.issubdtype(dtype, jnp.integer)):
+      return jnp.asarray(value, work)
+    return value
+
+  return [v if _is_bound(v) else promote(v) for v in values]
+
+
+def _output_format(eqn, work: Any) -> _Format | None:
+  """The format an equation rounds its result to (None: exact in the working dtype). Ops of `_EXACT` and casts to a
+  format holding every number of the source's do not round."""
+  if eqn.primitive.name == "reduce_precision":
+    return _reduced_format(eqn.params["exponent_bits"], eqn.params["mantissa_bits"])
+  dtype = eqn.outvars[0].aval.dtype
+  if not _is_narrower(dtype, work) or eqn.primitive.name in _EXACT:
+    return None
+  source, target = eqn.invars[0].aval.dtype, _format_of(dtype)
+  if eqn.primitive.name == "convert_element_type" and jnp.issubdtype(source, jnp.floating):
+    held = _format_of(source)
+    if held.mantissa_bits <= target.mantissa_bits and held.min_exponent >= target.min_exponent:
+      return None if held.max_finite <= target.max_finite else target  # only an overflow to rule out
+  return target
+
+
+def _accumulated(eqn, values, fmt: _Format) -> Array | None:
+  """For a sum of n terms in a narrow format: gamma_{n-1} times the sum of the terms' largest magnitudes (None for
+  an op that rounds once, such as a bfloat16 dot or conv, which XLA accumulates in float32)."""
+  if eqn.primitive.name not in _ACCUMULATING:
+    return None
+  box = _as_box(values[0], eqn.primitive.name)
+  magnitude = jnp.maximum(jnp.abs(box.lower), jnp.abs(box.upper))
+  total = eqn.primitive.bind(magnitude, **eqn.params)
+  terms = {
+    "reduce_sum": lambda p: math.prod(magnitude.shape[axis] for axis in p["axes"]),
+    "reduce_window_sum": lambda p: math.prod(p["window_dimensions"]),
+    "cumsum": lambda p: magnitude.shape[p["axis"]],
+  }[eqn.primitive.name](eqn.params)
+  gamma = _gamma(terms, fmt)
+  if not np.isfinite(gamma):
+    return jnp.where(total > 0, jnp.inf, 0.0)
+  return jnp.where(total * (1 + gamma) <= fmt.max_finite, gamma * total, jnp.inf)  # else a partial sum may overflow
+
+
 def _apply_rule(eqn, values) -> list:
   """Abstract value(s) of one equation's outputs given its inputs' (at least one x-dependent)."""
-  prim, name = eqn.primitive, eqn.primitive.name
-  if name in _CALLS:
+  if eqn.primitive.name in _CALLS:
     return _call_rule(eqn, values)
-  if name == "scan":
+  if eqn.primitive.name == "scan":
     return _scan_rule(eqn, values)
-  shape = eqn.outvars[0].aval.shape
-  if name == "convert_element_type" and not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
-    return [_cast_to_integer_rule(prim, eqn.params, values)]
-  if name in _LINEAR:
-    return [_linear_rule(prim, eqn.params, values, shape)]
-  if name in _SCALED:
-    return [_scaled_rule(prim, eqn.params, values, shape)]
-  if name == "neg":
-    return [_neg_rule(values[0])]
-  if name in _INCREASING or name in _DECREASING:
-    return [_monotone_rule(prim, eqn.params, values, name in _INCREASING)]
-  raise NotImplementedError(f"bounds: no rule for primitive {name!r} with an x-dependent operand")
+  values = _promoted(eqn, values)
+  value = _value_rule(eqn, values)
+  fmt = _output_format(eqn, _working_dtype(values))
+  return [value if fmt is None else _round_rule(value, fmt, _accumulated(eqn, values, fmt))]
 
 
 def _interpret(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
@@ -369,7 +633,9 @@ def _propagate(f: Callable[[Array], Array], lower: Array, upper: Array) -> Any:
   closed = jax.make_jaxpr(f)(jax.ShapeDtypeStruct(lower.shape, lower.dtype))
   if len(closed.jaxpr.outvars) != 1:
     raise ValueError(f"f must return one array of logits, got {len(closed.jaxpr.outvars)} outputs")
-  return _interpret(closed.jaxpr, closed.consts, [_Box(lower, upper, "input")])[0]
+  work = jnp.promote_types(lower.dtype, jnp.float32)  # bounds of a bfloat16 box are float32 too
+  box = _Box(jnp.asarray(lower, work), jnp.asarray(upper, work), "input")
+  return _interpret(closed.jaxpr, closed.consts, [box])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,8 +668,17 @@ def _dot(a: Array, b: Array) -> Array:
   return jnp.sum(a * b[:, None], axis=tuple(range(2, a.ndim)))
 
 
+def _sure(lower: Array, upper: Array) -> tuple[Array, Array]:
+  """NaN (inf - inf, from an unbounded value such as a rounding that may overflow) -> -inf / +inf."""
+  return jnp.where(jnp.isnan(lower), -jnp.inf, lower), jnp.where(jnp.isnan(upper), jnp.inf, upper)
+
+
 def _ibp_result(value: Any, spec: Array | None) -> tuple[Array, Array]:
   """IBP bounds of the (spec-merged) output."""
+  return _sure(*_ibp_ends(value, spec))
+
+
+def _ibp_ends(value: Any, spec: Array | None) -> tuple[Array, Array]:
   if not _is_bound(value):
     value = jnp.asarray(value)
     return (value, value) if spec is None else (jnp.einsum("bmc,bc->bm", spec, value),) * 2
@@ -441,8 +716,9 @@ def ibp(f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array | N
 # Chains for CROWN-IBP and symbolic intervals.
 
 
-def _chain(value: Any) -> list[tuple[_Affine, _Relu | None]]:
-  """Segments from the output back to the input: (affine map, ReLU whose output it reads or None at the input)."""
+def _chain(value: Any) -> list[tuple[_Affine, _Relaxation | None]]:
+  """Segments from the output back to the input: (affine map, the relaxation whose output it reads, or None at the
+  input). Relaxations: relu and max / min with a constant (relu6, clip), rounding to a narrower float format."""
   if not _is_bound(value):
     raise NotImplementedError("bounds: f does not depend on x")
   segments, affine = [], _as_affine(value)
@@ -450,20 +726,13 @@ def _chain(value: Any) -> list[tuple[_Affine, _Relu | None]]:
     origin = affine.base.origin
     if origin == "input":
       return segments + [(affine, None)]
-    if not isinstance(origin, _Relu):
+    if not isinstance(origin, _Relaxation):
       raise NotImplementedError(
-        f"bounds: crown_ibp / symbolic_interval need a chain of affine maps and ReLUs "
-        f"from the input; found the op {origin!r} on the path"
+        f"bounds: crown_ibp / symbolic_interval need a chain of affine maps and elementwise relaxations "
+        f"(relu, max / min with a constant, rounding) from the input; found the op {origin!r} on the path"
       )
     segments.append((affine, origin))
     affine = origin.pre
-
-
-def _relu_lines(lower: Array, upper: Array) -> tuple[Array, Array, Array]:
-  """Upper line slope d_u and intercept b_u of relu on [l, u], and the unstable mask (l < 0 < u)."""
-  unstable = (lower < 0) & (upper > 0)
-  slope = jnp.where(unstable, upper / jnp.where(unstable, upper - lower, 1.0), (lower >= 0).astype(lower.dtype))
-  return slope, jnp.where(unstable, -lower * slope, 0.0), unstable
 
 
 def _affine_backward(affine: _Affine, rows: Array, bias: Array) -> tuple[Array, Array]:
@@ -473,24 +742,24 @@ def _affine_backward(affine: _Affine, rows: Array, bias: Array) -> tuple[Array, 
   return new_rows, bias + _dot(rows, affine.center) - _dot(new_rows, point)
 
 
-def _relu_backward(relu: _Relu, rows: Array, bias: Array, lower_slope: str) -> tuple[Array, Array]:
-  """Lower linear bound of rows . relu(z): upper line where the coefficient is negative, lower line elsewhere."""
-  slope_up, intercept_up, unstable = _relu_lines(relu.lower, relu.upper)
-  adaptive = (relu.upper > -relu.lower).astype(rows.dtype)
-  slope_low = jnp.where(unstable, adaptive if lower_slope == "adaptive" else 0.0, slope_up)
+def _relaxation_backward(relaxation: _Relaxation, rows: Array, bias: Array, lower_slope: str) -> tuple[Array, Array]:
+  """Lower linear bound of rows . g(z): g's upper line where the coefficient is negative, its lower line elsewhere."""
+  slope_low, intercept_low, slope_up, intercept_up = relaxation.lines(relaxation.lower, relaxation.upper, lower_slope)
   positive, negative = jnp.maximum(rows, 0), jnp.minimum(rows, 0)
-  return positive * slope_low[:, None] + negative * slope_up[:, None], bias + _dot(negative, intercept_up)
+  new_rows = positive * slope_low[:, None] + negative * slope_up[:, None]
+  return new_rows, bias + _dot(positive, intercept_low) + _dot(negative, intercept_up)
 
 
 def _crown_lower(segments, spec: Array, lower_slope: str) -> Array:
-  """CROWN lower bound of spec @ f over the input box, using each ReLU's IBP pre-activation bounds."""
+  """CROWN lower bound of spec @ f over the input box, using each relaxation's IBP pre-activation bounds."""
   rows, bias = spec, jnp.zeros(spec.shape[:2], spec.dtype)
-  for affine, relu in segments:
+  for affine, relaxation in segments:
     rows, bias = _affine_backward(affine, rows, bias)
-    if relu is not None:
-      rows, bias = _relu_backward(relu, rows, bias, lower_slope)
+    if relaxation is not None:
+      rows, bias = _relaxation_backward(relaxation, rows, bias, lower_slope)
   box = segments[-1][0].base
-  return bias + _dot(rows, _midpoint(box)) - _dot(jnp.abs(rows), (box.upper - box.lower) / 2)
+  lower = bias + _dot(rows, _midpoint(box)) - _dot(jnp.abs(rows), (box.upper - box.lower) / 2)
+  return _sure(lower, lower)[0]
 
 
 def _check_slope(lower_slope: str) -> None:
@@ -559,12 +828,12 @@ def _concretise(center: Array, generators: Array) -> tuple[Array, Array]:
   return center - radius, center + radius
 
 
-def _symbolic_relu(center, generators, lower, upper):
-  """Neurify's relaxation: relu(z) in d z + e -/+ e, d = u/(u-l), e = u(-l)/(2(u-l)) on unstable neurons."""
-  slope, intercept, unstable = _relu_lines(lower, upper)
-  error = jnp.where(unstable, intercept / 2, 0.0)
+def _symbolic_relaxation(relaxation: _Relaxation, center, generators, lower, upper):
+  """g(z) in d z + o -/+ e on [lower, upper] (for relu Neurify's d = u/(u-l), o = e = u(-l)/(2(u-l)) where
+  unstable): the generators scale by d and each neuron gets an error generator e."""
+  slope, offset, error = relaxation.parallel(lower, upper)
   generators = jnp.concatenate([generators * slope[None], _one_hot_generators(error)], axis=0)
-  return center * slope + error, generators
+  return center * slope + offset, generators
 
 
 def symbolic_interval(
@@ -595,11 +864,11 @@ def symbolic_interval(
     center = affine.linear(center) + affine.offset()
     generators = jax.vmap(affine.linear)(generators)
     if index + 1 < len(segments):
-      relu = segments[index + 1][1]
+      relaxation = segments[index + 1][1]
       low, high = _concretise(center, generators)
       if intersect_ibp:
-        low, high = jnp.maximum(low, relu.lower), jnp.minimum(high, relu.upper)
-      center, generators = _symbolic_relu(center, generators, low, high)
+        low, high = jnp.maximum(low, relaxation.lower), jnp.minimum(high, relaxation.upper)
+      center, generators = _symbolic_relaxation(relaxation, center, generators, low, high)
   if spec is not None:
     center = jnp.einsum("bmc,bc->bm", spec, center)
     generators = jnp.einsum("bmc,sbc->sbm", spec, generators)
@@ -607,7 +876,7 @@ def symbolic_interval(
   if intersect_ibp:
     ibp_low, ibp_high = _ibp_result(value, spec)
     low, high = jnp.maximum(low, ibp_low), jnp.minimum(high, ibp_high)
-  return low, high
+  return _sure(low, high)
 
 
 # ----------------------------------------------------------------------------------------------------------
