@@ -1,7 +1,7 @@
 """Command line: `hydra-jax {train,eval,export,certify} --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR`.
 
-`hydra-jax COMMAND --help` lists the command's own flags. eval, export and certify default to the config stored
-with the run (`--workdir` alone).
+`hydra-jax COMMAND --help` lists the command's own flags; `hydra-jax --help` prints this overview. eval, export
+and certify default to the config stored with the run (`--workdir` alone).
 
   hydra-jax train  --config configs/digits_demo.py --workdir runs/demo
   hydra-jax train  --config configs/adversarial.py:model=wrn_28_4 --config.stage=prune --config.k=0.01 \
@@ -87,8 +87,8 @@ _RUN_CONFIG_HELP = "A config file (FILE[:ARG], see below); default: the run's ow
 # Per command: what it does, and its flags with their help there (None: the flag's own).
 _COMMAND_HELP = {
   "train": (
-    "Runs config.stage (pretrain, prune, finetune, str, admm; 'all': pretrain, then per k prune, finetune and "
-    "the baselines) in DIR and prints its summary; rerunning the command resumes the run.",
+    "Runs config.stage (pretrain, prune, finetune, str, admm, rigl; 'all': pretrain, then per k prune, finetune "
+    "and the baselines) in DIR and prints its summary; rerunning the command resumes the run.",
     {"config": None, "workdir": "Run directory, created or resumed."},
   ),
   "eval": (
@@ -257,11 +257,12 @@ def main(argv: list[str] | None = None) -> None:
   """Entry point of the `hydra-jax` console script."""
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
+    asked = argv[1:] in (["--help"], ["-h"], ["help"])  # help without a command: the overview, exit 0
     print(
       f"usage: hydra-jax {{{','.join(COMMANDS)}}} --config FILE[:ARG] --workdir DIR [flags]\n\n{__doc__}",
-      file=sys.stderr,
+      file=sys.stdout if asked else sys.stderr,
     )
-    sys.exit(2)
+    sys.exit(0 if asked else 2)
   command = argv.pop(1)
   if any(arg in ("--help", "-h", "-?", "--helpshort") for arg in argv[1:]):
     print(command_help(command))

@@ -18,13 +18,17 @@ jax.config.update("jax_num_cpu_devices", DEVICES)
 jax.config.update("jax_threefry_partitionable", False)
 # Programs recompiled by several tests (the same train step in another run, say) load from a per-session
 # persistent cache instead of compiling again: XLA compilation dominates this suite's time on CPU. The pytest-xdist
-# workers of one run share it (one run id), so what one worker compiled the other loads.
+# workers of one run share it (one run id), so what one worker compiled the other loads, and so do the command-line
+# subprocesses the tests start (through the environment, which they inherit).
 _SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
-jax.config.update(
-  "jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hydra_jax_test_cache_{_SESSION}")
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+_CACHE = {
+  "jax_compilation_cache_dir": os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hydra_jax_test_cache_{_SESSION}"),
+  "jax_persistent_cache_min_compile_time_secs": 0.2,
+  "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+for _name, _value in _CACHE.items():
+  jax.config.update(_name, _value)
+  os.environ[_name.upper()] = str(_value)
 
 
 def pytest_runtest_setup(item):

@@ -78,9 +78,9 @@ def numpy_reference(state, batches):
   return w, losses
 
 
+@pytest.mark.devices(DEVICES)
 @pytest.mark.parametrize("mode", ["single", "pmap", "shard_map"])
 def test_runners_give_the_full_batch_sgd_result(mode):
-  assert jax.device_count() == DEVICES
   state, batches = toy_data()
   final, losses = run(mode, state, batches)
   expected_w, expected_losses = numpy_reference(state, batches)
@@ -101,6 +101,7 @@ def test_parallel_runners_equal_the_single_device_runner(mode):
   np.testing.assert_allclose(single_losses, multi_losses, rtol=1e-6)
 
 
+@pytest.mark.devices(DEVICES)
 def test_each_device_gets_a_contiguous_slice_of_the_batch_and_the_carry():
   state, batches = toy_data(steps=1)
   per_device = BATCH // DEVICES
