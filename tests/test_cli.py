@@ -4,18 +4,16 @@ import json
 import os
 import subprocess
 import sys
-import unittest.mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
+from cli_in_process import run as run_in_process
 from flax import traverse_util
 
 import hydra_jax as hydra_jax_lib
 from hydra_jax import checkpoints
-from hydra_jax import cli
 from hydra_jax import export
 from hydra_jax import models
 from hydra_jax import pipeline
@@ -165,13 +163,9 @@ def test_an_internal_key_error_keeps_its_traceback(tmp_path):
 
 
 def hydra_jax_in_process(*args):
-  """Runs the CLI's `main` in this process (its flags parsed afresh), as the console script does; asserts exit 0.
-  sys.argv is the command line too: ml_collections finds the `--config.KEY` overrides there."""
-  argv = ["hydra-jax", *args]
-  flags.FLAGS.unparse_flags()
-  with pytest.raises(SystemExit) as stop, unittest.mock.patch.object(sys, "argv", argv):
-    cli.main(argv)
-  assert stop.value.code in (None, 0), stop.value.code
+  """Runs the CLI's `main` in this process, as the console script does; asserts exit 0."""
+  status, _, err = run_in_process(*args)
+  assert status == 0, err
 
 
 def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
