@@ -15,7 +15,8 @@ and the README's main job in `runs/digits_demo` (run once, before any page), so 
 Tiny size: while the blocks run, the library's entry points (`pipeline.train_and_evaluate`,
 `export.evaluate_checkpoint`, `export.certify_checkpoint`, `export.export_*`) get their config through `tiny`
 (cnn_tiny on two batches of digits, one epoch per stage, attacks of one step on 32 test images) and certify its
-smallest sample counts. New pages and blocks are picked up without changes here.
+smallest sample counts. New pages and blocks are picked up without changes here; the pages of SLOW_PAGES (40-60
+CPU seconds each at tiny size) run with -m slow.
 
 Run: python -m pytest -q tests/test_docs.py
 """

@@ -151,6 +151,7 @@ def test_single_mode_runs_on_one_device_without_collectives():
   assert int(metrics["device"]) == 0  # axis_name=None: no axis_index
 
 
+@pytest.mark.devices(DEVICES)
 def test_batches_that_do_not_divide_over_the_devices_are_rejected():
   parallel.check_batch_divides(64, 8)
   parallel.check_batch_divides(3, 1)
