@@ -1,7 +1,7 @@
 """Command line: `hydra-jax {train,eval,export,certify} --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR`.
 
-`hydra-jax COMMAND --help` lists the command's own flags. eval, export and certify default to the config stored
-with the run (`--workdir` alone).
+`hydra-jax COMMAND --help` lists the command's own flags; `hydra-jax --help` prints this overview. eval, export
+and certify default to the config stored with the run (`--workdir` alone).
 
   hydra-jax train  --config configs/digits_demo.py --workdir runs/demo
   hydra-jax train  --config configs/adversarial.py:model=wrn_28_4 --config.stage=prune --config.k=0.01 \
@@ -105,8 +105,8 @@ _RUN_CONFIG_HELP = "A config file (FILE[:ARG], see below); default: the run's ow
 # Per command: what it does, and its flags with their help there (None: the flag's own).
 _COMMAND_HELP = {
   "train": (
-    "Runs config.stage (pretrain, prune, finetune, str, admm; 'all': pretrain, then per k prune, finetune and "
-    "the baselines) in DIR and prints its summary; rerunning the command resumes the run.",
+    "Runs config.stage (pretrain, prune, finetune, str, admm, rigl; 'all': pretrain, then per k prune, finetune "
+    "and the baselines) in DIR and prints its summary; rerunning the command resumes the run.",
     {"config": None, "workdir": "Run directory, created or resumed."},
   ),
   "eval": (

@@ -1,25 +1,40 @@
-"""Test setup: 8 simulated CPU devices, set before JAX initialises its backend."""
+"""Test setup: simulated CPU devices (8, or HYDRA_JAX_TEST_DEVICES), set before JAX initialises its backend.
+
+`HYDRA_JAX_TEST_DEVICES=1 python -m pytest -q` runs the suite on one device: tests marked `devices(n)` (they
+compare n devices with one) are then skipped. Subprocesses inherit the count through XLA_FLAGS.
+"""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+DEVICES = int(os.environ.get("HYDRA_JAX_TEST_DEVICES", "8"))
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES}")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_num_cpu_devices", DEVICES)
 # The partitionable threefry PRNG (JAX's default) takes seconds to compile per random op on this CPU; the
 # classic one compiles in a fraction of a second. Tests check behaviour, not particular random streams.
 jax.config.update("jax_threefry_partitionable", False)
 # Programs recompiled by several tests (the same train step in another run, say) load from a per-session
 # persistent cache instead of compiling again: XLA compilation dominates this suite's time on CPU. The pytest-xdist
-# workers of one run share it (one run id), so what one worker compiled the other loads.
+# workers of one run share it (one run id), so what one worker compiled the other loads, and so do the command-line
+# subprocesses the tests start (through the environment, which they inherit).
 _SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
-jax.config.update(
-  "jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hydra_jax_test_cache_{_SESSION}")
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+_CACHE = {
+  "jax_compilation_cache_dir": os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hydra_jax_test_cache_{_SESSION}"),
+  "jax_persistent_cache_min_compile_time_secs": 0.2,
+  "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+for _name, _value in _CACHE.items():
+  jax.config.update(_name, _value)
+  os.environ[_name.upper()] = str(_value)
+
+
+def pytest_runtest_setup(item):
+  for marker in item.iter_markers(name="devices"):
+    if jax.device_count() < marker.args[0]:
+      pytest.skip(f"needs {marker.args[0]} devices, has {jax.device_count()} (HYDRA_JAX_TEST_DEVICES)")
 
 
 @pytest.fixture(scope="session")

@@ -241,9 +241,9 @@ def test_stage_all_runs_admm_per_k_and_str_once(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("stage", ["str", "admm"])
 def test_str_and_admm_steps_on_eight_devices_equal_one_device(stage, pretrained_dir):
-  assert jax.device_count() == 8
   config = config_lib.stage_config(
     tiny_config(),
     stage,

@@ -619,6 +619,7 @@ def test_scan_outputs_stacked_over_steps_are_bounded_per_step():
   assert np.all(np.asarray(lb[:, :4]) <= np.asarray(h1))
 
 
+@pytest.mark.devices(2)
 def test_loops_and_primitives_without_a_rule_raise_errors_naming_them():
   lo, hi = jnp.zeros((1, 3)), jnp.ones((1, 3))
   with pytest.raises(NotImplementedError, match="'while'"):

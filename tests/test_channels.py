@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pipeline_helpers import numpy_topk_mask
 from pipeline_helpers import tiny_config
 from zoo_helpers import random_variables
 
@@ -296,3 +297,83 @@ def test_a_channel_prune_step_on_eight_devices_gives_the_single_device_result(tm
   assert not np.allclose(jax.tree.leaves(single.scores)[0], jax.tree.leaves(state.scores)[0])  # scores trained
   kernels = [(a, b) for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(state.params)) if a.ndim > 1]
   assert all(np.array_equal(a, b) for a, b in kernels)  # weights frozen in prune
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A concatenation of unequal branches, and a group of several kernels, on hand-sized networks.
+
+
+class _TwoBranches(nn.Module):
+  """Two convs of unequal widths concatenated on channels, then a conv and a dense classifier; `widths` gives
+  every module's output channels (the compact network is the same class with smaller widths)."""
+
+  widths: tuple[tuple[str, int], ...] = (("narrow", 3), ("wide", 5), ("joint", 4))
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    width = dict(self.widths)
+    branches = [nn.relu(nn.Conv(width[name], (3, 3), name=name)(x)) for name in ("narrow", "wide")]
+    h = nn.relu(nn.Conv(width["joint"], (3, 3), strides=2, name="joint")(jnp.concatenate(branches, -1)))
+    return nn.Dense(10, name="head")(h.reshape(len(h), -1))
+
+
+def test_a_concatenation_of_unequal_branches_feeds_each_kept_channel_to_the_right_kernel_rows():
+  """The channels after the concatenation are the narrow branch's, then the wide branch's; the compact network
+  (each branch and the joint conv at half width) gives the masked network's logits."""
+  model, x = _TwoBranches(), jnp.asarray(np.random.default_rng(0).uniform(size=(2, 6, 6, 2)), jnp.float32)
+  rng = np.random.default_rng(1)  # numpy draws of the eval_shape'd variables: nothing compiled but the two applies
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  variables = jax.tree.map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape), jnp.float32), shapes)
+  wiring = channels.trace_wiring(model, variables, x.shape)
+  assert [len(group.members[0][1]) for group in wiring.groups] == [4, 3, 5]  # joint, narrow, wide (by name)
+  scores = {name: {"kernel": jnp.asarray(rng.normal(size=width), jnp.float32)} for name, width in model.widths}
+  scores["head"] = {"kernel": None}  # the classifier's outputs are never pruned
+  masks = _masks(variables, scores, 0.5, wiring.groups)
+  masked = jax.tree_util.tree_map_with_path(
+    lambda path, leaf: leaf * masks.get(masking.path_name(path), 1.0), variables["params"]
+  )
+  masked = {"params": masked}
+  small, plan = channels.compact_variables(wiring, masked, channels.pruned_units(wiring, masks))
+  assert plan == {"narrow": 2, "wide": 3, "joint": 2, "head": 10}  # n - floor(n / 2) of 3, 5 and 4
+  compact = _TwoBranches(tuple((name, plan[name]) for name in ("narrow", "wide", "joint")))
+  expected = jax.jit(model.apply)(masked, x)
+  # Same sums in the same order except for the terms of pruned channels (exact zeros): float32 rounding of a
+  # 3x3x8-term conv and a 36-term dense layer at most.
+  np.testing.assert_allclose(jax.jit(compact.apply)(small, x), expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_a_group_of_two_kernels_ranks_units_by_summed_scores_and_trains_both_kernels_scores():
+  """A residual group spans a block's conv and its shortcut (whose channel c holds unit 5 - c here) and a
+  BatchNorm scale: a unit's score is |s_conv| + |s_shortcut|, and each kernel's score gets its unit's
+  straight-through cotangent (the sum over the members' mask cotangents), times sign(s)."""
+  n, k = 6, 0.5
+  reverse = tuple(range(n - 1, -1, -1))
+  group = masking.ChannelGroup(
+    (("conv/kernel", tuple(range(n))), ("norm/scale", tuple(range(n))), ("shortcut/kernel", reverse))
+  )
+  params = {
+    "conv": {"kernel": jnp.ones((3, 3, 2, n))},
+    "norm": {"scale": jnp.ones(n)},
+    "shortcut": {"kernel": jnp.ones((1, 1, 2, n))},
+  }
+  rng = np.random.default_rng(0)
+  by_unit = {"conv": [0.9, -0.1, 0.5, 0.3, -0.7, 0.2], "shortcut": [0.05, 1.2, -0.1, 0.8, 0.15, -0.45]}
+  scores = {"conv": jnp.array(by_unit["conv"]), "shortcut": jnp.array(by_unit["shortcut"][::-1])}  # channel c: unit 5-c
+  tree = {"conv": {"kernel": scores["conv"]}, "norm": {"scale": None}, "shortcut": {"kernel": scores["shortcut"]}}
+  unit = np.abs(np.asarray(scores["conv"])) + np.abs(np.asarray(scores["shortcut"]))[list(reverse)]  # float32
+  kept = numpy_topk_mask(unit, k)  # units 1, 3, 0 (summed 1.3, 1.1, 0.95)
+  assert not np.array_equal(kept, numpy_topk_mask(scores["conv"], k))  # the first kernel alone ranks otherwise
+  masks = _channel_masks(params, tree, k, groups=(group,))
+  np.testing.assert_array_equal(masks["conv/kernel"], kept)
+  np.testing.assert_array_equal(masks["norm/scale"], kept)
+  np.testing.assert_array_equal(masks["shortcut/kernel"], kept[list(reverse)])
+
+  upstream = {name: jnp.asarray(rng.normal(size=n), jnp.float32) for name in masks}
+  loss = lambda tree: sum(jnp.vdot(m, upstream[name]) for name, m in _channel_masks(params, tree, k, (group,)).items())
+  grads = jax.jit(jax.grad(loss))(tree)
+  cotangent = sum(np.asarray(upstream[name])[list(index)] for name, index in group.members)  # per unit
+  np.testing.assert_allclose(grads["conv"]["kernel"], np.sign(scores["conv"]) * cotangent, rtol=1e-6)
+  np.testing.assert_allclose(
+    grads["shortcut"]["kernel"], np.sign(scores["shortcut"]) * cotangent[list(reverse)], rtol=1e-6
+  )
+  assert np.all(np.asarray(grads["conv"]["kernel"]) != 0) and np.all(np.asarray(grads["shortcut"]["kernel"]) != 0)

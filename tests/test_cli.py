@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_in_process import run as run_in_process
 from flax import traverse_util
 
 import hydra_jax as hydra_jax_lib
@@ -244,7 +245,16 @@ def test_an_internal_key_error_keeps_its_traceback(tmp_path):
   assert result.returncode != 0 and "Traceback" in result.stderr and "KeyError: 'internal'" in result.stderr
 
 
+def hydra_jax_in_process(*args):
+  """Runs the CLI's `main` in this process, as the console script does; asserts exit 0."""
+  status, _, err = run_in_process(*args)
+  assert status == 0, err
+
+
 def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
+  """The CLI only parses and calls the library: in one process (so one set of compiled programs, which makes equal
+  inputs give equal bits), its run equals the library's, although the library call happens under the other PRNG
+  flavour (the library decides it for the run)."""
   overrides = {
     "stage": "pretrain",
     "stop_after_steps": 2,
@@ -252,16 +262,11 @@ def test_the_command_line_and_the_library_give_the_same_run(tmp_path):
     "log.progress": False,
     "checkpoint.async_save": False,
   }
+  spec = os.path.join(ROOT, "configs/digits_demo.py") + ":model=cnn_tiny,objective=benign"
   cli_dir, library_dir = str(tmp_path / "cli"), str(tmp_path / "library")
-  hydra_jax(
-    "train",
-    "--config",
-    "configs/digits_demo.py:model=cnn_tiny,objective=benign",
-    *[f"--config.{key}={str(value).lower()}" for key, value in overrides.items()],
-    "--workdir",
-    cli_dir,
-  )
-  config = hydra_jax_lib.load_config("configs/digits_demo.py:model=cnn_tiny,objective=benign")
+  flags_ = [f"--config.{key}={str(value).lower()}" for key, value in overrides.items()]
+  hydra_jax_in_process("train", "--config", spec, *flags_, "--workdir", cli_dir)
+  config = hydra_jax_lib.load_config(spec)
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     (config[parents[0]] if parents else config)[leaf] = value

@@ -283,6 +283,7 @@ def test_initialisations_follow_the_reference():
 
 
 # ------------------------------------------------------------------------------------------------ layers
+@pytest.mark.devices(8)
 def test_batchnorm_cross_device_statistics_equal_full_batch():
   """With axis_name, 8 devices x 2 examples normalise and update exactly like one batch of 16."""
   bn = layers.BatchNorm(axis_name="batch")

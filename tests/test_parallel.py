@@ -78,9 +78,9 @@ def numpy_reference(state, batches):
   return w, losses
 
 
+@pytest.mark.devices(DEVICES)
 @pytest.mark.parametrize("mode", ["single", "pmap", "shard_map"])
 def test_runners_give_the_full_batch_sgd_result(mode):
-  assert jax.device_count() == DEVICES
   state, batches = toy_data()
   final, losses = run(mode, state, batches)
   expected_w, expected_losses = numpy_reference(state, batches)
@@ -101,6 +101,7 @@ def test_parallel_runners_equal_the_single_device_runner(mode):
   np.testing.assert_allclose(single_losses, multi_losses, rtol=1e-6)
 
 
+@pytest.mark.devices(DEVICES)
 def test_each_device_gets_a_contiguous_slice_of_the_batch_and_the_carry():
   state, batches = toy_data(steps=1)
   per_device = BATCH // DEVICES
@@ -150,6 +151,7 @@ def test_single_mode_runs_on_one_device_without_collectives():
   assert int(metrics["device"]) == 0  # axis_name=None: no axis_index
 
 
+@pytest.mark.devices(DEVICES)
 def test_batches_that_do_not_divide_over_the_devices_are_rejected():
   parallel.check_batch_divides(64, 8)
   parallel.check_batch_divides(3, 1)

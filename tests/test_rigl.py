@@ -214,9 +214,9 @@ def test_a_stopped_rigl_stage_resumes_bit_identically_with_its_masks(tmp_path):
     np.testing.assert_array_equal(w != 0, m)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("parallel_mode", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
 def test_rigl_steps_on_eight_devices_equal_one_device(parallel_mode):
-  assert jax.device_count() == 8
   config = tiny_config()
   batches = [sources.train_batches(config).batch_at(i) for i in range(2)]
   ends = []

@@ -188,13 +188,13 @@ def _single_and_multi(config, state, tx, batches, mode):
   return run("single", None), run(mode, parallel.AXIS)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("mode", ["pmap", "shard_map"])
 @pytest.mark.parametrize(
   "objective",
   ["benign", "pgd_at", pytest.param("trades", marks=pytest.mark.slow), pytest.param("smooth", marks=pytest.mark.slow)],
 )
 def test_eight_devices_give_the_single_device_result(mode, objective, pretrained_dir):
-  assert jax.device_count() == 8
   config = tiny_config(stage="prune", source=pretrained_dir, k=0.1)
   config.objective = config_lib.objective_config(objective)
   if objective != "smooth":  # pgd_at with its random start: draws keyed by position in the global batch
