@@ -116,6 +116,10 @@ def test_alpha_crown_on_a_residual_mlp_is_no_looser_than_auto_lirpa_and_never_lo
   (alpha_lb, alpha_ub), (crown_lb, crown_ub) = ours["alpha_crown"], ours["crown"]
   assert np.all(alpha_lb >= crown_lb) and np.all(alpha_ub <= crown_ub)
   assert np.mean(alpha_lb - crown_lb) > 1e-3  # the optimisation moved the bounds
+  points = lower + (upper - lower) * rng.uniform(size=(4096, *x.shape)).astype(np.float32)
+  points[:2048] = np.where(points[:2048] < x, lower, upper)  # corners
+  margins = np.einsum("bmc,nbc->nbm", spec, np.asarray(jax.vmap(f)(jnp.asarray(points))))
+  assert np.all(margins >= np.asarray(alpha_lb) - 1e-5) and np.all(margins <= np.asarray(alpha_ub) + 1e-5)
 
 
 @pytest.mark.slow
