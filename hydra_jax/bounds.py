@@ -1,6 +1,7 @@
-"""Verified bounds of a pure logits function over an l_inf input box: IBP, CROWN-IBP, symbolic intervals.
+"""Verified bounds of a pure logits function over an l_inf input box: IBP, CROWN-IBP, CROWN, alpha-CROWN, symbolic
+intervals.
 
-All three take `f(x) -> logits`, a pure function of a batch `[B, H, W, C]` (e.g. a zoo model applied with
+Each takes `f(x) -> logits`, a pure function of a batch `[B, H, W, C]` (e.g. a zoo model applied with
 masked params and BatchNorm in eval mode), the box `lower <= x <= upper` (same shape; the caller clips it to
 the data range) and an optional specification `spec [B, m, classes]`, and return `(lb, ub)` with
 `lb <= f(x) <= ub` for every x in the box: `[B, classes]` without spec, else bounds of
@@ -29,19 +30,25 @@ How: `f` is traced to a jaxpr and interpreted with one rule per primitive (jax_v
   in float32 and round once (XLA on CPU, GPU and TPU); the float32 arithmetic of the model and of the bounds is
   trusted as for float32 models. Casts to integers truncate and saturate (monotone); integer -> float casts
   round as above; integer arithmetic on x is refused (NotImplementedError naming the primitive).
-- CROWN-IBP (Zhang et al. 2020, eq. 5): IBP pre-activation bounds, then a CROWN backward pass (Zhang et al.
-  2018, Thm. 3.2) from the spec through the relaxations of elementwise nonlinearities: ReLU's upper line
-  u/(u-l) (z - l), lower slope 1 if u > -l else 0 (the reference's adaptive choice, `lower_slope="adaptive"`)
-  or always 0 (`"zero"`); max(z, c) = c + relu(z - c) and min(z, c) = c - relu(c - z) for constants c (relu6,
-  clip, clamp); a rounding z -/+ half the format's spacing at max(|l|, |u|) (gamma_{n-1} sum |x_i| for the sums
-  above); concretised over the box as A c -/+ |A| r.
+- CROWN (Zhang et al. 2018, Thm. 3.2) on the jaxpr's graph: rows of the spec are pulled back through every affine
+  map by vector-Jacobian products (a convolution by its transposed convolution, never a dense Jacobian) to each
+  of its bases, summed where branches meet again (residual adds, concatenations), and through the relaxations of
+  elementwise nonlinearities: ReLU's upper line u/(u-l) (z - l), lower slope 1 if u > -l else 0 (the reference's
+  adaptive choice, `lower_slope="adaptive"`) or always 0 (`"zero"`); max(z, c) = c + relu(z - c) and min(z, c)
+  = c - relu(c - z) for constants c (relu6, clip, clamp); sigmoid / tanh between two lines parallel to their
+  chord; a rounding z -/+ half the format's spacing at max(|l|, |u|) (gamma_{n-1} sum |x_i| for the sums
+  above); concretised over the box as A c -/+ |A| r. Any other box on the way (max pooling, a max of two
+  x-dependent values, exp, ...) enters by its IBP bounds. `crown_ibp` (Zhang et al. 2020, eq. 5) takes every
+  relaxation's input bounds from IBP; `crown` bounds each by its own backward pass from the identity rows
+  (chunked under lax.map); `alpha_crown` (Xu et al. 2021) also optimises the relus' lower slopes (optax Adam,
+  projected on [0, 1]) per neuron and row of every backward pass, as auto_LiRPA does by default.
 - Symbolic intervals (Wang et al. 2018, "Efficient formal safety analysis", the MixTrain "sym" method): every
   neuron is kept as a linear function of the input plus one error term per relaxed neuron (Neurify's
   relaxation for ReLU: slope u/(u-l), offset and error u(-l)/(2(u-l)); the same bands for max / min with a
   constant and rounding), concretised at each layer.
-CROWN-IBP and symbolic intervals need a chain input -> affine -> relaxation -> affine -> ... -> affine (the zoo's
-cnn models and any other such net, whatever its linear ops, in any float dtype); other graphs raise
-NotImplementedError naming the op. Bounds that inf - inf would make NaN (an overflow) are returned as -inf / inf.
+Symbolic intervals need a chain input -> affine -> relaxation -> affine -> ... -> affine (the zoo's cnn models
+and any other such net, whatever its linear ops, in any float dtype); other graphs raise NotImplementedError
+naming the op. Bounds that inf - inf would make NaN (an overflow) are returned as -inf / inf.
 
 Differences from the reference (`crown/bound_layers.py`, `symbolic_interval/`): the box is the caller's (the
 reference clamps x -/+ eps to the batch's min/max); symbolic generators are dense, so memory grows as
@@ -53,10 +60,12 @@ Usage:
   lo, hi = jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1)
   lb, ub = bounds.ibp(f, lo, hi)                                   # [B, classes]
   lb, _ = bounds.crown_ibp(f, lo, hi, bounds.margin_spec(y, 10))   # [B, 9] margins z_y - z_j
+  lb, _ = bounds.alpha_crown(f, lo, hi, bounds.margin_spec(y, 10))  # tighter, for verification
   ok = bounds.verified_correct(f, x, y, eps=2 / 255, method="symbolic")   # bool [B]
 """
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -67,6 +76,7 @@ import jax
 import jax.extend  # jax.extend.core.Literal
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 Array = jax.Array
@@ -78,29 +88,36 @@ LOWER_SLOPES = ("adaptive", "zero")
 # Abstract values: a constant (an Array, independent of x), a _Box, or an _Affine map of a _Box.
 
 
+_CREATION = itertools.count()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Box:
-  """lower <= v <= upper. origin: "input", the _Relaxation that made it, or the name of the op that concretised it."""
+  """lower <= v <= upper. origin: "input", the _Relaxation that made it, or the name of the op that concretised it.
+  order: creation order, a topological order of the graph (a box is made after the boxes it depends on)."""
 
   lower: Array
   upper: Array
   origin: Any
+  order: int = dataclasses.field(default_factory=lambda: next(_CREATION))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Affine:
-  """v = linear(h) + offset for h in `base`; IBP's center / radius of v are computed eagerly (cheap)."""
+  """v = linear(h_1, ..., h_k) + offset for h_i in `bases` (several where branches join: a residual add, a
+  concatenation); IBP's center / radius of v are computed eagerly (cheap). join: the op that joined branches."""
 
-  base: _Box
-  linear: Fn
+  bases: tuple[_Box, ...]
+  linear: Callable[..., Array]
   center: Array
   radius: Array
+  join: str | None = None
 
   def box(self, origin: Any) -> _Box:
     return _Box(self.center - self.radius, self.center + self.radius, origin)
 
   def offset(self) -> Array:
-    return self.center - self.linear(_midpoint(self.base))
+    return self.center - self.linear(*map(_midpoint, self.bases))
 
 
 def _midpoint(box: _Box) -> Array:
@@ -114,7 +131,7 @@ def _is_bound(value: Any) -> bool:
 def _as_affine(value: _Box | _Affine) -> _Affine:
   if isinstance(value, _Affine):
     return value
-  return _Affine(value, lambda h: h, _midpoint(value), (value.upper - value.lower) / 2)
+  return _Affine((value,), lambda h: h, _midpoint(value), (value.upper - value.lower) / 2)
 
 
 def _as_box(value: _Box | _Affine, origin: str) -> _Box:
@@ -190,6 +207,44 @@ class _Min(_Relaxation):
     c = self.const
     _, slope, intercept = _relu_lines(c - upper, c - lower, "zero")
     return slope, c * (1 - slope) - intercept / 2, intercept / 2
+
+
+def _stationary_sigmoid(slope: Array) -> tuple[Array, Array]:
+  """The two z with sigmoid'(z) = s(1 - s) = slope (slope <= 1/4)."""
+  root = jnp.sqrt(jnp.clip(1 - 4 * slope, 0.0, 1.0))
+  high = jnp.clip((1 + root) / 2, 1e-7, 1 - 1e-7)
+  return -jnp.log(high / (1 - high)), jnp.log(high / (1 - high))
+
+
+def _stationary_tanh(slope: Array) -> tuple[Array, Array]:
+  """The two z with tanh'(z) = 1 - t^2 = slope (slope <= 1)."""
+  z = jnp.arctanh(jnp.clip(jnp.sqrt(jnp.clip(1 - slope, 0.0, 1.0)), 0.0, 1 - 1e-7))
+  return -z, z
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _SShaped(_Relaxation):
+  """g = sigmoid or tanh: two lines parallel to the chord of g over [l, u], through g's lowest and highest points
+  relative to it (at l, u or where g' equals the chord's slope, in closed form), widened by 1e-6 for rounding."""
+
+  name: str
+
+  def _band(self, lower, upper):
+    g = jax.nn.sigmoid if self.name == "logistic" else jnp.tanh
+    width = upper - lower
+    slope = jnp.where(width > 1e-6, (g(upper) - g(lower)) / jnp.where(width > 1e-6, width, 1.0), 0.0)
+    stationary = (_stationary_sigmoid if self.name == "logistic" else _stationary_tanh)(slope)
+    points = [lower, upper, *(jnp.clip(z, lower, upper) for z in stationary)]
+    gaps = jnp.stack([g(z) - slope * z for z in points])
+    return slope, jnp.min(gaps, 0) - 1e-6, jnp.max(gaps, 0) + 1e-6
+
+  def lines(self, lower, upper, lower_slope):
+    slope, low, high = self._band(lower, upper)
+    return slope, low, slope, high
+
+  def parallel(self, lower, upper):
+    slope, low, high = self._band(lower, upper)
+    return slope, (low + high) / 2, (high - low) / 2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -370,15 +425,17 @@ def _linear_rule(prim, params, values, shape) -> _Box | _Affine:
   radius_prim = lax.add_p if prim.name == "sub" else prim  # |a - b| radii add up.
   radius = radius_prim.bind(*[a.radius if a else jnp.zeros_like(v) for a, v in zip(affines, values)], **params)
   center, radius = _fit(center, shape), _fit(radius, shape)
-  bases = {id(a.base): a.base for a in affines if a}
-  if len(bases) > 1:
-    return _Box(center - radius, center + radius, prim.name)
+  bases = tuple({id(base): base for a in affines if a for base in a.bases}.values())
+  position = {id(base): index for index, base in enumerate(bases)}
 
-  def linear(h):
-    parts = [a.linear(h) if a else jnp.zeros_like(v) for a, v in zip(affines, values)]
+  def linear(*hs):
+    of = lambda a: a.linear(*[hs[position[id(base)]] for base in a.bases])
+    parts = [of(a) if a else jnp.zeros_like(v) for a, v in zip(affines, values)]
     return _fit(prim.bind(*parts, **params), shape)
 
-  return _Affine(next(iter(bases.values())), linear, center, radius)
+  joined = len(bases) > max(len(a.bases) for a in affines if a)
+  join = prim.name if joined else next((a.join for a in affines if a and a.join), None)
+  return _Affine(bases, linear, center, radius, join)
 
 
 def _scaled_rule(prim, params, values, shape) -> _Affine:
@@ -395,12 +452,13 @@ def _scaled_rule(prim, params, values, shape) -> _Affine:
     return _fit(prim.bind(*[x if i == index else o for i, o in enumerate(others)], **params), shape)
 
   magnitudes = [jnp.abs(v) if i != index else None for i, v in enumerate(values)]
-  return _Affine(a.base, lambda h: apply(a.linear(h), values), apply(a.center, values), apply(a.radius, magnitudes))
+  linear = lambda *hs: apply(a.linear(*hs), values)
+  return _Affine(a.bases, linear, apply(a.center, values), apply(a.radius, magnitudes), a.join)
 
 
 def _neg_rule(value: _Box | _Affine) -> _Affine:
   a = _as_affine(value)
-  return _Affine(a.base, lambda h: -a.linear(h), -a.center, a.radius)
+  return _Affine(a.bases, lambda *hs: -a.linear(*hs), -a.center, a.radius, a.join)
 
 
 def _monotone_rule(prim, params, values, increasing: bool) -> _Box:
@@ -413,6 +471,8 @@ def _monotone_rule(prim, params, values, increasing: bool) -> _Box:
   if not increasing:
     low, high = high, low
   bound = [i for i, box in enumerate(boxes) if box]
+  if prim.name in ("logistic", "tanh"):
+    return _Box(low, high, _SShaped(_as_affine(values[0]), boxes[0].lower, boxes[0].upper, prim.name))
   if prim.name in ("max", "min") and len(bound) == 1:
     index = bound[0]
     relaxation = _Max if prim.name == "max" else _Min
@@ -657,10 +717,11 @@ def margin_spec(labels: Array, num_classes: int) -> Array:
   return eye[labels][:, None, :] - eye[others]
 
 
-def _spec_rows(linear: Fn, point: Array, spec: Array) -> Array:
-  """Rows of spec o linear: [B, m, *point.shape[1:]] (vector-Jacobian products; linear acts per example)."""
-  _, pullback = jax.vjp(linear, point)
-  return jax.vmap(lambda row: pullback(row)[0], in_axes=1, out_axes=1)(spec)
+def _pull_rows(affine: _Affine, rows: Array) -> tuple[Array, ...]:
+  """Rows of rows o linear on each base: [B, m, *base shape] each (vector-Jacobian products, so a convolution
+  is pulled back by a transposed convolution, never a dense Jacobian; linear acts per example)."""
+  _, pullback = jax.vjp(affine.linear, *map(_midpoint, affine.bases))
+  return jax.vmap(pullback, in_axes=1, out_axes=1)(rows)
 
 
 def _dot(a: Array, b: Array) -> Array:
@@ -687,8 +748,8 @@ def _ibp_ends(value: Any, spec: Array | None) -> tuple[Array, Array]:
     return box.lower, box.upper
   a = _as_affine(value)
   center = jnp.einsum("bmc,bc->bm", spec, a.center)
-  rows = _spec_rows(a.linear, _midpoint(a.base), spec)
-  radius = _dot(jnp.abs(rows), (a.base.upper - a.base.lower) / 2)
+  rows = _pull_rows(a, spec)
+  radius = sum(_dot(jnp.abs(r), (base.upper - base.lower) / 2) for r, base in zip(rows, a.bases))
   return center - radius, center + radius
 
 
@@ -713,53 +774,80 @@ def ibp(f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array | N
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Chains for CROWN-IBP and symbolic intervals.
+# CROWN: backward linear bound propagation over the graph.
 
 
-def _chain(value: Any) -> list[tuple[_Affine, _Relaxation | None]]:
-  """Segments from the output back to the input: (affine map, the relaxation whose output it reads, or None at the
-  input). Relaxations: relu and max / min with a constant (relu6, clip), rounding to a narrower float format."""
+def _relaxation_backward(
+  relaxation: _Relaxation, rows: Array, bounds: tuple[Array, Array], lower_slope: str, slope: Array | None
+) -> tuple[Array, Array]:
+  """Lower linear bound of rows . g(z) over z in `bounds`: g's lower line where a row's coefficient is positive,
+  its upper line where negative. `slope` [B, m, *shape] (alpha-CROWN) replaces the lower slope of unstable relus.
+
+  Returns:
+    (rows on z [B, m, *shape], bias [B, m]).
+  """
+  slope_low, intercept_low, slope_up, intercept_up = relaxation.lines(*bounds, lower_slope)
+  slope_low = (
+    slope_low[:, None]
+    if slope is None
+    else jnp.where(_unstable(relaxation, bounds)[:, None], slope, slope_low[:, None])
+  )
+  positive, negative = jnp.maximum(rows, 0), jnp.minimum(rows, 0)
+  new_rows = positive * slope_low + negative * slope_up[:, None]
+  return new_rows, _dot(positive, intercept_low) + _dot(negative, intercept_up)
+
+
+def _unstable(relaxation: _Relaxation, bounds: tuple[Array, Array]) -> Array:
+  """Neurons whose lower line has a free slope (alpha-CROWN): a max / min with a constant crossing it."""
+  if not isinstance(relaxation, (_Max, _Min)):
+    return jnp.zeros(bounds[0].shape, bool)
+  return (bounds[0] < relaxation.const) & (bounds[1] > relaxation.const)
+
+
+def _backward(
+  value: _Affine, rows: Array, lower_slope: str, pre_bounds: dict | None = None, slopes: dict | None = None
+) -> Array:
+  """CROWN lower bound of rows . value over the input box (Zhang et al. 2018, Thm. 3.2, on a graph).
+
+  rows [B, m, *value shape] are pulled back through affine maps (to every base: branches that meet again are
+  summed before going further, boxes taken latest-created first) and relaxations; they stop at the input box
+  and at any box without a relaxation (max pooling, a max of two x-dependent values, exp, ...), which enter by
+  their IBP bounds: sum of rows+ . lower + rows- . upper.
+
+  Args:
+    pre_bounds: {id(relaxation): (lower, upper)} replacing its IBP pre-activation bounds (full CROWN).
+    slopes: {id(relaxation): [B, m, *shape]} lower slopes of its unstable neurons (alpha-CROWN).
+  """
+  pre_bounds, slopes = pre_bounds or {}, slopes or {}
+  pending: dict[int, list] = {}
+  bias = jnp.zeros(rows.shape[:2], rows.dtype)
+
+  def pull(affine: _Affine, rows: Array) -> Array:
+    """rows . (L(h) + offset): the rows of L go to each base h; returns rows . offset."""
+    bias = _dot(rows, affine.center)
+    for base, base_rows in zip(affine.bases, _pull_rows(affine, rows)):
+      entry = pending.setdefault(id(base), [base, 0.0])
+      entry[1] = entry[1] + base_rows
+      bias = bias - _dot(base_rows, _midpoint(base))
+    return bias
+
+  bias = bias + pull(value, rows)
+  while pending:
+    box, box_rows = pending.pop(max(pending, key=lambda key: pending[key][0].order))
+    origin = box.origin
+    if isinstance(origin, _Relaxation):
+      bounds = pre_bounds.get(id(origin), (origin.lower, origin.upper))
+      box_rows, extra = _relaxation_backward(origin, box_rows, bounds, lower_slope, slopes.get(id(origin)))
+      bias = bias + extra + pull(origin.pre, box_rows)
+    else:
+      bias = bias + _dot(jnp.maximum(box_rows, 0), box.lower) + _dot(jnp.minimum(box_rows, 0), box.upper)
+  return _sure(bias, bias)[0]
+
+
+def _output_affine(value: Any) -> _Affine:
   if not _is_bound(value):
     raise NotImplementedError("bounds: f does not depend on x")
-  segments, affine = [], _as_affine(value)
-  while True:
-    origin = affine.base.origin
-    if origin == "input":
-      return segments + [(affine, None)]
-    if not isinstance(origin, _Relaxation):
-      raise NotImplementedError(
-        f"bounds: crown_ibp / symbolic_interval need a chain of affine maps and elementwise relaxations "
-        f"(relu, max / min with a constant, rounding) from the input; found the op {origin!r} on the path"
-      )
-    segments.append((affine, origin))
-    affine = origin.pre
-
-
-def _affine_backward(affine: _Affine, rows: Array, bias: Array) -> tuple[Array, Array]:
-  """rows . (L h + offset) = (rows o L) . h + rows . offset, for the segment's affine map of h."""
-  point = _midpoint(affine.base)
-  new_rows = _spec_rows(affine.linear, point, rows)
-  return new_rows, bias + _dot(rows, affine.center) - _dot(new_rows, point)
-
-
-def _relaxation_backward(relaxation: _Relaxation, rows: Array, bias: Array, lower_slope: str) -> tuple[Array, Array]:
-  """Lower linear bound of rows . g(z): g's upper line where the coefficient is negative, its lower line elsewhere."""
-  slope_low, intercept_low, slope_up, intercept_up = relaxation.lines(relaxation.lower, relaxation.upper, lower_slope)
-  positive, negative = jnp.maximum(rows, 0), jnp.minimum(rows, 0)
-  new_rows = positive * slope_low[:, None] + negative * slope_up[:, None]
-  return new_rows, bias + _dot(positive, intercept_low) + _dot(negative, intercept_up)
-
-
-def _crown_lower(segments, spec: Array, lower_slope: str) -> Array:
-  """CROWN lower bound of spec @ f over the input box, using each relaxation's IBP pre-activation bounds."""
-  rows, bias = spec, jnp.zeros(spec.shape[:2], spec.dtype)
-  for affine, relaxation in segments:
-    rows, bias = _affine_backward(affine, rows, bias)
-    if relaxation is not None:
-      rows, bias = _relaxation_backward(relaxation, rows, bias, lower_slope)
-  box = segments[-1][0].base
-  lower = bias + _dot(rows, _midpoint(box)) - _dot(jnp.abs(rows), (box.upper - box.lower) / 2)
-  return _sure(lower, lower)[0]
+  return _as_affine(value)
 
 
 def _check_slope(lower_slope: str) -> None:
@@ -781,7 +869,7 @@ def crown_ibp(
   """CROWN-IBP (Zhang et al. 2020): IBP pre-activation bounds, then a CROWN backward pass from the spec.
 
   Args:
-    f: pure function of x [B, ...] -> logits [B, K] that is a chain affine -> ReLU -> ... -> affine.
+    f: pure function of x [B, ...] -> logits [B, K] (any graph the interpreter takes).
     lower, upper: the input box, x's shape.
     spec: optional [B, m, K] (default: the identity, bounds of the logits).
     lower_slope: "adaptive" (1 if u > -l else 0, the reference) or "zero" (never looser than IBP).
@@ -793,8 +881,8 @@ def crown_ibp(
   _check_spec(spec, lower)
   _check_slope(lower_slope)
   value = _propagate(f, lower, upper)
-  segments, spec = _chain(value), _default_spec(value, lower, spec)
-  return _crown_lower(segments, spec, lower_slope), -_crown_lower(segments, -spec, lower_slope)
+  affine, spec = _output_affine(value), _default_spec(value, lower, spec)
+  return _backward(affine, spec, lower_slope), -_backward(affine, -spec, lower_slope)
 
 
 def ibp_and_crown_lower(
@@ -810,11 +898,198 @@ def ibp_and_crown_lower(
   _check_spec(spec, lower)
   _check_slope(lower_slope)
   value = _propagate(f, lower, upper)
-  return _ibp_result(value, spec)[0], _crown_lower(_chain(value), spec, lower_slope)
+  return _ibp_result(value, spec)[0], _backward(_output_affine(value), spec, lower_slope)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CROWN with CROWN intermediate bounds, and alpha-CROWN.
+
+# Identity rows pulled back at once when bounding a layer's neurons: B * rows * (layer size) floats per chunk.
+_CHUNK_FLOATS = 2**24
+
+
+def _relaxations(affine: _Affine) -> list[_Relaxation]:
+  """The relaxations `affine` depends on, in creation (topological) order."""
+  seen, stack, found = set(), list(affine.bases), []
+  while stack:
+    box = stack.pop()
+    if id(box) in seen:
+      continue
+    seen.add(id(box))
+    if isinstance(box.origin, _Relaxation):
+      found.append((box.order, box.origin))
+      stack.extend(box.origin.pre.bases)
+  return [relaxation for _, relaxation in sorted(found, key=lambda pair: pair[0])]
+
+
+def _chunking(affine: _Affine) -> tuple[int, int]:
+  """(rows per chunk, chunks) for bounding every neuron of `affine`: about _CHUNK_FLOATS floats of rows a chunk."""
+  shape = affine.center.shape
+  size = math.prod(shape[1:])
+  widest = max(size, *(math.prod(base.lower.shape[1:]) for base in affine.bases))
+  chunk = max(1, min(size, _CHUNK_FLOATS // (2 * shape[0] * widest)))
+  return chunk, -(-size // chunk)
+
+
+def _neuron_bounds(affine: _Affine, lower_slope: str, pre_bounds: dict, slopes: dict | None = None) -> tuple:
+  """CROWN bounds of every neuron of `affine` [B, *shape]: the backward pass from the identity rows (and their
+  negatives, for the upper bounds), in chunks of rows under `lax.map` so that memory stays bounded.
+
+  Args:
+    slopes: {id(relaxation): [chunks, B, 2 chunk, *shape]} lower slopes per row (alpha-CROWN), chunk by chunk.
+  """
+  shape = affine.center.shape
+  size = math.prod(shape[1:])
+  chunk, count = _chunking(affine)
+
+  def bounds_of(args):
+    index, chunk_slopes = args
+    eye = jax.nn.one_hot(index * chunk + jnp.arange(chunk), size, dtype=affine.center.dtype)
+    eye = eye.reshape(chunk, *shape[1:])
+    rows = jnp.broadcast_to(jnp.concatenate([eye, -eye]), (shape[0], 2 * chunk, *shape[1:]))
+    return _backward(affine, rows, lower_slope, pre_bounds, chunk_slopes)
+
+  ends = lax.map(bounds_of, (jnp.arange(count), slopes or {}))  # [count, B, 2 chunk]
+  lower = jnp.moveaxis(ends[:, :, :chunk], 0, 1).reshape(shape[0], -1)[:, :size]
+  upper = -jnp.moveaxis(ends[:, :, chunk:], 0, 1).reshape(shape[0], -1)[:, :size]
+  return lower.reshape(shape), upper.reshape(shape)
+
+
+def _bounded(affine: _Affine) -> list[_Relaxation]:
+  """The relaxations whose inputs CROWN bounds by their own backward pass (a rounding keeps its IBP bounds: they
+  only size its error), earliest first."""
+  return [relaxation for relaxation in _relaxations(affine) if not isinstance(relaxation, _Rounding)]
+
+
+def _crown_pre_bounds(affine: _Affine, lower_slope: str, slopes: dict | None = None) -> dict:
+  """{id(relaxation): CROWN bounds of its input} for the relaxations `affine` depends on, each from the ones
+  before. slopes: {id(relaxation): its `_neuron_bounds` slopes} (alpha-CROWN)."""
+  pre_bounds = {}
+  for relaxation in _bounded(affine):
+    own = None if slopes is None else slopes[id(relaxation)]
+    pre_bounds[id(relaxation)] = _neuron_bounds(relaxation.pre, lower_slope, pre_bounds, own)
+  return pre_bounds
+
+
+def crown(
+  f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array | None = None, *, lower_slope: str = "adaptive"
+) -> tuple[Array, Array]:
+  """CROWN (Zhang et al. 2018) on f's graph: every relaxation's input bounded by its own backward pass, then the
+  spec's. What auto_LiRPA's `compute_bounds(method="CROWN")` computes (tests/test_bounds_lirpa.py).
+
+  Args: as `crown_ibp`.
+
+  Returns:
+    (lb, ub), [B, m] or [B, K]. Cost: a backward pass per relaxed layer with one row per neuron (chunked).
+  """
+  _check_spec(spec, lower)
+  _check_slope(lower_slope)
+  value = _propagate(f, lower, upper)
+  affine, spec = _output_affine(value), _default_spec(value, lower, spec)
+  pre_bounds = _crown_pre_bounds(affine, lower_slope)
+  return _backward(affine, spec, lower_slope, pre_bounds), -_backward(affine, -spec, lower_slope, pre_bounds)
+
+
+def _initial_slopes(affine: _Affine, rows: int, pre_bounds: dict) -> dict:
+  """{id(relu): CROWN's adaptive lower slope, one per row [B, rows, *shape]} for the relus (max with a constant)
+  `affine` depends on."""
+  slopes = {}
+  for relaxation in _relaxations(affine):
+    if isinstance(relaxation, _Max):
+      low, high = pre_bounds[id(relaxation)]
+      adaptive = (high - relaxation.const > relaxation.const - low).astype(low.dtype)
+      slopes[id(relaxation)] = jnp.broadcast_to(adaptive[:, None], (low.shape[0], rows, *low.shape[1:]))
+  return slopes
+
+
+def _all_slopes(affine: _Affine, rows: int, pre_bounds: dict) -> tuple[dict, dict]:
+  """Slopes of the final backward pass (rows spec rows) and of every intermediate one, chunked as `_neuron_bounds`
+  takes them: {id(bounded relaxation): {id(relu before it): [chunks, B, 2 chunk, *relu shape]}}."""
+  inner = {}
+  for relaxation in _bounded(affine):
+    chunk, count = _chunking(relaxation.pre)
+    start = _initial_slopes(relaxation.pre, 2 * chunk, pre_bounds)
+    inner[id(relaxation)] = {key: jnp.broadcast_to(s, (count, *s.shape)) for key, s in start.items()}
+  return _initial_slopes(affine, rows, pre_bounds), inner
+
+
+def _optimised_lower(affine: _Affine, spec: Array, pre_bounds: dict, steps: int, learning_rate: float) -> Array:
+  """alpha-CROWN's lower bound of spec . f. The lower slopes of the unstable relus (max with a constant), one per
+  neuron and row of every backward pass (the spec's and each intermediate layer's: intermediate bounds are
+  recomputed with their own slopes), start at CROWN's adaptive choice and climb sum(lb) by Adam (learning rate
+  decayed by 0.98 a step) projected on [0, 1]; the best bound of any step is kept (auto_LiRPA's defaults)."""
+
+  def bound(slopes):
+    final, inner = slopes
+    return _backward(affine, spec, "adaptive", _crown_pre_bounds(affine, "adaptive", inner), final)
+
+  optimizer = optax.adam(optax.exponential_decay(learning_rate, 1, 0.98))
+  project = lambda tree: jax.tree.map(lambda s: jnp.clip(s, 0.0, 1.0), tree)
+
+  def step(carry, _):
+    slopes, state, best = carry
+    grads = jax.grad(lambda s: -jnp.sum(bound(s)))(slopes)
+    updates, state = optimizer.update(grads, state)
+    slopes = project(optax.apply_updates(slopes, updates))
+    return (slopes, state, jnp.maximum(best, bound(slopes))), None
+
+  slopes = _all_slopes(affine, spec.shape[1], pre_bounds)
+  start = _backward(affine, spec, "adaptive", pre_bounds)
+  (_, _, best), _ = lax.scan(step, (slopes, optimizer.init(slopes), start), None, length=steps)
+  return best
+
+
+def alpha_crown(
+  f: Callable[[Array], Array],
+  lower: Array,
+  upper: Array,
+  spec: Array | None = None,
+  *,
+  steps: int = 20,
+  learning_rate: float = 0.5,
+) -> tuple[Array, Array]:
+  """alpha-CROWN (Xu et al. 2021): CROWN whose relu lower slopes are optimised per spec row and neuron (optax Adam,
+  projected gradient on [0, 1]); never looser than `crown` (its start), for verification rather than training.
+
+  Args:
+    f, lower, upper, spec: as `crown`.
+    steps: gradient steps (auto_LiRPA's default 20); learning_rate: Adam's, decayed by 0.98 a step.
+
+  Returns:
+    (lb, ub), [B, m] or [B, K]; each end optimised separately.
+  """
+  _check_spec(spec, lower)
+  value = _propagate(f, lower, upper)
+  affine, spec = _output_affine(value), _default_spec(value, lower, spec)
+  pre_bounds = _crown_pre_bounds(affine, "adaptive")
+  lower_bound = _optimised_lower(affine, spec, pre_bounds, steps, learning_rate)
+  return lower_bound, -_optimised_lower(affine, -spec, pre_bounds, steps, learning_rate)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Symbolic intervals.
+
+
+def _chain(affine: _Affine) -> list[tuple[_Affine, _Relaxation | None]]:
+  """Segments from the output back to the input: (affine map, the relaxation whose output it reads, or None at the
+  input). Relaxations: relu and max / min with a constant (relu6, clip), rounding to a narrower float format."""
+  segments = []
+  while True:
+    if len(affine.bases) > 1:
+      raise NotImplementedError(
+        f"bounds: symbolic_interval needs a chain of affine maps and elementwise relaxations from the input; "
+        f"found {affine.join!r} joining {len(affine.bases)} branches"
+      )
+    origin = affine.bases[0].origin
+    if origin == "input":
+      return segments + [(affine, None)]
+    if not isinstance(origin, _Relaxation):
+      raise NotImplementedError(
+        f"bounds: symbolic_interval needs a chain of affine maps and elementwise relaxations (relu, max / min with "
+        f"a constant, rounding) from the input; found the op {origin!r} on the path"
+      )
+    segments.append((affine, origin))
+    affine = origin.pre
 
 
 def _one_hot_generators(scale: Array) -> Array:
@@ -857,8 +1132,8 @@ def symbolic_interval(
   """
   _check_spec(spec, lower)
   value = _propagate(f, lower, upper)
-  segments = _chain(value)[::-1]
-  center = _midpoint(segments[0][0].base)
+  segments = _chain(_output_affine(value))[::-1]
+  center = _midpoint(segments[0][0].bases[0])
   generators = _one_hot_generators((upper - lower) / 2)
   for index, (affine, _) in enumerate(segments):
     center = affine.linear(center) + affine.offset()
@@ -883,7 +1158,13 @@ def symbolic_interval(
 # Verified accuracy.
 
 
-METHODS = {"ibp": ibp, "crown_ibp": crown_ibp, "symbolic": symbolic_interval}
+METHODS = {
+  "ibp": ibp,
+  "crown_ibp": crown_ibp,
+  "crown": crown,
+  "alpha_crown": alpha_crown,
+  "symbolic": symbolic_interval,
+}
 
 
 def verified_correct(
@@ -895,7 +1176,7 @@ def verified_correct(
     f: pure logits function (BN in eval mode).
     x: [B, H, W, C] inputs; y: int [B] labels.
     eps: l_inf radius, in x's units.
-    method: "ibp", "crown_ibp" or "symbolic".
+    method: a key of METHODS ("ibp", "crown_ibp", "crown", "alpha_crown", "symbolic").
     lower, upper: the data range the ball is clipped to.
 
   Returns:

@@ -337,7 +337,7 @@ def test_run_settings_apply_the_threat_model_to_the_methods_of_its_norm():
   assert settings["pgd_l2"] == dict(evaluate.get_method("pgd_l2").defaults)  # the other norm keeps its defaults
 
 
-@pytest.mark.parametrize("verifier", ["ibp", "crown_ibp", "symbolic"])
+@pytest.mark.parametrize("verifier", ["ibp", "crown_ibp", "crown", "alpha_crown", "symbolic"])
 def test_verifiers_give_the_exact_verified_accuracy_of_a_linear_model(verifier):
   # For f(x) = x W + b every margin (e_y - e_j) . f is affine, so its minimum over the box [x - eps, x + eps]
   # clipped to [0, 1] is attained coordinate-wise at a corner: the exact verified set, computed in numpy.

@@ -1,0 +1,68 @@
+"""auto_LiRPA (Xu et al. 2020), the independent reference of `hydra_jax.bounds`' CROWN family, on the zoo's PyTorch
+twins (tests/torch_reference.py with weights from `hydra_jax.convert`).
+
+auto_LiRPA 0.3, the release on PyPI, pins torch < 1.13, so it is installed with `pip install --no-deps
+auto-lirpa==0.3 appdirs==1.4.4` (.ci/run does; as a `test` extra pip would replace our CPU torch). On torch 2.13
+and numpy 2 it needs four shims for APIs that moved, applied here before its import and touching nothing else of
+ours: `numpy.lib.arraysetops.isin`, `torch.onnx.symbolic_helper._set_opset_version`, `torch._C.Node.__getitem__`
+(attribute access torch's old ONNX utils installed) and the `remove_duplicate` argument torch now passes to
+`nn.Module._named_members`. Convolutions are bounded in its "matrix" mode (its "patches" mode fails on 8x8 inputs).
+Import only after `pytest.importorskip("torch")`; `load()` skips when auto_LiRPA is not installed.
+"""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from hydra_jax import convert
+from tests import torch_reference
+
+METHODS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN", "alpha_crown": "alpha-CROWN"}
+
+
+def load():
+  """The auto_LiRPA module, shimmed for torch 2 / numpy 2 (pytest.skip if it is not installed)."""
+  sys.modules.setdefault("numpy.lib.arraysetops", types.SimpleNamespace(isin=np.isin))
+  import torch.onnx.symbolic_helper as symbolic_helper  # pylint: disable=g-import-not-at-top
+  from torch.onnx._internal.torchscript_exporter._globals import GLOBALS  # pylint: disable=g-import-not-at-top
+
+  if not hasattr(symbolic_helper, "_set_opset_version"):
+    symbolic_helper._set_opset_version = lambda version: setattr(GLOBALS, "export_onnx_opset_version", version)
+  if not hasattr(torch._C.Node, "__getitem__"):
+    torch._C.Node.__getitem__ = lambda node, key: getattr(node, node.kindOf(key))(key)
+  auto_lirpa = pytest.importorskip("auto_LiRPA")
+  module = auto_lirpa.bound_general.BoundedModule
+  if not getattr(module._named_members, "shimmed", False):
+    named_members = module._named_members
+
+    def shimmed(self, get_members, prefix="", recurse=True, remove_duplicate=True):
+      del remove_duplicate  # auto_LiRPA deduplicates by itself
+      return named_members(self, get_members, prefix, recurse)
+
+    shimmed.shimmed = True
+    module._named_members = shimmed
+  return auto_lirpa
+
+
+def _nchw(a):
+  return torch.from_numpy(np.asarray(a, np.float32).transpose(0, 3, 1, 2).copy())
+
+
+def bounds(name, variables, x, lower, upper, spec, methods):
+  """{method: (lb, ub) numpy [B, m]} by auto_LiRPA for zoo model `name` with `variables` (eval mode) on the box
+  [lower, upper] around x (NHWC), spec [B, m, K]; methods are keys of METHODS."""
+  auto_lirpa = load()
+  twin = torch_reference.build(name, spec.shape[-1])
+  twin.load_state_dict(convert.to_torch_state_dict(variables, model_name=name, as_torch=True), strict=True)
+  bounded = auto_lirpa.BoundedModule(twin.eval(), _nchw(x), device="cpu", bound_opts={"conv_mode": "matrix"})
+  box = auto_lirpa.PerturbationLpNorm(norm=np.inf, x_L=_nchw(lower), x_U=_nchw(upper))
+  inputs = (auto_lirpa.BoundedTensor(_nchw(x), box),)
+  c = torch.from_numpy(np.asarray(spec, np.float32))
+  found = {}
+  for method in methods:
+    lb, ub = bounded.compute_bounds(x=inputs, C=c, method=METHODS[method])
+    found[method] = (lb.detach().numpy(), ub.detach().numpy())
+  return found
