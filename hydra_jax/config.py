@@ -85,7 +85,11 @@ def default_config() -> ml_collections.ConfigDict:
 
   # width: channel-width multiplier (models.get_model; 1 = the registered network, others only for the ResNet,
   # WRN, MobileNetV2 and GoogLeNet families).
-  c.model = ml_collections.ConfigDict({"name": "vgg16_bn", "num_classes": 0, "dtype": "float32", "width": 1.0})
+  # name: a zoo name (models.model_names()) or an own Flax Linen / NNX model, 'package.module:Name' or
+  # 'path/to/file.py:Name', built with the arguments in kwargs (docs/own_models.md).
+  c.model = ml_collections.ConfigDict(
+    {"name": "vgg16_bn", "num_classes": 0, "dtype": "float32", "width": 1.0, "kwargs": {}}
+  )
   c.data = ml_collections.ConfigDict(
     {
       "name": "cifar10",
@@ -278,6 +282,12 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
   return config.model.num_classes or data.get_dataset_info(config.data.name).num_classes
 
 
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """config.model.kwargs as a plain dict ({} where a stored config predates the key)."""
+  kwargs = config.model.get("kwargs") or {}
+  return kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs)
+
+
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of the model's inputs for `config.data`."""
   info = data.get_dataset_info(config.data.name)
@@ -303,7 +313,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     if value not in valid:
       raise errors.ConfigError(f"config.{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}")
   registries = {
-    "model.name": lambda name: models.get_model(name, 10, width=config.model.width),
+    "model.name": lambda name: models.get_model(name, 10, width=config.model.width, kwargs=model_kwargs(config)),
     "data.name": data.get_dataset_info,
     "objective.name": objectives.get_objective,
     "baselines": lambda names: [baselines.get_baseline(name) for name in names],

@@ -15,6 +15,7 @@ state's model is made of: the weights it runs with, their sparsity and their eva
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -39,11 +40,13 @@ from hydra_jax import parallel
 
 
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None):
-  """The zoo model of `config.model` for `config.data`'s classes, BN averaged over `axis_name`."""
+  """The model of `config.model` (zoo or own, with its kwargs) for `config.data`'s classes, BN averaged over
+  `axis_name`."""
   return models.get_model(
     config.model.name,
     config_lib.num_classes(config),
     width=config.model.width,
+    kwargs=config_lib.model_kwargs(config),
     dtype=jnp.dtype(config.model.dtype),
     bn_axis_name=axis_name,
   )
@@ -57,14 +60,17 @@ def init_variables(config: ml_collections.ConfigDict, key: jax.Array) -> dict[st
 
 def channel_wiring(config: ml_collections.ConfigDict) -> channels.Wiring:
   """The channel wiring of the configured model (`channels.trace_wiring`), traced once per model and input shape."""
+  kwargs = json.dumps(config_lib.model_kwargs(config), sort_keys=True)
   return _traced_wiring(
-    config.model.name, config_lib.num_classes(config), config.model.width, config_lib.image_shape(config)
+    config.model.name, config_lib.num_classes(config), config.model.width, config_lib.image_shape(config), kwargs
   )
 
 
 @functools.lru_cache(maxsize=16)
-def _traced_wiring(name: str, classes: int, width: float, image_shape: tuple[int, int, int]) -> channels.Wiring:
-  model = models.get_model(name, classes, width=width)
+def _traced_wiring(
+  name: str, classes: int, width: float, image_shape: tuple[int, int, int], kwargs: str = "{}"
+) -> channels.Wiring:
+  model = models.get_model(name, classes, width=width, kwargs=json.loads(kwargs))
   x = jnp.zeros((1, *image_shape))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   return channels.trace_wiring(model, variables, x.shape)
