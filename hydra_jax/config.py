@@ -23,6 +23,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -81,7 +82,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
   # granularity: 'weight' (HYDRA: one score per weight) | 'channel' (structured: one score per output channel,
   # k = fraction of channels kept per group of tied channels; docs/structured.md).
-  c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0, "granularity": "weight"})
+  # include / exclude: regular expressions (re.search) over parameter paths choosing the prunable weights
+  # (masking.PathFilter; default: every conv and dense kernel), e.g. exclude=('^conv1/', '^linear/').
+  c.mask = ml_collections.ConfigDict(
+    {"scope": "layer", "min_layer_k": 0.0, "granularity": "weight", "include": (), "exclude": ()}
+  )
 
   # width: channel-width multiplier (models.get_model; 1 = the registered network, others only for the ResNet,
   # WRN, MobileNetV2 and GoogLeNet families).
@@ -353,6 +358,26 @@ def _check_channel_granularity(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _check_path_filter(config: ml_collections.ConfigDict) -> None:
+  """config.mask.include / exclude: compilable patterns, set only where the mask is HYDRA's or a fixed mask's."""
+  patterns = tuple(config.mask.get("include", ())) + tuple(config.mask.get("exclude", ()))
+  if not patterns:
+    return
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as error:
+      raise errors.ConfigError(f"config.mask pattern {pattern!r} is not a regular expression ({error})") from None
+  if config.mask.get("granularity", "weight") != "weight":
+    raise errors.ConfigError("config.mask.include / exclude choose weights; they need mask.granularity='weight'")
+  others = [name for name in config.baselines if name not in ("lwm", "snip", "random")]
+  if config.stage in ("str", "admm", "rigl") or (config.stage == "all" and others):
+    stage = config.stage if config.stage != "all" else f"baselines {others}"
+    raise errors.ConfigError(
+      f"config.mask.include / exclude apply to HYDRA and the fixed-mask baselines (lwm, snip, random), not to {stage}"
+    )
+
+
 def check_eval_methods(config: ml_collections.ConfigDict, methods: Sequence[str]) -> None:
   """Raises ConfigError naming an unknown evaluation method of `methods` or an invalid `config.eval.smooth`
   setting (when 'smooth' is among them), before anything is trained or evaluated."""
@@ -395,6 +420,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value is invalid."""
   _check_channel_granularity(config)
+  _check_path_filter(config)
   check_values(config)
   check_eval_methods(config, config.eval.methods)
   for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():

@@ -396,7 +396,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
     with paths.path(out).open("wb") as f:
       np.savez(f, **flat)
   size = sparse_size(run.variables["params"])
-  report = masking.sparsity_report(run.variables["params"])
+  report = masking.sparsity_report(run.variables["params"], sources.prunable(run.config))
   return (
     f"wrote {out}: {report.kept:,} of {report.total:,} prunable weights kept "
     f"({100 * report.kept / report.total:.2f}%); kernels {size['dense_bytes']:,} bytes dense, "

@@ -83,6 +83,33 @@ def mask_groups(config: ml_collections.ConfigDict, granularity: str | None = Non
   return channel_wiring(config).groups
 
 
+def prunable(config: ml_collections.ConfigDict) -> masking.PathFilter:
+  """Which weights the run prunes: `config.mask.include` / `exclude` (default: every conv and dense kernel)."""
+  return masking.PathFilter(tuple(config.mask.get("include", ())), tuple(config.mask.get("exclude", ())))
+
+
+def prunable_leaves(config: ml_collections.ConfigDict, params: PyTree) -> dict[str, int]:
+  """{path: size} of the weights the run prunes (`masking.PathFilter.check`), checked against `params`."""
+  try:
+    return prunable(config).check(params)
+  except ValueError as error:
+    raise errors.ConfigError(f"config.{error}" if str(error).startswith("mask.") else str(error)) from None
+
+
+def describe_prunable(leaves: Mapping[str, int]) -> str:
+  """'prunable: 5 leaves, 1,234 weights: stem/kernel 72, ...' (what a run prints at its start)."""
+  listed = ", ".join(f"{name} {size:,}" for name, size in leaves.items())
+  return f"prunable: {len(leaves)} leaves, {sum(leaves.values()):,} weights: {listed}"
+
+
+def restrict_scores(config: ml_collections.ConfigDict, params: PyTree, scores: PyTree) -> PyTree:
+  """`scores` with None at every leaf the run does not prune (`prunable`): a baseline's mask scores."""
+  chosen = prunable(config)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, s, w: s if s is not None and chosen(path, w) else None, scores, params, is_leaf=lambda x: x is None
+  )
+
+
 def train_batches(config: ml_collections.ConfigDict) -> data.TrainBatches:
   """The run's training batches (`config.data`, seeded by `config.seed`)."""
   return data.train_batches(
@@ -165,7 +192,9 @@ def _score_template(config: ml_collections.ConfigDict, meta: Mapping[str, Any], 
   groups = mask_groups(config, source_granularity(config, meta))
   if groups is not None:
     return lambda p: masking.init_channel_scores(p, "uniform", jax.random.key(0), groups)
-  return lambda p: masking.init_scores(p, "uniform", jax.random.key(0))
+  mask = meta.get("config", {}).get("mask", {})  # the leaves the checkpoint's run pruned
+  chosen = masking.PathFilter(tuple(mask.get("include", ())), tuple(mask.get("exclude", ())))
+  return lambda p: masking.init_scores(p, "uniform", jax.random.key(0), prunable=chosen)
 
 
 def masked_params(
@@ -326,7 +355,7 @@ def initial_scores(
   groups = mask_groups(config)
   if groups is not None:
     return masking.init_channel_scores(params, init, key, groups)
-  return masking.init_scores(params, init, key, **grads)
+  return masking.init_scores(params, init, key, prunable=prunable(config), **grads)
 
 
 # For evaluation and export, compiled once per model; k is static so that it rounds exactly as in the train step.
@@ -354,7 +383,7 @@ def sparsity(
   if hooks is not None:
     return masking.sparsity_report(model_weights(state, config, hooks))
   weights = exported_params(state.params, state.scores, config.k, config.mask, mask_groups(config))
-  return masking.sparsity_report(weights)
+  return masking.sparsity_report(weights, prunable(config))
 
 
 def evaluate_state(
