@@ -28,8 +28,10 @@ Families (`model_names()` lists every name; `input_shape(name)` gives the (H, W,
                      ImageNet mean/std normalisation inside the model)
   mobilenet_v2.py    mobilenet_v2 (kuangliu CIFAR)
   googlenet.py       googlenet (kuangliu CIFAR)
+  vit.py             vit_cifar (a small ViT for 32x32 images, written in Flax NNX; not from the paper)
 Each family also has a tiny variant for tests and demos, not from the paper: cnn_tiny, vgg_tiny, wrn_tiny,
-resnet_tiny, resnet_imagenet_tiny, mobilenet_v2_tiny, googlenet_tiny.
+resnet_tiny, resnet_imagenet_tiny, mobilenet_v2_tiny, googlenet_tiny, vit_tiny.
+NNX models (the ViT, users' own: `own.py`) are called through the same `init` / `apply` (`own.NnxModel`).
 
 Example:
 
@@ -60,6 +62,7 @@ from hydra_jax.models import own
 from hydra_jax.models import resnet
 from hydra_jax.models import resnet_imagenet
 from hydra_jax.models import vgg
+from hydra_jax.models import vit
 from hydra_jax.models import wrn
 
 Variables = dict[str, Any]
@@ -73,6 +76,7 @@ _MODELS = {
   **resnet_imagenet.MODELS,
   **mobilenet_v2.MODELS,
   **googlenet.MODELS,
+  **vit.MODELS,
 }
 _CIFAR_SHAPE = (32, 32, 3)
 _INPUT_SHAPES = {
@@ -89,8 +93,9 @@ def model_names() -> list[str]:
 
 
 def is_zoo(name: str) -> bool:
-  """Whether `name` is a zoo model's (not an own model's 'module:Name'): what the PyTorch and compact exports need."""
-  return name in _MODELS
+  """Whether `name` is a zoo model built from the zoo's Linen layers (not the NNX ViT, not an own model's
+  'module:Name'): what the PyTorch export (the reference's layouts) and the compact network (a channel plan) need."""
+  return name in _MODELS and name not in vit.MODELS
 
 
 def _check_name(name: str) -> None:
@@ -161,6 +166,8 @@ def get_model(
     raise ValueError(f"model {name!r} is a zoo model and takes no kwargs (got {sorted(kwargs)})")
   if not width > 0:
     raise ValueError(f"width must be positive, got {width!r}")
+  if channel_plan is not None and not is_zoo(name):
+    raise ValueError(f"model {name!r} cannot be rebuilt to a channel plan; the compact network needs a Linen zoo model")
   model = _MODELS[name](num_classes=num_classes, **options)
   if width != 1:
     if not width_scalable(name):

@@ -162,6 +162,9 @@ class LinenOnAxis:
 class NnxModel:
   """An NNX module class called through the zoo's pure `init` / `apply` (`nnx.split` / `nnx.merge`).
 
+  A class whose `__init__` takes `input_shape` is given the (H, W, C) of the batch it is called on (NNX modules
+  size their layers when built, e.g. a conv's input channels or a ViT's position embeddings).
+
   Attributes:
     cls: the NNX module class, built as `cls(**dict(arguments), rngs=nnx.Rngs(key))`.
     arguments: its keyword arguments, as sorted (name, value) pairs.
@@ -171,24 +174,29 @@ class NnxModel:
   cls: type
   arguments: tuple[tuple[str, Any], ...]
   bn_axis_name: str | None = None
+  _templates: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
-  def _build(self, key: jax.Array) -> nnx.Module:
-    return self.cls(**dict(self.arguments), rngs=nnx.Rngs(key))
+  def _build(self, key: jax.Array, input_shape: tuple[int, ...]) -> nnx.Module:
+    shaped = {"input_shape": tuple(input_shape)} if _accepts(self.cls.__init__, "input_shape") else {}
+    return self.cls(**dict(self.arguments), **shaped, rngs=nnx.Rngs(key))
 
-  @functools.cached_property
-  def _template(self) -> tuple[Any, dict[str, nnx.State]]:
-    """(graphdef, {collection: abstract State}) of the module, from an abstract build."""
-    return _split(nnx.eval_shape(lambda: self._build(jax.random.key(0))), self.cls.__name__)
+  def _template(self, input_shape: tuple[int, ...]) -> tuple[Any, dict[str, nnx.State]]:
+    """(graphdef, {collection: abstract State}) of the module for inputs of `input_shape`, from an abstract build."""
+    if input_shape not in self._templates:
+      module = nnx.eval_shape(lambda: self._build(jax.random.key(0), input_shape))
+      self._templates[input_shape] = _split(module, self.cls.__name__)
+    return self._templates[input_shape]
 
   def init(self, key: jax.Array, x: jax.Array, train: bool = False) -> Variables:
-    """{'params': ..., 'batch_stats': ...} (no batch_stats without BatchNorm) of a module built with `key`."""
-    del x, train  # NNX modules are built from their arguments, not from an input
-    _, states = _split(self._build(key), self.cls.__name__)
+    """{'params': ..., 'batch_stats': ...} (no batch_stats without BatchNorm) of a module built with `key` for
+    inputs shaped like `x`."""
+    del train
+    _, states = _split(self._build(key, tuple(x.shape[1:])), self.cls.__name__)
     return {name: _pure(state) for name, state in states.items() if name == "params" or _pure(state)}
 
   def apply(self, variables: Variables, x: jax.Array, train: bool = False, mutable: Any = False) -> Any:
     """Logits of the module merged from `variables`; with `mutable`, also the updated {'batch_stats': ...}."""
-    graphdef, templates = self._template
+    graphdef, templates = self._template(tuple(x.shape[1:]))
     states = [_state(templates[name], variables.get(name, {})) for name in templates]
     module = nnx.merge(graphdef, *states)
     module.set_attributes(deterministic=not train, use_running_average=not train, raise_if_not_found=False)
