@@ -197,19 +197,45 @@ class NnxModel:
   def apply(self, variables: Variables, x: jax.Array, train: bool = False, mutable: Any = False) -> Any:
     """Logits of the module merged from `variables`; with `mutable`, also the updated {'batch_stats': ...}."""
     graphdef, templates = self._template(tuple(x.shape[1:]))
-    states = [_state(templates[name], variables.get(name, {})) for name in templates]
-    module = nnx.merge(graphdef, *states)
-    module.set_attributes(deterministic=not train, use_running_average=not train, raise_if_not_found=False)
-    if self.bn_axis_name is not None:
-      for _, sub in module.iter_modules():
-        if isinstance(sub, nnx.BatchNorm) and sub.axis_name is None:
-          sub.axis_name = self.bn_axis_name
-    call = module.__call__
-    logits = call(x, train=train) if _accepts(call, "train") else call(x)
-    if not mutable:
-      return logits
-    _, new = _split(module, self.cls.__name__)
-    return logits, {"batch_stats": _pure(new["batch_stats"])}
+    return _apply(graphdef, templates, self.cls.__name__, self.bn_axis_name, variables, x, train, mutable)
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxInstance:
+  """A built NNX module (its graph and abstract state, `split_nnx`) called through the zoo's pure `apply`."""
+
+  graphdef: Any
+  templates: dict[str, nnx.State]
+  name: str
+  bn_axis_name: str | None = None
+
+  def apply(self, variables: Variables, x: jax.Array, train: bool = False, mutable: Any = False) -> Any:
+    return _apply(self.graphdef, self.templates, self.name, self.bn_axis_name, variables, x, train, mutable)
+
+
+def split_nnx(module: nnx.Module) -> tuple[NnxInstance, Variables]:
+  """(model with the zoo's `apply`, its variables {'params', 'batch_stats'}) of a built NNX module, for your own
+  loop: `models.make_apply_fn(model)` is then its pure `apply_fn(variables, x, train)`."""
+  name = type(module).__name__
+  graphdef, states = _split(module, name)
+  variables = {kind: _pure(state) for kind, state in states.items() if kind == "params" or _pure(state)}
+  return NnxInstance(graphdef, states, name), variables  # the states: templates whose values each call replaces
+
+
+def _apply(graphdef, templates, name, bn_axis_name, variables, x, train, mutable):
+  states = [_state(templates[kind], variables.get(kind, {})) for kind in templates]
+  module = nnx.merge(graphdef, *states)
+  module.set_attributes(deterministic=not train, use_running_average=not train, raise_if_not_found=False)
+  if bn_axis_name is not None:
+    for _, sub in module.iter_modules():
+      if isinstance(sub, nnx.BatchNorm) and sub.axis_name is None:
+        sub.axis_name = bn_axis_name
+  call = module.__call__
+  logits = call(x, train=train) if _accepts(call, "train") else call(x)
+  if not mutable:
+    return logits
+  _, new = _split(module, name)
+  return logits, {"batch_stats": _pure(new["batch_stats"])}
 
 
 def _split(module: nnx.Module, name: str) -> tuple[Any, dict[str, nnx.State]]:
