@@ -23,6 +23,7 @@ from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
 from hydra_jax import optim
+from hydra_jax import parallel
 from hydra_jax import sources
 from hydra_jax import train
 from tests import cli_in_process
@@ -252,3 +253,38 @@ def test_a_linen_factory_builds_the_same_network_as_its_class(user_files):
   )
   variables = by_class.init(jax.random.key(0), x, train=False)
   np.testing.assert_array_equal(by_class.apply(variables, x), by_factory.apply(variables, x))
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("name", ["LinenNet", "NnxNet"])
+def test_eight_devices_give_the_single_device_result_with_batchnorm_over_the_device_axis(user_files, name):
+  nets, _ = user_files
+  config = tiny_config(f"{nets}:{name}")
+  config.objective = config_lib.objective_config("benign")
+  variables = sources.init_variables(config, jax.random.key(0))
+  params = variables["params"]
+  scores = masking.init_scores(params, "kaiming_normal", jax.random.key(2))
+  tx = optim.make_optimizer(config, "prune", optim.trainable_labels(params, scores, "prune", False), 44)
+  opt_state = tx.init({"params": params, "scores": scores})
+  state = train.TrainState(
+    jnp.int32(0), params, scores, variables["batch_stats"], opt_state, (), jax.random.PRNGKey(0), ()
+  )
+  batches = [data.train_batches("digits", 32, seed=0).batch_at(i) for i in range(2)]
+  finals = {}
+  for mode, axis in (("single", None), ("shard_map", parallel.AXIS)):
+    step = functools.partial(
+      train.train_step,
+      apply_fn=models.make_apply_fn(sources.build_model(config, axis)),  # BatchNorm averages over `axis`
+      objective=objectives.get_objective("benign"),
+      config=config,
+      tx=tx,
+      k=0.25,
+      steps_per_epoch=44,
+    )
+    runner = parallel.make_runner(step, mode)
+    current = runner.put_state(state)
+    for batch in batches:
+      current, _ = runner(current, runner.put_batch(batch))
+    finals[mode] = runner.get_state(current)
+  for a, b in zip(jax.tree.leaves(finals["single"]), jax.tree.leaves(finals["shard_map"])):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
