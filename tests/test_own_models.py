@@ -288,3 +288,22 @@ def test_eight_devices_give_the_single_device_result_with_batchnorm_over_the_dev
     finals[mode] = runner.get_state(current)
   for a, b in zip(jax.tree.leaves(finals["single"]), jax.tree.leaves(finals["shard_map"])):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_include_exclude_choose_the_scored_leaves_of_a_run(user_files):
+  nets, _ = user_files
+  config = tiny_config(f"{nets}:NnxNet")
+  config.mask.exclude = ("^stem/", "^head/")
+  params = sources.init_variables(config, jax.random.key(0))["params"]
+  scores = sources.initial_scores(config, "prune", params, {}, None, jax.random.key(1), None, "single")
+  scored = {masking.path_name(p) for p, s in jax.tree_util.tree_flatten_with_path(scores)[0]}
+  assert scored == {"branch/kernel", "conv/kernel"}
+  assert sources.prunable_leaves(config, params) == {"branch/kernel": 16, "conv/kernel": 144}
+  lwm = sources.restrict_scores(config, params, jax.tree.map(jnp.abs, params))  # a baseline's scores, restricted
+  assert {masking.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(lwm)[0]} == scored
+  config.mask.include = ("^nothing_here",)
+  with pytest.raises(errors.ConfigError, match="^config.mask.include pattern '\\^nothing_here' matches no parameter"):
+    sources.prunable_leaves(config, params)
+  config.mask.include, config.mask.granularity = (), "channel"
+  with pytest.raises(errors.ConfigError, match="they need mask.granularity='weight'"):
+    config_lib.check_config(config)
