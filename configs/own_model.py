@@ -1,5 +1,5 @@
 """Your own model through the HYDRA pipeline: the same small network written in Flax Linen and in Flax NNX, and the
-config that pretrains, prunes (k=0.1) and finetunes it on digits (docs/own_models.md).
+config that pretrains, prunes (k=0.1) and finetunes it on digits, with the LWM baseline beside (docs/own_models.md).
 
 Run:
   hydra-jax train --config configs/own_model.py:model=LinenNet --workdir runs/own_linen
@@ -52,7 +52,7 @@ class NnxNet(nnx.Module):
 def get_config(arg=None):
   args = config_lib.parse_config_arg(arg, model="LinenNet", width=8, choices={"model": ("LinenNet", "NnxNet")})
   config = config_lib.default_config()
-  config.stage, config.ks, config.baselines = "all", (0.1,), ()
+  config.stage, config.ks, config.baselines = "all", (0.1,), ("lwm",)
   config.model.name = f"configs/own_model.py:{args.model}"
   config.model.kwargs = {"width": args.width}
   config.data.name, config.data.batch_size, config.data.eval_batch_size = "digits", 64, 120
