@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax import PyTree
+from hydra_jax import errors
 from hydra_jax import masking
 
 Labels = tuple[int, ...]
@@ -55,8 +56,9 @@ _CALLS = {
 }
 
 
-class UnsupportedModelError(ValueError):
-  """A model whose channel structure cannot be traced (e.g. a grouped, non-depthwise conv)."""
+class UnsupportedModelError(errors.UserError):
+  """A model whose channel structure cannot be traced (e.g. a grouped, non-depthwise conv); the message names the
+  operation (one line on the command line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +163,10 @@ class _Tracer:
     dims = eqn.params["dimension_numbers"]
     rank = len(eqn.invars[0].aval.shape)
     if not isinstance(kernel, _Leaf) or dims.out_spec[1] != rank - 1 or dims.rhs_spec[0] != rank - 1:
-      raise UnsupportedModelError("channel tracing needs NHWC convs whose kernel is a parameter with outputs last")
+      raise UnsupportedModelError(
+        "channel granularity: conv_general_dilated whose kernel is not a parameter or not NHWC / HWIO stops the "
+        "channel tracing; use mask.granularity='weight'"
+      )
     x = x if isinstance(x, _Act) else _Act(self.input_labels(eqn.invars[0].aval.shape[-1]))
     out_channels, groups = eqn.outvars[0].aval.shape[-1], eqn.params["feature_group_count"]
     if groups == 1:
@@ -170,7 +175,10 @@ class _Tracer:
     elif groups == len(x.labels) == out_channels:  # depthwise: output channel c is input channel c
       labels = x.labels
     else:
-      raise UnsupportedModelError(f"grouped conv '{kernel.name}' ({groups} groups) is neither dense nor depthwise")
+      raise UnsupportedModelError(
+        f"channel granularity: grouped conv '{kernel.name}' ({groups} groups) is neither dense nor depthwise; use "
+        "mask.granularity='weight'"
+      )
     self.record(kernel.name, rank - 1, labels)
     return _Act(labels)
 

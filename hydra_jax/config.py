@@ -23,6 +23,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -81,11 +82,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.freeze_bn = False  # prune: freeze BatchNorm scale/shift too.
   # granularity: 'weight' (HYDRA: one score per weight) | 'channel' (structured: one score per output channel,
   # k = fraction of channels kept per group of tied channels; docs/structured.md).
-  c.mask = ml_collections.ConfigDict({"scope": "layer", "min_layer_k": 0.0, "granularity": "weight"})
+  # include / exclude: regular expressions (re.search) over parameter paths choosing the prunable weights
+  # (masking.PathFilter; default: every conv and dense kernel), e.g. exclude=('^conv1/', '^linear/').
+  c.mask = ml_collections.ConfigDict(
+    {"scope": "layer", "min_layer_k": 0.0, "granularity": "weight", "include": (), "exclude": ()}
+  )
 
   # width: channel-width multiplier (models.get_model; 1 = the registered network, others only for the ResNet,
   # WRN, MobileNetV2 and GoogLeNet families).
-  c.model = ml_collections.ConfigDict({"name": "vgg16_bn", "num_classes": 0, "dtype": "float32", "width": 1.0})
+  # name: a zoo name (models.model_names()) or an own Flax Linen / NNX model, 'package.module:Name' or
+  # 'path/to/file.py:Name', built with the arguments in kwargs (docs/own_models.md).
+  c.model = ml_collections.ConfigDict(
+    {"name": "vgg16_bn", "num_classes": 0, "dtype": "float32", "width": 1.0, "kwargs": {}}
+  )
   c.data = ml_collections.ConfigDict(
     {
       "name": "cifar10",
@@ -278,6 +287,12 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
   return config.model.num_classes or data.get_dataset_info(config.data.name).num_classes
 
 
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """config.model.kwargs as a plain dict ({} where a stored config predates the key)."""
+  kwargs = config.model.get("kwargs") or {}
+  return kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs)
+
+
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of the model's inputs for `config.data`."""
   info = data.get_dataset_info(config.data.name)
@@ -303,7 +318,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     if value not in valid:
       raise errors.ConfigError(f"config.{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}")
   registries = {
-    "model.name": lambda name: models.get_model(name, 10, width=config.model.width),
+    "model.name": lambda name: models.get_model(name, 10, width=config.model.width, kwargs=model_kwargs(config)),
     "data.name": data.get_dataset_info,
     "objective.name": objectives.get_objective,
     "baselines": lambda names: [baselines.get_baseline(name) for name in names],
@@ -340,6 +355,26 @@ def _check_channel_granularity(config: ml_collections.ConfigDict) -> None:
   if config.stage == "all" and others:
     raise errors.ConfigError(
       f"config.baselines {others} have no channel version; with mask.granularity='channel' use --config.baselines=lwm"
+    )
+
+
+def _check_path_filter(config: ml_collections.ConfigDict) -> None:
+  """config.mask.include / exclude: compilable patterns, set only where the mask is HYDRA's or a fixed mask's."""
+  patterns = tuple(config.mask.get("include", ())) + tuple(config.mask.get("exclude", ()))
+  if not patterns:
+    return
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as error:
+      raise errors.ConfigError(f"config.mask pattern {pattern!r} is not a regular expression ({error})") from None
+  if config.mask.get("granularity", "weight") != "weight":
+    raise errors.ConfigError("config.mask.include / exclude choose weights; they need mask.granularity='weight'")
+  others = [name for name in config.baselines if name not in ("lwm", "snip", "random")]
+  if config.stage in ("str", "admm", "rigl") or (config.stage == "all" and others):
+    stage = config.stage if config.stage != "all" else f"baselines {others}"
+    raise errors.ConfigError(
+      f"config.mask.include / exclude apply to HYDRA and the fixed-mask baselines (lwm, snip, random), not to {stage}"
     )
 
 
@@ -385,6 +420,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value is invalid."""
   _check_channel_granularity(config)
+  _check_path_filter(config)
   check_values(config)
   check_eval_methods(config, config.eval.methods)
   for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():

@@ -170,6 +170,11 @@ _channel_masks_jit = jax.jit(masking.channel_masks, static_argnames=("k", "group
 
 def _compact(run: RunModel, workdir: str) -> RunModel:
   """`run` with its pruned channels removed from every tensor (`channels.compact_variables`)."""
+  if not models.is_zoo(run.config.model.name):
+    raise errors.ConfigError(
+      f"the compact network is built by the zoo's models; own model '{run.config.model.name}' exports its masked "
+      "weights (.npz)"
+    )
   if run.scores is None or _granularity(run.meta) != "channel":
     raise errors.ConfigError(
       f"{workdir} is not a channel-pruned run (stage {run.meta.get('stage')!r}); a compact network needs a "
@@ -363,6 +368,10 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
   the layer shapes it needs for the run's input size (`convert.reference_model`).
   """
   check_output("export", out)
+  if out.endswith((".pth", ".pt")) and not models.is_zoo(config.model.name):
+    raise errors.ConfigError(
+      f"the PyTorch export maps the zoo's models to the reference's; own model '{config.model.name}' exports .npz"
+    )
   run = load_run(workdir, config=config)
   variables, scores = run.variables, None
   if not dense and _granularity(run.meta) == "channel":
@@ -387,7 +396,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, out: str,
     with paths.path(out).open("wb") as f:
       np.savez(f, **flat)
   size = sparse_size(run.variables["params"])
-  report = masking.sparsity_report(run.variables["params"])
+  report = masking.sparsity_report(run.variables["params"], sources.prunable(run.config))
   return (
     f"wrote {out}: {report.kept:,} of {report.total:,} prunable weights kept "
     f"({100 * report.kept / report.total:.2f}%); kernels {size['dense_bytes']:,} bytes dense, "

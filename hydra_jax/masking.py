@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -62,6 +63,60 @@ def path_name(path: Path) -> str:
 def is_prunable(path: Path, leaf: Any) -> bool:
   """Conv and dense weights are prunable: leaves named `kernel` with at least 2 dims (Flax convention)."""
   return bool(path) and path_name(path[-1:]) == "kernel" and np.ndim(leaf) >= 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PathFilter:
+  """Which weights are prunable, chosen by regular expressions over parameter paths ('layer1_0/conv1/kernel').
+
+  A leaf is prunable when it has at least 2 dims and its path matches one of `include` (none given: the
+  default, `is_prunable`: conv and dense kernels) and none of `exclude`; `re.search` semantics, so 'conv1'
+  matches 'layer1_0/conv1/kernel' and '^conv1/' only the stem. Hashable, usable wherever a
+  `prunable(path, leaf)` predicate is taken (`init_scores`, `sparsity_report`).
+
+  Example (keep the first conv and the classifier dense, as many papers do):
+    prunable = PathFilter(exclude=(r'^conv1/', r'^linear/'))
+    scores = init_scores(params, 'scaled', key, prunable=prunable)
+  """
+
+  include: tuple[str, ...] = ()
+  exclude: tuple[str, ...] = ()
+
+  def __call__(self, path: Path, leaf: Any) -> bool:
+    name = path_name(path)
+    if self.include:
+      chosen = np.ndim(leaf) >= 2 and any(re.search(p, name) for p in self.include)
+    else:
+      chosen = is_prunable(path, leaf)
+    return chosen and not any(re.search(p, name) for p in self.exclude)
+
+  def check(self, params: PyTree) -> dict[str, int]:
+    """{path: size} of the prunable leaves of `params`, in tree order.
+
+    Raises:
+      ValueError: a pattern that does not compile or matches no leaf it could act on (include: a leaf of 2 dims
+        or more; exclude: a leaf the default or `include` chose), or no leaf left to prune.
+    """
+    for kind, patterns in (("include", self.include), ("exclude", self.exclude)):
+      for pattern in patterns:
+        try:
+          re.compile(pattern)
+        except re.error as error:
+          raise ValueError(f"mask.{kind} pattern {pattern!r} is not a regular expression ({error})") from None
+    leaves = [(path_name(p), p, w) for p, w in jax.tree_util.tree_flatten_with_path(params)[0]]
+    base = PathFilter(self.include)
+    for kind, patterns, names in (
+      ("include", self.include, [name for name, _, w in leaves if np.ndim(w) >= 2]),
+      ("exclude", self.exclude, [name for name, p, w in leaves if base(p, w)]),
+    ):
+      for pattern in patterns:
+        if not any(re.search(pattern, name) for name in names):
+          what = "prunable parameter" if kind == "exclude" else "parameter of 2 dims or more"
+          raise ValueError(f"mask.{kind} pattern {pattern!r} matches no {what} path")
+    chosen = {name: int(np.size(w)) for name, p, w in leaves if self(p, w)}
+    if not chosen:
+      raise ValueError("mask.include / mask.exclude leave no weight to prune")
+    return chosen
 
 
 def prunable_paths(params: PyTree, prunable: Callable[[Path, Any], bool] = is_prunable) -> list[str]:

@@ -70,7 +70,7 @@ def mask_source(config: ml_collections.ConfigDict, name: str, source_dir: str) -
     batches = [stream.batch_at(step) for step in range(config.baseline.grad_batches)]
     mode = parallel.resolve_mode(config.parallel.mode)
     grads = sources.snip_gradients(config, params, batch_stats, batches, grad_key, mode)
-  return params, batch_stats, baseline.mask_scores(params, score_key, grads)
+  return params, batch_stats, sources.restrict_scores(config, params, baseline.mask_scores(params, score_key, grads))
 
 
 def save_source(
@@ -78,7 +78,7 @@ def save_source(
 ) -> None:
   """Writes (params, batch_stats, scores) as a checkpoint that `sources.load_source` reads (step 0)."""
   weights = sources.exported_params(params, scores, config.k, config.mask, sources.mask_groups(config))
-  report = masking.sparsity_report(weights)
+  report = masking.sparsity_report(weights, sources.prunable(config))
   meta = {
     "model": config.model.name,
     "num_classes": config_lib.num_classes(config),

@@ -15,6 +15,7 @@ state's model is made of: the weights it runs with, their sparsity and their eva
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -39,11 +40,13 @@ from hydra_jax import parallel
 
 
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None):
-  """The zoo model of `config.model` for `config.data`'s classes, BN averaged over `axis_name`."""
+  """The model of `config.model` (zoo or own, with its kwargs) for `config.data`'s classes, BN averaged over
+  `axis_name`."""
   return models.get_model(
     config.model.name,
     config_lib.num_classes(config),
     width=config.model.width,
+    kwargs=config_lib.model_kwargs(config),
     dtype=jnp.dtype(config.model.dtype),
     bn_axis_name=axis_name,
   )
@@ -57,14 +60,17 @@ def init_variables(config: ml_collections.ConfigDict, key: jax.Array) -> dict[st
 
 def channel_wiring(config: ml_collections.ConfigDict) -> channels.Wiring:
   """The channel wiring of the configured model (`channels.trace_wiring`), traced once per model and input shape."""
+  kwargs = json.dumps(config_lib.model_kwargs(config), sort_keys=True)
   return _traced_wiring(
-    config.model.name, config_lib.num_classes(config), config.model.width, config_lib.image_shape(config)
+    config.model.name, config_lib.num_classes(config), config.model.width, config_lib.image_shape(config), kwargs
   )
 
 
 @functools.lru_cache(maxsize=16)
-def _traced_wiring(name: str, classes: int, width: float, image_shape: tuple[int, int, int]) -> channels.Wiring:
-  model = models.get_model(name, classes, width=width)
+def _traced_wiring(
+  name: str, classes: int, width: float, image_shape: tuple[int, int, int], kwargs: str = "{}"
+) -> channels.Wiring:
+  model = models.get_model(name, classes, width=width, kwargs=json.loads(kwargs))
   x = jnp.zeros((1, *image_shape))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   return channels.trace_wiring(model, variables, x.shape)
@@ -75,6 +81,33 @@ def mask_groups(config: ml_collections.ConfigDict, granularity: str | None = Non
   if (granularity or config.mask.get("granularity", "weight")) == "weight":
     return None
   return channel_wiring(config).groups
+
+
+def prunable(config: ml_collections.ConfigDict) -> masking.PathFilter:
+  """Which weights the run prunes: `config.mask.include` / `exclude` (default: every conv and dense kernel)."""
+  return masking.PathFilter(tuple(config.mask.get("include", ())), tuple(config.mask.get("exclude", ())))
+
+
+def prunable_leaves(config: ml_collections.ConfigDict, params: PyTree) -> dict[str, int]:
+  """{path: size} of the weights the run prunes (`masking.PathFilter.check`), checked against `params`."""
+  try:
+    return prunable(config).check(params)
+  except ValueError as error:
+    raise errors.ConfigError(f"config.{error}" if str(error).startswith("mask.") else str(error)) from None
+
+
+def describe_prunable(leaves: Mapping[str, int]) -> str:
+  """'prunable: 5 leaves, 1,234 weights: stem/kernel 72, ...' (what a run prints at its start)."""
+  listed = ", ".join(f"{name} {size:,}" for name, size in leaves.items())
+  return f"prunable: {len(leaves)} leaves, {sum(leaves.values()):,} weights: {listed}"
+
+
+def restrict_scores(config: ml_collections.ConfigDict, params: PyTree, scores: PyTree) -> PyTree:
+  """`scores` with None at every leaf the run does not prune (`prunable`): a baseline's mask scores."""
+  chosen = prunable(config)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, s, w: s if s is not None and chosen(path, w) else None, scores, params, is_leaf=lambda x: x is None
+  )
 
 
 def train_batches(config: ml_collections.ConfigDict) -> data.TrainBatches:
@@ -159,7 +192,9 @@ def _score_template(config: ml_collections.ConfigDict, meta: Mapping[str, Any], 
   groups = mask_groups(config, source_granularity(config, meta))
   if groups is not None:
     return lambda p: masking.init_channel_scores(p, "uniform", jax.random.key(0), groups)
-  return lambda p: masking.init_scores(p, "uniform", jax.random.key(0))
+  mask = meta.get("config", {}).get("mask", {})  # the leaves the checkpoint's run pruned
+  chosen = masking.PathFilter(tuple(mask.get("include", ())), tuple(mask.get("exclude", ())))
+  return lambda p: masking.init_scores(p, "uniform", jax.random.key(0), prunable=chosen)
 
 
 def masked_params(
@@ -320,7 +355,7 @@ def initial_scores(
   groups = mask_groups(config)
   if groups is not None:
     return masking.init_channel_scores(params, init, key, groups)
-  return masking.init_scores(params, init, key, **grads)
+  return masking.init_scores(params, init, key, prunable=prunable(config), **grads)
 
 
 # For evaluation and export, compiled once per model; k is static so that it rounds exactly as in the train step.
@@ -348,7 +383,7 @@ def sparsity(
   if hooks is not None:
     return masking.sparsity_report(model_weights(state, config, hooks))
   weights = exported_params(state.params, state.scores, config.k, config.mask, mask_groups(config))
-  return masking.sparsity_report(weights)
+  return masking.sparsity_report(weights, prunable(config))
 
 
 def evaluate_state(

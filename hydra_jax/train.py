@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import signal
+import sys
 from typing import Any
 
 import flax
@@ -250,6 +251,7 @@ def _stage_meta(config, stage, state, metrics):
     "versions": checkpoints.versions(),
     "config": json.loads(config.to_json_best_effort()),
     "threefry_partitionable": config.threefry_partitionable,
+    "prunable": sources.prunable_leaves(config, state.params),
   }
 
 
@@ -297,6 +299,9 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     first_batch=train_data.batch_at(0) if snip else None,
     mode=mode,
   )
+  prunable = sources.prunable_leaves(config, state.params)  # checks config.mask.include / exclude
+  if stage in ("prune", "finetune") and sources.mask_groups(config) is None and jax.process_index() == 0:
+    print(sources.describe_prunable(prunable), file=sys.stderr)
   ckpt = checkpoints.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   state, eval_metrics = _resume(state, ckpt)
   checkpoints.write_config(config.to_json_best_effort(indent=2), workdir)
@@ -405,6 +410,7 @@ def _summarize(
     "step": step,
     "total_steps": total_steps,
     "kept_fraction": report.kept / report.total,
+    "prunable": {name: total for name, _, total in report.layers},
     **(eval_metrics or {}),
   }
   if jax.process_index() == 0:

@@ -90,7 +90,7 @@ def test_max_pooling_enters_crown_by_its_ibp_box():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in models.model_names() if n.endswith("_tiny")])
+@pytest.mark.parametrize("name", [n for n in models.model_names() if n.endswith("_tiny") and models.is_zoo(n)])
 def test_zoo_margins_at_samples_lie_in_crown_ibp_crown_and_alpha_crown_bounds(name):
   model, x, variables = zoo_helpers.random_variables(name, batch=2, seed=4)
   size = 32 if name == "cnn_tiny" else 8

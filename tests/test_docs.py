@@ -14,9 +14,9 @@ Each page runs in a scratch directory of its own (its working directory) that ho
 and the README's main job in `runs/digits_demo` (run once, before any page), so a page may use that run.
 Tiny size: while the blocks run, the library's entry points (`pipeline.train_and_evaluate`,
 `export.evaluate_checkpoint`, `export.certify_checkpoint`, `export.export_*`) get their config through `tiny`
-(cnn_tiny on two batches of digits, one epoch per stage, attacks of one step on 32 test images) and certify its
-smallest sample counts. New pages and blocks are picked up without changes here; the pages of SLOW_PAGES (40-60
-CPU seconds each at tiny size) run with -m slow.
+(cnn_tiny, or the page's own model, on two batches of digits, one epoch per stage, attacks of one step on 32 test
+images) and certify its smallest sample counts. New pages and blocks are picked up without changes here; the pages
+of SLOW_PAGES (40-60 CPU seconds each at tiny size) run with -m slow.
 
 Run: python -m pytest -q tests/test_docs.py
 """
@@ -36,6 +36,7 @@ import pytest
 
 from hydra_jax import evaluate
 from hydra_jax import export
+from hydra_jax import models
 from hydra_jax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,8 +113,11 @@ def blocks(page):
 def tiny(config):
   """A copy of `config` at tiny size (TINY), the other keys as they were."""
   config = config.copy_and_resolve_references()
+  own_model = models.own.is_spec(config.model.name)  # a user's own model (docs/own_models.md) stays, at its size
   with config.unlocked():
     for key, value in TINY.items():
+      if own_model and key.startswith("model."):
+        continue
       *parents, leaf = key.split(".")
       node = config
       for parent in parents:

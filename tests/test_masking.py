@@ -1,6 +1,7 @@
 """Tests of hydra_jax.masking against numpy references, hand-computed values and invariants."""
 
 import math
+import re
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -300,3 +301,67 @@ def test_all_layers_ranked_together_match_numpy_per_layer(monkeypatch, pack_rows
   )
   for name in shapes:  # straight through: 2 * sign(s) everywhere, kept or not
     np.testing.assert_array_equal(grads[name]["kernel"], 2.0 * np.sign(scores[name]["kernel"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which weights are prunable: mask.include / mask.exclude over parameter paths.
+
+HAND_PATHS = {  # a ResNet-like tree: path -> shape
+  "conv1/kernel": (3, 3, 3, 8),
+  "bn1/scale": (8,),
+  "layer1_0/conv1/kernel": (3, 3, 8, 8),
+  "layer1_0/conv1/bias": (8,),
+  "layer1_0/shortcut/kernel": (1, 1, 8, 8),
+  "layer2_0/conv1/kernel": (3, 3, 8, 16),
+  "linear/kernel": (16, 10),
+  "linear/bias": (10,),
+  "pos_embedding": (1, 5, 16),
+}
+
+
+def hand_tree():
+  tree = {}
+  for path, shape in HAND_PATHS.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = jnp.zeros(shape)
+  return tree
+
+
+@pytest.mark.parametrize(
+  "include, exclude, chosen",
+  [
+    (
+      (),
+      (),
+      ["conv1/kernel", "layer1_0/conv1/kernel", "layer1_0/shortcut/kernel", "layer2_0/conv1/kernel", "linear/kernel"],
+    ),
+    ((), (r"^conv1/", r"^linear/"), ["layer1_0/conv1/kernel", "layer1_0/shortcut/kernel", "layer2_0/conv1/kernel"]),
+    ((r"^layer\d_0/conv1",), (), ["layer1_0/conv1/kernel", "layer2_0/conv1/kernel"]),  # the bias is 1-D: not chosen
+    ((r"layer1", "pos_emb"), ("shortcut",), ["layer1_0/conv1/kernel", "pos_embedding"]),
+  ],
+)
+def test_path_filter_chooses_the_hand_listed_paths(include, exclude, chosen):
+  prunable = masking.PathFilter(tuple(include), tuple(exclude))
+  assert list(prunable.check(hand_tree())) == sorted(chosen)  # tree order: keys sorted
+  assert prunable.check(hand_tree()) == {name: math.prod(HAND_PATHS[name]) for name in chosen}
+  scores = masking.init_scores(hand_tree(), "kaiming_normal", jax.random.key(0), prunable=prunable)
+  scored = {masking.path_name(p) for p, s in jax.tree_util.tree_flatten_with_path(scores)[0]}
+  assert scored == set(chosen)
+
+
+@pytest.mark.parametrize(
+  "include, exclude, message",
+  [
+    ((), ("^nosuch/",), "mask.exclude pattern '^nosuch/' matches no prunable parameter path"),
+    ((), ("bias",), "mask.exclude pattern 'bias' matches no prunable parameter path"),  # biases are not candidates
+    (("bn1",), (), "mask.include pattern 'bn1' matches no parameter of 2 dims or more path"),
+    (("(",), (), "mask.include pattern '(' is not a regular expression"),
+    ((), ("kernel",), "mask.include / mask.exclude leave no weight to prune"),
+  ],
+)
+def test_path_filter_refuses_a_pattern_that_matches_nothing(include, exclude, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    masking.PathFilter(include, exclude).check(hand_tree())

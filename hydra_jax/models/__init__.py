@@ -28,8 +28,10 @@ Families (`model_names()` lists every name; `input_shape(name)` gives the (H, W,
                      ImageNet mean/std normalisation inside the model)
   mobilenet_v2.py    mobilenet_v2 (kuangliu CIFAR)
   googlenet.py       googlenet (kuangliu CIFAR)
+  vit.py             vit_cifar (a small ViT for 32x32 images, written in Flax NNX; not from the paper)
 Each family also has a tiny variant for tests and demos, not from the paper: cnn_tiny, vgg_tiny, wrn_tiny,
-resnet_tiny, resnet_imagenet_tiny, mobilenet_v2_tiny, googlenet_tiny.
+resnet_tiny, resnet_imagenet_tiny, mobilenet_v2_tiny, googlenet_tiny, vit_tiny.
+NNX models (the ViT, users' own: `own.py`) are called through the same `init` / `apply` (`own.NnxModel`).
 
 Example:
 
@@ -56,9 +58,11 @@ from hydra_jax.models import cnn
 from hydra_jax.models import googlenet
 from hydra_jax.models import layers
 from hydra_jax.models import mobilenet_v2
+from hydra_jax.models import own
 from hydra_jax.models import resnet
 from hydra_jax.models import resnet_imagenet
 from hydra_jax.models import vgg
+from hydra_jax.models import vit
 from hydra_jax.models import wrn
 
 Variables = dict[str, Any]
@@ -72,6 +76,7 @@ _MODELS = {
   **resnet_imagenet.MODELS,
   **mobilenet_v2.MODELS,
   **googlenet.MODELS,
+  **vit.MODELS,
 }
 _CIFAR_SHAPE = (32, 32, 3)
 _INPUT_SHAPES = {
@@ -85,6 +90,12 @@ _INPUT_SHAPES = {
 def model_names() -> list[str]:
   """All registered model names, sorted."""
   return sorted(_MODELS)
+
+
+def is_zoo(name: str) -> bool:
+  """Whether `name` is a zoo model built from the zoo's Linen layers (not the NNX ViT, not an own model's
+  'module:Name'): what the PyTorch export (the reference's layouts) and the compact network (a channel plan) need."""
+  return name in _MODELS and name not in vit.MODELS
 
 
 def _check_name(name: str) -> None:
@@ -117,32 +128,46 @@ class PlannedModel:
 
 
 def get_model(
-  name: str, num_classes: int, width: float = 1.0, channel_plan: Mapping[str, int] | None = None, **options: Any
+  name: str,
+  num_classes: int,
+  width: float = 1.0,
+  channel_plan: Mapping[str, int] | None = None,
+  kwargs: Mapping[str, Any] | None = None,
+  **options: Any,
 ) -> nn.Module | PlannedModel:
-  """Builds the zoo model `name` with `num_classes` outputs.
+  """Builds the zoo model `name` (or the user's own model `name`) with `num_classes` outputs.
 
   Args:
-    name: a registered name (see `model_names()`).
+    name: a registered name (see `model_names()`), or an own model's 'package.module:Name' or
+      'path/to/file.py:Name' (a Flax Linen module class or factory, or an NNX module class; `own.build`).
     num_classes: number of logits.
     width: channel-width multiplier (1: the registered network). Every channel count is scaled by it and
       rounded (`layers.scale_width`), depth and layout unchanged; only the families with a `widened` method
       (`width_scalable`) accept width != 1.
     channel_plan: {conv / dense module path: output channels} of a network with pruned channels removed
       (`hydra_jax.channels.compact_variables`); layers absent from it keep their width. None: the full network.
+    kwargs: an own model's arguments (config.model.kwargs); zoo models take none.
     **options: module attributes, typically `dtype` and `bn_axis_name` (see the module docstring).
 
   Returns:
-    An unbound Flax module called as `model.apply(variables, x, train=...)` (a `PlannedModel` with a plan).
+    An unbound Flax module called as `model.apply(variables, x, train=...)` (a `PlannedModel` with a plan; an
+    own model: `own.build`'s Linen module or its NNX adapter, with the same `init` / `apply`).
 
   Raises:
     ValueError: unknown name (the message lists the valid ones), num_classes < 1, width <= 0, or width != 1
       for a model without a width option.
   """
-  _check_name(name)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  if own.is_spec(name):
+    return _own_model(name, num_classes, width, channel_plan, kwargs, **options)
+  _check_name(name)
+  if kwargs:
+    raise ValueError(f"model {name!r} is a zoo model and takes no kwargs (got {sorted(kwargs)})")
   if not width > 0:
     raise ValueError(f"width must be positive, got {width!r}")
+  if channel_plan is not None and not is_zoo(name):
+    raise ValueError(f"model {name!r} cannot be rebuilt to a channel plan; the compact network needs a Linen zoo model")
   model = _MODELS[name](num_classes=num_classes, **options)
   if width != 1:
     if not width_scalable(name):
@@ -152,6 +177,14 @@ def get_model(
       )
     model = model.widened(width)
   return model if channel_plan is None else PlannedModel(model, tuple(sorted(channel_plan.items())))
+
+
+def _own_model(name, num_classes, width, channel_plan, kwargs, dtype=None, bn_axis_name=None):
+  if width != 1:
+    raise ValueError(f"own model {name!r} has no width option (width={width!r}); set its size in config.model.kwargs")
+  if channel_plan is not None:
+    raise ValueError(f"own model {name!r} cannot be rebuilt to a channel plan; the compact network is the zoo's only")
+  return own.build(name, num_classes, kwargs, dtype=dtype, bn_axis_name=bn_axis_name)
 
 
 def width_scalable(name: str) -> bool:
