@@ -16,7 +16,8 @@ The config file is read by `config.load_config` (its names and numbers checked),
 unknown `--config.KEY` is rejected with the key's name), and `train` checks every value (`config.check_config`).
 The commands only parse flags and call the library (`pipeline.train_and_evaluate`, `export.evaluate_checkpoint`,
 `export.export_checkpoint`, `export.certify_checkpoint`); `python -m hydra_jax` is the same program. Bad input
-(`errors.UserError`: a command, flag, config, path, data or checkpoint; or a diverged run) prints one line naming
+(`errors.UserError`: a command, flag, config, path, data or checkpoint; a method the model does not support,
+`NotImplementedError`; or a diverged run) prints one line naming
 the problem and the fix and exits with status 1 (2 for an unknown command), before any work where it is the
 input's; `HYDRA_JAX_TRACEBACK=1` or `--verbosity` shows its traceback. Any other exception is a bug and keeps its
 traceback. docs/failures.md lists each failure and what it keeps.
@@ -300,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0)
   try:
     app.run(lambda _: _run(command), argv=argv, flags_parser=lambda args: _parse_flags(command, args))
-  except (errors.UserError, FloatingPointError, TimeoutError) as error:  # bad input; a diverged run; peers absent
+  # Bad input; a method the model does not support (e.g. a bound through an operation with no sound rule, which
+  # `bounds` names); a diverged run; peers absent.
+  except (errors.UserError, NotImplementedError, FloatingPointError, TimeoutError) as error:
     if _show_tracebacks(argv):
       raise
     _fail(command, str(error))

@@ -245,6 +245,24 @@ def test_an_internal_key_error_keeps_its_traceback(tmp_path):
   assert result.returncode != 0 and "Traceback" in result.stderr and "KeyError: 'internal'" in result.stderr
 
 
+def test_a_method_the_model_does_not_support_is_one_line(tmp_path, monkeypatch):
+  # bounds raises NotImplementedError naming an operation it has no sound rule for (e.g. the ViT's LayerNorm under
+  # IBP): the user asked for a method the model does not support, which is not a bug of ours.
+  message = "bounds: no rule for primitive 'square' with an x-dependent operand"
+
+  def unsupported(*args, **kwargs):
+    raise NotImplementedError(message)
+
+  monkeypatch.setattr(export, "evaluate_checkpoint", unsupported)
+  status, out, err = run_in_process(
+    "eval", "--config", os.path.join(ROOT, "configs", "digits_demo.py"), "--workdir", str(tmp_path), "--methods=ibp"
+  )
+  assert status == 1 and "Traceback" not in err
+  assert [line for line in err.splitlines() if line.startswith("hydra-jax eval")] == [
+    f"hydra-jax eval: error: {message}"
+  ]
+
+
 def hydra_jax_in_process(*args):
   """Runs the CLI's `main` in this process, as the console script does; asserts exit 0."""
   status, _, err = run_in_process(*args)
