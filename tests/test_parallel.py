@@ -11,8 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hydra_jax import config as config_lib
+from hydra_jax import data
 from hydra_jax import models
+from hydra_jax import objectives
 from hydra_jax import parallel
+from hydra_jax import sources
+from hydra_jax import train
 from tests import tolerances
 
 DEVICES = 8
@@ -217,18 +222,15 @@ def test_the_runners_own_cpu_program_is_compiled_with_the_memory_optimized_sched
 # objective is smooth, so S steps differ by at most about S x 2 gamma_n of what the S steps changed. Sign-based
 # ascent steps are not smooth: the TRADES attack starts where its KL is at float32 rounding level (about 1e-8), so
 # the sign (or the l2 direction) of its gradient is set by rounding, and one ulp anywhere changes the run as much
-# as 8 devices do (docs/multihost.md). These tests therefore run the attacks without ascent steps (the random
-# start: per-example draws keyed by global position, clipping, the four train-mode forwards of TRADES, its KL)
-# or, for PGD, with l2 steps (the normalised gradient: continuous); see `test_trades_attack_gradient_*` for the
-# ascent's gradient itself.
+# as 8 devices do (measured in docs/multihost.md). These tests therefore run TRADES without ascent steps (its
+# random start: per-example draws keyed by global position, its four train-mode forwards and KL) and PGD with an
+# l2 step (the normalised gradient of the cross-entropy, continuous where that gradient is not near 0).
 
 BN_STEPS = 4
 BN_BATCH = 16  # 2 examples of 8x8 digits per device
 
 
 def _bn_config(model, objective):
-  from hydra_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-
   config = config_lib.default_config()
   config.model.name, config.data.name, config.data.batch_size = model, "digits", BN_BATCH
   config.stages.pretrain.lr = 0.05
@@ -243,11 +245,6 @@ def _bn_config(model, objective):
 @functools.cache
 def _bn_run(model, objective, mode):
   """(initial state, the states after each of BN_STEPS pretrain steps) on 8 devices in `mode`, or 1 ('single')."""
-  from hydra_jax import data  # pylint: disable=g-import-not-at-top
-  from hydra_jax import objectives
-  from hydra_jax import sources
-  from hydra_jax import train
-
   config = _bn_config(model, objective)
   batches = [data.train_batches("digits", BN_BATCH, seed=0).batch_at(i) for i in range(BN_STEPS)]
   state, tx = train.initial_state(config, "pretrain", 10, batches[0]["image"].shape)
