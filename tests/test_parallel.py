@@ -219,12 +219,13 @@ def test_the_runners_own_cpu_program_is_compiled_with_the_memory_optimized_sched
 # Every value of a step is a sum of at most n terms (the largest: the stem's BN statistics and kernel gradient over
 # the global batch's pixels), and two programs that add them in another order (8 devices, other batch chunks)
 # differ by at most 2 gamma_n of the sum of |terms| (tests/tolerances.py). The step is well conditioned where its
-# objective is smooth, so S steps differ by at most about S x 2 gamma_n of what the S steps changed. Sign-based
-# ascent steps are not smooth: the TRADES attack starts where its KL is at float32 rounding level (about 1e-8), so
-# the sign (or the l2 direction) of its gradient is set by rounding, and one ulp anywhere changes the run as much
-# as 8 devices do (measured in docs/multihost.md). These tests therefore run TRADES without ascent steps (its
-# random start: per-example draws keyed by global position, its four train-mode forwards and KL) and PGD with an
-# l2 step (the normalised gradient of the cross-entropy, continuous where that gradient is not near 0).
+# objective is smooth, so S steps differ by at most about S x 2 gamma_n of what the S steps changed. Sign-based ascent
+# steps are not smooth: the TRADES attack starts 0.001 N(0, I) from x, where its logits differ from the clean ones by
+# ~3e-5, so its gradient carries the logits' rounding at 1e-3 of its size, signs near 0 flip, and a flip is a whole
+# step: one ulp anywhere changes the run as much as 8 devices do (docs/multihost.md). These tests therefore run TRADES
+# without ascent steps (its random start: per-example draws keyed by global position, its four train-mode forwards and
+# KL) and PGD with an l2 step (the normalised gradient of the cross-entropy, continuous where that gradient is not
+# near 0).
 
 BN_STEPS = 4
 BN_BATCH = 16  # 2 examples of 8x8 digits per device
