@@ -5,6 +5,10 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,8 @@ import numpy as np
 import pytest
 
 from hydra_jax import checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_items(scale=1.0):
@@ -239,3 +245,176 @@ def test_versions_name_the_libraries_that_wrote_the_checkpoint():
   distributions = {"jax": "jax", "jaxlib": "jaxlib", "flax": "flax", "orbax": "orbax-checkpoint"}
   expected = {name: importlib.metadata.version(dist) for name, dist in distributions.items()}
   assert checkpoints.versions() == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checksums (issue 26 item 1) and what a resume does with each failure (item 2).
+
+
+def big_items(scale):
+  """A model item with one 128 x 128 kernel of Gaussian noise (64 KiB, mostly incompressible): the largest file
+  of its step is that kernel's OCDBT array data, and bytes flipped in its middle land in the kernel's values."""
+  kernel = scale * np.random.default_rng(0).normal(size=(128, 128)).astype(np.float32)
+  return {
+    "model": {"params": {"dense": {"kernel": kernel, "bias": np.full(128, scale, np.float32)}}},
+    "train": {"step": np.int32(scale), "rng": np.array([0, int(scale)], np.uint32)},
+  }
+
+
+def save_big_steps(workdir, steps):
+  ckpt = checkpoints.Checkpoints(workdir, keep=len(steps), async_save=False)
+  for step in steps:
+    ckpt.save(step, big_items(float(step)), meta={"step": step, "k": 0.5}, sparsity=json.dumps({"kept": step}))
+  ckpt.close()
+
+
+def flip_largest_file(step_dir, count=16):
+  """Flips `count` bytes in the middle of the largest file of the step's 'model' item, as a failing disk would."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "model")) for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    data = bytearray(f.read())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    f.seek(0)
+    f.write(data)
+  return largest
+
+
+def test_flipped_array_bytes_are_refused_naming_the_step_and_the_array(tmp_path):
+  workdir = str(tmp_path)
+  save_big_steps(workdir, [1, 2])
+  largest = flip_largest_file(os.path.join(workdir, "checkpoints", "2"))
+  assert os.sep + "d" + os.sep in largest  # OCDBT array data, not a manifest or metadata file
+  before = tree_digest(workdir)
+  with pytest.raises(checkpoints.CheckpointDamaged) as error:
+    checkpoints.restore(workdir, abstract(big_items(1.0)))
+  message = str(error.value)
+  assert re.fullmatch(
+    rf"checkpoint {re.escape(workdir)} step 2 is damaged: array model/params/dense/kernel does not match its "
+    r"checksum \(crc32 0x[0-9a-f]{8} read, 0x[0-9a-f]{8} saved\)",
+    message,
+  ), message
+  items, _ = checkpoints.restore(workdir, abstract(big_items(1.0)), step=1)  # the other step still reads
+  assert_items_equal(items, jax.tree.map(jnp.asarray, big_items(1.0)))
+  assert tree_digest(workdir) == before
+
+
+def test_a_changed_number_in_the_meta_is_refused(tmp_path):
+  """The meta (the config of the step) is JSON: a damaged digit still parses, so only its checksum sees it."""
+  workdir = str(tmp_path)
+  save_big_steps(workdir, [1])
+  path = os.path.join(workdir, "checkpoints", "1", "meta", "metadata")
+  with open(path) as f:
+    text = f.read()
+  assert '"k": 0.5' in text
+  with open(path, "w") as f:
+    f.write(text.replace('"k": 0.5', '"k": 0.7'))
+  with pytest.raises(checkpoints.CheckpointDamaged, match=r"step 1 is damaged: its meta does not match its checksum"):
+    checkpoints.read_meta(workdir)
+  with pytest.raises(checkpoints.CheckpointDamaged, match=r"step 1 is damaged: its meta does not match its checksum"):
+    checkpoints.restore(workdir, abstract(big_items(1.0)))
+
+
+def test_a_resume_goes_back_to_the_latest_intact_step_when_only_the_newest_is_damaged(tmp_path, capfd):
+  workdir = str(tmp_path)
+  save_big_steps(workdir, [1, 2, 3])
+  flip_largest_file(os.path.join(workdir, "checkpoints", "3"))
+  ckpt = checkpoints.Checkpoints(workdir, async_save=False)
+  items, meta = ckpt.restore_intact(abstract(big_items(1.0)))
+  assert meta["step"] == 2  # the latest intact step, not the oldest
+  assert_items_equal(items, jax.tree.map(jnp.asarray, big_items(2.0)))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+  assert sorted(n for n in os.listdir(workdir) if n.startswith("unreadable")) == ["unreadable_checkpoint_3"]
+  err = capfd.readouterr().err.splitlines()  # the documented two warnings, nothing else (no asyncio tracebacks)
+  assert len(err) == 2, err
+  assert err[0].startswith(f"warning: checkpoint {os.path.join(workdir, 'checkpoints')} step 3 is damaged: array ")
+  assert err[0].endswith("resuming from step 2, the latest readable one")
+  assert err[1] == f"warning: moved the unreadable step 3 to {os.path.join(workdir, 'unreadable_checkpoint_3')}"
+  ckpt.close()
+
+
+def test_a_step_missing_its_checksums_is_damage_but_a_step_saved_before_checksums_reads(tmp_path):
+  workdir = str(tmp_path)
+  save_big_steps(workdir, [1, 2, 3])
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3", "checksums"))  # orbax's record still names the item
+  with pytest.raises(checkpoints.CheckpointDamaged, match=r"step 3 is unreadable: its files are damaged .*missing"):
+    checkpoints.restore(workdir, abstract(big_items(1.0)))
+  # A step as this package wrote it before checksums: no checksums item and none in orbax's record of the items.
+  step_dir = os.path.join(workdir, "checkpoints", "2")
+  shutil.rmtree(os.path.join(step_dir, "checksums"))
+  with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+    record = json.load(f)
+  del record["item_handlers"]["checksums"]
+  with open(os.path.join(step_dir, "_CHECKPOINT_METADATA"), "w") as f:
+    json.dump(record, f)
+  ckpt = checkpoints.Checkpoints(workdir, async_save=False)
+  items, meta = ckpt.restore_intact(abstract(big_items(1.0)))
+  assert meta["step"] == 2
+  assert_items_equal(items, jax.tree.map(jnp.asarray, big_items(2.0)))
+  assert os.listdir(workdir).count("unreadable_checkpoint_3") == 1
+  ckpt.close()
+
+
+def test_a_checkpoint_of_another_state_stops_a_resume_and_moves_nothing(tmp_path):
+  workdir = str(tmp_path)
+  save_big_steps(workdir, [1, 2])
+  before = tree_digest(workdir)
+  other = big_items(1.0)
+  other["model"]["params"]["dense"]["kernel"] = np.zeros((64, 128), np.float32)
+  with pytest.raises(checkpoints.CheckpointError, match="step 2 does not match the expected state") as error:
+    checkpoints.Checkpoints(workdir, async_save=False).restore_intact(abstract(other))
+  assert type(error.value) is checkpoints.CheckpointError
+  assert tree_digest(workdir) == before
+
+
+# Reads the run in argv[1] as a resume would, with short retry delays; prints the step or the one-line error.
+_RESUME = """
+import sys, time
+import jax
+from hydra_jax import checkpoints
+from tests.test_checkpoints import abstract, big_items
+start = time.monotonic()
+try:
+  _, meta = checkpoints.Checkpoints(sys.argv[1], async_save=False).restore_intact(abstract(big_items(1.0)), (0.3, 0.3))
+  print("step", meta["step"])
+except checkpoints.CheckpointError as error:
+  print(f"{type(error).__name__}: {error}")
+  print(f"{time.monotonic() - start:.2f} s")
+"""
+
+# Runs without CAP_DAC_OVERRIDE when root, so that a file of mode 000 is unreadable to it (as to any other user).
+UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
+def run_python(code, *args, prefix=()):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  return subprocess.run(
+    [*prefix, sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+
+
+def test_a_permission_error_on_resume_is_retried_then_stops_and_moves_nothing(tmp_path):
+  """A good newest step with one file this process may not read: retried, then one line naming the path and the
+  error; the step stays where it is (before, it was moved aside and the run rewound)."""
+  workdir = str(tmp_path)
+  save_big_steps(workdir, [1, 2])
+  manifest = os.path.join(workdir, "checkpoints", "2", "model", "manifest.ocdbt")
+  os.chmod(manifest, 0)
+  before = tree_digest(workdir)
+  result = run_python(_RESUME, workdir, prefix=UNPRIVILEGED)
+  assert result.returncode == 0, result.stderr
+  message, seconds = result.stdout.strip().splitlines()
+  assert message.startswith(
+    f"CheckpointReadError: checkpoint {os.path.join(workdir, 'checkpoints')} step 2 cannot be read "
+    f"({os.path.join(workdir, 'checkpoints', '2')}) (ValueError: PERMISSION_DENIED"
+  ), message
+  assert message.endswith(
+    "after 3 attempts; nothing was moved: make the checkpoint readable (or wait for the storage "
+    "to answer) and rerun to resume"
+  )
+  assert float(seconds.split()[0]) >= 0.6  # both retry delays were waited
+  assert tree_digest(workdir) == before
+  assert sorted(os.listdir(workdir)) == ["best", "checkpoints"]
+  os.chmod(manifest, 0o644)
+  assert checkpoints.restore(workdir, abstract(big_items(1.0)))[1]["step"] == 2  # it was a good step
