@@ -418,3 +418,38 @@ def test_a_permission_error_on_resume_is_retried_then_stops_and_moves_nothing(tm
   assert sorted(os.listdir(workdir)) == ["best", "checkpoints"]
   os.chmod(manifest, 0o644)
   assert checkpoints.restore(workdir, abstract(big_items(1.0)))[1]["step"] == 2  # it was a good step
+
+
+# Saves two steps of 64 arrays in argv[1], damages the newest one's OCDBT index (DATA_LOSS when read) and resumes
+# ten copies of the run: orbax closes a restore's event loop at the first failed read while TensorStore still
+# answers the 63 others, which printed `RuntimeError: Event loop is closed` tracebacks about every other time.
+_RESUME_PAST_DAMAGE = """
+import os, shutil, sys
+import jax
+import numpy as np
+from hydra_jax import checkpoints
+from tests.test_checkpoints import flip_array_bytes
+root = sys.argv[1]
+items = {"model": {f"layer{i}": np.full((8, 8), i, np.float32) for i in range(64)}}
+ckpt = checkpoints.Checkpoints(os.path.join(root, "run"), async_save=False)
+for step in (1, 2):
+  ckpt.save(step, items, meta={"step": step}, sparsity="{}")
+ckpt.close()
+flip_array_bytes(os.path.join(root, "run", "checkpoints", "2"))
+for copy in range(10):
+  workdir = shutil.copytree(os.path.join(root, "run"), os.path.join(root, str(copy)))
+  _, meta = checkpoints.Checkpoints(workdir, async_save=False).restore_intact(jax.eval_shape(lambda: items))
+  assert meta["step"] == 1
+"""
+
+
+def test_a_resume_past_a_damaged_step_prints_its_two_warnings_and_nothing_else(tmp_path):
+  result = run_python(_RESUME_PAST_DAMAGE, str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  lines = result.stderr.splitlines()
+  assert len(lines) == 20, result.stderr[:3000]
+  for copy in range(10):
+    damaged, moved = lines[2 * copy : 2 * copy + 2]
+    assert damaged.startswith(f"warning: checkpoint {tmp_path / str(copy) / 'checkpoints'} step 2 is unreadable: ")
+    assert damaged.endswith("; resuming from step 1, the latest readable one")
+    assert moved == f"warning: moved the unreadable step 2 to {tmp_path / str(copy) / 'unreadable_checkpoint_2'}"
