@@ -174,7 +174,7 @@ class Checkpoints:
         return result
       if error is None:  # another process failed to read what this one read
         error = CheckpointError(
-          f"checkpoint {self.workdir} step {step} could not be read by process {process} (its log names the "
+          f"checkpoint {self._last.directory} step {step} could not be read by process {process} (its log names the "
           "error); nothing was moved"
         )
       if verdict != _VERDICTS[CheckpointDamaged]:
@@ -227,7 +227,7 @@ def read_meta(directory: str, step: int | None = None) -> tuple[int, dict[str, A
   try:
     checked = _has_checksums(step_dir)
     args = {"meta": ocp.args.JsonRestore(), **({CHECKSUMS: ocp.args.JsonRestore()} if checked else {})}
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
+    restored = _read_step(step_dir, ocp.args.Composite(**args))
   except Exception as error:  # orbax raises many types for damaged files
     kind = read_failure(error)
     raise kind(
@@ -269,7 +269,7 @@ def restore(
         for name, item in abstract_items.items()
       },
     )
-    restored = manager.restore(step, args=args)
+    restored = _read_step(step_dir, args)
   except Exception as error:  # orbax raises ValueError/KeyError/FileNotFoundError/... for mismatches
     kind = read_failure(error)
     problem = {
@@ -380,6 +380,20 @@ def _abandoned_read_filter(record: logging.LogRecord) -> bool:
   message = record.getMessage()
   abandoned = "exception was never retrieved" in message
   return not (abandoned and ("async_deserialize" in message or "tensorstore_spec" in message))
+
+
+def _read_step(step_dir, args: ocp.args.Composite) -> Any:
+  """The items `args` asks for from the finished step in `step_dir`, read by this process alone.
+
+  Orbax's `CheckpointManager.restore` ends in a barrier of all processes, which a process whose read failed never
+  reaches: the others would wait there (and every later collective would pair with the wrong one). The handler
+  reads without it; `Checkpoints.restore_intact` lets the processes agree afterwards.
+  """
+  handler = ocp.CompositeCheckpointHandler()
+  try:
+    return handler.restore(step_dir, args=args)
+  finally:
+    handler.close()
 
 
 def _step_dir(manager: ocp.CheckpointManager, step: int):

@@ -458,3 +458,65 @@ def test_a_resume_past_a_damaged_step_prints_its_two_warnings_and_nothing_else(t
     assert damaged.startswith(f"warning: checkpoint {tmp_path / str(copy) / 'checkpoints'} step 2 is unreadable: ")
     assert damaged.endswith("; resuming from step 1, the latest readable one")
     assert moved == f"warning: moved the unreadable step 2 to {tmp_path / str(copy) / 'unreadable_checkpoint_2'}"
+
+
+# Process argv[3] of 2 joins the run at argv[2] and resumes the run in argv[1]; prints the step or the error.
+_RESUME_TOGETHER = """
+import sys
+from hydra_jax import checkpoints, parallel
+from tests.test_checkpoints import abstract, big_items
+workdir, address, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
+parallel.init_distributed(address, 2, process_id, timeout_s=60)
+try:
+  _, meta = checkpoints.Checkpoints(workdir, async_save=False).restore_intact(abstract(big_items(1.0)), (0.2,))
+  print("step", meta["step"])
+except checkpoints.CheckpointError as error:
+  print(f"{type(error).__name__}: {error}")
+"""
+
+
+def test_two_processes_agree_on_the_step_to_resume_from(tmp_path):
+  """Damage seen by both: both resume from the latest intact step (process 0 moves the damaged one aside). A
+  permission error on one process only (process 1 runs without root's override): both stop, nothing moved,
+  neither is left waiting in a collective (before, process 1 set the step aside alone and waited for process 0)."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+
+  damaged, denied = str(tmp_path / "damaged"), str(tmp_path / "denied")
+  for workdir in (damaged, denied):
+    save_big_steps(workdir, [1, 2])
+  flip_largest_file(os.path.join(damaged, "checkpoints", "2"))
+  os.chmod(os.path.join(denied, "checkpoints", "2", "model", "manifest.ocdbt"), 0)
+  before = tree_digest(denied)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  procs = {}
+  for workdir in (damaged, denied):
+    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    for index in range(2):
+      prefix = UNPRIVILEGED if workdir == denied and index == 1 else []
+      procs[workdir, index] = subprocess.Popen(
+        [*prefix, sys.executable, "-c", _RESUME_TOGETHER, workdir, address, str(index)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+  try:
+    outputs = {key: proc.communicate(timeout=120) for key, proc in procs.items()}  # a process left waiting: timeout
+  finally:
+    for proc in procs.values():
+      proc.kill()
+  assert [proc.returncode for proc in procs.values()] == [0] * 4, outputs
+  printed = {key: out.strip().splitlines()[-1] for key, (out, _) in outputs.items()}
+  assert printed[damaged, 0] == printed[damaged, 1] == "step 1", printed
+  assert sorted(os.listdir(damaged)) == ["best", "checkpoints", "unreadable_checkpoint_2"]
+  assert printed[denied, 1].startswith(
+    f"CheckpointReadError: checkpoint {os.path.join(denied, 'checkpoints')} step 2 cannot be read"
+  ), printed
+  assert "PERMISSION_DENIED" in printed[denied, 1] and printed[denied, 1].endswith("and rerun to resume")
+  assert printed[denied, 0] == (
+    f"CheckpointError: checkpoint {os.path.join(denied, 'checkpoints')} step 2 could not be read by process 1 "
+    "(its log names the error); "
+    "nothing was moved"
+  ), printed
+  assert tree_digest(denied) == before
