@@ -423,13 +423,15 @@ _READ_ERROR_CODES = (
   "CANCELLED",
   "UNKNOWN: ",
 )
-# ... and those that say the files are damaged or missing.
-_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "Failed to parse", "Error parsing", "Expecting value", "JSON")
+# ... and the messages that say the files are damaged or missing (DATA_LOSS: a CRC-32C of an OCDBT manifest or
+# b-tree node that does not hold; the others: metadata that does not parse, a file that is not there).
+_DAMAGE_CODES = ("NOT_FOUND", "Failed to parse", "Error parsing", "Expecting value")
 
 
 def read_failure(error: BaseException) -> type[CheckpointError]:
   """The class of a read failure: CheckpointReadError (permission, I/O, network, timeout; retry, move nothing),
-  CheckpointDamaged (unparseable or missing files: set aside on resume) or CheckpointError (another state)."""
+  CheckpointDamaged (a checksum that does not hold, unparseable or missing files: set aside on resume) or
+  CheckpointError (a step of another state, or an error of unknown kind: never set aside)."""
   chain, seen = [], error
   while seen is not None and len(chain) < 16:
     chain.append(seen)
@@ -437,6 +439,8 @@ def read_failure(error: BaseException) -> type[CheckpointError]:
   if any(isinstance(e, CheckpointError) for e in chain):
     return next(type(e) for e in chain if isinstance(e, CheckpointError))
   text = " ".join(str(e) for e in chain)
+  if "DATA_LOSS" in text:
+    return CheckpointDamaged
   for e in chain:
     if isinstance(e, (PermissionError, TimeoutError, ConnectionError)):
       return CheckpointReadError

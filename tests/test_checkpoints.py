@@ -520,3 +520,33 @@ def test_two_processes_agree_on_the_step_to_resume_from(tmp_path):
     "nothing was moved"
   ), printed
   assert tree_digest(denied) == before
+
+
+@pytest.mark.parametrize(
+  "error, kind",
+  [
+    (OSError(5, "Input/output error"), checkpoints.CheckpointReadError),  # EIO from a failing disk or FUSE mount
+    (PermissionError(13, "Permission denied"), checkpoints.CheckpointReadError),
+    (TimeoutError("timed out"), checkpoints.CheckpointReadError),
+    (ValueError('UNAVAILABLE: Error reading "gs://b/run/checkpoints/6/model/manifest.ocdbt": HTTP 503'), "read"),
+    (ValueError("DEADLINE_EXCEEDED: while reading"), "read"),
+    (ValueError("DATA_LOSS: Error decoding b-tree node: CRC-32C checksum verification failed"), "damaged"),
+    (json.JSONDecodeError("Expecting value", "{", 1), "damaged"),
+    (FileNotFoundError(2, "No such file or directory"), "damaged"),
+    (ValueError("Requested shape (3, 3, 2, 2) does not match the stored shape (2, 3, 2, 2)"), "other"),
+  ],
+)
+def test_read_failures_are_classified_as_read_errors_damage_or_another_state(error, kind):
+  expected = {
+    "read": checkpoints.CheckpointReadError,
+    "damaged": checkpoints.CheckpointDamaged,
+    "other": checkpoints.CheckpointError,
+  }.get(kind, kind)
+  assert checkpoints.read_failure(error) is expected
+  try:  # the same error as the cause of orbax's own exception
+    try:
+      raise error
+    except Exception as cause:
+      raise RuntimeError("restore failed") from cause
+  except RuntimeError as wrapped:
+    assert checkpoints.read_failure(wrapped) is expected
