@@ -90,6 +90,9 @@ _COMPACT = flags.DEFINE_bool(
   "Use the compact network of a mask.granularity=channel run (only its kept channels): export writes it as "
   ".npz with its channel plan, eval evaluates it.",
 )
+_BEST = flags.DEFINE_bool(
+  "best", False, "Read the run's best checkpoint (best/: its highest robust accuracy) instead of its latest."
+)
 _DENSE = flags.DEFINE_bool("dense", True, "Masked dense weights (zeros) instead of weights + scores.")
 _SIGMA = flags.DEFINE_float("sigma", 0.25, "Smoothing noise std (pixels in [0, 1]).")
 _N0 = flags.DEFINE_integer("n0", 100, "Monte Carlo samples to select the class.")
@@ -119,6 +122,7 @@ _COMMAND_HELP = {
       "methods": None,
       "per_example": None,
       "compact": None,
+      "best": None,
     },
   ),
   "export": (
@@ -146,6 +150,7 @@ _COMMAND_HELP = {
       "skip": None,
       "max_examples": None,
       "certify_batch": None,
+      "best": None,
     },
   ),
 }
@@ -190,7 +195,7 @@ def _run(command: str) -> None:
     raise errors.UserError(f"{missing} required (see hydra-jax {command} --help)")
   _check_paths(command, workdir)
   if config is None:  # eval, export, certify: the run's own config
-    config = export.run_config(workdir)
+    config = export.run_config(workdir, "best" if _BEST.value and command != "export" else "latest")
   else:
     config_lib.check_values(config)  # the overrides' numbers and names (train checks all of check_config)
   if command == "train":
@@ -201,7 +206,12 @@ def _run(command: str) -> None:
       print(json.dumps(result, indent=2))
   elif command == "eval":
     results = export.evaluate_checkpoint(
-      config, workdir, methods=_METHODS.value, per_example=_PER_EXAMPLE.value, compact=_COMPACT.value
+      config,
+      workdir,
+      methods=_METHODS.value,
+      per_example=_PER_EXAMPLE.value,
+      compact=_COMPACT.value,
+      best=_BEST.value,
     )
     print(json.dumps(results, indent=2))
   elif command == "certify":
@@ -217,6 +227,7 @@ def _run(command: str) -> None:
         batch_size=_CERTIFY_BATCH.value,
         skip=_SKIP.value,
         max_examples=_MAX_EXAMPLES.value,
+        best=_BEST.value,
       )["table"]
     )
   else:

@@ -96,8 +96,11 @@ def save_source(
 
 
 def _has_checkpoint(directory: str) -> bool:
+  """Whether `directory` holds a checkpoint; one that cannot be read now (permission, I/O) is an error, not none."""
   try:
     checkpoints.read_meta(directory)
+  except checkpoints.CheckpointReadError:
+    raise
   except checkpoints.CheckpointError:
     return False
   return True

@@ -496,7 +496,7 @@ def test_mismatched_or_corrupt_source_gives_a_clear_error(pretrained_dir, tmp_pa
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  with pytest.raises(checkpoints.CheckpointError, match="does not match|cannot read"):
+  with pytest.raises(checkpoints.CheckpointDamaged, match=r"step \d+ is unreadable: its files are damaged"):
     sources.load_source(tiny_config(stage="prune", source=str(corrupt)))
 
 

@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from hydra_jax import models
 from hydra_jax import pipeline
 from hydra_jax import sources
 from tests import pipeline_helpers as ph
+from tests.cli_in_process import run as run_in_process
 from tests.test_cli import hydra_jax as run_cli
 from tests.test_export import write_run
 
@@ -35,6 +37,50 @@ def pruned(tmp_path_factory):
   config.checkpoint.every_steps, config.data.eval_examples = 5, 40  # 40 = one full batch and one padded one
   pipeline.train_and_evaluate(config, prune_dir)
   return config, prune_dir
+
+
+@pytest.fixture(scope="module")
+def best_before_last(pruned, tmp_path_factory):
+  """A copy of the pruned run continued by a step 12 whose evaluation is worse than step 11's: every weight
+  negated and a lower robust accuracy recorded, saved as the train loop saves. Its best/ stays step 11, its latest
+  is step 12."""
+  config, workdir = pruned
+  copy = shutil.copytree(workdir, str(tmp_path_factory.mktemp("best_before_last") / "prune"))
+  params, batch_stats, scores = sources.load_source(ph.override(config.copy_and_resolve_references(), source=copy))
+  step, meta = checkpoints.read_meta(copy)
+  assert step == 11 and os.listdir(os.path.join(copy, "best")) == ["11"]
+  metrics = {**meta["metrics"], "robust": meta["metrics"]["robust"] - 0.5}
+  with open(os.path.join(copy, "checkpoints", "11", "sparsity", "metadata")) as f:
+    sparsity = f.read()
+  ckpt = checkpoints.Checkpoints(copy, keep=3, async_save=False)
+  worse = {"params": jax.tree.map(lambda w: -w, params), "batch_stats": batch_stats, "scores": scores}
+  ckpt.save(12, {"model": worse}, meta={**meta, "metrics": metrics}, sparsity=sparsity, metrics=metrics)
+  ckpt.close()
+  return copy
+
+
+def test_the_best_checkpoint_is_the_best_evaluation_not_the_latest(pruned, best_before_last):
+  config, original = pruned
+  workdir = best_before_last
+  assert os.listdir(os.path.join(workdir, "best")) == ["11"]
+  best, latest = hydra_jax.load_run(workdir, "best"), hydra_jax.load_run(workdir)
+  assert (best.step, latest.step) == (11, 12)
+  step_11 = hydra_jax.load_run(original)  # the run's own step 11, read from the run that was copied
+  assert step_11.step == 11
+  flat = lambda tree: jax.tree_util.tree_leaves_with_path(tree)  # noqa: E731
+  assert [p for p, _ in flat(best.variables)] == [p for p, _ in flat(step_11.variables)]
+  for (path, a), (_, b) in zip(flat(best.variables), flat(step_11.variables)):
+    np.testing.assert_array_equal(a, b, err_msg=str(path))
+  assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(flat(latest.variables), flat(best.variables)))
+  x, y = eval_images(config)
+  best_clean, latest_clean = (np.mean(np.argmax(m(x), axis=-1) == y) for m in (step_11, latest))
+  assert best_clean != latest_clean
+  status, out, err = run_in_process("eval", "--best", "--methods=", "--workdir", workdir)
+  assert status == 0, err
+  assert json.loads(out)["clean"] == best_clean
+  status, out, err = run_in_process("eval", "--methods=", "--workdir", workdir)
+  assert status == 0, err
+  assert json.loads(out)["clean"] == latest_clean
 
 
 def eval_images(config):
