@@ -181,8 +181,10 @@ def rate_report(rates: PyTree, scores: PyTree, *, k: float, alpha: float) -> dic
   return {"k": k, "alpha": alpha, "learned_kept_fraction": learned, "kept": sum(counts.values()), "layers": layers}
 
 
-def plot_rates(report: dict[str, Any], path: str) -> None:
-  """A bar plot (PNG) of the per-layer kept fractions of a `rate_report`: learned and fixed (kept / size)."""
+def plot_rates(report: dict[str, Any]) -> bytes:
+  """A bar plot (PNG bytes) of the per-layer kept fractions of a `rate_report`: learned and fixed (kept / size)."""
+  import io  # pylint: disable=g-import-not-at-top
+
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -198,5 +200,7 @@ def plot_rates(report: dict[str, Any], path: str) -> None:
   ax.set_ylabel("fraction kept")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  return png.getvalue()
