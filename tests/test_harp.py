@@ -103,9 +103,10 @@ def test_hw_loss_and_kept_fraction_match_numpy():
 
 
 def test_gamma_grows_per_epoch_and_freezes_when_the_loss_reaches_zero():
-  """HARP's train loop restated: gamma = (epoch + 1) * g0 until an epoch ends with round(hw, 4) == 0, then fixed."""
+  """HARP's train loop restated: gamma = (epoch + 1) * g0 until an epoch ENDS with round(hw, 4) == 0 (a zero loss
+  mid-epoch, step 1, does not count), then fixed."""
   spe, g0 = 3, 0.5
-  losses = [0.3, 0.2, 0.1, 0.05, 0.01, 0.00004, 0.2, 0.1, 0.0, 0.3, 0.3, 0.3, 0.0, 0.0, 0.0]
+  losses = [0.3, 0.0, 0.1, 0.05, 0.01, 0.00004, 0.2, 0.1, 0.0, 0.3, 0.3, 0.3, 0.0, 0.0, 0.0]
   frozen, got = jnp.float32(0), []
   for step, loss in enumerate(losses):
     g = harp.gamma(jnp.int32(step), spe, g0, frozen)

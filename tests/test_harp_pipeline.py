@@ -18,6 +18,7 @@ from hydra_jax import harp
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
+from hydra_jax import optim
 from hydra_jax import parallel
 from hydra_jax import sources
 from hydra_jax import train
@@ -166,3 +167,52 @@ def test_learned_rates_with_channel_granularity_or_a_global_scope_are_refused():
   ):
     with pytest.raises(config_lib.errors.ConfigError, match=match):
       config_lib.check_config(harp_config(stage="pretrain", **overrides))
+
+
+def test_the_train_step_adds_gamma_times_the_hardware_loss_gradient_to_the_rates():
+  """With plain SGD (no momentum, no weight decay) the rates' update differs between hw_gamma = g and 0 by exactly
+  -lr * g * d hw_loss / d rates (the first epoch's gamma is 1 * g)."""
+  config = harp_config(stage="prune", **{"optimizer.name": "sgd", "optimizer.momentum": 0.0})
+  config.optimizer.weight_decay = 0.0
+  config.source = "unused"
+  batch = data.train_batches("digits", 32, seed=0).batch_at(0)
+  model = models.get_model(config.model.name, 10)
+  params = model.init(jax.random.key(0), batch["image"][:1], train=False)["params"]
+  scores = masking.init_scores(params, "scaled", jax.random.key(1))
+  rates = harp.init_rates(params, scores, k=K, alpha=0.1, strategy="uniform")
+  rates = jax.tree.map(lambda r: r + 1.0, rates)  # above the target: the hardware loss is positive
+  labels = {"params": jax.tree.map(lambda _: "freeze", params), "scores": jax.tree.map(lambda _: "train", scores)}
+  labels["rates"] = jax.tree.map(lambda _: "train", rates)
+
+  def new_rates(gamma):
+    step_config = ph.override(config_lib.stage_config(config, "prune"), **{"mask.hw_gamma": gamma})
+    tx = optim.make_optimizer(step_config, "prune", labels, 4)
+    trainable = {"params": params, "scores": scores, "rates": rates}
+    state = train.TrainState(
+      step=jax.numpy.int32(0),
+      params=params,
+      scores=scores,
+      batch_stats={},
+      opt_state=tx.init(trainable),
+      carry=(),
+      rng=jax.random.PRNGKey(0),
+      aux={"frozen_gamma": jax.numpy.float32(0)},
+      rates=rates,
+    )
+    step = functools.partial(
+      train.train_step,
+      apply_fn=models.make_apply_fn(model),
+      objective=objectives.get_objective("benign"),
+      config=step_config,
+      tx=tx,
+      k=K,
+      steps_per_epoch=4,
+      axis_name=None,
+    )
+    return jax.jit(step)(state, batch)[0].rates
+
+  lr, gamma = config.stages.prune.lr, 7.0
+  hw_grad = jax.grad(harp.hw_loss)(rates, scores, K, 0.1)
+  for with_hw, without, g in zip(*(jax.tree.leaves(t) for t in (new_rates(gamma), new_rates(0.0), hw_grad))):
+    np.testing.assert_allclose(with_hw - without, -lr * gamma * g, rtol=1e-4, atol=1e-7)
+  assert float(harp.hw_loss(rates, scores, K, 0.1)) > 0
