@@ -5,6 +5,7 @@ against a numpy restatement, and the exact kept count of the fixed rates."""
 import math
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +161,43 @@ def test_initial_strategies_uniform_and_erk():
     assert float(v) == pytest.approx(min(want[name], 0.99 * 0.98 + 0.02), rel=1e-6)
   with pytest.raises(ValueError, match="unknown rate strategy 'lamp'; valid: uniform, erk"):
     harp.init_rates(params, scores, k=0.2, alpha=0.1, strategy="lamp")
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    "cnn_tiny",
+    pytest.param("vgg_tiny", marks=pytest.mark.slow),
+    pytest.param("wrn_tiny", marks=pytest.mark.slow),
+    pytest.param("resnet_tiny", marks=pytest.mark.slow),
+    pytest.param("resnet_imagenet_tiny", marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2_tiny", marks=pytest.mark.slow),
+    pytest.param("googlenet_tiny", marks=pytest.mark.slow),
+  ],
+)
+def test_every_zoo_family_learns_rates_and_meets_the_target_exactly(name):
+  from hydra_jax import models  # noqa: PLC0415
+
+  model = models.get_model(name, 10)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, *models.input_shape(name))), jnp.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+  params = variables["params"]
+  scores = masking.init_scores(params, "scaled", jax.random.key(1))
+  rates = harp.init_rates(params, scores, k=0.05, alpha=0.1, strategy="erk")
+
+  @jax.jit
+  def grads(scores, rates):
+    def loss(scores, rates):
+      masked = masking.apply_masks(params, scores, harp.layer_rates(rates, 0.05, 0.1))
+      logits = model.apply({**variables, "params": masked}, x, train=False)
+      return jnp.sum(logits**2) + harp.hw_loss(rates, scores, 0.05, 0.1)
+
+    return jax.grad(loss, argnums=(0, 1))(scores, rates)
+
+  _, rate_grads = grads(scores, rates)
+  assert all(np.isfinite(float(g)) for g in jax.tree.leaves(rate_grads))
+  assert any(float(g) != 0 for g in jax.tree.leaves(rate_grads))
+  total = sum(int(np.size(s)) for s in jax.tree.leaves(scores))
+  fixed = flax.core.FrozenDict(harp.fixed_k(rates, scores, k=0.05, alpha=0.1))
+  masks = jax.jit(masking.compute_masks, static_argnums=1)(scores, fixed)
+  assert sum(int(np.sum(m)) for m in jax.tree.leaves(masks)) == math.floor(0.05 * total + 0.5)
