@@ -50,13 +50,18 @@ def both():
 
 def test_masks_logits_and_hardware_loss_match_the_pytorch_restatement(both):
   model, params, scores, rates, net, x, y = both
-  masks = masking.compute_masks(scores, harp.layer_rates(rates, K, ALPHA))
+
+  @jax.jit
+  def masks_and_logits(scores, rates):
+    masks = masking.compute_masks(scores, harp.layer_rates(rates, K, ALPHA))
+    masked = masking.apply_masks(params, scores, harp.layer_rates(rates, K, ALPHA))
+    return masks, model.apply({"params": masked}, x, train=False)
+
+  masks, logits = masks_and_logits(scores, rates)
   for layer, name in zip(net.layers, NAMES):
     k = torch_harp.rate_act_func(layer.k_score, layer.k_min)
     theirs = torch_harp.GetSubnet.apply(layer.popup_scores.abs(), k)
     np.testing.assert_array_equal(masks[name]["kernel"], _from_torch(theirs))
-  masked = masking.apply_masks(params, scores, harp.layer_rates(rates, K, ALPHA))
-  logits = model.apply({"params": masked}, x, train=False)
   theirs = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy()
   np.testing.assert_allclose(logits, theirs, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(harp.hw_loss(rates, scores, K, ALPHA), torch_harp.hw_loss(net, K).item(), rtol=1e-6)
@@ -72,7 +77,7 @@ def test_gradients_of_scores_and_rates_match_the_pytorch_restatement(both):
     return robust + GAMMA * harp.hw_loss(rates, scores, K / 4, ALPHA * 4)  # a loss above 0: both terms count
 
   # The hardware loss with target K / 4 and alpha * 4 has the same k_min (alpha k) and is positive.
-  score_grads, rate_grads = jax.grad(loss_fn, argnums=(0, 1))(scores, rates)
+  score_grads, rate_grads = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(scores, rates)
   net.zero_grad()
   logits = net(torch.from_numpy(x.transpose(0, 3, 1, 2)))
   loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)) + GAMMA * torch_harp.hw_loss(net, K / 4)
