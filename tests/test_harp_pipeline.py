@@ -216,3 +216,14 @@ def test_the_train_step_adds_gamma_times_the_hardware_loss_gradient_to_the_rates
   for with_hw, without, g in zip(*(jax.tree.leaves(t) for t in (new_rates(gamma), new_rates(0.0), hw_grad))):
     np.testing.assert_allclose(with_hw - without, -lr * gamma * g, rtol=1e-4, atol=1e-7)
   assert float(harp.hw_loss(rates, scores, K, 0.1)) > 0
+
+
+@pytest.mark.slow
+def test_stage_all_with_learned_rates_runs_harp_beside_the_baselines(tmp_path):
+  from hydra_jax import pipeline  # noqa: PLC0415
+
+  config = harp_config(stage="all", ks=(0.2,), baselines=("lwm",))
+  rows = pipeline.train_and_evaluate(config, str(tmp_path))
+  assert [row["method"] for row in rows] == ["dense", "harp (prune only)", "harp", "lwm"]
+  assert rows[2]["kept_fraction"] == round(0.2 * WEIGHTS) / WEIGHTS  # the target exactly
+  assert "rates" in rows[2] and "rates" not in rows[3]  # LWM: HYDRA's uniform k
