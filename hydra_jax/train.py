@@ -11,6 +11,9 @@ written per device: with `axis_name` set it averages gradients, metrics and BN s
 step through `baselines.PhaseHooks` (the weights the model runs with, a loss term, an update before or after
 each step).
 
+HARP (`config.mask.learn_rates`, `hydra_jax.harp`): prune also trains per-layer rates (`TrainState.rates`) with the
+hardware loss added to the objective's, and finetune keeps them fixed.
+
   config = config_lib.default_config()        # hydra_jax.config, or a configs/*.py get_config(arg)
   config.stage, config.source, config.k = 'prune', 'runs/pretrain', 0.01
   summary = train.run_stage(config, 'runs/prune')   # pipeline.train_and_evaluate runs stage='all'
