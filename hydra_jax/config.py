@@ -309,7 +309,6 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     "stages.finetune.score_init": (*_score_inits(config), "source"),
     "data.format": ("auto", *data_formats.FORMATS),
     "baseline.rigl_distribution": baselines.RIGL_DISTRIBUTIONS,
-    "mask.rate_init": harp.STRATEGIES,
   }
   for key, valid in choices.items():
     value = lookup(config, key)
@@ -356,18 +355,31 @@ def _check_channel_granularity(config: ml_collections.ConfigDict) -> None:
     )
 
 
+_RATE_KEYS = ("learn_rates", "learn_scores", "rate_init", "rate_alpha", "hw_gamma", "hw_gamma_dynamic")
+
+
+def rate_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.mask's HARP keys (`_RATE_KEYS`), the defaults where a config lacks them (one setting its mask as a dict)."""
+  defaults = default_config().mask
+  return ml_collections.ConfigDict({key: config.mask.get(key, defaults[key]) for key in _RATE_KEYS})
+
+
 def _check_rates(config: ml_collections.ConfigDict) -> None:
   """What HARP's learned rates (config.mask.learn_rates) need: per-layer weight masks and an alpha in [0, 1)."""
-  mask = config.mask
+  mask = rate_settings(config)
+  if mask.rate_init not in harp.STRATEGIES:
+    raise errors.ConfigError(
+      f"config.mask.rate_init={mask.rate_init!r} is invalid; valid: {', '.join(harp.STRATEGIES)}"
+    )
   if not 0 <= mask.rate_alpha < 1:
     raise errors.ConfigError(f"config.mask.rate_alpha={mask.rate_alpha!r} must lie in [0, 1): k_min = alpha * k")
   if mask.hw_gamma < 0:
     raise errors.ConfigError(f"config.mask.hw_gamma={mask.hw_gamma!r} must be >= 0")
   if not mask.learn_rates:
     return
-  if mask.scope != "layer":
+  if config.mask.scope != "layer":
     raise errors.ConfigError("config.mask.learn_rates=true learns per-layer rates; set --config.mask.scope=layer")
-  if mask.get("granularity", "weight") != "weight":
+  if config.mask.get("granularity", "weight") != "weight":
     raise errors.ConfigError("config.mask.learn_rates=true needs --config.mask.granularity=weight (channel: not yet)")
 
 

@@ -157,7 +157,7 @@ def load_source_rates(config: ml_collections.ConfigDict, params: PyTree, scores:
 
 def learns_rates(config: ml_collections.ConfigDict) -> bool:
   """Whether this stage learns HARP's per-layer rates: prune with config.mask.learn_rates."""
-  return config.stage == "prune" and bool(config.mask.get("learn_rates", False))
+  return config.stage == "prune" and bool(config_lib.rate_settings(config).learn_rates)
 
 
 def initial_rates(
@@ -166,8 +166,8 @@ def initial_rates(
   """The rates a stage starts from: HARP's init (config.mask.rate_init) where prune learns them, the source's in
   finetune when it takes the source's scores too, else None (HYDRA's uniform k)."""
   if learns_rates(config):
-    mask = config.mask
-    return harp.init_rates(params, scores, k=config.k, alpha=mask.rate_alpha, strategy=mask.rate_init)
+    settings = config_lib.rate_settings(config)
+    return harp.init_rates(params, scores, k=config.k, alpha=settings.rate_alpha, strategy=settings.rate_init)
   if config.stage == "finetune" and config.stages.finetune.score_init == "source":
     return source_rates
   return None
@@ -178,7 +178,7 @@ def mask_k(config: ml_collections.ConfigDict, rates: PyTree | None, scores: PyTr
   arrays) while prune learns them, else the rates fixed to the exact target (`harp.fixed_k`, a hashable FrozenDict)."""
   if rates is None:
     return config.k
-  alpha = config.mask.rate_alpha
+  alpha = config_lib.rate_settings(config).rate_alpha
   if learns_rates(config):
     return harp.layer_rates(rates, config.k, alpha)
   return flax.core.FrozenDict(harp.fixed_k(rates, scores, k=config.k, alpha=alpha))

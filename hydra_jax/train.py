@@ -128,18 +128,21 @@ def train_step(
   if hooks is not None and not hooks.trains_aux:
     aux = hooks.before_step(state.params, aux, state.step)  # ADMM's Z/U update, before this batch's forward
   after_step = None if hooks is None else hooks.after_step
-  mask, learning = config.mask, sources.learns_rates(config)
+  mask, rate_config, learning = config.mask, config_lib.rate_settings(config), sources.learns_rates(config)
+  alpha = rate_config.rate_alpha
   if learning:  # HARP: the hardware loss's weight grows per epoch until frozen
-    hw_gamma = harp.gamma(state.step, steps_per_epoch, mask.hw_gamma, aux["frozen_gamma"], mask.hw_gamma_dynamic)
+    hw_gamma = harp.gamma(
+      state.step, steps_per_epoch, rate_config.hw_gamma, aux["frozen_gamma"], rate_config.hw_gamma_dynamic
+    )
 
   def loss_fn(trainable, carry, batch_stats, key, probe):
     params, scores = trainable["params"], trainable["scores"]
     if hooks is None:
-      layer_k = harp.layer_rates(trainable["rates"], config.k, mask.rate_alpha) if learning else k
+      layer_k = harp.layer_rates(trainable["rates"], config.k, alpha) if learning else k
       weights = sources.masked_params(
         params, scores, layer_k, mask.scope, mask.min_layer_k, sources.mask_groups(config)
       )
-      penalty = hw_gamma * harp.hw_loss(trainable["rates"], scores, config.k, mask.rate_alpha) if learning else 0.0
+      penalty = hw_gamma * harp.hw_loss(trainable["rates"], scores, config.k, alpha) if learning else 0.0
     else:
       phase = hooks.phase_state(scores, aux)
       weights, penalty = hooks.weights(params, phase), hooks.penalty(params, phase)
@@ -166,10 +169,10 @@ def train_step(
       carry = objective.update_carry(carry, carry_grad, config.objective)
   params = trainable["params"]
   if learning:
-    hw = harp.hw_loss(trainable["rates"], trainable["scores"], config.k, mask.rate_alpha)
+    hw = harp.hw_loss(trainable["rates"], trainable["scores"], config.k, alpha)
     epoch_end = (state.step + 1) % steps_per_epoch == 0
     aux = {"frozen_gamma": harp.freeze_gamma(aux["frozen_gamma"], hw, hw_gamma, epoch_end)}
-    kept = harp.kept_fraction(trainable["rates"], trainable["scores"], config.k, mask.rate_alpha)
+    kept = harp.kept_fraction(trainable["rates"], trainable["scores"], config.k, alpha)
     metrics = {**metrics, "hw_loss": hw, "hw_gamma": hw_gamma, "rate_kept_fraction": kept}
   if after_step is not None:  # RigL's mask update; the device average of weight_grads runs only where it is used
     mean_weight_grads = functools.partial(_device_mean, weight_grads, axis_name)
@@ -260,9 +263,15 @@ def initial_state(
     k = sources.mask_k(config, rates, scores)
     params = sources.exported_params(params, scores, k, config.mask, sources.mask_groups(config))
   objective = objectives.get_objective(config.objective.name)
-  mask = config.mask
+  rate_config = config_lib.rate_settings(config)
   labels = optim.trainable_labels(
-    params, scores, stage, config.freeze_bn, rates, learn_rates=mask.learn_rates, learn_scores=mask.learn_scores
+    params,
+    scores,
+    stage,
+    config.freeze_bn,
+    rates,
+    learn_rates=rate_config.learn_rates,
+    learn_scores=rate_config.learn_scores,
   )
   tx = optim.make_optimizer(config, stage, labels, steps_per_epoch * objective.replays(config.objective))
   carry = () if objective.init_carry is None else objective.init_carry(batch_shape, config.objective)
@@ -298,8 +307,8 @@ def _stage_meta(config, stage, state, metrics):
 
 def _meta_k(config, stage, state, has_scores):
   if state.rates is not None:  # HARP: the per-layer fractions fixed to the exact target, as finetune uses them
-    mask = config.mask
-    return harp.fixed_k(state.rates, state.scores, k=config.k, alpha=mask.rate_alpha)
+    alpha = config_lib.rate_settings(config).rate_alpha
+    return harp.fixed_k(state.rates, state.scores, k=config.k, alpha=alpha)
   return config.k if has_scores or stage == "rigl" else 1.0  # RigL keeps k (its masks live in the train item)
 
 
@@ -441,7 +450,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   rates = (
     None
     if final.rates is None
-    else harp.rate_report(final.rates, final.scores, k=config.k, alpha=config.mask.rate_alpha)
+    else harp.rate_report(final.rates, final.scores, k=config.k, alpha=config_lib.rate_settings(config).rate_alpha)
   )
   if rates is not None and jax.process_index() == 0:
     (paths.path(workdir) / "rates.png").write_bytes(harp.plot_rates(rates))

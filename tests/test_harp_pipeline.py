@@ -227,3 +227,14 @@ def test_stage_all_with_learned_rates_runs_harp_beside_the_baselines(tmp_path):
   assert [row["method"] for row in rows] == ["dense", "harp (prune only)", "harp", "lwm"]
   assert rows[2]["kept_fraction"] == round(0.2 * WEIGHTS) / WEIGHTS  # the target exactly
   assert "rates" in rows[2] and "rates" not in rows[3]  # LWM: HYDRA's uniform k
+
+
+def test_a_config_whose_mask_lacks_the_rate_keys_runs_as_hydra_and_a_bad_rate_init_is_named():
+  config = harp_config(stage="pretrain")
+  config.mask = {"scope": "global", "min_layer_k": 0.0}  # an older config, or mask set as a dict
+  config_lib.check_config(config)
+  assert not config_lib.rate_settings(config).learn_rates and config_lib.rate_settings(config).rate_alpha == 0.1
+  with pytest.raises(
+    config_lib.errors.ConfigError, match="config.mask.rate_init='lamp' is invalid; valid: uniform, erk"
+  ):
+    config_lib.check_config(harp_config(stage="pretrain", **{"mask.rate_init": "lamp"}))
