@@ -150,6 +150,13 @@ def load_source_rates(config: ml_collections.ConfigDict, params: PyTree, scores:
   step, meta = checkpoints.read_meta(config.source)
   if not meta.get("has_rates"):
     return None
+  learned = meta.get("config", {})
+  for key, value in (("k", config.k), ("mask.rate_alpha", config_lib.rate_settings(config).rate_alpha)):
+    source_value = learned.get("mask", {}).get("rate_alpha") if key == "mask.rate_alpha" else learned.get("k")
+    if source_value is not None and source_value != value:  # the rates mean fractions of that k, k_min = alpha k
+      raise errors.ConfigError(
+        f"source {config.source} learned its rates with {key}={source_value}; run with --config.{key}={source_value}"
+      )
   template = jax.eval_shape(lambda: harp.init_rates(params, scores, k=0.5, alpha=0.0))
   items, _ = checkpoints.restore(config.source, {"rates": template}, step)
   return items["rates"]

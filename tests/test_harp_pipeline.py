@@ -238,3 +238,10 @@ def test_a_config_whose_mask_lacks_the_rate_keys_runs_as_hydra_and_a_bad_rate_in
     config_lib.errors.ConfigError, match="config.mask.rate_init='lamp' is invalid; valid: uniform, erk"
   ):
     config_lib.check_config(harp_config(stage="pretrain", **{"mask.rate_init": "lamp"}))
+
+
+def test_finetune_at_another_k_than_the_rates_were_learned_at_is_refused(runs):
+  root, config, _ = runs
+  finetune = config_lib.stage_config(config, "finetune", source=str(root / "prune"), k=0.2)
+  with pytest.raises(config_lib.errors.ConfigError, match=r"learned its rates with k=0.1; run with --config.k=0.1"):
+    train.initial_state(finetune, "finetune", steps_per_epoch=4, batch_shape=(32, 8, 8, 1))
