@@ -38,6 +38,7 @@ from hydra_jax import data
 from hydra_jax import data_formats
 from hydra_jax import errors
 from hydra_jax import evaluate
+from hydra_jax import harp
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
@@ -87,6 +88,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.mask = ml_collections.ConfigDict(
     {"scope": "layer", "min_layer_k": 0.0, "granularity": "weight", "include": (), "exclude": ()}
   )
+  # HARP (Zhao & Wressnegger 2023; docs/harp.md): learn_rates=True makes prune learn each layer's kept fraction beside
+  # the scores (HARP's harp_prune; with learn_scores=False the rates only, its rate_prune), k_l = sigmoid(k_score_l)
+  # (1 - k_min) + k_min with k_min = rate_alpha * k, from the initial per-layer rates rate_init ('uniform' | 'erk'),
+  # with the hardware loss hw_gamma_e * max(kept / k - 1, 0), hw_gamma_e = (epoch + 1) * hw_gamma when
+  # hw_gamma_dynamic. finetune from such a run keeps the learned rates, rounded so that round(k N) weights stay.
+  c.mask.learn_rates = False
+  c.mask.learn_scores = True
+  c.mask.rate_init = "uniform"
+  c.mask.rate_alpha = 0.1
+  c.mask.hw_gamma = 1.0
+  c.mask.hw_gamma_dynamic = True
 
   # width: channel-width multiplier (models.get_model; 1 = the registered network, others only for the ResNet,
   # WRN, MobileNetV2 and GoogLeNet families).
@@ -378,6 +390,34 @@ def _check_path_filter(config: ml_collections.ConfigDict) -> None:
     )
 
 
+_RATE_KEYS = ("learn_rates", "learn_scores", "rate_init", "rate_alpha", "hw_gamma", "hw_gamma_dynamic")
+
+
+def rate_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.mask's HARP keys (`_RATE_KEYS`), the defaults where a config lacks them (one setting its mask as a dict)."""
+  defaults = default_config().mask
+  return ml_collections.ConfigDict({key: config.mask.get(key, defaults[key]) for key in _RATE_KEYS})
+
+
+def _check_rates(config: ml_collections.ConfigDict) -> None:
+  """What HARP's learned rates (config.mask.learn_rates) need: per-layer weight masks and an alpha in [0, 1)."""
+  mask = rate_settings(config)
+  if mask.rate_init not in harp.STRATEGIES:
+    raise errors.ConfigError(
+      f"config.mask.rate_init={mask.rate_init!r} is invalid; valid: {', '.join(harp.STRATEGIES)}"
+    )
+  if not 0 <= mask.rate_alpha < 1:
+    raise errors.ConfigError(f"config.mask.rate_alpha={mask.rate_alpha!r} must lie in [0, 1): k_min = alpha * k")
+  if mask.hw_gamma < 0:
+    raise errors.ConfigError(f"config.mask.hw_gamma={mask.hw_gamma!r} must be >= 0")
+  if not mask.learn_rates:
+    return
+  if config.mask.scope != "layer":
+    raise errors.ConfigError("config.mask.learn_rates=true learns per-layer rates; set --config.mask.scope=layer")
+  if config.mask.get("granularity", "weight") != "weight":
+    raise errors.ConfigError("config.mask.learn_rates=true needs --config.mask.granularity=weight (channel: not yet)")
+
+
 def check_eval_methods(config: ml_collections.ConfigDict, methods: Sequence[str]) -> None:
   """Raises ConfigError naming an unknown evaluation method of `methods` or an invalid `config.eval.smooth`
   setting (when 'smooth' is among them), before anything is trained or evaluated."""
@@ -421,6 +461,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value is invalid."""
   _check_channel_granularity(config)
   _check_path_filter(config)
+  _check_rates(config)
   check_values(config)
   check_eval_methods(config, config.eval.methods)
   for key, value in {"k": config.k, **{f"ks[{i}]": k for i, k in enumerate(config.ks)}}.items():

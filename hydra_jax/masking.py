@@ -317,6 +317,26 @@ def _topk_of_abs_bwd(_, mask_cotangents):
 _topk_of_abs.defvjp(_topk_of_abs_fwd, _topk_of_abs_bwd)
 
 
+@jax.custom_vjp
+def _rated_topk_of_abs(abs_scores: tuple[jax.Array, ...], n_pruned: jax.Array, ks: jax.Array) -> tuple[jax.Array, ...]:
+  """`_topk_of_abs`, whose (L,) float32 `ks` (the fractions that gave `n_pruned`) also get a gradient."""
+  return _hard_topk(abs_scores, n_pruned)
+
+
+def _rated_topk_of_abs_fwd(abs_scores, n_pruned, ks):
+  return _hard_topk(abs_scores, n_pruned), None
+
+
+def _rated_topk_of_abs_bwd(_, mask_cotangents):
+  # HARP's GetSubnet.backward: the mask gets the cotangent straight through and each layer's rate k the sum of
+  # its mask's cotangent, dL/dk_l = sum_i dL/dm_l,i (a kept fraction grows where the masked weights help).
+  k_cotangent = jnp.stack([jnp.sum(g, dtype=jnp.float32) for g in mask_cotangents])  # ks are float32
+  return mask_cotangents, None, k_cotangent
+
+
+_rated_topk_of_abs.defvjp(_rated_topk_of_abs_fwd, _rated_topk_of_abs_bwd)
+
+
 def _magnitude(scores: jax.Array) -> jax.Array:
   """|scores| whose derivative is sign(scores), zero at 0 as torch.abs's (jnp.abs's is 1 there)."""
   return scores * jnp.sign(scores)
@@ -330,6 +350,10 @@ def _n_pruned_vector(sizes: list[int], ks: list[Any]) -> jax.Array:
 def topk_masks(scores: list[jax.Array], ks: list[Any]) -> list[jax.Array]:
   """`topk_mask(scores[l], ks[l])` for every l, ranked in one bisection loop (one program, not L).
 
+  Differentiable in the ks too, as HARP's learned rates (Zhao & Wressnegger 2023, `GetSubnet.backward`):
+  `dL/dk_l = sum(dL/dmask_l)`, the rounding to a count of entries skipped straight through. A traced k gives
+  one program for every value of k (no recompilation); it is rounded to a count in float32.
+
   Args:
     scores: L arrays of any shapes and float dtypes (one per layer).
     ks: L fractions kept, each in (0, 1]; Python floats or traced scalars.
@@ -341,7 +365,8 @@ def topk_masks(scores: list[jax.Array], ks: list[Any]) -> list[jax.Array]:
   if not scores:
     return []
   n_pruned = _n_pruned_vector([s.size for s in scores], ks)
-  return list(_topk_of_abs(tuple(_magnitude(s) for s in scores), n_pruned))
+  k_vector = jnp.stack([jnp.asarray(k, jnp.float32) for k in ks])
+  return list(_rated_topk_of_abs(tuple(_magnitude(s) for s in scores), n_pruned, k_vector))
 
 
 def topk_mask(scores: jax.Array, k: float | jax.Array) -> jax.Array:

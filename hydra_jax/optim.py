@@ -41,11 +41,22 @@ def param_kinds(params: PyTree) -> PyTree:
   return kinds(params, False)
 
 
-def trainable_labels(params: PyTree, scores: PyTree | None, stage: str, freeze_bn: bool) -> PyTree:
-  """'train' / 'freeze' for every leaf of `{'params': params, 'scores': scores}` in `stage`.
+def trainable_labels(
+  params: PyTree,
+  scores: PyTree | None,
+  stage: str,
+  freeze_bn: bool,
+  rates: PyTree | None = None,
+  *,
+  learn_rates: bool = False,
+  learn_scores: bool = True,
+) -> PyTree:
+  """'train' / 'freeze' for every leaf of `{'params': params, 'scores': scores}` (and 'rates' when given) in `stage`.
 
   Scores train in 'prune' (HYDRA's scores) and 'str' (the slot holds STR's thresholds, which train beside the
-  weights, weight decay included); params train everywhere but in 'prune' (BatchNorm unless `freeze_bn`).
+  weights, weight decay included); params train everywhere but in 'prune' (BatchNorm unless `freeze_bn`). HARP's
+  rates train in 'prune' with `learn_rates` (the scores too unless `learn_scores` is False: HARP's rate_prune), and
+  are fixed in every other stage.
   """
 
   def param_label(kind):
@@ -53,11 +64,15 @@ def trainable_labels(params: PyTree, scores: PyTree | None, stage: str, freeze_b
       return "train"
     return "train" if kind == "norm" and not freeze_bn else "freeze"
 
-  score_label = "train" if stage in ("prune", "str") else "freeze"
-  return {
+  learning_rates = learn_rates and stage == "prune"
+  score_label = "train" if stage in ("prune", "str") and (learn_scores or not learning_rates) else "freeze"
+  labels = {
     "params": jax.tree.map(param_label, param_kinds(params)),
     "scores": jax.tree.map(lambda _: score_label, scores),
   }
+  if rates is not None:
+    labels["rates"] = jax.tree.map(lambda _: "train" if learning_rates else "freeze", rates)
+  return labels
 
 
 def _sgd(lr, opt):

@@ -154,19 +154,21 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
   <workdir>/k<k>/rigl), and <workdir>/str for STR, run once: its sparsity is what its thresholds reach, not a k.
   Each stage resumes independently, so rerunning the command after an
   interruption continues where it stopped. Returns one summary row per trained model ('method': dense, hydra
-  (prune only), hydra, then each baseline's name), also written to summary.json.
+  (prune only), hydra, then each baseline's name; harp for hydra with config.mask.learn_rates), also written to
+  summary.json.
   """
   pretrain_dir = paths.join(workdir, "pretrain")
   rows = [{"method": "dense", **train.run_stage(config_lib.stage_config(config, "pretrain"), pretrain_dir)}]
+  method = "harp" if config.mask.get("learn_rates") else "hydra"  # HARP: prune learns the per-layer rates too
   for k in config.ks:
     branch = paths.join(workdir, f"k{k:g}")
     prune_config = config_lib.stage_config(config, "prune", source=pretrain_dir, k=k)
     prune = train.run_stage(prune_config, paths.join(branch, "prune"))
-    rows.append({"method": "hydra (prune only)", **prune})
+    rows.append({"method": f"{method} (prune only)", **prune})
     finetune_dir = paths.join(branch, "finetune")
     rows.append(
       {
-        "method": "hydra",
+        "method": method,
         **train.run_stage(
           config_lib.stage_config(config, "finetune", source=paths.join(branch, "prune"), k=k), finetune_dir
         ),

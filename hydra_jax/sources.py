@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,6 +34,7 @@ from hydra_jax import convert
 from hydra_jax import data
 from hydra_jax import errors
 from hydra_jax import evaluate
+from hydra_jax import harp
 from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
@@ -174,6 +176,58 @@ def load_source(config: ml_collections.ConfigDict, step: int | None = None) -> t
   return model["params"], model["batch_stats"], model["scores"]
 
 
+def load_source_rates(config: ml_collections.ConfigDict, params: PyTree, scores: PyTree | None) -> PyTree | None:
+  """HARP's learned rates of `config.source` (a tree mirroring `scores`), or None when the source has none."""
+  if scores is None or config.source.endswith(convert.TORCH_SUFFIXES):
+    return None
+  step, meta = checkpoints.read_meta(config.source)
+  if not meta.get("has_rates"):
+    return None
+  learned = meta.get("config", {})
+  for key, value in (("k", config.k), ("mask.rate_alpha", config_lib.rate_settings(config).rate_alpha)):
+    source_value = learned.get("mask", {}).get("rate_alpha") if key == "mask.rate_alpha" else learned.get("k")
+    if source_value is not None and source_value != value:  # the rates mean fractions of that k, k_min = alpha k
+      raise errors.ConfigError(
+        f"source {config.source} learned its rates with {key}={source_value}; run with --config.{key}={source_value}"
+      )
+  template = jax.eval_shape(lambda: harp.init_rates(params, scores, k=0.5, alpha=0.0))
+  items, _ = checkpoints.restore(config.source, {"rates": template}, step)
+  return items["rates"]
+
+
+def learns_rates(config: ml_collections.ConfigDict) -> bool:
+  """Whether this stage learns HARP's per-layer rates: prune with config.mask.learn_rates."""
+  return config.stage == "prune" and bool(config_lib.rate_settings(config).learn_rates)
+
+
+def initial_rates(
+  config: ml_collections.ConfigDict, params: PyTree, scores: PyTree | None, source_rates: PyTree | None
+):
+  """The rates a stage starts from: HARP's init (config.mask.rate_init) where prune learns them, the source's in
+  finetune when it takes the source's scores too, else None (HYDRA's uniform k)."""
+  if learns_rates(config):
+    settings = config_lib.rate_settings(config)
+    return harp.init_rates(params, scores, k=config.k, alpha=settings.rate_alpha, strategy=settings.rate_init)
+  if config.stage == "finetune" and config.stages.finetune.score_init == "source":
+    return source_rates
+  return None
+
+
+def mask_k(config: ml_collections.ConfigDict, rates: PyTree | None, scores: PyTree | None) -> Any:
+  """The k the masks of `scores` use: config.k; with HARP's `rates`, the learned per-layer fractions (a tree of
+  arrays) while prune learns them, else the rates fixed to the exact target (`harp.fixed_k`, a hashable FrozenDict)."""
+  if rates is None:
+    return config.k
+  alpha = config_lib.rate_settings(config).rate_alpha
+  if learns_rates(config):
+    return harp.layer_rates(rates, config.k, alpha)
+  return flax.core.FrozenDict(harp.fixed_k(rates, scores, k=config.k, alpha=alpha))
+
+
+def _is_static(k: Any) -> bool:
+  return isinstance(k, (int, float, flax.core.FrozenDict))
+
+
 def source_granularity(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> str:
   """The mask granularity of a checkpoint (its meta's config), checked against `config.mask.granularity`."""
   granularity = meta.get("config", {}).get("mask", {}).get("granularity", "weight")
@@ -228,7 +282,12 @@ def exported_params(
   if scores is None:
     return params
   scope, min_layer_k = mask_config["scope"], mask_config["min_layer_k"]
-  return _export_dense_jit(params, scores, k=k, scope=scope, min_layer_k=min_layer_k, groups=groups)
+  if (
+    isinstance(k, Mapping) and not isinstance(k, flax.core.FrozenDict) and all(isinstance(v, float) for v in k.values())
+  ):
+    k = flax.core.FrozenDict(k)  # per-layer fractions (a checkpoint's meta): static, as a float k
+  export = _export_dense_jit if _is_static(k) else _export_dense_traced_jit
+  return export(params, scores, k=k, scope=scope, min_layer_k=min_layer_k, groups=groups)
 
 
 def model_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
@@ -361,6 +420,9 @@ def initial_scores(
 # For evaluation and export, compiled once per model; k is static so that it rounds exactly as in the train step.
 _masked_params_jit = jax.jit(masked_params, static_argnums=(2, 3, 4, 5))
 _export_dense_jit = jax.jit(masking.export_dense, static_argnames=("k", "scope", "min_layer_k", "groups"))
+# HARP's learned rates (arrays) are traced: one program for every value.
+_masked_params_traced_jit = jax.jit(masked_params, static_argnums=(3, 4, 5))
+_export_dense_traced_jit = jax.jit(masking.export_dense, static_argnames=("scope", "min_layer_k", "groups"))
 _phase_weights_jit = jax.jit(lambda weights_fn, params, phase: weights_fn(params, phase), static_argnums=0)
 
 
@@ -368,8 +430,9 @@ def model_weights(state: Any, config: ml_collections.ConfigDict, hooks: baseline
   """The weights the model runs with (jitted): `hooks.weights` in the str / admm / rigl stages, else the masked
   params."""
   if hooks is None:
-    mask = config.mask
-    return _masked_params_jit(state.params, state.scores, config.k, mask.scope, mask.min_layer_k, mask_groups(config))
+    mask, k = config.mask, mask_k(config, getattr(state, "rates", None), state.scores)
+    masked = _masked_params_jit if _is_static(k) else _masked_params_traced_jit
+    return masked(state.params, state.scores, k, mask.scope, mask.min_layer_k, mask_groups(config))
   return _phase_weights_jit(hooks.weights, state.params, hooks.phase_state(state.scores, state.aux))
 
 
@@ -382,7 +445,8 @@ def sparsity(
     return masking.sparsity_report(hooks.kept(state.params, hooks.phase_state(state.scores, state.aux)))
   if hooks is not None:
     return masking.sparsity_report(model_weights(state, config, hooks))
-  weights = exported_params(state.params, state.scores, config.k, config.mask, mask_groups(config))
+  k = mask_k(config, getattr(state, "rates", None), state.scores)
+  weights = exported_params(state.params, state.scores, k, config.mask, mask_groups(config))
   return masking.sparsity_report(weights, prunable(config))
 
 

@@ -11,6 +11,9 @@ written per device: with `axis_name` set it averages gradients, metrics and BN s
 step through `baselines.PhaseHooks` (the weights the model runs with, a loss term, an update before or after
 each step).
 
+HARP (`config.mask.learn_rates`, `hydra_jax.harp`): prune also trains per-layer rates (`TrainState.rates`) with the
+hardware loss added to the objective's, and finetune keeps them fixed.
+
   config = config_lib.default_config()        # hydra_jax.config, or a configs/*.py get_config(arg)
   config.stage, config.source, config.k = 'prune', 'runs/pretrain', 0.01
   summary = train.run_stage(config, 'runs/prune')   # pipeline.train_and_evaluate runs stage='all'
@@ -38,6 +41,7 @@ from hydra_jax import baselines
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import data
+from hydra_jax import harp
 from hydra_jax import masking
 from hydra_jax import metrics as metrics_lib
 from hydra_jax import models
@@ -63,7 +67,9 @@ class TrainState:
     carry: per-example objective state (free AT's perturbation, leading axis = batch), () otherwise.
     rng: the run's root key; step keys are fold_in(rng, step).
     aux: the admm stage's `baselines.AdmmState` or the rigl stage's `baselines.RiglState` (not trained: updated by
-      their hooks), () otherwise.
+      their hooks), HARP's {'frozen_gamma': float32} where prune learns rates (0 until frozen), () otherwise.
+    rates: HARP's per-layer rate parameters k_score (a scalar at each scored kernel, None elsewhere; `harp`),
+      trained in prune with config.mask.learn_rates and fixed in finetune; None otherwise.
   """
 
   step: jax.Array
@@ -74,6 +80,7 @@ class TrainState:
   carry: PyTree
   rng: jax.Array
   aux: PyTree
+  rates: PyTree = None
 
 
 def train_step(
@@ -98,7 +105,8 @@ def train_step(
     objective: from `objectives.get_objective`; `config.objective` is its config.
     config: the run config.
     tx: from `optim.make_optimizer`.
-    k: fraction kept (ignored when state.scores is None).
+    k: fraction kept: a float or per-layer (ignored when state.scores is None, or where prune learns HARP's rates,
+      whose per-layer fractions the masks use, with the hardware loss added).
     steps_per_epoch: batches per epoch; the objective's carry is reset at each epoch start, and an objective
       with `takes_epoch` gets `epoch=step / steps_per_epoch` (float32).
     axis_name: the device axis to average over, or None on one device.
@@ -121,13 +129,21 @@ def train_step(
   if hooks is not None and not hooks.trains_aux:
     aux = hooks.before_step(state.params, aux, state.step)  # ADMM's Z/U update, before this batch's forward
   after_step = None if hooks is None else hooks.after_step
+  mask, rate_config, learning = config.mask, config_lib.rate_settings(config), sources.learns_rates(config)
+  alpha = rate_config.rate_alpha
+  if learning:  # HARP: the hardware loss's weight grows per epoch until frozen
+    hw_gamma = harp.gamma(
+      state.step, steps_per_epoch, rate_config.hw_gamma, aux["frozen_gamma"], rate_config.hw_gamma_dynamic
+    )
 
   def loss_fn(trainable, carry, batch_stats, key, probe):
     params, scores = trainable["params"], trainable["scores"]
     if hooks is None:
-      mask = config.mask
-      weights = sources.masked_params(params, scores, k, mask.scope, mask.min_layer_k, sources.mask_groups(config))
-      penalty = 0.0
+      layer_k = harp.layer_rates(trainable["rates"], config.k, alpha) if learning else k
+      weights = sources.masked_params(
+        params, scores, layer_k, mask.scope, mask.min_layer_k, sources.mask_groups(config)
+      )
+      penalty = hw_gamma * harp.hw_loss(trainable["rates"], scores, config.k, alpha) if learning else 0.0
     else:
       phase = hooks.phase_state(scores, aux)
       weights, penalty = hooks.weights(params, phase), hooks.penalty(params, phase)
@@ -138,7 +154,7 @@ def train_step(
     )
     return loss + penalty, (metrics, variables.get("batch_stats", {}))
 
-  trainable = {"params": state.params, "scores": state.scores}
+  trainable = _trainable(state)
   opt_state, batch_stats = state.opt_state, state.batch_stats
   probe = None if after_step is None else jax.tree.map(jnp.zeros_like, state.params)
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 4), has_aux=True)
@@ -153,6 +169,12 @@ def train_step(
     if stateful:
       carry = objective.update_carry(carry, carry_grad, config.objective)
   params = trainable["params"]
+  if learning:
+    hw = harp.hw_loss(trainable["rates"], trainable["scores"], config.k, alpha)
+    epoch_end = (state.step + 1) % steps_per_epoch == 0
+    aux = {"frozen_gamma": harp.freeze_gamma(aux["frozen_gamma"], hw, hw_gamma, epoch_end)}
+    kept = harp.kept_fraction(trainable["rates"], trainable["scores"], config.k, alpha)
+    metrics = {**metrics, "hw_loss": hw, "hw_gamma": hw_gamma, "rate_kept_fraction": kept}
   if after_step is not None:  # RigL's mask update; the device average of weight_grads runs only where it is used
     mean_weight_grads = functools.partial(_device_mean, weight_grads, axis_name)
     params, aux = after_step(params, aux, mean_weight_grads, state.step + 1)
@@ -164,8 +186,15 @@ def train_step(
     opt_state=opt_state,
     carry=carry,
     aux=aux,
+    rates=trainable.get("rates"),
   )
   return new_state, metrics
+
+
+def _trainable(state: TrainState) -> dict[str, PyTree]:
+  """What the optimizer sees: {'params', 'scores'}, and 'rates' where the state has HARP's rates."""
+  rates = {} if state.rates is None else {"rates": state.rates}
+  return {"params": state.params, "scores": state.scores, **rates}
 
 
 def _device_mean(tree: PyTree, axis_name: str | None) -> PyTree:
@@ -174,6 +203,12 @@ def _device_mean(tree: PyTree, axis_name: str | None) -> PyTree:
 
 def _model_item(state: TrainState) -> dict[str, PyTree]:
   return {"params": state.params, "batch_stats": state.batch_stats, "scores": state.scores}
+
+
+def _items(state: TrainState) -> dict[str, PyTree]:
+  """The checkpoint's items: 'model', 'train', and HARP's 'rates' where the state has them."""
+  rates = {} if state.rates is None else {"rates": state.rates}
+  return {"model": _model_item(state), "train": _train_item(state), **rates}
 
 
 def _train_item(state: TrainState) -> dict[str, PyTree]:
@@ -216,14 +251,29 @@ def initial_state(
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
   else:
     params, batch_stats, source_scores = sources.load_source(config)
+  rates = None
   if stage in ("prune", "finetune"):
     scores = sources.initial_scores(config, stage, params, batch_stats, source_scores, score_key, first_batch, mode)
+    source_rates = sources.load_source_rates(config, params, source_scores) if stage == "finetune" else None
+    rates = sources.initial_rates(config, params, scores, source_rates)
+  if sources.learns_rates(config):
+    aux = {"frozen_gamma": jnp.float32(0)}
   if hooks is not None:
     scores, aux = hooks.init_state(params, score_key)
   if stage == "finetune":
-    params = sources.exported_params(params, scores, config.k, config.mask, sources.mask_groups(config))
+    k = sources.mask_k(config, rates, scores)
+    params = sources.exported_params(params, scores, k, config.mask, sources.mask_groups(config))
   objective = objectives.get_objective(config.objective.name)
-  labels = optim.trainable_labels(params, scores, stage, config.freeze_bn)
+  rate_config = config_lib.rate_settings(config)
+  labels = optim.trainable_labels(
+    params,
+    scores,
+    stage,
+    config.freeze_bn,
+    rates,
+    learn_rates=rate_config.learn_rates,
+    learn_scores=rate_config.learn_scores,
+  )
   tx = optim.make_optimizer(config, stage, labels, steps_per_epoch * objective.replays(config.objective))
   carry = () if objective.init_carry is None else objective.init_carry(batch_shape, config.objective)
   state = TrainState(
@@ -231,10 +281,11 @@ def initial_state(
     params=params,
     scores=scores,
     batch_stats=batch_stats,
-    opt_state=tx.init({"params": params, "scores": scores}),
+    opt_state=tx.init({"params": params, "scores": scores, **({} if rates is None else {"rates": rates})}),
     carry=carry,
     rng=rng,
     aux=aux,
+    rates=rates,
   )
   return state, tx
 
@@ -245,8 +296,9 @@ def _stage_meta(config, stage, state, metrics):
     "model": config.model.name,
     "num_classes": config_lib.num_classes(config),
     "stage": stage,
-    "k": config.k if has_scores or stage == "rigl" else 1.0,  # RigL keeps k (its masks live in the train item)
+    "k": _meta_k(config, stage, state, has_scores),
     "has_scores": has_scores,
+    "has_rates": state.rates is not None,
     "metrics": metrics,
     "versions": checkpoints.versions(),
     "config": json.loads(config.to_json_best_effort()),
@@ -255,13 +307,20 @@ def _stage_meta(config, stage, state, metrics):
   }
 
 
+def _meta_k(config, stage, state, has_scores):
+  if state.rates is not None:  # HARP: the per-layer fractions fixed to the exact target, as finetune uses them
+    alpha = config_lib.rate_settings(config).rate_alpha
+    return harp.fixed_k(state.rates, state.scores, k=config.k, alpha=alpha)
+  return config.k if has_scores or stage == "rigl" else 1.0  # RigL keeps k (its masks live in the train item)
+
+
 def _resume(state: TrainState, ckpt: checkpoints.Checkpoints) -> tuple[TrainState, dict[str, float] | None]:
   """The latest checkpoint's state and its evaluation metrics, or `state` and None when there is none."""
   if ckpt.latest_step() is None:
     return state, None
-  abstract = jax.eval_shape(lambda s: {"model": _model_item(s), "train": _train_item(s)}, state)
-  items, meta = ckpt.restore_intact(abstract)
-  return state.replace(**items["model"], **items["train"]), meta.get("metrics")
+  items, meta = ckpt.restore_intact(jax.eval_shape(_items, state))
+  rates = {"rates": items["rates"]} if "rates" in items else {}
+  return state.replace(**items["model"], **items["train"], **rates), meta.get("metrics")
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -315,7 +374,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     objective=objective,
     config=config,
     tx=tx,
-    k=config.k,
+    k=config.k if sources.learns_rates(config) else sources.mask_k(config, state.rates, state.scores),
     steps_per_epoch=steps_per_epoch,
     hooks=hooks,
   )
@@ -325,7 +384,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     host_state = runner.get_state(device_state)
     ckpt.save(
       step,
-      {"model": _model_item(host_state), "train": _train_item(host_state)},
+      _items(host_state),
       meta=_stage_meta(config, stage, host_state, metrics),
       sparsity=sources.sparsity(host_state, config, hooks).to_json(),
       metrics=metrics,
@@ -393,7 +452,15 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       f"the checkpoint of step {done} is in {paths.join(workdir, 'checkpoints')}: rerun the same command to resume",
     )
   final = runner.get_state(device_state)
-  return _summarize(config, total_steps, eval_metrics, workdir, sources.sparsity(final, config, hooks), int(final.step))
+  rates = (
+    None
+    if final.rates is None
+    else harp.rate_report(final.rates, final.scores, k=config.k, alpha=config_lib.rate_settings(config).rate_alpha)
+  )
+  if rates is not None and jax.process_index() == 0:
+    (paths.path(workdir) / "rates.png").write_bytes(harp.plot_rates(rates))
+  report = sources.sparsity(final, config, hooks)
+  return _summarize(config, total_steps, eval_metrics, workdir, report, int(final.step), rates)
 
 
 def _summarize(
@@ -403,8 +470,9 @@ def _summarize(
   workdir: str,
   report: masking.SparsityReport,
   step: int,
+  rates: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """The stage's summary (also written to summary.json)."""
+  """The stage's summary (also written to summary.json), with HARP's per-layer `harp.rate_report` where learned."""
   summary = {
     "stage": config.stage,
     "step": step,
@@ -412,6 +480,7 @@ def _summarize(
     "kept_fraction": report.kept / report.total,
     "prunable": {name: total for name, _, total in report.layers},
     **(eval_metrics or {}),
+    **({} if rates is None else {"rates": rates}),
   }
   if jax.process_index() == 0:
     (paths.path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
