@@ -279,4 +279,231 @@ def square(
   return lax.stop_gradient(x_adv)
 
 
-__all__ = ["margin", "square", "square_eta", "square_p_schedule", "square_sizes"]
+# ----------------------------------------------------------------------------------------------------------
+# FAB (fast adaptive boundary attack).
+
+
+def _project_linf(t: Array, w: Array, b: Array) -> Array:
+  """One example: the smallest l_inf step d with w . (t + d) = b and t + d in [0, 1]^D (flat [D] vectors).
+
+  Where the box does not reach the hyperplane, the step to the box corner that goes furthest towards it.
+  The authors' sort-and-bisect algorithm (FAB's `projection_linf`).
+  """
+  dim = t.shape[0]
+  sign = jnp.where(jnp.dot(w, t) - b >= 0, 1.0, -1.0)
+  w, b = w * sign, b * sign
+  a = (w < 0).astype(t.dtype)
+  nonzero = (w != 0).astype(t.dtype)
+  d = (a - t) * nonzero
+  p = a - t * (2 * a - 1)  # distance to the box face the step moves towards
+  order = jnp.argsort(p)
+  b = b - jnp.dot(w, t)
+  b0 = jnp.dot(w, d)
+  descending = order[::-1]
+  ws = w[descending]
+  s = jnp.cumsum(jnp.abs(ws))
+  sb = jnp.cumsum(-ws * d[descending]) + b0
+  b2 = sb[-1] - s[-1] * p[order[0]]
+  whole = b - b2 > 0
+  partial = (b - b0 > 0) & ~whole
+
+  def bisect(_, bounds):
+    lb, ub = bounds
+    mid = jnp.floor((lb + ub) / 2).astype(jnp.int32)
+    current = order[dim - 1 - mid]
+    c = b - (sb[mid] - s[mid] * p[current]) > 0
+    return jnp.where(c, mid, lb), jnp.where(c, ub, mid)
+
+  lb, _ = lax.fori_loop(0, math.ceil(math.log2(dim)), bisect, (jnp.int32(0), jnp.int32(dim - 1)))
+  lam_whole = jnp.maximum((b - sb[-1]) / -s[-1], 0.0)
+  lam_partial = jnp.maximum((b - sb[lb]) / -s[lb], 0.0)
+  d_whole = (2 * a - 1) * lam_whole
+  d_partial = jnp.minimum(lam_partial, d) * a + jnp.maximum(-lam_partial, d) * (1 - a)
+  d = jnp.where(whole, d_whole, jnp.where(partial, d_partial, d))
+  return d * nonzero
+
+
+def _project_l2(t: Array, w: Array, b: Array) -> Array:
+  """One example: the smallest l_2 step d with w . (t + d) = b and t + d in [0, 1]^D (flat [D] vectors), or
+  the box's best effort where it does not reach the hyperplane (FAB's `projection_l2`)."""
+  dim = t.shape[0]
+  big = 1e12
+  c = jnp.dot(w, t) - b
+  sign = jnp.where(c >= 0, 1.0, -1.0)
+  w, c = w * sign, c * sign
+  nonzero = jnp.abs(w) > 1e-8
+  safe_w = jnp.where(nonzero, w, 1.0)
+  r = jnp.clip(jnp.maximum(t / safe_w, (t - 1) / safe_w), -big, big)
+  r = jnp.where(nonzero & (r != -big), r, big)
+  order = jnp.argsort(r)
+  rs = r[order]
+  rs2 = jnp.concatenate([rs[1:], jnp.zeros((1,), r.dtype)])
+  rs, rs2 = jnp.where(rs == big, 0.0, rs), jnp.where(rs2 == big, 0.0, rs2)
+  w3s = jnp.square(w)[order]
+  w5 = jnp.sum(w3s)
+  ws = w5 - jnp.cumsum(w3s)
+  d = jnp.where(nonzero, -(r * w), 0.0)
+  s = jnp.concatenate([-w5 * rs[:1], jnp.cumsum((rs - rs2) * ws) - w5 * rs[0]])
+  c4 = s[0] + c < 0
+  c3 = jnp.dot(d, w) + c > 0
+  c2 = ~(c4 | c3)
+
+  def bisect(_, bounds):
+    lb, ub = bounds
+    mid = jnp.floor((lb + ub) / 2).astype(jnp.int32)
+    above = s[mid] + c > 0
+    return jnp.where(above, mid, lb), jnp.where(above, ub, mid)
+
+  lb, _ = lax.fori_loop(0, math.ceil(math.log2(dim)), bisect, (jnp.int32(0), jnp.int32(dim - 1)))
+  d_c4 = -(c / w5) * w
+  alpha = jnp.where(ws[lb] == 0, 0.0, (s[lb] + c) / jnp.where(ws[lb] == 0, 1.0, ws[lb]) + rs[lb])
+  d_c2 = jnp.where(alpha > r, d, -alpha * w)
+  d = jnp.where(c4, d_c4, jnp.where(c2, d_c2, d))
+  return jnp.where(nonzero, d, 0.0)
+
+
+_PROJECTIONS = {"linf": _project_linf, "l2": _project_l2}
+_FLAT_NORMS = {"linf": lambda v: jnp.max(jnp.abs(v), axis=-1), "l2": lambda v: jnp.sqrt(jnp.sum(jnp.square(v), -1))}
+_DUAL_NORMS = {"linf": lambda v: jnp.sum(jnp.abs(v), axis=-1), "l2": _FLAT_NORMS["l2"]}
+
+
+def _fab_linearisation(logits_fn, x1, y, target):
+  """df [B, K'] and dg [B, K', D]: differences of logits to the true one and their gradients, for every class
+  (target None; the true class gets df = 1e10) or for the target class only (K' = 1)."""
+  batch = x1.shape[0]
+  if target is not None:
+
+    def diff(z):
+      logits = logits_fn(z)
+      values = attacks._true_logit(logits, target) - attacks._true_logit(logits, y)
+      return values.sum(), values
+
+    grad, df = jax.grad(diff, has_aux=True)(x1)
+    return df[:, None], grad.reshape(batch, 1, -1)
+  logits, vjp = jax.vjp(logits_fn, x1)
+  classes = logits.shape[-1]
+  grads = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, logits.shape))[0])(jnp.eye(classes, dtype=logits.dtype))
+  grads = jnp.moveaxis(grads.reshape(classes, batch, -1), 0, 1)  # [B, K, D]
+  df = logits - attacks._true_logit(logits, y)[:, None]
+  dg = grads - jnp.take_along_axis(grads, y[:, None, None], axis=1)
+  df = jnp.where(jax.nn.one_hot(y, classes, dtype=bool), 1e10, df)
+  return df, dg
+
+
+def _fab_run(logits_fn, x, y, target, key, active, *, norm, eps, steps, alpha_max, eta, beta, random_start):
+  """One FAB run (from x, or from a random point at eps / 2 where the traced bool `random_start`) on the
+  examples where `active`; returns (x_adv, the smallest adversarial norm found [B],
+  1e10 where none). Masked examples are computed but never change."""
+  batch = x.shape[0]
+  flat = x.reshape(batch, -1)
+  project = jax.vmap(_PROJECTIONS[norm])
+  size = _FLAT_NORMS[norm]
+  if norm == "linf":
+    t = attacks.draw(jax.random.uniform, key, flat.shape, x.dtype, -1.0, 1.0)
+  else:
+    t = attacks.draw(jax.random.normal, key, flat.shape, x.dtype)
+  x1 = jnp.where(random_start, jnp.clip(flat + 0.5 * eps * t / size(t)[:, None], 0.0, 1.0), flat)
+  shape = x.shape
+
+  def body(_, state):
+    x1, adv, best = state
+    df, dg = _fab_linearisation(logits_fn, x1.reshape(shape), y, target)
+    dist = jnp.abs(df) / (1e-12 + _DUAL_NORMS[norm](dg))
+    closest = jnp.argmin(dist, axis=1)
+    w = jnp.take_along_axis(dg, closest[:, None, None], axis=1)[:, 0]
+    df_closest = jnp.take_along_axis(df, closest[:, None], axis=1)[:, 0]
+    b = -df_closest + jnp.sum(w * x1, axis=-1)
+    d1, d2 = project(x1, w, b), project(flat, w, b)
+    a1, a2 = jnp.maximum(size(d1), 1e-8), jnp.maximum(size(d2), 1e-8)
+    alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
+    x_new = jnp.clip((x1 + eta * d1) * (1 - alpha) + (flat + eta * d2) * alpha, 0.0, 1.0)
+    wrong = active & (jnp.argmax(logits_fn(x_new.reshape(shape)), -1) != y)
+    distance = size(x_new - flat)
+    better = wrong & (distance < best)
+    adv = jnp.where(better[:, None], x_new, adv)
+    best = jnp.where(better, distance, best)
+    x_new = jnp.where(wrong[:, None], flat + (x_new - flat) * beta, x_new)
+    return jnp.where(active[:, None], x_new, x1), adv, best
+
+  state = (x1, flat, jnp.full((batch,), 1e10, x.dtype))
+  _, adv, best = lax.fori_loop(0, steps, body, state)
+  return adv.reshape(shape), best
+
+
+def fab(
+  logits_fn: attacks.LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  eps: float,
+  norm: str = "linf",
+  steps: int = 100,
+  num_targets: int = 9,
+  targeted: bool = True,
+  restarts: int = 1,
+  alpha_max: float = 0.1,
+  eta: float = 1.05,
+  beta: float = 0.9,
+) -> Array:
+  """FAB (Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive boundary attack",
+  ICML 2020); targeted (FAB-T, AutoAttack's) by default.
+
+  Each step linearises the decision boundary towards the target class (FAB-T) or the closest class (FAB),
+  projects both the iterate and the clean point onto it inside the [0, 1] box (`_project_linf` /
+  `_project_l2`), and moves to a convex combination of the two (weight at most alpha_max on the clean
+  side), extrapolated by eta; after a misclassifying step the iterate is pulled back towards x by beta.
+  FAB-T runs once per target, the classes of the 2nd to (num_targets + 1)-th largest clean logit, each only
+  on the examples still robust; restart r > 0 starts at a random point at eps / 2. An example counts as
+  broken when the smallest misclassifying point found is within eps.
+
+  Args:
+    logits_fn: eval-mode logits function, [B, ...] -> [B, K].
+    x: clean inputs [B, H, W, C] in [0, 1].
+    y: labels [B] int.
+    key: PRNG key or per-example keys [B] (used by restarts after the first).
+    eps: the threat model's radius.
+    norm: 'linf' or 'l2'.
+    steps: iterations per run (AutoAttack: 100).
+    num_targets: target classes for FAB-T (AutoAttack: 9), capped at K - 1.
+    targeted: FAB-T (True) or the untargeted FAB, which linearises every class (K backward passes a step).
+    restarts: runs per target (AutoAttack standard: 1; plus: 5 for the untargeted FAB).
+    alpha_max, eta, beta: the authors' step parameters (0.1, 1.05, 0.9).
+
+  Returns:
+    x_adv [B, H, W, C]: the smallest misclassifying point found where it lies in the eps-ball, else x;
+    gradient-stopped.
+  """
+  attacks._check_norm(norm)
+  attacks._check_nonnegative(eps=eps, steps=steps)
+  if restarts < 1 or num_targets < 1:
+    raise ValueError(f"fab needs restarts and num_targets >= 1, got {restarts} and {num_targets}")
+  x = lax.stop_gradient(x)
+  clean_logits = logits_fn(x)
+  searching = jnp.argmax(clean_logits, -1) == y
+  ranked = jnp.argsort(-clean_logits, axis=-1)
+  runs = min(num_targets, clean_logits.shape[-1] - 1) * restarts if targeted else restarts
+
+  def body(j, state):
+    x_adv, searching = state
+    target = lax.dynamic_index_in_dim(ranked, 1 + j // restarts, axis=1, keepdims=False) if targeted else None
+    run_adv, distance = _fab_run(
+      logits_fn,
+      x,
+      y,
+      target,
+      attacks.fold_in(key, j),
+      searching,
+      norm=norm,
+      eps=eps,
+      steps=steps,
+      alpha_max=alpha_max,
+      eta=eta,
+      beta=beta,
+      random_start=(j % restarts) > 0,
+    )
+    broken = searching & (distance <= eps)
+    return jnp.where(_pe(broken, x), run_adv, x_adv), searching & ~broken
+
+  x_adv, _ = lax.fori_loop(0, runs, body, (x, searching))
+  return lax.stop_gradient(x_adv)

@@ -29,7 +29,15 @@ def _torch_correct(net, x, y):
   import torch
 
   with torch.no_grad():
-    return (net(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2)).argmax(1) == torch.tensor(y).long()).numpy()
+    return (net(torch.as_tensor(np.asarray(x)).permute(0, 3, 1, 2)).argmax(1) == torch.tensor(y).long()).numpy()
+
+
+def _torch_attack(attack, x, y):
+  """A torchattacks attack on NHWC numpy inputs; returns NHWC numpy adversarial inputs."""
+  import torch
+
+  x_adv = attack(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2), torch.tensor(np.asarray(y)).long())
+  return x_adv.detach().permute(0, 2, 3, 1).numpy()
 
 
 def test_square_p_schedule_matches_the_authors_halvings():
@@ -77,9 +85,7 @@ def test_square_agrees_with_torchattacks(norm, eps):
   torch.set_num_threads(1)
   try:
     ref = torchattacks.Square(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, n_queries=queries, seed=0)
-    theirs = _torch_correct(
-      net, ref(torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(y).long()).permute(0, 2, 3, 1), y
-    )
+    theirs = _torch_correct(net, _torch_attack(ref, x, y), y)
   finally:
     torch.set_num_threads(threads)
   clean = np.asarray(jnp.argmax(f(x), -1) == y)
@@ -104,3 +110,56 @@ def test_square_result_of_an_example_does_not_depend_on_its_batch(norm, eps):
   np.testing.assert_allclose(whole[8:16], part, atol=1e-6)
   clean_wrong = np.asarray(jnp.argmax(f(x), -1) != y)
   np.testing.assert_array_equal(whole[clean_wrong], x[clean_wrong])  # misclassified clean: not attacked
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_projections_match_the_reference(norm):
+  """The box-constrained projections onto a hyperplane equal the authors' (torchattacks' fab.projection_*) on
+  random points, including hyperplanes the box does not reach and zero weights."""
+  torch = pytest.importorskip("torch")
+  fab_ref = pytest.importorskip("torchattacks.attacks.fab")
+  rng = np.random.default_rng(0)
+  n, dim = 64, 37
+  t = rng.uniform(size=(n, dim)).astype(np.float32)
+  w = rng.normal(size=(n, dim)).astype(np.float32)
+  w[:, :5] = 0.0  # zero weights
+  b = (np.sum(w * t, 1) + rng.normal(scale=3.0, size=n)).astype(np.float32)
+  b[:4] = 1e3  # out of the box's reach
+  reference = {"linf": fab_ref.projection_linf, "l2": fab_ref.projection_l2}[norm]
+  theirs = reference(torch.tensor(t), torch.tensor(w), torch.tensor(b)).numpy()
+  ours = np.asarray(jax.vmap(autoattack._PROJECTIONS[norm])(t, w, b))
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  reached = np.abs(np.sum(w * (t + ours), 1) - b) < 1e-3
+  assert reached[4:].mean() > 0.5 and not reached[:4].any()  # both kinds of case occur
+  assert np.all(t + ours >= -1e-6) and np.all(t + ours <= 1 + 1e-6)
+
+
+@pytest.mark.parametrize("norm,eps,targeted", [("linf", 0.1, True), ("l2", 0.4, True), ("linf", 0.1, False)])
+def test_fab_agrees_with_torchattacks(norm, eps, targeted):
+  """FAB is deterministic without restarts, so ours and torchattacks' FAB (multi_targeted: FAB-T over the 9
+  next classes) break the same examples; ours are misclassified by the PyTorch model and inside the ball."""
+  torch = pytest.importorskip("torch")
+  torchattacks = pytest.importorskip("torchattacks")
+  f, variables, x, y = _setup(64)
+  net = _torch_tiny_cnn(variables)
+  steps = 10
+  run = lambda x, y: autoattack.fab(f, x, y, key=jax.random.key(0), eps=eps, norm=norm, steps=steps, targeted=targeted)
+  x_adv = np.asarray(jax.jit(run)(x, y))
+  ours = np.asarray(jnp.argmax(f(x_adv), -1) == y)
+  assert np.all(_norms(x_adv - x, norm) <= eps * (1 + 1e-5)) and x_adv.min() >= 0 and x_adv.max() <= 1
+  np.testing.assert_array_equal(_torch_correct(net, x_adv, y)[~ours], False)
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    ref = torchattacks.FAB(
+      net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=steps, multi_targeted=targeted, n_classes=10
+    )
+    theirs = _torch_correct(net, _torch_attack(ref, x, y), y)
+  finally:
+    torch.set_num_threads(threads)
+  clean = np.asarray(jnp.argmax(f(x), -1) == y)
+  print(
+    f"FAB {norm} targeted={targeted}: robust {ours.sum()} (ours), {theirs.sum()} (torchattacks), clean {clean.sum()}"
+  )
+  assert 5 < ours.sum() < clean.sum() - 5
+  assert np.sum(ours != theirs) <= 2  # float rounding may flip an example at the eps boundary
