@@ -507,3 +507,123 @@ def fab(
 
   x_adv, _ = lax.fori_loop(0, runs, body, (x, searching))
   return lax.stop_gradient(x_adv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The AutoAttack sequence.
+
+# The attacks of each version of the authors' AutoAttack (`autoattack.py`, `set_version`), in their order, and
+# their restarts. 'rand' is for randomised defences: the authors run APGD with EOT over 20 draws of the model;
+# hydra_jax's eval-mode models are deterministic, where that average is the gradient itself, so it runs APGD
+# as is (`eot_iter` is reported as 1).
+VERSIONS = {
+  "standard": (("apgd_ce", 1), ("apgd_t", 1), ("fab_t", 1), ("square", 1)),
+  "plus": (("apgd_ce", 5), ("apgd_dlr", 5), ("fab", 5), ("square", 1), ("apgd_t", 1), ("fab_t", 1)),
+  "rand": (("apgd_ce", 1), ("apgd_dlr", 1)),
+}
+BLACK_BOX = ("square",)
+# The per-example columns of a run, in reading order: the stages as in the standard sequence, then 'masking'.
+COLUMN_ORDER = {
+  name: i for i, name in enumerate(("apgd_ce", "apgd_dlr", "apgd_t", "fab", "fab_t", "square", "masking"))
+}
+
+
+def version_attacks(version: str) -> tuple[tuple[str, int], ...]:
+  """The (attack, restarts) sequence of an AutoAttack `version`; raises ValueError listing the versions."""
+  if version not in VERSIONS:
+    raise ValueError(f"unknown AutoAttack version {version!r}; valid versions: {sorted(VERSIONS)}")
+  return VERSIONS[version]
+
+
+def _stage_attack(name, restarts, *, eps, norm, apgd_steps, fab_steps, square_queries, num_targets, p_init):
+  """`attack(logits_fn, x, y, key) -> x_adv` for one stage of the sequence."""
+  common = dict(eps=eps, norm=norm)
+  if name in ("apgd_ce", "apgd_dlr"):
+    loss = name.removeprefix("apgd_")
+    return lambda f, x, y, k: attacks.apgd(f, x, y, key=k, steps=apgd_steps, loss=loss, restarts=restarts, **common)
+  if name == "apgd_t":
+    return lambda f, x, y, k: attacks.apgd_targeted(
+      f, x, y, key=k, steps=apgd_steps, num_targets=num_targets, restarts=restarts, **common
+    )
+  if name in ("fab", "fab_t"):
+    return lambda f, x, y, k: fab(
+      f, x, y, key=k, steps=fab_steps, num_targets=num_targets, targeted=name == "fab_t", restarts=restarts, **common
+    )
+  return lambda f, x, y, k: square(f, x, y, key=k, queries=square_queries, p_init=p_init, restarts=restarts, **common)
+
+
+def autoattack(
+  logits_fn: attacks.LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  eps: float,
+  norm: str = "linf",
+  version: str = "standard",
+  apgd_steps: int = 100,
+  fab_steps: int = 100,
+  square_queries: int = 5000,
+  num_targets: int = 9,
+  p_init: float = 0.8,
+) -> tuple[Array, dict[str, Array]]:
+  """AutoAttack (Croce & Hein, ICML 2020): its `version`'s attacks in sequence, each only on the examples that
+  every earlier one left robust.
+
+  standard: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries), one run each, 100
+  iterations; plus: APGD-CE and APGD-DLR with 5 restarts, FAB with 5, Square, APGD-T, FAB-T; rand: APGD-CE,
+  APGD-DLR (see `VERSIONS`). Within the batch program an example's adversarial point is taken from the first
+  attack that misclassifies it and later attacks skip it (masked; an attack whose examples are all broken
+  is skipped by `lax.cond`). Stage s draws from fold_in(key, s).
+
+  Args:
+    logits_fn: eval-mode logits function, [B, ...] -> [B, K].
+    x: clean inputs [B, H, W, C] in [0, 1].
+    y: labels [B] int.
+    key: PRNG key or per-example keys [B].
+    eps: radius (CIFAR l_inf 8/255, l_2 0.5).
+    norm: 'linf' or 'l2'.
+    version: 'standard', 'plus' or 'rand'.
+    apgd_steps, fab_steps, square_queries, num_targets, p_init: the paper's counts by default (100, 100,
+      5000, 9, 0.8); smaller values for quick checks.
+
+  Returns:
+    (x_adv [B, H, W, C], robust): robust maps each stage's name to bool [B], correct clean and under every
+    attack up to and including that stage, and 'masking' to bool [B], the examples a black-box stage broke
+    that every white-box stage before it left robust (the symptom of gradient masking).
+  """
+  attacks._check_norm(norm)
+  stages = version_attacks(version)
+  x = lax.stop_gradient(x)
+  robust = jnp.argmax(logits_fn(x), -1) == y
+  x_adv, results = x, {}
+  masking = jnp.zeros_like(robust)
+  for s, (name, restarts) in enumerate(stages):
+    attack = _stage_attack(
+      name,
+      restarts,
+      eps=eps,
+      norm=norm,
+      apgd_steps=apgd_steps,
+      fab_steps=fab_steps,
+      square_queries=square_queries,
+      num_targets=num_targets,
+      p_init=p_init,
+    )
+    stage_key = attacks.fold_in(key, s)
+    run = lambda operands, attack=attack, stage_key=stage_key: attack(logits_fn, operands[0], operands[1], stage_key)
+    candidate = lax.cond(jnp.any(robust), run, lambda operands: operands[0], (x, y))
+    broken = robust & (jnp.argmax(logits_fn(candidate), -1) != y)
+    if name in BLACK_BOX:
+      masking = masking | broken
+    x_adv = jnp.where(_pe(broken, x), candidate, x_adv)
+    robust = robust & ~broken
+    results[name] = robust
+  results["masking"] = masking
+  return lax.stop_gradient(x_adv), results
+
+
+def settings_of(version: str, **counts) -> dict:
+  """Every setting one AutoAttack run uses, per attack, for the results' JSON (so that a number can be
+  reproduced): the version's attacks with their restarts and the counts given."""
+  return {"attacks": [dict(name=n, restarts=r) for n, r in version_attacks(version)], "eot_iter": 1, **counts}

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -54,12 +55,13 @@ from tqdm import tqdm
 
 from hydra_jax import PyTree
 from hydra_jax import attacks
+from hydra_jax import autoattack
 from hydra_jax import bounds
 from hydra_jax import parallel
 from hydra_jax import smoothing
 
 Array = jax.Array
-KINDS = ("attack", "verifier", "certifier")
+KINDS = ("attack", "verifier", "certifier", "ensemble")
 
 
 class Method(NamedTuple):
@@ -68,9 +70,11 @@ class Method(NamedTuple):
   Attributes:
     fn: `fn(logits_fn, x, y, *, key, **settings)`; an attack returns x_adv [B, H, W, C], a verifier returns
       correct bool [B] (certified robust and correctly classified), a certifier (of the smoothed classifier)
-      bool [B, 1 + R]: certified correct at eps and at each of its settings' `radii` [R].
+      bool [B, 1 + R]: certified correct at eps and at each of its settings' `radii` [R]; an ensemble (a
+      sequence of attacks, AutoAttack) a dict of bool [B] per stage, robust under every attack up to that
+      stage, the last stage its result, and bool [B] 'masking' (see `autoattack.autoattack`).
     defaults: default settings, including 'norm' and 'eps'.
-    kind: 'attack', 'verifier' or 'certifier'.
+    kind: 'attack', 'verifier', 'certifier' or 'ensemble'.
     config_keys: the keys of a run's `config.eval` this method takes when its norm is `config.eval.norm`.
   """
 
@@ -98,7 +102,7 @@ def register_method(
     name: the method's name, also its key in the results.
     fn: the attack or verifier.
     defaults: its default settings (keyword arguments of `fn`), with 'norm' and 'eps'.
-    kind: 'attack', 'verifier' or 'certifier'.
+    kind: 'attack', 'verifier', 'certifier' or 'ensemble'.
     config_keys: keys of a run's `config.eval` that override the defaults when the norms agree.
   """
   if name in _METHODS or name in _RESERVED or name.startswith("robust_"):
@@ -179,6 +183,36 @@ register_method(
   kind="certifier",
   config_keys=(),  # its settings come from config.eval.smooth, whatever the run's eval.norm
 )
+
+
+def _autoattack(
+  logits_fn: attacks.LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  eps: float,
+  norm: str,
+  version: str,
+  apgd_steps: int,
+  fab_steps: int,
+  square_queries: int,
+  num_targets: int,
+  p_init: float,
+) -> dict[str, Array]:
+  """AutoAttack's per-stage robustness (`autoattack.autoattack`), the model seen in batch chunks."""
+  counts = dict(apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries, num_targets=num_targets)
+  chunked = attacks.in_chunks(logits_fn, 0)
+  return autoattack.autoattack(chunked, x, y, key=key, eps=eps, norm=norm, version=version, p_init=p_init, **counts)[1]
+
+
+# AutoAttack at the paper's counts (Croce & Hein 2020): 'autoattack' at the run's l_inf eps, 'autoattack_l2'
+# at its l2 eps; config.eval.autoattack.version = 'plus' or 'rand' for the other versions.
+AUTOATTACK_SETTINGS = dict(
+  version="standard", apgd_steps=100, fab_steps=100, square_queries=5000, num_targets=9, p_init=0.8
+)
+register_method("autoattack", _autoattack, dict(norm="linf", eps=8 / 255, **AUTOATTACK_SETTINGS), kind="ensemble")
+register_method("autoattack_l2", _autoattack, dict(norm="l2", eps=0.5, **AUTOATTACK_SETTINGS), kind="ensemble")
 
 DEFAULT_METHODS = ("pgd_linf", "apgd_ce", "apgd_dlr")
 
@@ -290,7 +324,14 @@ def batch_correct(
       correct[name] = certified[:, 0]
       correct.update({f"{name}_r{r:g}": certified[:, j + 1] for j, r in enumerate(settings["radii"])})
       continue
-    correct[name] = clean & method_correct(name, settings, logits_fn, x, y, method_key)
+    if method.kind == "ensemble":  # per stage: robust up to it; the last stage is the method's result
+      stages = method.fn(logits_fn, x, y, key=method_key, **settings)
+      masking = stages.pop("masking")
+      correct.update({f"{name}_{stage}": clean & robust for stage, robust in stages.items()})
+      correct[f"{name}_masking"] = masking
+      correct[name] = clean & list(stages.values())[-1]
+    else:
+      correct[name] = clean & method_correct(name, settings, logits_fn, x, y, method_key)
     group = f"robust_{settings['norm']}"
     correct[group] = correct.get(group, clean) & correct[name]
     correct["robust"] = correct["robust"] & correct[name]
@@ -426,7 +467,24 @@ def evaluate_per_example(
   if not count:
     return {**dict.fromkeys(["clean", *methods, "robust"], float("nan")), "num_examples": 0.0}, {}
   accuracies = {**{name: total / count for name, total in totals.items()}, "num_examples": count}
+  for message in masking_warnings(accuracies, methods):
+    warnings.warn(message, stacklevel=2)
   return accuracies, _unpadded_examples(examples, methods)
+
+
+def masking_warnings(results: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
+  """One warning per ensemble method (AutoAttack) of `results` whose black-box stage (Square) broke examples
+  that every white-box attack before it left robust: the symptom of gradient masking (obfuscated gradients)."""
+  found = []
+  for name in methods:
+    fraction = results.get(f"{name}_masking", 0.0)
+    if get_method(name).kind == "ensemble" and fraction > 0:
+      count = round(fraction * results["num_examples"])
+      found.append(
+        f"{name}: Square broke {count} example(s) that every white-box attack before it left robust "
+        f"({fraction:.2%} of the test set): the gradients may be masked, so white-box numbers overstate robustness"
+      )
+  return found
 
 
 def _column_rank(name: str, methods: Sequence[str]) -> tuple:
@@ -435,7 +493,10 @@ def _column_rank(name: str, methods: Sequence[str]) -> tuple:
     return (name != "label", name)
   if name.startswith("robust"):
     return (3, name == "robust", name)
-  return (2, next(i for i, m in enumerate(methods) if name == m or name.startswith(f"{m}_r")), name)
+  owners = [(len(m), i) for i, m in enumerate(methods) if name == m or name.startswith(f"{m}_")]
+  index = max(owners)[1]  # the longest method name it starts with ('autoattack_l2_square': 'autoattack_l2')
+  part = name[len(methods[index]) + 1 :]
+  return (2, index, name != methods[index], autoattack.COLUMN_ORDER.get(part, -1), name)
 
 
 def _unpadded_examples(batches: list[dict[str, np.ndarray]], methods: Sequence[str]) -> dict[str, np.ndarray]:

@@ -116,7 +116,9 @@ class RunModel:
         config=settings,
         progress=progress,
       )
-    return {**results, "k": self.k, "stage": self.meta.get("stage"), "settings": settings}, examples
+    results = {**results, "k": self.k, "stage": self.meta.get("stage"), "seed": self.config.seed, "settings": settings}
+    found = evaluate.masking_warnings(results, names)
+    return ({**results, "warnings": found} if found else results), examples
 
   def evaluate(self, methods: Sequence[str] | None = None, *, progress: bool = False) -> dict[str, Any]:
     """Accuracies on the run's test split exactly as its training evaluation and `hydra-jax eval` compute them
@@ -291,7 +293,9 @@ def evaluate_checkpoint(
       network's accuracies up to float rounding.
 
   Returns:
-    `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint and 'settings': every method's
+    `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint, the run's 'seed' (the evaluation
+    key is PRNGKey(seed + 1)), 'warnings' when AutoAttack suspects gradient masking
+    (`evaluate.masking_warnings`), and 'settings': every method's
     settings (threat model, eps, steps; a certifier's sigma, n, alpha), so that each number names what gave it.
   """
   if per_example is not None:

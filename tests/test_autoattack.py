@@ -163,3 +163,89 @@ def test_fab_agrees_with_torchattacks(norm, eps, targeted):
   )
   assert 5 < ours.sum() < clean.sum() - 5
   assert np.sum(ours != theirs) <= 2  # float rounding may flip an example at the eps boundary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The AutoAttack evaluation method.
+
+FAST_AA = dict(apgd_steps=5, fab_steps=5, square_queries=100, num_targets=3)
+
+
+def _linear_logits(eps=0.1, n=32):
+  """The 10-class linear problem of test_evaluate (inputs eps away from the box edges), its logits function, the
+  same function with the gradient to the input cut (white-box attacks see zero gradients), and batches."""
+  from tests.test_evaluate import _batches
+  from tests.test_evaluate import _linear_problem
+
+  _, variables, x, y = _linear_problem(n=n, eps=eps)
+  dense = variables["params"]["Dense_0"]
+  w, b = jnp.asarray(dense["kernel"]), jnp.asarray(dense["bias"])
+  smooth = lambda z: z.reshape(z.shape[0], -1) @ w + b
+  masked = lambda z: jax.lax.stop_gradient(z.reshape(z.shape[0], -1)) @ w + b
+  return variables, x, y, smooth, masked, lambda: _batches(x, y, 16)
+
+
+def _run_autoattack(fn, batches, eps, mode="single"):
+  from hydra_jax import evaluate
+
+  config = {"autoattack": dict(eps=eps, **FAST_AA)}
+  return evaluate.evaluate_per_example(
+    fn, None, batches(), key=jax.random.key(0), methods=("autoattack",), config=config, progress=False, mode=mode
+  )
+
+
+def test_autoattack_finds_the_exact_robust_accuracy_of_a_linear_model_and_flags_masked_gradients():
+  """On a linear model the sequence breaks exactly the examples the closed form says are breakable; per stage
+  the columns only lose examples. With the input gradient cut, APGD and FAB are blind but Square still breaks
+  examples: those are reported as 'masking' and in a warning."""
+  from tests.test_evaluate import _exact_linf_robust
+
+  eps = 0.1
+  variables, x, y, smooth, masked, batches = _linear_logits(eps)
+  exact = _exact_linf_robust(variables, x, y, eps) & (np.asarray(smooth(x)).argmax(-1) == y)
+  accuracies, examples = _run_autoattack(smooth, batches, eps)
+  assert list(examples)[4:10] == [
+    f"autoattack{s}" for s in ("", "_apgd_ce", "_apgd_t", "_fab_t", "_square", "_masking")
+  ]
+  np.testing.assert_array_equal(examples["autoattack"], exact)
+  assert 0 < exact.sum() < examples["clean"].sum()
+  stages = [examples[f"autoattack_{s}"] for s in ("apgd_ce", "apgd_t", "fab_t", "square")]
+  assert all(np.all(later <= earlier) for earlier, later in zip([examples["clean"], *stages], stages))
+  np.testing.assert_array_equal(stages[-1], examples["autoattack"])
+  assert not examples["autoattack_masking"].any()
+
+  with pytest.warns(UserWarning, match=r"autoattack: Square broke \d+ example"):
+    accuracies, examples = _run_autoattack(masked, batches, eps)
+  masking = examples["autoattack_masking"]
+  assert masking.sum() > 3
+  np.testing.assert_array_equal(masking, examples["autoattack_fab_t"] & ~examples["autoattack_square"])
+  assert np.all(examples["autoattack"] >= exact)  # every break is real: the closed form agrees it is breakable
+  assert accuracies["autoattack_masking"] == masking.mean()
+
+
+@pytest.mark.devices(8)
+def test_autoattack_results_do_not_depend_on_the_device_count():
+  eps = 0.1
+  _, _, _, _, masked, batches = _linear_logits(eps)
+  with pytest.warns(UserWarning, match="Square broke"):
+    single = _run_autoattack(masked, batches, eps)
+  with pytest.warns(UserWarning, match="Square broke"):
+    sharded = _run_autoattack(masked, batches, eps, mode="shard_map")
+  assert single[0] == sharded[0]
+  for name, column in single[1].items():
+    np.testing.assert_array_equal(sharded[1][name], column, err_msg=name)
+
+
+def test_autoattack_versions_and_bad_settings():
+  assert [name for name, _ in autoattack.version_attacks("plus")] == [
+    "apgd_ce",
+    "apgd_dlr",
+    "fab",
+    "square",
+    "apgd_t",
+    "fab_t",
+  ]
+  with pytest.raises(
+    ValueError, match=r"unknown AutoAttack version 'strong'; valid versions: \['plus', 'rand', 'standard'\]"
+  ):
+    autoattack.version_attacks("strong")
