@@ -110,6 +110,11 @@ def test_square_result_of_an_example_does_not_depend_on_its_batch(norm, eps):
   np.testing.assert_allclose(whole[8:16], part, atol=1e-6)
   clean_wrong = np.asarray(jnp.argmax(f(x), -1) != y)
   np.testing.assert_array_equal(whole[clean_wrong], x[clean_wrong])  # misclassified clean: not attacked
+  # An example stops at its first misclassifying point: alone with the other broken ones (the loop ends when the
+  # last one breaks) it ends where it ended in the whole batch (whose loop ran all queries for the robust ones).
+  fooled = np.asarray(jnp.argmax(f(whole), -1) != y) & ~clean_wrong
+  assert 2 <= fooled.sum() < len(y) - clean_wrong.sum()
+  np.testing.assert_allclose(run(x[fooled], y[fooled], keys[fooled]), whole[fooled], atol=1e-6)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
