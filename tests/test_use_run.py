@@ -168,3 +168,25 @@ def test_a_models_evaluation_data_is_its_configs(pruned):
   config = ph.override(ph.tiny_config(stage="prune", source="x", k=K), **{"data.eval_examples": 32})
   model = hydra_jax.load_run(workdir, config=config)
   assert model.config is config and model.evaluate(())["num_examples"] == 32
+
+
+def test_security_curve_writes_the_runs_curves_from_their_smallest_adversarial_norms(pruned, tmp_path):
+  """`hydra-jax eval --curve`'s library call: PNG, CSV and JSON with one curve per run; at eps 0 the clean
+  accuracy of the run's evaluation, then the fraction of examples whose FMN norm exceeds eps (recomputed here)."""
+  from hydra_jax import min_norm
+
+  config, workdir = pruned
+  out = str(tmp_path / "curve.png")
+  result = export.security_curve(config, [workdir, workdir], out, settings={"steps": 5}, progress=False)
+  assert all(os.path.getsize(path) > 0 for path in result["files"]) and result["files"][0] == out
+  norms = hydra_jax.load_run(workdir, config=config).min_norms(settings={"steps": 5})["min_norm"]
+  curve = result["runs"][workdir]["robust"]
+  np.testing.assert_allclose(curve, min_norm.robust_curve(norms, result["eps"]))
+  assert curve[0] == hydra_jax.load_run(workdir, config=config).evaluate([])["clean"]
+  assert result["eps"][0] == 0 and np.isclose(result["eps"][-1], 2 * config.eval.eps) and len(curve) == 41
+  with open(tmp_path / "curve.csv") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["eps", workdir, workdir] and len(rows) == 42
+  np.testing.assert_allclose([float(r[1]) for r in rows[1:]], curve)
+  with open(tmp_path / "curve.json") as f:
+    assert json.load(f)["settings"]["fmn"]["steps"] == 5
