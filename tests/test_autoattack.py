@@ -324,3 +324,23 @@ def test_min_norms_are_fmn_per_example_on_any_number_of_devices():
   np.testing.assert_allclose(single["min_norm"], np.where(clean, np.asarray(direct), 0.0), rtol=1e-5)
   sharded = evaluate.min_norms(f, None, batches(), norm="l2", settings=settings, progress=False, mode="shard_map")
   np.testing.assert_allclose(sharded["min_norm"], single["min_norm"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["plus", "rand"])
+def test_other_versions_run_their_attacks_and_find_the_exact_robust_accuracy(version):
+  """'plus' (APGD-CE, APGD-DLR with restarts, FAB, Square, APGD-T, FAB-T) and 'rand' (APGD-CE, APGD-DLR) on the
+  linear model: one column per attack, in the version's order, ending at the closed-form robust accuracy."""
+  from tests.test_evaluate import _exact_linf_robust
+
+  eps = 0.1
+  variables, x, y, smooth, _, _ = _linear_logits(eps)
+  exact = _exact_linf_robust(variables, x, y, eps) & (np.asarray(smooth(x)).argmax(-1) == y)
+  keys = attacks.example_keys(jax.random.key(0), jnp.arange(len(y)))
+  _, robust = jax.jit(lambda x, y, k: autoattack.autoattack(smooth, x, y, key=k, eps=eps, version=version, **FAST_AA))(
+    x, y, keys
+  )
+  stages = [name for name, _ in autoattack.version_attacks(version)]
+  assert sorted(robust) == sorted([*stages, "masking"])  # (jit returns the dict with its keys sorted)
+  np.testing.assert_array_equal(np.asarray(robust[stages[-1]]), exact)
+  for earlier, later in zip(stages, stages[1:]):
+    assert np.all(np.asarray(robust[later]) <= np.asarray(robust[earlier]))
