@@ -8,8 +8,11 @@ an attack's output `x_adv` is classified correctly, or a verifier certifies the 
 the methods of one threat model). A certifier speaks of another classifier, the base model smoothed with
 Gaussian noise (`smooth`: Cohen et al.'s certified accuracy at l2 radius eps and at each of its `radii`, as
 'smooth' and 'smooth_r<radius>'), so its numbers stand alone, outside the clean and worst-case ones.
-Unlike AutoAttack, every method runs on the whole batch (not only on still-robust points), which keeps shapes
-static; the worst case is the same.
+Every method runs on the whole batch (not only on the points earlier methods left robust), which keeps shapes
+static; the worst case is the same. The ensemble methods `autoattack` / `autoattack_l2` run AutoAttack's
+sequence (`hydra_jax.autoattack`) the authors' way inside the batch program (each attack only on the points
+still robust, by masking) and add a column per attack ('autoattack_apgd_ce', ...) and 'autoattack_masking';
+`min_norms` gives FMN's smallest adversarial norms per example, for security curves.
 
 Usage:
 
