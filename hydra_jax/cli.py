@@ -78,6 +78,16 @@ _PER_EXAMPLE = flags.DEFINE_string(
   "Also write, per test example, its index, label, clean correctness, each method's and the worst cases, "
   "to FILE (.npz or .csv).",
 )
+_CURVE = flags.DEFINE_string(
+  "curve",
+  None,
+  "eval: instead of --methods, write the security curve (robust accuracy against eps from FMN's smallest "
+  "adversarial norms, at the run's eval.norm, eps from 0 to twice eval.eps) to FILE (.png), with FILE's "
+  ".csv and .json beside it.",
+)
+_CURVE_RUNS = flags.DEFINE_list(
+  "curve_runs", None, "eval --curve: more run directories drawn on the same axes (e.g. the LWM branch at this k)."
+)
 _OUT = flags.DEFINE_string(
   "out",
   None,
@@ -123,6 +133,8 @@ _COMMAND_HELP = {
       "per_example": None,
       "compact": None,
       "best": None,
+      "curve": None,
+      "curve_runs": None,
     },
   ),
   "export": (
@@ -204,6 +216,10 @@ def _run(command: str) -> None:
       print(pipeline.summary_table(result))
     else:
       print(json.dumps(result, indent=2))
+  elif command == "eval" and _CURVE.value:
+    workdirs = [workdir, *(_CURVE_RUNS.value or [])]
+    results = export.security_curve(_CONFIG.value, workdirs, _CURVE.value)
+    print(json.dumps(results, indent=2))
   elif command == "eval":
     results = export.evaluate_checkpoint(
       config,
@@ -244,14 +260,14 @@ def _certify_dir(workdir: str) -> str:
 def _check_paths(command: str, workdir: str) -> None:
   """The flags' paths before any work: reachable (`paths.check_access`), and the command's output of the right
   kind and writable (`export.check_output`; train's workdir: `pipeline.train_and_evaluate`)."""
-  for location in (workdir, _OUT.value, _PER_EXAMPLE.value):
+  for location in (workdir, _OUT.value, _PER_EXAMPLE.value, _CURVE.value, *(_CURVE_RUNS.value or [])):
     if location:
       paths.check_access(location)
   if command == "export" and not _OUT.value:
     raise errors.UserError("export needs --out FILE (.npz or .pth)")
   kind, location = {
     "train": (None, None),
-    "eval": ("per_example", _PER_EXAMPLE.value),
+    "eval": ("curve", _CURVE.value) if _CURVE.value else ("per_example", _PER_EXAMPLE.value),
     "export": ("compact" if _COMPACT.value else "export", _OUT.value),
     "certify": ("certify", _certify_dir(workdir)),
   }[command]

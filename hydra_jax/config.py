@@ -33,6 +33,7 @@ import jax
 import ml_collections
 
 from hydra_jax import attacks
+from hydra_jax import autoattack
 from hydra_jax import baselines
 from hydra_jax import data
 from hydra_jax import data_formats
@@ -155,6 +156,9 @@ def default_config() -> ml_collections.ConfigDict:
   )
   # The `smooth` certifier's own settings (eps: the headline l2 radius; sigma: the training noise_std).
   c.eval.smooth = {k: v for k, v in evaluate.get_method("smooth").defaults.items() if k != "norm"}
+  # AutoAttack's version and counts (the paper's by default), for `autoattack` (l_inf) and `autoattack_l2`.
+  c.eval.autoattack = dict(evaluate.AUTOATTACK_SETTINGS)
+  c.eval.autoattack_l2 = dict(evaluate.AUTOATTACK_SETTINGS)
   c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0, "async_save": True})
   # Multi-host (see parallel.init_from_config): setting coordinator_address or num_processes implies
   # distributed=true. Unset keys ("", 0, -1) come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
@@ -423,6 +427,9 @@ def check_eval_methods(config: ml_collections.ConfigDict, methods: Sequence[str]
   setting (when 'smooth' is among them), before anything is trained or evaluated."""
   try:
     settings = evaluate.config_settings(config.eval, methods)
+    for name, method_settings in settings.items():
+      if evaluate.get_method(name).kind == "ensemble":
+        autoattack.version_attacks(method_settings["version"])
     if "smooth" in settings:
       s = settings["smooth"]
       smoothing.check_settings(s["sigma"], s["alpha"], n0=s["n0"], n=s["n"], batch_size=s["batch_size"])

@@ -8,8 +8,11 @@ an attack's output `x_adv` is classified correctly, or a verifier certifies the 
 the methods of one threat model). A certifier speaks of another classifier, the base model smoothed with
 Gaussian noise (`smooth`: Cohen et al.'s certified accuracy at l2 radius eps and at each of its `radii`, as
 'smooth' and 'smooth_r<radius>'), so its numbers stand alone, outside the clean and worst-case ones.
-Unlike AutoAttack, every method runs on the whole batch (not only on still-robust points), which keeps shapes
-static; the worst case is the same.
+Every method runs on the whole batch (not only on the points earlier methods left robust), which keeps shapes
+static; the worst case is the same. The ensemble methods `autoattack` / `autoattack_l2` run AutoAttack's
+sequence (`hydra_jax.autoattack`) the authors' way inside the batch program (each attack only on the points
+still robust, by masking) and add a column per attack ('autoattack_apgd_ce', ...) and 'autoattack_masking';
+`min_norms` gives FMN's smallest adversarial norms per example, for security curves.
 
 Usage:
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -54,12 +58,14 @@ from tqdm import tqdm
 
 from hydra_jax import PyTree
 from hydra_jax import attacks
+from hydra_jax import autoattack
 from hydra_jax import bounds
+from hydra_jax import min_norm
 from hydra_jax import parallel
 from hydra_jax import smoothing
 
 Array = jax.Array
-KINDS = ("attack", "verifier", "certifier")
+KINDS = ("attack", "verifier", "certifier", "ensemble")
 
 
 class Method(NamedTuple):
@@ -68,9 +74,11 @@ class Method(NamedTuple):
   Attributes:
     fn: `fn(logits_fn, x, y, *, key, **settings)`; an attack returns x_adv [B, H, W, C], a verifier returns
       correct bool [B] (certified robust and correctly classified), a certifier (of the smoothed classifier)
-      bool [B, 1 + R]: certified correct at eps and at each of its settings' `radii` [R].
+      bool [B, 1 + R]: certified correct at eps and at each of its settings' `radii` [R]; an ensemble (a
+      sequence of attacks, AutoAttack) a dict of bool [B] per stage, robust under every attack up to that
+      stage, the last stage its result, and bool [B] 'masking' (see `autoattack.autoattack`).
     defaults: default settings, including 'norm' and 'eps'.
-    kind: 'attack', 'verifier' or 'certifier'.
+    kind: 'attack', 'verifier', 'certifier' or 'ensemble'.
     config_keys: the keys of a run's `config.eval` this method takes when its norm is `config.eval.norm`.
   """
 
@@ -98,7 +106,7 @@ def register_method(
     name: the method's name, also its key in the results.
     fn: the attack or verifier.
     defaults: its default settings (keyword arguments of `fn`), with 'norm' and 'eps'.
-    kind: 'attack', 'verifier' or 'certifier'.
+    kind: 'attack', 'verifier', 'certifier' or 'ensemble'.
     config_keys: keys of a run's `config.eval` that override the defaults when the norms agree.
   """
   if name in _METHODS or name in _RESERVED or name.startswith("robust_"):
@@ -179,6 +187,36 @@ register_method(
   kind="certifier",
   config_keys=(),  # its settings come from config.eval.smooth, whatever the run's eval.norm
 )
+
+
+def _autoattack(
+  logits_fn: attacks.LogitsFn,
+  x: Array,
+  y: Array,
+  *,
+  key: Array,
+  eps: float,
+  norm: str,
+  version: str,
+  apgd_steps: int,
+  fab_steps: int,
+  square_queries: int,
+  num_targets: int,
+  p_init: float,
+) -> dict[str, Array]:
+  """AutoAttack's per-stage robustness (`autoattack.autoattack`), the model seen in batch chunks."""
+  counts = dict(apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries, num_targets=num_targets)
+  chunked = attacks.in_chunks(logits_fn, 0)
+  return autoattack.autoattack(chunked, x, y, key=key, eps=eps, norm=norm, version=version, p_init=p_init, **counts)[1]
+
+
+# AutoAttack at the paper's counts (Croce & Hein 2020): 'autoattack' at the run's l_inf eps, 'autoattack_l2'
+# at its l2 eps; config.eval.autoattack.version = 'plus' or 'rand' for the other versions.
+AUTOATTACK_SETTINGS = dict(
+  version="standard", apgd_steps=100, fab_steps=100, square_queries=5000, num_targets=9, p_init=0.8
+)
+register_method("autoattack", _autoattack, dict(norm="linf", eps=8 / 255, **AUTOATTACK_SETTINGS), kind="ensemble")
+register_method("autoattack_l2", _autoattack, dict(norm="l2", eps=0.5, **AUTOATTACK_SETTINGS), kind="ensemble")
 
 DEFAULT_METHODS = ("pgd_linf", "apgd_ce", "apgd_dlr")
 
@@ -290,7 +328,14 @@ def batch_correct(
       correct[name] = certified[:, 0]
       correct.update({f"{name}_r{r:g}": certified[:, j + 1] for j, r in enumerate(settings["radii"])})
       continue
-    correct[name] = clean & method_correct(name, settings, logits_fn, x, y, method_key)
+    if method.kind == "ensemble":  # per stage: robust up to it; the last stage is the method's result
+      stages = method.fn(logits_fn, x, y, key=method_key, **settings)
+      masking = stages.pop("masking")
+      correct.update({f"{name}_{stage}": clean & robust for stage, robust in stages.items()})
+      correct[f"{name}_masking"] = masking
+      correct[name] = clean & list(stages.values())[-1]
+    else:
+      correct[name] = clean & method_correct(name, settings, logits_fn, x, y, method_key)
     group = f"robust_{settings['norm']}"
     correct[group] = correct.get(group, clean) & correct[name]
     correct["robust"] = correct["robust"] & correct[name]
@@ -426,7 +471,24 @@ def evaluate_per_example(
   if not count:
     return {**dict.fromkeys(["clean", *methods, "robust"], float("nan")), "num_examples": 0.0}, {}
   accuracies = {**{name: total / count for name, total in totals.items()}, "num_examples": count}
+  for message in masking_warnings(accuracies, methods):
+    warnings.warn(message, stacklevel=2)
   return accuracies, _unpadded_examples(examples, methods)
+
+
+def masking_warnings(results: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
+  """One warning per ensemble method (AutoAttack) of `results` whose black-box stage (Square) broke examples
+  that every white-box attack before it left robust: the symptom of gradient masking (obfuscated gradients)."""
+  found = []
+  for name in methods:
+    fraction = results.get(f"{name}_masking", 0.0)
+    if get_method(name).kind == "ensemble" and fraction > 0:
+      count = round(fraction * results["num_examples"])
+      found.append(
+        f"{name}: Square broke {count} example(s) that every white-box attack before it left robust "
+        f"({fraction:.2%} of the test set): the gradients may be masked, so white-box numbers overstate robustness"
+      )
+  return found
 
 
 def _column_rank(name: str, methods: Sequence[str]) -> tuple:
@@ -435,7 +497,10 @@ def _column_rank(name: str, methods: Sequence[str]) -> tuple:
     return (name != "label", name)
   if name.startswith("robust"):
     return (3, name == "robust", name)
-  return (2, next(i for i, m in enumerate(methods) if name == m or name.startswith(f"{m}_r")), name)
+  owners = [(len(m), i) for i, m in enumerate(methods) if name == m or name.startswith(f"{m}_")]
+  index = max(owners)[1]  # the longest method name it starts with ('autoattack_l2_square': 'autoattack_l2')
+  part = name[len(methods[index]) + 1 :]
+  return (2, index, name != methods[index], autoattack.COLUMN_ORDER.get(part, -1), name)
 
 
 def _unpadded_examples(batches: list[dict[str, np.ndarray]], methods: Sequence[str]) -> dict[str, np.ndarray]:
@@ -444,3 +509,71 @@ def _unpadded_examples(batches: list[dict[str, np.ndarray]], methods: Sequence[s
   names = sorted((name for name in batches[0] if name != "mask"), key=lambda name: _column_rank(name, methods))
   columns = {name: np.concatenate([b[name] for b in batches])[kept] for name in names}
   return {"index": np.arange(int(kept.sum())), **columns}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Minimum-norm attacks and security curves.
+
+FMN_DEFAULTS = dict(steps=100, max_stepsize=1.0, gamma=0.05)
+
+
+def min_norm_step(
+  state: dict[str, PyTree], batch: dict[str, Array], *, fn: Callable, settings: tuple, axis_name: str | None
+) -> tuple[dict, dict[str, dict[str, Array]]]:
+  """Per-device step of `min_norms`: each example's clean correctness and FMN's smallest adversarial norm, gathered
+  over devices in global batch order (FMN draws nothing at random, so no key is needed)."""
+  variables = state["variables"]
+  logits_fn = fn if variables is None else (lambda x: fn(variables, x, False)[0])
+  x, y = batch["image"], batch["label"]
+  _, norms = min_norm.fmn(attacks.in_chunks(logits_fn, 0), x, y, **dict(settings))
+  clean = top_k_correct(logits_fn(x), y, 1)
+  examples = {"label": y, "mask": batch["mask"], "clean": clean, "min_norm": jnp.where(clean, norms, 0.0)}
+  if axis_name is not None:
+    examples = jax.lax.all_gather(examples, axis_name, tiled=True)
+  return state, {"examples": examples}
+
+
+@functools.lru_cache(maxsize=8)
+def _min_norm_runner(fn: Callable, settings: tuple, mode: str, devices: tuple | None) -> parallel.Runner:
+  return parallel.make_runner(functools.partial(min_norm_step, fn=fn, settings=settings), mode, devices=devices)
+
+
+def min_norms(
+  fn: Callable,
+  variables: Any,
+  batches: Iterable[Mapping[str, Any]],
+  *,
+  norm: str = "linf",
+  settings: Mapping[str, Any] | None = None,
+  progress: bool = True,
+  mode: str = "single",
+  devices: Sequence[Any] | None = None,
+) -> dict[str, np.ndarray]:
+  """Each example's smallest adversarial perturbation found by FMN (`min_norm.fmn`) in `norm`, over `batches`,
+  one program per batch like `evaluate_per_example` (on one device or data-parallel, padding dropped).
+
+  Returns:
+    {'index': int [N], 'label': int [N], 'clean': bool [N], 'min_norm': float [N]} with min_norm 0 for examples
+    misclassified clean and inf where FMN found no adversarial point; `robust_curve` turns it into robust
+    accuracy against eps.
+  """
+  items = tuple(sorted({**FMN_DEFAULTS, **(settings or {}), "norm": norm}.items()))
+  runner = _min_norm_runner(fn, items, mode, tuple(devices) if devices is not None else None)
+  state = runner.put_state({"variables": variables})
+  examples = []
+  for batch in tqdm(batches, desc="min norms", disable=not progress):
+    state, outputs = runner(state, runner.put_batch(_host_batch(batch)))
+    outputs = jax.device_get(outputs)
+    if mode == "pmap":
+      outputs = jax.tree.map(lambda x: x[0], outputs)
+    examples.append(outputs["examples"])
+  if not examples:
+    return {}
+  kept = np.concatenate([b["mask"] for b in examples]) > 0
+  columns = {name: np.concatenate([b[name] for b in examples])[kept] for name in ("label", "clean", "min_norm")}
+  return {"index": np.arange(int(kept.sum())), **columns}
+
+
+def robust_curve(norms: np.ndarray, eps: Sequence[float]) -> np.ndarray:
+  """Robust accuracy at each eps from per-example smallest adversarial norms (`min_norm.robust_curve`)."""
+  return min_norm.robust_curve(norms, np.asarray(eps))

@@ -116,7 +116,23 @@ class RunModel:
         config=settings,
         progress=progress,
       )
-    return {**results, "k": self.k, "stage": self.meta.get("stage"), "settings": settings}, examples
+    results = {**results, "k": self.k, "stage": self.meta.get("stage"), "seed": self.config.seed, "settings": settings}
+    found = evaluate.masking_warnings(results, names)
+    return ({**results, "warnings": found} if found else results), examples
+
+  def min_norms(self, norm: str | None = None, *, settings: Mapping[str, Any] | None = None, progress: bool = False):
+    """FMN's smallest adversarial norm of each test example (`evaluate.min_norms`) on the run's eval split (the
+    one its evaluation uses), in `norm` (default config.eval.norm)."""
+    batches = sources.eval_split(self.config)
+    with config_lib.prng_scope(self.config):
+      return evaluate.min_norms(
+        self.apply_fn,
+        self.variables,
+        data.iterate(batches, range(batches.num_steps)),
+        norm=norm or self.config.eval.norm,
+        settings=settings,
+        progress=progress,
+      )
 
   def evaluate(self, methods: Sequence[str] | None = None, *, progress: bool = False) -> dict[str, Any]:
     """Accuracies on the run's test split exactly as its training evaluation and `hydra-jax eval` compute them
@@ -296,7 +312,9 @@ def evaluate_checkpoint(
       network's accuracies up to float rounding.
 
   Returns:
-    `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint and 'settings': every method's
+    `evaluate.evaluate`'s accuracies, plus 'k' and 'stage' of the checkpoint, the run's 'seed' (the evaluation
+    key is PRNGKey(seed + 1)), 'warnings' when AutoAttack suspects gradient masking
+    (`evaluate.masking_warnings`), and 'settings': every method's
     settings (threat model, eps, steps; a certifier's sigma, n, alpha), so that each number names what gave it.
   """
   if per_example is not None:
@@ -309,12 +327,96 @@ def evaluate_checkpoint(
   return results
 
 
+CURVE_POINTS = 41
+
+
+def security_curve(
+  config: ml_collections.ConfigDict | None,
+  workdirs: Sequence[str],
+  out: str,
+  *,
+  norm: str | None = None,
+  max_eps: float | None = None,
+  settings: Mapping[str, Any] | None = None,
+  progress: bool = True,
+) -> dict[str, Any]:
+  """Security curves (robust accuracy against eps, from FMN's per-example smallest adversarial norms) of one or
+  several runs on the same axes: writes `out` (.png), and beside it the same numbers as .csv (a column per run)
+  and .json (with each run's median smallest norm and the FMN settings).
+
+  Args:
+    config: the first run's config override (None: each run's own); the other runs use their own.
+    workdirs: run directories (e.g. a HYDRA and an LWM branch at the same k), labelled by their paths.
+    out: the figure's path, ending in .png.
+    norm: 'linf' or 'l2' (default: the first run's config.eval.norm).
+    max_eps: the curve's last eps (default: twice the first run's config.eval.eps when the norms agree, else
+      16/255 for l_inf and 1.0 for l_2); CURVE_POINTS evenly spaced eps from 0.
+    settings: FMN settings overriding `evaluate.FMN_DEFAULTS` (steps, max_stepsize, gamma).
+    progress: show progress bars.
+
+  Returns:
+    {'norm', 'eps': [E], 'runs': {workdir: {'robust': [E], 'clean', 'median_min_norm', 'num_examples'}},
+     'settings', 'files': [png, csv, json]}.
+  """
+  check_output("curve", out)
+  if not workdirs:
+    raise errors.UserError("a security curve needs at least one run directory")
+  runs = [load_run(w, config=config if i == 0 else None) for i, w in enumerate(workdirs)]
+  first = runs[0].config.eval
+  norm = norm or first.norm
+  if max_eps is None:
+    max_eps = 2 * first.eps if norm == first.norm else {"linf": 16 / 255, "l2": 1.0}[norm]
+  eps = np.linspace(0.0, max_eps, CURVE_POINTS)
+  fmn_settings = {**evaluate.FMN_DEFAULTS, **(settings or {})}
+  curves = {}
+  for workdir, run in zip(workdirs, runs):
+    columns = run.min_norms(norm, settings=fmn_settings, progress=progress)
+    norms = columns["min_norm"]
+    curves[workdir] = {
+      "robust": evaluate.robust_curve(norms, eps).tolist(),
+      "clean": float(columns["clean"].mean()),
+      "median_min_norm": float(np.median(norms)),
+      "num_examples": len(norms),
+    }
+  stem = out[: -len(".png")]
+  result = {"norm": norm, "eps": eps.tolist(), "runs": curves, "settings": {"fmn": fmn_settings}}
+  with paths.path(f"{stem}.json").open("w") as f:
+    json.dump(result, f, indent=2)
+  with paths.path(f"{stem}.csv").open("w") as f:
+    writer = csv.writer(f)
+    writer.writerow(["eps", *workdirs])
+    writer.writerows([e, *(curves[w]["robust"][i] for w in workdirs)] for i, e in enumerate(eps))
+  _plot_curves(f"{stem}.png", eps, curves, norm)
+  return {**result, "files": [f"{stem}.png", f"{stem}.csv", f"{stem}.json"]}
+
+
+def _plot_curves(path: str, eps: np.ndarray, curves: Mapping[str, Mapping[str, Any]], norm: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top  # only curves pay its import
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  figure, axes = plt.subplots(figsize=(5, 3.5))
+  for label, curve in curves.items():
+    axes.plot(eps, curve["robust"], label=label)
+  axes.set_xlabel({"linf": "eps (l_inf)", "l2": "eps (l_2)"}.get(norm, norm))
+  axes.set_ylabel("robust accuracy (FMN)")
+  axes.set_ylim(0, 1)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=7)
+  figure.tight_layout()
+  with paths.path(path).open("wb") as f:
+    figure.savefig(f, format="png", dpi=120)
+  plt.close(figure)
+
+
 # What each kind of output is called in messages, and the file name endings it takes (None: a directory).
 OUTPUTS = {
   "export": ("export file", (".npz", ".pth", ".pt")),
   "compact": ("compact export file", (".npz",)),
   "per_example": ("per-example file", (".npz", ".csv")),
   "certify": ("certify output directory", None),
+  "curve": ("security curve", (".png",)),
 }
 
 

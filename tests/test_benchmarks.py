@@ -146,3 +146,15 @@ def test_input_workload_times_both_recipes_on_the_same_jpegs():
   )
   # Per CPU second too; main() raised had the two sides' float32 outputs differed.
   assert row["jax_cpu_img_s"] > 0 and row["cpu_speedup"] == pytest.approx(row["jax_cpu_img_s"] / row["torch_cpu_img_s"])
+
+
+@pytest.mark.slow
+def test_autoattack_benchmark_runs_both_sides_at_tiny_size():
+  """`python -m benchmarks.bench_autoattack --tiny` (about 2 CPU minutes): the export's logits match and both
+  sides report every stage."""
+  pytest.importorskip("torchattacks")
+  from benchmarks import bench_autoattack
+
+  (row,) = bench_autoattack.main(["--tiny"])
+  assert row["logit_parity_max_abs"] < 1e-4
+  assert set(row["hydra_jax"]) == set(row["torchattacks"]) == set(bench_autoattack.STAGES)

@@ -102,6 +102,7 @@ BAD_INPUT = [
   (["eval", *NO_RUN], 1, "no checkpoint directory at no_run"),
   (["eval", "--config", DEMO, *NO_RUN, "--methods=pgd_linf,fgsm"], 1, "unknown evaluation method 'fgsm'; valid"),
   (["eval", *NO_RUN, "--per_example=x.json"], 1, "per-example file 'x.json' must end in .npz or .csv"),
+  (["eval", *NO_RUN, "--curve=curve.pdf"], 1, "security curve 'curve.pdf' must end in .png"),
   (["eval", "--config", DEMO, "--config.eval.eps=nan", *NO_RUN], 1, "config.eval.eps=nan is not a finite number"),
   (["export", *NO_RUN], 1, "export needs --out FILE (.npz or .pth)"),
   (["export", *NO_RUN, "--out", "x.bin"], 1, "export file 'x.bin' must end in .npz, .pth or .pt"),
@@ -321,8 +322,18 @@ def restore_model(workdir):
 @pytest.mark.parametrize(
   "command, own, foreign, says",
   [
-    ("train", ["--config", "--workdir"], ["--methods", "--out", "--sigma", "--per_example"], "created or resumed"),
-    ("eval", ["--config", "--workdir", "--methods", "--per_example"], ["--out", "--sigma", "--dense"], "worst case"),
+    (
+      "train",
+      ["--config", "--workdir"],
+      ["--methods", "--out", "--sigma", "--per_example", "--curve"],
+      "created or resumed",
+    ),
+    (
+      "eval",
+      ["--config", "--workdir", "--methods", "--per_example", "--curve", "--curve_runs"],
+      ["--out", "--sigma", "--dense"],
+      "worst case",
+    ),
     ("export", ["--config", "--workdir", "--out", "--dense"], ["--methods", "--sigma", "--per_example"], ".pth"),
     (
       "certify",

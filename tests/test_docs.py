@@ -76,6 +76,7 @@ TINY = {
   "eval.every_epochs": 1,
   "eval.smooth.n0": 8,
   "eval.smooth.n": 32,
+  **{f"eval.autoattack.{k}": v for k, v in dict(apgd_steps=2, fab_steps=2, square_queries=20, num_targets=2).items()},
   "log.progress": False,
   "checkpoint.async_save": False,
   "parallel.mode": "single",

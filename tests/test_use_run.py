@@ -214,3 +214,30 @@ def test_a_models_evaluation_data_is_its_configs(pruned):
   config = ph.override(ph.tiny_config(stage="prune", source="x", k=K), **{"data.eval_examples": 32})
   model = hydra_jax.load_run(workdir, config=config)
   assert model.config is config and model.evaluate(())["num_examples"] == 32
+
+
+def test_security_curve_writes_the_runs_curves_from_their_smallest_adversarial_norms(pruned, tmp_path, monkeypatch):
+  """`hydra-jax eval --curve`'s library call: PNG, CSV and JSON with one curve per run, from each run's FMN norms.
+  On the real run: at eps 0 the clean accuracy of its evaluation, the grid up to twice eval.eps. With the norms
+  fixed by hand (the random-weight run's few correct examples resist FMN): the hand-counted curve."""
+  config, workdir = pruned
+  out = str(tmp_path / "curve.png")
+  result = export.security_curve(config, [workdir], out, settings={"steps": 5}, progress=False)
+  assert all(os.path.getsize(path) > 0 for path in result["files"]) and result["files"][0] == out
+  curve = result["runs"][workdir]["robust"]
+  assert curve[0] == hydra_jax.load_run(workdir, config=config).evaluate([])["clean"]
+  assert result["eps"][0] == 0 and np.isclose(result["eps"][-1], 2 * config.eval.eps) and len(curve) == 41
+  with open(tmp_path / "curve.json") as f:
+    assert json.load(f)["settings"]["fmn"]["steps"] == 5
+
+  hand = {"min_norm": np.array([0.0, 0.01, 0.05, np.inf]), "clean": np.array([False, True, True, True])}
+  monkeypatch.setattr(export.RunModel, "min_norms", lambda self, norm, settings=None, progress=False: hand)
+  result = export.security_curve(config, [workdir, workdir], out, max_eps=0.1, progress=False)
+  expected = [0.75 if e < 0.01 else 0.5 if e < 0.05 else 0.25 for e in np.linspace(0, 0.1, 41)]
+  np.testing.assert_allclose(result["runs"][workdir]["robust"], expected)
+  assert np.isclose(result["runs"][workdir]["median_min_norm"], 0.03)
+  with open(tmp_path / "curve.csv") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["eps", workdir, workdir] and len(rows) == 42
+  np.testing.assert_allclose([float(r[1]) for r in rows[1:]], expected)
+  np.testing.assert_allclose([float(r[0]) for r in rows[1:]], np.linspace(0, 0.1, 41))

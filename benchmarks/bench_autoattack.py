@@ -1,0 +1,213 @@
+"""Full AutoAttack: hydra_jax's `autoattack` method against torchattacks 3.5.1 on the same model, same process.
+
+Run from the repository root (torch and torchattacks are benchmark-only extras):
+
+  python -m benchmarks.bench_autoattack --run runs/digits_demo/k0.05/finetune     # the README main job's HYDRA model
+  python -m benchmarks.bench_autoattack --model resnet18 --batch 128 --examples 128  # random ResNet-18, CIFAR size
+  python -m benchmarks.bench_autoattack --tiny                                      # toy counts, a minute on a CPU
+
+The model: a finished run (`--run`; its eval split, eps and norm) or a zoo model with random weights on random
+CIFAR-shaped inputs (`--model`; the speed comparison of issue 28). It is exported to PyTorch through
+`convert.to_torch_state_dict` into the independent re-statement of the reference architectures
+(`tests/torch_reference.py`; the basic CNNs at the run's input size), and the logits of the two are compared
+first. Then, on the first --examples test images, in batches of --batch:
+
+  hydra_jax   `evaluate.evaluate_per_example(..., methods=('autoattack',))`: APGD-CE -> APGD-T -> FAB-T -> Square,
+              each on the examples still robust, in one program per batch (what `hydra-jax eval --methods=autoattack`
+              runs); the time includes compilation (reported separately: a second, compiled pass).
+  torchattacks the same sequence as torchattacks' MultiAttack runs it (each attack on the examples still robust):
+              APGD(loss='ce'), APGDT, FAB(multi_targeted=True), Square, at the same counts. torchattacks'
+              `AutoAttack(version='standard')` itself builds its APGD, APGDT and FAB with their default steps=10,
+              not the paper's 100, so the benchmark builds the sequence with the counts written out.
+
+Reported: robust accuracy after each stage on each side, the final difference in points (issue 28 asks that
+hydra_jax be no weaker: at most +0.2 points above torchattacks), and the seconds of each side.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax import convert
+from hydra_jax import evaluate
+from hydra_jax import masking
+from hydra_jax import models
+
+STAGES = ("apgd_ce", "apgd_t", "fab_t", "square")
+FULL = dict(apgd_steps=100, fab_steps=100, square_queries=5000, num_targets=9)
+TINY = dict(apgd_steps=5, fab_steps=5, square_queries=50, num_targets=3)
+
+
+def _torch_model(name, variables, input_shape, num_classes):
+  """The PyTorch re-statement of zoo model `name` with the exported weights, in eval mode."""
+  import torch
+
+  from benchmarks import torch_bounds
+
+  if name in torch_bounds.CNNS:  # basic CNNs: the flattened width follows the input size (two halvings)
+    convs, hidden = torch_bounds.CNNS[name]
+    net = torch_bounds.sequential_cnn(input_shape[2], convs, input_shape[0] // 4, hidden, num_classes)
+  else:
+    from tests import torch_reference
+
+    net = torch_reference.build(name, num_classes)
+  state = convert.to_torch_state_dict(variables, model_name=name, input_shape=input_shape, as_torch=True)
+  net.load_state_dict(state, strict=True)
+  return net.eval().to(torch.float32)
+
+
+def _source(args):
+  """(apply_fn, variables, model name, images, labels, eps, norm) of the run or of a random zoo model."""
+  if args.run:
+    from hydra_jax import data
+    from hydra_jax import export
+    from hydra_jax import sources
+
+    run = export.load_run(args.run)
+    batches = sources.eval_split(run.config)
+    images, labels = [], []
+    for batch in data.iterate(batches, range(batches.num_steps)):
+      kept = np.asarray(batch.get("mask", np.ones(len(batch["label"])))) > 0
+      images.append(np.asarray(batch["image"])[kept])
+      labels.append(np.asarray(batch["label"])[kept])
+    x, y = np.concatenate(images)[: args.examples], np.concatenate(labels)[: args.examples]
+    eps = run.config.eval.eps if args.eps is None else args.eps
+    return run.apply_fn, run.variables, run.config.model.name, x, y, eps, run.config.eval.norm
+  model = models.get_model(args.model, 10)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(args.examples, 32, 32, 3)).astype(np.float32)
+  variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(0))
+  scores = masking.init_scores(variables["params"], "scaled", jax.random.key(1))
+  variables = {**variables, "params": masking.export_dense(variables["params"], scores, args.k)}
+  apply_fn = models.make_apply_fn(model)
+  y = np.asarray(jnp.argmax(apply_fn(variables, x, False)[0], -1)).astype(np.int32)  # all correct clean
+  return apply_fn, variables, args.model, x, y, 8 / 255 if args.eps is None else args.eps, "linf"
+
+
+def _torch_sequence(net, x, y, eps, norm, counts, num_classes, seed):
+  """Robust counts after each stage of torchattacks' attacks run as MultiAttack runs them (on the examples still
+  robust), and the seconds."""
+  import torch
+  import torchattacks
+
+  torch_norm = {"linf": "Linf", "l2": "L2"}[norm]
+  targets = counts["num_targets"]
+  stages = [
+    torchattacks.APGD(net, norm=torch_norm, eps=eps, steps=counts["apgd_steps"], n_restarts=1, loss="ce", seed=seed),
+    torchattacks.APGDT(
+      net, norm=torch_norm, eps=eps, steps=counts["apgd_steps"], n_restarts=1, n_classes=targets + 1, seed=seed
+    ),
+    torchattacks.FAB(
+      net,
+      norm=torch_norm,
+      eps=eps,
+      steps=counts["fab_steps"],
+      n_restarts=1,
+      multi_targeted=True,
+      n_classes=targets + 1,
+      seed=seed,
+    ),
+    torchattacks.Square(net, norm=torch_norm, eps=eps, n_queries=counts["square_queries"], n_restarts=1, seed=seed),
+  ]
+  del num_classes  # the targets: the classes of the 2nd .. (num_targets + 1)-th largest logits
+  images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+  labels = torch.from_numpy(y).long()
+  start = time.perf_counter()
+  with torch.no_grad():
+    robust = net(images).argmax(1) == labels
+  after = []
+  for attack in stages:
+    index = robust.nonzero().flatten()
+    if len(index):
+      adv = attack(images[index], labels[index])
+      with torch.no_grad():
+        robust[index] = net(adv).argmax(1) == labels[index]
+    after.append(int(robust.sum()))
+  return after, time.perf_counter() - start
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--run", default=None, help="a finished run directory (default: a random --model)")
+  parser.add_argument("--model", default="resnet18", help="zoo model with random weights when no --run")
+  parser.add_argument("--k", type=float, default=0.05, help="--model: fraction of weights kept (HYDRA's scaled init)")
+  parser.add_argument("--examples", type=int, default=1000)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--eps", type=float, default=None, help="default: the run's eval.eps, or 8/255")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--tiny", action="store_true", help=f"toy counts {TINY} on 32 examples of cnn_tiny")
+  parser.add_argument("--json", default=None, help="also write the row to this file")
+  args = parser.parse_args(argv)
+  counts = dict(FULL)
+  if args.tiny:
+    counts = dict(TINY)
+    args.examples, args.batch = min(args.examples, 32), min(args.batch, 32)
+    if not args.run:
+      args.model = "cnn_tiny"
+  import torch
+
+  apply_fn, variables, name, x, y, eps, norm = _source(args)
+  num_classes = int(apply_fn(variables, x[:1], False)[0].shape[-1])
+  counts["num_targets"] = min(counts["num_targets"], num_classes - 1)
+  net = _torch_model(name, variables, x.shape[1:], num_classes)
+  with torch.no_grad():
+    torch_logits = net(torch.from_numpy(x[:16]).permute(0, 3, 1, 2).contiguous()).numpy()
+  parity = float(np.abs(torch_logits - np.asarray(apply_fn(variables, x[:16], False)[0])).max())
+
+  method = "autoattack" if norm == "linf" else "autoattack_l2"
+  config = {method: dict(eps=eps, **counts)}
+  batches = lambda: [
+    {"image": x[s : s + args.batch], "label": y[s : s + args.batch]} for s in range(0, len(y), args.batch)
+  ]
+  run = lambda: evaluate.evaluate_per_example(
+    apply_fn, variables, batches(), key=jax.random.PRNGKey(args.seed), methods=(method,), config=config, progress=False
+  )
+  start = time.perf_counter()
+  results, _ = run()
+  jax_first_s = time.perf_counter() - start
+  start = time.perf_counter()
+  run()
+  jax_s = time.perf_counter() - start
+  torch_after, torch_s = _torch_sequence(net, x, y, eps, norm, counts, num_classes, args.seed)
+
+  n = len(y)
+  row = {
+    "model": args.run or f"{name} (random, k={args.k:g})",
+    "examples": n,
+    "batch": args.batch,
+    "norm": norm,
+    "eps": eps,
+    "counts": counts,
+    "logit_parity_max_abs": parity,
+    "clean": results["clean"],
+    "hydra_jax": {stage: results[f"{method}_{stage}"] for stage in STAGES},
+    "torchattacks": {stage: count / n for stage, count in zip(STAGES, torch_after)},
+    "masking": results[f"{method}_masking"],
+    "jax_s": jax_s,
+    "jax_compile_s": jax_first_s - jax_s,
+    "torch_s": torch_s,
+    "speedup": torch_s / jax_s,
+  }
+  row["difference_points"] = 100 * (row["hydra_jax"]["square"] - row["torchattacks"]["square"])
+  print(f"AutoAttack standard on {row['model']}: {n} examples, {norm} eps {eps:.4g}, counts {counts}")
+  print(f"logits hydra_jax vs PyTorch export: max |diff| {parity:.2e}; clean {row['clean']:.4f}")
+  print(f"{'stage':10s} {'hydra_jax':>10s} {'torchattacks':>13s}")
+  for stage in STAGES:
+    print(f"{stage:10s} {row['hydra_jax'][stage]:10.4f} {row['torchattacks'][stage]:13.4f}")
+  print(
+    f"difference {row['difference_points']:+.2f} points (hydra_jax - torchattacks); masking {row['masking']:.4f}; "
+    f"seconds: hydra_jax {jax_s:.1f} (+{row['jax_compile_s']:.1f} compile), torchattacks {torch_s:.1f}, "
+    f"speedup {row['speedup']:.2f}x"
+  )
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(row, f, indent=2)
+  return [row]
+
+
+if __name__ == "__main__":
+  main()
