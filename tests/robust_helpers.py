@@ -166,3 +166,43 @@ def trained_cnn(objective_name="benign", steps=300, eps=None):
 
 def accuracy(logits_fn, x, y):
   return float(jnp.mean(jnp.argmax(logits_fn(jnp.asarray(x)), -1) == jnp.asarray(y)))
+
+
+# The 10-class linear problem whose l_inf robust accuracy has a closed form (test_evaluate, test_autoattack).
+LINEAR_SHAPE = (4, 4, 1)
+
+
+def linear_problem(n=48, eps=0.05, seed=0):
+  """A 10-class linear model with inputs eps-away from the box edges, so the box never binds."""
+  model = Linear(num_classes=10)
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(eps + 0.01, 1 - eps - 0.01, (n, *LINEAR_SHAPE)).astype(np.float32)
+  variables = init_variables(model, x[:1].shape, seed)
+  logits = np.asarray(model.apply(variables, x, train=False))
+  y = logits.argmax(-1).astype(np.int32)
+  y[: n // 6] = (y[: n // 6] + 1) % 10  # some examples misclassified clean
+  return model, variables, x, y
+
+
+def exact_linf_robust(variables, x, y, eps):
+  """Robust iff min_{||d||_inf <= eps} z_y - z_j = (z_y - z_j)(x) - eps ||w_y - w_j||_1 > 0 for all j != y."""
+  w = np.asarray(variables["params"]["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(variables["params"]["Dense_0"]["bias"], np.float64)
+  logits = x.reshape(len(x), -1) @ w + b
+  worst = logits[np.arange(len(y)), y][:, None] - logits - eps * np.abs(w[:, y].T[:, :, None] - w[None]).sum(1)
+  worst[np.arange(len(y)), y] = np.inf
+  return worst.min(1) > 0
+
+
+def linear_batches(x, y, batch_size, pad_to=None):
+  for start in range(0, len(y), batch_size):
+    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+    batch = {"image": xb, "label": yb}
+    if pad_to is not None and len(yb) < pad_to:
+      extra = pad_to - len(yb)
+      batch = {
+        "image": np.concatenate([xb, np.full((extra, *LINEAR_SHAPE), 0.5, np.float32)]),
+        "label": np.concatenate([yb, np.zeros(extra, np.int32)]),
+        "mask": np.concatenate([np.ones(len(yb)), np.zeros(extra)]),
+      }
+    yield batch

@@ -179,15 +179,13 @@ FAST_AA = dict(apgd_steps=5, fab_steps=5, square_queries=100, num_targets=3)
 def _linear_logits(eps=0.1, n=32):
   """The 10-class linear problem of test_evaluate (inputs eps away from the box edges), its logits function, the
   same function with the gradient to the input cut (white-box attacks see zero gradients), and batches."""
-  from tests.test_evaluate import _batches
-  from tests.test_evaluate import _linear_problem
 
-  _, variables, x, y = _linear_problem(n=n, eps=eps)
+  _, variables, x, y = helpers.linear_problem(n=n, eps=eps)
   dense = variables["params"]["Dense_0"]
   w, b = jnp.asarray(dense["kernel"]), jnp.asarray(dense["bias"])
   smooth = lambda z: z.reshape(z.shape[0], -1) @ w + b
   masked = lambda z: jax.lax.stop_gradient(z.reshape(z.shape[0], -1)) @ w + b
-  return variables, x, y, smooth, masked, lambda: _batches(x, y, 16)
+  return variables, x, y, smooth, masked, lambda: helpers.linear_batches(x, y, 16)
 
 
 def _run_autoattack(fn, batches, eps, mode="single"):
@@ -203,11 +201,10 @@ def test_autoattack_finds_the_exact_robust_accuracy_of_a_linear_model_and_flags_
   """On a linear model the sequence breaks exactly the examples the closed form says are breakable; per stage
   the columns only lose examples. With the input gradient cut, APGD and FAB are blind but Square still breaks
   examples: those are reported as 'masking' and in a warning."""
-  from tests.test_evaluate import _exact_linf_robust
 
   eps = 0.1
   variables, x, y, smooth, masked, batches = _linear_logits(eps)
-  exact = _exact_linf_robust(variables, x, y, eps) & (np.asarray(smooth(x)).argmax(-1) == y)
+  exact = helpers.exact_linf_robust(variables, x, y, eps) & (np.asarray(smooth(x)).argmax(-1) == y)
   accuracies, examples = _run_autoattack(smooth, batches, eps)
   assert list(examples)[4:10] == [
     f"autoattack{s}" for s in ("", "_apgd_ce", "_apgd_t", "_fab_t", "_square", "_masking")
@@ -330,11 +327,10 @@ def test_min_norms_are_fmn_per_example_on_any_number_of_devices():
 def test_other_versions_run_their_attacks_and_find_the_exact_robust_accuracy(version):
   """'plus' (APGD-CE, APGD-DLR with restarts, FAB, Square, APGD-T, FAB-T) and 'rand' (APGD-CE, APGD-DLR) on the
   linear model: one column per attack, in the version's order, ending at the closed-form robust accuracy."""
-  from tests.test_evaluate import _exact_linf_robust
 
   eps = 0.1
   variables, x, y, smooth, _, _ = _linear_logits(eps)
-  exact = _exact_linf_robust(variables, x, y, eps) & (np.asarray(smooth(x)).argmax(-1) == y)
+  exact = helpers.exact_linf_robust(variables, x, y, eps) & (np.asarray(smooth(x)).argmax(-1) == y)
   keys = attacks.example_keys(jax.random.key(0), jnp.arange(len(y)))
   _, robust = jax.jit(lambda x, y, k: autoattack.autoattack(smooth, x, y, key=k, eps=eps, version=version, **FAST_AA))(
     x, y, keys

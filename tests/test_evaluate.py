@@ -11,7 +11,7 @@ from hydra_jax import evaluate
 from hydra_jax import smoothing
 from tests import robust_helpers as helpers
 
-SHAPE = (4, 4, 1)
+SHAPE = helpers.LINEAR_SHAPE
 FAST = {
   "pgd_linf": {"steps": 10},
   "apgd_ce": {"steps": 20},
@@ -21,53 +21,17 @@ FAST = {
 }
 
 
-def _linear_problem(n=48, eps=0.05, seed=0):
-  """A 10-class linear model with inputs eps-away from the box edges, so the box never binds."""
-  model = helpers.Linear(num_classes=10)
-  rng = np.random.default_rng(seed)
-  x = rng.uniform(eps + 0.01, 1 - eps - 0.01, (n, *SHAPE)).astype(np.float32)
-  variables = helpers.init_variables(model, x[:1].shape, seed)
-  logits = np.asarray(model.apply(variables, x, train=False))
-  y = logits.argmax(-1).astype(np.int32)
-  y[: n // 6] = (y[: n // 6] + 1) % 10  # some examples misclassified clean
-  return model, variables, x, y
-
-
-def _exact_linf_robust(variables, x, y, eps):
-  """Robust iff min_{||d||_inf <= eps} z_y - z_j = (z_y - z_j)(x) - eps ||w_y - w_j||_1 > 0 for all j != y."""
-  w = np.asarray(variables["params"]["Dense_0"]["kernel"], np.float64)
-  b = np.asarray(variables["params"]["Dense_0"]["bias"], np.float64)
-  logits = x.reshape(len(x), -1) @ w + b
-  worst = logits[np.arange(len(y)), y][:, None] - logits - eps * np.abs(w[:, y].T[:, :, None] - w[None]).sum(1)
-  worst[np.arange(len(y)), y] = np.inf
-  return worst.min(1) > 0
-
-
-def _batches(x, y, batch_size, pad_to=None):
-  for start in range(0, len(y), batch_size):
-    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-    batch = {"image": xb, "label": yb}
-    if pad_to is not None and len(yb) < pad_to:
-      extra = pad_to - len(yb)
-      batch = {
-        "image": np.concatenate([xb, np.full((extra, *SHAPE), 0.5, np.float32)]),
-        "label": np.concatenate([yb, np.zeros(extra, np.int32)]),
-        "mask": np.concatenate([np.ones(len(yb)), np.zeros(extra)]),
-      }
-    yield batch
-
-
 def test_linear_model_robust_accuracy_is_exact():
   eps = 0.05
-  model, variables, x, y = _linear_problem(eps=eps)
-  exact = _exact_linf_robust(variables, x, y, eps)
+  model, variables, x, y = helpers.linear_problem(eps=eps)
+  exact = helpers.exact_linf_robust(variables, x, y, eps)
   config = evaluate.default_config(linf_eps=eps)
   for name, overrides in FAST.items():
     config[name].update(overrides)
   results = evaluate.evaluate(
     helpers.make_apply_fn(model),
     variables,
-    _batches(x, y, 16),
+    helpers.linear_batches(x, y, 16),
     key=helpers.key(0),
     methods=("pgd_linf", "apgd_ce", "apgd_dlr", "apgd_t"),
     config=config,
@@ -90,7 +54,7 @@ SMALL_CONFIG = {"pgd_linf": {"steps": 3, "random_start": False}, "pgd_l2": {"ste
 
 
 def test_padding_does_not_count():
-  model, variables, x, y = _linear_problem(n=48)
+  model, variables, x, y = helpers.linear_problem(n=48)
   apply_fn = helpers.make_apply_fn(model)
   run = lambda batches: evaluate.evaluate(
     apply_fn,
@@ -101,8 +65,8 @@ def test_padding_does_not_count():
     config=SMALL_CONFIG,
     progress=False,
   )
-  padded = run(_batches(x, y, 12, pad_to=16))  # every batch: 12 real rows and 4 padded ones
-  plain = run(_batches(x, y, 16))
+  padded = run(helpers.linear_batches(x, y, 12, pad_to=16))  # every batch: 12 real rows and 4 padded ones
+  plain = run(helpers.linear_batches(x, y, 16))
   assert padded["num_examples"] == plain["num_examples"] == 48
   for name in ("clean", "pgd_linf", "pgd_l2", "robust", "robust_linf", "robust_l2"):
     np.testing.assert_allclose(padded[name], plain[name], err_msg=name)
@@ -129,12 +93,12 @@ evaluate.register_method("test_fool_1", _fool_rows, {"norm": "l2", "eps": 0.0, "
 
 
 def test_robust_is_the_per_example_worst_case():
-  model, variables, x, y = _linear_problem(n=30, seed=2)
+  model, variables, x, y = helpers.linear_problem(n=30, seed=2)
   logits_fn = lambda z: model.apply(variables, z, train=False)
   results = evaluate.evaluate(
     logits_fn,
     None,
-    _batches(x, y, 10),
+    helpers.linear_batches(x, y, 10),
     key=helpers.key(0),
     methods=("test_identity", "test_fool_0", "test_fool_1"),
     progress=False,
@@ -156,15 +120,15 @@ def test_robust_is_the_per_example_worst_case():
 
 
 def test_configuration_errors_name_the_problem():
-  model, variables, x, y = _linear_problem(n=8)
+  model, variables, x, y = helpers.linear_problem(n=8)
   apply_fn = helpers.make_apply_fn(model)
   with pytest.raises(ValueError, match=r"unknown evaluation method 'fgsm'.*apgd_ce"):
-    evaluate.evaluate(apply_fn, variables, _batches(x, y, 8), key=helpers.key(0), methods=("fgsm",))
+    evaluate.evaluate(apply_fn, variables, helpers.linear_batches(x, y, 8), key=helpers.key(0), methods=("fgsm",))
   with pytest.raises(ValueError, match=r"unknown settings \['stepsize'\].*step_size"):
     evaluate.evaluate(
       apply_fn,
       variables,
-      _batches(x, y, 8),
+      helpers.linear_batches(x, y, 8),
       key=helpers.key(0),
       methods=("pgd_linf",),
       config={"pgd_linf": {"stepsize": 0.1}},
@@ -191,10 +155,15 @@ evaluate.register_method("test_counted", _counted_identity, {"norm": "linf", "ep
 
 
 def test_each_batch_shape_compiles_once_across_calls():
-  model, variables, x, y = _linear_problem(n=32)
+  model, variables, x, y = helpers.linear_problem(n=32)
   apply_fn = helpers.make_apply_fn(model)
   run = lambda batch_size: evaluate.evaluate(
-    apply_fn, variables, _batches(x, y, batch_size), key=helpers.key(0), methods=("test_counted",), progress=False
+    apply_fn,
+    variables,
+    helpers.linear_batches(x, y, batch_size),
+    key=helpers.key(0),
+    methods=("test_counted",),
+    progress=False,
   )
   first = run(16)
   assert _TRACES == [(16, *SHAPE)]  # one trace for the two batches of 16
@@ -213,10 +182,15 @@ evaluate.register_method("test_margin", _certify_margin, {"norm": "linf", "eps":
 
 
 def test_verifiers_and_top5_count_per_example():
-  model, variables, x, y = _linear_problem(n=40, seed=3)
+  model, variables, x, y = helpers.linear_problem(n=40, seed=3)
   logits_fn = lambda z: model.apply(variables, z, train=False)
   results = evaluate.evaluate(
-    logits_fn, None, _batches(x, y, 8), key=helpers.key(0), methods=("test_margin", "test_fool_0"), progress=False
+    logits_fn,
+    None,
+    helpers.linear_batches(x, y, 8),
+    key=helpers.key(0),
+    methods=("test_margin", "test_fool_0"),
+    progress=False,
   )
   logits = np.asarray(logits_fn(x))
   clean = logits.argmax(-1) == y
@@ -233,12 +207,12 @@ def test_verifiers_and_top5_count_per_example():
 
 
 def test_counts_are_summed_over_eight_devices():
-  model, variables, x, y = _linear_problem(n=48)
+  model, variables, x, y = helpers.linear_problem(n=48)
   apply_fn = helpers.make_apply_fn(model)
   run = lambda mode: evaluate.evaluate(
     apply_fn,
     variables,
-    _batches(x, y, 12, pad_to=16),
+    helpers.linear_batches(x, y, 12, pad_to=16),
     key=helpers.key(1),
     methods=("pgd_linf", "pgd_l2"),
     config=SMALL_CONFIG,
@@ -256,14 +230,14 @@ def test_counts_are_summed_over_eight_devices():
 def test_per_example_results_are_each_examples_in_order_on_any_number_of_devices():
   """Padding dropped, split order kept, every column averaging to its accuracy; each example's verdict the
   closed-form one, the same on 1 and 8 devices."""
-  model, variables, x, y = _linear_problem(n=44)
+  model, variables, x, y = helpers.linear_problem(n=44)
   eps = 0.05
   apply_fn = helpers.make_apply_fn(model)
   config = {"pgd_linf": {"steps": 3, "random_start": False, "eps": eps}, "crown_ibp": {"eps": eps}}
   run = lambda mode: evaluate.evaluate_per_example(
     apply_fn,
     variables,
-    _batches(x, y, 12, pad_to=16),
+    helpers.linear_batches(x, y, 12, pad_to=16),
     key=helpers.key(1),
     methods=("pgd_linf", "crown_ibp"),
     config=config,
@@ -278,7 +252,7 @@ def test_per_example_results_are_each_examples_in_order_on_any_number_of_devices
   logits = x.reshape(len(x), -1) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
   np.testing.assert_array_equal(examples["clean"], logits.argmax(-1) == y)
   # The margin bound of a linear model is exact: its verdict is the closed-form one.
-  np.testing.assert_array_equal(examples["crown_ibp"], _exact_linf_robust(variables, x, y, eps))
+  np.testing.assert_array_equal(examples["crown_ibp"], helpers.exact_linf_robust(variables, x, y, eps))
   np.testing.assert_array_equal(examples["robust"], examples["clean"] & examples["pgd_linf"] & examples["crown_ibp"])
   for name, column in examples.items():
     if name not in ("index", "label"):
@@ -299,7 +273,7 @@ evaluate.register_method("test_coin", _coin, {"norm": "linf", "eps": 0.0}, kind=
 
 
 def test_random_draws_of_methods_do_not_depend_on_the_device_count():
-  model, variables, x, y = _linear_problem(n=32)
+  model, variables, x, y = helpers.linear_problem(n=32)
   # Example i of a batch of 16 weighs 2^i: the weighted count is the per-example outcome pattern, in binary.
   batches = [{"image": x[s : s + 16], "label": y[s : s + 16], "mask": 2.0 ** np.arange(16)} for s in range(0, 32, 16)]
   run = lambda mode: evaluate.evaluate(
@@ -377,7 +351,7 @@ def test_smooth_certifies_a_constant_classifier_up_to_its_largest_radius():
   results = evaluate.evaluate(
     constant,
     None,
-    _batches(x, y, 6),
+    helpers.linear_batches(x, y, 6),
     key=helpers.key(0),
     methods=("smooth",),
     config=evaluate.config_settings(eval_config),

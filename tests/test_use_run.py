@@ -171,7 +171,9 @@ def test_load_run_accuracies_equal_hydra_jax_eval_and_the_per_example_file_adds_
   np.testing.assert_array_equal(columns["index"], np.arange(40))
   np.testing.assert_array_equal(columns["label"], y)
   accuracies = {
-    name: value for name, value in printed.items() if name not in ("num_examples", "k", "stage", "settings")
+    name: value
+    for name, value in printed.items()
+    if name not in ("num_examples", "k", "stage", "seed", "settings", "warnings")
   }
   assert set(accuracies) == set(columns) - {"index", "label"} >= {"clean", "robust", *METHODS}
   for name, accuracy in accuracies.items():
