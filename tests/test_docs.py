@@ -42,8 +42,15 @@ from hydra_jax import pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 # Pages whose blocks compile many programs of their own (verified training, smoothing, channel runs, every
-# baseline): 40-60 CPU seconds each even at tiny size, so they run with -m slow; the others by default.
-SLOW_PAGES = {"docs/pipeline.md", "docs/bounds_and_smoothing.md", "docs/structured.md"}
+# baseline, own models, HARP runs): 40-60 CPU seconds each even at tiny size, so they run with -m slow; the others by
+# default.
+SLOW_PAGES = {
+  "docs/pipeline.md",
+  "docs/bounds_and_smoothing.md",
+  "docs/structured.md",
+  "docs/own_models.md",
+  "docs/harp.md",
+}
 RUN = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "shell": "bash", "console": "bash"}
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.*?)\s*-->")
 MAIN_JOB = "hydra-jax train --config configs/digits_demo.py --workdir runs/digits_demo"

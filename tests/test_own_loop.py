@@ -71,6 +71,7 @@ class NnxNet(nnx.Module):
     return self.head(nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2)))
 
 
+@pytest.mark.slow  # 35 CPU s; the straight-through step of the default run checks wrap_optax and the mask
 def test_trades_prune_then_finetune_in_your_own_loop_on_an_nnx_model():
   apply_fn, variables = own_loop.apply_fn_of(NnxNet(nnx.Rngs(0)))
   assert set(variables) == {"params", "batch_stats"}

@@ -52,6 +52,7 @@ def _prune_state(config, params, tx_steps=10):
   return train.TrainState(jnp.int32(0), params, scores, {}, opt_state, (), jax.random.PRNGKey(0), ()), tx
 
 
+@pytest.mark.slow  # 40 CPU s of compiles; the zoo's 8-device equality is covered by the default run's other models
 @pytest.mark.devices(8)
 def test_eight_devices_give_the_single_device_result():
   config = config_lib.default_config()
