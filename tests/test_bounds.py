@@ -350,6 +350,37 @@ def test_each_primitive_rule_gives_the_exact_interval(name, primitive, f, expect
   np.testing.assert_allclose(ub, want_ub, rtol=1e-6, atol=1e-6)
 
 
+def _hand_ibp(f, *boxes):
+  """IBP (lb, ub) of f(x) for one example x = the boxes [(lower, upper), ...] concatenated (float32), as float64."""
+  lo = jnp.asarray(np.concatenate([np.atleast_2d(b[0]) for b in boxes], 1), jnp.float32)
+  hi = jnp.asarray(np.concatenate([np.atleast_2d(b[1]) for b in boxes], 1), jnp.float32)
+  return tuple(np.asarray(v, np.float64)[0] for v in bounds.ibp(f, lo, hi))
+
+
+def test_products_of_two_x_dependent_operands_give_hand_intervals():
+  """square, integer_pow, mul, div and dot_general of x-dependent operands (LayerNorm, softmax, attention)."""
+  np.testing.assert_allclose(_hand_ibp(jnp.square, ([-1, -3, 0.5], [2, -1, 2])), [[0, 1, 0.25], [4, 9, 4]])
+  cube = lambda x: jax.lax.integer_pow(x, 3)
+  np.testing.assert_allclose(_hand_ibp(cube, ([-2, 0.5], [1, 2])), [[-8, 0.125], [1, 8]])
+  fourth = lambda x: jax.lax.integer_pow(x, 4)
+  np.testing.assert_allclose(_hand_ibp(fourth, ([-2, -2], [1, -1])), [[0, 1], [16, 16]])
+  # [-1, 2] * [3, 4] = [-4, 8]; [-2, -1] * [-3, 5] = [-10, 6] (the four corner products).
+  mul = lambda x: x[:, :2] * x[:, 2:]
+  np.testing.assert_allclose(_hand_ibp(mul, ([-1, -2], [2, -1]), ([3, -3], [4, 5])), [[-4, -10], [8, 6]])
+  # [1, 2] / [2, 4] = [1/4, 1]; [-1, 2] / [-2, -1] = [-2, 1]; a denominator interval holding 0: unbounded.
+  div = lambda x: x[:, :3] / x[:, 3:]
+  lb, ub = _hand_ibp(div, ([1, -1, 1], [2, 2, 2]), ([2, -2, -1], [4, -1, 1]))
+  np.testing.assert_allclose([lb[:2], ub[:2]], [[0.25, -2], [1, 1]])
+  assert lb[2] == -np.inf and ub[2] == np.inf
+  # a [0, 1] + b [1, 2] . [1, 1] + [-1, 1]: a + b * c over the box is exactly [0 - 2, 1 + 2] = [-2, 3].
+  dot = lambda x: jnp.einsum("bi,bi->b", x[:, :2], x[:, 2:])[:, None]
+  np.testing.assert_allclose(_hand_ibp(dot, ([0, 1], [1, 2]), ([1, -1], [1, 1])), [[-2], [3]])
+  # 0 * inf is not NaN: an unbounded operand gives an unbounded product.
+  inf_mul = lambda x: x[:, :1] * jnp.exp(x[:, 1:])
+  lb, ub = _hand_ibp(inf_mul, ([-1, 0], [1, 100]))
+  assert lb[0] == -np.inf and ub[0] == np.inf
+
+
 _LINEAR_OP_CASES = [
   case
   for case in _OP_CASES
@@ -642,8 +673,8 @@ def test_unsupported_primitive_and_graphs_raise_errors_naming_them():
   lo, hi = jnp.zeros((1, 3)), jnp.ones((1, 3))
   with pytest.raises(NotImplementedError, match="'sin'"):
     bounds.ibp(lambda x: jnp.sin(x) @ jnp.ones((3, 2)), lo, hi)
-  with pytest.raises(NotImplementedError, match="'mul'"):
-    bounds.ibp(lambda x: x * x, lo, hi)
+  with pytest.raises(NotImplementedError, match="'integer_pow' with exponent -2"):
+    bounds.ibp(lambda x: x**-2, lo, hi)
   with pytest.raises(NotImplementedError, match="'convert_element_type' to bool"):
     bounds.ibp(lambda x: x.astype(bool).astype(jnp.float32), lo, hi)
   model, x, variables = zoo_helpers.random_variables("resnet_tiny", batch=1)

@@ -58,16 +58,15 @@ def test_cnn_tiny_ibp_crown_ibp_and_crown_equal_auto_lirpa():
 
 
 @pytest.mark.slow
-def test_resnet_tiny_ibp_and_crown_ibp_equal_auto_lirpa_and_crown_is_within_1e_2():
-  """BatchNorm, residual adds (a 1x1-conv shortcut), global average pooling. CROWN (intermediate bounds by CROWN)
-  differs from auto_LiRPA 0.3's by up to 1e-2 relative here, ours tighter on average: not yet explained."""
+def test_resnet_tiny_ibp_crown_ibp_and_crown_equal_auto_lirpa():
+  """BatchNorm, residual adds (identity and 1x1-conv shortcuts), global average pooling. IBP boxes grow to 1e4
+  here: CROWN differed by 8e-3 relative while affine offsets were recovered as center - linear(midpoints) (float32
+  cancellation); now equal to 3e-6 absolute on bounds of size 4."""
   variables, x, lower, upper, spec, f = _zoo_case("resnet_tiny", 8, eps=0.01)
   theirs = lirpa_reference.bounds("resnet_tiny", variables, x, lower, upper, spec, EQUAL)
   ours = _ours(f, lower, upper, spec, EQUAL)
-  for method in ("ibp", "crown_ibp"):
+  for method in EQUAL:
     _assert_equal(ours[method], theirs[method], method)
-  for mine, reference in zip(ours["crown"], theirs["crown"]):
-    np.testing.assert_array_less(np.abs(np.asarray(mine) - reference), 1e-2 * _scale(reference))
 
 
 class _ResidualMLP(torch.nn.Module):

@@ -247,9 +247,9 @@ def test_an_internal_key_error_keeps_its_traceback(tmp_path):
 
 
 def test_a_method_the_model_does_not_support_is_one_line(tmp_path, monkeypatch):
-  # bounds raises NotImplementedError naming an operation it has no sound rule for (e.g. the ViT's LayerNorm under
-  # IBP): the user asked for a method the model does not support, which is not a bug of ours.
-  message = "bounds: no rule for primitive 'square' with an x-dependent operand"
+  # bounds raises NotImplementedError naming an operation it has no sound rule for (e.g. a while loop on x): the
+  # user asked for a method the model does not support, which is not a bug of ours.
+  message = "bounds: no rule for primitive 'while' with an x-dependent operand"
 
   def unsupported(*args, **kwargs):
     raise NotImplementedError(message)

@@ -306,3 +306,37 @@ def test_verified_config_carries_the_reference_script_settings():
     _verified_config("method=diffai")
   with pytest.raises(ValueError, match="config argument stage='all' is invalid"):
     _verified_config("stage=all")
+
+
+@pytest.mark.slow  # 80 s here, mostly compiling CROWN-IBP through the ResNet
+def test_crown_ibp_trains_a_residual_network():
+  """objective=crown_ibp on resnet_tiny (BatchNorm, residual adds, 1x1-conv shortcuts): CROWN-IBP through the
+  graph, a few Adam steps lower the loss (measured 514 -> 14.8 in 4 steps)."""
+  model = models.get_model("resnet_tiny", 10)
+  variables = helpers.init_variables(model, (8, 8, 8, 1))
+  apply_fn = helpers.make_apply_fn(model)
+  x, y, _, _ = helpers.digits()
+  batch = {"image": jnp.asarray(x[:8]), "label": jnp.asarray(y[:8])}
+  config = objectives.default_config("crown_ibp")
+  config.update(eps=0.02, schedule_length=3)  # at epoch 1: eps 0.01, beta 0.5 (CROWN-IBP and IBP mixed)
+  loss_fn = objectives.get_objective("crown_ibp").loss_fn
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, stats, opt_state):
+    grad_fn = jax.value_and_grad(
+      lambda p: loss_fn(apply_fn, {"params": p, "batch_stats": stats}, batch, None, config, epoch=jnp.float32(1.0)),
+      has_aux=True,
+    )
+    (_, (metrics, new_variables)), grads = grad_fn(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), new_variables["batch_stats"], opt_state, metrics
+
+  params, stats = variables["params"], variables["batch_stats"]
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(4):
+    params, stats, opt_state, metrics = step(params, stats, opt_state)
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and float(metrics["beta"]) == 0.5
+  assert losses[-1] < 0.5 * losses[0]
