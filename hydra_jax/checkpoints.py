@@ -49,6 +49,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 import zlib
 from typing import Any
 
@@ -355,8 +356,9 @@ def _drop_reads_answering_a_closed_loop() -> None:
   through `sys.unraisablehook`, and those that fail too are logged by asyncio as "Task / Future exception was
   never retrieved" with their 40-line TensorStore spec (seven tracebacks, 54 lines, on a resume past one damaged
   step). Only exactly these are dropped: a RuntimeError raised by asyncio's `_check_closed`, and asyncio's
-  never-retrieved reports of an orbax deserialization or a TensorStore error; every other report goes on as
-  before. Installed once per process, before the first read.
+  never-retrieved reports of an orbax deserialization or a TensorStore error, and the "never awaited" warning of
+  orbax's array-metadata read that the closed loop never ran; every other report goes on as before. Installed once
+  per process, before the first read.
   """
   previous = sys.unraisablehook
   if getattr(previous, "hydra_jax_closed_loop_filter", False):
@@ -374,6 +376,9 @@ def _drop_reads_answering_a_closed_loop() -> None:
   hook.hydra_jax_closed_loop_filter = True
   sys.unraisablehook = hook
   logging.getLogger("asyncio").addFilter(_abandoned_read_filter)
+  warnings.filterwarnings(
+    "ignore", message=r"coroutine 'Store\._get_array_metadatas' was never awaited", category=RuntimeWarning
+  )
 
 
 def _abandoned_read_filter(record: logging.LogRecord) -> bool:

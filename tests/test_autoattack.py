@@ -98,7 +98,7 @@ def test_square_agrees_with_torchattacks(norm, eps):
   assert -10 <= int(ours.sum()) - int(theirs.sum()) <= 4
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.8)])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), pytest.param("l2", 0.8, marks=pytest.mark.slow)])
 def test_square_result_of_an_example_does_not_depend_on_its_batch(norm, eps):
   """With per-example keys, an example's adversarial point is the same in a batch of 24 and in a batch of 8
   (early stopping by masking: stopped examples no longer change, so the loop's end does not matter)."""

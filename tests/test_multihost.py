@@ -295,6 +295,7 @@ def free_runs(tmp_path_factory):
   return {name: str(base / name) for name in ("one", "pmap")}
 
 
+@pytest.mark.slow  # 85 s of two processes; the default run's 2-process test covers training, evaluation and saving
 def test_free_adversarial_training_with_pmap_on_two_processes_resumes_to_the_one_device_result(free_runs):
   assert_same_params(final_variables(free_runs["pmap"], "free"), final_variables(free_runs["one"], "free"))
 
