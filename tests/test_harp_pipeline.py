@@ -108,6 +108,7 @@ def test_a_stopped_harp_prune_resumes_bit_identical(runs, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # 12 CPU s of 8-device compiles; the default run checks 1 = 8 devices for HYDRA
 @pytest.mark.devices(8)
 def test_a_harp_prune_step_on_eight_devices_gives_the_single_device_result(runs):
   _, config, _ = runs

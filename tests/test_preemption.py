@@ -29,6 +29,9 @@ def test_a_signal_is_recorded_and_the_previous_handler_comes_back(signum):
 
 
 def test_a_second_ctrl_c_interrupts_at_once():
+  # From the handler a Python program starts with (an earlier test or library in this worker may have left another,
+  # e.g. SIG_IGN, which the second Ctrl-C would then rightly hand the signal to).
+  original = signal.signal(signal.SIGINT, signal.default_int_handler)
   signals = preemption.StopSignals()
   signals.install()
   # Sent to the main thread itself (os.kill may wake another thread of this process, e.g. one left by TensorStore;
@@ -40,9 +43,10 @@ def test_a_second_ctrl_c_interrupts_at_once():
     with pytest.raises(KeyboardInterrupt):
       signal.pthread_kill(main, signal.SIGINT)
       signal.getsignal(signal.SIGINT)  # a bytecode boundary after the signal, where Python runs its handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   finally:
     signals.restore()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, original)
 
 
 # Process `id` of 2 joins the run at `address`, installs the handlers and calls stop_signal() 6 times, process 1
