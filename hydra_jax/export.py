@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -197,7 +198,8 @@ def _compact(run: RunModel, workdir: str) -> RunModel:
       "prune / finetune run trained with --config.mask.granularity=channel"
     )
   wiring = sources.channel_wiring(run.config)
-  masks = _channel_masks_jit(run.trained_params, run.scores, k=run.k, groups=wiring.groups)
+  k = flax.core.FrozenDict(run.k) if isinstance(run.k, Mapping) else run.k  # HARP's per-group k: static, hashable
+  masks = _channel_masks_jit(run.trained_params, run.scores, k=k, groups=wiring.groups)
   variables, plan = channels.compact_variables(wiring, run.variables, channels.pruned_units(wiring, masks))
   return _compact_model(jax.tree.map(jnp.asarray, variables), plan, run.meta, run.config, run.step)
 

@@ -2,15 +2,21 @@
 counts (`utils/hw.py`) on cnn_tiny's hand-listed geometry, the rate's straight-through gradient, and the fixed
 counts that meet structured HYDRA's FLOPs."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hydra_jax import channels
+from hydra_jax import config as config_lib
+from hydra_jax import data
+from hydra_jax import export
 from hydra_jax import harp
 from hydra_jax import masking
 from hydra_jax import models
+from hydra_jax import train
+from tests import pipeline_helpers as ph
 
 K, ALPHA = 0.5, 0.1
 GROUPS = ("0/kernel", "2/kernel", "5/kernel")  # cnn_tiny's groups: each conv / hidden dense layer alone
@@ -143,3 +149,93 @@ def test_fixed_counts_meet_hydras_flops_and_no_group_can_grow(k):
       assert flops(more) > target + 0.5
   fixed = harp.fixed_k(rates, None, k=k, alpha=ALPHA, budget=budget)
   assert [int(n) - masking.num_pruned(int(n), fixed[name]) for name, n in zip(budget.names, budget.sizes)] == list(c)
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    "vgg_tiny",  # the rest: 25-80 s each on the shared 2 cores (load 14)
+    pytest.param("resnet_tiny", marks=pytest.mark.slow),
+    pytest.param("wrn_tiny", marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2_tiny", marks=pytest.mark.slow),
+    pytest.param("googlenet_tiny", marks=pytest.mark.slow),
+  ],
+)
+def test_zoo_families_learn_group_rates_and_meet_the_flops(name):
+  model = models.get_model(name, 10)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, *models.input_shape(name))), jnp.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+  params = variables["params"]
+  wiring = channels.trace_wiring(model, variables, (1, *models.input_shape(name)))
+  budget = harp.channel_budget(wiring, params)
+  scores = masking.init_channel_scores(params, "scaled", jax.random.key(1), wiring.groups)
+  rates = harp.init_rates(params, scores, k=0.25, alpha=ALPHA, strategy="dense", groups=wiring.groups)
+  assert sum(r is not None for r in jax.tree.leaves(rates, is_leaf=lambda r: r is None)) == len(wiring.groups)
+
+  @jax.jit
+  def grads(scores, rates):
+    def loss(scores, rates):
+      masked = masking.apply_masks(params, scores, harp.layer_rates(rates, 0.25, ALPHA), groups=wiring.groups)
+      logits = model.apply({**variables, "params": masked}, x, train=False)
+      return jnp.mean(logits**2) + harp.hw_loss(rates, scores, 0.25, ALPHA, budget)
+
+    return jax.grad(loss, argnums=(0, 1))(scores, rates)
+
+  _, rate_grads = grads(scores, rates)
+  assert all(np.isfinite(float(g)) for g in jax.tree.leaves(rate_grads))
+  assert all(float(g) > 0 for g in jax.tree.leaves(rate_grads))  # dense start: the FLOP loss pulls every rate down
+  fixed = harp.fixed_k(rates, scores, k=0.25, alpha=ALPHA, budget=budget)
+  masks = jax.jit(masking.channel_masks, static_argnames=("k", "groups"))(
+    params, scores, k=flax.core.FrozenDict(fixed), groups=wiring.groups
+  )
+  counts = np.asarray(
+    [int(masks[group.members[0][0]][np.asarray(group.members[0][1])].sum()) for group in wiring.groups]
+  )
+  assert budget.flops.flops(counts / budget.sizes) <= budget.target(0.25) * budget.flops.total + 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In the pipeline: channel HARP prune learns per-group rates, finetune keeps them fixed, the compact export works.
+
+
+def _kept_outputs(kernel):
+  """Output channels of a kernel (..., C_out) with a nonzero weight."""
+  return int(np.sum(np.any(np.reshape(kernel, (-1, kernel.shape[-1])) != 0, axis=0)))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("harp_channels")
+  config = ph.tiny_config(**{"data.data_fraction": 0.1, "eval.methods": ()})
+  config.k = K
+  config.mask.granularity = "channel"
+  config.mask.learn_rates = True
+  config.stages.prune.epochs = 3
+  config.stages.prune.lr = 0.05
+  config.mask.hw_gamma = 5.0
+  train.run_stage(config_lib.stage_config(config, "pretrain"), str(root / "pretrain"))
+  prune = config_lib.stage_config(config, "prune", source=str(root / "pretrain"))
+  summaries = {"prune": train.run_stage(prune, str(root / "prune"))}
+  finetune = config_lib.stage_config(config, "finetune", source=str(root / "prune"))
+  summaries["finetune"] = train.run_stage(finetune, str(root / "finetune"))
+  return root, summaries
+
+
+@pytest.mark.slow  # 35 s on the shared 2 cores: three stages' compiles
+def test_channel_prune_learns_group_rates_and_finetune_keeps_them_within_the_flops(runs):
+  root, summaries = runs
+  report = summaries["prune"]["rates"]
+  assert report["granularity"] == "channel"
+  assert [layer["name"] for layer in report["layers"]] == list(GROUPS)
+  assert not np.allclose([layer["learned_k"] for layer in report["layers"]], K, atol=1e-4)  # the rates trained
+  assert report["flops_kept"] <= report["flops_target"] + 0.5 / report["flops_total"]
+  assert (root / "prune" / "rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert summaries["finetune"]["rates"]["layers"] == report["layers"]  # fixed in finetune
+  run = export.load_run(str(root / "finetune"))
+  params = run.variables["params"]
+  kept = {name: _kept_outputs(params[name.split("/")[0]]["kernel"]) for name in GROUPS}
+  assert kept == {layer["name"]: layer["kept"] for layer in report["layers"]}
+  compact = export.load_run(str(root / "finetune"), compact=True)
+  assert compact.channel_plan == {"0": kept["0/kernel"], "2": kept["2/kernel"], "5": kept["5/kernel"], "7": 10}
+  images = data.eval_batches("digits", 16).batch_at(0)["image"]
+  np.testing.assert_allclose(compact(images), run(images), rtol=1e-4, atol=1e-5)
