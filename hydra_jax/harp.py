@@ -20,6 +20,14 @@ After pruning, the learned rates are fixed and rounded to kept counts that meet 
   masked = masking.apply_masks(params, scores, harp.layer_rates(rates, 0.01, 0.1))
   loss = robust_loss + harp.gamma(step, steps_per_epoch, 1.0, frozen) * harp.hw_loss(rates, scores, 0.01, 0.1)
   fixed_k = harp.fixed_k(rates, scores, k=0.01, alpha=0.1)   # {'layer/kernel': k_l}, overall count exact
+
+At channel granularity (structured HYDRA) each channel group learns a rate (kept fraction of its channels, at its
+`ChannelGroup.name`), and the hardware loss counts FLOPs (HARP's `hw_flops_loss`: `FlopModel`, `channel_budget`)
+against structured HYDRA's FLOPs at k; the fixed counts stay within those FLOPs (`flop_counts`).
+
+  budget = harp.channel_budget(wiring, params)             # wiring: channels.trace_wiring of the model
+  rates = harp.init_rates(params, scores, k=0.5, alpha=0.1, groups=wiring.groups)
+  loss = robust_loss + gamma * harp.hw_loss(rates, scores, 0.5, 0.1, budget)
 """
 
 from __future__ import annotations

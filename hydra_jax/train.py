@@ -68,7 +68,8 @@ class TrainState:
     rng: the run's root key; step keys are fold_in(rng, step).
     aux: the admm stage's `baselines.AdmmState` or the rigl stage's `baselines.RiglState` (not trained: updated by
       their hooks), HARP's {'frozen_gamma': float32} where prune learns rates (0 until frozen), () otherwise.
-    rates: HARP's per-layer rate parameters k_score (a scalar at each scored kernel, None elsewhere; `harp`),
+    rates: HARP's per-layer rate parameters k_score (a scalar at each scored kernel, or at each channel group's
+      `ChannelGroup.name`; None elsewhere; `harp`),
       trained in prune with config.mask.learn_rates and fixed in finetune; None otherwise.
   """
 
@@ -95,7 +96,6 @@ def train_step(
   steps_per_epoch: int,
   axis_name: str | None,
   hooks: baselines.PhaseHooks | None = None,
-  learning: harp.Learning | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One batch: mask once, objective loss and gradient, optimizer update (x replays); per device.
 
@@ -114,8 +114,6 @@ def train_step(
     hooks: `baselines.phase_hooks` of the stage (str, admm, rigl): `before_step` updates an untrained aux first,
       the model runs with `hooks.weights` instead of the mask, `hooks.penalty` joins the loss, and
       `hooks.after_step` (RigL) gets the updated params and the dense gradient w.r.t. the weights the model ran with.
-    learning: `sources.rate_learning` where prune learns HARP's rates: the masks use the learned fractions, the
-      loss adds gamma times the hardware loss, and gamma may freeze after the step (in aux).
 
   Returns:
     The new state and scalar metrics averaged over the batch (and devices).
@@ -133,7 +131,10 @@ def train_step(
     aux = hooks.before_step(state.params, aux, state.step)  # ADMM's Z/U update, before this batch's forward
   after_step = None if hooks is None else hooks.after_step
   mask = config.mask
-  hw_gamma = None if learning is None else learning.gamma(state.step, aux)  # HARP: grows per epoch until frozen
+  # HARP (`harp.Learning`) where prune learns the rates: the masks use the learned fractions, the loss adds gamma
+  # (growing per epoch until frozen) times the hardware loss, and gamma may freeze after the step.
+  learning = sources.rate_learning(config, state.scores, steps_per_epoch)
+  hw_gamma = None if learning is None else learning.gamma(state.step, aux)
 
   def loss_fn(trainable, carry, batch_stats, key, probe):
     params, scores = trainable["params"], trainable["scores"]
@@ -372,7 +373,6 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     k=config.k if sources.learns_rates(config) else sources.mask_k(config, state.rates, state.scores),
     steps_per_epoch=steps_per_epoch,
     hooks=hooks,
-    learning=sources.rate_learning(config, state.scores, steps_per_epoch),
   )
   runner = parallel.make_runner(step_fn, mode, carry_fields=("carry",), devices=devices)
 
