@@ -465,7 +465,7 @@ def rate_report(
 
 
 def plot_rates(report: dict[str, Any]) -> bytes:
-  """A bar plot (PNG bytes) of the per-layer kept fractions of a `rate_report`: learned and fixed (kept / size)."""
+  """A bar plot (PNG bytes) of the per-layer (per-group) kept fractions of a `rate_report`: learned and fixed."""
   import io  # pylint: disable=g-import-not-at-top
 
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -477,7 +477,8 @@ def plot_rates(report: dict[str, Any]) -> bytes:
   x = np.arange(len(layers))
   fig, ax = plt.subplots(figsize=(max(4.0, 0.4 * len(layers) + 1), 3.2))
   ax.bar(x - 0.2, [layer["learned_k"] for layer in layers], 0.4, label="learned k_l")
-  ax.bar(x + 0.2, [layer["kept"] / layer["size"] for layer in layers], 0.4, label="fixed (exact total)")
+  fixed = "fixed (within HYDRA's FLOPs)" if report.get("granularity") == "channel" else "fixed (exact total)"
+  ax.bar(x + 0.2, [layer["kept"] / layer["size"] for layer in layers], 0.4, label=fixed)
   ax.axhline(report["k"], color="k", lw=0.8, ls="--", label=f"target k={report['k']:g}")
   ax.set_xticks(x, [layer["name"].removesuffix("/kernel") for layer in layers], rotation=90, fontsize=7)
   ax.set_ylabel("fraction kept")
