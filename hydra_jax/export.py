@@ -227,9 +227,14 @@ def export_compact(config: ml_collections.ConfigDict, workdir: str, out: str) ->
   info = {"plan": small.channel_plan, "meta": small.meta, "step": small.step, "config": config.to_dict()}
   np.savez(out, **flat, **{_PLAN_KEY: np.array(json.dumps(info, default=str))})
   count = lambda run: sum(int(np.size(w)) for w in jax.tree.leaves(run.variables["params"]))
+  kept = (
+    f"k={small.k:g} of the channels of every group"
+    if not isinstance(small.k, Mapping)
+    else "the channels of each group HARP's learned rates keep"
+  )
   return (
     f"wrote {out}: compact {config.model.name} with {count(small):,} of {count(full):,} parameters "
-    f"({100 * count(small) / count(full):.2f}%), k={small.k:g} of the channels of every group"
+    f"({100 * count(small) / count(full):.2f}%), {kept}"
   )
 
 
