@@ -218,12 +218,12 @@ def runs(tmp_path_factory):
   summaries = {"prune": train.run_stage(prune, str(root / "prune"))}
   finetune = config_lib.stage_config(config, "finetune", source=str(root / "prune"))
   summaries["finetune"] = train.run_stage(finetune, str(root / "finetune"))
-  return root, summaries
+  return root, summaries, prune
 
 
 @pytest.mark.slow  # 35 s on the shared 2 cores: three stages' compiles
 def test_channel_prune_learns_group_rates_and_finetune_keeps_them_within_the_flops(runs):
-  root, summaries = runs
+  root, summaries, _ = runs
   report = summaries["prune"]["rates"]
   assert report["granularity"] == "channel"
   assert [layer["name"] for layer in report["layers"]] == list(GROUPS)
@@ -239,3 +239,12 @@ def test_channel_prune_learns_group_rates_and_finetune_keeps_them_within_the_flo
   assert compact.channel_plan == {"0": kept["0/kernel"], "2": kept["2/kernel"], "5": kept["5/kernel"], "7": 10}
   images = data.eval_batches("digits", 16).batch_at(0)["image"]
   np.testing.assert_allclose(compact(images), run(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stopped_channel_harp_prune_resumes_bit_identical(runs, tmp_path):
+  _, summaries, prune = runs
+  interrupted = str(tmp_path / "interrupted")
+  train.run_stage(config_lib.stage_config(prune, "prune", stop_after_steps=5), interrupted)
+  resumed = train.run_stage(prune, interrupted)
+  assert resumed["rates"] == summaries["prune"]["rates"]  # the learned float32 rates, exactly
