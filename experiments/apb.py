@@ -1,18 +1,21 @@
 """The Adversarial Pruning Benchmark's grid (Piras et al. 2024, arXiv 2409.01249): one dense pretrain, then HYDRA,
 HARP and LWM at 90 / 95 / 99% unstructured and 50 / 75 / 90% channel-structured pruning, each model evaluated by
-the per-example worst case of PGD and APGD (AutoAttack once it lands in hydra_jax).
+AutoAttack standard (`--autoattack`, the benchmark's metric) or the per-example worst case of `--methods` (default
+PGD and APGD, cheaper at reduced size); the table's first line names which.
 
 Run (the benchmark's setting: CIFAR-10 ResNet18 or VGG16-BN, adversarial training; needs an accelerator and the data):
-  python -m experiments.apb --model=resnet18 --out runs/apb
-Reduced (the digits upsampled to 16x16, CNN-small, PGD-3 training; about half an hour on 2 shared CPU cores):
+  python -m experiments.apb --model=resnet18 --autoattack --out runs/apb
+Reduced (the digits upsampled to 16x16, CNN-small, PGD-3 training; about an hour on 2 shared CPU cores):
   python -m experiments.apb --dataset=digits --image_size=16 --model=cnn_small --eps=0.1 --batch_size=64 \
       --objective=pgd_at --attack_steps=3 --pretrain_epochs=15 --pretrain_lr=0.05 --prune_epochs=5 \
       --finetune_epochs=5 --methods=pgd_linf,apgd_ce --out runs/apb_digits
 
-HARP (`mask.learn_rates`) runs at weight granularity only: its channel version (the FLOP loss) is not in hydra_jax
-yet, so its channel cells are '-'. Each stage is `train.run_stage`; a rerun resumes every stage and re-evaluates.
-Writes `<out>/apb.csv` (method, granularity, target k, kept fraction, clean, each attack, robust), `<out>/apb.md`
-(the benchmark's table: clean / robust per cell, in %) and `<out>/config.json`, and prints the table.
+HARP (`mask.learn_rates`) learns per-layer rates at weight granularity (hardware loss: kept weights) and per-group
+rates at channel granularity (HARP's FLOP loss, whose target is structured HYDRA's FLOPs at the same k; docs/harp.md).
+`--pruning_methods` / `--granularities` run a part of the grid (e.g. `--pruning_methods=harp --granularities=channel`:
+the other cells are '-'). Each stage is `train.run_stage`; a rerun resumes every stage and re-evaluates. Writes
+`<out>/apb.csv` (method, granularity, target k, kept fraction, clean, each attack, robust), `<out>/apb.md` (the
+benchmark's table: clean / robust per cell, in %) and `<out>/config.json`, and prints the table.
 """
 
 import argparse
@@ -35,6 +38,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--finetune_epochs", type=int, default=100)
   parser.add_argument("--rate_init", default="uniform", help="HARP's initial rates: uniform or erk")
   parser.add_argument("--methods", default=",".join(common.METHODS), help="evaluation methods; robust = worst case")
+  parser.add_argument("--autoattack", action="store_true", help="robust = AutoAttack standard (replaces --methods)")
+  parser.add_argument("--autoattack_steps", type=int, default=100, help="AutoAttack's APGD and FAB iterations")
+  parser.add_argument("--autoattack_queries", type=int, default=5000, help="AutoAttack's Square queries")
+  parser.add_argument("--pruning_methods", default=",".join(METHODS), help="the grid's rows to run")
+  parser.add_argument("--granularities", default=",".join(GRID), help="the grid's column groups to run")
   return parser.parse_args(argv)
 
 
@@ -51,16 +59,20 @@ def cell_config(base: ml_collections.ConfigDict, method: str, granularity: str, 
   return [(prune, os.path.join(branch, "prune")), (finetune, os.path.join(branch, "finetune"))]
 
 
-def run_grid(base: ml_collections.ConfigDict, out: str, methods: list[str]) -> list[dict]:
-  """Trains (or resumes) every stage of the grid and evaluates every finished cell; one row per cell."""
+def run_grid(
+  base: ml_collections.ConfigDict,
+  out: str,
+  methods: list[str],
+  pruning_methods: tuple[str, ...] = METHODS,
+  granularities: tuple[str, ...] = tuple(GRID),
+) -> list[dict]:
+  """Trains (or resumes) every stage of the grid's chosen cells and evaluates each finished cell; one row per cell."""
   train.run_stage(config_lib.stage_config(base, "pretrain"), os.path.join(out, "pretrain"))
   rows = [{"method": "dense", "granularity": "-", "target_k": 1.0}]
   rows[0].update(common.evaluate_run(base, os.path.join(out, "pretrain"), methods))
-  for granularity, ks in GRID.items():
-    for k in ks:
-      for method in METHODS:
-        if method == "harp" and granularity == "channel":
-          continue
+  for granularity in granularities:
+    for k in GRID[granularity]:
+      for method in pruning_methods:
         stages = cell_config(base, method, granularity, k, out)
         for config, workdir in stages:
           train.run_stage(config, workdir)
@@ -70,10 +82,20 @@ def run_grid(base: ml_collections.ConfigDict, out: str, methods: list[str]) -> l
   return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
-  """The benchmark's table: one row per method, one column per (granularity, sparsity), cells clean / robust (%)."""
+def robust_label(methods: list[str]) -> str:
+  """What the table's robust accuracy is: AutoAttack standard, or the per-example worst case of `methods`."""
+  if methods == ["autoattack"]:
+    return "robust: AutoAttack standard"
+  return f"robust: per-example worst case of {', '.join(methods)}"
+
+
+def markdown_table(rows: list[dict], robust: str) -> str:
+  """The benchmark's table: one row per method, one column per (granularity, sparsity), cells clean / robust (%);
+  its first line says what robust is (`robust_label`)."""
   columns = [(g, k) for g, ks in GRID.items() for k in ks]
-  header = "| method | " + " | ".join(f"{g} {100 * (1 - k):g}%" for g, k in columns) + " |"
+  header = (
+    f"Cells: clean / {robust} (%).\n\n| method | " + " | ".join(f"{g} {100 * (1 - k):g}%" for g, k in columns) + " |"
+  )
   lines = [header, "|---" * (len(columns) + 1) + "|"]
   dense = next(row for row in rows if row["method"] == "dense")
   lines.append(
@@ -93,12 +115,18 @@ def main(argv: list[str]) -> None:
   base.mask.rate_init = args.rate_init
   base.eval.every_epochs = max(args.pretrain_epochs, args.prune_epochs, args.finetune_epochs)
   base.log.progress = False
-  methods = args.methods.split(",")
+  methods = ["autoattack"] if args.autoattack else args.methods.split(",")
+  steps, queries = args.autoattack_steps, args.autoattack_queries
+  base.eval.autoattack.update(apgd_steps=steps, fab_steps=steps, square_queries=queries)
   os.makedirs(args.out, exist_ok=True)
-  rows = run_grid(base, args.out, methods)
+  chosen = tuple(args.pruning_methods.split(",")), tuple(args.granularities.split(","))
+  for names, valid, flag in ((chosen[0], METHODS, "pruning_methods"), (chosen[1], tuple(GRID), "granularities")):
+    if unknown := sorted(set(names) - set(valid)):
+      raise SystemExit(f"--{flag}: unknown {', '.join(unknown)}; valid: {', '.join(valid)}")
+  rows = run_grid(base, args.out, methods, *chosen)
   common.write_csv(os.path.join(args.out, "apb.csv"), rows)
   common.write_config(os.path.join(args.out, "config.json"), base)
-  table = markdown_table(rows)
+  table = markdown_table(rows, robust_label(methods))
   with open(os.path.join(args.out, "apb.md"), "w") as f:
     f.write(table + "\n")
   print(table)

@@ -87,12 +87,15 @@ class Wiring:
     root: {label: its unit} (the merged classes).
     pinned: units that are never pruned (reach the output or come from the input or an unknown primitive).
     groups: `masking.ChannelGroups` of the prunable units, over 'params' paths (without the 'params/' prefix).
+    positions: {kernel path: output positions per example} of every traced conv / dense kernel (H_out * W_out
+      of a conv, 1 of a dense layer on a vector): what HARP's FLOP count multiplies by (`harp.FlopModel`).
   """
 
   axes: dict[str, tuple[tuple[int, Labels], ...]]
   root: dict[int, int]
   pinned: frozenset[int]
   groups: masking.ChannelGroups
+  positions: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class _Tracer:
@@ -102,6 +105,7 @@ class _Tracer:
     self.parent: list[int] = []
     self.pinned: set[int] = set()
     self.axes: dict[str, dict[int, Labels]] = {}
+    self.positions: dict[str, int] = {}
 
   def new(self, n: int) -> Labels:
     start = len(self.parent)
@@ -180,6 +184,7 @@ class _Tracer:
         "mask.granularity='weight'"
       )
     self.record(kernel.name, rank - 1, labels)
+    self.positions[kernel.name] = _positions(eqn)
     return _Act(labels)
 
   def dense(self, eqn, x, kernel) -> _Act | None:
@@ -194,6 +199,7 @@ class _Tracer:
     self.record(kernel.name, 0, x.labels)
     labels = self.new(eqn.outvars[0].aval.shape[-1])
     self.record(kernel.name, 1, labels)
+    self.positions[kernel.name] = _positions(eqn)
     return _Act(labels)
 
   def input_labels(self, n: int) -> Labels:
@@ -240,6 +246,11 @@ class _Tracer:
     for act in acts[1:]:  # batch chunks of one activation
       labels = self.merge(labels, act.labels)
     return _Act(labels)
+
+
+def _positions(eqn: Any) -> int:
+  """Output positions per example of a conv / dense equation: the product of its output's middle axes."""
+  return int(np.prod(eqn.outvars[0].aval.shape[1:-1], dtype=np.int64))
 
 
 def _keeps_last_axis(eqn: Any, rank: int) -> bool:
@@ -292,7 +303,7 @@ def _wiring(tracer: _Tracer) -> Wiring:
   root = {label: tracer.find(label) for label in range(len(tracer.parent))}
   pinned = frozenset(root[label] for label in tracer.pinned)
   axes = {name: tuple(sorted(by_axis.items())) for name, by_axis in tracer.axes.items()}
-  return Wiring(axes, root, pinned, _groups(axes, root, pinned))
+  return Wiring(axes, root, pinned, _groups(axes, root, pinned), dict(tracer.positions))
 
 
 def _groups(axes: dict[str, tuple[tuple[int, Labels], ...]], root: dict[int, int], pinned: frozenset[int]):

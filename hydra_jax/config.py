@@ -91,9 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
   )
   # HARP (Zhao & Wressnegger 2023; docs/harp.md): learn_rates=True makes prune learn each layer's kept fraction beside
   # the scores (HARP's harp_prune; with learn_scores=False the rates only, its rate_prune), k_l = sigmoid(k_score_l)
-  # (1 - k_min) + k_min with k_min = rate_alpha * k, from the initial per-layer rates rate_init ('uniform' | 'erk'),
-  # with the hardware loss hw_gamma_e * max(kept / k - 1, 0), hw_gamma_e = (epoch + 1) * hw_gamma when
+  # (1 - k_min) + k_min with k_min = rate_alpha * k, from the initial per-layer rates rate_init ('uniform' | 'erk' |
+  # 'dense'), with the hardware loss hw_gamma_e * max(kept / target - 1, 0), hw_gamma_e = (epoch + 1) * hw_gamma when
   # hw_gamma_dynamic. finetune from such a run keeps the learned rates, rounded so that round(k N) weights stay.
+  # With granularity='channel' each channel group learns its rate and the loss counts FLOPs (HARP's FLOP loss; the
+  # target: structured HYDRA's FLOPs at k), rate_init 'uniform' | 'dense'.
   c.mask.learn_rates = False
   c.mask.learn_scores = True
   c.mask.rate_init = "uniform"
@@ -404,7 +406,8 @@ def rate_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def _check_rates(config: ml_collections.ConfigDict) -> None:
-  """What HARP's learned rates (config.mask.learn_rates) need: per-layer weight masks and an alpha in [0, 1)."""
+  """What HARP's learned rates (config.mask.learn_rates) need: per-layer masks, an initial strategy of the
+  granularity and an alpha in [0, 1)."""
   mask = rate_settings(config)
   if mask.rate_init not in harp.STRATEGIES:
     raise errors.ConfigError(
@@ -418,8 +421,11 @@ def _check_rates(config: ml_collections.ConfigDict) -> None:
     return
   if config.mask.scope != "layer":
     raise errors.ConfigError("config.mask.learn_rates=true learns per-layer rates; set --config.mask.scope=layer")
-  if config.mask.get("granularity", "weight") != "weight":
-    raise errors.ConfigError("config.mask.learn_rates=true needs --config.mask.granularity=weight (channel: not yet)")
+  if config.mask.get("granularity", "weight") == "channel" and mask.rate_init not in harp.CHANNEL_STRATEGIES:
+    raise errors.ConfigError(
+      f"config.mask.rate_init={mask.rate_init!r} has no channel version; valid with mask.granularity=channel: "
+      f"{', '.join(harp.CHANNEL_STRATEGIES)}"
+    )
 
 
 def check_eval_methods(config: ml_collections.ConfigDict, methods: Sequence[str]) -> None:

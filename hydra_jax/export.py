@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -197,7 +198,8 @@ def _compact(run: RunModel, workdir: str) -> RunModel:
       "prune / finetune run trained with --config.mask.granularity=channel"
     )
   wiring = sources.channel_wiring(run.config)
-  masks = _channel_masks_jit(run.trained_params, run.scores, k=run.k, groups=wiring.groups)
+  k = flax.core.FrozenDict(run.k) if isinstance(run.k, Mapping) else run.k  # HARP's per-group k: static, hashable
+  masks = _channel_masks_jit(run.trained_params, run.scores, k=k, groups=wiring.groups)
   variables, plan = channels.compact_variables(wiring, run.variables, channels.pruned_units(wiring, masks))
   return _compact_model(jax.tree.map(jnp.asarray, variables), plan, run.meta, run.config, run.step)
 
@@ -225,9 +227,14 @@ def export_compact(config: ml_collections.ConfigDict, workdir: str, out: str) ->
   info = {"plan": small.channel_plan, "meta": small.meta, "step": small.step, "config": config.to_dict()}
   np.savez(out, **flat, **{_PLAN_KEY: np.array(json.dumps(info, default=str))})
   count = lambda run: sum(int(np.size(w)) for w in jax.tree.leaves(run.variables["params"]))
+  kept = (
+    f"k={small.k:g} of the channels of every group"
+    if not isinstance(small.k, Mapping)
+    else "the channels of each group HARP's learned rates keep"
+  )
   return (
     f"wrote {out}: compact {config.model.name} with {count(small):,} of {count(full):,} parameters "
-    f"({100 * count(small) / count(full):.2f}%), k={small.k:g} of the channels of every group"
+    f"({100 * count(small) / count(full):.2f}%), {kept}"
   )
 
 

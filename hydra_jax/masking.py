@@ -542,6 +542,12 @@ class ChannelGroup:
     """Units kept at fraction `k`: size - floor((1 - k) * size), at least one (`num_pruned`)."""
     return self.size - num_pruned(self.size, k)
 
+  @property
+  def name(self) -> str:
+    """The group's first kernel member ('layer1_0/conv2/kernel'): the key of its entry in a per-group k (and of
+    HARP's learned rate of the group, `hydra_jax.harp`)."""
+    return next(name for name, _ in self.members if name.rsplit("/", 1)[-1] == "kernel")
+
 
 ChannelGroups = tuple[ChannelGroup, ...]
 
@@ -570,24 +576,29 @@ def _scatter(mask: jax.Array, index: tuple[int, ...], units: jax.Array) -> jax.A
   return units if index == tuple(range(mask.shape[-1])) else mask.at[np.asarray(index)].set(units)
 
 
-def channel_masks(params: PyTree, scores: PyTree, k: float | jax.Array, groups: ChannelGroups) -> dict[str, jax.Array]:
+def channel_masks(params: PyTree, scores: PyTree, k: Any, groups: ChannelGroups) -> dict[str, jax.Array]:
   """Per-leaf 0/1 channel masks: each group keeps the top-k fraction of its units, ranked by summed |scores|.
 
   A unit's score is the sum of |s| over the scored kernels of its group (one shared decision); the group keeps
   `group.kept(k)` units (ties: lowest unit first, as `topk_mask`). The gradient is straight through, as for
   weights (Eq. 4): a member's mask cotangent is its unit's, `dL/ds_c = sign(s_c) * sum over the tensors the
-  unit masks of w * dL/dw_eff` (for a lone conv without bias: its kernel slice [..., c]).
+  unit masks of w * dL/dw_eff` (for a lone conv without bias: its kernel slice [..., c]); a traced per-group k
+  gets HARP's `dL/dk_g = sum_c dL/dunit_mask_g,c` (as `topk_masks`).
 
   Args:
     params: the 'params' collection (gives each member's channel count).
     scores: a tree with a (C_out,) array at each scored kernel and None elsewhere (`init_channel_scores`).
-    k: fraction of units kept per group, in (0, 1]; a float or a traced scalar.
+    k: fraction of units kept per group, in (0, 1]: a float or a traced scalar (every group), or per group a
+      {group.name: k} dict or a tree with a value at each group's `ChannelGroup.name` (HARP's rates).
     groups: the model's channel groups (`hydra_jax.channels.channel_groups`).
 
   Returns:
     {param path: float mask of shape (C,) over the leaf's last axis}, for every member of a group.
   """
-  check_k(k)
+  flat_k = _per_layer_k(k)
+  if not isinstance(flat_k, dict):
+    check_k(flat_k)
+  ks = [_k_for_layer(flat_k, group.name) for group in groups]
   named_scores, named_params = _named_scores(scores), dict(_named_leaves(params))
   unit_scores = []
   for group in groups:
@@ -595,8 +606,11 @@ def channel_masks(params: PyTree, scores: PyTree, k: float | jax.Array, groups: 
     if not scored:
       raise ValueError(f"channel group of {[name for name, _ in group.members]} has no scores")
     unit_scores.append(sum(_gather(_magnitude(s), index) for s, index in scored))
-  n_pruned = _n_pruned_vector([group.size for group in groups], [k] * len(groups))
-  group_units = _topk_of_abs(tuple(unit_scores), n_pruned) if groups else ()  # every group in one loop
+  group_units = ()
+  if groups:  # every group in one loop
+    n_pruned = _n_pruned_vector([group.size for group in groups], ks)
+    k_vector = jnp.stack([jnp.asarray(k, jnp.float32) for k in ks])
+    group_units = _rated_topk_of_abs(tuple(unit_scores), n_pruned, k_vector)
   masks: dict[str, jax.Array] = {}
   for group, units in zip(groups, group_units):
     for name, index in group.members:

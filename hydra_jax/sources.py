@@ -78,6 +78,24 @@ def _traced_wiring(
   return channels.trace_wiring(model, variables, x.shape)
 
 
+def rate_budget(config: ml_collections.ConfigDict, scores: PyTree) -> harp.Budget:
+  """What HARP's hardware loss counts for this run (`harp.Budget`): the weights of `scores`, or with channel
+  granularity the FLOPs of the model's channel groups (`harp.channel_budget`, built once per model)."""
+  if config.mask.get("granularity", "weight") == "weight":
+    return harp.weight_budget(scores)
+  kwargs = json.dumps(config_lib.model_kwargs(config), sort_keys=True)
+  return _traced_budget(
+    config.model.name, config_lib.num_classes(config), config.model.width, config_lib.image_shape(config), kwargs
+  )
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_budget(name: str, classes: int, width: float, image_shape: tuple[int, int, int], kwargs: str):
+  model = models.get_model(name, classes, width=width, kwargs=json.loads(kwargs))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))["params"]
+  return harp.channel_budget(_traced_wiring(name, classes, width, image_shape, kwargs), params)
+
+
 def mask_groups(config: ml_collections.ConfigDict, granularity: str | None = None) -> masking.ChannelGroups | None:
   """The model's channel groups with `granularity` (default config.mask.granularity) 'channel'; None for 'weight'."""
   if (granularity or config.mask.get("granularity", "weight")) == "weight":
@@ -190,7 +208,7 @@ def load_source_rates(config: ml_collections.ConfigDict, params: PyTree, scores:
       raise errors.ConfigError(
         f"source {config.source} learned its rates with {key}={source_value}; run with --config.{key}={source_value}"
       )
-  template = jax.eval_shape(lambda: harp.init_rates(params, scores, k=0.5, alpha=0.0))
+  template = jax.eval_shape(lambda: harp.init_rates(params, scores, k=0.5, alpha=0.0, groups=mask_groups(config)))
   items, _ = checkpoints.restore(config.source, {"rates": template}, step)
   return items["rates"]
 
@@ -207,7 +225,9 @@ def initial_rates(
   finetune when it takes the source's scores too, else None (HYDRA's uniform k)."""
   if learns_rates(config):
     settings = config_lib.rate_settings(config)
-    return harp.init_rates(params, scores, k=config.k, alpha=settings.rate_alpha, strategy=settings.rate_init)
+    return harp.init_rates(
+      params, scores, k=config.k, alpha=settings.rate_alpha, strategy=settings.rate_init, groups=mask_groups(config)
+    )
   if config.stage == "finetune" and config.stages.finetune.score_init == "source":
     return source_rates
   return None
@@ -218,10 +238,37 @@ def mask_k(config: ml_collections.ConfigDict, rates: PyTree | None, scores: PyTr
   arrays) while prune learns them, else the rates fixed to the exact target (`harp.fixed_k`, a hashable FrozenDict)."""
   if rates is None:
     return config.k
-  alpha = config_lib.rate_settings(config).rate_alpha
   if learns_rates(config):
-    return harp.layer_rates(rates, config.k, alpha)
-  return flax.core.FrozenDict(harp.fixed_k(rates, scores, k=config.k, alpha=alpha))
+    return harp.layer_rates(rates, config.k, config_lib.rate_settings(config).rate_alpha)
+  return flax.core.FrozenDict(fixed_k(config, rates, scores))
+
+
+def fixed_k(config: ml_collections.ConfigDict, rates: PyTree, scores: PyTree) -> dict[str, float]:
+  """HARP's learned `rates` fixed to kept counts that meet the run's target exactly (`harp.fixed_k` with the run's
+  `rate_budget`): {kernel or channel group name: k}."""
+  alpha = config_lib.rate_settings(config).rate_alpha
+  return harp.fixed_k(rates, scores, k=config.k, alpha=alpha, budget=rate_budget(config, scores))
+
+
+def rate_report(config: ml_collections.ConfigDict, rates: PyTree, scores: PyTree) -> dict[str, Any]:
+  """`harp.rate_report` of the run's learned rates with its `rate_budget`."""
+  alpha = config_lib.rate_settings(config).rate_alpha
+  return harp.rate_report(rates, scores, k=config.k, alpha=alpha, budget=rate_budget(config, scores))
+
+
+def rate_learning(config: ml_collections.ConfigDict, scores: PyTree, steps_per_epoch: int) -> harp.Learning | None:
+  """What the train step does with HARP's rates where this stage learns them (`harp.Learning`), else None."""
+  if not learns_rates(config):
+    return None
+  settings = config_lib.rate_settings(config)
+  return harp.Learning(
+    k=config.k,
+    alpha=settings.rate_alpha,
+    gamma0=settings.hw_gamma,
+    dynamic=settings.hw_gamma_dynamic,
+    steps_per_epoch=steps_per_epoch,
+    budget=rate_budget(config, scores),
+  )
 
 
 def _is_static(k: Any) -> bool:

@@ -68,7 +68,8 @@ class TrainState:
     rng: the run's root key; step keys are fold_in(rng, step).
     aux: the admm stage's `baselines.AdmmState` or the rigl stage's `baselines.RiglState` (not trained: updated by
       their hooks), HARP's {'frozen_gamma': float32} where prune learns rates (0 until frozen), () otherwise.
-    rates: HARP's per-layer rate parameters k_score (a scalar at each scored kernel, None elsewhere; `harp`),
+    rates: HARP's per-layer rate parameters k_score (a scalar at each scored kernel, or at each channel group's
+      `ChannelGroup.name`; None elsewhere; `harp`),
       trained in prune with config.mask.learn_rates and fixed in finetune; None otherwise.
   """
 
@@ -129,21 +130,20 @@ def train_step(
   if hooks is not None and not hooks.trains_aux:
     aux = hooks.before_step(state.params, aux, state.step)  # ADMM's Z/U update, before this batch's forward
   after_step = None if hooks is None else hooks.after_step
-  mask, rate_config, learning = config.mask, config_lib.rate_settings(config), sources.learns_rates(config)
-  alpha = rate_config.rate_alpha
-  if learning:  # HARP: the hardware loss's weight grows per epoch until frozen
-    hw_gamma = harp.gamma(
-      state.step, steps_per_epoch, rate_config.hw_gamma, aux["frozen_gamma"], rate_config.hw_gamma_dynamic
-    )
+  mask = config.mask
+  # HARP (`harp.Learning`) where prune learns the rates: the masks use the learned fractions, the loss adds gamma
+  # (growing per epoch until frozen) times the hardware loss, and gamma may freeze after the step.
+  learning = sources.rate_learning(config, state.scores, steps_per_epoch)
+  hw_gamma = None if learning is None else learning.gamma(state.step, aux)
 
   def loss_fn(trainable, carry, batch_stats, key, probe):
     params, scores = trainable["params"], trainable["scores"]
     if hooks is None:
-      layer_k = harp.layer_rates(trainable["rates"], config.k, alpha) if learning else k
+      layer_k = k if learning is None else learning.layer_k(trainable["rates"])
       weights = sources.masked_params(
         params, scores, layer_k, mask.scope, mask.min_layer_k, sources.mask_groups(config)
       )
-      penalty = hw_gamma * harp.hw_loss(trainable["rates"], scores, config.k, alpha) if learning else 0.0
+      penalty = 0.0 if learning is None else hw_gamma * learning.loss(trainable["rates"])
     else:
       phase = hooks.phase_state(scores, aux)
       weights, penalty = hooks.weights(params, phase), hooks.penalty(params, phase)
@@ -169,12 +169,9 @@ def train_step(
     if stateful:
       carry = objective.update_carry(carry, carry_grad, config.objective)
   params = trainable["params"]
-  if learning:
-    hw = harp.hw_loss(trainable["rates"], trainable["scores"], config.k, alpha)
-    epoch_end = (state.step + 1) % steps_per_epoch == 0
-    aux = {"frozen_gamma": harp.freeze_gamma(aux["frozen_gamma"], hw, hw_gamma, epoch_end)}
-    kept = harp.kept_fraction(trainable["rates"], trainable["scores"], config.k, alpha)
-    metrics = {**metrics, "hw_loss": hw, "hw_gamma": hw_gamma, "rate_kept_fraction": kept}
+  if learning is not None:
+    aux, rate_metrics = learning.after_step(trainable["rates"], aux, state.step, hw_gamma)
+    metrics = {**metrics, **rate_metrics}
   if after_step is not None:  # RigL's mask update; the device average of weight_grads runs only where it is used
     mean_weight_grads = functools.partial(_device_mean, weight_grads, axis_name)
     params, aux = after_step(params, aux, mean_weight_grads, state.step + 1)
@@ -309,8 +306,7 @@ def _stage_meta(config, stage, state, metrics):
 
 def _meta_k(config, stage, state, has_scores):
   if state.rates is not None:  # HARP: the per-layer fractions fixed to the exact target, as finetune uses them
-    alpha = config_lib.rate_settings(config).rate_alpha
-    return harp.fixed_k(state.rates, state.scores, k=config.k, alpha=alpha)
+    return sources.fixed_k(config, state.rates, state.scores)
   return config.k if has_scores or stage == "rigl" else 1.0  # RigL keeps k (its masks live in the train item)
 
 
@@ -452,11 +448,7 @@ def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       f"the checkpoint of step {done} is in {paths.join(workdir, 'checkpoints')}: rerun the same command to resume",
     )
   final = runner.get_state(device_state)
-  rates = (
-    None
-    if final.rates is None
-    else harp.rate_report(final.rates, final.scores, k=config.k, alpha=config_lib.rate_settings(config).rate_alpha)
-  )
+  rates = None if final.rates is None else sources.rate_report(config, final.rates, final.scores)
   if rates is not None and jax.process_index() == 0:
     (paths.path(workdir) / "rates.png").write_bytes(harp.plot_rates(rates))
   report = sources.sparsity(final, config, hooks)

@@ -150,7 +150,7 @@ def test_exact_counts_keep_the_learned_proportions_and_the_layer_bounds():
     harp.exact_counts({"a": 0.1, "b": 0.1}, {"a": 3, "b": 3}, 0.1)
 
 
-def test_initial_strategies_uniform_and_erk():
+def test_initial_strategies_uniform_erk_and_dense():
   params, scores = _tiny_scores()
   uniform = harp.layer_rates(harp.init_rates(params, scores, k=0.2, alpha=0.1), 0.2, 0.1)
   for v in jax.tree.leaves(uniform):
@@ -159,7 +159,10 @@ def test_initial_strategies_uniform_and_erk():
   want = baselines.erk_densities(params, 0.2)
   for name, v in harp._scored(erk):
     assert float(v) == pytest.approx(min(want[name], 0.99 * 0.98 + 0.02), rel=1e-6)
-  with pytest.raises(ValueError, match="unknown rate strategy 'lamp'; valid: uniform, erk"):
+  dense = harp.layer_rates(harp.init_rates(params, scores, k=0.2, alpha=0.1, strategy="dense"), 0.2, 0.1)
+  for v in jax.tree.leaves(dense):  # HARP's channel 'original': rate_init(1) clips to logit(0.99)
+    assert float(v) == pytest.approx(0.99 * 0.98 + 0.02, rel=1e-6)
+  with pytest.raises(ValueError, match="unknown rate strategy 'lamp' at this granularity; valid: uniform, erk, dense"):
     harp.init_rates(params, scores, k=0.2, alpha=0.1, strategy="lamp")
 
 

@@ -160,9 +160,9 @@ def test_rates_only_prune_freezes_the_scores(runs):
   assert not np.allclose(jax.tree.leaves(new.rates), jax.tree.leaves(state.rates))
 
 
-def test_learned_rates_with_channel_granularity_or_a_global_scope_are_refused():
+def test_learned_rates_with_a_global_scope_or_channel_erk_are_refused():
   for overrides, match in (
-    ({"mask.granularity": "channel"}, "learn_rates=true needs --config.mask.granularity=weight"),
+    ({"mask.granularity": "channel"}, "rate_init='erk' has no channel version; valid .*: uniform, dense"),
     ({"mask.scope": "global"}, "learn_rates=true learns per-layer rates"),
     ({"mask.rate_alpha": 1.0}, r"rate_alpha=1.0 must lie in \[0, 1\)"),
   ):
