@@ -376,7 +376,7 @@ def _torch_tiny_cnn(variables):
 
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_follows_torchattacks_from_the_same_start(loss, monkeypatch):
-  """torchattacks' APGD (a port of the authors' code) run from our random start fools exactly the same examples.
+  """torchattacks' APGD (a port of the authors' code) run from our random start fools the same examples.
 
   torchattacks draws its start as x + eps * t / max|t| with t = 2 * torch.rand - 1; feeding it our t makes both
   runs deterministic from the same point, so every later difference would be a difference of the algorithm.
@@ -413,7 +413,9 @@ def test_apgd_follows_torchattacks_from_the_same_start(loss, monkeypatch):
   ours_fooled = np.asarray(jnp.argmax(f(ours), -1) != y)
   print(f"APGD-{loss}: fooled {ours_fooled.sum()} (hydra_jax) and {theirs_fooled.sum()} (torchattacks) of {len(y)}")
   assert 0.2 < ours_fooled.mean() < 0.9  # neither trivial nor hopeless at this eps
-  np.testing.assert_array_equal(ours_fooled, theirs_fooled)  # measured: identical for both losses
+  # Measured: identical for both losses. Sign steps turn the last-ulp differences between PyTorch's and XLA's conv
+  # kernels (which differ from CPU to CPU) into whole steps near a zero gradient, so allow one example in 32 to differ.
+  assert np.sum(ours_fooled != theirs_fooled) <= len(y) // 32, np.flatnonzero(ours_fooled != theirs_fooled)
   both = ours_fooled & theirs_fooled
   same_point = np.all(np.abs(ours[both] - theirs[both]) < 1e-5, axis=(1, 2, 3))
   if loss == "ce":  # both return the last misclassifying iterate: the same point (measured: 39 of 40)

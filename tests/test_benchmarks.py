@@ -20,6 +20,9 @@ def tiny_run(tmp_path_factory):
   return result, path
 
 
+# The tiny run of four workloads on both sides takes about 40 CPU s: slow. The default run times the attack and input
+# workloads below.
+@pytest.mark.slow
 def test_tiny_run_reports_every_requested_workload(tiny_run, capsys):
   result, _ = tiny_run
   assert [(r["workload"], r["model"]) for r in result["rows"]] == [
@@ -49,6 +52,7 @@ def test_tiny_run_reports_every_requested_workload(tiny_run, capsys):
   assert result["machine"]["device"].startswith("cpu")
 
 
+@pytest.mark.slow
 def test_json_holds_the_returned_rows(tiny_run):
   result, path = tiny_run
   with open(path) as f:

@@ -16,7 +16,7 @@ Tiny size: while the blocks run, the library's entry points (`pipeline.train_and
 `export.evaluate_checkpoint`, `export.certify_checkpoint`, `export.export_*`) get their config through `tiny`
 (cnn_tiny, or the page's own model, on two batches of digits, one epoch per stage, attacks of one step on 32 test
 images) and certify its smallest sample counts. New pages and blocks are picked up without changes here; the pages
-of SLOW_PAGES (40-60 CPU seconds each at tiny size) run with -m slow.
+of SLOW_PAGES (30-60 CPU seconds each at tiny size) run with -m slow.
 
 Run: python -m pytest -q tests/test_docs.py
 """
@@ -41,12 +41,13 @@ from hydra_jax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
-# Pages whose blocks compile many programs of their own (verified training, smoothing, channel runs, every
-# baseline, own models, HARP runs): 40-60 CPU seconds each even at tiny size, so they run with -m slow; the others by
-# default.
+# Pages whose blocks compile many programs of their own (verified training, smoothing, every evaluation method,
+# channel runs, every baseline, own models, HARP runs): 30-60 CPU seconds each even at tiny size, so they run with
+# -m slow; the others by default.
 SLOW_PAGES = {
   "docs/pipeline.md",
   "docs/bounds_and_smoothing.md",
+  "docs/evaluation.md",
   "docs/structured.md",
   "docs/own_models.md",
   "docs/harp.md",

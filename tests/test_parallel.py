@@ -190,8 +190,12 @@ def test_cpu_steps_compile_with_the_memory_optimized_scheduler_to_a_smaller_plan
   default = jax.jit(jax.grad(loss)).lower(variables["params"], x).compile()
   scheduled = jax.jit(jax.grad(loss), compiler_options=options).lower(variables["params"], x).compile()
   assert scheduled.memory_analysis().temp_size_in_bytes < default.memory_analysis().temp_size_in_bytes
+  # Another schedule may place buffers and order the work differently, which the code does not promise keeps every
+  # sum's order: each gradient entry composes the sums (at most batch x pixels terms) of cnn_small's 4 layers, so the
+  # two differ by at most about 4 x 2 gamma_n of the leaf's size (tests/tolerances.py), as in the BatchNorm runs below.
+  budget = 4 * 2 * tolerances.gamma(8 * 32 * 32)
   for a, b in zip(jax.tree.leaves(default(variables["params"], x)), jax.tree.leaves(scheduled(variables["params"], x))):
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=0, atol=budget * np.max(np.abs(b)))
 
 
 @pytest.mark.parametrize("mode", ["single", "shard_map"])
@@ -286,11 +290,10 @@ def _assert_runs_agree(model, objective, mode):
         )
 
 
-# The default run covers PGD's eval-mode attack forward and gradient per device (and the positions of each device's
-# examples) and the pre-activation WRN's BatchNorm placement, about 10 s of CPU each; TRADES (its random start, four
-# train-mode forwards and KL) and every other combination are slow.
+# The default run covers the pre-activation WRN's BatchNorm placement on 8 devices (about 15 s of CPU); PGD's attack
+# per device is in the default run through test_train.py's 8-device pgd_at test. PGD on BatchNorm models (about 25 s
+# of CPU), TRADES (its random start, four train-mode forwards and KL) and every other combination are slow.
 _DEFAULT_BN_RUNS = {
-  ("resnet_tiny", "pgd_at", "pmap"),
   ("wrn_tiny", "benign", "pmap"),
 }
 

@@ -284,6 +284,7 @@ def test_plot_draws_the_certified_accuracy_curve_and_writes_it_as_a_png(tmp_path
 # `hydra-jax certify` on a tiny trained run.
 
 
+@pytest.mark.slow  # ~45 CPU s; the default run certifies through the CLI in test_cloud.py (the files it writes)
 def test_cli_certify_writes_tsv_table_json_and_plot(tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "certify")
   run = [
