@@ -340,3 +340,83 @@ def test_other_versions_run_their_attacks_and_find_the_exact_robust_accuracy(ver
   np.testing.assert_array_equal(np.asarray(robust[stages[-1]]), exact)
   for earlier, later in zip(stages, stages[1:]):
     assert np.all(np.asarray(robust[later]) <= np.asarray(robust[earlier]))
+
+
+def _noisy_tanh_model(seed=0, n=6, side=4, classes=5, sigma=0.3):
+  """A randomised toy defence: logits = tanh((x + sigma * noise) U) V, noise ~ N(0, 1) drawn from the key (one
+  or per-example keys); returns (random_logits_fn, U, V, x [n, side, side, 1], y)."""
+  rng = np.random.default_rng(seed)
+  dim = side * side
+  u = rng.normal(size=(dim, 8)).astype(np.float32)
+  v = rng.normal(size=(8, classes)).astype(np.float32)
+  x = rng.uniform(0.2, 0.8, size=(n, side, side, 1)).astype(np.float32)
+  y = rng.integers(0, classes, size=n).astype(np.int32)
+
+  def random_logits_fn(z, key):
+    noise = attacks.draw(jax.random.normal, key, z.shape, z.dtype)
+    return jnp.tanh((z + sigma * noise).reshape(z.shape[0], -1) @ u) @ v
+
+  return random_logits_fn, u, v, x, y, sigma
+
+
+def test_eot_gradient_is_the_mean_of_the_draws_hand_gradients():
+  """EOT (AutoAttack's rand version): the gradient equals the mean over draws of the cross-entropy gradient,
+  computed by hand in numpy with each draw's noise; the loss is the last draw's."""
+  random_logits_fn, u, v, x, y, sigma = _noisy_tanh_model()
+  keys = attacks.example_keys(jax.random.key(3), jnp.arange(len(y)))
+  draws = 7
+  losses, _, grad = attacks.eot_loss_and_grad(
+    random_logits_fn, attacks.cross_entropy, jnp.asarray(x), jnp.asarray(y), key=keys, draws=draws
+  )
+  hand_grads, hand_losses = [], []
+  for d in range(draws):
+    noise = np.asarray(attacks.draw(jax.random.normal, attacks.fold_in(keys, d), x.shape, jnp.float32))
+    h = np.tanh((x + sigma * noise).reshape(len(x), -1) @ u)
+    logits = h @ v
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    hand_losses.append(-np.log(p[np.arange(len(y)), y]))
+    d_logits = p - np.eye(v.shape[1])[y]
+    hand_grads.append((((d_logits @ v.T) * (1 - h**2)) @ u.T).reshape(x.shape))
+  np.testing.assert_allclose(np.asarray(grad), np.mean(hand_grads, axis=0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(losses), hand_losses[-1], rtol=1e-4, atol=1e-5)
+  spread = np.abs(hand_grads[0] - hand_grads[1]).max()
+  assert spread > 100 * 1e-5  # the draws differ: the mean is not any single draw's gradient
+
+
+def _deterministic_through_the_random_interface():
+  """The toy model with sigma 0 as `(x, key) -> logits` and as `x -> logits`, inputs, clean predictions, keys."""
+  random_logits_fn, *_, x, _, _ = _noisy_tanh_model(n=16, sigma=0.0)
+  logits_fn = lambda z: random_logits_fn(z, jax.random.key(0))  # sigma 0: the noise has no effect
+  y = np.asarray(jnp.argmax(logits_fn(x), -1)).astype(np.int32)  # correct clean
+  return random_logits_fn, logits_fn, x, y, attacks.example_keys(jax.random.key(1), jnp.arange(len(y)))
+
+
+def test_apgd_with_eot_on_a_deterministic_model_takes_the_steps_of_apgd():
+  random_logits_fn, logits_fn, x, y, keys = _deterministic_through_the_random_interface()
+  apgd = lambda f, eot_iter: jax.jit(lambda x, y, k: attacks.apgd(f, x, y, key=k, eps=0.1, steps=10, eot_iter=eot_iter))
+  np.testing.assert_allclose(
+    np.asarray(apgd(random_logits_fn, 4)(x, y, keys)), apgd(logits_fn, 1)(x, y, keys), atol=1e-6
+  )
+
+
+def test_autoattack_rand_with_eot_on_a_deterministic_model_breaks_what_it_breaks_without():
+  random_logits_fn, logits_fn, x, y, keys = _deterministic_through_the_random_interface()
+  sequence = lambda f, eot_iter: jax.jit(
+    lambda x, y, k: autoattack.autoattack(f, x, y, key=k, eps=0.1, version="rand", apgd_steps=10, eot_iter=eot_iter)
+  )
+  _, robust = sequence(logits_fn, 1)(x, y, keys)
+  _, robust_eot = sequence(random_logits_fn, 4)(x, y, keys)
+  assert 0 < int(robust["apgd_dlr"].sum()) < len(y)  # the attacks break some examples and not others
+  for stage in ("apgd_ce", "apgd_dlr"):
+    np.testing.assert_array_equal(np.asarray(robust_eot[stage]), np.asarray(robust[stage]))
+
+
+def test_eot_needs_the_apgd_only_version():
+  random_logits_fn, *_, x, y, _ = _noisy_tanh_model()
+  with pytest.raises(
+    ValueError, match=r"eot_iter > 1 needs an APGD-CE/DLR-only version \('rand'\), got version 'standard'"
+  ):
+    autoattack.autoattack(random_logits_fn, x, y, key=jax.random.key(0), eps=0.1, eot_iter=2)
+  with pytest.raises(ValueError, match="restarts and eot_iter must be >= 1, got 1 and 0"):
+    attacks.apgd(random_logits_fn, x, y, key=jax.random.key(0), eps=0.1, eot_iter=0)
