@@ -6,6 +6,9 @@ Run from the repository root (torch and torchattacks are benchmark-only extras):
   python -m benchmarks.bench_autoattack --model resnet18 --batch 128 --examples 128  # random ResNet-18, CIFAR size
   python -m benchmarks.bench_autoattack --tiny                                      # toy counts, a minute on a CPU
 
+Any count can be set (--apgd_steps, --fab_steps, --square_queries, --num_targets; the same on both sides), e.g.
+for a speed row at reduced counts on a slow CPU.
+
 The model: a finished run (`--run`; its eval split, eps and norm) or a zoo model with random weights on random
 CIFAR-shaped inputs (`--model`; the speed comparison of issue 28). It is exported to PyTorch through
 `convert.to_torch_state_dict` into the independent re-statement of the reference architectures
@@ -22,16 +25,28 @@ first. Then, on the first --examples test images, in batches of --batch:
 
 Reported: robust accuracy after each stage on each side, the final difference in points (issue 28 asks that
 hydra_jax be no weaker: at most +0.2 points above torchattacks), and the seconds of each side.
+
+With --square_seeds N the torchattacks sequence is replaced by a comparison of Square alone over seeds 0..N-1:
+on the examples that hydra_jax's white-box stages (APGD-CE, APGD-T, FAB-T) left robust, hydra_jax's `square` and
+torchattacks' `Square` at the same queries, each seed on both sides; reported: the robust count per seed, the
+mean and standard deviation of each side, and how often each side broke each example. A gap in the final
+number that is within the seed-to-seed spread of Square is the luck of the random draw, not a weaker attack:
+
+  python -m benchmarks.bench_autoattack --run runs/digits_demo/k0.05/finetune --examples 360 --square_seeds 5
 """
 
 import argparse
 import json
+import os
+import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hydra_jax import attacks
+from hydra_jax import autoattack
 from hydra_jax import convert
 from hydra_jax import evaluate
 from hydra_jax import masking
@@ -40,6 +55,21 @@ from hydra_jax import models
 STAGES = ("apgd_ce", "apgd_t", "fab_t", "square")
 FULL = dict(apgd_steps=100, fab_steps=100, square_queries=5000, num_targets=9)
 TINY = dict(apgd_steps=5, fab_steps=5, square_queries=50, num_targets=3)
+
+
+def cpu() -> str:
+  """The CPU's model name and widest x86 vector ISA (from /proc/cpuinfo where there is one), its core count and
+  the load average: where the seconds come from."""
+  model, isa = platform.processor() or platform.machine(), "unknown ISA"
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    model = names[0] if names else model
+    isa = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), isa)
+  load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+  return f"{model} ({isa}), {os.cpu_count()} cores, load average {load}"
 
 
 def _torch_model(name, variables, input_shape, num_classes):
@@ -130,6 +160,63 @@ def _torch_sequence(net, x, y, eps, norm, counts, num_classes, seed):
   return after, time.perf_counter() - start
 
 
+def _square_seeds(apply_fn, variables, net, x, y, eps, norm, queries, seeds):
+  """Square alone on (x, y) with each seed on both sides: (robust [seeds, N] of hydra_jax, of torchattacks)."""
+  import torch
+  import torchattacks
+
+  logits_fn = lambda images: apply_fn(variables, images, False)[0]
+  attack = jax.jit(
+    lambda images, labels, key: autoattack.square(
+      logits_fn, images, labels, key=key, eps=eps, norm=norm, queries=queries
+    )
+  )
+  images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+  labels = torch.from_numpy(y).long()
+  ours, theirs = [], []
+  for seed in seeds:
+    keys = attacks.example_keys(jax.random.PRNGKey(seed), jnp.arange(len(y)))
+    x_adv = attack(jnp.asarray(x), jnp.asarray(y), keys)
+    ours.append(np.asarray(jnp.argmax(logits_fn(x_adv), -1)) == y)
+    torch_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    adv = torchattacks.Square(net, norm=torch_norm, eps=eps, n_queries=queries, n_restarts=1, seed=seed)(images, labels)
+    with torch.no_grad():
+      theirs.append((net(adv).argmax(1) == labels).numpy())
+  return np.stack(ours), np.stack(theirs)
+
+
+def _report_square_seeds(ours, theirs, examples, seeds) -> dict:
+  """Print and return the per-seed robust counts of Square alone on both sides."""
+  row = {
+    "examples": examples,
+    "seeds": list(seeds),
+    "hydra_jax": [int(r.sum()) for r in ours],
+    "torchattacks": [int(r.sum()) for r in theirs],
+  }
+  for side, robust in (("hydra_jax", ours), ("torchattacks", theirs)):
+    counts = robust.sum(axis=1)
+    row[f"{side}_mean"], row[f"{side}_std"] = float(counts.mean()), float(counts.std(ddof=1)) if len(seeds) > 1 else 0.0
+  broken_ours, broken_theirs = (~ours).sum(axis=0), (~theirs).sum(axis=0)
+  row["broken_by_some_seed"] = {
+    "hydra_jax": int((broken_ours > 0).sum()),
+    "torchattacks": int((broken_theirs > 0).sum()),
+  }
+  row["broken_only_by"] = {
+    "hydra_jax": [int(i) for i in np.flatnonzero((broken_ours > 0) & (broken_theirs == 0))],
+    "torchattacks": [int(i) for i in np.flatnonzero((broken_theirs > 0) & (broken_ours == 0))],
+  }
+  print(f"Square alone on the {examples} examples hydra_jax's white-box stages left robust, seeds {list(seeds)}:")
+  print(f"{'side':13s} {'robust per seed':>30s} {'mean':>7s} {'std':>5s} {'broken by >= 1 seed':>20s}")
+  for side in ("hydra_jax", "torchattacks"):
+    per_seed = " ".join(str(c) for c in row[side])
+    print(
+      f"{side:13s} {per_seed:>30s} {row[f'{side}_mean']:7.2f} {row[f'{side}_std']:5.2f} "
+      f"{row['broken_by_some_seed'][side]:20d}"
+    )
+  print(f"broken by one side only (example positions in this set): {row['broken_only_by']}")
+  return row
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--run", default=None, help="a finished run directory (default: a random --model)")
@@ -141,6 +228,11 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tiny", action="store_true", help=f"toy counts {TINY} on 32 examples of cnn_tiny")
   parser.add_argument("--json", default=None, help="also write the row to this file")
+  for name in FULL:
+    parser.add_argument(f"--{name}", type=int, default=None, help=f"default {FULL[name]} (--tiny: {TINY[name]})")
+  parser.add_argument(
+    "--square_seeds", type=int, default=0, help="instead of torchattacks' sequence: Square alone, seeds 0..N-1"
+  )
   args = parser.parse_args(argv)
   counts = dict(FULL)
   if args.tiny:
@@ -148,6 +240,7 @@ def main(argv=None) -> list[dict]:
     args.examples, args.batch = min(args.examples, 32), min(args.batch, 32)
     if not args.run:
       args.model = "cnn_tiny"
+  counts.update({name: getattr(args, name) for name in FULL if getattr(args, name) is not None})
   import torch
 
   apply_fn, variables, name, x, y, eps, norm = _source(args)
@@ -167,8 +260,18 @@ def main(argv=None) -> list[dict]:
     apply_fn, variables, batches(), key=jax.random.PRNGKey(args.seed), methods=(method,), config=config, progress=False
   )
   start = time.perf_counter()
-  results, _ = run()
+  results, per_example = run()
   jax_first_s = time.perf_counter() - start
+  if args.square_seeds:
+    left = per_example[f"{method}_fab_t"]
+    seeds = range(args.square_seeds)
+    ours, theirs = _square_seeds(apply_fn, variables, net, x[left], y[left], eps, norm, counts["square_queries"], seeds)
+    row = _report_square_seeds(ours, theirs, int(left.sum()), seeds)
+    row["autoattack_hydra_jax"] = results[method]
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(row, f, indent=2)
+    return [row]
   start = time.perf_counter()
   run()
   jax_s = time.perf_counter() - start
@@ -191,9 +294,12 @@ def main(argv=None) -> list[dict]:
     "jax_compile_s": jax_first_s - jax_s,
     "torch_s": torch_s,
     "speedup": torch_s / jax_s,
+    "cpu": cpu(),
+    "torch_threads": torch.get_num_threads(),
   }
   row["difference_points"] = 100 * (row["hydra_jax"]["square"] - row["torchattacks"]["square"])
   print(f"AutoAttack standard on {row['model']}: {n} examples, {norm} eps {eps:.4g}, counts {counts}")
+  print(f"CPU: {row['cpu']}; torch threads {row['torch_threads']}")
   print(f"logits hydra_jax vs PyTorch export: max |diff| {parity:.2e}; clean {row['clean']:.4f}")
   print(f"{'stage':10s} {'hydra_jax':>10s} {'torchattacks':>13s}")
   for stage in STAGES:

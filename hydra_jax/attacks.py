@@ -326,6 +326,32 @@ def loss_and_grad(logits_fn: LogitsFn, loss_fn: LossFn, x_adv: Array, target: An
   return losses, logits, grad
 
 
+def eot_loss_and_grad(random_logits_fn, loss_fn: LossFn, x_adv: Array, target: Any, *, key: Array, draws: int):
+  """Expectation over transformation (Athalye et al., ICML 2018) for a randomised model: the gradient of the
+  summed losses averaged over `draws` draws of the model, as AutoAttack's `eot_iter` computes it.
+
+  Args:
+    random_logits_fn: `(x, key) -> logits`, a model that draws its randomness (noise, dropout, ...) from
+      `key` (one key or per-example keys [B], as the attack was given; draw with `draw` so that both work).
+    loss_fn, x_adv, target: as `loss_and_grad`.
+    key: the draws use fold_in(key, d), d < draws.
+    draws: number of draws (AutoAttack's rand version: 20).
+
+  Returns:
+    (losses [B] and logits [B, K] of the last draw, as the authors' APGD keeps them; the mean of the draws'
+    input gradients [B, ...]).
+  """
+  at = lambda d: loss_and_grad(lambda z: random_logits_fn(z, fold_in(key, d)), loss_fn, x_adv, target)
+
+  def body(d, state):
+    _, _, grad_sum = state
+    losses, logits, grad = at(d)
+    return losses, logits, grad_sum + grad
+
+  losses, logits, grad_sum = lax.fori_loop(1, draws, body, at(0))
+  return losses, logits, grad_sum / draws
+
+
 def iterate(
   logits_fn: LogitsFn,
   x: Array,
@@ -563,8 +589,11 @@ def _apgd_start(key: Array, x: Array, eps: float, norm: str) -> Array:
   return clip_box(x + eps * t / _per_example(l2_norm(t) + 1e-12, x))
 
 
-def _apgd_run(logits_fn, x, y, key, *, eps, norm, steps, loss_fn, rho, unroll):
+def _apgd_run(logits_fn, x, y, key, *, eps, norm, steps, loss_fn, rho, unroll, eot_iter=1):
   """One APGD run. Returns (x_out, best loss, fooled): x_out misclassifies where fooled, else maximises loss.
+
+  With eot_iter > 1, logits_fn is `(x, key) -> logits` and each gradient is `eot_loss_and_grad` over eot_iter
+  draws (the start's draws from fold_in(key, 1), step i's from fold_in(key, i + 2)).
 
   Per example: momentum 0.75 (none on the first step); step size 2 * eps, halved at a checkpoint when
   (1) at most rho * window of the steps since the previous checkpoint increased the loss, or (2) the step
@@ -577,8 +606,13 @@ def _apgd_run(logits_fn, x, y, key, *, eps, norm, steps, loss_fn, rho, unroll):
   is_checkpoint, windows = apgd_schedule(steps)
   is_checkpoint, windows = jnp.asarray(is_checkpoint), jnp.asarray(windows)
 
+  def losses_and_grad(x_adv, i):
+    if eot_iter == 1:
+      return loss_and_grad(logits_fn, loss_fn, x_adv, y)
+    return eot_loss_and_grad(logits_fn, loss_fn, x_adv, y, key=fold_in(key, i + 2), draws=eot_iter)
+
   x0 = _apgd_start(key, x, eps, norm)
-  loss0, logits0, grad0 = loss_and_grad(logits_fn, loss_fn, x0, y)
+  loss0, logits0, grad0 = losses_and_grad(x0, -1)
   if steps == 0:  # the random start alone (the loop below would index an empty schedule)
     return x0, loss0, jnp.argmax(logits0, -1) != y
   batch = x.shape[0]
@@ -601,7 +635,7 @@ def _apgd_run(logits_fn, x, y, key, *, eps, norm, steps, loss_fn, rho, unroll):
     momentum = jnp.where(i > 0, 0.75, 1.0)
     z = project(step(s["x"], s["grad"], _per_example(s["step_size"], x)), x)
     x_new = project(s["x"] + momentum * (z - s["x"]) + (1 - momentum) * (s["x"] - s["x_prev"]), x)
-    loss, logits, grad = loss_and_grad(logits_fn, loss_fn, x_new, y)
+    loss, logits, grad = losses_and_grad(x_new, i)
     wrong = jnp.argmax(logits, -1) != y
     improved = loss > s["loss_best"]
     loss_best = jnp.where(improved, loss, s["loss_best"])
@@ -649,6 +683,7 @@ def apgd(
   restarts: int = 1,
   rho: float = 0.75,
   unroll: bool = False,
+  eot_iter: int = 1,
 ) -> Array:
   """Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness...", ICML 2020).
 
@@ -670,17 +705,30 @@ def apgd(
     rho: fraction of loss increases below which a window counts as oscillating.
     unroll: straight-line steps (True; ~2 minutes of compilation for 100 steps on CPU) or a rolled loop
       (default; as fast per step for the zoo's models, see `DEFAULT_UNROLL`).
+    eot_iter: for a randomised model: with eot_iter > 1, `logits_fn` is `(x, key) -> logits` and every
+      gradient is the mean over eot_iter draws of the model (`eot_loss_and_grad`; AutoAttack's rand version:
+      20); the loss and the misclassification checks read one draw, as in the authors' code.
 
   Returns:
     x_adv [B, H, W, C] inside the eps-ball and the [0, 1] box, gradient-stopped.
   """
   _check_norm(norm)
   _check_nonnegative(eps=eps, steps=steps)
-  if restarts < 1:
-    raise ValueError(f"restarts must be >= 1, got {restarts}")
+  if restarts < 1 or eot_iter < 1:
+    raise ValueError(f"restarts and eot_iter must be >= 1, got {restarts} and {eot_iter}")
   loss_fn = get_loss(loss)
   run = lambda run_key: _apgd_run(
-    logits_fn, x, y, run_key, eps=eps, norm=norm, steps=steps, loss_fn=loss_fn, rho=rho, unroll=unroll
+    logits_fn,
+    x,
+    y,
+    run_key,
+    eps=eps,
+    norm=norm,
+    steps=steps,
+    loss_fn=loss_fn,
+    rho=rho,
+    unroll=unroll,
+    eot_iter=eot_iter,
   )
   return lax.stop_gradient(_best_of_restarts(run, key, restarts, unroll=False))
 

@@ -513,9 +513,9 @@ def fab(
 # The AutoAttack sequence.
 
 # The attacks of each version of the authors' AutoAttack (`autoattack.py`, `set_version`), in their order, and
-# their restarts. 'rand' is for randomised defences: the authors run APGD with EOT over 20 draws of the model;
-# hydra_jax's eval-mode models are deterministic, where that average is the gradient itself, so it runs APGD
-# as is (`eot_iter` is reported as 1).
+# their restarts. 'rand' is for randomised defences: the authors run APGD with EOT over 20 draws of the model,
+# which `autoattack(..., eot_iter=20)` does for a randomised `logits_fn(x, key)`; hydra_jax's eval-mode models
+# are deterministic, where that average is the gradient itself, so the evaluation methods run one draw.
 VERSIONS = {
   "standard": (("apgd_ce", 1), ("apgd_t", 1), ("fab_t", 1), ("square", 1)),
   "plus": (("apgd_ce", 5), ("apgd_dlr", 5), ("fab", 5), ("square", 1), ("apgd_t", 1), ("fab_t", 1)),
@@ -535,12 +535,14 @@ def version_attacks(version: str) -> tuple[tuple[str, int], ...]:
   return VERSIONS[version]
 
 
-def _stage_attack(name, restarts, *, eps, norm, apgd_steps, fab_steps, square_queries, num_targets, p_init):
+def _stage_attack(name, restarts, *, eps, norm, apgd_steps, fab_steps, square_queries, num_targets, p_init, eot_iter):
   """`attack(logits_fn, x, y, key) -> x_adv` for one stage of the sequence."""
   common = dict(eps=eps, norm=norm)
   if name in ("apgd_ce", "apgd_dlr"):
     loss = name.removeprefix("apgd_")
-    return lambda f, x, y, k: attacks.apgd(f, x, y, key=k, steps=apgd_steps, loss=loss, restarts=restarts, **common)
+    return lambda f, x, y, k: attacks.apgd(
+      f, x, y, key=k, steps=apgd_steps, loss=loss, restarts=restarts, eot_iter=eot_iter, **common
+    )
   if name == "apgd_t":
     return lambda f, x, y, k: attacks.apgd_targeted(
       f, x, y, key=k, steps=apgd_steps, num_targets=num_targets, restarts=restarts, **common
@@ -566,6 +568,7 @@ def autoattack(
   square_queries: int = 5000,
   num_targets: int = 9,
   p_init: float = 0.8,
+  eot_iter: int = 1,
 ) -> tuple[Array, dict[str, Array]]:
   """AutoAttack (Croce & Hein, ICML 2020): its `version`'s attacks in sequence, each only on the examples that
   every earlier one left robust.
@@ -586,6 +589,10 @@ def autoattack(
     version: 'standard', 'plus' or 'rand'.
     apgd_steps, fab_steps, square_queries, num_targets, p_init: the paper's counts by default (100, 100,
       5000, 9, 0.8); smaller values for quick checks.
+    eot_iter: for a randomised defence (version 'rand', whose attacks are APGD only): with eot_iter > 1,
+      `logits_fn` is `(x, key) -> logits` drawing its randomness from key (one key or per-example keys, as
+      given here; see `attacks.draw`), APGD averages each gradient over eot_iter draws (the authors: 20), and
+      the clean and per-stage misclassification checks read one draw each.
 
   Returns:
     (x_adv [B, H, W, C], robust): robust maps each stage's name to bool [B], correct clean and under every
@@ -594,8 +601,18 @@ def autoattack(
   """
   attacks._check_norm(norm)
   stages = version_attacks(version)
+  if eot_iter < 1:
+    raise ValueError(f"eot_iter must be >= 1, got {eot_iter}")
+  if eot_iter > 1 and any(not name.startswith("apgd_") or name == "apgd_t" for name, _ in stages):
+    raise ValueError(f"eot_iter > 1 needs an APGD-CE/DLR-only version ('rand'), got version {version!r}")
+  check_key = attacks.fold_in(key, len(stages))  # the misclassification checks' draws
+  if eot_iter > 1:
+    random_logits_fn = logits_fn
+    predict = lambda z, s: jnp.argmax(random_logits_fn(z, attacks.fold_in(check_key, s)), -1)
+  else:
+    predict = lambda z, s: jnp.argmax(logits_fn(z), -1)
   x = lax.stop_gradient(x)
-  robust = jnp.argmax(logits_fn(x), -1) == y
+  robust = predict(x, len(stages)) == y
   x_adv, results = x, {}
   masking = jnp.zeros_like(robust)
   for s, (name, restarts) in enumerate(stages):
@@ -609,11 +626,12 @@ def autoattack(
       square_queries=square_queries,
       num_targets=num_targets,
       p_init=p_init,
+      eot_iter=eot_iter,
     )
     stage_key = attacks.fold_in(key, s)
     run = lambda operands, attack=attack, stage_key=stage_key: attack(logits_fn, operands[0], operands[1], stage_key)
     candidate = lax.cond(jnp.any(robust), run, lambda operands: operands[0], (x, y))
-    broken = robust & (jnp.argmax(logits_fn(candidate), -1) != y)
+    broken = robust & (predict(candidate, s) != y)
     if name in BLACK_BOX:
       masking = masking | broken
     x_adv = jnp.where(_pe(broken, x), candidate, x_adv)
@@ -621,9 +639,3 @@ def autoattack(
     results[name] = robust
   results["masking"] = masking
   return lax.stop_gradient(x_adv), results
-
-
-def settings_of(version: str, **counts) -> dict:
-  """Every setting one AutoAttack run uses, per attack, for the results' JSON (so that a number can be
-  reproduced): the version's attacks with their restarts and the counts given."""
-  return {"attacks": [dict(name=n, restarts=r) for n, r in version_attacks(version)], "eot_iter": 1, **counts}

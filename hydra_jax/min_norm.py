@@ -1,16 +1,17 @@
 """Minimum-norm attacks and security curves: FMN (Pintor et al., "Fast Minimum-norm Adversarial Attacks through
-Adaptive Norm Constraints", NeurIPS 2021), l_inf and l_2, as a pure function of `logits_fn`.
+Adaptive Norm Constraints", NeurIPS 2021), l_inf, l_2 and l_1, as a pure function of `logits_fn`.
 
 A minimum-norm attack returns, per example, the smallest adversarial perturbation it found; robust accuracy at
 any eps is then the fraction of examples whose smallest perturbation is larger than eps (`robust_curve`), the
 security curve of the Adversarial Pruning Benchmark (Piras et al. 2024) and of the FMN paper, from one attack
 run instead of one attack per eps.
 
-FMN follows foolbox 3.3.4's `LInfFMNAttack` / `L2FMNAttack` step for step: gradient steps on the logit
+FMN follows foolbox 3.3.4's `LInfFMNAttack` / `L2FMNAttack` / `L1FMNAttack` step for step: gradient steps on the logit
 difference z_y - max_{j != y} z_j, l2-normalised, with a cosine-annealed step size (max_stepsize to
 max_stepsize / 100); the norm constraint epsilon shrinks by (1 - gamma) after an adversarial iterate (never
 above the best norm found), grows by (1 + gamma) after a non-adversarial one once one was found, and before
-that jumps to |delta| + the linearised distance to the boundary; gamma is cosine-annealed to 0.001. One
+that jumps to |delta| + the linearised distance to the boundary (|margin| / the dual norm of its gradient);
+gamma is cosine-annealed to 0.001. l_1 projects onto the l_1 ball by sorting (Duchi et al., ICML 2008). One
 difference: foolbox 3.3.4's l_2 projection rescales by norms / norms (= 1, no projection); ours projects onto
 the l_2 ball of radius epsilon, as the paper does.
 
@@ -32,7 +33,8 @@ from jax import lax
 from hydra_jax import attacks
 
 Array = jax.Array
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")
+DUAL = {"linf": "l1", "l2": "l2", "l1": "linf"}
 
 
 def _flat_norm(v: Array, p: str) -> Array:
@@ -67,7 +69,7 @@ def fmn(
     logits_fn: eval-mode logits function, [B, ...] -> [B, K].
     x: clean inputs [B, H, W, C] in [0, 1].
     y: labels [B] int.
-    norm: 'linf' or 'l2'.
+    norm: 'linf', 'l2' or 'l1'.
     steps: iterations (the paper and foolbox: 100; the benchmark's HO-FMN tunes them).
     max_stepsize: initial step size of the l2-normalised gradient step, annealed to min_stepsize.
     min_stepsize: final step size (default max_stepsize / 100).
@@ -81,7 +83,7 @@ def fmn(
     raise ValueError(f"unknown norm {norm!r} for fmn; valid norms: {list(NORMS)}")
   attacks._check_nonnegative(steps=steps, max_stepsize=max_stepsize, gamma=gamma)
   min_stepsize = max_stepsize / 100 if min_stepsize is None else min_stepsize
-  dual = {"linf": "l1", "l2": "l2"}[norm]
+  dual = DUAL[norm]
   x = lax.stop_gradient(x)
   batch = x.shape[0]
   worst = _flat_norm(jnp.maximum(x, 1.0 - x), norm)
@@ -120,6 +122,8 @@ def fmn(
     delta = delta + step
     if norm == "linf":
       delta = jnp.clip(delta, -attacks._per_example(epsilon, x), attacks._per_example(epsilon, x))
+    elif norm == "l1":
+      delta = project_l1_ball(delta, epsilon)
     else:
       delta_norm = attacks._per_example(jnp.maximum(_flat_norm(delta, "l2"), 1e-12), x)
       delta = delta * jnp.minimum(1.0, attacks._per_example(epsilon, x) / delta_norm)
@@ -132,6 +136,25 @@ def fmn(
   x_adv = x + best_delta
   norms = jnp.where(found, best_norm, jnp.inf)
   return lax.stop_gradient(x_adv), lax.stop_gradient(norms)
+
+
+def project_l1_ball(delta: Array, radius: Array) -> Array:
+  """The Euclidean projection of each example's delta [B, ...] onto the l_1 ball of its radius [B] (Duchi et
+  al., ICML 2008): sign(delta) * max(|delta| - theta, 0), theta chosen so that the l_1 norm is the radius;
+  examples already inside their ball are unchanged."""
+  flat = delta.reshape(delta.shape[0], -1)
+  magnitudes = jnp.abs(flat)
+  descending = -jnp.sort(-magnitudes, axis=-1)
+  cumulative = jnp.cumsum(descending, axis=-1)
+  ranks = jnp.arange(1, flat.shape[1] + 1, dtype=flat.dtype)
+  radius = radius[:, None]
+  # The number of entries that stay nonzero: the largest rank r with descending[r] > (cumulative[r] - radius) / r.
+  support = jnp.sum(descending * ranks > cumulative - radius, axis=-1, keepdims=True)
+  support = jnp.maximum(support, 1)
+  theta = (jnp.take_along_axis(cumulative, support - 1, axis=-1) - radius) / support
+  projected = jnp.sign(flat) * jnp.maximum(magnitudes - theta, 0.0)
+  inside = jnp.sum(magnitudes, axis=-1, keepdims=True) <= radius
+  return jnp.where(inside, flat, projected).reshape(delta.shape)
 
 
 def robust_curve(norms: np.ndarray, eps: np.ndarray) -> np.ndarray:

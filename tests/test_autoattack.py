@@ -22,7 +22,7 @@ def _setup(n):
 
 def _norms(d, norm):
   flat = d.reshape(len(d), -1)
-  return np.abs(flat).max(1) if norm == "linf" else np.sqrt((flat**2).sum(1))
+  return {"linf": np.abs(flat).max(1), "l2": np.sqrt((flat**2).sum(1)), "l1": np.abs(flat).sum(1)}[norm]
 
 
 def _torch_correct(net, x, y):
@@ -260,7 +260,11 @@ def test_autoattack_versions_and_bad_settings():
 def _foolbox_fmn_norms(f, x, y, norm, steps, fix_l2_projection=False, monkeypatch=None):
   """foolbox 3.3.4's FMN on the JAX model: each example's adversarial norm (inf where it found none)."""
   foolbox = pytest.importorskip("foolbox")
-  attack = {"linf": foolbox.attacks.LInfFMNAttack, "l2": foolbox.attacks.L2FMNAttack}[norm]
+  attack = {
+    "linf": foolbox.attacks.LInfFMNAttack,
+    "l2": foolbox.attacks.L2FMNAttack,
+    "l1": foolbox.attacks.L1FMNAttack,
+  }[norm]
   if fix_l2_projection:  # foolbox 3.3.4 rescales by norms / norms (= 1): no projection onto the epsilon ball
     import eagerpy as ep
     from foolbox.devutils import atleast_kd
@@ -276,11 +280,12 @@ def _foolbox_fmn_norms(f, x, y, norm, steps, fix_l2_projection=False, monkeypatc
   return np.where(fooled, _norms(np.asarray(adv) - x, norm), np.inf)
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_fmn_agrees_with_foolbox(norm, monkeypatch):
   """Median smallest norm within 5% of foolbox's FMN and our curve never above its curve by more than 2 examples.
   For l_2 foolbox's projection is fixed first (see min_norm): with it both give the same norms (measured:
-  within 1e-4); the unfixed foolbox never projects, finds more examples and larger norms."""
+  within 1e-4); the unfixed foolbox never projects, finds more examples and larger norms. l_1: foolbox's
+  L1FMNAttack as is (measured: the same median, 1.3139)."""
   from hydra_jax import min_norm
 
   f, _, x, y = _setup(64)
@@ -297,6 +302,27 @@ def test_fmn_agrees_with_foolbox(norm, monkeypatch):
   assert abs(np.median(ours) - np.median(theirs)) <= 0.05 * np.median(theirs)
   grid = np.linspace(0, 2 * np.median(theirs), 21)
   assert np.all(min_norm.robust_curve(ours, grid) * len(y) <= min_norm.robust_curve(theirs, grid) * len(y) + 2)
+
+
+def test_l1_projection_is_soft_thresholding_at_the_bisected_threshold():
+  """The l_1 ball projection against the KKT solution found by bisection in numpy: sign(v) max(|v| - theta, 0)
+  with sum max(|v| - theta, 0) = r; points inside the ball are unchanged, radius 0 gives 0."""
+  from hydra_jax import min_norm
+
+  rng = np.random.default_rng(0)
+  delta = rng.normal(size=(5, 3, 4, 2)).astype(np.float32)
+  radius = np.array([0.5, 3.0, 10.0, 100.0, 0.0], np.float32)  # the 4th ball holds its delta (l_1 norm ~ 19)
+  ours = np.asarray(min_norm.project_l1_ball(jnp.asarray(delta), jnp.asarray(radius)))
+  for v, r, w in zip(delta.reshape(5, -1), radius, ours.reshape(5, -1)):
+    if np.abs(v).sum() <= r:
+      np.testing.assert_array_equal(w, v)
+      continue
+    low, high = 0.0, float(np.abs(v).max())
+    for _ in range(60):
+      theta = (low + high) / 2
+      low, high = (theta, high) if np.maximum(np.abs(v) - theta, 0).sum() > r else (low, theta)
+    np.testing.assert_allclose(w, np.sign(v) * np.maximum(np.abs(v) - high, 0), atol=1e-5)
+    np.testing.assert_allclose(np.abs(w).sum(), r, atol=1e-4)
 
 
 def test_robust_curve_counts_examples_above_each_eps():
@@ -340,3 +366,83 @@ def test_other_versions_run_their_attacks_and_find_the_exact_robust_accuracy(ver
   np.testing.assert_array_equal(np.asarray(robust[stages[-1]]), exact)
   for earlier, later in zip(stages, stages[1:]):
     assert np.all(np.asarray(robust[later]) <= np.asarray(robust[earlier]))
+
+
+def _noisy_tanh_model(seed=0, n=6, side=4, classes=5, sigma=0.3):
+  """A randomised toy defence: logits = tanh((x + sigma * noise) U) V, noise ~ N(0, 1) drawn from the key (one
+  or per-example keys); returns (random_logits_fn, U, V, x [n, side, side, 1], y)."""
+  rng = np.random.default_rng(seed)
+  dim = side * side
+  u = rng.normal(size=(dim, 8)).astype(np.float32)
+  v = rng.normal(size=(8, classes)).astype(np.float32)
+  x = rng.uniform(0.2, 0.8, size=(n, side, side, 1)).astype(np.float32)
+  y = rng.integers(0, classes, size=n).astype(np.int32)
+
+  def random_logits_fn(z, key):
+    noise = attacks.draw(jax.random.normal, key, z.shape, z.dtype)
+    return jnp.tanh((z + sigma * noise).reshape(z.shape[0], -1) @ u) @ v
+
+  return random_logits_fn, u, v, x, y, sigma
+
+
+def test_eot_gradient_is_the_mean_of_the_draws_hand_gradients():
+  """EOT (AutoAttack's rand version): the gradient equals the mean over draws of the cross-entropy gradient,
+  computed by hand in numpy with each draw's noise; the loss is the last draw's."""
+  random_logits_fn, u, v, x, y, sigma = _noisy_tanh_model()
+  keys = attacks.example_keys(jax.random.key(3), jnp.arange(len(y)))
+  draws = 7
+  losses, _, grad = attacks.eot_loss_and_grad(
+    random_logits_fn, attacks.cross_entropy, jnp.asarray(x), jnp.asarray(y), key=keys, draws=draws
+  )
+  hand_grads, hand_losses = [], []
+  for d in range(draws):
+    noise = np.asarray(attacks.draw(jax.random.normal, attacks.fold_in(keys, d), x.shape, jnp.float32))
+    h = np.tanh((x + sigma * noise).reshape(len(x), -1) @ u)
+    logits = h @ v
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    hand_losses.append(-np.log(p[np.arange(len(y)), y]))
+    d_logits = p - np.eye(v.shape[1])[y]
+    hand_grads.append((((d_logits @ v.T) * (1 - h**2)) @ u.T).reshape(x.shape))
+  np.testing.assert_allclose(np.asarray(grad), np.mean(hand_grads, axis=0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(losses), hand_losses[-1], rtol=1e-4, atol=1e-5)
+  spread = np.abs(hand_grads[0] - hand_grads[1]).max()
+  assert spread > 100 * 1e-5  # the draws differ: the mean is not any single draw's gradient
+
+
+def _deterministic_through_the_random_interface():
+  """The toy model with sigma 0 as `(x, key) -> logits` and as `x -> logits`, inputs, clean predictions, keys."""
+  random_logits_fn, *_, x, _, _ = _noisy_tanh_model(n=16, sigma=0.0)
+  logits_fn = lambda z: random_logits_fn(z, jax.random.key(0))  # sigma 0: the noise has no effect
+  y = np.asarray(jnp.argmax(logits_fn(x), -1)).astype(np.int32)  # correct clean
+  return random_logits_fn, logits_fn, x, y, attacks.example_keys(jax.random.key(1), jnp.arange(len(y)))
+
+
+def test_apgd_with_eot_on_a_deterministic_model_takes_the_steps_of_apgd():
+  random_logits_fn, logits_fn, x, y, keys = _deterministic_through_the_random_interface()
+  apgd = lambda f, eot_iter: jax.jit(lambda x, y, k: attacks.apgd(f, x, y, key=k, eps=0.1, steps=10, eot_iter=eot_iter))
+  np.testing.assert_allclose(
+    np.asarray(apgd(random_logits_fn, 4)(x, y, keys)), apgd(logits_fn, 1)(x, y, keys), atol=1e-6
+  )
+
+
+def test_autoattack_rand_with_eot_on_a_deterministic_model_breaks_what_it_breaks_without():
+  random_logits_fn, logits_fn, x, y, keys = _deterministic_through_the_random_interface()
+  sequence = lambda f, eot_iter: jax.jit(
+    lambda x, y, k: autoattack.autoattack(f, x, y, key=k, eps=0.1, version="rand", apgd_steps=10, eot_iter=eot_iter)
+  )
+  _, robust = sequence(logits_fn, 1)(x, y, keys)
+  _, robust_eot = sequence(random_logits_fn, 4)(x, y, keys)
+  assert 0 < int(robust["apgd_dlr"].sum()) < len(y)  # the attacks break some examples and not others
+  for stage in ("apgd_ce", "apgd_dlr"):
+    np.testing.assert_array_equal(np.asarray(robust_eot[stage]), np.asarray(robust[stage]))
+
+
+def test_eot_needs_the_apgd_only_version():
+  random_logits_fn, *_, x, y, _ = _noisy_tanh_model()
+  with pytest.raises(
+    ValueError, match=r"eot_iter > 1 needs an APGD-CE/DLR-only version \('rand'\), got version 'standard'"
+  ):
+    autoattack.autoattack(random_logits_fn, x, y, key=jax.random.key(0), eps=0.1, eot_iter=2)
+  with pytest.raises(ValueError, match="restarts and eot_iter must be >= 1, got 1 and 0"):
+    attacks.apgd(random_logits_fn, x, y, key=jax.random.key(0), eps=0.1, eot_iter=0)
