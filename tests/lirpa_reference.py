@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from hydra_jax import convert
 from tests import torch_reference
 
 METHODS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN", "alpha_crown": "alpha-CROWN"}
 
 
-def load():
-  """The auto_LiRPA module, shimmed for torch 2 / numpy 2 (pytest.skip if it is not installed)."""
+def import_auto_lirpa():
+  """The auto_LiRPA module, shimmed for torch 2 / numpy 2 (ImportError if it is not installed)."""
   sys.modules.setdefault("numpy.lib.arraysetops", types.SimpleNamespace(isin=np.isin))
   import torch.onnx.symbolic_helper as symbolic_helper  # pylint: disable=g-import-not-at-top
   from torch.onnx._internal.torchscript_exporter._globals import GLOBALS  # pylint: disable=g-import-not-at-top
@@ -33,7 +32,8 @@ def load():
     symbolic_helper._set_opset_version = lambda version: setattr(GLOBALS, "export_onnx_opset_version", version)
   if not hasattr(torch._C.Node, "__getitem__"):
     torch._C.Node.__getitem__ = lambda node, key: getattr(node, node.kindOf(key))(key)
-  auto_lirpa = pytest.importorskip("auto_LiRPA")
+  import auto_LiRPA as auto_lirpa  # pylint: disable=g-import-not-at-top
+
   module = auto_lirpa.bound_general.BoundedModule
   if not getattr(module._named_members, "shimmed", False):
     named_members = module._named_members
@@ -47,6 +47,30 @@ def load():
   return auto_lirpa
 
 
+def load():
+  """`import_auto_lirpa()`, or pytest.skip where auto_LiRPA is not installed."""
+  try:
+    return import_auto_lirpa()
+  except ImportError as error:
+    pytest.skip(f"auto_LiRPA not installed: {error}")
+
+
+def _twin(name, num_classes):
+  """The PyTorch twin of zoo model `name`. The WRN twin's reference head pools with a fixed 8x8 window (32x32
+  inputs only); hydra_jax's pools globally, the same on 32x32 inputs: the twin pools globally too, so that the
+  comparison runs on small inputs."""
+  twin = torch_reference.build(name, num_classes)
+  if isinstance(twin, torch_reference.WideResNet):
+
+    def forward(x):
+      out = twin.block3(twin.block2(twin.block1(twin.conv1(x))))
+      out = torch.nn.functional.adaptive_avg_pool2d(torch.relu(twin.bn1(out)), 1)
+      return twin.fc(out.flatten(1))
+
+    twin.forward = forward
+  return twin
+
+
 def _nchw(a):
   return torch.from_numpy(np.asarray(a, np.float32).transpose(0, 3, 1, 2).copy())
 
@@ -54,8 +78,10 @@ def _nchw(a):
 def bounds(name, variables, x, lower, upper, spec, methods):
   """{method: (lb, ub) numpy [B, m]} by auto_LiRPA for zoo model `name` with `variables` (eval mode) on the box
   [lower, upper] around x (NHWC), spec [B, m, K]; methods are keys of METHODS."""
+  from hydra_jax import convert  # pylint: disable=g-import-not-at-top  (import_auto_lirpa's users need no jax)
+
   auto_lirpa = load()
-  twin = torch_reference.build(name, spec.shape[-1])
+  twin = _twin(name, spec.shape[-1])
   twin.load_state_dict(convert.to_torch_state_dict(variables, model_name=name, as_torch=True), strict=True)
   bounded = auto_lirpa.BoundedModule(twin.eval(), _nchw(x), device="cpu", bound_opts={"conv_mode": "matrix"})
   box = auto_lirpa.PerturbationLpNorm(norm=np.inf, x_L=_nchw(lower), x_U=_nchw(upper))

@@ -1,6 +1,9 @@
 """CROWN on graphs (hydra_jax.bounds): a residual net's CROWN bound by hand, sigmoid / tanh relaxations, IBP at max
 pooling, and soundness of CROWN-IBP / CROWN / alpha-CROWN at sampled points on every zoo family (slow)."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +45,61 @@ def test_residual_net_crown_is_the_hand_computed_bound_and_branches_sum_at_the_i
     found = method(f, *box, jnp.asarray(c, jnp.float32))
     np.testing.assert_allclose(np.stack(found), np.stack(expected), rtol=1e-5, atol=1e-5)
   assert np.mean(expected[0]) > np.mean(np.asarray(bounds.ibp(f, *box, jnp.asarray(c, jnp.float32))[0])) + 1e-2
+
+
+def _stable_conv_bn_net(rng):
+  """(f, pre) of a net affine on the box below: x [2, 6, 6, 2] -> conv 3x3 + bias -> BatchNorm in eval mode
+  ((h - mean) * scale + shift) -> clip to [0, 6] -> + 1x1 conv of x + bias (a residual join) -> pad with 1.5 ->
+  2x2 average pooling -> dense + bias - 0.7. pre(x) is clip's input; the shifts put each channel where clip is
+  the identity (1, 3), 0 (2, a relu at rest) or 6 (0, saturated), so every relaxation is stable and every
+  constant of the net enters the bounds only through the affine offsets."""
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  k1, b1 = rng.normal(size=(3, 3, 2, 4)) * 0.2, rng.normal(size=4)
+  mean, scale = rng.normal(size=4), rng.uniform(0.5, 1.5, size=4)
+  reach = scale * (np.abs(k1).sum((0, 1, 2)) + np.abs(b1 - mean))  # |(conv + b1 - mean) * scale| on [0, 1]
+  shift = np.array([6, 3, -1, 3]) + np.array([1, 0, -1, 0]) * reach
+  k2, b2 = rng.normal(size=(1, 1, 2, 4)), rng.normal(size=4)
+  w, b = rng.normal(size=(4 * 4 * 4, 3)) * 0.3, rng.normal(size=3)
+  k1, b1, mean, scale, shift, k2, b2, w, b = (
+    jnp.asarray(a, jnp.float32) for a in (k1, b1, mean, scale, shift, k2, b2, w, b)
+  )
+  pre = lambda x: (conv(x, k1) + b1 - mean) * scale + shift
+
+  def f(x):
+    h = jnp.clip(pre(x), 0, 6) + conv(x, k2) + b2
+    h = nn.avg_pool(jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=1.5), (2, 2), (2, 2))
+    return h.reshape(x.shape[0], -1) @ w + b - 0.7
+
+  return f, pre
+
+
+def test_crown_on_a_stable_conv_bn_residual_net_gives_its_exact_range_through_the_offsets():
+  """With every clip stable, f is affine on the box, so CROWN-IBP and CROWN must give its exact range:
+  spec . f at the corner of the box that minimises (maximises) each row, found from the sign of spec . df/dx. The
+  constants (biases, BN mean and shift, clip's 0 and 6, the padding value, -0.7) move the bounds by O(1): a lost or
+  mis-signed affine offset anywhere fails this test."""
+  rng = np.random.default_rng(7)
+  f, pre = _stable_conv_bn_net(rng)
+  x = jnp.asarray(rng.uniform(0.1, 0.9, size=(2, 6, 6, 2)), jnp.float32)
+  lo, hi = x - 0.05, x + 0.05
+  pre_lb, pre_ub = (np.asarray(v) for v in jax.jit(functools.partial(bounds.ibp, pre))(lo, hi))
+  assert np.all((pre_lb > 0) & (pre_ub < 6) | (pre_ub < 0) | (pre_lb > 6))  # the premise: every clip is stable
+  spec = bounds.margin_spec(jnp.array([0, 2]), 3)
+  one = lambda z: f(z[None])[0]
+
+  @jax.jit
+  def exact_range(lo, hi):
+    rows = jnp.einsum("bmc,bc...->bm...", spec, jax.vmap(jax.jacobian(one))((lo + hi) / 2))  # spec . df/dx
+    at = lambda corner: jnp.einsum("bmc,bmc->bm", spec, jax.vmap(jax.vmap(one), in_axes=1, out_axes=1)(corner))
+    return at(jnp.where(rows > 0, lo[:, None], hi[:, None])), at(jnp.where(rows > 0, hi[:, None], lo[:, None]))
+
+  methods = {"ibp": bounds.ibp, "crown_ibp": bounds.crown_ibp, "crown": bounds.crown}
+  found = jax.jit(lambda lo, hi: {m: method(f, lo, hi, spec) for m, method in methods.items()})(lo, hi)
+  exact = exact_range(lo, hi)
+  for method in ("crown_ibp", "crown"):  # alpha-CROWN shares their backward pass
+    np.testing.assert_allclose(np.stack(found[method]), np.stack(exact), rtol=1e-5, atol=2e-5, err_msg=method)
+  ibp_lb = found["ibp"][0]
+  assert np.mean(exact[0] - ibp_lb) > 0.1  # and IBP is looser: the check is not IBP's
 
 
 def _sampled(f, lo, hi, n=256):
