@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine
 from hydra_jax import convert
 from hydra_jax import evaluate
 from hydra_jax import masking
@@ -193,6 +194,7 @@ def main(argv=None) -> list[dict]:
     "speedup": torch_s / jax_s,
   }
   row["difference_points"] = 100 * (row["hydra_jax"]["square"] - row["torchattacks"]["square"])
+  print(machine.header(machine.describe(), machine.matmul_gflops()))
   print(f"AutoAttack standard on {row['model']}: {n} examples, {norm} eps {eps:.4g}, counts {counts}")
   print(f"logits hydra_jax vs PyTorch export: max |diff| {parity:.2e}; clean {row['clean']:.4f}")
   print(f"{'stage':10s} {'hydra_jax':>10s} {'torchattacks':>13s}")

@@ -11,7 +11,8 @@ random He-scaled weights: the mask's values do not change the cost), jits eval-m
 agree, and reports per batch size: median latency after compilation, parameters, XLA's FLOP count
 (`compiled.cost_analysis()`) and XLA's memory estimate (`compiled.memory_analysis()`: arguments + outputs +
 temporaries), with the dense / compact ratios measured in the same run. `speedup / flop_ratio` near 1 means the
-FLOP reduction turns into time.
+FLOP reduction turns into time. `roof d/c` is each side's FLOP rate over the float32 matmul rate measured in the
+same run (`benchmarks/machine.py`, printed first with the CPU model and ISA).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine
 from hydra_jax import baselines
 from hydra_jax import channels
 from hydra_jax import masking
@@ -51,8 +53,6 @@ def random_variables(model, x):
 def compiled_stats(fn, variables, x, repeats):
   """(median seconds per call, XLA flops, XLA bytes: arguments + outputs + temporaries) of jitted fn(variables, x)."""
   compiled = jax.jit(fn).lower(variables, x).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
   jax.block_until_ready(compiled(variables, x))
@@ -61,7 +61,7 @@ def compiled_stats(fn, variables, x, repeats):
     start = time.perf_counter()
     jax.block_until_ready(compiled(variables, x))
     times.append(time.perf_counter() - start)
-  return statistics.median(times), float(cost.get("flops", float("nan"))), int(peak)
+  return statistics.median(times), machine.compiled_flops(compiled), int(peak)
 
 
 def num_params(variables) -> int:
@@ -83,7 +83,7 @@ def compact_network(name, model, variables, pruned):
   return models.get_model(name, 10, channel_plan=plan), jax.tree.map(jnp.asarray, small), masked
 
 
-def bench_model(name, pruned_fractions, batches, repeats):
+def bench_model(name, pruned_fractions, batches, repeats, matmul):
   model = models.get_model(name, 10)
   shape = models.input_shape(name)
   variables = random_variables(model, jnp.zeros((1, *shape)))
@@ -117,6 +117,8 @@ def bench_model(name, pruned_fractions, batches, repeats):
           "dense_mb": dense_bytes / 2**20,
           "compact_mb": compact_bytes / 2**20,
           "max_rel_logit_error": error,
+          "dense_roofline": machine.roofline_fraction(dense_flops, dense_s, matmul),
+          "compact_roofline": machine.roofline_fraction(compact_flops, compact_s, matmul),
         }
       )
       print(format_table(rows[-1:], header=not rows[:-1] and name == _FIRST[0]), flush=True)
@@ -130,7 +132,7 @@ def format_table(rows, header=True) -> str:
   """Fixed-width table: latency (ms), speed-up, parameters (M), GFLOPs, XLA memory (MB), with dense/compact ratios."""
   head = (
     f"{'model':<10} {'pruned':>6} {'batch':>5} {'dense ms':>9} {'compact ms':>10} {'speedup':>7} "
-    f"{'params M':>13} {'GFLOPs':>17} {'flop x':>6} {'spd/flop':>8} {'XLA MB':>15} {'logit err':>9}"
+    f"{'params M':>13} {'GFLOPs':>17} {'flop x':>6} {'spd/flop':>8} {'XLA MB':>15} {'logit err':>9} {'roof d/c':>9}"
   )
   lines = [head] if header else []
   for r in rows:
@@ -139,7 +141,7 @@ def format_table(rows, header=True) -> str:
       f"{r['speedup']:>7.2f} {r['dense_params'] / 1e6:>6.2f}/{r['compact_params'] / 1e6:<6.2f} "
       f"{r['dense_gflops']:>8.2f}/{r['compact_gflops']:<8.2f} {r['flop_ratio']:>6.2f} "
       f"{r['speedup'] / r['flop_ratio']:>8.2f} {r['dense_mb']:>7.1f}/{r['compact_mb']:<7.1f} "
-      f"{r['max_rel_logit_error']:>9.1e}"
+      f"{r['max_rel_logit_error']:>9.1e} {r['dense_roofline']:>4.2f}/{r['compact_roofline']:<4.2f}"
     )
   return "\n".join(lines)
 
@@ -158,11 +160,12 @@ def main(argv=None):
   args = parse_args(argv)
   names = args.models.split(",")
   _FIRST[:] = names[:1]
-  print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+  matmul = machine.matmul_gflops()
+  print(machine.header(machine.describe(), matmul))
   rows = []
   for name in names:
     rows += bench_model(
-      name, [float(p) for p in args.pruned.split(",")], [int(b) for b in args.batches.split(",")], args.repeats
+      name, [float(p) for p in args.pruned.split(",")], [int(b) for b in args.batches.split(",")], args.repeats, matmul
     )
   if args.json:
     with open(args.json, "w") as f:

@@ -80,7 +80,6 @@ import functools
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -98,6 +97,7 @@ import psutil
 import torch
 from PIL import Image
 
+from benchmarks import machine
 from benchmarks import torch_bounds
 from benchmarks import torch_hydra
 from hydra_jax import attacks
@@ -283,13 +283,6 @@ def planned_bytes(compiled) -> int:
   stats = compiled.memory_analysis()
   held = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
   return held + stats.temp_size_in_bytes
-
-
-def cost_flops(compiled) -> float:
-  """XLA's FLOP count of a compiled program (0 when the backend does not report one)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", 0.0))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,7 +475,7 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
     batch_size,
     timing,
     compile_s,
-    cost_flops(compiled),
+    machine.compiled_flops(compiled),
     probe_flops,
     note=f"{stage} TRADES-{args.attack_steps} k={k:g}",
   )
@@ -656,9 +649,11 @@ def attack_row(args, workload: str) -> dict:
   )
   if args.attack_warmup_steps:
     warmups["torch"] = lambda: run_torch(args.attack_warmup_steps)
-  timing = interleaved({**calls, "torch": lambda: run_torch(steps)}, args.repeats, warmups)
+  probe, probe_flops = matmul_probe(args.matmul_size)
+  timing = interleaved({**calls, "torch": lambda: run_torch(steps), "matmul": probe}, args.repeats, warmups)
   label = f"PGD-{steps}" if workload == "pgd" else f"APGD-CE-{steps}"
-  row = _row(workload, name, args.batch, timing, compile_s, note=f"{label}, eps 8/255, k={args.k:g}")
+  flops = machine.compiled_flops(compiled)
+  row = _row(workload, name, args.batch, timing, compile_s, flops, probe_flops, f"{label}, eps 8/255, k={args.k:g}")
   if "jax_whole_batch" in timing:
     row["jax_whole_batch_s"] = timing["jax_whole_batch"]["median"]
   return row
@@ -919,18 +914,10 @@ def format_table(rows: list[dict]) -> str:
   )
 
 
-def machine() -> dict:
-  """Where the numbers come from: device, CPU, versions, load average (Unix) at the time."""
-  device = jax.devices()[0]
-  return {
-    "device": f"{device.platform}:{device.device_kind}",
-    "cpu": platform.processor() or platform.machine(),
-    "cpu_count": os.cpu_count(),
-    "torch_threads": torch.get_num_threads(),
-    "jax": jax.__version__,
-    "torch": torch.__version__,
-    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-  }
+def machine_info() -> dict:
+  """Where the numbers come from: `benchmarks.machine.describe()` (device, CPU model and ISA, XLA's ISA, versions,
+  load average) and torch's thread count."""
+  return {**machine.describe(), "torch_threads": torch.get_num_threads()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -995,12 +982,8 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   # As the CLI: the partitionable threefry PRNG compiles for seconds per random op on CPU.
   jax.config.update("jax_threefry_partitionable", False)
-  result = {"machine": machine(), "args": vars(args), "rows": []}
-  print(
-    f"device {result['machine']['device']}, {result['machine']['cpu_count']} CPUs, load "
-    f"{result['machine']['load_average']}; median of {args.repeats} alternating calls each",
-    flush=True,
-  )
+  result = {"machine": machine_info(), "args": vars(args), "rows": []}
+  print(f"{machine.header(result['machine'])}; median of {args.repeats} alternating calls each", flush=True)
   for workload in args.workloads:
     result["rows"].extend(RUNNERS[workload](args))
   result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
