@@ -3,6 +3,7 @@ generated code capped at AVX2, against PyTorch in the same process.
 
 Run: python -m benchmarks.bench_isa [--model resnet18] [--batch 64] [--attack-steps 3] [--apgd-steps 10]
                                     [--repeats 2] [--settings native,avx2] [--json FILE]
+     python -m benchmarks.bench_isa --merge native.json,avx2.json   # one table from runs of one setting each
 
 Each ISA setting runs in its own process (XLA_FLAGS must be set before jax is imported):
   native  this CPU as it is;
@@ -21,7 +22,8 @@ In each process, after one warm-up call each, `--repeats` rounds alternate (`ben
                          APGD-CE-(--apgd-steps) on the masked model; torch: torchattacks' APGD (CE, one restart)
   matmul                 the float32 2048^3 matmul, the roofline (benchmarks/machine.py)
 and prints per row the median seconds, the ratio default / row (> 1: the row is faster than the default), the
-speed-up over torch (torch / row) and the fraction of the roofline (XLA's FLOPs / seconds / matmul rate).
+speed-up over torch (torch / row) and the fraction of the roofline (matmul and convolution FLOPs counted from
+the jaxpr, `machine.jaxpr_flops`, / seconds / matmul rate).
 Every ratio is within one process; rows of different settings compare only through those ratios.
 """
 
@@ -53,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--settings", default="native,avx2", help=f"comma-separated of {', '.join(SETTINGS)}")
   parser.add_argument("--workloads", default="prune,apgd")
   parser.add_argument("--json", default="")
+  parser.add_argument("--merge", default="", help="comma-separated --json files of earlier runs: print one table")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   unknown = set(args.settings.split(",")) - set(SETTINGS)
@@ -108,7 +111,11 @@ def prune_calls(args) -> tuple[dict, dict]:
   for variant in PRUNE_VARIANTS:
     with knob(variant, args.batch):
       side = bvt.jax_step_setup(args.model, "prune", args.k, host_batch, args.attack_steps)
-    calls[f"prune/{variant}"], flops[f"prune/{variant}"] = side["call"], machine.compiled_flops(side["compiled"])
+    calls[f"prune/{variant}"] = side["call"]
+    if variant == "default":  # the variants do the same matmuls and convolutions
+      step = bvt.jax_train_step(side["apply_fn"], side["trainable"], "prune", args.k, args.attack_steps, True)[0]
+      count = machine.jaxpr_flops(step, *side["state"], side["batch"], side["key"])
+    flops[f"prune/{variant}"] = count
   calls["prune/torch"] = bvt.torch_step_call(args.model, "prune", args.k, host_batch, args.attack_steps)
   return calls, flops
 
@@ -130,12 +137,12 @@ def apgd_calls(args) -> tuple[dict, dict]:
   attack = lambda x, y, key: attacks.apgd(
     attacks.in_chunks(logits_fn, 0), x, y, key=key, eps=8 / 255, steps=args.apgd_steps
   )
-  calls, flops = {}, {}
+  calls, count = {}, machine.jaxpr_flops(attack, x, y, key)
+  flops = {f"apgd/{variant}": count for variant in APGD_VARIANTS}
   for variant in APGD_VARIANTS:
     with knob(variant, args.batch):
       compiled = jax.jit(attack).lower(x, y, key).compile()
     calls[f"apgd/{variant}"] = lambda compiled=compiled: compiled(x, y, key).block_until_ready()
-    flops[f"apgd/{variant}"] = machine.compiled_flops(compiled)
   net = torch_hydra.prepare(torch_hydra.build(args.model), "finetune", args.k).eval()
   images, labels = (
     torch.from_numpy(host_batch["image"].transpose(0, 3, 1, 2).copy()),
@@ -207,6 +214,13 @@ def table(results: dict[str, dict]) -> str:
 def main(argv=None) -> dict:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  if args.merge:
+    results = {}
+    for path in args.merge.split(","):
+      with open(path) as f:
+        results.update(json.load(f))
+    print(table(results))
+    return results
   if args.child:
     print(json.dumps(run_setting(args)))
     return {}

@@ -1,9 +1,11 @@
 """benchmarks/machine.py: ISA detection from cpuinfo flags and XLA_FLAGS, FLOP counts, the roofline fraction."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from benchmarks import machine
+from hydra_jax.models import layers
 
 CPUINFO = """processor\t: 0
 model name\t: Some CPU 9000
@@ -37,3 +39,25 @@ def test_flops_of_a_matmul_are_2mnk():
 def test_roofline_fraction_is_achieved_rate_over_matmul_rate():
   assert machine.roofline_fraction(4e9, 2.0, 4.0) == pytest.approx(0.5)
   assert machine.header(machine.describe(), 40.0).count("|") >= 4
+
+
+def test_jaxpr_flops_count_loops_times_their_trip_count():
+  a, b = jnp.ones((6, 4)), jnp.ones((4, 3))
+  assert machine.jaxpr_flops(jnp.dot, a, b) == 2 * 6 * 4 * 3
+  ten_times = lambda a, b: jax.lax.fori_loop(0, 10, lambda i, c: c + a @ b, jnp.zeros((6, 3)))
+  assert machine.jaxpr_flops(ten_times, a, b) == 10 * 2 * 6 * 4 * 3
+  assert machine.jaxpr_flops(jax.jit(ten_times), a, b) == 10 * 2 * 6 * 4 * 3
+
+
+def test_jaxpr_flops_of_convolutions_match_xla_and_do_not_depend_on_batch_chunks():
+  x, w = jnp.ones((8, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
+  valid = lambda x, w: layers.xla_conv(x, w, 1, 0)  # no padding: XLA's count (taps on real pixels) is the same
+  assert machine.jaxpr_flops(valid, x, w) == 2 * 8 * 4 * 4 * 5 * 3 * 3 * 3 == machine.jit_flops(valid, x, w)
+  conv = lambda x, w: layers.xla_conv(x, w, 1, 1)
+  expected = 2 * 8 * 6 * 6 * 5 * 3 * 3 * 3  # every tap, padding included
+  assert machine.jaxpr_flops(conv, x, w) == expected
+  chunked = lambda x, w: layers.conv2d(x, w, 1, 1, batch_chunk=2)
+  assert machine.jaxpr_flops(chunked, x, w) == expected
+  assert machine.jit_flops(chunked, x, w) < expected  # XLA counts the 4-chunk loop's body once
+  grouped = lambda x, w: layers.xla_conv(x, w, 1, 1, groups=3)
+  assert machine.jaxpr_flops(grouped, jnp.ones((8, 6, 6, 6)), jnp.ones((3, 3, 2, 6))) == 2 * 8 * 6 * 6 * 6 * 9 * 2
