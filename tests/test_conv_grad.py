@@ -241,3 +241,28 @@ def test_input_gradient_in_a_loop_body_is_an_hwio_convolution(weight_grad):
   loop = jax.jit(lambda z: lax.fori_loop(0, 2, lambda i, z: z - 1e-3 * grad(z), z, unroll=False))
   labels = re.findall(r"dim_labels=([\w]+_[\w]+->[\w]+)", loop.lower(x).compile().as_text())
   assert len(labels) == 2 and all(label.split("_")[1].startswith("01io") for label in labels), labels
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 7, 5, 3, 1, 1), (2, 7, 3, 13, 3, 2, 1), (2, 5, 13, 7, 1, 1, 0)])
+def test_thin_convs_run_on_padded_channels_with_the_same_values_and_gradients(shape, monkeypatch):
+  """Below 16 channels in and out, xla_conv pads both to a multiple of 8 (checked in the compiled HLO: the conv's
+  output, or the dot's a 1x1 conv becomes, has 8 or 16 channels); values and autodiff gradients equal lax's
+  unpadded convolution to float32 rounding."""
+  monkeypatch.setattr(layers, "THIN_CONV_CHANNELS", {jax.default_backend(): 8})
+  x, w, g, stride, padding = _inputs(shape, seed=5)
+  n_terms = w.shape[0] * w.shape[1] * w.shape[2]
+  ours = lambda x, w: jnp.vdot(layers.xla_conv(x, w, stride, padding), g)
+  theirs = lambda x, w: jnp.vdot(reference_conv(x, w, stride, padding), g)
+  abs_y = reference_conv(jnp.abs(x), jnp.abs(w), stride, padding)
+  assert_same_sums(layers.xla_conv(x, w, stride, padding), reference_conv(x, w, stride, padding), abs_y, n_terms)
+  for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(theirs, (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  hlo = jax.jit(lambda x, w: layers.xla_conv(x, w, stride, padding)).lower(x, w).compile().as_text()
+  padded = -w.shape[3] % 8 + w.shape[3]
+  assert re.search(rf"f32\[[\d,]+,{padded}\]\S* (convolution|dot)\(", hlo), hlo
+
+
+def test_convs_with_16_channels_or_more_are_not_padded():
+  x, w = jnp.ones((2, 6, 6, 7)), jnp.ones((3, 3, 7, 17))
+  hlo = jax.jit(lambda x, w: layers.xla_conv(x, w, 1, 1)).lower(x, w).compile().as_text()
+  assert re.search(r"f32\[2,6,6,17\]\S* convolution\(", hlo) and "pad(" not in hlo.replace("pad=", ""), hlo
