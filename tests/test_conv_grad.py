@@ -266,3 +266,33 @@ def test_convs_with_16_channels_or_more_are_not_padded():
   x, w = jnp.ones((2, 6, 6, 7)), jnp.ones((3, 3, 7, 17))
   hlo = jax.jit(lambda x, w: layers.xla_conv(x, w, 1, 1)).lower(x, w).compile().as_text()
   assert re.search(r"f32\[2,6,6,17\]\S* convolution\(", hlo) and "pad(" not in hlo.replace("pad=", ""), hlo
+
+
+@pytest.mark.slow  # two compiles of a ResNet's gradient; each knob has its own default-run test above
+def test_cpu_fast_paths_leave_a_models_loss_and_gradients_unchanged(monkeypatch):
+  """Every CPU knob on (batch chunks of 2, per-tap kernel gradients, thin channels padded) against every knob off
+  (whole batch, XLA's kernel gradient, unpadded channels): resnet_tiny's eval-mode loss and its gradients with
+  respect to the weights and the input agree to float32 rounding."""
+  from hydra_jax import models
+
+  model = models.get_model("resnet_tiny", 10)
+  x = jax.random.uniform(jax.random.key(0), (5, *models.input_shape("resnet_tiny")))
+  y = jnp.arange(5) % 10
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def loss(params, x):
+    logits = model.apply({**variables, "params": params}, x, train=False)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+  def loss_and_grads(chunk, taps, thin):
+    jax.clear_caches()  # custom_vjp keeps the body it traced first
+    monkeypatch.setattr(layers, "AUTO_BATCH_CHUNK", {jax.default_backend(): chunk})
+    monkeypatch.setattr(layers, "taps_are_faster", lambda *args: taps)
+    monkeypatch.setattr(layers, "THIN_CONV_CHANNELS", {jax.default_backend(): thin})
+    return jax.jit(jax.value_and_grad(loss, (0, 1)))(variables["params"], x)
+
+  (on_loss, on_grads), (off_loss, off_grads) = loss_and_grads(2, True, 8), loss_and_grads(0, False, 0)
+  jax.clear_caches()
+  np.testing.assert_allclose(on_loss, off_loss, rtol=1e-5)
+  for on, off in zip(jax.tree.leaves(on_grads), jax.tree.leaves(off_grads)):
+    np.testing.assert_allclose(on, off, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(off))))
