@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine
 from hydra_jax import attacks
 
 
@@ -68,7 +69,7 @@ class NarrowResNet(nn.Module):
 
 
 def time_attack(model, batch, unroll, repeats, attack_name="pgd"):
-  """Returns (compile seconds, median run seconds) of jitted PGD-10 (or APGD-CE-100) on `model`."""
+  """Returns (compile seconds, median run seconds, XLA FLOPs) of jitted PGD-10 (or APGD-CE-100) on `model`."""
   x = jax.random.uniform(jax.random.key(0), (batch, 32, 32, 3))
   y = jnp.arange(batch) % 10
   variables = model.init(jax.random.key(1), x, train=False)
@@ -89,7 +90,7 @@ def time_attack(model, batch, unroll, repeats, attack_name="pgd"):
     start = time.perf_counter()
     compiled(variables, x, y, jax.random.key(3 + r)).block_until_ready()
     runs.append(time.perf_counter() - start)
-  return compile_s, float(np.median(runs))
+  return compile_s, float(np.median(runs)), machine.compiled_flops(compiled)
 
 
 def main():
@@ -104,18 +105,23 @@ def main():
   ]
   if args.apgd:
     cases.append(("apgd", "small CNN", SmallCNN(), args.batch or 64))
+  matmul = machine.matmul_gflops()
+  print(machine.header(machine.describe(), matmul))
   print(f"devices: {jax.devices()}  l_inf eps 8/255, median of {args.repeats} runs")
   print(
     f"{'attack':8s} {'model':18s} {'batch':>5s} {'compile rolled':>15s} {'compile unrolled':>17s} "
-    f"{'run rolled':>11s} {'run unrolled':>13s} {'rolled/unrolled':>16s}"
+    f"{'run rolled':>11s} {'run unrolled':>13s} {'rolled/unrolled':>16s} {'roofline r/u':>12s}"
   )
   for attack_name, name, model, batch in cases:
-    rolled_c, rolled = time_attack(model, batch, False, args.repeats, attack_name)
-    unrolled_c, unrolled = time_attack(model, batch, True, args.repeats, attack_name)
+    rolled_c, rolled, rolled_flops = time_attack(model, batch, False, args.repeats, attack_name)
+    unrolled_c, unrolled, unrolled_flops = time_attack(model, batch, True, args.repeats, attack_name)
+    roofline = [
+      machine.roofline_fraction(f, s, matmul) for f, s in ((rolled_flops, rolled), (unrolled_flops, unrolled))
+    ]
     label = {"pgd": "PGD-10", "apgd": "APGD-100"}[attack_name]
     print(
       f"{label:8s} {name:18s} {batch:5d} {rolled_c:14.2f}s {unrolled_c:16.2f}s "
-      f"{rolled:10.3f}s {unrolled:12.3f}s {rolled / unrolled:15.2f}x"
+      f"{rolled:10.3f}s {unrolled:12.3f}s {rolled / unrolled:15.2f}x {roofline[0]:>6.2f}/{roofline[1]:<5.2f}"
     )
 
 

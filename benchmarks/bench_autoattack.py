@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine
 from hydra_jax import attacks
 from hydra_jax import autoattack
 from hydra_jax import convert
@@ -298,6 +299,7 @@ def main(argv=None) -> list[dict]:
     "torch_threads": torch.get_num_threads(),
   }
   row["difference_points"] = 100 * (row["hydra_jax"]["square"] - row["torchattacks"]["square"])
+  print(machine.header(machine.describe(), machine.matmul_gflops()))
   print(f"AutoAttack standard on {row['model']}: {n} examples, {norm} eps {eps:.4g}, counts {counts}")
   print(f"CPU: {row['cpu']}; torch threads {row['torch_threads']}")
   print(f"logits hydra_jax vs PyTorch export: max |diff| {parity:.2e}; clean {row['clean']:.4f}")

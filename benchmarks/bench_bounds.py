@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine
 from hydra_jax import bounds
 from hydra_jax import models
 
@@ -89,6 +90,7 @@ def main(argv=None) -> None:
   parser.add_argument("--symbolic-batch", type=int, default=0)
   args = parser.parse_args(argv)
   rows = run(args.model, args.batch, args.repeats, args.symbolic_batch)
+  print(machine.header(machine.describe(), machine.matmul_gflops()))
   print(table(rows, args.model, jax.devices()[0].device_kind))
 
 

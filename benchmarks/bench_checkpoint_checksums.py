@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from benchmarks import machine
 from hydra_jax import checkpoints
 from hydra_jax import masking
 from hydra_jax import models
@@ -98,6 +99,7 @@ def main():
     times["checksum"].append(time.perf_counter() - start)
   shutil.rmtree(args.dir, ignore_errors=True)
   median = {key: statistics.median(value) for key, value in times.items()}
+  print(machine.header(machine.describe(), machine.matmul_gflops()))
   print(
     f"{args.model} prune-stage checkpoint: {size / 1e6:.0f} MB, {len(jax.tree.leaves(items))} arrays; "
     f"median of {args.repeats}, {jax.devices()[0].platform}"

@@ -1,17 +1,21 @@
 """Inference of the dense (masked) network against its compact form after channel pruning.
 
 Run: python benchmarks/bench_compact.py [--models resnet18,vgg16_bn,wrn_28_4] [--pruned 0.5,0.75,0.9]
-                                        [--batches 1,256] [--repeats 3] [--json FILE]
+                                        [--batches 1,256] [--repeats 3] [--compare-unpadded] [--json FILE]
 
 For each model and fraction of channels pruned (k = 1 - pruned in every channel group, channel LWM masks on
 random He-scaled weights: the mask's values do not change the cost), jits eval-mode inference of
   dense    the full network with the pruned channels zeroed (what a masked run costs: the same as unpruned)
   compact  the network built from the channel plan, every layer with only its kept channels
 (`hydra_jax.channels.compact_variables`, `models.get_model(..., channel_plan=...)`), checks that their logits
-agree, and reports per batch size: median latency after compilation, parameters, XLA's FLOP count
-(`compiled.cost_analysis()`) and XLA's memory estimate (`compiled.memory_analysis()`: arguments + outputs +
+agree, and reports per batch size: median latency after compilation, parameters, the FLOPs of its matmuls and
+convolutions (`machine.jaxpr_flops`: XLA's cost analysis counts the body of the CPU batch-chunk loop once) and
+XLA's memory estimate (`compiled.memory_analysis()`: arguments + outputs +
 temporaries), with the dense / compact ratios measured in the same run. `speedup / flop_ratio` near 1 means the
-FLOP reduction turns into time.
+FLOP reduction turns into time. `roof d/c` is each side's FLOP rate over the float32 matmul rate measured in the
+same run (`benchmarks/machine.py`, printed first with the CPU model and ISA). With --compare-unpadded the compact
+network is also timed with its thin convolutions on their own channel counts (`layers.THIN_CONV_CHANNELS` emptied,
+what ran before it existed): `unpadded ms`, and `pad gain` = unpadded / compact time.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ import json
 import math
 import statistics
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine
 from hydra_jax import baselines
 from hydra_jax import channels
 from hydra_jax import masking
 from hydra_jax import models
+from hydra_jax.models import layers
 
 
 def random_variables(model, x):
@@ -49,10 +56,9 @@ def random_variables(model, x):
 
 
 def compiled_stats(fn, variables, x, repeats):
-  """(median seconds per call, XLA flops, XLA bytes: arguments + outputs + temporaries) of jitted fn(variables, x)."""
+  """(median seconds per call, matmul + conv flops, XLA bytes: arguments + outputs + temporaries) of jitted
+  fn(variables, x)."""
   compiled = jax.jit(fn).lower(variables, x).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
   jax.block_until_ready(compiled(variables, x))
@@ -61,7 +67,7 @@ def compiled_stats(fn, variables, x, repeats):
     start = time.perf_counter()
     jax.block_until_ready(compiled(variables, x))
     times.append(time.perf_counter() - start)
-  return statistics.median(times), float(cost.get("flops", float("nan"))), int(peak)
+  return statistics.median(times), machine.jaxpr_flops(fn, variables, x), int(peak)
 
 
 def num_params(variables) -> int:
@@ -83,7 +89,7 @@ def compact_network(name, model, variables, pruned):
   return models.get_model(name, 10, channel_plan=plan), jax.tree.map(jnp.asarray, small), masked
 
 
-def bench_model(name, pruned_fractions, batches, repeats):
+def bench_model(name, pruned_fractions, batches, repeats, matmul, compare_unpadded=False):
   model = models.get_model(name, 10)
   shape = models.input_shape(name)
   variables = random_variables(model, jnp.zeros((1, *shape)))
@@ -101,6 +107,12 @@ def bench_model(name, pruned_fractions, batches, repeats):
         dense_cache[batch] = compiled_stats(dense_fn, masked, x, repeats)
       dense_s, dense_flops, dense_bytes = dense_cache[batch]
       compact_s, compact_flops, compact_bytes = compiled_stats(compact_fn, small, x, repeats)
+      unpadded_s = None
+      if compare_unpadded:
+        jax.clear_caches()  # the convs' custom_vjp keeps its traced body otherwise
+        with mock.patch.object(layers, "THIN_CONV_CHANNELS", {}):
+          unpadded_s = compiled_stats(compact_fn, small, x, repeats)[0]
+        jax.clear_caches()
       rows.append(
         {
           "model": name,
@@ -117,6 +129,9 @@ def bench_model(name, pruned_fractions, batches, repeats):
           "dense_mb": dense_bytes / 2**20,
           "compact_mb": compact_bytes / 2**20,
           "max_rel_logit_error": error,
+          "dense_roofline": machine.roofline_fraction(dense_flops, dense_s, matmul),
+          "compact_roofline": machine.roofline_fraction(compact_flops, compact_s, matmul),
+          "unpadded_s": unpadded_s,
         }
       )
       print(format_table(rows[-1:], header=not rows[:-1] and name == _FIRST[0]), flush=True)
@@ -130,7 +145,8 @@ def format_table(rows, header=True) -> str:
   """Fixed-width table: latency (ms), speed-up, parameters (M), GFLOPs, XLA memory (MB), with dense/compact ratios."""
   head = (
     f"{'model':<10} {'pruned':>6} {'batch':>5} {'dense ms':>9} {'compact ms':>10} {'speedup':>7} "
-    f"{'params M':>13} {'GFLOPs':>17} {'flop x':>6} {'spd/flop':>8} {'XLA MB':>15} {'logit err':>9}"
+    f"{'params M':>13} {'GFLOPs':>17} {'flop x':>6} {'spd/flop':>8} {'XLA MB':>15} {'logit err':>9} {'roof d/c':>9} "
+    f"{'unpadded ms':>11} {'pad gain':>8}"
   )
   lines = [head] if header else []
   for r in rows:
@@ -139,8 +155,10 @@ def format_table(rows, header=True) -> str:
       f"{r['speedup']:>7.2f} {r['dense_params'] / 1e6:>6.2f}/{r['compact_params'] / 1e6:<6.2f} "
       f"{r['dense_gflops']:>8.2f}/{r['compact_gflops']:<8.2f} {r['flop_ratio']:>6.2f} "
       f"{r['speedup'] / r['flop_ratio']:>8.2f} {r['dense_mb']:>7.1f}/{r['compact_mb']:<7.1f} "
-      f"{r['max_rel_logit_error']:>9.1e}"
+      f"{r['max_rel_logit_error']:>9.1e} {r['dense_roofline']:>4.2f}/{r['compact_roofline']:<4.2f}"
     )
+    if r["unpadded_s"] is not None:
+      lines[-1] += f" {1e3 * r['unpadded_s']:>11.1f} {r['unpadded_s'] / r['compact_s']:>8.2f}"
   return "\n".join(lines)
 
 
@@ -150,6 +168,7 @@ def parse_args(argv=None):
   parser.add_argument("--pruned", default="0.5,0.75,0.9", help="fractions of channels pruned per group")
   parser.add_argument("--batches", default="1,256")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--compare-unpadded", action="store_true", help="also time thin convs without channel padding")
   parser.add_argument("--json", default="", help="also write the rows to this file")
   return parser.parse_args(argv)
 
@@ -158,11 +177,17 @@ def main(argv=None):
   args = parse_args(argv)
   names = args.models.split(",")
   _FIRST[:] = names[:1]
-  print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+  matmul = machine.matmul_gflops()
+  print(machine.header(machine.describe(), matmul))
   rows = []
   for name in names:
     rows += bench_model(
-      name, [float(p) for p in args.pruned.split(",")], [int(b) for b in args.batches.split(",")], args.repeats
+      name,
+      [float(p) for p in args.pruned.split(",")],
+      [int(b) for b in args.batches.split(",")],
+      args.repeats,
+      matmul,
+      args.compare_unpadded,
     )
   if args.json:
     with open(args.json, "w") as f:

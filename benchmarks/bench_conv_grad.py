@@ -12,7 +12,9 @@ the candidates `--repeats` times after a warm-up (median seconds, each jitted al
   taps     `layers.taps_weight_grad`: one (N H' W', C_in)^T x (N H' W', C_out) matmul per kernel offset;
   im2col   the kernel offsets concatenated along channels, then one (N H' W', kh kw C_in)^T x G matmul;
 and checks that taps and im2col equal XLA's gradient (relative max error printed). `auto` says what
-`layers.conv2d(weight_grad='auto')` picks on CPU for the shape (`layers.taps_are_faster`).
+`layers.conv2d(weight_grad='auto')` picks on CPU for the shape (`layers.taps_are_faster`); `taps roof` is the
+taps gradient's rate (2 N H' W' kh kw C_in C_out FLOPs) over the float32 matmul rate measured in the same run
+(`benchmarks/machine.py`, printed first with the CPU model and ISA).
 """
 
 import argparse
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks import machine
 from hydra_jax import models
 from hydra_jax.models import layers
 
@@ -116,18 +119,23 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
   shapes = conv_shapes(args.models.split(","), args.batch)
+  matmul = machine.matmul_gflops()
+  print(machine.header(machine.describe(), matmul))
   print(f"backend {jax.default_backend()}, batch {args.batch}, median of {args.repeats} interleaved calls (ms)")
   print(
     f"{'side':>4} {'C_in':>4} {'C_out':>5} {'k':>1} {'s':>1} {'count':>5} {'fwd':>8} {'xla':>8} {'taps':>8} "
-    f"{'im2col':>8} {'xla/taps':>8} {'xla/im2col':>10} {'max rel err':>11} {'auto':>4}"
+    f"{'im2col':>8} {'xla/taps':>8} {'xla/im2col':>10} {'max rel err':>11} {'auto':>4} {'taps roof':>9}"
   )
   for shape, count in sorted(shapes.items(), key=lambda item: (-item[0][0], item[0][1:])):
     r = measure(shape, args.batch, args.repeats)
-    side, cin, cout, k, stride, _ = shape
+    side, cin, cout, k, stride, padding = shape
+    out = (side + 2 * padding - k) // stride + 1
+    flops = 2 * args.batch * out * out * k * k * cin * cout
     print(
       f"{side:>4} {cin:>4} {cout:>5} {k:>1} {stride:>1} {count:>5} {1e3 * r['fwd']:>8.1f} {1e3 * r['xla']:>8.1f} "
       f"{1e3 * r['taps']:>8.1f} {1e3 * r['im2col']:>8.1f} {r['xla'] / r['taps']:>7.2f}x "
-      f"{r['xla'] / r['im2col']:>9.2f}x {max(r['taps_err'], r['im2col_err']):>11.1e} {r['auto']:>4}",
+      f"{r['xla'] / r['im2col']:>9.2f}x {max(r['taps_err'], r['im2col_err']):>11.1e} {r['auto']:>4} "
+      f"{machine.roofline_fraction(flops, r['taps'], matmul):>9.2f}",
       flush=True,
     )
 

@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import machine
 from hydra_jax import masking
 from hydra_jax import models
 
@@ -74,6 +75,7 @@ def main():
   assert all(bool((a == b).all()) for a, b in zip(masks["bisection"](scores), reference))
   assert all(int(a.sum()) == int(b.sum()) for a, b in zip(masks["lax.top_k"](scores), reference))
   timings = {name: time_call(fn, scores, repeats=args.repeats) for name, fn in masks.items()}
+  print(machine.header(machine.describe(), machine.matmul_gflops()))
   print(f"{args.model} kernels: {len(scores)} arrays, {n:,} scores, k={args.k}, backend={jax.default_backend()}")
   print(f"{'method':<12} {'seconds':>9} {'vs argsort':>11}")
   for name, seconds in timings.items():

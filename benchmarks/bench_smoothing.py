@@ -32,6 +32,7 @@ import time
 
 import jax
 
+from benchmarks import machine
 from hydra_jax import models
 from hydra_jax import smoothing
 
@@ -63,7 +64,8 @@ def bench(name: str, batch: int, chunks: int) -> dict[str, float]:
   noisy = x[None] + 0.25 * jax.random.normal(jax.random.PRNGKey(3), (batch, *x.shape))
   forward(variables, noisy).block_until_ready()
   plain = _median_seconds(lambda: forward(variables, noisy), chunks)
-  return {"compile": compile_seconds, "chunk": chunk, "rate": batch / chunk, "forward": plain}
+  flops = machine.jit_flops(lambda v, z: model.apply(v, z, train=False), variables, noisy)
+  return {"compile": compile_seconds, "chunk": chunk, "rate": batch / chunk, "forward": plain, "flops": flops}
 
 
 def main() -> None:
@@ -72,14 +74,20 @@ def main() -> None:
   parser.add_argument("--batches", default="256")
   parser.add_argument("--chunks", type=int, default=3, help="timed chunks (median) per setting")
   args = parser.parse_args()
+  matmul = machine.matmul_gflops()
+  print(machine.header(machine.describe(), matmul))
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
-  print(f"{'model':<10} {'batch':>6} {'compile':>9} {'s/chunk':>9} {'samples/s':>10} {'forward s':>10} {'n=1e5 s':>8}")
+  print(
+    f"{'model':<10} {'batch':>6} {'compile':>9} {'s/chunk':>9} {'samples/s':>10} {'forward s':>10} {'n=1e5 s':>8} "
+    f"{'roofline':>8}"
+  )
   for name in args.models.split(","):
     for batch in map(int, args.batches.split(",")):
       r = bench(name, batch, args.chunks)
+      roofline = machine.roofline_fraction(r["flops"], r["chunk"], matmul)
       print(
         f"{name:<10} {batch:>6} {r['compile']:>8.2f}s {r['chunk']:>8.3f}s {r['rate']:>10.1f} "
-        f"{r['forward']:>9.3f}s {1e5 / r['rate']:>8.0f}"
+        f"{r['forward']:>9.3f}s {1e5 / r['rate']:>8.0f} {roofline:>8.2f}"
       )
 
 

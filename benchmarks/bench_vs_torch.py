@@ -15,8 +15,9 @@ the call's start, sampled every 5 ms, which charges memory to whichever call fir
 compare it only across processes, as the `memory` workload does; for train steps also `jax_plan_mb`, the
 bytes XLA's compiled program plans for arguments, outputs and temporaries; GPU:
 `memory_stats()['peak_bytes_in_use']` for JAX, which only grows within a process, and
-`torch.cuda.max_memory_allocated` reset per workload), and for train steps the achieved GFLOP/s of the
-compiled step (XLA's cost analysis / median time) against a square f32 matmul measured in the same rotation
+`torch.cuda.max_memory_allocated` reset per workload), and for train steps and attacks the achieved GFLOP/s
+(matmul and conv FLOPs counted from the jaxpr, `machine.jaxpr_flops`, / median time) against a square f32
+matmul measured in the same rotation
 (the roofline). With --compare-xla-conv, train steps are also timed (in the same rotation) with every conv
 at `Conv2d(weight_grad="xla")` (XLA's own kernel gradients; the default 'auto' uses per-tap matmuls on CPU
 where they win alone, see `layers.conv2d`): `jax_xla_conv_s`. With --compare-xla-defaults, train steps are also
@@ -80,7 +81,6 @@ import functools
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -98,6 +98,7 @@ import psutil
 import torch
 from PIL import Image
 
+from benchmarks import machine
 from benchmarks import torch_bounds
 from benchmarks import torch_hydra
 from hydra_jax import attacks
@@ -285,13 +286,6 @@ def planned_bytes(compiled) -> int:
   return held + stats.temp_size_in_bytes
 
 
-def cost_flops(compiled) -> float:
-  """XLA's FLOP count of a compiled program (0 when the backend does not report one)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", 0.0))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The hydra_jax side.
 
@@ -446,6 +440,13 @@ def torch_step_call(model_name: str, stage: str, k: float, host_batch: dict, att
   return lambda: (torch_step(images, labels), sync_torch())
 
 
+def step_flops(jax_side: dict, stage: str, k: float, attack_steps: int) -> int:
+  """Matmul and conv FLOPs of the hydra_jax train step (`machine.jaxpr_flops`: the batch-chunk loops counted
+  times their trip count, which XLA's cost analysis does not)."""
+  step = jax_train_step(jax_side["apply_fn"], jax_side["trainable"], stage, k, attack_steps, xla_defaults=True)[0]
+  return machine.jaxpr_flops(step, *jax_side["state"], jax_side["batch"], jax_side["key"])
+
+
 def train_step_row(args, workload: str, model_name: str, stage: str, k: float, batch_size: int) -> dict:
   """TRADES train step of `stage` at `k`, hydra_jax vs torch, with FLOP/s against the matmul probe."""
   host_batch = random_batch(batch_size)
@@ -482,7 +483,7 @@ def train_step_row(args, workload: str, model_name: str, stage: str, k: float, b
     batch_size,
     timing,
     compile_s,
-    cost_flops(compiled),
+    step_flops(jax_side, stage, k, args.attack_steps),
     probe_flops,
     note=f"{stage} TRADES-{args.attack_steps} k={k:g}",
   )
@@ -638,7 +639,8 @@ def attack_row(args, workload: str) -> dict:
   x, y = jax.device_put(host_batch["image"]), jax.device_put(host_batch["label"])
   jitted = jax.jit(attack, static_argnums=(3, 4))
   compiled, compile_s = compile_seconds(jitted, x, y, jax.random.key(3), args.attack_chunk_size, steps)
-  calls = {"jax": lambda: compiled(x, y, jax.random.key(3)).block_until_ready()}
+  key = jax.random.key(3)
+  calls = {"jax": lambda: compiled(x, y, key).block_until_ready()}
   warmups = {}
   if args.attack_warmup_steps:
     short = compile_seconds(jitted, x, y, jax.random.key(3), args.attack_chunk_size, args.attack_warmup_steps)[0]
@@ -656,9 +658,11 @@ def attack_row(args, workload: str) -> dict:
   )
   if args.attack_warmup_steps:
     warmups["torch"] = lambda: run_torch(args.attack_warmup_steps)
-  timing = interleaved({**calls, "torch": lambda: run_torch(steps)}, args.repeats, warmups)
+  probe, probe_flops = matmul_probe(args.matmul_size)
+  timing = interleaved({**calls, "torch": lambda: run_torch(steps), "matmul": probe}, args.repeats, warmups)
   label = f"PGD-{steps}" if workload == "pgd" else f"APGD-CE-{steps}"
-  row = _row(workload, name, args.batch, timing, compile_s, note=f"{label}, eps 8/255, k={args.k:g}")
+  flops = machine.jaxpr_flops(functools.partial(attack, chunk_size=args.attack_chunk_size, steps=steps), x, y, key)
+  row = _row(workload, name, args.batch, timing, compile_s, flops, probe_flops, f"{label}, eps 8/255, k={args.k:g}")
   if "jax_whole_batch" in timing:
     row["jax_whole_batch_s"] = timing["jax_whole_batch"]["median"]
   return row
@@ -919,18 +923,10 @@ def format_table(rows: list[dict]) -> str:
   )
 
 
-def machine() -> dict:
-  """Where the numbers come from: device, CPU, versions, load average (Unix) at the time."""
-  device = jax.devices()[0]
-  return {
-    "device": f"{device.platform}:{device.device_kind}",
-    "cpu": platform.processor() or platform.machine(),
-    "cpu_count": os.cpu_count(),
-    "torch_threads": torch.get_num_threads(),
-    "jax": jax.__version__,
-    "torch": torch.__version__,
-    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-  }
+def machine_info() -> dict:
+  """Where the numbers come from: `benchmarks.machine.describe()` (device, CPU model and ISA, XLA's ISA, versions,
+  load average) and torch's thread count."""
+  return {**machine.describe(), "torch_threads": torch.get_num_threads()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -995,12 +991,8 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   # As the CLI: the partitionable threefry PRNG compiles for seconds per random op on CPU.
   jax.config.update("jax_threefry_partitionable", False)
-  result = {"machine": machine(), "args": vars(args), "rows": []}
-  print(
-    f"device {result['machine']['device']}, {result['machine']['cpu_count']} CPUs, load "
-    f"{result['machine']['load_average']}; median of {args.repeats} alternating calls each",
-    flush=True,
-  )
+  result = {"machine": machine_info(), "args": vars(args), "rows": []}
+  print(f"{machine.header(result['machine'])}; median of {args.repeats} alternating calls each", flush=True)
   for workload in args.workloads:
     result["rows"].extend(RUNNERS[workload](args))
   result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

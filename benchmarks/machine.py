@@ -1,0 +1,223 @@
+"""Where a benchmark's numbers come from, and how far they are from this machine's limit: one module every
+bench_*.py uses.
+
+- `describe()`: CPU model, its ISA (AVX2 / AVX-512 / AMX from /proc/cpuinfo), the ISA XLA's generated code may
+  use (capped by `--xla_cpu_max_isa` in XLA_FLAGS), JAX / jaxlib / XLA versions, torch's ATen CPU capability
+  when torch is imported, core count and load average.
+- `matmul_gflops()`: the same run's float32 matmul rate (2048 x 2048 `jnp.dot`, best of a few), the roofline.
+- `jaxpr_flops`: a function's matmul and convolution FLOPs counted from its jaxpr, loops times their trip
+  counts; `compiled_flops` / `jit_flops`: XLA's cost analysis, which counts a loop body once (a `lax.map` of 8
+  batch chunks or a rolled 10-step attack: 1/8 or 1/10 of the work), so use it only for loop-free programs;
+  `roofline_fraction`: the achieved rate over the matmul rate.
+
+Run `python -m benchmarks.machine` to print the header and roofline of this machine.
+
+`--xla_cpu_max_isa=AVX2` restricts only the code XLA generates (fusions, its own loops and convolution
+emitters); library kernels called from it (Eigen / oneDNN matmuls) and PyTorch's ATen kernels dispatch on the
+real CPU (PyTorch honours `ATEN_CPU_CAPABILITY=avx2` instead). See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax.extend import core
+
+# From least to most capable; XLA's --xla_cpu_max_isa names on the right.
+ISA_LEVELS = ("SSE4.2", "AVX", "AVX2", "AVX-512", "AMX")
+_XLA_ISA_NAMES = {
+  "SSE4_2": "SSE4.2",
+  "AVX": "AVX",
+  "AVX2": "AVX2",
+  "AVX512": "AVX-512",
+  "AVX512_VNNI": "AVX-512",
+  "AVX512_BF16": "AVX-512",
+  "AMX": "AMX",
+  "AMX_FP16": "AMX",
+}
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+  """The flags of the first processor in /proc/cpuinfo's text (read when None; empty set off Linux)."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return set()
+  for line in cpuinfo.splitlines():
+    if line.startswith("flags"):
+      return set(line.split(":", 1)[1].split())
+  return set()
+
+
+def isa_of_flags(flags: set[str]) -> str:
+  """The widest vector ISA among cpuinfo flags: 'AMX', 'AVX-512', 'AVX2', 'AVX' or 'SSE4.2'."""
+  for flag, isa in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+    if flag in flags:
+      return isa
+  return "SSE4.2"
+
+
+def xla_isa_cap(xla_flags: str) -> str | None:
+  """The ISA `--xla_cpu_max_isa=NAME` in an XLA_FLAGS string caps XLA's code at (one of ISA_LEVELS), or None."""
+  cap = None
+  for flag in xla_flags.split():
+    if flag.startswith("--xla_cpu_max_isa="):
+      name = flag.split("=", 1)[1].upper()
+      if name not in _XLA_ISA_NAMES:
+        raise ValueError(f"--xla_cpu_max_isa={name}: unknown; valid: {', '.join(_XLA_ISA_NAMES)}")
+      cap = _XLA_ISA_NAMES[name]
+  return cap
+
+
+def xla_isa(cpu_isa: str, xla_flags: str) -> str:
+  """The ISA XLA's generated code uses: the CPU's, lowered to XLA_FLAGS' cap if any."""
+  cap = xla_isa_cap(xla_flags)
+  return cpu_isa if cap is None else min(cpu_isa, cap, key=ISA_LEVELS.index)
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+  """The 'model name' of /proc/cpuinfo, else platform.processor()."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      cpuinfo = ""
+  for line in cpuinfo.splitlines():
+    if line.startswith("model name"):
+      return line.split(":", 1)[1].strip()
+  return platform.processor() or platform.machine()
+
+
+def describe() -> dict:
+  """Where the numbers come from: device, CPU model and cores, CPU ISA, XLA's ISA, versions, load average."""
+  isa = isa_of_flags(cpu_flags())
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  info = {
+    "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+    "cpu": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "cpu_isa": isa,
+    "xla_isa": xla_isa(isa, xla_flags),
+    "xla_flags": xla_flags,
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+  }
+  torch = sys.modules.get("torch")
+  if torch is not None:
+    info["torch"] = torch.__version__
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+  return info
+
+
+def header(info: dict, matmul: float | None = None) -> str:
+  """One line for a benchmark's output: `describe()`'s fields and the matmul rate (GFLOP/s) if measured."""
+  parts = [
+    f"{info['device']} | {info['cpu']}, {info['cpu_count']} cores, ISA {info['cpu_isa']}",
+    f"XLA code ISA {info['xla_isa']}" + (f" (XLA_FLAGS={info['xla_flags']})" if info["xla_flags"] else ""),
+    f"jax {info['jax']}, jaxlib/XLA {info['jaxlib']}",
+  ]
+  if "torch" in info:
+    parts.append(f"torch {info['torch']} (ATen {info['torch_cpu_capability']})")
+  if info["load_average"] is not None:
+    parts.append("load " + " ".join(f"{v:.2f}" for v in info["load_average"]))
+  if matmul is not None:
+    parts.append(f"f32 matmul {matmul:.1f} GFLOP/s")
+  return " | ".join(parts)
+
+
+def compiled_flops(compiled) -> float:
+  """XLA's FLOP count of a compiled program (`.lower(...).compile()`); 0.0 when the backend reports none."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def jit_flops(fn, *args, **kwargs) -> float:
+  """XLA's FLOP count of `jax.jit(fn)(*args, **kwargs)` (compiled, not run)."""
+  return compiled_flops(jax.jit(fn).lower(*args, **kwargs).compile())
+
+
+def _dot_flops(eqn) -> int:
+  lhs, rhs = (v.aval.shape for v in eqn.invars)
+  (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+  out_elements = math.prod(eqn.outvars[0].aval.shape)
+  return 2 * out_elements * math.prod(lhs[d] for d in lhs_contract)
+
+
+def _conv_flops(eqn) -> int:
+  """2 x output elements x kernel elements per output channel: every tap, those on padding or dilation zeros
+  included (the usual count; XLA's cost analysis skips taps on padding, 6% fewer for a 3x3 conv at 32x32)."""
+  rhs = eqn.invars[1].aval.shape
+  out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) // out_features
+
+
+def _sub_jaxprs(value):
+  if isinstance(value, core.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, core.Jaxpr):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [j for item in value for j in _sub_jaxprs(item)]
+  return []
+
+
+def count_jaxpr_flops(jaxpr) -> int:
+  """Matmul (dot_general) and convolution FLOPs of a jaxpr: scan bodies times their length, the largest branch of
+  a cond, a while loop's body once (its trip count is not static: an undercount)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      total += _dot_flops(eqn)
+    elif name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    subs = [count_jaxpr_flops(j) for value in eqn.params.values() for j in _sub_jaxprs(value)]
+    if name == "cond":
+      total += max(subs, default=0)
+    else:
+      total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
+  return total
+
+
+def jaxpr_flops(fn, *args, **kwargs) -> int:
+  """Matmul and convolution FLOPs of `fn(*args, **kwargs)` from its jaxpr (`count_jaxpr_flops`), loops included."""
+  return count_jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+  """This run's float32 matmul rate in GFLOP/s: a size x size x size `jnp.dot`, best of `repeats` after a warm-up."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  product = jax.jit(jnp.dot)
+  product(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best / 1e9
+
+
+def roofline_fraction(flops: float, seconds: float, matmul: float) -> float:
+  """Achieved FLOP rate over the matmul rate (GFLOP/s): 1.0 runs at the roofline; nan when flops is 0."""
+  return flops / seconds / 1e9 / matmul if flops else float("nan")
+
+
+def main() -> None:
+  matmul = matmul_gflops()
+  print(header(describe(), matmul))
+
+
+if __name__ == "__main__":
+  main()
