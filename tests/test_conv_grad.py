@@ -93,8 +93,35 @@ def test_conv2d_layer_gradients_agree_for_every_weight_grad_choice():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads(choice), reference)
 
 
+@pytest.fixture
+def avx512(monkeypatch):
+  """'auto' as on an AVX-512 CPU, whatever CPU runs the test."""
+  monkeypatch.setattr(layers, "xla_cpu_uses_avx512", lambda: True)
+
+
+def test_xla_cpu_uses_avx512_reads_the_cpu_flags_and_xla_s_isa_cap():
+  avx512, avx2 = {"fma", "avx2", "avx512f"}, {"fma", "avx2"}
+  assert layers.xla_cpu_uses_avx512(avx512, "")
+  assert layers.xla_cpu_uses_avx512(avx512, "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=avx512")
+  assert layers.xla_cpu_uses_avx512(avx512, "--xla_cpu_max_isa=AMX")
+  assert not layers.xla_cpu_uses_avx512(avx512, "--xla_cpu_max_isa=AVX2 --xla_force_host_platform_device_count=8")
+  assert not layers.xla_cpu_uses_avx512(avx512, "--xla_cpu_max_isa=AVX512 --xla_cpu_max_isa=SSE4_2")  # the last wins
+  assert not layers.xla_cpu_uses_avx512(avx2, "")
+  assert not layers.xla_cpu_uses_avx512(set(), "--xla_cpu_max_isa=AVX512")
+
+
+def test_auto_keeps_xla_s_kernel_gradient_where_xla_cannot_use_avx512(monkeypatch):
+  monkeypatch.setattr(layers, "xla_cpu_uses_avx512", lambda: False)
+  assert not layers.taps_are_faster((2, 16, 16, 32), (3, 3, 32, 64), 2, 1)  # taps on AVX-512 (next test)
+  conv = layers.Conv2d(8, 3, stride=2, padding=1, weight_grad="auto", batch_chunk=0)
+  x = jnp.zeros((4, 8, 8, 16))
+  variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda v: jnp.sum(conv.apply(v, x))))(variables).jaxpr
+  assert _primitive_counts(jaxpr)["dot_general"] == 0
+
+
 @pytest.mark.parametrize("batch_chunk", [0, 2])
-def test_conv2d_layer_gradient_holds_the_per_tap_matmuls_exactly_when_chosen(batch_chunk):
+def test_conv2d_layer_gradient_holds_the_per_tap_matmuls_exactly_when_chosen(batch_chunk, avx512):
   """The kernel gradient of the `Conv2d` layer is kh * kw matmuls (one per tap) with weight_grad='taps', and with
   'auto' where `taps_are_faster` (16 input channels, stride 2); a convolution, no matmul, with 'xla' and with
   'auto' on a 3-channel stem. In one pass (batch_chunk 0) and in batch chunks."""
@@ -107,7 +134,7 @@ def test_conv2d_layer_gradient_holds_the_per_tap_matmuls_exactly_when_chosen(bat
     assert _primitive_counts(jaxpr)["dot_general"] == matmuls, (choice, channels)
 
 
-def test_auto_uses_taps_on_cpu_only_where_measured_faster_and_is_the_default(monkeypatch):
+def test_auto_uses_taps_on_cpu_only_where_measured_faster_and_is_the_default(monkeypatch, avx512):
   used = []
   monkeypatch.setattr(layers, "taps_conv", lambda *args: used.append(args[0].shape) or layers.xla_conv(*args))
   strided = jnp.zeros((2, 16, 16, 32))

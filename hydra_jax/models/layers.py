@@ -8,7 +8,7 @@ initialisation so that HYDRA's reference checkpoints load one-to-one (see `hydra
   fan-in-aware bias initialiser, hence these two small layers).
 - `Conv2d(weight_grad="taps" | "auto")` computes its kernel gradient as one matmul per kernel offset (`conv2d`);
   values and gradients equal XLA's own to float rounding. The default, 'auto', does so on CPU for the convs
-  where it was faster alone (`taps_are_faster`), and keeps XLA's own elsewhere and on GPU / TPU.
+  where it was faster alone (`taps_are_faster`; AVX-512 CPUs only), and keeps XLA's own elsewhere and on GPU / TPU.
 - On CPU the input gradient of `Conv2d` / `conv2d` (groups 1) is an explicit NHWC x HWIO convolution
   (`input_grad`), the layout XLA:CPU's fast kernels need: inside loop bodies (rolled attack loops, `lax.map`) XLA
   does not rewrite the swapped-label form of autodiff's own, which then ran 3-4x slower.
@@ -35,6 +35,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -244,14 +245,44 @@ def _hwio_conv_bwd(stride, padding, residuals, g):
 hwio_conv.defvjp(_conv_fwd, _hwio_conv_bwd)
 
 
+def xla_cpu_uses_avx512(cpuinfo_flags: Sequence[str] | None = None, xla_flags: str | None = None) -> bool:
+  """Whether XLA:CPU's generated code may use AVX-512 here: the CPU lists `avx512f` (/proc/cpuinfo; none off
+  Linux) and XLA_FLAGS' `--xla_cpu_max_isa` (if any) does not cap it below (AVX512* or AMX* keep it).
+
+  Args:
+    cpuinfo_flags: the CPU's flags; None reads /proc/cpuinfo's first processor.
+    xla_flags: an XLA_FLAGS string; None reads the environment (XLA reads it once, when its backend starts).
+  """
+  if cpuinfo_flags is None:
+    cpuinfo_flags = _cpuinfo_flags()
+  if xla_flags is None:
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+  caps = [flag.split("=", 1)[1].upper() for flag in xla_flags.split() if flag.startswith("--xla_cpu_max_isa=")]
+  capped_below = bool(caps) and not caps[-1].startswith(("AVX512", "AMX"))
+  return "avx512f" in cpuinfo_flags and not capped_below
+
+
+@functools.cache
+def _cpuinfo_flags() -> frozenset[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return frozenset()
+  return next((frozenset(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), frozenset())
+
+
 def taps_are_faster(x_shape: Sequence[int], kernel_shape: Sequence[int], stride: int, groups: int) -> bool:
   """Whether `taps_weight_grad` beat XLA's kernel gradient on CPU for this conv alone (bench_conv_grad.py).
 
-  Measured on every conv of the CIFAR ResNet-18 and WRN-28-4 / 28-10 at batch 128: 1x1 and strided convs
-  1.1-27x faster, 3x3 stride-1 convs 1.35-5.5x, except on 32x32 inputs with at most 64 output channels
-  (ResNet-18's layer1: a tie or slower) and the 3-channel stems. Isolated convs only: see `conv2d`.
+  Measured on every conv of the CIFAR ResNet-18 and WRN-28-4 / 28-10 at batch 128 on AVX-512 CPUs: 1x1 and
+  strided convs 1.1-27x faster, 3x3 stride-1 convs 1.35-5.5x, except on 32x32 inputs with at most 64 output
+  channels (ResNet-18's layer1: a tie or slower) and the 3-channel stems. Isolated convs only: see `conv2d`.
+  Never where XLA's code cannot use AVX-512 (`xla_cpu_uses_avx512`): with XLA capped at AVX2
+  (`--xla_cpu_max_isa=AVX2`) XLA's own kernel gradients made the ResNet-18 prune step (batch 64) 1.45x
+  faster, measured under load (benchmarks/bench_isa.py, docs/benchmarks.md).
   """
-  if groups != 1 or x_shape[-1] < 16:
+  if groups != 1 or x_shape[-1] < 16 or not xla_cpu_uses_avx512():
     return False
   return not (stride == 1 and kernel_shape[0] > 1 and x_shape[1] >= 32 and kernel_shape[-1] <= 64)
 
