@@ -67,6 +67,7 @@ def test_config_checks_baseline_names_and_the_admm_source():
   config_lib.check_config(config_lib.stage_config(tiny_config(), "str"))  # from scratch: no source
 
 
+@pytest.mark.slow  # 15 CPU s; stage=all with LWM runs by default in test_docs' main job
 def test_stage_all_gives_one_row_per_method_at_exactly_k(tmp_path):
   config = tiny_config("cnn_tiny")
   config.stage, config.ks, config.baselines, config.stop_after_steps = "all", (0.1,), ("lwm", "snip", "random"), 2

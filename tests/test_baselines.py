@@ -356,6 +356,7 @@ def tiny_config(**overrides):
   return config
 
 
+@pytest.mark.slow  # 20 CPU s; SNIP's scores and fixed mask are checked by default in test_train and test_baselines
 def test_run_baseline_trains_the_snip_mask_with_the_mask_fixed(tmp_path):
   config = tiny_config()
   config.objective = config_lib.objective_config("benign")  # key-free loss: g is recomputed here exactly

@@ -124,6 +124,7 @@ def test_compare_xla_conv_times_the_step_with_xla_kernel_gradients_too():
   assert row["workload"] == "finetune" and row["jax_xla_conv_s"] > 0 and row["jax_xla_conv_peak_mb"] >= 0
 
 
+@pytest.mark.slow  # 20 CPU s; the default run times the other workloads
 def test_compare_whole_batch_attack_times_the_attack_unchunked_too():
   row = bench_vs_torch.main(
     ["--tiny", "--workloads", "pgd", "--attack-chunk-size", "2", "--compare-whole-batch-attack"]

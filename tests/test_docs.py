@@ -45,6 +45,7 @@ PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.pat
 # channel runs, every baseline, own models, HARP runs): 30-60 CPU seconds each even at tiny size, so they run with
 # -m slow; the others by default.
 SLOW_PAGES = {
+  "README.md",  # its main job (tiny) runs by default as every page's runs/digits_demo; its other blocks: 55 CPU s
   "docs/pipeline.md",
   "docs/bounds_and_smoothing.md",
   "docs/evaluation.md",

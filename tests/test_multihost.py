@@ -181,6 +181,8 @@ def other_counts(runs):
   return {name: str(base / name) for name in ("two_then_one", "one_then_two")}
 
 
+# With the next: 50 CPU s of 2 + 1 processes (-m slow); test_preemption and test_checkpoints start 2 by default.
+@pytest.mark.slow
 def test_two_processes_train_evaluate_and_save_as_one_process_with_one_device(runs):
   one, two = runs["dir"]["one"], runs["dir"]["two_then_two"]
   assert_same_params(final_variables(two), final_variables(one))
@@ -198,6 +200,7 @@ def test_two_processes_train_evaluate_and_save_as_one_process_with_one_device(ru
   assert printed["clean"] == metrics(one, "eval")[TOTAL_STEPS]["clean"]
 
 
+@pytest.mark.slow  # shares the fixture above
 def test_a_stopped_two_process_run_resumes_to_the_uninterrupted_params(runs):
   assert_same_params(final_variables(runs["dir"]["two_then_two"]), final_variables(runs["dir"]["one"]))
   # The stopped run really stopped part-way: its weights are not the final ones.

@@ -121,8 +121,9 @@ def cli(*args):
   return out, err
 
 
-# About a minute of CPU each: the NNX network (the conversion with more to go wrong) runs by default, Linen is slow.
-@pytest.mark.parametrize("name", [pytest.param("LinenNet", marks=pytest.mark.slow), "NnxNet"])
+# About a minute of CPU each (-m slow); the default run checks both kinds' logits, masks and 8-device runs below.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["LinenNet", "NnxNet"])
 def test_an_own_model_goes_through_pretrain_prune_finetune_load_run_ibp_and_export(user_files, tmp_path, name):
   nets, config_file = user_files
   common = ["--config", f"{config_file}:{nets}:{name}"]
