@@ -1,7 +1,7 @@
 """Inference of the dense (masked) network against its compact form after channel pruning.
 
 Run: python benchmarks/bench_compact.py [--models resnet18,vgg16_bn,wrn_28_4] [--pruned 0.5,0.75,0.9]
-                                        [--batches 1,256] [--repeats 3] [--compare-unpadded] [--json FILE]
+                                        [--batches 1,256] [--repeats 3] [--json FILE]
 
 For each model and fraction of channels pruned (k = 1 - pruned in every channel group, channel LWM masks on
 random He-scaled weights: the mask's values do not change the cost), jits eval-mode inference of
@@ -13,9 +13,7 @@ convolutions (`machine.jaxpr_flops`: XLA's cost analysis counts the body of the 
 XLA's memory estimate (`compiled.memory_analysis()`: arguments + outputs +
 temporaries), with the dense / compact ratios measured in the same run. `speedup / flop_ratio` near 1 means the
 FLOP reduction turns into time. `roof d/c` is each side's FLOP rate over the float32 matmul rate measured in the
-same run (`benchmarks/machine.py`, printed first with the CPU model and ISA). With --compare-unpadded the compact
-network is also timed with its thin convolutions on their own channel counts (`layers.THIN_CONV_CHANNELS` emptied,
-what ran before it existed): `unpadded ms`, and `pad gain` = unpadded / compact time.
+same run (`benchmarks/machine.py`, printed first with the CPU model and ISA).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import json
 import math
 import statistics
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +33,6 @@ from hydra_jax import baselines
 from hydra_jax import channels
 from hydra_jax import masking
 from hydra_jax import models
-from hydra_jax.models import layers
 
 
 def random_variables(model, x):
@@ -89,7 +85,7 @@ def compact_network(name, model, variables, pruned):
   return models.get_model(name, 10, channel_plan=plan), jax.tree.map(jnp.asarray, small), masked
 
 
-def bench_model(name, pruned_fractions, batches, repeats, matmul, compare_unpadded=False):
+def bench_model(name, pruned_fractions, batches, repeats, matmul):
   model = models.get_model(name, 10)
   shape = models.input_shape(name)
   variables = random_variables(model, jnp.zeros((1, *shape)))
@@ -107,12 +103,6 @@ def bench_model(name, pruned_fractions, batches, repeats, matmul, compare_unpadd
         dense_cache[batch] = compiled_stats(dense_fn, masked, x, repeats)
       dense_s, dense_flops, dense_bytes = dense_cache[batch]
       compact_s, compact_flops, compact_bytes = compiled_stats(compact_fn, small, x, repeats)
-      unpadded_s = None
-      if compare_unpadded:
-        jax.clear_caches()  # the convs' custom_vjp keeps its traced body otherwise
-        with mock.patch.object(layers, "THIN_CONV_CHANNELS", {}):
-          unpadded_s = compiled_stats(compact_fn, small, x, repeats)[0]
-        jax.clear_caches()
       rows.append(
         {
           "model": name,
@@ -131,7 +121,6 @@ def bench_model(name, pruned_fractions, batches, repeats, matmul, compare_unpadd
           "max_rel_logit_error": error,
           "dense_roofline": machine.roofline_fraction(dense_flops, dense_s, matmul),
           "compact_roofline": machine.roofline_fraction(compact_flops, compact_s, matmul),
-          "unpadded_s": unpadded_s,
         }
       )
       print(format_table(rows[-1:], header=not rows[:-1] and name == _FIRST[0]), flush=True)
@@ -145,8 +134,7 @@ def format_table(rows, header=True) -> str:
   """Fixed-width table: latency (ms), speed-up, parameters (M), GFLOPs, XLA memory (MB), with dense/compact ratios."""
   head = (
     f"{'model':<10} {'pruned':>6} {'batch':>5} {'dense ms':>9} {'compact ms':>10} {'speedup':>7} "
-    f"{'params M':>13} {'GFLOPs':>17} {'flop x':>6} {'spd/flop':>8} {'XLA MB':>15} {'logit err':>9} {'roof d/c':>9} "
-    f"{'unpadded ms':>11} {'pad gain':>8}"
+    f"{'params M':>13} {'GFLOPs':>17} {'flop x':>6} {'spd/flop':>8} {'XLA MB':>15} {'logit err':>9} {'roof d/c':>9}"
   )
   lines = [head] if header else []
   for r in rows:
@@ -157,8 +145,6 @@ def format_table(rows, header=True) -> str:
       f"{r['speedup'] / r['flop_ratio']:>8.2f} {r['dense_mb']:>7.1f}/{r['compact_mb']:<7.1f} "
       f"{r['max_rel_logit_error']:>9.1e} {r['dense_roofline']:>4.2f}/{r['compact_roofline']:<4.2f}"
     )
-    if r["unpadded_s"] is not None:
-      lines[-1] += f" {1e3 * r['unpadded_s']:>11.1f} {r['unpadded_s'] / r['compact_s']:>8.2f}"
   return "\n".join(lines)
 
 
@@ -168,7 +154,6 @@ def parse_args(argv=None):
   parser.add_argument("--pruned", default="0.5,0.75,0.9", help="fractions of channels pruned per group")
   parser.add_argument("--batches", default="1,256")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--compare-unpadded", action="store_true", help="also time thin convs without channel padding")
   parser.add_argument("--json", default="", help="also write the rows to this file")
   return parser.parse_args(argv)
 
@@ -187,7 +172,6 @@ def main(argv=None):
       [int(b) for b in args.batches.split(",")],
       args.repeats,
       matmul,
-      args.compare_unpadded,
     )
   if args.json:
     with open(args.json, "w") as f:

@@ -273,35 +273,10 @@ def test_input_gradient_in_a_loop_body_is_an_hwio_convolution(weight_grad):
   assert len(labels) == 2 and all(label.split("_")[1].startswith("01io") for label in labels), labels
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 7, 5, 3, 1, 1), (2, 7, 3, 13, 3, 2, 1), (2, 5, 13, 7, 1, 1, 0)])
-def test_thin_convs_run_on_padded_channels_with_the_same_values_and_gradients(shape, monkeypatch):
-  """Below 16 channels in and out, xla_conv pads both to a multiple of 8 (checked in the compiled HLO: the conv's
-  output, or the dot's a 1x1 conv becomes, has 8 or 16 channels); values and autodiff gradients equal lax's
-  unpadded convolution to float32 rounding."""
-  monkeypatch.setattr(layers, "THIN_CONV_CHANNELS", {jax.default_backend(): 8})
-  x, w, g, stride, padding = _inputs(shape, seed=5)
-  n_terms = w.shape[0] * w.shape[1] * w.shape[2]
-  ours = lambda x, w: jnp.vdot(layers.xla_conv(x, w, stride, padding), g)
-  theirs = lambda x, w: jnp.vdot(reference_conv(x, w, stride, padding), g)
-  abs_y = reference_conv(jnp.abs(x), jnp.abs(w), stride, padding)
-  assert_same_sums(layers.xla_conv(x, w, stride, padding), reference_conv(x, w, stride, padding), abs_y, n_terms)
-  for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(theirs, (0, 1))(x, w)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
-  hlo = jax.jit(lambda x, w: layers.xla_conv(x, w, stride, padding)).lower(x, w).compile().as_text()
-  padded = -w.shape[3] % 8 + w.shape[3]
-  assert re.search(rf"f32\[[\d,]+,{padded}\]\S* (convolution|dot)\(", hlo), hlo
-
-
-def test_convs_with_16_channels_or_more_are_not_padded():
-  x, w = jnp.ones((2, 6, 6, 7)), jnp.ones((3, 3, 7, 17))
-  hlo = jax.jit(lambda x, w: layers.xla_conv(x, w, 1, 1)).lower(x, w).compile().as_text()
-  assert re.search(r"f32\[2,6,6,17\]\S* convolution\(", hlo) and "pad(" not in hlo.replace("pad=", ""), hlo
-
-
 @pytest.mark.slow  # two compiles of a ResNet's gradient; each knob has its own default-run test above
 def test_cpu_fast_paths_leave_a_models_loss_and_gradients_unchanged(monkeypatch):
-  """Every CPU knob on (batch chunks of 2, per-tap kernel gradients, thin channels padded) against every knob off
-  (whole batch, XLA's kernel gradient, unpadded channels): resnet_tiny's eval-mode loss and its gradients with
+  """Every CPU knob on (batch chunks of 2, per-tap kernel gradients) against every knob off
+  (whole batch, XLA's kernel gradient): resnet_tiny's eval-mode loss and its gradients with
   respect to the weights and the input agree to float32 rounding."""
   from hydra_jax import models
 
@@ -314,14 +289,13 @@ def test_cpu_fast_paths_leave_a_models_loss_and_gradients_unchanged(monkeypatch)
     logits = model.apply({**variables, "params": params}, x, train=False)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
-  def loss_and_grads(chunk, taps, thin):
+  def loss_and_grads(chunk, taps):
     jax.clear_caches()  # custom_vjp keeps the body it traced first
     monkeypatch.setattr(layers, "AUTO_BATCH_CHUNK", {jax.default_backend(): chunk})
     monkeypatch.setattr(layers, "taps_are_faster", lambda *args: taps)
-    monkeypatch.setattr(layers, "THIN_CONV_CHANNELS", {jax.default_backend(): thin})
     return jax.jit(jax.value_and_grad(loss, (0, 1)))(variables["params"], x)
 
-  (on_loss, on_grads), (off_loss, off_grads) = loss_and_grads(2, True, 8), loss_and_grads(0, False, 0)
+  (on_loss, on_grads), (off_loss, off_grads) = loss_and_grads(2, True), loss_and_grads(0, False)
   jax.clear_caches()
   np.testing.assert_allclose(on_loss, off_loss, rtol=1e-5)
   for on, off in zip(jax.tree.leaves(on_grads), jax.tree.leaves(off_grads)):

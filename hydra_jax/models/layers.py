@@ -88,39 +88,12 @@ WEIGHT_GRADS = ("auto", "xla", "taps")
 AUTO_BATCH_CHUNK = {"cpu": 32}
 
 
-# On CPU a convolution whose in and out channels are both below 16 (the thin layers of a compact network, e.g.
-# ResNet-18 with 90% of its channels pruned keeps 7 and 13) runs with its channels zero-padded to a multiple of
-# THIN_CONV_CHANNELS[backend] and its output sliced back: XLA:CPU's convolutions ran 1.6x faster at 8 channels
-# than at 7 (3x3 7->7 at 32x32, batch 256: 70 against 112 ms), and the padded products add exact zeros.
-THIN_CONV_CHANNELS = {"cpu": 8}
-
-
-def _pad_thin_channels(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x and kernel (groups 1) with C_in and C_out zero-padded to a multiple of the backend's THIN_CONV_CHANNELS
-  when both are below 16; unchanged otherwise."""
-  multiple = THIN_CONV_CHANNELS.get(jax.default_backend(), 0)
-  cin, cout = kernel.shape[2:]
-  if not multiple or max(cin, cout) >= 16 or (cin % multiple == 0 and cout % multiple == 0):
-    return x, kernel
-  extra_in, extra_out = -cin % multiple, -cout % multiple
-  x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra_in)))
-  return x, jnp.pad(kernel, ((0, 0), (0, 0), (0, extra_in), (0, extra_out)))
-
-
 def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1) -> jax.Array:
-  """XLA's convolution: (N, H, W, C_in) x (kh, kw, C_in / groups, C_out) -> (N, H', W', C_out).
-
-  Thin convolutions (groups 1, fewer than 16 channels in and out) run with zero-padded channels on CPU
-  (`THIN_CONV_CHANNELS`); the result is the same up to float rounding.
-  """
+  """XLA's convolution: (N, H, W, C_in) x (kh, kw, C_in / groups, C_out) -> (N, H', W', C_out)."""
   pad = ((padding, padding), (padding, padding))
-  cout = kernel.shape[-1]
-  if groups == 1:
-    x, kernel = _pad_thin_channels(x, kernel)
-  y = lax.conv_general_dilated(
+  return lax.conv_general_dilated(
     x, kernel, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
   )
-  return y[..., :cout] if y.shape[-1] != cout else y
 
 
 def taps_weight_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int, padding: int) -> jax.Array:
