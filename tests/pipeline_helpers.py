@@ -1,6 +1,7 @@
 """Shared code of the pipeline and export tests: a run config of a few steps per stage, checkpoints read back
-with orbax directly, and the reference's masks restated in numpy."""
+with orbax directly, the reference's masks restated in numpy, and the train step run on one or 8 devices."""
 
+import functools
 import math
 
 import jax
@@ -11,6 +12,10 @@ from flax import traverse_util
 from hydra_jax import checkpoints
 from hydra_jax import config as config_lib
 from hydra_jax import models
+from hydra_jax import objectives
+from hydra_jax import parallel
+from hydra_jax import sources
+from hydra_jax import train
 
 MODEL = "cnn_tiny"  # BN-free: conv 4x4/2 (1 -> 4), conv 4x4/2 (4 -> 8), dense 32 -> 16, dense 16 -> 10 on digits
 KERNEL_SHAPES = {"0/kernel": (4, 4, 1, 4), "2/kernel": (4, 4, 4, 8), "5/kernel": (32, 16), "7/kernel": (16, 10)}
@@ -144,3 +149,23 @@ def scaled_scores(weight):
   """HYDRA's scaled init written out: sqrt(6 / fan_in) * w / max|w|, fan_in = kh * kw * in (or in)."""
   fan_in = math.prod(weight.shape[:-1])
   return math.sqrt(6 / fan_in) * weight / np.max(np.abs(weight))
+
+
+def run_train_steps(config, state, tx, batches, mode, steps_per_epoch):
+  """(final state, last metrics) of the config's train step on `batches`, from `state`: on one device (mode
+  'single') or on every device ('pmap' / 'shard_map', the model's BatchNorm over the device axis)."""
+  axis = None if mode == "single" else parallel.AXIS
+  step = functools.partial(
+    train.train_step,
+    apply_fn=models.make_apply_fn(sources.build_model(config, axis)),
+    objective=objectives.get_objective(config.objective.name),
+    config=config,
+    tx=tx,
+    k=config.k,
+    steps_per_epoch=steps_per_epoch,
+  )
+  runner = parallel.make_runner(step, mode, carry_fields=("carry",))
+  current = runner.put_state(state)
+  for batch in batches:
+    current, metrics = runner(current, runner.put_batch(batch))
+  return runner.get_state(current), metrics

@@ -1,7 +1,6 @@
 """Structured (channel) HYDRA: channel groups traced from the models, exact per-group top-k, the straight-through
 gradient of a channel score, the compact network's logits against the masked network's, and bad input."""
 
-import functools
 import importlib.util
 import json
 import os
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from pipeline_helpers import numpy_topk_mask
+from pipeline_helpers import run_train_steps
 from pipeline_helpers import tiny_config
 from zoo_helpers import random_variables
 
@@ -24,8 +24,6 @@ from hydra_jax import errors
 from hydra_jax import export
 from hydra_jax import masking
 from hydra_jax import models
-from hydra_jax import objectives
-from hydra_jax import parallel
 from hydra_jax import pipeline
 from hydra_jax import sources
 from hydra_jax import train
@@ -275,23 +273,8 @@ def test_a_channel_prune_step_on_eight_devices_gives_the_single_device_result(tm
   state, tx = train.initial_state(config, "prune", steps_per_epoch=10, batch_shape=batches[0]["image"].shape)
   assert jax.tree.leaves(state.scores)[0].ndim == 1  # one score per output channel
 
-  def run(mode, axis):
-    step = functools.partial(
-      train.train_step,
-      apply_fn=models.make_apply_fn(sources.build_model(config, axis)),
-      objective=objectives.get_objective(config.objective.name),
-      config=config,
-      tx=tx,
-      k=config.k,
-      steps_per_epoch=10,
-    )
-    runner = parallel.make_runner(step, mode, carry_fields=("carry",))
-    current = runner.put_state(state)
-    for batch in batches:
-      current, _ = runner(current, runner.put_batch(batch))
-    return runner.get_state(current)
-
-  single, multi = run("single", None), run("shard_map", parallel.AXIS)
+  single, _ = run_train_steps(config, state, tx, batches, "single", steps_per_epoch=10)
+  multi, _ = run_train_steps(config, state, tx, batches, "shard_map", steps_per_epoch=10)
   for a, b in zip(jax.tree.leaves((single.params, single.scores)), jax.tree.leaves((multi.params, multi.scores))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   assert not np.allclose(jax.tree.leaves(single.scores)[0], jax.tree.leaves(state.scores)[0])  # scores trained

@@ -19,7 +19,6 @@ from hydra_jax import masking
 from hydra_jax import models
 from hydra_jax import objectives
 from hydra_jax import optim
-from hydra_jax import parallel
 from hydra_jax import sources
 from hydra_jax import train
 from tests import pipeline_helpers as ph
@@ -115,23 +114,8 @@ def test_a_harp_prune_step_on_eight_devices_gives_the_single_device_result(runs)
   batches = [data.train_batches("digits", 32, seed=0).batch_at(i) for i in range(3)]
   state, tx = train.initial_state(config, "prune", steps_per_epoch=2, batch_shape=batches[0]["image"].shape)
 
-  def run(mode, axis):
-    step = functools.partial(
-      train.train_step,
-      apply_fn=models.make_apply_fn(sources.build_model(config, axis)),
-      objective=objectives.get_objective(config.objective.name),
-      config=config,
-      tx=tx,
-      k=config.k,
-      steps_per_epoch=2,
-    )
-    runner = parallel.make_runner(step, mode, carry_fields=("carry",))
-    current = runner.put_state(state)
-    for batch in batches:
-      current, metrics = runner(current, runner.put_batch(batch))
-    return runner.get_state(current), metrics
-
-  (single, single_metrics), (multi, multi_metrics) = run("single", None), run("shard_map", parallel.AXIS)
+  single, single_metrics = ph.run_train_steps(config, state, tx, batches, "single", steps_per_epoch=2)
+  multi, multi_metrics = ph.run_train_steps(config, state, tx, batches, "shard_map", steps_per_epoch=2)
   for a, b in zip(jax.tree.leaves((single.rates, single.scores)), jax.tree.leaves((multi.rates, multi.scores))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   assert not np.allclose(jax.tree.leaves(single.rates), jax.tree.leaves(state.rates))  # rates trained
