@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import torch_hydra
+
 
 def rate_act_func(k_score, k_min):
   """HARP's kept fraction of a layer: sigmoid(k_score) * (1 - k_min) + k_min."""
@@ -40,19 +42,9 @@ def rate_init_func(k, k_min):
   return torch.log(inv_k / (1 - inv_k))
 
 
-class GetSubnet(torch.autograd.Function):
-  """0/1 mask of the top (n - int((1 - k) n)) entries of `scores` by a full sort; straight-through backward with the
-  rate's gradient the sum of the mask's (HARP's weight pruning)."""
-
-  @staticmethod
-  def forward(ctx, scores, k):
-    out = scores.clone()
-    _, idx = scores.flatten().sort()
-    j = int((1 - k) * scores.numel())
-    flat_out = out.flatten()
-    flat_out[idx[:j]] = 0
-    flat_out[idx[j:]] = 1
-    return out
+class GetSubnet(torch_hydra.GetSubnet):
+  """torch_hydra's GetSubnet (the same sorted top-k forward) whose straight-through backward also gives the rate
+  the sum of the mask's gradient (HARP's weight pruning)."""
 
   @staticmethod
   def backward(ctx, g):
