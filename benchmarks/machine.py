@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import jaxlib
 from jax.extend import core
 
+from hydra_jax.models import layers
+
 # From least to most capable; XLA's --xla_cpu_max_isa names on the right.
 ISA_LEVELS = ("SSE4.2", "AVX", "AVX2", "AVX-512", "AMX")
 _XLA_ISA_NAMES = {
@@ -44,22 +46,8 @@ _XLA_ISA_NAMES = {
 }
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-  """The flags of the first processor in /proc/cpuinfo's text (read when None; empty set off Linux)."""
-  if cpuinfo is None:
-    try:
-      with open("/proc/cpuinfo") as f:
-        cpuinfo = f.read()
-    except OSError:
-      return set()
-  for line in cpuinfo.splitlines():
-    if line.startswith("flags"):
-      return set(line.split(":", 1)[1].split())
-  return set()
-
-
-def isa_of_flags(flags: set[str]) -> str:
-  """The widest vector ISA among cpuinfo flags: 'AMX', 'AVX-512', 'AVX2', 'AVX' or 'SSE4.2'."""
+def isa_of_flags(flags: frozenset[str]) -> str:
+  """The widest vector ISA among cpuinfo flags (`layers.cpu_flags`): 'AMX', 'AVX-512', 'AVX2', 'AVX' or 'SSE4.2'."""
   for flag, isa in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
     if flag in flags:
       return isa
@@ -100,7 +88,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 def describe() -> dict:
   """Where the numbers come from: device, CPU model and cores, CPU ISA, XLA's ISA, versions, load average."""
-  isa = isa_of_flags(cpu_flags())
+  isa = isa_of_flags(layers.cpu_flags())
   xla_flags = os.environ.get("XLA_FLAGS", "")
   info = {
     "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",

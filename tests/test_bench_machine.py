@@ -15,7 +15,7 @@ processor\t: 1
 
 
 def test_isa_is_the_widest_vector_extension_among_the_flags():
-  assert machine.isa_of_flags(machine.cpu_flags(CPUINFO)) == "AVX-512"
+  assert machine.isa_of_flags(layers.cpu_flags(CPUINFO)) == "AVX-512"
   assert machine.isa_of_flags({"sse4_2", "avx", "avx2", "fma"}) == "AVX2"
   assert machine.isa_of_flags({"avx2", "avx512f", "amx_tile"}) == "AMX"
   assert machine.isa_of_flags({"sse4_2"}) == "SSE4.2"

@@ -227,7 +227,7 @@ def xla_cpu_uses_avx512(cpuinfo_flags: Sequence[str] | None = None, xla_flags: s
     xla_flags: an XLA_FLAGS string; None reads the environment (XLA reads it once, when its backend starts).
   """
   if cpuinfo_flags is None:
-    cpuinfo_flags = _cpuinfo_flags()
+    cpuinfo_flags = cpu_flags()
   if xla_flags is None:
     xla_flags = os.environ.get("XLA_FLAGS", "")
   caps = [flag.split("=", 1)[1].upper() for flag in xla_flags.split() if flag.startswith("--xla_cpu_max_isa=")]
@@ -236,12 +236,15 @@ def xla_cpu_uses_avx512(cpuinfo_flags: Sequence[str] | None = None, xla_flags: s
 
 
 @functools.cache
-def _cpuinfo_flags() -> frozenset[str]:
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = f.read().splitlines()
-  except OSError:
-    return frozenset()
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+  """The flags of the first processor in /proc/cpuinfo's text (read when None; empty off Linux)."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return frozenset()
+  lines = cpuinfo.splitlines()
   return next((frozenset(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), frozenset())
 
 
