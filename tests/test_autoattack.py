@@ -33,11 +33,25 @@ def _torch_correct(net, x, y):
 
 
 def _torch_attack(attack, x, y):
-  """A torchattacks attack on NHWC numpy inputs; returns NHWC numpy adversarial inputs."""
+  """A torchattacks attack on NHWC numpy inputs, run on one torch thread; returns NHWC numpy adversarial inputs."""
   import torch
 
-  x_adv = attack(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2), torch.tensor(np.asarray(y)).long())
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    x_adv = attack(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2), torch.tensor(np.asarray(y)).long())
+  finally:
+    torch.set_num_threads(threads)
   return x_adv.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _checked_robust(f, net, x, x_adv, y, norm, eps):
+  """bool [B]: our model still correct on x_adv, after checking that x_adv lies in the eps-ball of x and in [0, 1]
+  and that every example it breaks is misclassified by the PyTorch model too."""
+  ours = np.asarray(jnp.argmax(f(x_adv), -1) == y)
+  assert np.all(_norms(x_adv - x, norm) <= eps * (1 + 1e-5)) and x_adv.min() >= 0 and x_adv.max() <= 1
+  np.testing.assert_array_equal(_torch_correct(net, x_adv, y)[~ours], False)
+  return ours
 
 
 def test_square_p_schedule_matches_the_authors_halvings():
@@ -69,7 +83,7 @@ def test_square_eta_is_the_reference_shape(size):
 def test_square_agrees_with_torchattacks(norm, eps):
   """Robust accuracy within a few examples of torchattacks' Square at the same queries; every example we
   break is misclassified by the PyTorch model too, inside the eps-ball and the box."""
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   torchattacks = pytest.importorskip("torchattacks")
   f, variables, x, y = _setup(120)
   net = _torch_tiny_cnn(variables)
@@ -78,16 +92,9 @@ def test_square_agrees_with_torchattacks(norm, eps):
   x_adv = np.asarray(
     jax.jit(lambda x, y, k: autoattack.square(f, x, y, key=k, eps=eps, norm=norm, queries=queries))(x, y, keys)
   )
-  ours = np.asarray(jnp.argmax(f(x_adv), -1) == y)
-  assert np.all(_norms(x_adv - x, norm) <= eps * (1 + 1e-5)) and x_adv.min() >= 0 and x_adv.max() <= 1
-  np.testing.assert_array_equal(_torch_correct(net, x_adv, y)[~ours], False)
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  try:
-    ref = torchattacks.Square(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, n_queries=queries, seed=0)
-    theirs = _torch_correct(net, _torch_attack(ref, x, y), y)
-  finally:
-    torch.set_num_threads(threads)
+  ours = _checked_robust(f, net, x, x_adv, y, norm, eps)
+  ref = torchattacks.Square(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, n_queries=queries, seed=0)
+  theirs = _torch_correct(net, _torch_attack(ref, x, y), y)
   clean = np.asarray(jnp.argmax(f(x), -1) == y)
   print(
     f"Square {norm}: robust {ours.sum()} (hydra_jax), {theirs.sum()} (torchattacks) of {len(y)}, clean {clean.sum()}"
@@ -143,25 +150,18 @@ def test_fab_projections_match_the_reference(norm):
 def test_fab_agrees_with_torchattacks(norm, eps, targeted):
   """FAB is deterministic without restarts, so ours and torchattacks' FAB (multi_targeted: FAB-T over the 9
   next classes) break the same examples; ours are misclassified by the PyTorch model and inside the ball."""
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   torchattacks = pytest.importorskip("torchattacks")
   f, variables, x, y = _setup(64)
   net = _torch_tiny_cnn(variables)
   steps = 10
   run = lambda x, y: autoattack.fab(f, x, y, key=jax.random.key(0), eps=eps, norm=norm, steps=steps, targeted=targeted)
   x_adv = np.asarray(jax.jit(run)(x, y))
-  ours = np.asarray(jnp.argmax(f(x_adv), -1) == y)
-  assert np.all(_norms(x_adv - x, norm) <= eps * (1 + 1e-5)) and x_adv.min() >= 0 and x_adv.max() <= 1
-  np.testing.assert_array_equal(_torch_correct(net, x_adv, y)[~ours], False)
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  try:
-    ref = torchattacks.FAB(
-      net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=steps, multi_targeted=targeted, n_classes=10
-    )
-    theirs = _torch_correct(net, _torch_attack(ref, x, y), y)
-  finally:
-    torch.set_num_threads(threads)
+  ours = _checked_robust(f, net, x, x_adv, y, norm, eps)
+  ref = torchattacks.FAB(
+    net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=steps, multi_targeted=targeted, n_classes=10
+  )
+  theirs = _torch_correct(net, _torch_attack(ref, x, y), y)
   clean = np.asarray(jnp.argmax(f(x), -1) == y)
   print(
     f"FAB {norm} targeted={targeted}: robust {ours.sum()} (ours), {theirs.sum()} (torchattacks), clean {clean.sum()}"
