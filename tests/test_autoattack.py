@@ -280,7 +280,8 @@ def _foolbox_fmn_norms(f, x, y, norm, steps, fix_l2_projection=False, monkeypatc
   return np.where(fooled, _norms(np.asarray(adv) - x, norm), np.inf)
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+# l_1 (about 7 s of CPU) is slow: its projection has its own exact test (test_l1_projection_is_soft_thresholding_at_the_bisected_threshold).
+@pytest.mark.parametrize("norm", ["linf", "l2", pytest.param("l1", marks=pytest.mark.slow)])
 def test_fmn_agrees_with_foolbox(norm, monkeypatch):
   """Median smallest norm within 5% of foolbox's FMN and our curve never above its curve by more than 2 examples.
   For l_2 foolbox's projection is fixed first (see min_norm): with it both give the same norms (measured:
@@ -349,7 +350,8 @@ def test_min_norms_are_fmn_per_example_on_any_number_of_devices():
   np.testing.assert_allclose(sharded["min_norm"], single["min_norm"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("version", ["plus", "rand"])
+# "plus" (about 11 s of CPU) is slow: it runs the attacks of "standard" (checked above) and APGD-DLR ("rand").
+@pytest.mark.parametrize("version", [pytest.param("plus", marks=pytest.mark.slow), "rand"])
 def test_other_versions_run_their_attacks_and_find_the_exact_robust_accuracy(version):
   """'plus' (APGD-CE, APGD-DLR with restarts, FAB, Square, APGD-T, FAB-T) and 'rand' (APGD-CE, APGD-DLR) on the
   linear model: one column per attack, in the version's order, ending at the closed-form robust accuracy."""

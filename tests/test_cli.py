@@ -186,6 +186,10 @@ def test_a_read_only_workdir_or_output_is_one_line_before_any_work(tmp_path):
     assert result.stderr.strip().endswith("is not writable (permission denied or a read-only file system)"), result
 
 
+# Four command-line processes (about 50 s of CPU). The default run covers each command: train against the library
+# (test_the_command_line_and_the_library_give_the_same_run), eval (tests/test_channels.py's compact eval, by the
+# command line), export (tests/test_export.py), and their one-line errors (above).
+@pytest.mark.slow
 def test_train_eval_export_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
   tiny = [

@@ -290,21 +290,14 @@ def _assert_runs_agree(model, objective, mode):
         )
 
 
-# The default run covers the pre-activation WRN's BatchNorm placement on 8 devices (about 15 s of CPU); PGD's attack
-# per device is in the default run through test_train.py's 8-device pgd_at test. PGD on BatchNorm models (about 25 s
-# of CPU), TRADES (its random start, four train-mode forwards and KL) and every other combination are slow.
-_DEFAULT_BN_RUNS = {
-  ("wrn_tiny", "benign", "pmap"),
-}
-
-
+# All slow (the WRN's benign run alone is about 20 s of CPU): BatchNorm over the device axis is in the default run
+# through tests/test_own_models.py (a Linen and an NNX network with BatchNorm, 8 devices = 1 with batch statistics
+# averaged over the axis), and PGD's attack per device through test_train.py's 8-device pgd_at test.
+@pytest.mark.slow
 @pytest.mark.devices(DEVICES)
 @pytest.mark.parametrize(
   "model, objective, mode",
-  [
-    pytest.param(*run, marks=() if run in _DEFAULT_BN_RUNS else pytest.mark.slow)
-    for run in itertools.product(("resnet_tiny", "wrn_tiny"), ("benign", "pgd_at", "trades"), ("shard_map", "pmap"))
-  ],
+  list(itertools.product(("resnet_tiny", "wrn_tiny"), ("benign", "pgd_at", "trades"), ("shard_map", "pmap"))),
 )
 def test_batchnorm_models_train_on_eight_devices_as_on_one(model, objective, mode):
   _assert_runs_agree(model, objective, mode)

@@ -92,9 +92,7 @@ def _inside(values, lb, ub):
 
 def test_ibp_through_layernorm_softmax_and_attention_contains_sampled_outputs():
   """One block (LayerNorm, softmax attention, GELU MLP, residual adds): finite IBP bounds holding its outputs at
-  uniform points and corners of the box (eps 1e-4: widths up to 7). The whole vit_tiny: IBP and CROWN-IBP bounds
-  hold its logits; IBP multiplies widths about 10x per product of two intervals, so at eps 1e-3 (and even 1e-7)
-  the second block's LayerNorm variance reaches 0 and its logits' bounds are infinite."""
+  uniform points and corners of the box (eps 1e-4: widths up to 7)."""
   block = vit.Block(16, 2, 32, dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   lo, hi = x - 1e-4, x + 1e-4
@@ -108,12 +106,19 @@ def test_ibp_through_layernorm_softmax_and_attention_contains_sampled_outputs():
     ]
   )
   assert _inside(np.asarray(jax.vmap(block)(points)), lb, ub)
+
+
+@pytest.mark.slow  # about 20 s of CPU, compiling both bounds through two blocks; one block is the test above
+def test_ibp_and_crown_ibp_bounds_of_the_whole_vit_contain_its_sampled_logits():
+  """IBP and CROWN-IBP bounds hold vit_tiny's logits; IBP multiplies widths about 10x per product of two intervals,
+  so at eps 1e-3 (and even 1e-7) the second block's LayerNorm variance reaches 0 and its logits' bounds are
+  infinite."""
   model = models.get_model("vit_tiny", 10)
   x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
   variables = model.init(jax.random.key(1), x)
   f = jax.jit(lambda z: model.apply(variables, z, train=False))
   lo, hi = jnp.clip(x - 1e-3, 0, 1), jnp.clip(x + 1e-3, 0, 1)
-  logits = np.asarray(jax.vmap(f)(lo + (hi - lo) * jax.random.uniform(k1, (64, *x.shape))))
+  logits = np.asarray(jax.vmap(f)(lo + (hi - lo) * jax.random.uniform(jax.random.key(2), (64, *x.shape))))
   for method in (bounds.ibp, bounds.crown_ibp):
     lb, ub = jax.jit(functools.partial(method, f))(lo, hi)
     assert not np.any(np.isnan(lb)) and not np.any(np.isnan(ub)) and _inside(logits, lb, ub)
