@@ -4,10 +4,22 @@
 compare n devices with one) are then skipped. Subprocesses inherit the count through XLA_FLAGS.
 """
 
+import importlib.metadata
 import os
 
 DEVICES = int(os.environ.get("HYDRA_JAX_TEST_DEVICES", "8"))
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES}")
+# XLA:CPU's compilation is most of this suite's CPU time (tiny models, many programs). LLVM at -O1 and XLA's loop
+# emitters instead of its newer fusion emitters compile faster than they lose in run time: test_train.py took 112
+# CPU s instead of 198 (jaxlib 0.10.2, AMD EPYC, load 8-10). Only where the flags were measured: XLA aborts on a flag
+# it does not know. No test compares bits of two programs compiled differently, so the codegen cannot change a
+# verdict; the library itself (the CLI, benchmarks, users, and the tests' subprocesses that set XLA_FLAGS) compiles
+# with XLA's defaults.
+_FAST_COMPILE = (
+  " --xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
+  if importlib.metadata.version("jaxlib").startswith("0.10.")
+  else ""
+)
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES}{_FAST_COMPILE}")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
