@@ -2,7 +2,7 @@
 generated code capped at AVX2, against PyTorch in the same process.
 
 Run: python -m benchmarks.bench_isa [--model resnet18] [--batch 64] [--attack-steps 3] [--apgd-steps 10]
-                                    [--repeats 2] [--settings native,avx2] [--json FILE]
+                                    [--repeats 2] [--settings native,avx2] [--variants default] [--json FILE]
      python -m benchmarks.bench_isa --merge native.json,avx2.json   # one table from runs of one setting each
 
 Each ISA setting runs in its own process (XLA_FLAGS must be set before jax is imported):
@@ -54,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--settings", default="native,avx2", help=f"comma-separated of {', '.join(SETTINGS)}")
   parser.add_argument("--workloads", default="prune,apgd")
+  parser.add_argument(
+    "--variants",
+    default=",".join(dict.fromkeys(PRUNE_VARIANTS + APGD_VARIANTS)),
+    help="comma-separated rows to time besides torch's ('default' always; 'default' alone: the speed table)",
+  )
   parser.add_argument("--json", default="")
   parser.add_argument("--merge", default="", help="comma-separated --json files of earlier runs: print one table")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -61,7 +66,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = set(args.settings.split(",")) - set(SETTINGS)
   if unknown:
     parser.error(f"unknown settings {sorted(unknown)}; valid: {', '.join(SETTINGS)}")
+  unknown = set(args.variants.split(",")) - set(PRUNE_VARIANTS + APGD_VARIANTS)
+  if unknown:
+    parser.error(
+      f"unknown variants {sorted(unknown)}; valid: {', '.join(dict.fromkeys(PRUNE_VARIANTS + APGD_VARIANTS))}"
+    )
   return args
+
+
+def chosen(variants: tuple[str, ...], args: argparse.Namespace) -> list[str]:
+  """The workload's `variants` that --variants names, 'default' always first."""
+  return ["default", *(v for v in variants[1:] if v in args.variants.split(","))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,7 +123,7 @@ def prune_calls(args) -> tuple[dict, dict]:
 
   host_batch = bvt.random_batch(args.batch)
   calls, flops = {}, {}
-  for variant in PRUNE_VARIANTS:
+  for variant in chosen(PRUNE_VARIANTS, args):
     with knob(variant, args.batch):
       side = bvt.jax_step_setup(args.model, "prune", args.k, host_batch, args.attack_steps)
     calls[f"prune/{variant}"] = side["call"]
@@ -138,8 +153,8 @@ def apgd_calls(args) -> tuple[dict, dict]:
     attacks.in_chunks(logits_fn, 0), x, y, key=key, eps=8 / 255, steps=args.apgd_steps
   )
   calls, count = {}, machine.jaxpr_flops(attack, x, y, key)
-  flops = {f"apgd/{variant}": count for variant in APGD_VARIANTS}
-  for variant in APGD_VARIANTS:
+  flops = {f"apgd/{variant}": count for variant in chosen(APGD_VARIANTS, args)}
+  for variant in chosen(APGD_VARIANTS, args):
     with knob(variant, args.batch):
       compiled = jax.jit(attack).lower(x, y, key).compile()
     calls[f"apgd/{variant}"] = lambda compiled=compiled: compiled(x, y, key).block_until_ready()
