@@ -13,9 +13,10 @@ Each ISA setting runs in its own process (XLA_FLAGS must be set before jax is im
           the caches, memory bandwidth and clock stay this machine's.
 In each process, after one warm-up call each, `--repeats` rounds alternate (`bench_vs_torch.interleaved`):
   prune/default          the hydra_jax prune-stage TRADES step as users get it (`bench_vs_torch.jax_step_setup`)
-  prune/conv_chunk=off   every Conv2d on the whole batch (`layers.AUTO_BATCH_CHUNK` emptied)
+  prune/conv_chunk=off   every Conv2d on the whole batch (`backend_knobs` row's conv_batch_chunk 0)
   prune/attack_chunk=off the TRADES attack on the whole batch (attack_chunk_size = batch)
-  prune/weight_grad=xla  no per-tap kernel gradients (`Conv2d(weight_grad="xla")`)
+  prune/weight_grad=xla  no per-tap kernel gradients (`Conv2d(weight_grad="xla")`; the default's program where
+                         the machine's `backend_knobs` row has taps_weight_grad False, e.g. under the AVX2 cap)
   prune/input_grad=xla   autodiff's own input-gradient convolution instead of `layers.input_grad`
   prune/torch            the original HYDRA step (`benchmarks/torch_hydra.py`)
   apgd/default, apgd/chunks=off (convs and attack on the whole batch), apgd/input_grad=xla, apgd/torch
@@ -85,28 +86,31 @@ def chosen(variants: tuple[str, ...], args: argparse.Namespace) -> list[str]:
 
 @contextlib.contextmanager
 def knob(variant: str, batch: int):
-  """The library patched for `variant` while a program is traced and compiled (compiled programs keep it)."""
+  """The library patched for `variant` while a program is traced and compiled (compiled programs keep it): the
+  chunk knobs by editing this machine's row of `backend_knobs.KNOBS`, as the library reads them."""
+  import dataclasses
   from unittest import mock
 
   import jax
   import jax.numpy as jnp
 
-  from hydra_jax import attacks
+  from hydra_jax import backend_knobs
   from hydra_jax.models import layers
 
   def autodiff_input_grad(g, kernel, x_shape, stride, padding):
     conv = lambda x: layers.xla_conv(x, kernel, stride, padding)
     return jax.vjp(conv, jnp.zeros(x_shape, g.dtype))[1](g)[0]
 
+  def row(**changes):
+    knobs = dataclasses.replace(backend_knobs.current(), **changes)
+    return mock.patch.dict(backend_knobs.KNOBS, {backend_knobs.row(): knobs})
+
   conv2d = layers.conv2d
   patches = {
     "default": [],
-    "conv_chunk=off": [mock.patch.object(layers, "AUTO_BATCH_CHUNK", {})],
-    "chunks=off": [
-      mock.patch.object(layers, "AUTO_BATCH_CHUNK", {}),
-      mock.patch.object(attacks, "AUTO_CHUNK_SIZE", {}),
-    ],
-    "attack_chunk=off": [mock.patch.object(attacks, "AUTO_CHUNK_SIZE", {"cpu": batch})],
+    "conv_chunk=off": [row(conv_batch_chunk=0)],
+    "chunks=off": [row(conv_batch_chunk=0, attack_chunk=0)],
+    "attack_chunk=off": [row(attack_chunk=batch)],
     "weight_grad=xla": [mock.patch.object(layers, "conv2d", lambda *a: conv2d(*a[:5], "xla", *a[6:]))],
     "input_grad=xla": [mock.patch.object(layers, "input_grad", autodiff_input_grad)],
   }[variant]
