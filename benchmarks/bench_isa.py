@@ -245,9 +245,10 @@ def main(argv=None) -> dict:
     return {}
   passed = [a for i, a in enumerate(argv) if not (a == "--json" or (i and argv[i - 1] == "--json"))]
   results = {setting: child_result(args, setting, passed) for setting in args.settings.split(",")}
+  workloads = {"prune": f"prune TRADES-{args.attack_steps} k={args.k}", "apgd": f"APGD-CE-{args.apgd_steps}"}
+  shown = ", ".join(workloads[w] for w in args.workloads.split(","))
   print(
-    f"{args.model}, batch {args.batch}, prune TRADES-{args.attack_steps} k={args.k}, APGD-CE-{args.apgd_steps}; "
-    f"median of {args.repeats} alternating calls per row after a warm-up"
+    f"{args.model}, batch {args.batch}, {shown}; median of {args.repeats} alternating calls per row after a warm-up"
   )
   print(table(results))
   if args.json:
