@@ -2,7 +2,7 @@
 generated code capped at AVX2, against PyTorch in the same process.
 
 Run: python -m benchmarks.bench_isa [--model resnet18] [--batch 64] [--attack-steps 3] [--apgd-steps 10]
-                                    [--repeats 2] [--settings native,avx2] [--json FILE]
+                                    [--repeats 2] [--settings native,avx2] [--variants default] [--json FILE]
      python -m benchmarks.bench_isa --merge native.json,avx2.json   # one table from runs of one setting each
 
 Each ISA setting runs in its own process (XLA_FLAGS must be set before jax is imported):
@@ -13,9 +13,10 @@ Each ISA setting runs in its own process (XLA_FLAGS must be set before jax is im
           the caches, memory bandwidth and clock stay this machine's.
 In each process, after one warm-up call each, `--repeats` rounds alternate (`bench_vs_torch.interleaved`):
   prune/default          the hydra_jax prune-stage TRADES step as users get it (`bench_vs_torch.jax_step_setup`)
-  prune/conv_chunk=off   every Conv2d on the whole batch (`layers.AUTO_BATCH_CHUNK` emptied)
+  prune/conv_chunk=off   every Conv2d on the whole batch (`backend_knobs` row's conv_batch_chunk 0)
   prune/attack_chunk=off the TRADES attack on the whole batch (attack_chunk_size = batch)
-  prune/weight_grad=xla  no per-tap kernel gradients (`Conv2d(weight_grad="xla")`)
+  prune/weight_grad=xla  no per-tap kernel gradients (`Conv2d(weight_grad="xla")`; the default's program where
+                         the machine's `backend_knobs` row has taps_weight_grad False, e.g. under the AVX2 cap)
   prune/input_grad=xla   autodiff's own input-gradient convolution instead of `layers.input_grad`
   prune/torch            the original HYDRA step (`benchmarks/torch_hydra.py`)
   apgd/default, apgd/chunks=off (convs and attack on the whole batch), apgd/input_grad=xla, apgd/torch
@@ -54,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--settings", default="native,avx2", help=f"comma-separated of {', '.join(SETTINGS)}")
   parser.add_argument("--workloads", default="prune,apgd")
+  parser.add_argument(
+    "--variants",
+    default=",".join(dict.fromkeys(PRUNE_VARIANTS + APGD_VARIANTS)),
+    help="comma-separated rows to time besides torch's ('default' always; 'default' alone: the speed table)",
+  )
   parser.add_argument("--json", default="")
   parser.add_argument("--merge", default="", help="comma-separated --json files of earlier runs: print one table")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -61,7 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = set(args.settings.split(",")) - set(SETTINGS)
   if unknown:
     parser.error(f"unknown settings {sorted(unknown)}; valid: {', '.join(SETTINGS)}")
+  unknown = set(args.variants.split(",")) - set(PRUNE_VARIANTS + APGD_VARIANTS)
+  if unknown:
+    parser.error(
+      f"unknown variants {sorted(unknown)}; valid: {', '.join(dict.fromkeys(PRUNE_VARIANTS + APGD_VARIANTS))}"
+    )
   return args
+
+
+def chosen(variants: tuple[str, ...], args: argparse.Namespace) -> list[str]:
+  """The workload's `variants` that --variants names, 'default' always first."""
+  return ["default", *(v for v in variants[1:] if v in args.variants.split(","))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -70,28 +86,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def knob(variant: str, batch: int):
-  """The library patched for `variant` while a program is traced and compiled (compiled programs keep it)."""
+  """The library patched for `variant` while a program is traced and compiled (compiled programs keep it): the
+  chunk knobs by editing this machine's row of `backend_knobs.KNOBS`, as the library reads them."""
+  import dataclasses
   from unittest import mock
 
   import jax
   import jax.numpy as jnp
 
-  from hydra_jax import attacks
+  from hydra_jax import backend_knobs
   from hydra_jax.models import layers
 
   def autodiff_input_grad(g, kernel, x_shape, stride, padding):
     conv = lambda x: layers.xla_conv(x, kernel, stride, padding)
     return jax.vjp(conv, jnp.zeros(x_shape, g.dtype))[1](g)[0]
 
+  def row(**changes):
+    knobs = dataclasses.replace(backend_knobs.current(), **changes)
+    return mock.patch.dict(backend_knobs.KNOBS, {backend_knobs.row(): knobs})
+
   conv2d = layers.conv2d
   patches = {
     "default": [],
-    "conv_chunk=off": [mock.patch.object(layers, "AUTO_BATCH_CHUNK", {})],
-    "chunks=off": [
-      mock.patch.object(layers, "AUTO_BATCH_CHUNK", {}),
-      mock.patch.object(attacks, "AUTO_CHUNK_SIZE", {}),
-    ],
-    "attack_chunk=off": [mock.patch.object(attacks, "AUTO_CHUNK_SIZE", {"cpu": batch})],
+    "conv_chunk=off": [row(conv_batch_chunk=0)],
+    "chunks=off": [row(conv_batch_chunk=0, attack_chunk=0)],
+    "attack_chunk=off": [row(attack_chunk=batch)],
     "weight_grad=xla": [mock.patch.object(layers, "conv2d", lambda *a: conv2d(*a[:5], "xla", *a[6:]))],
     "input_grad=xla": [mock.patch.object(layers, "input_grad", autodiff_input_grad)],
   }[variant]
@@ -108,7 +127,7 @@ def prune_calls(args) -> tuple[dict, dict]:
 
   host_batch = bvt.random_batch(args.batch)
   calls, flops = {}, {}
-  for variant in PRUNE_VARIANTS:
+  for variant in chosen(PRUNE_VARIANTS, args):
     with knob(variant, args.batch):
       side = bvt.jax_step_setup(args.model, "prune", args.k, host_batch, args.attack_steps)
     calls[f"prune/{variant}"] = side["call"]
@@ -138,8 +157,8 @@ def apgd_calls(args) -> tuple[dict, dict]:
     attacks.in_chunks(logits_fn, 0), x, y, key=key, eps=8 / 255, steps=args.apgd_steps
   )
   calls, count = {}, machine.jaxpr_flops(attack, x, y, key)
-  flops = {f"apgd/{variant}": count for variant in APGD_VARIANTS}
-  for variant in APGD_VARIANTS:
+  flops = {f"apgd/{variant}": count for variant in chosen(APGD_VARIANTS, args)}
+  for variant in chosen(APGD_VARIANTS, args):
     with knob(variant, args.batch):
       compiled = jax.jit(attack).lower(x, y, key).compile()
     calls[f"apgd/{variant}"] = lambda compiled=compiled: compiled(x, y, key).block_until_ready()
@@ -226,9 +245,10 @@ def main(argv=None) -> dict:
     return {}
   passed = [a for i, a in enumerate(argv) if not (a == "--json" or (i and argv[i - 1] == "--json"))]
   results = {setting: child_result(args, setting, passed) for setting in args.settings.split(",")}
+  workloads = {"prune": f"prune TRADES-{args.attack_steps} k={args.k}", "apgd": f"APGD-CE-{args.apgd_steps}"}
+  shown = ", ".join(workloads[w] for w in args.workloads.split(","))
   print(
-    f"{args.model}, batch {args.batch}, prune TRADES-{args.attack_steps} k={args.k}, APGD-CE-{args.apgd_steps}; "
-    f"median of {args.repeats} alternating calls per row after a warm-up"
+    f"{args.model}, batch {args.batch}, {shown}; median of {args.repeats} alternating calls per row after a warm-up"
   )
   print(table(results))
   if args.json:

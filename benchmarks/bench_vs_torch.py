@@ -24,8 +24,8 @@ where they win alone, see `layers.conv2d`): `jax_xla_conv_s`. With --compare-xla
 timed compiled with XLA's default options instead of the runners' (`parallel.compiler_options`: on CPU the
 memory-optimized scheduler): `jax_xla_defaults_s` and its plan `jax_xla_defaults_plan_mb`. hydra_jax's attacks
 (in train steps, pgd, apgd) run in batch chunks of --attack-chunk-size examples (`attacks.in_chunks`; 0, the
-default, is what users get: `attacks.AUTO_CHUNK_SIZE`); with --compare-whole-batch-attack they are also timed on
-the whole batch at once, `jax_whole_batch_s`.
+default, is what users get: the backend's `attack_chunk` in `backend_knobs`); with --compare-whole-batch-attack
+they are also timed on the whole batch at once, `jax_whole_batch_s`.
 
 Workloads (`--workloads`, comma-separated; default all):
   prune     prune-stage TRADES step (scores + BatchNorm train, weights frozen) at k=--k for each --models;
@@ -331,7 +331,7 @@ def jax_train_step(
   """(jitted step(trainable, batch_stats, opt_state, batch, key) -> (trainable, batch_stats, opt_state, loss), tx).
 
   Compiled with the XLA options of `parallel.make_runner` (`parallel.compiler_options`), or with XLA's own
-  defaults when `xla_defaults`. `attack_chunk_size`: the TRADES config's (0: `attacks.AUTO_CHUNK_SIZE`).
+  defaults when `xla_defaults`. `attack_chunk_size`: the TRADES config's (0: the backend's, `backend_knobs`).
   """
   config = objectives.default_config("trades")
   config.steps = attack_steps
@@ -967,7 +967,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--attack-chunk-size",
     type=int,
     default=0,
-    help="examples per chunk of hydra_jax's attacks (0: attacks.AUTO_CHUNK_SIZE of the backend)",
+    help="examples per chunk of hydra_jax's attacks (0: the backend's attack_chunk in hydra_jax.backend_knobs)",
   )
   parser.add_argument(
     "--compare-whole-batch-attack",

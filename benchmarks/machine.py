@@ -3,7 +3,8 @@ bench_*.py uses.
 
 - `describe()`: CPU model, its ISA (AVX2 / AVX-512 / AMX from /proc/cpuinfo), the ISA XLA's generated code may
   use (capped by `--xla_cpu_max_isa` in XLA_FLAGS), JAX / jaxlib / XLA versions, torch's ATen CPU capability
-  when torch is imported, core count and load average.
+  when torch is imported, core count and load average. The ISA facts are `hydra_jax.backend_knobs`'s, the ones
+  the library's per-ISA choices read.
 - `matmul_gflops()`: the same run's float32 matmul rate (2048 x 2048 `jnp.dot`, best of a few), the roofline.
 - `jaxpr_flops`: a function's matmul and convolution FLOPs counted from its jaxpr, loops times their trip
   counts; `compiled_flops` / `jit_flops`: XLA's cost analysis, which counts a loop body once (a `lax.map` of 8
@@ -30,46 +31,7 @@ import jax.numpy as jnp
 import jaxlib
 from jax.extend import core
 
-from hydra_jax.models import layers
-
-# From least to most capable; XLA's --xla_cpu_max_isa names on the right.
-ISA_LEVELS = ("SSE4.2", "AVX", "AVX2", "AVX-512", "AMX")
-_XLA_ISA_NAMES = {
-  "SSE4_2": "SSE4.2",
-  "AVX": "AVX",
-  "AVX2": "AVX2",
-  "AVX512": "AVX-512",
-  "AVX512_VNNI": "AVX-512",
-  "AVX512_BF16": "AVX-512",
-  "AMX": "AMX",
-  "AMX_FP16": "AMX",
-}
-
-
-def isa_of_flags(flags: frozenset[str]) -> str:
-  """The widest vector ISA among cpuinfo flags (`layers.cpu_flags`): 'AMX', 'AVX-512', 'AVX2', 'AVX' or 'SSE4.2'."""
-  for flag, isa in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
-    if flag in flags:
-      return isa
-  return "SSE4.2"
-
-
-def xla_isa_cap(xla_flags: str) -> str | None:
-  """The ISA `--xla_cpu_max_isa=NAME` in an XLA_FLAGS string caps XLA's code at (one of ISA_LEVELS), or None."""
-  cap = None
-  for flag in xla_flags.split():
-    if flag.startswith("--xla_cpu_max_isa="):
-      name = flag.split("=", 1)[1].upper()
-      if name not in _XLA_ISA_NAMES:
-        raise ValueError(f"--xla_cpu_max_isa={name}: unknown; valid: {', '.join(_XLA_ISA_NAMES)}")
-      cap = _XLA_ISA_NAMES[name]
-  return cap
-
-
-def xla_isa(cpu_isa: str, xla_flags: str) -> str:
-  """The ISA XLA's generated code uses: the CPU's, lowered to XLA_FLAGS' cap if any."""
-  cap = xla_isa_cap(xla_flags)
-  return cpu_isa if cap is None else min(cpu_isa, cap, key=ISA_LEVELS.index)
+from hydra_jax import backend_knobs
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:
@@ -88,14 +50,14 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 def describe() -> dict:
   """Where the numbers come from: device, CPU model and cores, CPU ISA, XLA's ISA, versions, load average."""
-  isa = isa_of_flags(layers.cpu_flags())
+  isa = backend_knobs.isa_of_flags(backend_knobs.cpu_flags())
   xla_flags = os.environ.get("XLA_FLAGS", "")
   info = {
     "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
     "cpu": cpu_model(),
     "cpu_count": os.cpu_count(),
     "cpu_isa": isa,
-    "xla_isa": xla_isa(isa, xla_flags),
+    "xla_isa": backend_knobs.xla_isa(isa, xla_flags),
     "xla_flags": xla_flags,
     "jax": jax.__version__,
     "jaxlib": jaxlib.__version__,

@@ -9,7 +9,8 @@ time: call them inside `jax.jit` and each compiles into one program. Their loops
 
 Examples do not interact in eval mode, so a caller may hand the attacks `in_chunks(logits_fn, size)`, which runs
 the forward and backward passes on batch chunks (the training objectives and `evaluate` do, 32 examples per
-chunk on CPU, where it is faster).
+chunk on CPU, where it is faster: `hydra_jax.backend_knobs`, the table of speed-only choices per backend that
+this module shares with the layers, and the one module of the project it imports).
 
 Attacks are composed from small pieces, in the style of deepmind-research `adversarial_robustness`:
 per-example losses (`cross_entropy`, `dlr`, `targeted_dlr`, `kl_divergence`), steps (`sign_step`,
@@ -35,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hydra_jax import backend_knobs
+
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 # A per-example loss: (logits [B, K], target) -> [B]. `target` is labels [B] or any pytree the loss reads.
@@ -51,10 +54,6 @@ LossFn = Callable[[Array, Any], Array]
 # attacks (TRADES-10, PGD-10) keep this default, as measured for models built from flax's own layers.
 DEFAULT_UNROLL = True
 NORMS = ("linf", "l2")
-# Examples per chunk when `in_chunks` is given chunk_size=0 ("auto"), per backend; absent: the whole batch.
-# Measured (ResNet-18 TRADES-10 attack at batch 128, 2-core CPU, jitted, 2 calls each): 22.5 s as one batch,
-# 17.5 s in chunks of 32, 17.0 s in chunks of 16 (at 9 s more compile time). One batch keeps an accelerator busy.
-AUTO_CHUNK_SIZE = {"cpu": 32}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,12 +249,13 @@ def _check_nonnegative(**values: float) -> None:
 
 
 def auto_chunk_size(chunk_size: int, backend: str | None = None) -> int:
-  """`chunk_size` itself when positive; for 0 the `AUTO_CHUNK_SIZE` of `backend` (default: JAX's), 0 if none."""
+  """`chunk_size` itself when positive; for 0 the `attack_chunk` of `backend`'s knobs (default: JAX's backend;
+  `backend_knobs.current`), 0 (the whole batch) if none."""
   if chunk_size < 0:
     raise ValueError(f"chunk_size must be >= 0 (0: chosen per backend), got {chunk_size}")
   if chunk_size:
     return chunk_size
-  return AUTO_CHUNK_SIZE.get(backend or jax.default_backend(), 0)
+  return backend_knobs.current(backend).attack_chunk
 
 
 def in_chunks(logits_fn: LogitsFn, chunk_size: int) -> LogitsFn:
@@ -264,7 +264,7 @@ def in_chunks(logits_fn: LogitsFn, chunk_size: int) -> LogitsFn:
   For a per-example `logits_fn` (BatchNorm in eval mode, as every attack here sees it) the logits and their
   gradients, which autodiff also splits by chunk, are those of `logits_fn` on the whole batch up to float
   rounding. On CPU, XLA's convolutions run faster on chunks of 16-32 images than on a batch of 128 (see
-  `AUTO_CHUNK_SIZE`). chunk_size=0 picks `auto_chunk_size`; a chunk as large as the batch changes nothing.
+  `backend_knobs.KNOBS`). chunk_size=0 picks `auto_chunk_size`; a chunk as large as the batch changes nothing.
   The whole chunks run as one `lax.map` (one copy of the model in the program, so compile time does not grow
   with the number of chunks), a smaller last chunk as one more call.
 

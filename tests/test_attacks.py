@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import settings
 
 from hydra_jax import attacks
+from hydra_jax import backend_knobs
 from tests import robust_helpers as helpers
 
 SHAPE = (6, 4, 4, 1)  # B, H, W, C
@@ -504,7 +505,7 @@ def test_chunked_attack_equals_the_whole_batch_attack():
 
 
 def test_auto_chunk_size_is_per_backend():
-  assert attacks.auto_chunk_size(0, "cpu") == attacks.AUTO_CHUNK_SIZE["cpu"] > 0
+  assert attacks.auto_chunk_size(0, "cpu") == backend_knobs.current("cpu").attack_chunk > 0
   assert attacks.auto_chunk_size(0, "gpu") == 0 and attacks.auto_chunk_size(0, "tpu") == 0
   assert attacks.auto_chunk_size(7, "gpu") == 7
   with pytest.raises(ValueError, match="chunk_size must be >= 0"):

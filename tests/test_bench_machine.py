@@ -1,34 +1,25 @@
-"""benchmarks/machine.py: ISA detection from cpuinfo flags and XLA_FLAGS, FLOP counts, the roofline fraction."""
+"""benchmarks/machine.py: the header (CPU model, `backend_knobs`' ISA facts), FLOP counts, the roofline fraction."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from benchmarks import machine
+from hydra_jax import backend_knobs
 from hydra_jax.models import layers
 
 CPUINFO = """processor\t: 0
 model name\t: Some CPU 9000
-flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw
 processor\t: 1
 """
 
 
-def test_isa_is_the_widest_vector_extension_among_the_flags():
-  assert machine.isa_of_flags(layers.cpu_flags(CPUINFO)) == "AVX-512"
-  assert machine.isa_of_flags({"sse4_2", "avx", "avx2", "fma"}) == "AVX2"
-  assert machine.isa_of_flags({"avx2", "avx512f", "amx_tile"}) == "AMX"
-  assert machine.isa_of_flags({"sse4_2"}) == "SSE4.2"
+def test_the_header_reads_the_cpu_flags_and_xla_cap_the_library_s_knobs_read(monkeypatch):
+  monkeypatch.setattr(backend_knobs, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX")
+  info = machine.describe()
+  assert (info["cpu_isa"], info["xla_isa"]) == ("AVX2", "AVX")
   assert machine.cpu_model(CPUINFO) == "Some CPU 9000"
-
-
-def test_xla_max_isa_caps_xla_code_but_never_raises_it():
-  assert machine.xla_isa("AVX-512", "--xla_cpu_max_isa=AVX2") == "AVX2"
-  assert machine.xla_isa("AVX-512", "--foo=1 --xla_cpu_max_isa=avx512_vnni") == "AVX-512"
-  assert machine.xla_isa("AVX2", "--xla_cpu_max_isa=AVX512") == "AVX2"
-  assert machine.xla_isa("AVX-512", "") == "AVX-512"
-  with pytest.raises(ValueError, match="AVX3"):
-    machine.xla_isa_cap("--xla_cpu_max_isa=AVX3")
 
 
 def test_flops_of_a_matmul_are_2mnk():

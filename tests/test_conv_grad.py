@@ -1,5 +1,6 @@
 """The per-tap matmul kernel gradient of `layers.conv2d` equals XLA's convolution in values and gradients."""
 
+import dataclasses
 import functools
 import re
 
@@ -10,6 +11,7 @@ import pytest
 from jax import lax
 from tolerances import assert_same_sums
 
+from hydra_jax import backend_knobs
 from hydra_jax.models import layers
 
 # (batch, side, C_in, C_out, kernel, stride, padding): odd sides, strides that leave padding unused, 1x1.
@@ -95,23 +97,12 @@ def test_conv2d_layer_gradients_agree_for_every_weight_grad_choice():
 
 @pytest.fixture
 def avx512(monkeypatch):
-  """'auto' as on an AVX-512 CPU, whatever CPU runs the test."""
-  monkeypatch.setattr(layers, "xla_cpu_uses_avx512", lambda: True)
-
-
-def test_xla_cpu_uses_avx512_reads_the_cpu_flags_and_xla_s_isa_cap():
-  avx512, avx2 = {"fma", "avx2", "avx512f"}, {"fma", "avx2"}
-  assert layers.xla_cpu_uses_avx512(avx512, "")
-  assert layers.xla_cpu_uses_avx512(avx512, "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=avx512")
-  assert layers.xla_cpu_uses_avx512(avx512, "--xla_cpu_max_isa=AMX")
-  assert not layers.xla_cpu_uses_avx512(avx512, "--xla_cpu_max_isa=AVX2 --xla_force_host_platform_device_count=8")
-  assert not layers.xla_cpu_uses_avx512(avx512, "--xla_cpu_max_isa=AVX512 --xla_cpu_max_isa=SSE4_2")  # the last wins
-  assert not layers.xla_cpu_uses_avx512(avx2, "")
-  assert not layers.xla_cpu_uses_avx512(set(), "--xla_cpu_max_isa=AVX512")
+  """'auto' as on an AVX-512 CPU (the backend knobs' AVX-512 row), whatever CPU runs the test."""
+  monkeypatch.setattr(backend_knobs, "xla_isa", lambda: "AVX-512")
 
 
 def test_auto_keeps_xla_s_kernel_gradient_where_xla_cannot_use_avx512(monkeypatch):
-  monkeypatch.setattr(layers, "xla_cpu_uses_avx512", lambda: False)
+  monkeypatch.setattr(backend_knobs, "xla_isa", lambda: "AVX2")
   assert not layers.taps_are_faster((2, 16, 16, 32), (3, 3, 32, 64), 2, 1)  # taps on AVX-512 (next test)
   conv = layers.Conv2d(8, 3, stride=2, padding=1, weight_grad="auto", batch_chunk=0)
   x = jnp.zeros((4, 8, 8, 16))
@@ -291,7 +282,8 @@ def test_cpu_fast_paths_leave_a_models_loss_and_gradients_unchanged(monkeypatch)
 
   def loss_and_grads(chunk, taps):
     jax.clear_caches()  # custom_vjp keeps the body it traced first
-    monkeypatch.setattr(layers, "AUTO_BATCH_CHUNK", {jax.default_backend(): chunk})
+    knobs = dataclasses.replace(backend_knobs.current(), conv_batch_chunk=chunk)
+    monkeypatch.setitem(backend_knobs.KNOBS, backend_knobs.row(), knobs)
     monkeypatch.setattr(layers, "taps_are_faster", lambda *args: taps)
     return jax.jit(jax.value_and_grad(loss, (0, 1)))(variables["params"], x)
 

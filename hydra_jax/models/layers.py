@@ -8,16 +8,21 @@ initialisation so that HYDRA's reference checkpoints load one-to-one (see `hydra
   fan-in-aware bias initialiser, hence these two small layers).
 - `Conv2d(weight_grad="taps" | "auto")` computes its kernel gradient as one matmul per kernel offset (`conv2d`);
   values and gradients equal XLA's own to float rounding. The default, 'auto', does so on CPU for the convs
-  where it was faster alone (`taps_are_faster`; AVX-512 CPUs only), and keeps XLA's own elsewhere and on GPU / TPU.
-- On CPU the input gradient of `Conv2d` / `conv2d` (groups 1) is an explicit NHWC x HWIO convolution
-  (`input_grad`), the layout XLA:CPU's fast kernels need: inside loop bodies (rolled attack loops, `lax.map`) XLA
-  does not rewrite the swapped-label form of autodiff's own, which then ran 3-4x slower.
-- `Conv2d` / `conv2d` run the batch in chunks of `batch_chunk` images, by default 32 on CPU (`AUTO_BATCH_CHUNK`),
+  where it was faster alone (`taps_are_faster`) where the backend's knobs allow it (AVX-512 CPUs,
+  `backend_knobs`), and keeps XLA's own elsewhere and on GPU / TPU.
+- On CPU (`backend_knobs`) the input gradient of `Conv2d` / `conv2d` (groups 1) is an explicit NHWC x HWIO
+  convolution (`input_grad`), the layout XLA:CPU's fast kernels need: inside loop bodies (rolled attack loops,
+  `lax.map`) XLA does not rewrite the swapped-label form of autodiff's own, which then ran 3-4x slower.
+- `Conv2d` / `conv2d` run the batch in chunks of `batch_chunk` images, by default 32 on CPU
+  (`backend_knobs.current().conv_batch_chunk`),
   where XLA's convolutions are faster on chunks, and the whole batch on GPU / TPU. The chunks are one `lax.map`
   (the conv appears once in the program; `chunked_conv`), the backward pass one scan whose carry sums the
   kernel gradient; per image the result is the same.
 - `BatchNorm` has PyTorch semantics: batch statistics with the biased variance for normalising, running variance
   updated with the unbiased one, `momentum=0.9` in the flax convention (= torch momentum 0.1), `epsilon=1e-5`.
+
+The speed-only choices per backend and ISA (batch chunks, per-tap gradients) are one table shared with the
+attacks, `hydra_jax.backend_knobs`: the one module of the project this one imports (that module imports none).
 
 Parameters are always float32; `dtype` is the compute dtype (e.g. `jnp.bfloat16` on TPU).
 
@@ -35,7 +40,6 @@ import contextlib
 import contextvars
 import functools
 import math
-import os
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +48,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from hydra_jax import backend_knobs
 
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 Dtype = Any
@@ -81,11 +87,6 @@ def kaiming_normal_fan_out(key: jax.Array, shape: Sequence[int], dtype: Dtype = 
 
 
 WEIGHT_GRADS = ("auto", "xla", "taps")
-# Images per convolution call when `conv2d`'s batch_chunk is 0 ("auto"), per backend; absent: the whole batch.
-# On the 2-core CPU XLA's convolutions run faster on chunks of 32 images than on a batch of 128: one 3x3 64->64
-# conv at 32x32, 106 vs 128 ms; the ResNet-18 TRADES-10 prune step at batch 128, 26.1 vs 29.7 s
-# (benchmarks/RESULTS.md); chunks of 16 were slower (29.0 s). One batch keeps an accelerator busy.
-AUTO_BATCH_CHUNK = {"cpu": 32}
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1) -> jax.Array:
@@ -218,47 +219,17 @@ def _hwio_conv_bwd(stride, padding, residuals, g):
 hwio_conv.defvjp(_conv_fwd, _hwio_conv_bwd)
 
 
-def xla_cpu_uses_avx512(cpuinfo_flags: Sequence[str] | None = None, xla_flags: str | None = None) -> bool:
-  """Whether XLA:CPU's generated code may use AVX-512 here: the CPU lists `avx512f` (/proc/cpuinfo; none off
-  Linux) and XLA_FLAGS' `--xla_cpu_max_isa` (if any) does not cap it below (AVX512* or AMX* keep it).
-
-  Args:
-    cpuinfo_flags: the CPU's flags; None reads /proc/cpuinfo's first processor.
-    xla_flags: an XLA_FLAGS string; None reads the environment (XLA reads it once, when its backend starts).
-  """
-  if cpuinfo_flags is None:
-    cpuinfo_flags = cpu_flags()
-  if xla_flags is None:
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-  caps = [flag.split("=", 1)[1].upper() for flag in xla_flags.split() if flag.startswith("--xla_cpu_max_isa=")]
-  capped_below = bool(caps) and not caps[-1].startswith(("AVX512", "AMX"))
-  return "avx512f" in cpuinfo_flags and not capped_below
-
-
-@functools.cache
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-  """The flags of the first processor in /proc/cpuinfo's text (read when None; empty off Linux)."""
-  if cpuinfo is None:
-    try:
-      with open("/proc/cpuinfo") as f:
-        cpuinfo = f.read()
-    except OSError:
-      return frozenset()
-  lines = cpuinfo.splitlines()
-  return next((frozenset(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), frozenset())
-
-
 def taps_are_faster(x_shape: Sequence[int], kernel_shape: Sequence[int], stride: int, groups: int) -> bool:
   """Whether `taps_weight_grad` beat XLA's kernel gradient on CPU for this conv alone (bench_conv_grad.py).
 
   Measured on every conv of the CIFAR ResNet-18 and WRN-28-4 / 28-10 at batch 128 on AVX-512 CPUs: 1x1 and
   strided convs 1.1-27x faster, 3x3 stride-1 convs 1.35-5.5x, except on 32x32 inputs with at most 64 output
   channels (ResNet-18's layer1: a tie or slower) and the 3-channel stems. Isolated convs only: see `conv2d`.
-  Never where XLA's code cannot use AVX-512 (`xla_cpu_uses_avx512`): with XLA capped at AVX2
-  (`--xla_cpu_max_isa=AVX2`) XLA's own kernel gradients made the ResNet-18 prune step (batch 64) 1.45x
-  faster, measured under load (benchmarks/bench_isa.py, docs/benchmarks.md).
+  Never where the backend's knobs rule per-tap gradients out (`backend_knobs.current().taps_weight_grad`: only
+  where XLA's code may use AVX-512; with XLA capped at AVX2, `--xla_cpu_max_isa=AVX2`, XLA's own kernel gradients
+  made the ResNet-18 prune step (batch 64) 1.45x faster, measured under load: benchmarks/bench_isa.py).
   """
-  if groups != 1 or x_shape[-1] < 16 or not xla_cpu_uses_avx512():
+  if groups != 1 or x_shape[-1] < 16 or not backend_knobs.current().taps_weight_grad:
     return False
   return not (stride == 1 and kernel_shape[0] > 1 and x_shape[1] >= 32 and kernel_shape[-1] <= 64)
 
@@ -288,8 +259,8 @@ def conv2d(
       `taps_are_faster`, else 'xla' (GPU and TPU always use XLA's). 'auto' is the default: the ResNet-18
       TRADES-10 prune step at batch 128 took 26.9 s with it against 28.5 s with 'xla' on the idle 2-core CPU
       (batch chunks of 32; benchmarks/RESULTS.md).
-    batch_chunk: images per convolution (> 0), or 0 for the backend's `AUTO_BATCH_CHUNK` (32 on CPU, the
-      whole batch elsewhere).
+    batch_chunk: images per convolution (> 0), or 0 for the backend's `backend_knobs.current().conv_batch_chunk`
+      (32 on CPU, the whole batch elsewhere).
 
   Returns:
     (N, H', W', C_out) with H' = (H + 2 padding - kh) // stride + 1; equal for every `weight_grad`.
@@ -299,16 +270,16 @@ def conv2d(
   if batch_chunk < 0:
     raise ValueError(f"batch_chunk must be >= 0 (0: chosen per backend), got {batch_chunk}")
   if weight_grad == "auto":
-    faster = jax.default_backend() == "cpu" and taps_are_faster(x.shape, kernel.shape, stride, groups)
-    weight_grad = "taps" if faster else "xla"
+    weight_grad = "taps" if taps_are_faster(x.shape, kernel.shape, stride, groups) else "xla"
   if weight_grad == "taps" and groups != 1:
     raise ValueError("weight_grad='taps' needs groups=1")
-  size = batch_chunk or AUTO_BATCH_CHUNK.get(jax.default_backend(), 0)
+  knobs = backend_knobs.current()
+  size = batch_chunk or knobs.conv_batch_chunk
   if size and x.shape[0] > size:
     return chunked_conv(x, kernel, stride, padding, groups, weight_grad, size)
   if weight_grad == "taps":
     return taps_conv(x, kernel, stride, padding)
-  if groups == 1 and jax.default_backend() == "cpu":
+  if groups == 1 and knobs.hwio_input_grad:
     return hwio_conv(x, kernel, stride, padding)
   return xla_conv(x, kernel, stride, padding, groups)
 
