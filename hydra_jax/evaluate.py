@@ -288,7 +288,8 @@ def method_correct(
 ) -> Array:
   """bool [B]: the examples that attack or verifier `name` with `settings` does not break or certifies.
 
-  Attacks see `logits_fn` in batch chunks of the backend's `attacks.AUTO_CHUNK_SIZE` (`attacks.in_chunks`).
+  Attacks see `logits_fn` in batch chunks of the backend's `attack_chunk` (`hydra_jax.backend_knobs`,
+  `attacks.in_chunks`).
   """
   method = get_method(name)
   if method.kind == "verifier":

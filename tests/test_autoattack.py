@@ -280,7 +280,8 @@ def _foolbox_fmn_norms(f, x, y, norm, steps, fix_l2_projection=False, monkeypatc
   return np.where(fooled, _norms(np.asarray(adv) - x, norm), np.inf)
 
 
-# l_1 (about 7 s of CPU) is slow: its projection has its own exact test (test_l1_projection_is_soft_thresholding_at_the_bisected_threshold).
+# l_1 (about 7 s of CPU) is slow: its projection has its own exact test
+# (test_l1_projection_is_soft_thresholding_at_the_bisected_threshold).
 @pytest.mark.parametrize("norm", ["linf", "l2", pytest.param("l1", marks=pytest.mark.slow)])
 def test_fmn_agrees_with_foolbox(norm, monkeypatch):
   """Median smallest norm within 5% of foolbox's FMN and our curve never above its curve by more than 2 examples.
