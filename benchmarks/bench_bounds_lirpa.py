@@ -3,6 +3,7 @@ peak memory.
 
 Run: python -m benchmarks.bench_bounds_lirpa [--model resnet18] [--width 1] [--size 32] [--batch 32]
          [--methods crown_ibp,crown] [--repeats 2] [--timeout 1200] [--lirpa-conv-mode patches]
+         [--sides ours,auto_LiRPA]
 
 The zoo model `--model` (a CIFAR ResNet; `--width` scales every stage's channels, 1 = the paper's ResNet-18) at its
 random initialisation, in eval mode, bounded on `--batch` random --size x --size x 3 images, l_inf box of 2/255
@@ -227,7 +228,7 @@ def table(results: dict, args, header: list[str]) -> str:
            f" {'peak MB':>8} {'+MB':>7}  note"]  # fmt: skip
   fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"
   for method in args.methods:
-    for side in SIDES:
+    for side in args.sides:
       r = results[method][side]
       if "error" in r:
         lines.append(f"{method:<10} {side:<11} {r['error']}")
@@ -238,7 +239,7 @@ def table(results: dict, args, header: list[str]) -> str:
       lines.append(
         f"{method:<10} {side:<11} {cells[0]:>8} {cells[1]:>9} {cells[2]:>8} {cells[3]:>8} {cells[4]:>8} {cells[5]:>7}"
       )
-    ours, theirs = results[method]["ours"], results[method]["auto_LiRPA"]
+    ours, theirs = results[method].get("ours", {"error": ""}), results[method].get("auto_LiRPA", {"error": ""})
     if "error" in ours or "error" in theirs:
       continue
     keys = ("first_s", "steady_s", "cpu_s", "floor_mb", "peak_mb")
@@ -264,6 +265,7 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--timeout", type=float, default=1200)
   parser.add_argument("--lirpa-conv-mode", default="patches", choices=("patches", "matrix"))
+  parser.add_argument("--sides", default=",".join(SIDES), type=lambda s: s.split(","), help="run these sides only")
   parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
   parser.add_argument("--method", help=argparse.SUPPRESS)
   parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -275,6 +277,8 @@ def main(argv=None) -> None:
   unknown = [m for m in args.methods if m not in LIRPA_NAMES]
   if unknown:
     parser.error(f"unknown methods {unknown}; valid: {sorted(LIRPA_NAMES)}")
+  if not args.sides or set(args.sides) - set(SIDES):
+    parser.error(f"unknown sides {args.sides}; valid: {list(SIDES)}")
   header = [
     f"CPU {cpu_description()}; {_load()} at start",
     f"{args.model} width {args.width:g}, {args.size}x{args.size}x3 inputs, batch {args.batch}, eps 2/255, 9 margins;"
@@ -283,7 +287,7 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory() as directory:
     args.dir = directory
     _write_case(args)
-    results = {m: {side: _run_child(args, side, m) for side in SIDES} for m in args.methods}
+    results = {m: {side: _run_child(args, side, m) for side in args.sides} for m in args.methods}
   print(table(results, args, header + [f"{_load()} at end"]))
 
 
