@@ -3,14 +3,16 @@ peak memory.
 
 Run: python -m benchmarks.bench_bounds_lirpa [--model resnet18] [--width 1] [--size 32] [--batch 32]
          [--methods crown_ibp,crown] [--repeats 2] [--timeout 1200] [--lirpa-conv-mode patches]
-         [--sides ours,auto_LiRPA]
+         [--sides ours,auto_LiRPA] [--eval-compiler-options]
 
 The zoo model `--model` (a CIFAR ResNet; `--width` scales every stage's channels, 1 = the paper's ResNet-18) at its
 random initialisation, in eval mode, bounded on `--batch` random --size x --size x 3 images, l_inf box of 2/255
 clipped to [0, 1], spec the 9 margins z_y - z_j, both ends (each library's default call). Each (method, library)
 runs in its own subprocess, so that its peak resident memory (VmHWM) is its own; both load the same weights from
 a file written by the parent (no initialisation in the child: flax's eager init alone grows a JAX process by ~200 MB):
-  ours        jax.jit(hydra_jax.bounds.<method>): the first call (trace, compile, run) and then --repeats calls
+  ours        jax.jit(hydra_jax.bounds.<method>): the first call (trace, compile, run) and then --repeats calls;
+              with --eval-compiler-options compiled as `hydra-jax eval`'s runners compile it
+              (parallel.compiler_options: XLA:CPU's memory-optimized scheduler)
   auto_LiRPA  BoundedModule(twin) and compute_bounds(method=...) on the PyTorch twin (tests/torch_reference.py,
               weights from hydra_jax.convert): the first call (graph conversion, run) and then --repeats calls
 Columns: wall seconds of the first call and the median of the repeats; the process's CPU seconds of one repeat (all
@@ -99,6 +101,7 @@ def _ours(args) -> dict:
 
   from hydra_jax import bounds  # pylint: disable=g-import-not-at-top
   from hydra_jax import models  # pylint: disable=g-import-not-at-top
+  from hydra_jax import parallel  # pylint: disable=g-import-not-at-top
 
   jax.block_until_ready(jax.jit(lambda v: v + 1)(jax.numpy.zeros(3)))
   floor = _rss_now_mb()
@@ -108,7 +111,8 @@ def _ours(args) -> dict:
     variables = traverse_util.unflatten_dict({k: jax.numpy.asarray(v) for k, v in saved.items()}, sep="/")
   f = lambda x: model.apply(variables, x, train=False)
   method = bounds.METHODS[args.method]
-  bound = jax.jit(lambda lo, hi, spec: jax.numpy.stack(method(f, lo, hi, spec)))
+  options = parallel.compiler_options(jax.devices()[0].platform) if args.eval_compiler_options else None
+  bound = jax.jit(lambda lo, hi, spec: jax.numpy.stack(method(f, lo, hi, spec)), compiler_options=options)
   lower, upper, spec = (jax.numpy.asarray(case[k]) for k in ("lower", "upper", "spec"))
   found = _timed(lambda: np.asarray(jax.block_until_ready(bound(lower, upper, spec))), args.repeats)
   return {**found, "floor_mb": floor, "peak_mb": _rss_mb()}
@@ -195,6 +199,7 @@ def _child_argv(args, side: str, method: str) -> list[str]:
     sys.executable, "-m", "benchmarks.bench_bounds_lirpa", "--child", side, "--method", method, "--dir", args.dir,
     "--model", args.model, "--width", str(args.width), "--size", str(args.size), "--batch", str(args.batch),
     "--repeats", str(args.repeats), "--lirpa-conv-mode", args.lirpa_conv_mode,
+    *(["--eval-compiler-options"] if args.eval_compiler_options else []),
   ]  # fmt: skip
 
 
@@ -265,6 +270,7 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--timeout", type=float, default=1200)
   parser.add_argument("--lirpa-conv-mode", default="patches", choices=("patches", "matrix"))
+  parser.add_argument("--eval-compiler-options", action="store_true", help="compile ours as eval's runners do")
   parser.add_argument("--sides", default=",".join(SIDES), type=lambda s: s.split(","), help="run these sides only")
   parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
   parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -282,7 +288,8 @@ def main(argv=None) -> None:
   header = [
     f"CPU {cpu_description()}; {_load()} at start",
     f"{args.model} width {args.width:g}, {args.size}x{args.size}x3 inputs, batch {args.batch}, eps 2/255, 9 margins;"
-    f" auto_LiRPA conv_mode {args.lirpa_conv_mode}; {args.repeats} repeats",
+    f" auto_LiRPA conv_mode {args.lirpa_conv_mode}; {args.repeats} repeats"
+    f"{'; ours with eval compiler options' if args.eval_compiler_options else ''}",
   ]
   with tempfile.TemporaryDirectory() as directory:
     args.dir = directory
