@@ -128,8 +128,8 @@ def test_zoo_bounds_equal_auto_lirpa_and_alpha_crown_is_no_looser(name, size):
   (depthwise convolutions, expanded residual blocks), at 4x4 inputs, alpha-CROWN with both libraries' defaults (20
   Adam steps, learning rate 0.5 decayed by 0.98): auto_LiRPA's alpha-CROWN optimises a slope per (neuron, neuron of
   each later layer) pair: on WRN it took 7 minutes at 4x4 and did not finish in 20 at 8x8 on the shared 2-core
-  machine (load 15), where IBP, CROWN-IBP and CROWN equal ours too (max 1.2e-5 relative). On MobileNet-v2 it takes
-  about 100 CPU seconds at 4x4 (an earlier run stopped after 30 minutes was starved of CPU on the loaded machine).
+  machine (load 15), where IBP, CROWN-IBP and CROWN equal ours too (max 1.2e-5 relative). On MobileNet-v2 it took 96 s
+  at 4x4 with one torch thread (an earlier run stopped after 30 minutes was starved of CPU on the loaded machine).
   GoogLeNet's overlapping max pools are outside auto_LiRPA 0.3 ("stride != kernel_size"): IBP only."""
   variables, x, lower, upper, spec, f = _zoo_case(name, size, eps=0.005)
   methods = (*EQUAL, "alpha_crown")
