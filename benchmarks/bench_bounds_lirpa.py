@@ -3,18 +3,24 @@ peak memory.
 
 Run: python -m benchmarks.bench_bounds_lirpa [--model resnet18] [--width 1] [--size 32] [--batch 32]
          [--methods crown_ibp,crown] [--repeats 2] [--timeout 1200] [--lirpa-conv-mode patches]
+         [--sides ours,auto_LiRPA] [--eval-compiler-options]
 
 The zoo model `--model` (a CIFAR ResNet; `--width` scales every stage's channels, 1 = the paper's ResNet-18) at its
 random initialisation, in eval mode, bounded on `--batch` random --size x --size x 3 images, l_inf box of 2/255
 clipped to [0, 1], spec the 9 margins z_y - z_j, both ends (each library's default call). Each (method, library)
-runs in its own subprocess, so that its peak resident memory (VmHWM) is its own:
-  ours        jax.jit(hydra_jax.bounds.<method>): the first call (trace, compile, run) and then --repeats calls
+runs in its own subprocess, so that its peak resident memory (VmHWM) is its own; both load the same weights from
+a file written by the parent (no initialisation in the child: flax's eager init alone grows a JAX process by ~200 MB):
+  ours        jax.jit(hydra_jax.bounds.<method>): the first call (trace, compile, run) and then --repeats calls;
+              with --eval-compiler-options compiled as `hydra-jax eval`'s runners compile it
+              (parallel.compiler_options: XLA:CPU's memory-optimized scheduler)
   auto_LiRPA  BoundedModule(twin) and compute_bounds(method=...) on the PyTorch twin (tests/torch_reference.py,
               weights from hydra_jax.convert): the first call (graph conversion, run) and then --repeats calls
 Columns: wall seconds of the first call and the median of the repeats; the process's CPU seconds of one repeat (all
-threads: steadier than wall on a shared machine); peak RSS and its growth over the process's state after imports and
-weights; ratios ours / auto_LiRPA (below 1: ours faster or smaller); the largest difference of the two libraries'
-bounds relative to their size (the same bounds, not only the same time). A subprocess past --timeout is reported as
+threads: steadier than wall on a shared machine); the floor (RSS after importing the library and one trivial
+compiled op: jax.jit(x + 1), torch's x + 1), the peak RSS and the peak minus the floor (what bounding the network
+took: weights, graph conversion or compilation, and the bound computation's buffers); ratios ours / auto_LiRPA (below
+1: ours faster or smaller); the largest difference of the two libraries' bounds relative to their size (the same
+bounds, not only the same time). A subprocess past --timeout is reported as
 such. Needs torch and auto_LiRPA (tests/lirpa_reference.py: pip install --no-deps auto-lirpa==0.3 appdirs==1.4.4).
 """
 
@@ -47,6 +53,15 @@ def cpu_description() -> str:
   flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
   isa = " ".join(flag for flag in ISA_FLAGS if flag in flags) or "none of " + " ".join(ISA_FLAGS)
   return f"{model}; ISA {isa}; {os.cpu_count()} cores"
+
+
+def _rss_now_mb() -> float:
+  """Resident memory of this process now, MB (VmRSS of /proc/self/status; 0 where there is none)."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+  except (OSError, StopIteration):
+    return 0.0
 
 
 def _rss_mb() -> float:
@@ -82,18 +97,25 @@ def _case(path: str) -> dict:
 def _ours(args) -> dict:
   """hydra_jax.bounds.<method> of the case in args.dir, its times and memory."""
   import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
 
   from hydra_jax import bounds  # pylint: disable=g-import-not-at-top
+  from hydra_jax import models  # pylint: disable=g-import-not-at-top
+  from hydra_jax import parallel  # pylint: disable=g-import-not-at-top
 
+  jax.block_until_ready(jax.jit(lambda v: v + 1)(jax.numpy.zeros(3)))
+  floor = _rss_now_mb()
   case = _case(args.dir)
-  model, variables = _model_and_variables(args.model, args.width, args.size)
+  model = models.get_model(args.model, 10, width=args.width)
+  with np.load(os.path.join(args.dir, "variables.npz")) as saved:
+    variables = traverse_util.unflatten_dict({k: jax.numpy.asarray(v) for k, v in saved.items()}, sep="/")
   f = lambda x: model.apply(variables, x, train=False)
   method = bounds.METHODS[args.method]
-  bound = jax.jit(lambda lo, hi, spec: jax.numpy.stack(method(f, lo, hi, spec)))
+  options = parallel.compiler_options(jax.devices()[0].platform) if args.eval_compiler_options else None
+  bound = jax.jit(lambda lo, hi, spec: jax.numpy.stack(method(f, lo, hi, spec)), compiler_options=options)
   lower, upper, spec = (jax.numpy.asarray(case[k]) for k in ("lower", "upper", "spec"))
-  base = _rss_mb()
   found = _timed(lambda: np.asarray(jax.block_until_ready(bound(lower, upper, spec))), args.repeats)
-  return {**found, "base_mb": base, "peak_mb": _rss_mb()}
+  return {**found, "floor_mb": floor, "peak_mb": _rss_mb()}
 
 
 def _lirpa(args) -> dict:
@@ -103,6 +125,8 @@ def _lirpa(args) -> dict:
   from tests import lirpa_reference  # pylint: disable=g-import-not-at-top
 
   auto_lirpa = lirpa_reference.import_auto_lirpa()
+  _ = torch.zeros(3) + 1
+  floor = _rss_now_mb()
   case = _case(args.dir)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
   twin = _torch_twin(args.model, args.width)
@@ -111,7 +135,7 @@ def _lirpa(args) -> dict:
   x, spec = nchw(case["x"]), torch.from_numpy(case["spec"])
   box = auto_lirpa.PerturbationLpNorm(norm=np.inf, x_L=nchw(case["lower"]), x_U=nchw(case["upper"]))
   options = {"conv_mode": args.lirpa_conv_mode}
-  base, module = _rss_mb(), []
+  module = []
 
   def call():
     if not module:  # the first call converts the graph, as any use of auto_LiRPA must
@@ -122,7 +146,7 @@ def _lirpa(args) -> dict:
 
   with torch.no_grad():
     found = _timed(call, args.repeats)
-  return {**found, "base_mb": base, "peak_mb": _rss_mb()}
+  return {**found, "floor_mb": floor, "peak_mb": _rss_mb()}
 
 
 def _model_and_variables(name: str, width: float, size: int):
@@ -149,8 +173,9 @@ def _torch_twin(name: str, width: float):
 
 
 def _write_case(args) -> None:
-  """The inputs, box, spec and the twin's state dict, for the subprocesses (args.dir)."""
+  """The inputs, box, spec, our variables and the twin's state dict, for the subprocesses (args.dir)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
 
   from hydra_jax import bounds  # pylint: disable=g-import-not-at-top
   from hydra_jax import convert  # pylint: disable=g-import-not-at-top
@@ -162,6 +187,8 @@ def _write_case(args) -> None:
   lower, upper = np.clip(x - eps, 0, 1), np.clip(x + eps, 0, 1)
   np.savez(os.path.join(args.dir, "case.npz"), x=x, lower=lower, upper=upper, spec=spec)
   _, variables = _model_and_variables(args.model, args.width, args.size)
+  flat = traverse_util.flatten_dict(variables, sep="/")
+  np.savez(os.path.join(args.dir, "variables.npz"), **{k: np.asarray(v) for k, v in flat.items()})
   shape = (args.size, args.size, 3)
   state = convert.to_torch_state_dict(variables, model_name=args.model, input_shape=shape)
   np.savez(os.path.join(args.dir, "state.npz"), **{k: np.asarray(v) for k, v in state.items()})
@@ -172,6 +199,7 @@ def _child_argv(args, side: str, method: str) -> list[str]:
     sys.executable, "-m", "benchmarks.bench_bounds_lirpa", "--child", side, "--method", method, "--dir", args.dir,
     "--model", args.model, "--width", str(args.width), "--size", str(args.size), "--batch", str(args.batch),
     "--repeats", str(args.repeats), "--lirpa-conv-mode", args.lirpa_conv_mode,
+    *(["--eval-compiler-options"] if args.eval_compiler_options else []),
   ]  # fmt: skip
 
 
@@ -201,27 +229,32 @@ def _load() -> str:
 
 def table(results: dict, args, header: list[str]) -> str:
   """Rows per (method, library) and the ratio rows, after the header lines."""
-  lines = [*header, f"{'method':<10} {'library':<11} {'first s':>8} {'steady s':>9} {'cpu s':>8} {'peak MB':>8}"
-           f" {'+MB':>7}  note"]  # fmt: skip
+  lines = [*header, f"{'method':<10} {'library':<11} {'first s':>8} {'steady s':>9} {'cpu s':>8} {'floor MB':>8}"
+           f" {'peak MB':>8} {'+MB':>7}  note"]  # fmt: skip
   fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"
   for method in args.methods:
-    for side in SIDES:
+    for side in args.sides:
       r = results[method][side]
       if "error" in r:
         lines.append(f"{method:<10} {side:<11} {r['error']}")
         continue
-      grown = r["peak_mb"] - r["base_mb"]
-      cells = [fmt(r["first_s"]), fmt(r.get("steady_s")), fmt(r.get("cpu_s")), fmt(r["peak_mb"]), fmt(grown)]
-      lines.append(f"{method:<10} {side:<11} {cells[0]:>8} {cells[1]:>9} {cells[2]:>8} {cells[3]:>8} {cells[4]:>7}")
-    ours, theirs = results[method]["ours"], results[method]["auto_LiRPA"]
+      grown = r["peak_mb"] - r["floor_mb"]
+      cells = [r["first_s"], r.get("steady_s"), r.get("cpu_s"), r["floor_mb"], r["peak_mb"], grown]
+      cells = [fmt(c) for c in cells]
+      lines.append(
+        f"{method:<10} {side:<11} {cells[0]:>8} {cells[1]:>9} {cells[2]:>8} {cells[3]:>8} {cells[4]:>8} {cells[5]:>7}"
+      )
+    ours, theirs = results[method].get("ours", {"error": ""}), results[method].get("auto_LiRPA", {"error": ""})
     if "error" in ours or "error" in theirs:
       continue
-    ratios = [fmt(ours[k] / theirs[k]) if k in ours else "-" for k in ("first_s", "steady_s", "cpu_s", "peak_mb")]
-    their_growth = theirs["peak_mb"] - theirs["base_mb"]
-    growth = fmt((ours["peak_mb"] - ours["base_mb"]) / their_growth) if their_growth >= 1 else "-"
+    keys = ("first_s", "steady_s", "cpu_s", "floor_mb", "peak_mb")
+    ratios = [fmt(ours[k] / theirs[k]) if k in ours else "-" for k in keys]
+    their_growth = theirs["peak_mb"] - theirs["floor_mb"]
+    growth = fmt((ours["peak_mb"] - ours["floor_mb"]) / their_growth) if their_growth >= 1 else "-"
     gap = _relative_gap(ours["bounds"], theirs["bounds"])
     lines.append(
-      f"{method:<10} {'ours/theirs':<11} {ratios[0]:>8} {ratios[1]:>9} {ratios[2]:>8} {ratios[3]:>8} {growth:>7}"
+      f"{method:<10} {'ours/theirs':<11} {ratios[0]:>8} {ratios[1]:>9} {ratios[2]:>8} {ratios[3]:>8} {ratios[4]:>8}"
+      f" {growth:>7}"
       f"  bounds differ by {gap:.1e} relative"
     )
   return "\n".join(lines)
@@ -237,6 +270,8 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--timeout", type=float, default=1200)
   parser.add_argument("--lirpa-conv-mode", default="patches", choices=("patches", "matrix"))
+  parser.add_argument("--eval-compiler-options", action="store_true", help="compile ours as eval's runners do")
+  parser.add_argument("--sides", default=",".join(SIDES), type=lambda s: s.split(","), help="run these sides only")
   parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
   parser.add_argument("--method", help=argparse.SUPPRESS)
   parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -248,15 +283,18 @@ def main(argv=None) -> None:
   unknown = [m for m in args.methods if m not in LIRPA_NAMES]
   if unknown:
     parser.error(f"unknown methods {unknown}; valid: {sorted(LIRPA_NAMES)}")
+  if not args.sides or set(args.sides) - set(SIDES):
+    parser.error(f"unknown sides {args.sides}; valid: {list(SIDES)}")
   header = [
     f"CPU {cpu_description()}; {_load()} at start",
     f"{args.model} width {args.width:g}, {args.size}x{args.size}x3 inputs, batch {args.batch}, eps 2/255, 9 margins;"
-    f" auto_LiRPA conv_mode {args.lirpa_conv_mode}; {args.repeats} repeats",
+    f" auto_LiRPA conv_mode {args.lirpa_conv_mode}; {args.repeats} repeats"
+    f"{'; ours with eval compiler options' if args.eval_compiler_options else ''}",
   ]
   with tempfile.TemporaryDirectory() as directory:
     args.dir = directory
     _write_case(args)
-    results = {m: {side: _run_child(args, side, m) for side in SIDES} for m in args.methods}
+    results = {m: {side: _run_child(args, side, m) for side in args.sides} for m in args.methods}
   print(table(results, args, header + [f"{_load()} at end"]))
 
 

@@ -809,15 +809,16 @@ def margin_spec(labels: Array, num_classes: int) -> Array:
 
 
 def _pull_rows(affine: _Affine, rows: Array) -> tuple[Array, ...]:
-  """Rows of rows o linear on each base: [B, m, *base shape] each (vector-Jacobian products, so a convolution
-  is pulled back by a transposed convolution, never a dense Jacobian; linear acts per example)."""
+  """Rows of rows o linear on each base: rows [m, B, *value shape] -> [m, B, *base shape] each (vector-Jacobian
+  products, so a convolution is pulled back by a transposed convolution, never a dense Jacobian; linear acts per
+  example). Rows lead so that the row and batch axes merge into the convolutions' batch without a transpose."""
   _, pullback = jax.vjp(affine.linear, *map(_midpoint, affine.bases))
-  return jax.vmap(pullback, in_axes=1, out_axes=1)(rows)
+  return jax.vmap(pullback)(rows)
 
 
 def _dot(a: Array, b: Array) -> Array:
-  """Sum over the non-batch axes of a [B, m, ...] and b [B, ...] -> [B, m]."""
-  return jnp.sum(a * b[:, None], axis=tuple(range(2, a.ndim)))
+  """Sum over the non-leading axes of a [m, B, ...] times b [B, ...] -> [m, B]."""
+  return jnp.sum(a * b, axis=tuple(range(2, a.ndim)))
 
 
 def _sure(lower: Array, upper: Array) -> tuple[Array, Array]:
@@ -839,8 +840,8 @@ def _ibp_ends(value: Any, spec: Array | None) -> tuple[Array, Array]:
     return box.lower, box.upper
   a = _as_affine(value)
   center = jnp.einsum("bmc,bc->bm", spec, a.center)
-  rows = _pull_rows(a, spec)
-  radius = sum(_dot(jnp.abs(r), (base.upper - base.lower) / 2) for r, base in zip(rows, a.bases))
+  rows = _pull_rows(a, jnp.swapaxes(spec, 0, 1))
+  radius = sum(_dot(jnp.abs(r), (base.upper - base.lower) / 2) for r, base in zip(rows, a.bases)).T
   return center - radius, center + radius
 
 
@@ -868,23 +869,38 @@ def ibp(f: Callable[[Array], Array], lower: Array, upper: Array, spec: Array | N
 # CROWN: backward linear bound propagation over the graph.
 
 
-def _relaxation_backward(
-  relaxation: _Relaxation, rows: Array, bounds: tuple[Array, Array], lower_slope: str, slope: Array | None
-) -> tuple[Array, Array]:
-  """Lower linear bound of rows . g(z) over z in `bounds`: g's lower line where a row's coefficient is positive,
-  its upper line where negative. `slope` [B, m, *shape] (alpha-CROWN) replaces the lower slope of unstable relus.
+class _Linearised(NamedTuple):
+  """A relaxation's input bounds [lower, upper], its lines over them (a_l, b_l, a_u, b_u) and where its lower slope
+  is free (alpha-CROWN), computed once and shared by every backward pass through it."""
+
+  lower: Array
+  upper: Array
+  lines: Lines
+  unstable: Array
+
+
+def _linearise(relaxation: _Relaxation, bounds: tuple[Array, Array], lower_slope: str) -> _Linearised:
+  return _Linearised(*bounds, relaxation.lines(*bounds, lower_slope), _unstable(relaxation, bounds))
+
+
+def _ibp_linearised(affine: _Affine, lower_slope: str) -> dict:
+  """{id(relaxation): its _Linearised over its IBP bounds} for the relaxations `affine` depends on (CROWN-IBP)."""
+  return {id(r): _linearise(r, (r.lower, r.upper), lower_slope) for r in _relaxations(affine)}
+
+
+def _relaxation_backward(rows: Array, linearised: _Linearised, slope: Array | None) -> tuple[Array, Array]:
+  """Lower linear bound of rows . g(z) over z in the linearised bounds: g's lower line where a row's coefficient is
+  positive, its upper line where negative. `slope` (alpha-CROWN) replaces the lower slope of unstable relus.
+  rows and slope are [m, B, *shape] (rows lead).
 
   Returns:
-    (rows on z [B, m, *shape], bias [B, m]).
+    (rows on z [m, B, *shape], bias [m, B]).
   """
-  slope_low, intercept_low, slope_up, intercept_up = relaxation.lines(*bounds, lower_slope)
-  slope_low = (
-    slope_low[:, None]
-    if slope is None
-    else jnp.where(_unstable(relaxation, bounds)[:, None], slope, slope_low[:, None])
-  )
+  slope_low, intercept_low, slope_up, intercept_up = linearised.lines
+  if slope is not None:
+    slope_low = jnp.where(linearised.unstable, slope, slope_low)
   positive, negative = jnp.maximum(rows, 0), jnp.minimum(rows, 0)
-  new_rows = positive * slope_low + negative * slope_up[:, None]
+  new_rows = positive * slope_low + negative * slope_up
   return new_rows, _dot(positive, intercept_low) + _dot(negative, intercept_up)
 
 
@@ -895,21 +911,20 @@ def _unstable(relaxation: _Relaxation, bounds: tuple[Array, Array]) -> Array:
   return (bounds[0] < relaxation.const) & (bounds[1] > relaxation.const)
 
 
-def _backward(
-  value: _Affine, rows: Array, lower_slope: str, pre_bounds: dict | None = None, slopes: dict | None = None
-) -> Array:
-  """CROWN lower bound of rows . value over the input box (Zhang et al. 2018, Thm. 3.2, on a graph).
+def _backward(value: _Affine, rows: Array, linearised: dict, slopes: dict | None = None) -> Array:
+  """CROWN lower bound [m, B] of rows . value over the input box (Zhang et al. 2018, Thm. 3.2, on a graph).
 
-  rows [B, m, *value shape] are pulled back through affine maps (to every base: branches that meet again are
-  summed before going further, boxes taken latest-created first) and relaxations; they stop at the input box
-  and at any box without a relaxation (max pooling, a max of two x-dependent values, exp, ...), which enter by
-  their IBP bounds: sum of rows+ . lower + rows- . upper.
+  rows [m, B, *value shape] (rows lead, see `_pull_rows`) are pulled back through affine maps (to every base:
+  branches that meet again are summed before going further, boxes taken latest-created first) and relaxations;
+  they stop at the input box and at any box without a relaxation (max pooling, a max of two x-dependent values,
+  exp, ...), which enter by their IBP bounds: sum of rows+ . lower + rows- . upper.
 
   Args:
-    pre_bounds: {id(relaxation): (lower, upper)} replacing its IBP pre-activation bounds (full CROWN).
-    slopes: {id(relaxation): [B, m, *shape]} lower slopes of its unstable neurons (alpha-CROWN).
+    linearised: {id(relaxation): _Linearised} for every relaxation `value` depends on (IBP input bounds for
+      CROWN-IBP, CROWN's own for full CROWN).
+    slopes: {id(relaxation): [m, B, *shape]} lower slopes of its unstable neurons (alpha-CROWN).
   """
-  pre_bounds, slopes = pre_bounds or {}, slopes or {}
+  slopes = slopes or {}
   pending: dict[int, list] = {}
   bias = jnp.zeros(rows.shape[:2], rows.dtype)
 
@@ -925,12 +940,16 @@ def _backward(
     box, box_rows = pending.pop(max(pending, key=lambda key: pending[key][0].order))
     origin = box.origin
     if isinstance(origin, _Relaxation):
-      bounds = pre_bounds.get(id(origin), (origin.lower, origin.upper))
-      box_rows, extra = _relaxation_backward(origin, box_rows, bounds, lower_slope, slopes.get(id(origin)))
+      box_rows, extra = _relaxation_backward(box_rows, linearised[id(origin)], slopes.get(id(origin)))
       bias = bias + extra + pull(origin.pre, box_rows)
     else:
       bias = bias + _dot(jnp.maximum(box_rows, 0), box.lower) + _dot(jnp.minimum(box_rows, 0), box.upper)
   return _sure(bias, bias)[0]
+
+
+def _spec_backward(value: _Affine, spec: Array, linearised: dict, slopes: dict | None = None) -> Array:
+  """`_backward` of spec [B, m, *value shape] -> [B, m]."""
+  return _backward(value, jnp.swapaxes(spec, 0, 1), linearised, slopes).T
 
 
 def _output_affine(value: Any) -> _Affine:
@@ -971,7 +990,8 @@ def crown_ibp(
   _check_slope(lower_slope)
   value = _propagate(f, lower, upper)
   affine, spec = _output_affine(value), _default_spec(value, lower, spec)
-  return _backward(affine, spec, lower_slope), -_backward(affine, -spec, lower_slope)
+  linearised = _ibp_linearised(affine, lower_slope)
+  return _spec_backward(affine, spec, linearised), -_spec_backward(affine, -spec, linearised)
 
 
 def ibp_and_crown_lower(
@@ -987,14 +1007,17 @@ def ibp_and_crown_lower(
   _check_spec(spec, lower)
   _check_slope(lower_slope)
   value = _propagate(f, lower, upper)
-  return _ibp_result(value, spec)[0], _backward(_output_affine(value), spec, lower_slope)
+  affine = _output_affine(value)
+  return _ibp_result(value, spec)[0], _spec_backward(affine, spec, _ibp_linearised(affine, lower_slope))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # CROWN with CROWN intermediate bounds, and alpha-CROWN.
 
-# Identity rows pulled back at once when bounding a layer's neurons: B * rows * (layer size) floats per chunk.
-_CHUNK_FLOATS = 2**24
+# Identity rows pulled back at once when bounding a layer's neurons: B * rows * (widest layer) floats per chunk.
+# XLA's schedule keeps ~25 arrays of that size live in a backward pass: on ResNet-18 at width 1/16, 16x16 inputs,
+# batch 2, 2**21 (8 MB) took 193 MB of temporaries where 2**24 took 443 MB, in the same time.
+_CHUNK_FLOATS = 2**21
 
 
 def _relaxations(affine: _Affine) -> list[_Relaxation]:
@@ -1020,12 +1043,13 @@ def _chunking(affine: _Affine) -> tuple[int, int]:
   return chunk, -(-size // chunk)
 
 
-def _neuron_bounds(affine: _Affine, lower_slope: str, pre_bounds: dict, slopes: dict | None = None) -> tuple:
+def _neuron_bounds(affine: _Affine, linearised: dict, slopes: dict | None = None) -> tuple:
   """CROWN bounds of every neuron of `affine` [B, *shape]: the backward pass from the identity rows (and their
   negatives, for the upper bounds), in chunks of rows under `lax.map` so that memory stays bounded.
 
   Args:
-    slopes: {id(relaxation): [chunks, B, 2 chunk, *shape]} lower slopes per row (alpha-CROWN), chunk by chunk.
+    linearised: as `_backward`'s, for the relaxations `affine` depends on.
+    slopes: {id(relaxation): [chunks, 2 chunk, B, *shape]} lower slopes per row (alpha-CROWN), chunk by chunk.
   """
   shape = affine.center.shape
   size = math.prod(shape[1:])
@@ -1035,12 +1059,15 @@ def _neuron_bounds(affine: _Affine, lower_slope: str, pre_bounds: dict, slopes: 
     index, chunk_slopes = args
     eye = jax.nn.one_hot(index * chunk + jnp.arange(chunk), size, dtype=affine.center.dtype)
     eye = eye.reshape(chunk, *shape[1:])
-    rows = jnp.broadcast_to(jnp.concatenate([eye, -eye]), (shape[0], 2 * chunk, *shape[1:]))
-    return _backward(affine, rows, lower_slope, pre_bounds, chunk_slopes)
+    rows = jnp.broadcast_to(jnp.concatenate([eye, -eye])[:, None], (2 * chunk, *shape))
+    # The rows exist only once the earlier layers' bounds do, so that XLA does not start this pass (keeping its
+    # rows live) while it runs the earlier ones (635 -> 443 MB of temporaries in the case above).
+    rows, ready = lax.optimization_barrier((rows, linearised))
+    return _backward(affine, rows, ready, chunk_slopes)
 
-  ends = lax.map(bounds_of, (jnp.arange(count), slopes or {}))  # [count, B, 2 chunk]
-  lower = jnp.moveaxis(ends[:, :, :chunk], 0, 1).reshape(shape[0], -1)[:, :size]
-  upper = -jnp.moveaxis(ends[:, :, chunk:], 0, 1).reshape(shape[0], -1)[:, :size]
+  ends = lax.map(bounds_of, (jnp.arange(count), slopes or {}))  # [count, 2 chunk, B]
+  lower = jnp.moveaxis(ends[:, :chunk], 2, 0).reshape(shape[0], -1)[:, :size]
+  upper = -jnp.moveaxis(ends[:, chunk:], 2, 0).reshape(shape[0], -1)[:, :size]
   return lower.reshape(shape), upper.reshape(shape)
 
 
@@ -1050,14 +1077,19 @@ def _bounded(affine: _Affine) -> list[_Relaxation]:
   return [relaxation for relaxation in _relaxations(affine) if not isinstance(relaxation, _Rounding)]
 
 
-def _crown_pre_bounds(affine: _Affine, lower_slope: str, slopes: dict | None = None) -> dict:
-  """{id(relaxation): CROWN bounds of its input} for the relaxations `affine` depends on, each from the ones
-  before. slopes: {id(relaxation): its `_neuron_bounds` slopes} (alpha-CROWN)."""
-  pre_bounds = {}
-  for relaxation in _bounded(affine):
-    own = None if slopes is None else slopes[id(relaxation)]
-    pre_bounds[id(relaxation)] = _neuron_bounds(relaxation.pre, lower_slope, pre_bounds, own)
-  return pre_bounds
+def _crown_linearised(affine: _Affine, lower_slope: str, slopes: dict | None = None) -> dict:
+  """{id(relaxation): _Linearised} for the relaxations `affine` depends on, each over its CROWN input bounds
+  computed from the ones before (a rounding keeps its IBP bounds). slopes: {id(relaxation): its `_neuron_bounds`
+  slopes} (alpha-CROWN)."""
+  linearised = {}
+  for relaxation in _relaxations(affine):
+    if isinstance(relaxation, _Rounding):
+      bounds = relaxation.lower, relaxation.upper
+    else:
+      own = None if slopes is None else slopes[id(relaxation)]
+      bounds = _neuron_bounds(relaxation.pre, linearised, own)
+    linearised[id(relaxation)] = _linearise(relaxation, bounds, lower_slope)
+  return linearised
 
 
 def crown(
@@ -1075,34 +1107,34 @@ def crown(
   _check_slope(lower_slope)
   value = _propagate(f, lower, upper)
   affine, spec = _output_affine(value), _default_spec(value, lower, spec)
-  pre_bounds = _crown_pre_bounds(affine, lower_slope)
-  return _backward(affine, spec, lower_slope, pre_bounds), -_backward(affine, -spec, lower_slope, pre_bounds)
+  both = _spec_backward(affine, jnp.concatenate([spec, -spec], axis=1), _crown_linearised(affine, lower_slope))
+  return both[:, : spec.shape[1]], -both[:, spec.shape[1] :]
 
 
-def _initial_slopes(affine: _Affine, rows: int, pre_bounds: dict) -> dict:
-  """{id(relu): CROWN's adaptive lower slope, one per row [B, rows, *shape]} for the relus (max with a constant)
+def _initial_slopes(affine: _Affine, rows: int, linearised: dict) -> dict:
+  """{id(relu): CROWN's adaptive lower slope, one per row [rows, B, *shape]} for the relus (max with a constant)
   `affine` depends on."""
   slopes = {}
   for relaxation in _relaxations(affine):
     if isinstance(relaxation, _Max):
-      low, high = pre_bounds[id(relaxation)]
+      low, high = linearised[id(relaxation)][:2]
       adaptive = (high - relaxation.const > relaxation.const - low).astype(low.dtype)
-      slopes[id(relaxation)] = jnp.broadcast_to(adaptive[:, None], (low.shape[0], rows, *low.shape[1:]))
+      slopes[id(relaxation)] = jnp.broadcast_to(adaptive, (rows, *low.shape))
   return slopes
 
 
-def _all_slopes(affine: _Affine, rows: int, pre_bounds: dict) -> tuple[dict, dict]:
+def _all_slopes(affine: _Affine, rows: int, linearised: dict) -> tuple[dict, dict]:
   """Slopes of the final backward pass (rows spec rows) and of every intermediate one, chunked as `_neuron_bounds`
-  takes them: {id(bounded relaxation): {id(relu before it): [chunks, B, 2 chunk, *relu shape]}}."""
+  takes them: {id(bounded relaxation): {id(relu before it): [chunks, 2 chunk, B, *relu shape]}}."""
   inner = {}
   for relaxation in _bounded(affine):
     chunk, count = _chunking(relaxation.pre)
-    start = _initial_slopes(relaxation.pre, 2 * chunk, pre_bounds)
+    start = _initial_slopes(relaxation.pre, 2 * chunk, linearised)
     inner[id(relaxation)] = {key: jnp.broadcast_to(s, (count, *s.shape)) for key, s in start.items()}
-  return _initial_slopes(affine, rows, pre_bounds), inner
+  return _initial_slopes(affine, rows, linearised), inner
 
 
-def _optimised_lower(affine: _Affine, spec: Array, pre_bounds: dict, steps: int, learning_rate: float) -> Array:
+def _optimised_lower(affine: _Affine, spec: Array, linearised: dict, steps: int, learning_rate: float) -> Array:
   """alpha-CROWN's lower bound of spec . f. The lower slopes of the unstable relus (max with a constant), one per
   neuron and row of every backward pass (the spec's and each intermediate layer's: intermediate bounds are
   recomputed with their own slopes), start at CROWN's adaptive choice and climb sum(lb) by Adam (learning rate
@@ -1110,7 +1142,7 @@ def _optimised_lower(affine: _Affine, spec: Array, pre_bounds: dict, steps: int,
 
   def bound(slopes):
     final, inner = slopes
-    return _backward(affine, spec, "adaptive", _crown_pre_bounds(affine, "adaptive", inner), final)
+    return _spec_backward(affine, spec, _crown_linearised(affine, "adaptive", inner), final)
 
   optimizer = optax.adam(optax.exponential_decay(learning_rate, 1, 0.98))
   project = lambda tree: jax.tree.map(lambda s: jnp.clip(s, 0.0, 1.0), tree)
@@ -1122,8 +1154,8 @@ def _optimised_lower(affine: _Affine, spec: Array, pre_bounds: dict, steps: int,
     slopes = project(optax.apply_updates(slopes, updates))
     return (slopes, state, jnp.maximum(best, bound(slopes))), None
 
-  slopes = _all_slopes(affine, spec.shape[1], pre_bounds)
-  start = _backward(affine, spec, "adaptive", pre_bounds)
+  slopes = _all_slopes(affine, spec.shape[1], linearised)
+  start = _spec_backward(affine, spec, linearised)
   (_, _, best), _ = lax.scan(step, (slopes, optimizer.init(slopes), start), None, length=steps)
   return best
 
@@ -1150,9 +1182,9 @@ def alpha_crown(
   _check_spec(spec, lower)
   value = _propagate(f, lower, upper)
   affine, spec = _output_affine(value), _default_spec(value, lower, spec)
-  pre_bounds = _crown_pre_bounds(affine, "adaptive")
-  lower_bound = _optimised_lower(affine, spec, pre_bounds, steps, learning_rate)
-  return lower_bound, -_optimised_lower(affine, -spec, pre_bounds, steps, learning_rate)
+  linearised = _crown_linearised(affine, "adaptive")
+  lower_bound = _optimised_lower(affine, spec, linearised, steps, learning_rate)
+  return lower_bound, -_optimised_lower(affine, -spec, linearised, steps, learning_rate)
 
 
 # ----------------------------------------------------------------------------------------------------------
