@@ -37,7 +37,8 @@ number that is within the seed-to-seed spread of Square is the luck of the rando
 With --each_on_all the sequence is replaced by the speed comparison of each attack alone on all the examples
 correct clean, on both sides: in the sequence, later attacks see only what earlier ones left robust, which on a
 random model is nothing (APGD-CE breaks every example), so the sequence's seconds say little about FAB-T or
-Square. Per attack: the robust count after it on each side, the seconds, the ratio, the seconds per step (APGD-T
+Square. The two sides run attack by attack (hydra_jax's, then torchattacks'; --stages picks some). Per
+attack: the robust count after it on each side, the seconds, the ratio, the seconds per step (APGD-T
 and FAB-T: per target and iteration; Square: per query of --square_queries), hydra_jax's compilation
 separately (`jit(...).lower(...).compile()`, the run then timed once), the FLOPs counted from the program's
 jaxpr and their rate over this run's matmul rate (the roofline fraction; not for Square, whose query loop is a
@@ -171,47 +172,59 @@ def attack_steps(counts: dict) -> dict:
   }
 
 
-def _jax_each(apply_fn, variables, x, y, eps, norm, counts, seed, matmul):
-  """Each stage of the standard sequence alone on all of (x, y), one batch, as `evaluate` runs it (the model in
-  `attacks.in_chunks` of the backend's size, per-example keys): per stage the robust count, the seconds of one
-  compiled run, the compilation seconds, and the FLOPs counted from the jaxpr with their roofline fraction."""
-  logits_fn = attacks.in_chunks(lambda images: apply_fn(variables, images, False)[0], 0)
-  keys = attacks.example_keys(jax.random.PRNGKey(seed), jnp.arange(len(y)))
-  images, labels = jnp.asarray(x), jnp.asarray(y)
-  rows = {}
-  for s, name in enumerate(STAGES):
-    attack = autoattack._stage_attack(name, 1, eps=eps, norm=norm, p_init=0.8, eot_iter=1, **counts)
-    fn = lambda images, labels, keys, attack=attack, s=s: attack(logits_fn, images, labels, attacks.fold_in(keys, s))
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(images, labels, keys).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    x_adv = compiled(images, labels, keys).block_until_ready()
-    seconds = time.perf_counter() - start
-    robust = int(np.sum(np.asarray(jnp.argmax(logits_fn(x_adv), -1)) == y))
-    flops = machine.jaxpr_flops(fn, images, labels, keys) if name != "square" else 0
-    rows[name] = dict(robust=robust, seconds=seconds, compile_s=compile_s, flops=flops)
-    rows[name]["roofline"] = machine.roofline_fraction(flops, seconds, matmul)
-  return rows
+def _jax_stage(logits_fn, images, labels, keys, name, s, eps, norm, counts, matmul) -> dict:
+  """Stage `name` (the s-th of the standard sequence) alone on the batch, as `evaluate` runs it: the robust
+  count, the seconds of one compiled run, the compilation seconds, and the FLOPs counted from the jaxpr with
+  their roofline fraction (none for Square, whose query loop is a while loop)."""
+  attack = autoattack._stage_attack(name, 1, eps=eps, norm=norm, p_init=0.8, eot_iter=1, **counts)
+  fn = lambda images, labels, keys: attack(logits_fn, images, labels, attacks.fold_in(keys, s))
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(images, labels, keys).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  x_adv = compiled(images, labels, keys).block_until_ready()
+  seconds = time.perf_counter() - start
+  robust = int(jnp.sum(jnp.argmax(logits_fn(x_adv), -1) == labels))
+  flops = machine.jaxpr_flops(fn, images, labels, keys) if name != "square" else 0
+  return dict(
+    robust=robust,
+    seconds=seconds,
+    compile_s=compile_s,
+    flops=flops,
+    roofline=machine.roofline_fraction(flops, seconds, matmul),
+  )
 
 
-def _torch_each(net, x, y, eps, norm, counts, seed):
-  """Each of torchattacks' attacks alone on all of (x, y), after one warm-up forward and backward: per stage the
-  robust count and the seconds."""
+def _torch_stage(attack, net, images, labels) -> dict:
+  """torchattacks' `attack` on the batch: the robust count and the seconds."""
   import torch
 
-  images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-  labels = torch.from_numpy(y).long()
-  warm = images.clone().requires_grad_(True)  # a warm-up forward and backward, as hydra_jax's compilation is apart
-  torch.nn.functional.cross_entropy(net(warm), labels).backward()
-  rows = {}
-  for name, attack in zip(STAGES, _torch_attacks(net, eps, norm, counts, seed)):
-    start = time.perf_counter()
-    adv = attack(images, labels)
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-      rows[name] = dict(robust=int((net(adv).argmax(1) == labels).sum()), seconds=seconds)
-  return rows
+  start = time.perf_counter()
+  adv = attack(images, labels)
+  seconds = time.perf_counter() - start
+  with torch.no_grad():
+    return dict(robust=int((net(adv).argmax(1) == labels).sum()), seconds=seconds)
+
+
+def _time_each(apply_fn, variables, net, x, y, eps, norm, counts, seed, matmul, stages) -> tuple[dict, dict]:
+  """Each of `stages` alone on all of (x, y), one batch, hydra_jax then torchattacks attack by attack (so that a
+  change of the machine's load falls on both sides of a ratio): ({stage: `_jax_stage` row}, {stage:
+  `_torch_stage` row}). hydra_jax sees the model in `attacks.in_chunks` of the backend's size with per-example
+  keys, as in `evaluate`; torchattacks runs after one warm-up forward and backward."""
+  import torch
+
+  logits_fn = attacks.in_chunks(lambda images: apply_fn(variables, images, False)[0], 0)
+  keys = attacks.example_keys(jax.random.PRNGKey(seed), jnp.arange(len(y)))
+  images, labels = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long()
+  torch.nn.functional.cross_entropy(net(images.clone().requires_grad_(True)), labels).backward()
+  ours, theirs = {}, {}
+  for s, (name, attack) in enumerate(zip(STAGES, _torch_attacks(net, eps, norm, counts, seed))):
+    if name not in stages:
+      continue
+    ours[name] = _jax_stage(logits_fn, jnp.asarray(x), jnp.asarray(y), keys, name, s, eps, norm, counts, matmul)
+    theirs[name] = _torch_stage(attack, net, images, labels)
+    print(f"  {name}: hydra_jax {ours[name]}, torchattacks {theirs[name]}", flush=True)
+  return ours, theirs
 
 
 def _report_each(ours, theirs, counts, n, matmul) -> dict:
@@ -219,7 +232,7 @@ def _report_each(ours, theirs, counts, n, matmul) -> dict:
   extrapolation to the paper's counts."""
   steps, paper = attack_steps(counts), attack_steps(FULL)
   table = {}
-  for name in STAGES:
+  for name in ours:
     mine, ref = ours[name], theirs[name]
     table[name] = dict(
       steps=steps[name],
@@ -255,7 +268,7 @@ def _report_each(ours, theirs, counts, n, matmul) -> dict:
   paper_ours = sum(r["hydra_jax_paper_s"] for r in table.values())
   paper_ref = sum(r["torchattacks_paper_s"] for r in table.values())
   print(
-    f"all four: hydra_jax {total_ours:.1f} s (+{sum(r['compile_s'] for r in table.values()):.1f} compile), "
+    f"all {len(table)}: hydra_jax {total_ours:.1f} s (+{sum(r['compile_s'] for r in table.values()):.1f} compile), "
     f"torchattacks {total_ref:.1f} s, {total_ref / total_ours:.2f}x; extrapolated to the paper's counts, each "
     f"attack on every example: {paper_ours:.0f} s against {paper_ref:.0f} s"
   )
@@ -353,8 +366,10 @@ def _each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity
   print(machine.header(machine.describe(), matmul))
   print(f"CPU: {cpu()}; torch threads {torch.get_num_threads()}")
   print(f"logits hydra_jax vs PyTorch export: max |diff| {parity:.2e}; {norm} eps {eps:.4g}")
-  ours = _jax_each(apply_fn, variables, x, y, eps, norm, counts, args.seed, matmul)
-  theirs = _torch_each(net, x, y, eps, norm, counts, args.seed)
+  stages = args.stages.split(",")
+  if unknown := set(stages) - set(STAGES):
+    raise ValueError(f"unknown --stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
+  ours, theirs = _time_each(apply_fn, variables, net, x, y, eps, norm, counts, args.seed, matmul, stages)
   row = dict(model=args.run or f"{args.model} (random, k={args.k:g})", examples=len(y), norm=norm, eps=eps)
   row.update(counts=counts, logit_parity_max_abs=parity, cpu=cpu(), torch_threads=torch.get_num_threads())
   row.update(_report_each(ours, theirs, counts, len(y), matmul))
@@ -383,6 +398,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument(
     "--each_on_all", action="store_true", help="instead of the sequence: each attack alone on every example, timed"
   )
+  parser.add_argument("--stages", default=",".join(STAGES), help="--each_on_all: the attacks to time, comma-separated")
   args = parser.parse_args(argv)
   counts = dict(FULL)
   if args.tiny:
