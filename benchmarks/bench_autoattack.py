@@ -35,18 +35,18 @@ number that is within the seed-to-seed spread of Square is the luck of the rando
   python -m benchmarks.bench_autoattack --run runs/digits_demo/k0.05/finetune --examples 360 --square_seeds 5
 
 With --each_on_all the sequence is replaced by the speed comparison of each attack alone on all the examples
-correct clean, on both sides: in the sequence, later attacks see only what earlier ones left robust, which on a
-random model is nothing (APGD-CE breaks every example), so the sequence's seconds say little about FAB-T or
-Square. The two sides run attack by attack (hydra_jax's, then torchattacks'; --stages picks some). Per
-attack: the robust count after it on each side, the seconds, the ratio, the seconds per step (APGD-T
-and FAB-T: per target and iteration; Square: per query of --square_queries), hydra_jax's compilation
-separately (`jit(...).lower(...).compile()`, the run then timed once), the FLOPs counted from the program's
-jaxpr and their rate over this run's matmul rate (the roofline fraction; not for Square, whose query loop is a
-while loop that stops early), and an extrapolation to the paper's counts (seconds per step x 100 APGD-CE
-iterations, 9 x 100 for APGD-T and FAB-T, 5000 Square queries): each attack on every example, an upper bound of
-the sequence at the paper's counts. Both sides stop Square per example once misclassified (torchattacks runs
-each query on the examples still searching; hydra_jax masks them and ends the loop when none is left), so its
-seconds per query hold for a model that Square does not break early. The speed row of issue 28:
+correct clean, on both sides: in the sequence, later attacks see only what earlier ones left robust (on a model
+that APGD-CE breaks, nothing), so the sequence's seconds say little about FAB-T or Square. The two sides run
+attack by attack (hydra_jax's, then torchattacks'; --stages picks some). Per attack: the robust count after it
+on each side, the seconds, the ratio, the seconds per step (APGD-T and FAB-T: per target and iteration; Square:
+per query of --square_queries), hydra_jax's compilation separately (`jit(...).lower(...).compile()`, the run
+then timed once), the FLOPs counted from the program's jaxpr and their rate over the matmul rate measured just
+before the run (the roofline fraction; not for Square, whose query loop is a while loop that stops early), and
+an extrapolation to the paper's counts (seconds per step x 100 APGD-CE iterations, 9 x 100 for APGD-T and
+FAB-T, 5000 Square queries): each attack on every example, an upper bound of the sequence at the paper's
+counts. Both sides stop Square per example once misclassified (torchattacks runs each query on the examples
+still searching; hydra_jax masks them and ends the loop when none is left), so its seconds per query hold for
+a model that Square does not break early. The speed row of issue 28:
 
   python -m benchmarks.bench_autoattack --model resnet18 --batch 128 --examples 128 --each_on_all \\
       --apgd_steps 10 --fab_steps 10 --num_targets 1 --square_queries 100
@@ -172,15 +172,17 @@ def attack_steps(counts: dict) -> dict:
   }
 
 
-def _jax_stage(logits_fn, images, labels, keys, name, s, eps, norm, counts, matmul) -> dict:
+def _jax_stage(logits_fn, images, labels, keys, name, s, eps, norm, counts) -> dict:
   """Stage `name` (the s-th of the standard sequence) alone on the batch, as `evaluate` runs it: the robust
   count, the seconds of one compiled run, the compilation seconds, and the FLOPs counted from the jaxpr with
-  their roofline fraction (none for Square, whose query loop is a while loop)."""
+  their fraction of the matmul rate measured just before the run (none for Square, whose query loop is a while
+  loop)."""
   attack = autoattack._stage_attack(name, 1, eps=eps, norm=norm, p_init=0.8, eot_iter=1, **counts)
   fn = lambda images, labels, keys: attack(logits_fn, images, labels, attacks.fold_in(keys, s))
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(images, labels, keys).compile()
   compile_s = time.perf_counter() - start
+  matmul = machine.matmul_gflops()  # the roofline at this moment: the load of a shared machine drifts
   start = time.perf_counter()
   x_adv = compiled(images, labels, keys).block_until_ready()
   seconds = time.perf_counter() - start
@@ -191,6 +193,7 @@ def _jax_stage(logits_fn, images, labels, keys, name, s, eps, norm, counts, matm
     seconds=seconds,
     compile_s=compile_s,
     flops=flops,
+    matmul_gflops=matmul,
     roofline=machine.roofline_fraction(flops, seconds, matmul),
   )
 
@@ -206,7 +209,7 @@ def _torch_stage(attack, net, images, labels) -> dict:
     return dict(robust=int((net(adv).argmax(1) == labels).sum()), seconds=seconds)
 
 
-def _time_each(apply_fn, variables, net, x, y, eps, norm, counts, seed, matmul, stages) -> tuple[dict, dict]:
+def _time_each(apply_fn, variables, net, x, y, eps, norm, counts, seed, stages) -> tuple[dict, dict]:
   """Each of `stages` alone on all of (x, y), one batch, hydra_jax then torchattacks attack by attack (so that a
   change of the machine's load falls on both sides of a ratio): ({stage: `_jax_stage` row}, {stage:
   `_torch_stage` row}). hydra_jax sees the model in `attacks.in_chunks` of the backend's size with per-example
@@ -221,13 +224,13 @@ def _time_each(apply_fn, variables, net, x, y, eps, norm, counts, seed, matmul, 
   for s, (name, attack) in enumerate(zip(STAGES, _torch_attacks(net, eps, norm, counts, seed))):
     if name not in stages:
       continue
-    ours[name] = _jax_stage(logits_fn, jnp.asarray(x), jnp.asarray(y), keys, name, s, eps, norm, counts, matmul)
+    ours[name] = _jax_stage(logits_fn, jnp.asarray(x), jnp.asarray(y), keys, name, s, eps, norm, counts)
     theirs[name] = _torch_stage(attack, net, images, labels)
     print(f"  {name}: hydra_jax {ours[name]}, torchattacks {theirs[name]}", flush=True)
   return ours, theirs
 
 
-def _report_each(ours, theirs, counts, n, matmul) -> dict:
+def _report_each(ours, theirs, counts, n) -> dict:
   """Print and return the per-attack seconds of both sides, their ratio, the seconds per step and the
   extrapolation to the paper's counts."""
   steps, paper = attack_steps(counts), attack_steps(FULL)
@@ -248,11 +251,13 @@ def _report_each(ours, theirs, counts, n, matmul) -> dict:
       compile_s=mine["compile_s"],
       gflops=mine["flops"] / 1e9,
       roofline=mine["roofline"],
+      matmul_gflops=mine["matmul_gflops"],
     )
-  print(f"Each attack alone on all {n} examples (counts {counts}); f32 matmul {matmul:.1f} GFLOP/s")
+  print(f"Each attack alone on all {n} examples (counts {counts}); roofline: over the f32 matmul rate just before")
   print(
     f"{'attack':8s} {'steps':>5s} {'robust ours/ref':>15s} {'ours s':>8s} {'ref s':>8s} {'ratio':>6s} "
-    f"{'ours s/step':>11s} {'ref s/step':>10s} {'compile s':>9s} {'GFLOP':>7s} {'roofline':>8s} "
+    f"{'ours s/step':>11s} {'ref s/step':>10s} {'compile s':>9s} {'GFLOP':>7s} {'matmul GFLOP/s':>14s} "
+    f"{'roofline':>8s} "
     f"{'extrapolated ours/ref s at paper counts':>40s}"
   )
   for name, r in table.items():
@@ -261,7 +266,9 @@ def _report_each(ours, theirs, counts, n, matmul) -> dict:
     print(
       f"{name:8s} {r['steps']:5d} {r['robust_hydra_jax']:>7d}/{r['robust_torchattacks']:<7d} "
       f"{r['hydra_jax_s']:8.1f} {r['torchattacks_s']:8.1f} {r['speedup']:5.2f}x {r['hydra_jax_step_s']:11.3f} "
-      f"{r['torchattacks_step_s']:10.3f} {r['compile_s']:9.1f} {r['gflops']:7.0f} {roofline} {extrapolated:>40s}"
+      f"{r['torchattacks_step_s']:10.3f} {r['compile_s']:9.1f} {r['gflops']:7.0f} {r['matmul_gflops']:14.1f} "
+      f"{roofline} "
+      f"{extrapolated:>40s}"
     )
   total_ours = sum(r["hydra_jax_s"] for r in table.values())
   total_ref = sum(r["torchattacks_s"] for r in table.values())
@@ -369,10 +376,10 @@ def _each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity
   stages = args.stages.split(",")
   if unknown := set(stages) - set(STAGES):
     raise ValueError(f"unknown --stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
-  ours, theirs = _time_each(apply_fn, variables, net, x, y, eps, norm, counts, args.seed, matmul, stages)
+  ours, theirs = _time_each(apply_fn, variables, net, x, y, eps, norm, counts, args.seed, stages)
   row = dict(model=args.run or f"{args.model} (random, k={args.k:g})", examples=len(y), norm=norm, eps=eps)
   row.update(counts=counts, logit_parity_max_abs=parity, cpu=cpu(), torch_threads=torch.get_num_threads())
-  row.update(_report_each(ours, theirs, counts, len(y), matmul))
+  row.update(_report_each(ours, theirs, counts, len(y)))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(row, f, indent=2)
