@@ -374,8 +374,6 @@ def _each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity
   print(f"CPU: {cpu()}; torch threads {torch.get_num_threads()}")
   print(f"logits hydra_jax vs PyTorch export: max |diff| {parity:.2e}; {norm} eps {eps:.4g}")
   stages = args.stages.split(",")
-  if unknown := set(stages) - set(STAGES):
-    raise ValueError(f"unknown --stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
   ours, theirs = _time_each(apply_fn, variables, net, x, y, eps, norm, counts, args.seed, stages)
   row = dict(model=args.run or f"{args.model} (random, k={args.k:g})", examples=len(y), norm=norm, eps=eps)
   row.update(counts=counts, logit_parity_max_abs=parity, cpu=cpu(), torch_threads=torch.get_num_threads())
@@ -407,6 +405,8 @@ def main(argv=None) -> list[dict]:
   )
   parser.add_argument("--stages", default=",".join(STAGES), help="--each_on_all: the attacks to time, comma-separated")
   args = parser.parse_args(argv)
+  if unknown := set(args.stages.split(",")) - set(STAGES):
+    raise ValueError(f"unknown --stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
   counts = dict(FULL)
   if args.tiny:
     counts = dict(TINY)
