@@ -33,6 +33,23 @@ mean and standard deviation of each side, and how often each side broke each exa
 number that is within the seed-to-seed spread of Square is the luck of the random draw, not a weaker attack:
 
   python -m benchmarks.bench_autoattack --run runs/digits_demo/k0.05/finetune --examples 360 --square_seeds 5
+
+With --each_on_all the sequence is replaced by the speed comparison of each attack alone on all the examples
+correct clean, on both sides: in the sequence, later attacks see only what earlier ones left robust (on a model
+that APGD-CE breaks, nothing), so the sequence's seconds say little about FAB-T or Square. The two sides run
+attack by attack (hydra_jax's, then torchattacks'; --stages picks some). Per attack: the robust count after it
+on each side, the seconds, the ratio, the seconds per step (APGD-T and FAB-T: per target and iteration; Square:
+per query of --square_queries), hydra_jax's compilation separately (`jit(...).lower(...).compile()`, the run
+then timed once), the FLOPs counted from the program's jaxpr and their rate over the matmul rate measured just
+before the run (the roofline fraction; not for Square, whose query loop is a while loop that stops early), and
+an extrapolation to the paper's counts (seconds per step x 100 APGD-CE iterations, 9 x 100 for APGD-T and
+FAB-T, 5000 Square queries): each attack on every example, an upper bound of the sequence at the paper's
+counts. Both sides stop Square per example once misclassified (torchattacks runs each query on the examples
+still searching; hydra_jax masks them and ends the loop when none is left), so its seconds per query hold for
+a model that Square does not break early. The speed row of issue 28:
+
+  python -m benchmarks.bench_autoattack --model resnet18 --batch 128 --examples 128 --each_on_all \\
+      --apgd_steps 10 --fab_steps 10 --num_targets 1 --square_queries 100
 """
 
 import argparse
@@ -44,6 +61,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.interpreters import partial_eval  # dce_jaxpr: no public equivalent
 
 from benchmarks import machine
 from hydra_jax import attacks
@@ -119,15 +137,14 @@ def _source(args):
   return apply_fn, variables, args.model, x, y, 8 / 255 if args.eps is None else args.eps, "linf"
 
 
-def _torch_sequence(net, x, y, eps, norm, counts, num_classes, seed):
-  """Robust counts after each stage of torchattacks' attacks run as MultiAttack runs them (on the examples still
-  robust), and the seconds."""
-  import torch
+def _torch_attacks(net, eps, norm, counts, seed):
+  """torchattacks' APGD(loss='ce'), APGDT, FAB(multi_targeted=True) and Square at `counts`, in STAGES' order.
+  The targets: the classes of the 2nd .. (num_targets + 1)-th largest logits, as in hydra_jax."""
   import torchattacks
 
   torch_norm = {"linf": "Linf", "l2": "L2"}[norm]
   targets = counts["num_targets"]
-  stages = [
+  return [
     torchattacks.APGD(net, norm=torch_norm, eps=eps, steps=counts["apgd_steps"], n_restarts=1, loss="ce", seed=seed),
     torchattacks.APGDT(
       net, norm=torch_norm, eps=eps, steps=counts["apgd_steps"], n_restarts=1, n_classes=targets + 1, seed=seed
@@ -144,7 +161,146 @@ def _torch_sequence(net, x, y, eps, norm, counts, num_classes, seed):
     ),
     torchattacks.Square(net, norm=torch_norm, eps=eps, n_queries=counts["square_queries"], n_restarts=1, seed=seed),
   ]
-  del num_classes  # the targets: the classes of the 2nd .. (num_targets + 1)-th largest logits
+
+
+def attack_steps(counts: dict) -> dict:
+  """Gradient steps (APGD, FAB: targets x iterations) or queries (Square) of each stage at `counts`."""
+  return {
+    "apgd_ce": counts["apgd_steps"],
+    "apgd_t": counts["num_targets"] * counts["apgd_steps"],
+    "fab_t": counts["num_targets"] * counts["fab_steps"],
+    "square": counts["square_queries"],
+  }
+
+
+def live_flops(fn, *args) -> int:
+  """Matmul and convolution FLOPs of `fn(*args)` counted from its jaxpr after dead-code elimination: an attack's
+  input gradient goes through the zoo's custom-VJP convolutions, whose backward also computes the kernel
+  gradient, which the attack never uses and XLA drops (`machine.jaxpr_flops` counts it: 1.55x the FLOPs of a
+  ResNet-18 input gradient, where XLA's cost analysis of the loop-free gradient gives 2.0x the forward's)."""
+  closed = jax.make_jaxpr(fn)(*args)
+  live, _ = partial_eval.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+  return machine.count_jaxpr_flops(live)
+
+
+def _jax_stage(logits_fn, images, labels, keys, name, s, eps, norm, counts) -> dict:
+  """Stage `name` (the s-th of the standard sequence) alone on the batch, as `evaluate` runs it: the robust
+  count, the seconds of one compiled run, the compilation seconds, and the FLOPs counted from the jaxpr with
+  their fraction of the matmul rate measured just before the run (none for Square, whose query loop is a while
+  loop)."""
+  attack = autoattack._stage_attack(name, 1, eps=eps, norm=norm, p_init=0.8, eot_iter=1, **counts)
+  fn = lambda images, labels, keys: attack(logits_fn, images, labels, attacks.fold_in(keys, s))
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(images, labels, keys).compile()
+  compile_s = time.perf_counter() - start
+  matmul = machine.matmul_gflops()  # the roofline at this moment: the load of a shared machine drifts
+  start = time.perf_counter()
+  x_adv = compiled(images, labels, keys).block_until_ready()
+  seconds = time.perf_counter() - start
+  robust = int(jnp.sum(jnp.argmax(logits_fn(x_adv), -1) == labels))
+  flops = live_flops(fn, images, labels, keys) if name != "square" else 0
+  return dict(
+    robust=robust,
+    seconds=seconds,
+    compile_s=compile_s,
+    flops=flops,
+    matmul_gflops=matmul,
+    roofline=machine.roofline_fraction(flops, seconds, matmul),
+  )
+
+
+def _torch_stage(attack, net, images, labels) -> dict:
+  """torchattacks' `attack` on the batch: the robust count and the seconds."""
+  import torch
+
+  start = time.perf_counter()
+  adv = attack(images, labels)
+  seconds = time.perf_counter() - start
+  with torch.no_grad():
+    return dict(robust=int((net(adv).argmax(1) == labels).sum()), seconds=seconds)
+
+
+def _time_each(apply_fn, variables, net, x, y, eps, norm, counts, seed, stages) -> tuple[dict, dict]:
+  """Each of `stages` alone on all of (x, y), one batch, hydra_jax then torchattacks attack by attack (so that a
+  change of the machine's load falls on both sides of a ratio): ({stage: `_jax_stage` row}, {stage:
+  `_torch_stage` row}). hydra_jax sees the model in `attacks.in_chunks` of the backend's size with per-example
+  keys, as in `evaluate`; torchattacks runs after one warm-up forward and backward."""
+  import torch
+
+  logits_fn = attacks.in_chunks(lambda images: apply_fn(variables, images, False)[0], 0)
+  keys = attacks.example_keys(jax.random.PRNGKey(seed), jnp.arange(len(y)))
+  images, labels = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long()
+  torch.nn.functional.cross_entropy(net(images.clone().requires_grad_(True)), labels).backward()
+  ours, theirs = {}, {}
+  for s, (name, attack) in enumerate(zip(STAGES, _torch_attacks(net, eps, norm, counts, seed))):
+    if name not in stages:
+      continue
+    ours[name] = _jax_stage(logits_fn, jnp.asarray(x), jnp.asarray(y), keys, name, s, eps, norm, counts)
+    theirs[name] = _torch_stage(attack, net, images, labels)
+    print(f"  {name}: hydra_jax {ours[name]}, torchattacks {theirs[name]}", flush=True)
+  return ours, theirs
+
+
+def _report_each(ours, theirs, counts, n) -> dict:
+  """Print and return the per-attack seconds of both sides, their ratio, the seconds per step and the
+  extrapolation to the paper's counts."""
+  steps, paper = attack_steps(counts), attack_steps(FULL)
+  table = {}
+  for name in ours:
+    mine, ref = ours[name], theirs[name]
+    table[name] = dict(
+      steps=steps[name],
+      robust_hydra_jax=mine["robust"],
+      robust_torchattacks=ref["robust"],
+      hydra_jax_s=mine["seconds"],
+      torchattacks_s=ref["seconds"],
+      speedup=ref["seconds"] / mine["seconds"],
+      hydra_jax_step_s=mine["seconds"] / steps[name],
+      torchattacks_step_s=ref["seconds"] / steps[name],
+      hydra_jax_paper_s=mine["seconds"] / steps[name] * paper[name],
+      torchattacks_paper_s=ref["seconds"] / steps[name] * paper[name],
+      compile_s=mine["compile_s"],
+      gflops=mine["flops"] / 1e9,
+      roofline=mine["roofline"],
+      matmul_gflops=mine["matmul_gflops"],
+    )
+  print(f"Each attack alone on all {n} examples (counts {counts}); roofline: over the f32 matmul rate just before")
+  print(
+    f"{'attack':8s} {'steps':>5s} {'robust ours/ref':>15s} {'ours s':>8s} {'ref s':>8s} {'ratio':>6s} "
+    f"{'ours s/step':>11s} {'ref s/step':>10s} {'compile s':>9s} {'GFLOP':>7s} {'matmul GFLOP/s':>14s} "
+    f"{'roofline':>8s} "
+    f"{'extrapolated ours/ref s at paper counts':>40s}"
+  )
+  for name, r in table.items():
+    roofline = f"{100 * r['roofline']:7.1f}%" if r["gflops"] else f"{'-':>8s}"
+    extrapolated = f"{r['hydra_jax_paper_s']:.0f} / {r['torchattacks_paper_s']:.0f} ({paper[name]} steps)"
+    print(
+      f"{name:8s} {r['steps']:5d} {r['robust_hydra_jax']:>7d}/{r['robust_torchattacks']:<7d} "
+      f"{r['hydra_jax_s']:8.1f} {r['torchattacks_s']:8.1f} {r['speedup']:5.2f}x {r['hydra_jax_step_s']:11.3f} "
+      f"{r['torchattacks_step_s']:10.3f} {r['compile_s']:9.1f} {r['gflops']:7.0f} {r['matmul_gflops']:14.1f} "
+      f"{roofline} "
+      f"{extrapolated:>40s}"
+    )
+  total_ours = sum(r["hydra_jax_s"] for r in table.values())
+  total_ref = sum(r["torchattacks_s"] for r in table.values())
+  paper_ours = sum(r["hydra_jax_paper_s"] for r in table.values())
+  paper_ref = sum(r["torchattacks_paper_s"] for r in table.values())
+  print(
+    f"all {len(table)}: hydra_jax {total_ours:.1f} s (+{sum(r['compile_s'] for r in table.values()):.1f} compile), "
+    f"torchattacks {total_ref:.1f} s, {total_ref / total_ours:.2f}x; extrapolated to the paper's counts, each "
+    f"attack on every example: {paper_ours:.0f} s against {paper_ref:.0f} s"
+  )
+  return dict(
+    per_attack=table, total_speedup=total_ref / total_ours, paper_hydra_jax_s=paper_ours, paper_torchattacks_s=paper_ref
+  )
+
+
+def _torch_sequence(net, x, y, eps, norm, counts, seed):
+  """Robust counts after each stage of torchattacks' attacks run as MultiAttack runs them (on the examples still
+  robust), and the seconds."""
+  import torch
+
+  stages = _torch_attacks(net, eps, norm, counts, seed)
   images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
   labels = torch.from_numpy(y).long()
   start = time.perf_counter()
@@ -218,6 +374,27 @@ def _report_square_seeds(ours, theirs, examples, seeds) -> dict:
   return row
 
 
+def _each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity) -> dict:
+  """The --each_on_all comparison: the header, then `_report_each`'s table; returns its row."""
+  import torch
+
+  if len(y) > args.batch:
+    raise ValueError(f"--each_on_all times one batch: --examples ({len(y)}) must be <= --batch ({args.batch})")
+  matmul = machine.matmul_gflops()
+  print(machine.header(machine.describe(), matmul))
+  print(f"CPU: {cpu()}; torch threads {torch.get_num_threads()}")
+  print(f"logits hydra_jax vs PyTorch export: max |diff| {parity:.2e}; {norm} eps {eps:.4g}")
+  stages = args.stages.split(",")
+  ours, theirs = _time_each(apply_fn, variables, net, x, y, eps, norm, counts, args.seed, stages)
+  row = dict(model=args.run or f"{args.model} (random, k={args.k:g})", examples=len(y), norm=norm, eps=eps)
+  row.update(counts=counts, logit_parity_max_abs=parity, cpu=cpu(), torch_threads=torch.get_num_threads())
+  row.update(_report_each(ours, theirs, counts, len(y)))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(row, f, indent=2)
+  return row
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--run", default=None, help="a finished run directory (default: a random --model)")
@@ -234,7 +411,13 @@ def main(argv=None) -> list[dict]:
   parser.add_argument(
     "--square_seeds", type=int, default=0, help="instead of torchattacks' sequence: Square alone, seeds 0..N-1"
   )
+  parser.add_argument(
+    "--each_on_all", action="store_true", help="instead of the sequence: each attack alone on every example, timed"
+  )
+  parser.add_argument("--stages", default=",".join(STAGES), help="--each_on_all: the attacks to time, comma-separated")
   args = parser.parse_args(argv)
+  if unknown := set(args.stages.split(",")) - set(STAGES):
+    raise ValueError(f"unknown --stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
   counts = dict(FULL)
   if args.tiny:
     counts = dict(TINY)
@@ -252,6 +435,8 @@ def main(argv=None) -> list[dict]:
     torch_logits = net(torch.from_numpy(x[:16]).permute(0, 3, 1, 2).contiguous()).numpy()
   parity = float(np.abs(torch_logits - np.asarray(apply_fn(variables, x[:16], False)[0])).max())
 
+  if args.each_on_all:
+    return [_each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity)]
   method = "autoattack" if norm == "linf" else "autoattack_l2"
   config = {method: dict(eps=eps, **counts)}
   batches = lambda: [
@@ -276,7 +461,7 @@ def main(argv=None) -> list[dict]:
   start = time.perf_counter()
   run()
   jax_s = time.perf_counter() - start
-  torch_after, torch_s = _torch_sequence(net, x, y, eps, norm, counts, num_classes, args.seed)
+  torch_after, torch_s = _torch_sequence(net, x, y, eps, norm, counts, args.seed)
 
   n = len(y)
   row = {

@@ -163,3 +163,32 @@ def test_autoattack_benchmark_runs_both_sides_at_tiny_size():
   (row,) = bench_autoattack.main(["--tiny"])
   assert row["logit_parity_max_abs"] < 1e-4
   assert set(row["hydra_jax"]) == set(row["torchattacks"]) == set(bench_autoattack.STAGES)
+
+
+def test_autoattack_each_on_all_report_gives_ratios_and_paper_count_extrapolation():
+  """`bench_autoattack`'s --each_on_all table from hand-made timings: the ratio, seconds per step (targets x
+  iterations) and the extrapolation to the paper's counts (100, 9 x 100, 9 x 100, 5000)."""
+  from benchmarks import bench_autoattack
+
+  counts = dict(apgd_steps=10, fab_steps=5, square_queries=100, num_targets=2)
+  seconds = dict(apgd_ce=2.0, apgd_t=8.0, fab_t=5.0, square=4.0)
+  ours = {
+    name: dict(robust=3, seconds=s, compile_s=1.0, flops=0, matmul_gflops=1.0, roofline=float("nan"))
+    for name, s in seconds.items()
+  }
+  theirs = {name: dict(robust=4, seconds=3 * s) for name, s in seconds.items()}
+  table = bench_autoattack._report_each(ours, theirs, counts, 8)["per_attack"]
+  assert {name: row["steps"] for name, row in table.items()} == dict(apgd_ce=10, apgd_t=20, fab_t=10, square=100)
+  assert all(row["speedup"] == pytest.approx(3.0) for row in table.values())
+  assert table["apgd_t"]["hydra_jax_step_s"] == pytest.approx(8.0 / 20)
+  assert table["apgd_t"]["hydra_jax_paper_s"] == pytest.approx(8.0 / 20 * 900)
+  assert table["fab_t"]["torchattacks_paper_s"] == pytest.approx(15.0 / 10 * 900)
+  assert table["square"]["hydra_jax_paper_s"] == pytest.approx(4.0 / 100 * 5000)
+  assert table["apgd_ce"]["hydra_jax_paper_s"] == pytest.approx(2.0 / 10 * 100)
+
+
+def test_autoattack_each_on_all_rejects_an_unknown_stage():
+  from benchmarks import bench_autoattack
+
+  with pytest.raises(ValueError, match="unknown --stages"):
+    bench_autoattack.main(["--tiny", "--each_on_all", "--stages", "apgd_ce,fab"])
