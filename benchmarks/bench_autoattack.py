@@ -61,7 +61,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.interpreters import partial_eval  # dce_jaxpr: no public equivalent
 
 from benchmarks import machine
 from hydra_jax import attacks
@@ -173,16 +172,6 @@ def attack_steps(counts: dict) -> dict:
   }
 
 
-def live_flops(fn, *args) -> int:
-  """Matmul and convolution FLOPs of `fn(*args)` counted from its jaxpr after dead-code elimination: an attack's
-  input gradient goes through the zoo's custom-VJP convolutions, whose backward also computes the kernel
-  gradient, which the attack never uses and XLA drops (`machine.jaxpr_flops` counts it: 1.55x the FLOPs of a
-  ResNet-18 input gradient, where XLA's cost analysis of the loop-free gradient gives 2.0x the forward's)."""
-  closed = jax.make_jaxpr(fn)(*args)
-  live, _ = partial_eval.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
-  return machine.count_jaxpr_flops(live)
-
-
 def _jax_stage(logits_fn, images, labels, keys, name, s, eps, norm, counts) -> dict:
   """Stage `name` (the s-th of the standard sequence) alone on the batch, as `evaluate` runs it: the robust
   count, the seconds of one compiled run, the compilation seconds, and the FLOPs counted from the jaxpr with
@@ -198,7 +187,7 @@ def _jax_stage(logits_fn, images, labels, keys, name, s, eps, norm, counts) -> d
   x_adv = compiled(images, labels, keys).block_until_ready()
   seconds = time.perf_counter() - start
   robust = int(jnp.sum(jnp.argmax(logits_fn(x_adv), -1) == labels))
-  flops = live_flops(fn, images, labels, keys) if name != "square" else 0
+  flops = machine.jaxpr_flops(fn, images, labels, keys) if name != "square" else 0
   return dict(
     robust=robust,
     seconds=seconds,
