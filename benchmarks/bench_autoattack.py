@@ -54,8 +54,6 @@ a model that Square does not break early. The speed row of issue 28:
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import jax
@@ -76,18 +74,11 @@ TINY = dict(apgd_steps=5, fab_steps=5, square_queries=50, num_targets=3)
 
 
 def cpu() -> str:
-  """The CPU's model name and widest x86 vector ISA (from /proc/cpuinfo where there is one), its core count and
-  the load average: where the seconds come from."""
-  model, isa = platform.processor() or platform.machine(), "unknown ISA"
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    model = names[0] if names else model
-    isa = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), isa)
-  load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-  return f"{model} ({isa}), {os.cpu_count()} cores, load average {load}"
+  """The CPU's model name and widest vector ISA, its core count and the load average (`machine.describe`): where
+  the seconds come from."""
+  info = machine.describe()
+  load = ", ".join(f"{v:.1f}" for v in info["load_average"]) if info["load_average"] else "?"
+  return f"{info['cpu']} ({info['cpu_isa']}), {info['cpu_count']} cores, load average {load}"
 
 
 def _torch_model(name, variables, input_shape, num_classes):
