@@ -40,6 +40,15 @@ def test_jaxpr_flops_count_loops_times_their_trip_count():
   assert machine.jaxpr_flops(jax.jit(ten_times), a, b) == 10 * 2 * 6 * 4 * 3
 
 
+def test_jaxpr_flops_count_only_what_the_outputs_need():
+  # The gradient of sum(a @ w) in a: the traced jaxpr also holds the forward product, which the gradient (ones @ w.T,
+  # 6x3 by 3x4) does not need and XLA drops.
+  a, w = jnp.ones((6, 4)), jnp.ones((4, 3))
+  input_grad = jax.grad(lambda a, w: jnp.sum(a @ w), argnums=0)
+  assert machine.jaxpr_flops(input_grad, a, w) == 2 * 6 * 3 * 4
+  assert machine.jaxpr_flops(lambda a, w: (a @ w, a.sum())[1], a, w) == 0  # a product nothing returns
+
+
 def test_jaxpr_flops_of_convolutions_match_xla_and_do_not_depend_on_batch_chunks():
   x, w = jnp.ones((8, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
   valid = lambda x, w: layers.xla_conv(x, w, 1, 0)  # no padding: XLA's count (taps on real pixels) is the same
