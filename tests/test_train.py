@@ -485,6 +485,7 @@ def test_config_errors_name_the_key():
   assert config_lib.lookup(tiny_config(), "stages.prune.score_init") == "scaled"
 
 
+@pytest.mark.devices(8)
 def test_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
   config = tiny_config(**{"parallel.mode": "pmap", "data.batch_size": 36})
   with pytest.raises(ValueError, match="batch size 36 does not divide by the 8 devices"):
