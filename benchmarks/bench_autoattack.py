@@ -34,6 +34,14 @@ number that is within the seed-to-seed spread of Square is the luck of the rando
 
   python -m benchmarks.bench_autoattack --run runs/digits_demo/k0.05/finetune --examples 360 --square_seeds 5
 
+With --against_whole_batch the torchattacks side is replaced by hydra_jax's own former way: every attack on the
+whole batch, the examples already broken masked (`autoattack(chunk_size=batch)`), against the default, each
+attack on the robust examples gathered into chunks with the empty chunks skipped; alternating, --repeats timed
+passes each, and the verdicts per example compared:
+
+  python -m benchmarks.bench_autoattack --run runs/digits_demo/k0.05/finetune --examples 360 --batch 120 \
+      --against_whole_batch --repeats 2
+
 With --each_on_all the sequence is replaced by the speed comparison of each attack alone on all the examples
 correct clean, on both sides: in the sequence, later attacks see only what earlier ones left robust (on a model
 that APGD-CE breaks, nothing), so the sequence's seconds say little about FAB-T or Square. The two sides run
@@ -354,6 +362,66 @@ def _report_square_seeds(ours, theirs, examples, seeds) -> dict:
   return row
 
 
+def _report_gathered(seconds: dict[str, list[float]], robust: dict[str, dict[str, int]], examples: int) -> dict:
+  """The --against_whole_batch row: median seconds of each variant, the speed-up of gathering, and whether the
+  robust counts per stage agree (the per-example verdicts are compared by the caller)."""
+  median = {variant: float(np.median(times)) for variant, times in seconds.items()}
+  return dict(
+    examples=examples,
+    seconds=median,
+    speedup=median["whole batch"] / median["gathered"],
+    robust=robust,
+    same_counts=robust["gathered"] == robust["whole batch"],
+  )
+
+
+def _gathered_vs_whole(args, apply_fn, variables, x, y, eps, norm, counts) -> dict:
+  """--against_whole_batch: hydra_jax's sequence with each attack on the gathered robust examples (the default)
+  against each attack on the whole batch (masked, `chunk_size` = the batch), alternating, --repeats timed passes
+  each after a compiling one; the verdicts per example must be equal."""
+  logits_fn = attacks.in_chunks(lambda z: apply_fn(variables, z, False)[0], 0)
+  programs = {
+    variant: jax.jit(
+      lambda x, y, k, chunk=chunk: autoattack.autoattack(
+        logits_fn, x, y, key=k, eps=eps, norm=norm, chunk_size=chunk, **counts
+      )[1]
+    )
+    for variant, chunk in (("whole batch", args.batch), ("gathered", 0))
+  }
+  keys = attacks.example_keys(jax.random.key(args.seed), jnp.arange(len(y)))
+  batches = [
+    (x[s : s + args.batch], y[s : s + args.batch], keys[s : s + args.batch]) for s in range(0, len(y), args.batch)
+  ]
+
+  def timed(program):
+    start = time.perf_counter()
+    out = [jax.block_until_ready(program(*batch)) for batch in batches]
+    return time.perf_counter() - start, {k: np.concatenate([np.asarray(o[k]) for o in out]) for k in out[0]}
+
+  print(machine.header(machine.describe(), machine.matmul_gflops()))
+  verdicts = {variant: timed(program)[1] for variant, program in programs.items()}  # compiles
+  seconds = {variant: [] for variant in programs}
+  for _ in range(args.repeats):
+    for variant, program in programs.items():
+      elapsed, verdicts[variant] = timed(program)
+      seconds[variant].append(elapsed)
+  robust = {variant: {k: int(v.sum()) for k, v in sorted(out.items())} for variant, out in verdicts.items()}
+  row = _report_gathered(seconds, robust, len(y))
+  row["same_verdicts"] = all(
+    np.array_equal(verdicts["gathered"][k], verdicts["whole batch"][k]) for k in robust["gathered"]
+  )
+  print(
+    f"AutoAttack standard on {args.run or args.model}: {len(y)} examples in batches of {args.batch}, counts {counts}"
+  )
+  for variant in programs:
+    print(f"{variant:12s} {row['seconds'][variant]:8.1f} s  robust after each stage {robust[variant]}")
+  print(
+    f"gathered robust examples: {row['speedup']:.2f}x the whole batch; "
+    f"same verdicts per example: {row['same_verdicts']}"
+  )
+  return row
+
+
 def _each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity) -> dict:
   """The --each_on_all comparison: the header, then `_report_each`'s table; returns its row."""
   import torch
@@ -395,6 +463,12 @@ def main(argv=None) -> list[dict]:
     "--each_on_all", action="store_true", help="instead of the sequence: each attack alone on every example, timed"
   )
   parser.add_argument("--stages", default=",".join(STAGES), help="--each_on_all: the attacks to time, comma-separated")
+  parser.add_argument(
+    "--against_whole_batch",
+    action="store_true",
+    help="instead of torchattacks: hydra_jax's sequence on the gathered robust examples against the whole batch",
+  )
+  parser.add_argument("--repeats", type=int, default=1, help="--against_whole_batch: timed passes of each variant")
   args = parser.parse_args(argv)
   if unknown := set(args.stages.split(",")) - set(STAGES):
     raise ValueError(f"unknown --stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
@@ -405,9 +479,15 @@ def main(argv=None) -> list[dict]:
     if not args.run:
       args.model = "cnn_tiny"
   counts.update({name: getattr(args, name) for name in FULL if getattr(args, name) is not None})
+  apply_fn, variables, name, x, y, eps, norm = _source(args)
+  if args.against_whole_batch:
+    row = _gathered_vs_whole(args, apply_fn, variables, x, y, eps, norm, counts)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(row, f, indent=2)
+    return [row]
   import torch
 
-  apply_fn, variables, name, x, y, eps, norm = _source(args)
   num_classes = int(apply_fn(variables, x[:1], False)[0].shape[-1])
   counts["num_targets"] = min(counts["num_targets"], num_classes - 1)
   net = _torch_model(name, variables, x.shape[1:], num_classes)

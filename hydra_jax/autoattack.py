@@ -3,8 +3,9 @@
 `square` (Andriushchenko et al., ECCV 2020) is a score-based black-box attack: random search over square
 patches, using only the logits. `fab_targeted` (Croce & Hein, ICML 2020) is the targeted fast adaptive
 boundary attack. `autoattack` runs APGD-CE -> APGD-T -> FAB-T -> Square, each attack only on the examples
-that the earlier ones left robust (by masking: shapes stay static, an example already broken keeps its
-adversarial point), with the counts of the "standard", "plus" and "rand" versions of the authors' code.
+that the earlier ones left robust (gathered into chunks, chunks without one skipped: shapes stay static and
+the work follows the robust count; an example already broken keeps its adversarial point), with the counts of
+the "standard", "plus" and "rand" versions of the authors' code.
 
 Like `hydra_jax.attacks`, everything here is a pure function of `logits_fn(x) -> logits` (eval mode), batched,
 with NHWC inputs in [0, 1], and takes `key` as one PRNG key or per-example keys (`attacks.example_keys`):
@@ -24,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -554,6 +556,44 @@ def _stage_attack(name, restarts, *, eps, norm, apgd_steps, fab_steps, square_qu
   return lambda f, x, y, k: square(f, x, y, key=k, queries=square_queries, p_init=p_init, restarts=restarts, **common)
 
 
+def _on_robust_chunks(
+  run: Callable[[Array, Array, Array], Array], x: Array, y: Array, key: Array, robust: Array, chunk: int
+) -> Array:
+  """`run(x, y, key) -> x_adv` on the examples where `robust` [B] only, in chunks of `chunk` examples.
+
+  The robust examples go first (in batch order) and a chunk with no robust example is skipped (`lax.cond`), so
+  with R robust examples the attack runs on ceil(R / chunk) chunks instead of the whole batch, as the
+  reference drops broken examples between attacks. The result for an example that is not robust is
+  unspecified. Needs per-example keys (the attack's result for an example then does not depend on its chunk);
+  a chunk of 0 or at least the batch runs the whole batch, skipped when no example is robust.
+
+  Args:
+    run: the attack, [b, H, W, C], [b], keys -> [b, H, W, C], traced once for the chunk's shape.
+    x, y, key: inputs [B, H, W, C], labels [B], per-example keys [B] (or one key when unchunked).
+    robust: bool [B].
+    chunk: examples per chunk.
+
+  Returns:
+    x_adv [B, H, W, C].
+  """
+  batch = x.shape[0]
+  if not chunk or chunk >= batch:
+    return lax.cond(jnp.any(robust), lambda: run(x, y, key), lambda: x)
+  chunks = -(-batch // chunk)
+  order = jnp.argsort(~robust, stable=True)  # robust first
+  padding = chunks * chunk - batch
+  index = jnp.concatenate([order, jnp.broadcast_to(order[-1], (padding,))])  # padded with a non-robust one
+  active = jnp.concatenate([robust[order], jnp.zeros((padding,), bool)])
+  grouped = lambda a: a[index].reshape((chunks, chunk) + a.shape[1:])
+
+  def one(operands):
+    xc, yc, kc, ac = operands
+    return lax.cond(jnp.any(ac), lambda: run(xc, yc, kc), lambda: xc)
+
+  x_adv = lax.map(one, (grouped(x), grouped(y), grouped(key), active.reshape(chunks, chunk)))
+  return jnp.zeros_like(x).at[order].set(x_adv.reshape((chunks * chunk,) + x.shape[1:])[:batch])
+
+
 def autoattack(
   logits_fn: attacks.LogitsFn,
   x: Array,
@@ -569,15 +609,19 @@ def autoattack(
   num_targets: int = 9,
   p_init: float = 0.8,
   eot_iter: int = 1,
+  chunk_size: int = 0,
 ) -> tuple[Array, dict[str, Array]]:
   """AutoAttack (Croce & Hein, ICML 2020): its `version`'s attacks in sequence, each only on the examples that
   every earlier one left robust.
 
   standard: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries), one run each, 100
   iterations; plus: APGD-CE and APGD-DLR with 5 restarts, FAB with 5, Square, APGD-T, FAB-T; rand: APGD-CE,
-  APGD-DLR (see `VERSIONS`). Within the batch program an example's adversarial point is taken from the first
-  attack that misclassifies it and later attacks skip it (masked; an attack whose examples are all broken
-  is skipped by `lax.cond`). Stage s draws from fold_in(key, s).
+  APGD-DLR (see `VERSIONS`). An example's adversarial point is taken from the first attack that misclassifies
+  it; later attacks skip it, as the reference's do, and so do all attacks for an example misclassified clean:
+  each attack runs on the examples still robust, gathered first, in chunks of `chunk_size`, and a chunk with
+  none is skipped (`lax.cond`), so the work follows the robust count (`_on_robust_chunks`). An example's result
+  depends only on its own key (one key is turned into per-example keys by `attacks.example_keys` when the batch
+  is chunked). Stage s draws from fold_in(key, s).
 
   Args:
     logits_fn: eval-mode logits function, [B, ...] -> [B, K].
@@ -593,6 +637,9 @@ def autoattack(
       `logits_fn` is `(x, key) -> logits` drawing its randomness from key (one key or per-example keys, as
       given here; see `attacks.draw`), APGD averages each gradient over eot_iter draws (the authors: 20), and
       the clean and per-stage misclassification checks read one draw each.
+    chunk_size: examples per chunk of the robust examples each attack runs on (0: the backend's attack chunk,
+      `backend_knobs`: 32 on CPU, the whole batch elsewhere). A chunk as large as the batch runs the attack on
+      the whole batch, skipped only when no example is robust.
 
   Returns:
     (x_adv [B, H, W, C], robust): robust maps each stage's name to bool [B], correct clean and under every
@@ -605,6 +652,9 @@ def autoattack(
     raise ValueError(f"eot_iter must be >= 1, got {eot_iter}")
   if eot_iter > 1 and any(not name.startswith("apgd_") or name == "apgd_t" for name, _ in stages):
     raise ValueError(f"eot_iter > 1 needs an APGD-CE/DLR-only version ('rand'), got version {version!r}")
+  chunk = attacks.auto_chunk_size(chunk_size)
+  if chunk and chunk < x.shape[0] and not attacks._is_per_example(key):
+    key = attacks.example_keys(key, jnp.arange(x.shape[0]))  # an example's draws must follow it into its chunk
   check_key = attacks.fold_in(key, len(stages))  # the misclassification checks' draws
   if eot_iter > 1:
     random_logits_fn = logits_fn
@@ -628,9 +678,8 @@ def autoattack(
       p_init=p_init,
       eot_iter=eot_iter,
     )
-    stage_key = attacks.fold_in(key, s)
-    run = lambda operands, attack=attack, stage_key=stage_key: attack(logits_fn, operands[0], operands[1], stage_key)
-    candidate = lax.cond(jnp.any(robust), run, lambda operands: operands[0], (x, y))
+    run = lambda x, y, k, attack=attack: attack(logits_fn, x, y, k)
+    candidate = _on_robust_chunks(run, x, y, attacks.fold_in(key, s), robust, chunk)
     broken = robust & (predict(candidate, s) != y)
     if name in BLACK_BOX:
       masking = masking | broken

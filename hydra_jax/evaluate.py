@@ -11,7 +11,7 @@ Gaussian noise (`smooth`: Cohen et al.'s certified accuracy at l2 radius eps and
 Every method runs on the whole batch (not only on the points earlier methods left robust), which keeps shapes
 static; the worst case is the same. The ensemble methods `autoattack` / `autoattack_l2` run AutoAttack's
 sequence (`hydra_jax.autoattack`) the authors' way inside the batch program (each attack only on the points
-still robust, by masking) and add a column per attack ('autoattack_apgd_ce', ...) and 'autoattack_masking';
+still robust, gathered into chunks) and add a column per attack ('autoattack_apgd_ce', ...) and 'autoattack_masking';
 `min_norms` gives FMN's smallest adversarial norms per example, for security curves.
 
 Usage:

@@ -449,3 +449,48 @@ def test_eot_needs_the_apgd_only_version():
     autoattack.autoattack(random_logits_fn, x, y, key=jax.random.key(0), eps=0.1, eot_iter=2)
   with pytest.raises(ValueError, match="restarts and eot_iter must be >= 1, got 1 and 0"):
     attacks.apgd(random_logits_fn, x, y, key=jax.random.key(0), eps=0.1, eot_iter=0)
+
+
+def test_each_attack_runs_on_the_robust_examples_only_in_chunks_and_each_result_returns_to_its_example():
+  """AutoAttack's later attacks cost what the robust examples cost: with 5 of 10 robust and chunks of 4, two
+  chunks run (the robust ones first, in batch order), the third is skipped; a key-dependent result lands on its
+  own example (per-example keys follow the examples into the chunks)."""
+  batch, chunk = 10, 4
+  x = jnp.arange(batch, dtype=jnp.float32).reshape(batch, 1, 1, 1)
+  y = jnp.arange(batch)
+  keys = attacks.example_keys(jax.random.key(0), jnp.arange(batch))
+  robust = jnp.array([0, 1, 0, 0, 1, 0, 0, 1, 1, 1], bool)
+  seen = []
+
+  def run(xc, yc, kc):
+    jax.debug.callback(lambda labels: seen.append(sorted(np.asarray(labels).tolist())), yc)
+    return xc + jax.vmap(jax.random.uniform)(kc)[:, None, None, None]
+
+  x_adv = np.asarray(jax.jit(lambda: autoattack._on_robust_chunks(run, x, y, keys, robust, chunk))())
+  assert sorted(seen) == [[0, 2, 3, 9], [1, 4, 7, 8]]  # robust 1, 4, 7, 8 | 9 + non-robust 0, 2, 3 | skipped
+  expected = np.asarray(x)[:, 0, 0, 0] + np.asarray([jax.random.uniform(k) for k in keys])
+  index = np.flatnonzero(robust)
+  np.testing.assert_allclose(x_adv[index, 0, 0, 0], expected[index], rtol=1e-6)
+
+  seen.clear()
+  whole = jax.jit(lambda r: autoattack._on_robust_chunks(run, x, y, keys, r, batch))
+  np.testing.assert_array_equal(whole(jnp.zeros(batch, bool)), x)  # nothing robust: the attack is skipped
+  assert seen == []
+  np.testing.assert_allclose(np.asarray(whole(robust))[index, 0, 0, 0], expected[index], rtol=1e-6)
+  assert seen == [list(range(batch))]
+
+
+def test_autoattack_per_example_results_do_not_depend_on_the_chunk_size():
+  """The linear model with its input gradient cut (Square breaks what the white-box attacks cannot), in chunks of
+  3 (robust examples gathered, the rest skipped) against the whole batch at once: the same verdict per example
+  and stage."""
+  eps = 0.1
+  _, x, y, _, masked, _ = _linear_logits(eps)
+  keys = attacks.example_keys(jax.random.key(1), jnp.arange(len(y)))
+  run = lambda chunk: jax.jit(
+    lambda x, y, k: autoattack.autoattack(masked, x, y, key=k, eps=eps, chunk_size=chunk, **FAST_AA)[1]
+  )(x, y, keys)
+  chunked, whole = run(3), run(len(y))
+  assert 0 < np.sum(chunked["square"]) < np.sum(chunked["fab_t"])  # Square ran on a subset and broke examples
+  for name, column in whole.items():
+    np.testing.assert_array_equal(np.asarray(chunked[name]), np.asarray(column), err_msg=name)

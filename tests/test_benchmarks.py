@@ -187,6 +187,21 @@ def test_autoattack_each_on_all_report_gives_ratios_and_paper_count_extrapolatio
   assert table["apgd_ce"]["hydra_jax_paper_s"] == pytest.approx(2.0 / 10 * 100)
 
 
+def test_autoattack_against_whole_batch_report_gives_the_median_speedup_and_compares_counts():
+  from benchmarks import bench_autoattack
+
+  robust = {"apgd_ce": 5, "square": 3}
+  row = bench_autoattack._report_gathered(
+    {"whole batch": [9.0, 12.0, 10.0], "gathered": [6.0, 4.0, 5.0]}, {"whole batch": robust, "gathered": robust}, 8
+  )
+  assert row["seconds"] == {"whole batch": 10.0, "gathered": 5.0} and row["speedup"] == pytest.approx(2.0)
+  assert row["same_counts"]
+  other = bench_autoattack._report_gathered(
+    {"whole batch": [1.0], "gathered": [1.0]}, {"whole batch": robust, "gathered": {**robust, "square": 2}}, 8
+  )
+  assert not other["same_counts"]
+
+
 def test_autoattack_each_on_all_rejects_an_unknown_stage():
   from benchmarks import bench_autoattack
 
