@@ -8,13 +8,17 @@ Run: python -m benchmarks.profile_ops [--model resnet18] [--batch 32] [--attack-
 before jax is imported: run each setting in a process of its own. Each workload is compiled (bench_isa's
 builders, the default knobs), called once to warm up, then once under `jax.profiler.trace`. XLA:CPU records one
 event per executed thunk (an HLO instruction of the compiled module: a fusion, a convolution, a copy, a while
-loop, ...) on the thread that ran it; an op's self time is its event's duration less that of the events nested in
-it on the same thread (a while loop's body ops), summed over its executions. The tables:
-  per op kind  op-seconds (self times summed over threads: more than the wall time when the scheduler runs
-               independent ops side by side), share of all op-seconds, executions, and for convolutions and
-               dots the GFLOP executed (2 x output elements x kernel taps x input channels, from the HLO
-               shapes), GFLOP/s over their self time and that rate as a fraction of the matmul rate;
-  top ops      the `--top` ops by self time: name, kind, output shape (and operand shapes of a conv or dot).
+loop, ...), and for a thunk it runs asynchronously (Eigen convolutions, matmuls and copies) an 'end:' event when
+its work is done. Each op is in flight from its start to its end; the traced span is cut at every start and end
+and each piece's time split equally among the ops in flight then (a while loop gets only the time when none of
+its body ops is in flight), so the seconds of all ops and the idle time (no op in flight) add up to the span. An
+approximation where ops overlap: an asynchronous op waiting for a busy thread pool is counted as in flight. The
+tables:
+  per op kind  seconds, share of the span, executions, and for convolutions and dots the GFLOP executed
+               (2 x output elements x kernel taps x input channels from the HLO shapes: every tap, also those on
+               padding or on the zeros of an lhs_dilate, as `machine.jaxpr_flops` counts), their GFLOP/s and
+               that rate as a fraction of the run's matmul rate;
+  top ops      the `--top` slowest ops: name, kind, output shape (and operand shapes of a conv or dot).
 `--torch`: the PyTorch side of the same workload (bench_isa's: the original HYDRA step, torchattacks' APGD) under
 torch.profiler: self CPU seconds per aten op kind.
 """
@@ -46,7 +50,7 @@ KINDS = (
   "copy/transpose",
   "reduce",
   "custom-call",
-  "while/conditional (self)",
+  "while/conditional",
   "other",
 )
 
@@ -176,45 +180,49 @@ def op_kind(instruction: Instruction, module: Module) -> str:
   if instruction.opcode == "custom-call":
     return "custom-call"
   if instruction.opcode in CONTROL_FLOW:
-    return "while/conditional (self)"
+    return "while/conditional"
   return "other"
 
 
 class Event(NamedTuple):
-  """One executed HLO op of a trace: the thread (`line`) that ran it, the op's name, start and duration in ns."""
+  """One executed HLO op of a trace: its name, when it started and when the thunk executor saw it done (ns).
+  XLA:CPU runs some thunks asynchronously (Eigen convolutions, matmuls, copies): their event ends when the work is
+  handed to the thread pool, their 'end: NAME' event when it is done; the op is in flight in between."""
 
-  line: int
   name: str
   start_ns: float
-  duration_ns: float
+  end_ns: float
 
 
-def self_times(events: list[Event]) -> dict[str, tuple[float, int]]:
-  """{op name: (self seconds summed over its executions, executions)}: each event's duration less those of the
-  events nested directly in it on the same thread (a while loop's body ops inside the while's event)."""
-  totals: dict[str, list] = {}
-  for line in sorted({e.line for e in events}):
-    stack: list[list] = []  # [event, its self ns] of the enclosing events
-    for event in sorted((e for e in events if e.line == line), key=lambda e: (e.start_ns, -e.duration_ns)):
-      while stack and stack[-1][0].start_ns + stack[-1][0].duration_ns <= event.start_ns:
-        _close(stack.pop(), totals)
-      if stack:
-        stack[-1][1] -= event.duration_ns
-      stack.append([event, event.duration_ns])
-    while stack:
-      _close(stack.pop(), totals)
-  return {name: (ns / 1e9, count) for name, (ns, count) in totals.items()}
+def attributed_times(events: list[Event], background=frozenset()) -> tuple[dict[str, tuple[float, int]], float]:
+  """({op name: (seconds, executions)}, idle seconds): the trace's span cut at every start and end, each piece's
+  time split equally among the ops in flight then; ops named in `background` (while loops, which are in flight
+  while their body runs) get time only when no other op is in flight; idle: no op in flight. The seconds and
+  the idle time add up to the span from the first start to the last end."""
+  seconds, executions = {}, {}
+  for event in events:
+    executions[event.name] = executions.get(event.name, 0) + 1
+    seconds.setdefault(event.name, 0.0)
+  boundaries = sorted({t for e in events for t in (e.start_ns, e.end_ns)})
+  pending, active, idle_ns = sorted(events, key=lambda e: e.start_ns), [], 0.0
+  for left, right in zip(boundaries, boundaries[1:]):
+    while pending and pending[0].start_ns <= left:
+      active.append(pending.pop(0))
+    active = [e for e in active if e.end_ns > left]
+    running = [e for e in active if e.name not in background] or active
+    for event in running:
+      seconds[event.name] += (right - left) / len(running)
+    idle_ns += 0.0 if running else right - left
+  return {name: (ns / 1e9, executions[name]) for name, ns in seconds.items()}, idle_ns / 1e9
 
 
-def _close(entry: list, totals: dict[str, list]) -> None:
-  event, own_ns = entry
-  total = totals.setdefault(event.name, [0.0, 0])
-  total[0] += own_ns
-  total[1] += 1
+def loop_names(module: Module) -> set[str]:
+  """The names of `module`'s while loops, conditionals and calls: in flight while their body's ops run."""
+  return {name for name, instruction in module.instructions.items() if instruction.opcode in CONTROL_FLOW}
 
 
 class OpRow(NamedTuple):
-  """One op's (or one kind's) totals: seconds of self time, executions, FLOPs executed."""
+  """One op's (or one kind's) totals: attributed seconds (`attributed_times`), executions, FLOPs executed."""
 
   name: str
   kind: str
@@ -224,7 +232,7 @@ class OpRow(NamedTuple):
 
 
 def op_rows(times: dict[str, tuple[float, int]], module: Module) -> list[OpRow]:
-  """An OpRow per op of `times` (`self_times`), slowest first; ops missing from `module` are an error."""
+  """An OpRow per op of `times` (`attributed_times`), slowest first; ops missing from `module` are an error."""
   missing = sorted(set(times) - set(module.instructions))
   if missing:
     raise ValueError(f"trace ops not in module {module.name}: {missing[:5]}")
@@ -261,21 +269,22 @@ def _rate_cells(row: OpRow, matmul_gflops: float) -> list[str]:
   return [f"{row.flops / 1e9:.1f}", f"{rate:.1f}", f"{rate / matmul_gflops:.2f}"]
 
 
-def kind_table(rows: list[OpRow], matmul_gflops: float, wall_s: float) -> str:
-  """Markdown: per op kind the op-seconds, share of all op-seconds, executions and the conv/dot rates."""
+def kind_table(rows: list[OpRow], idle_s: float, matmul_gflops: float, wall_s: float) -> str:
+  """Markdown: per op kind its seconds, share of the traced span, executions and the conv/dot rates; then the
+  idle time (no op in flight) and the span (all ops and idle; `wall_s`: the call's wall time around it)."""
   kinds = kind_rows(rows)
-  total = sum(row.seconds for row in kinds)
+  span = sum(row.seconds for row in kinds) + idle_s
   lines = [
-    "| op kind | op-s | share | executions | GFLOP | GFLOP/s | of matmul rate |",
+    "| op kind | s | share | executions | GFLOP | GFLOP/s | of matmul rate |",
     "|---|---|---|---|---|---|---|",
   ]
   for row in kinds:
-    cells = [f"{row.seconds:.3f}", f"{row.seconds / total:.3f}", str(row.executions)]
+    cells = [f"{row.seconds:.3f}", f"{row.seconds / span:.3f}", str(row.executions)]
     lines.append(f"| {row.name} | " + " | ".join(cells + _rate_cells(row, matmul_gflops)) + " |")
-  flops = sum(row.flops for row in kinds)
-  summary = OpRow("all", "all", total, sum(row.executions for row in kinds), flops)
+  lines.append(f"| no op in flight | {idle_s:.3f} | {idle_s / span:.3f} | | | | |")
+  summary = OpRow("all", "all", span, sum(row.executions for row in kinds), sum(row.flops for row in kinds))
   lines.append(
-    f"| all ops (wall {wall_s:.3f} s) | {total:.3f} | 1.000 | {summary.executions} | "
+    f"| span (call's wall {wall_s:.3f} s) | {span:.3f} | 1.000 | {summary.executions} | "
     + " | ".join(_rate_cells(summary, matmul_gflops))
     + " |"
   )
@@ -297,10 +306,11 @@ def _shapes(name: str, module: Module) -> str:
 
 
 def top_table(rows: list[OpRow], module: Module, matmul_gflops: float, count: int) -> str:
-  """Markdown: the `count` slowest ops with their kind, shapes, executions, self seconds and rates."""
+  """Markdown: the `count` slowest ops with their kind, shapes, executions, seconds, share of all ops' seconds
+  and rates."""
   total = sum(row.seconds for row in rows)
   lines = [
-    "| op | kind | shape | executions | self s | share | GFLOP/s | of matmul rate |",
+    "| op | kind | shape | executions | s | share | GFLOP/s | of matmul rate |",
     "|---|---|---|---|---|---|---|---|",
   ]
   for row in rows[:count]:
@@ -327,15 +337,16 @@ def trace_events(call, module_name: str) -> tuple[list[Event], float]:
       wall = time.perf_counter() - start
     (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     profile = jax.profiler.ProfileData.from_file(path)
-  events, lines = [], {}
+  starts, done = [], {}  # (name, start, end, flow id) of each op; {flow id: when its 'end:' event began}
   for plane in profile.planes:
     for line in plane.lines:
       for event in line.events:
         stats = dict(event.stats)
         if stats.get("hlo_module") == module_name and "hlo_op" in stats:
-          line_id = lines.setdefault((plane.name, line.name), len(lines))
-          events.append(Event(line_id, stats["hlo_op"], event.start_ns, event.duration_ns))
-  return events, wall
+          starts.append((stats["hlo_op"], event.start_ns, event.start_ns + event.duration_ns, stats.get("_p")))
+        elif event.name.startswith("end: ") and "_c" in stats:
+          done[stats["_c"]] = event.start_ns
+  return [Event(name, start, max(end, done.get(flow, end))) for name, start, end, flow in starts], wall
 
 
 def profile_compiled(compiled, call, matmul_gflops: float, top: int) -> str:
@@ -343,8 +354,9 @@ def profile_compiled(compiled, call, matmul_gflops: float, top: int) -> str:
   module = parse_module(compiled.as_text())
   call()
   events, wall = trace_events(call, module.name)
-  rows = op_rows(self_times(events), module)
-  return kind_table(rows, matmul_gflops, wall) + "\n\n" + top_table(rows, module, matmul_gflops, top)
+  times, idle = attributed_times(events, loop_names(module))
+  rows = op_rows(times, module)
+  return kind_table(rows, idle, matmul_gflops, wall) + "\n\n" + top_table(rows, module, matmul_gflops, top)
 
 
 def torch_kind(op_name: str) -> str:

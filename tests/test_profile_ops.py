@@ -1,5 +1,5 @@
-"""benchmarks/profile_ops.py: HLO text parsing, FLOPs from HLO shapes, op kinds, self times of nested trace events,
-on a hand-written module and trace and on a real trace of a small jitted conv + matmul loop."""
+"""benchmarks/profile_ops.py: HLO text parsing, FLOPs from HLO shapes, op kinds, the time of overlapping and nested
+trace events, on a hand-written module and trace and on a real trace of a small jitted conv + matmul loop."""
 
 import jax
 import jax.numpy as jnp
@@ -78,41 +78,41 @@ def test_flops_and_kinds_from_hlo_shapes():
     "w": "copy/transpose",
     "conv.1": "convolution",
     "copy.1": "copy/transpose",
-    "while.1": "while/conditional (self)",
+    "while.1": "while/conditional",
     "sum_fusion": "fusion: reduce",
   }
   assert po.op_kind(module.instructions["ynn_fusion"], module) == "dot (YNNPACK)"
   assert po.op_kind(module.instructions["transpose_fusion"], module) == "copy/transpose"
 
 
-def test_self_times_subtract_nested_events_on_the_same_thread_only():
-  events = [  # thread 0: the conv, then a while whose body ran the dot twice and the transpose once
-    po.Event(0, "conv.1", 0, 100),
-    po.Event(0, "while.1", 100, 1000),
-    po.Event(0, "ynn_fusion", 150, 300),
-    po.Event(0, "transpose_fusion", 450, 50),
-    po.Event(0, "ynn_fusion", 500, 200),
-    po.Event(1, "copy.1", 120, 40),  # another thread, inside the while's interval: not nested in it
-    po.Event(1, "sum_fusion", 1100, 60),
+def test_time_is_split_among_the_ops_in_flight_and_a_loop_gets_only_the_time_its_body_leaves():
+  events = [
+    po.Event("conv.1", 0, 100),
+    po.Event("copy.1", 50, 150),  # in flight with the conv for 50 ns: 25 ns each; then idle 150-200
+    po.Event("while.1", 200, 1000),  # its body: the dot twice and the transpose, 200 + 50 + 200 ns of 800
+    po.Event("ynn_fusion", 250, 450),
+    po.Event("transpose_fusion", 450, 500),
+    po.Event("ynn_fusion", 500, 700),
+    po.Event("sum_fusion", 1000, 1060),
   ]
-  times = po.self_times(events)
+  times, idle = po.attributed_times(events, background={"while.1"})
   assert times == {
-    "conv.1": (100e-9, 1),
-    "while.1": (450e-9, 1),  # 1000 ns less the dots (300, 200) and the transpose (50) nested in it
-    "ynn_fusion": (500e-9, 2),
+    "conv.1": (75e-9, 1),
+    "copy.1": (75e-9, 1),
+    "while.1": (350e-9, 1),
+    "ynn_fusion": (400e-9, 2),
     "transpose_fusion": (50e-9, 1),
-    "copy.1": (40e-9, 1),
     "sum_fusion": (60e-9, 1),
   }
+  assert idle == pytest.approx(50e-9)
   rows = po.op_rows(times, po.parse_module(HLO))
   assert [row.name for row in rows[:2]] == ["ynn_fusion", "while.1"]
   kinds = {row.kind: row for row in po.kind_rows(rows)}
   assert kinds["dot (YNNPACK)"].flops == 2 * DOT_FLOPS
-  assert kinds["copy/transpose"].seconds == pytest.approx(90e-9)
-  assert kinds["copy/transpose"].executions == 2
-  assert sum(row.seconds for row in kinds.values()) == pytest.approx(sum(e.duration_ns for e in events) * 1e-9 - 550e-9)
-  table = po.kind_table(rows, matmul_gflops=100.0, wall_s=1.2e-6)
-  assert "| convolution | 0.000 | 0.083 | 1 | 0.0 | 276.5 | 2.76 |" in table  # 27648 FLOP / 100 ns; 100 / 1200 ns
+  assert (kinds["copy/transpose"].seconds, kinds["copy/transpose"].executions) == (pytest.approx(125e-9), 2)
+  table = po.kind_table(rows, idle, matmul_gflops=100.0, wall_s=2e-6)
+  assert "| convolution | 0.000 | 0.071 | 1 | 0.0 | 368.6 | 3.69 |" in table  # 27648 FLOP / 75 ns; 75 / 1060 ns
+  assert "| no op in flight | 0.000 | 0.047 |" in table
   with pytest.raises(ValueError, match="not in module jit_toy"):
     po.op_rows({"nowhere.7": (1.0, 1)}, po.parse_module(HLO))
 
@@ -129,8 +129,11 @@ def test_a_real_trace_maps_every_event_to_an_op_and_counts_the_loop_s_matmuls():
   module = po.parse_module(compiled.as_text())
   compiled(x, w, m).block_until_ready()
   events, wall = po.trace_events(lambda: compiled(x, w, m).block_until_ready(), module.name)
-  kinds = po.kind_rows(po.op_rows(po.self_times(events), module))
+  times, idle = po.attributed_times(events, po.loop_names(module))
+  kinds = po.kind_rows(po.op_rows(times, module))
   flops = lambda kind: sum(row.flops for row in kinds if row.kind.startswith(kind))
   assert flops("convolution") == 2 * (4 * 8 * 8 * 16) * (3 * 3 * 8)
   assert flops("dot") == 3 * 2 * 32**3
-  assert 0 < sum(row.seconds for row in kinds) <= sum(e.duration_ns for e in events) * 1e-9
+  span = max(e.end_ns for e in events) - min(e.start_ns for e in events)
+  assert sum(row.seconds for row in kinds) + idle == pytest.approx(span * 1e-9, rel=1e-9)
+  assert span * 1e-9 <= wall
