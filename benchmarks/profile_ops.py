@@ -46,6 +46,7 @@ KINDS = (
   "dot",
   "dot (YNNPACK)",
   "fusion: elementwise",
+  "fusion: elementwise + transpose",
   "fusion: reduce",
   "copy/transpose",
   "reduce",
@@ -166,15 +167,18 @@ def _opcodes(instruction: Instruction, module: Module) -> set[str]:
 
 def op_kind(instruction: Instruction, module: Module) -> str:
   """One of KINDS: a fusion by what it runs (a convolution or dot first, '(YNNPACK)' where XLA:CPU hands the
-  fusion to the YNNPACK library, then data movement only, then any reduction), an unfused op by its opcode."""
+  fusion to the YNNPACK library, then data movement only, then any reduction, then elementwise ops with or
+  without a layout change), an unfused op by its opcode."""
   opcodes = _opcodes(instruction, module)
   for kind in ("convolution", "dot"):
     if kind in opcodes:
       return kind + (" (YNNPACK)" if "__ynn_fusion" in instruction.attrs else "")
   if opcodes <= DATA_MOVEMENT:
     return "copy/transpose"
+  if instruction.opcode == "fusion" and opcodes & REDUCTIONS:
+    return "fusion: reduce"
   if instruction.opcode == "fusion":
-    return "fusion: reduce" if opcodes & REDUCTIONS else "fusion: elementwise"
+    return "fusion: elementwise" + (" + transpose" if "transpose" in opcodes else "")
   if opcodes & REDUCTIONS:
     return "reduce"
   if instruction.opcode == "custom-call":
