@@ -8,12 +8,12 @@ Run: python -m benchmarks.profile_ops [--model resnet18] [--batch 32] [--attack-
 before jax is imported: run each setting in a process of its own. Each workload is compiled (bench_isa's
 builders, the default knobs), called once to warm up, then once under `jax.profiler.trace`. XLA:CPU records one
 event per executed thunk (an HLO instruction of the compiled module: a fusion, a convolution, a copy, a while
-loop, ...), and for a thunk it runs asynchronously (Eigen convolutions, matmuls and copies) an 'end:' event when
-its work is done. Each op is in flight from its start to its end; the traced span is cut at every start and end
-and each piece's time split equally among the ops in flight then (a while loop gets only the time when none of
-its body ops is in flight), so the seconds of all ops and the idle time (no op in flight) add up to the span. An
-approximation where ops overlap: an asynchronous op waiting for a busy thread pool is counted as in flight. The
-tables:
+loop, ...), and for a thunk it runs asynchronously (Eigen convolutions, matmuls, copies, some loop fusions) an
+'end:' event when its work is done. Each op is in flight from its start to its end; the traced span is cut at
+every start and end and each piece's time split equally among the ops in flight then (a while loop gets only the
+time when none of its body ops is in flight), so the seconds of all ops and the idle time (no op in flight) add up
+to the span. An approximation where ops overlap: an asynchronous op waiting for a busy thread pool is counted as
+in flight. The tables:
   per op kind  seconds, share of the span, executions, and for convolutions and dots the GFLOP executed
                (2 x output elements x kernel taps x input channels from the HLO shapes: every tap, also those on
                padding or on the zeros of an lhs_dilate, as `machine.jaxpr_flops` counts), their GFLOP/s and
@@ -190,8 +190,9 @@ def op_kind(instruction: Instruction, module: Module) -> str:
 
 class Event(NamedTuple):
   """One executed HLO op of a trace: its name, when it started and when the thunk executor saw it done (ns).
-  XLA:CPU runs some thunks asynchronously (Eigen convolutions, matmuls, copies): their event ends when the work is
-  handed to the thread pool, their 'end: NAME' event when it is done; the op is in flight in between."""
+  XLA:CPU runs some thunks asynchronously (Eigen convolutions, matmuls, copies, some loop fusions): their event
+  ends when the work is handed to the thread pool, their 'end: NAME' event when it is done; the op is in flight in
+  between."""
 
   name: str
   start_ns: float

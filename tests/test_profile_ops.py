@@ -26,10 +26,10 @@ HLO = """HloModule jit_toy, is_scheduled=true, entry_computation_layout={(f32[2,
   ROOT %add.9 = f32[] add(%a, %b)
 }
 
-%fused_scale (param_0.4: f32[5,7]) -> f32[7,5] {
-  %param_0.4 = f32[5,7]{1,0} parameter(0)
-  %transpose.2 = f32[7,5]{1,0} transpose(%param_0.4), dimensions={1,0}
-  ROOT %tanh.2 = f32[7,5]{1,0} tanh(%transpose.2)
+%fused_scale (param_0.4: f32[3,3,3,4]) -> f32[4,3,3,3] {
+  %param_0.4 = f32[3,3,3,4]{3,2,1,0} parameter(0)
+  %transpose.2 = f32[4,3,3,3]{3,2,1,0} transpose(%param_0.4), dimensions={3,0,1,2}
+  ROOT %tanh.2 = f32[4,3,3,3]{3,2,1,0} tanh(%transpose.2)
 }
 
 %fused_sum (param_0.3: f32[7,5]) -> f32[] {
@@ -54,8 +54,8 @@ ENTRY %main (x: f32[2,8,8,3], w: f32[3,3,3,4]) -> f32[] {
   %conv.1 = f32[2,8,8,4]{3,2,1,0} convolution(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
   %copy.1 = f32[3,3,3,4]{3,2,1,0} copy(%w)
   %while.1 = (s32[], f32[5,6]{1,0}, f32[6,7]{1,0}) while(%tuple), condition=%cond, body=%body
-  %scale_fusion = f32[7,5]{1,0} fusion(%copy.1), kind=kLoop, calls=%fused_scale
-  ROOT %sum_fusion = f32[] fusion(%scale_fusion), kind=kInput, calls=%fused_sum
+  %scale_fusion = f32[4,3,3,3]{3,2,1,0} fusion(%copy.1), kind=kLoop, calls=%fused_scale
+  ROOT %sum_fusion = f32[] fusion(%transpose_fusion), kind=kInput, calls=%fused_sum
 }
 """
 CONV_FLOPS = 2 * (2 * 8 * 8 * 4) * (3 * 3 * 3)  # 2 x output elements x (taps x input channels)
