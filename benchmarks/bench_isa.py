@@ -120,6 +120,14 @@ def knob(variant: str, batch: int):
     yield
 
 
+def prune_side(args, variant: str, host_batch: dict) -> dict:
+  """`bench_vs_torch.jax_step_setup`'s dict ('compiled', 'call', ...) of the prune step traced under `variant`."""
+  from benchmarks import bench_vs_torch as bvt
+
+  with knob(variant, args.batch):
+    return bvt.jax_step_setup(args.model, "prune", args.k, host_batch, args.attack_steps)
+
+
 def prune_calls(args) -> tuple[dict, dict]:
   """({row: call}, {row: XLA flops}) of the prune-step variants and the torch step."""
   from benchmarks import bench_vs_torch as bvt
@@ -128,8 +136,7 @@ def prune_calls(args) -> tuple[dict, dict]:
   host_batch = bvt.random_batch(args.batch)
   calls, flops = {}, {}
   for variant in chosen(PRUNE_VARIANTS, args):
-    with knob(variant, args.batch):
-      side = bvt.jax_step_setup(args.model, "prune", args.k, host_batch, args.attack_steps)
+    side = prune_side(args, variant, host_batch)
     calls[f"prune/{variant}"] = side["call"]
     if variant == "default":  # the variants do the same matmuls and convolutions
       step = bvt.jax_train_step(side["apply_fn"], side["trainable"], "prune", args.k, args.attack_steps, True)[0]
@@ -139,36 +146,59 @@ def prune_calls(args) -> tuple[dict, dict]:
   return calls, flops
 
 
-def apgd_calls(args) -> tuple[dict, dict]:
-  """({row: call}, {row: XLA flops}) of APGD-CE on the masked model, each variant, and torchattacks' APGD."""
+def apgd_attack(args, host_batch: dict) -> tuple:
+  """(attack, (x, y, key)): APGD-CE-(--apgd-steps) on the masked model, `attack(x, y, key)` -> adversarial
+  images [B, 32, 32, 3], and its inputs on the device."""
   import jax
-  import torch
-  import torchattacks
 
   from benchmarks import bench_vs_torch as bvt
-  from benchmarks import machine
-  from benchmarks import torch_hydra
   from hydra_jax import attacks
 
   logits_fn = bvt.masked_logits_fn(args.model, args.batch, args.k)
-  host_batch = bvt.random_batch(args.batch)
   x, y, key = jax.device_put(host_batch["image"]), jax.device_put(host_batch["label"]), jax.random.key(3)
   attack = lambda x, y, key: attacks.apgd(
     attacks.in_chunks(logits_fn, 0), x, y, key=key, eps=8 / 255, steps=args.apgd_steps
   )
-  calls, count = {}, machine.jaxpr_flops(attack, x, y, key)
-  flops = {f"apgd/{variant}": count for variant in chosen(APGD_VARIANTS, args)}
-  for variant in chosen(APGD_VARIANTS, args):
-    with knob(variant, args.batch):
-      compiled = jax.jit(attack).lower(x, y, key).compile()
-    calls[f"apgd/{variant}"] = lambda compiled=compiled: compiled(x, y, key).block_until_ready()
+  return attack, (x, y, key)
+
+
+def apgd_compiled(attack, inputs: tuple, variant: str, batch: int):
+  """`attack` compiled for `inputs` under `variant`'s knobs."""
+  import jax
+
+  with knob(variant, batch):
+    return jax.jit(attack).lower(*inputs).compile()
+
+
+def torch_apgd_call(args, host_batch: dict):
+  """A call running torchattacks' APGD-CE (one restart) on the reference's masked model."""
+  import torch
+  import torchattacks
+
+  from benchmarks import torch_hydra
+
   net = torch_hydra.prepare(torch_hydra.build(args.model), "finetune", args.k).eval()
   images, labels = (
     torch.from_numpy(host_batch["image"].transpose(0, 3, 1, 2).copy()),
     torch.from_numpy(host_batch["label"].astype("int64")),
   )
   apgd = torchattacks.APGD(net, eps=8 / 255, steps=args.apgd_steps, n_restarts=1, loss="ce", seed=0)
-  calls["apgd/torch"] = lambda: apgd(images, labels)
+  return lambda: apgd(images, labels)
+
+
+def apgd_calls(args) -> tuple[dict, dict]:
+  """({row: call}, {row: XLA flops}) of APGD-CE on the masked model, each variant, and torchattacks' APGD."""
+  from benchmarks import bench_vs_torch as bvt
+  from benchmarks import machine
+
+  host_batch = bvt.random_batch(args.batch)
+  attack, inputs = apgd_attack(args, host_batch)
+  calls, count = {}, machine.jaxpr_flops(attack, *inputs)
+  flops = {f"apgd/{variant}": count for variant in chosen(APGD_VARIANTS, args)}
+  for variant in chosen(APGD_VARIANTS, args):
+    compiled = apgd_compiled(attack, inputs, variant, args.batch)
+    calls[f"apgd/{variant}"] = lambda compiled=compiled: compiled(*inputs).block_until_ready()
+  calls["apgd/torch"] = torch_apgd_call(args, host_batch)
   return calls, flops
 
 
