@@ -168,12 +168,15 @@ def test_autoattack_on_a_zoo_family(name):
 @pytest.mark.devices(8)
 @pytest.mark.parametrize("name", _families())
 def test_autoattack_and_min_norms_do_not_depend_on_the_device_count(name):
-  """On 8 devices (2 examples each, shard_map) the same per-example verdicts and FMN norms as on one: the random
-  draws are per example, so only the float rounding of the model on another batch size differs."""
+  """On 8 devices (2 examples each, shard_map) the per-example verdicts and FMN norms of one device: the random
+  draws are per example, so only the float rounding of the model on 2 instead of 16 examples may differ (FMN's
+  norms by about 1e-6, relative). Such a rounding could flip one accept / reject of APGD or Square and with it
+  the verdict of an example at the edge, so each column may differ in one example (measured: none, on every
+  family); a key that depended on the device would change every example's random draws."""
   single, sharded = _autoattack(name), _autoattack(name, "shard_map")
-  assert single[0] == sharded[0]
+  np.testing.assert_array_equal(sharded[1]["label"], single[1]["label"])
   for column, values in single[1].items():
-    np.testing.assert_array_equal(sharded[1][column], values, err_msg=column)
+    assert np.sum(sharded[1][column] != values) <= 1, column
   np.testing.assert_allclose(_min_norms(name, "shard_map")["min_norm"], _min_norms(name)["min_norm"], rtol=1e-4)
 
 
