@@ -48,6 +48,7 @@ from hydra_jax import errors
 from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
+from hydra_jax import parallel
 from hydra_jax import paths
 from hydra_jax import smoothing
 from hydra_jax import sources
@@ -116,6 +117,7 @@ class RunModel:
         methods=names,
         config=settings,
         progress=progress,
+        **self._parallel(),
       )
     results = {**results, "k": self.k, "stage": self.meta.get("stage"), "seed": self.config.seed, "settings": settings}
     found = evaluate.masking_warnings(results, names)
@@ -133,7 +135,16 @@ class RunModel:
         norm=norm or self.config.eval.norm,
         settings=settings,
         progress=progress,
+        **self._parallel(),
       )
+
+  def _parallel(self) -> dict[str, Any]:
+    """The mode and devices of the run's `config.parallel.mode` (as its training evaluation ran): 'auto' is
+    data-parallel over every device when there are several."""
+    mode = parallel.resolve_mode(self.config.parallel.mode)
+    return dict(
+      mode=mode, devices=parallel.mode_devices(mode, {"data.eval_batch_size": self.config.data.eval_batch_size})
+    )
 
   def evaluate(self, methods: Sequence[str] | None = None, *, progress: bool = False) -> dict[str, Any]:
     """Accuracies on the run's test split exactly as its training evaluation and `hydra-jax eval` compute them

@@ -13,6 +13,7 @@ import pytest
 
 import hydra_jax
 from hydra_jax import checkpoints
+from hydra_jax import evaluate
 from hydra_jax import export
 from hydra_jax import models
 from hydra_jax import pipeline
@@ -150,6 +151,29 @@ def ibp_margins(params, x, y, eps):
   )
   margins[np.arange(len(y)), y] = np.inf  # j = y is no constraint
   return margins.min(axis=1)
+
+
+@pytest.mark.devices(8)
+def test_eval_runs_in_the_runs_parallel_mode_and_gives_the_one_device_verdicts(pruned, monkeypatch):
+  """`load_run(...).evaluate` (= `hydra-jax eval`) evaluates as the run's training did: 'auto' over the 8
+  devices, 'single' on one. Per-example keys make the verdicts the same; one example per column may flip by
+  float rounding between the two programs (none did on the machines this ran on)."""
+  config, workdir = pruned
+  calls, original = [], evaluate.evaluate_per_example
+
+  def recorded(*args, **kwargs):
+    calls.append((kwargs["mode"], len(kwargs["devices"])))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(evaluate, "evaluate_per_example", recorded)
+  examples = {}
+  for mode in ("auto", "single"):
+    run_config = config.copy_and_resolve_references()
+    run_config.parallel.mode = mode
+    examples[mode] = hydra_jax.load_run(workdir, config=run_config).evaluate_per_example(("pgd_linf",))[1]
+  assert calls == [("shard_map", 8), ("single", 1)]
+  for name, column in examples["single"].items():
+    assert np.sum(examples["auto"][name] != column) <= (0 if name in ("index", "label") else 1), name
 
 
 def test_load_run_accuracies_equal_hydra_jax_eval_and_the_per_example_file_adds_up_to_them(pruned, tmp_path):
