@@ -129,7 +129,7 @@ def _lirpa(args) -> dict:
   floor = _rss_now_mb()
   case = _case(args.dir)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-  twin = _torch_twin(args.model, args.width)
+  twin = lirpa_reference.scaled_twin(args.model, 10, args.width)
   state = np.load(os.path.join(args.dir, "state.npz"))
   twin.load_state_dict({k: torch.from_numpy(state[k]) for k in state.files}, strict=True)
   x, spec = nchw(case["x"]), torch.from_numpy(case["spec"])
@@ -157,19 +157,6 @@ def _model_and_variables(name: str, width: float, size: int):
 
   model = models.get_model(name, 10, width=width)
   return model, model.init(jax.random.key(0), jax.numpy.zeros((1, size, size, 3)), train=False)
-
-
-def _torch_twin(name: str, width: float):
-  """The PyTorch twin of zoo model `name` with every stage's channels times `width` (CIFAR ResNets)."""
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
-
-  if width == 1:
-    return torch_reference.build(name, 10)
-  blocks = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
-  if name not in blocks:
-    raise ValueError(f"--width != 1 is supported for {sorted(blocks)}, not {name!r}")
-  widths = [max(1, round(planes * width)) for planes in (64, 128, 256, 512)]  # layers.scale_width
-  return torch_reference.CifarResNet(torch_reference.CifarBasic, blocks[name], 10, widths=widths)
 
 
 def _write_case(args) -> None:
