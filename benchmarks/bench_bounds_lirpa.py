@@ -10,7 +10,9 @@ random initialisation, in eval mode, bounded on `--batch` random --size x --size
 clipped to [0, 1], spec the 9 margins z_y - z_j, both ends (each library's default call). Each (method, library)
 runs in its own subprocess, so that its peak resident memory (VmHWM) is its own; both load the same weights from
 a file written by the parent (no initialisation in the child: flax's eager init alone grows a JAX process by ~200 MB):
-  ours        jax.jit(hydra_jax.bounds.<method>): the first call (trace, compile, run) and then --repeats calls;
+  ours        jax.jit(hydra_jax.bounds.<method>) with the weights as arguments (as constants of the program, XLA's
+              compilation took 627 MB instead of 237 at full width, 4x4): the first call (trace, compile, run)
+              and then --repeats calls;
               with --eval-compiler-options compiled as `hydra-jax eval`'s runners compile it
               (parallel.compiler_options: XLA:CPU's memory-optimized scheduler)
   auto_LiRPA  BoundedModule(twin) and compute_bounds(method=...) on the PyTorch twin (tests/torch_reference.py,
@@ -109,12 +111,15 @@ def _ours(args) -> dict:
   model = models.get_model(args.model, 10, width=args.width)
   with np.load(os.path.join(args.dir, "variables.npz")) as saved:
     variables = traverse_util.unflatten_dict({k: jax.numpy.asarray(v) for k, v in saved.items()}, sep="/")
-  f = lambda x: model.apply(variables, x, train=False)
   method = bounds.METHODS[args.method]
+
+  def bound(weights, lo, hi, spec):  # weights as arguments, as eval's runners take them, not program constants
+    return jax.numpy.stack(method(lambda x: model.apply(weights, x, train=False), lo, hi, spec))
+
   options = parallel.compiler_options(jax.devices()[0].platform) if args.eval_compiler_options else None
-  bound = jax.jit(lambda lo, hi, spec: jax.numpy.stack(method(f, lo, hi, spec)), compiler_options=options)
+  bound = jax.jit(bound, compiler_options=options)
   lower, upper, spec = (jax.numpy.asarray(case[k]) for k in ("lower", "upper", "spec"))
-  found = _timed(lambda: np.asarray(jax.block_until_ready(bound(lower, upper, spec))), args.repeats)
+  found = _timed(lambda: np.asarray(jax.block_until_ready(bound(variables, lower, upper, spec))), args.repeats)
   return {**found, "floor_mb": floor, "peak_mb": _rss_mb()}
 
 
@@ -129,7 +134,7 @@ def _lirpa(args) -> dict:
   floor = _rss_now_mb()
   case = _case(args.dir)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-  twin = _torch_twin(args.model, args.width)
+  twin = lirpa_reference.scaled_twin(args.model, 10, args.width)
   state = np.load(os.path.join(args.dir, "state.npz"))
   twin.load_state_dict({k: torch.from_numpy(state[k]) for k in state.files}, strict=True)
   x, spec = nchw(case["x"]), torch.from_numpy(case["spec"])
@@ -157,19 +162,6 @@ def _model_and_variables(name: str, width: float, size: int):
 
   model = models.get_model(name, 10, width=width)
   return model, model.init(jax.random.key(0), jax.numpy.zeros((1, size, size, 3)), train=False)
-
-
-def _torch_twin(name: str, width: float):
-  """The PyTorch twin of zoo model `name` with every stage's channels times `width` (CIFAR ResNets)."""
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
-
-  if width == 1:
-    return torch_reference.build(name, 10)
-  blocks = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
-  if name not in blocks:
-    raise ValueError(f"--width != 1 is supported for {sorted(blocks)}, not {name!r}")
-  widths = [max(1, round(planes * width)) for planes in (64, 128, 256, 512)]  # layers.scale_width
-  return torch_reference.CifarResNet(torch_reference.CifarBasic, blocks[name], 10, widths=widths)
 
 
 def _write_case(args) -> None:

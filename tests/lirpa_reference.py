@@ -55,11 +55,23 @@ def load():
     pytest.skip(f"auto_LiRPA not installed: {error}")
 
 
-def _twin(name, num_classes):
-  """The PyTorch twin of zoo model `name`. The WRN twin's reference head pools with a fixed 8x8 window (32x32
+def scaled_twin(name, num_classes, width=1.0):
+  """The PyTorch twin of zoo model `name` with every stage's channels times `width` (`get_model`'s `width`; only
+  the CIFAR ResNets for width != 1)."""
+  if width == 1:
+    return torch_reference.build(name, num_classes)
+  blocks = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+  if name not in blocks:
+    raise ValueError(f"width != 1 is supported for {sorted(blocks)}, not {name!r}")
+  widths = [max(1, round(planes * width)) for planes in (64, 128, 256, 512)]  # layers.scale_width
+  return torch_reference.CifarResNet(torch_reference.CifarBasic, blocks[name], num_classes, widths=widths)
+
+
+def _twin(name, num_classes, width):
+  """`scaled_twin(name, num_classes, width)`. The WRN twin's reference head pools with a fixed 8x8 window (32x32
   inputs only); hydra_jax's pools globally, the same on 32x32 inputs: the twin pools globally too, so that the
   comparison runs on small inputs."""
-  twin = torch_reference.build(name, num_classes)
+  twin = scaled_twin(name, num_classes, width)
   if isinstance(twin, torch_reference.WideResNet):
 
     def forward(x):
@@ -75,13 +87,13 @@ def _nchw(a):
   return torch.from_numpy(np.asarray(a, np.float32).transpose(0, 3, 1, 2).copy())
 
 
-def bounds(name, variables, x, lower, upper, spec, methods):
-  """{method: (lb, ub) numpy [B, m]} by auto_LiRPA for zoo model `name` with `variables` (eval mode) on the box
-  [lower, upper] around x (NHWC), spec [B, m, K]; methods are keys of METHODS."""
+def bounds(name, variables, x, lower, upper, spec, methods, width=1.0):
+  """{method: (lb, ub) numpy [B, m]} by auto_LiRPA for zoo model `name` (at channel `width`, as `get_model`'s) with
+  `variables` (eval mode) on the box [lower, upper] around x (NHWC), spec [B, m, K]; methods are keys of METHODS."""
   from hydra_jax import convert  # pylint: disable=g-import-not-at-top  (import_auto_lirpa's users need no jax)
 
   auto_lirpa = load()
-  twin = _twin(name, spec.shape[-1])
+  twin = _twin(name, spec.shape[-1], width)
   twin.load_state_dict(convert.to_torch_state_dict(variables, model_name=name, as_torch=True), strict=True)
   bounded = auto_lirpa.BoundedModule(twin.eval(), _nchw(x), device="cpu", bound_opts={"conv_mode": "matrix"})
   box = auto_lirpa.PerturbationLpNorm(norm=np.inf, x_L=_nchw(lower), x_U=_nchw(upper))
