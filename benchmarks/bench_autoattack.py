@@ -437,9 +437,6 @@ def _each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity
   row = dict(model=args.run or f"{args.model} (random, k={args.k:g})", examples=len(y), norm=norm, eps=eps)
   row.update(counts=counts, logit_parity_max_abs=parity, cpu=cpu(), torch_threads=torch.get_num_threads())
   row.update(_report_each(ours, theirs, counts, len(y)))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(row, f, indent=2)
   return row
 
 
@@ -479,13 +476,18 @@ def main(argv=None) -> list[dict]:
     if not args.run:
       args.model = "cnn_tiny"
   counts.update({name: getattr(args, name) for name in FULL if getattr(args, name) is not None})
+  row = _row(args, counts)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(row, f, indent=2)
+  return [row]
+
+
+def _row(args: argparse.Namespace, counts: dict) -> dict:
+  """The row of the comparison `args` asks for (see the module docstring), printed as it goes."""
   apply_fn, variables, name, x, y, eps, norm = _source(args)
   if args.against_whole_batch:
-    row = _gathered_vs_whole(args, apply_fn, variables, x, y, eps, norm, counts)
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(row, f, indent=2)
-    return [row]
+    return _gathered_vs_whole(args, apply_fn, variables, x, y, eps, norm, counts)
   import torch
 
   num_classes = int(apply_fn(variables, x[:1], False)[0].shape[-1])
@@ -496,7 +498,7 @@ def main(argv=None) -> list[dict]:
   parity = float(np.abs(torch_logits - np.asarray(apply_fn(variables, x[:16], False)[0])).max())
 
   if args.each_on_all:
-    return [_each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity)]
+    return _each_on_all(args, apply_fn, variables, net, x, y, eps, norm, counts, parity)
   method = "autoattack" if norm == "linf" else "autoattack_l2"
   config = {method: dict(eps=eps, **counts)}
   batches = lambda: [
@@ -514,10 +516,7 @@ def main(argv=None) -> list[dict]:
     ours, theirs = _square_seeds(apply_fn, variables, net, x[left], y[left], eps, norm, counts["square_queries"], seeds)
     row = _report_square_seeds(ours, theirs, int(left.sum()), seeds)
     row["autoattack_hydra_jax"] = results[method]
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(row, f, indent=2)
-    return [row]
+    return row
   start = time.perf_counter()
   run()
   jax_s = time.perf_counter() - start
@@ -556,10 +555,7 @@ def main(argv=None) -> list[dict]:
     f"seconds: hydra_jax {jax_s:.1f} (+{row['jax_compile_s']:.1f} compile), torchattacks {torch_s:.1f}, "
     f"speedup {row['speedup']:.2f}x"
   )
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(row, f, indent=2)
-  return [row]
+  return row
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from hydra_jax import errors
 from hydra_jax import evaluate
 from hydra_jax import masking
 from hydra_jax import models
-from hydra_jax import parallel
 from hydra_jax import paths
 from hydra_jax import smoothing
 from hydra_jax import sources
@@ -141,10 +140,8 @@ class RunModel:
   def _parallel(self) -> dict[str, Any]:
     """The mode and devices of the run's `config.parallel.mode` (as its training evaluation ran): 'auto' is
     data-parallel over every device when there are several."""
-    mode = parallel.resolve_mode(self.config.parallel.mode)
-    return dict(
-      mode=mode, devices=parallel.mode_devices(mode, {"data.eval_batch_size": self.config.data.eval_batch_size})
-    )
+    mode, devices = sources.run_mode(self.config, ("data.eval_batch_size",))
+    return dict(mode=mode, devices=devices)
 
   def evaluate(self, methods: Sequence[str] | None = None, *, progress: bool = False) -> dict[str, Any]:
     """Accuracies on the run's test split exactly as its training evaluation and `hydra-jax eval` compute them

@@ -497,6 +497,15 @@ def sparsity(
   return masking.sparsity_report(weights, prunable(config))
 
 
+def run_mode(
+  config: ml_collections.ConfigDict, batch_keys: Sequence[str] = ("data.batch_size", "data.eval_batch_size")
+) -> tuple[str, list[Any]]:
+  """The run's `config.parallel.mode`, resolved ('auto': 'shard_map' on several devices), and its devices;
+  ConfigError unless the batch size at each of `batch_keys` divides over them."""
+  mode = parallel.resolve_mode(config.parallel.mode)
+  return mode, parallel.mode_devices(mode, {key: config_lib.lookup(config, key) for key in batch_keys})
+
+
 def evaluate_state(
   state: Any,
   config: ml_collections.ConfigDict,

@@ -335,11 +335,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
 def _run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stage = config.stage
-  mode = parallel.resolve_mode(config.parallel.mode)
+  mode, devices = sources.run_mode(config)
   axis_name = None if mode == "single" else parallel.AXIS
-  devices = parallel.mode_devices(
-    mode, {key: config_lib.lookup(config, key) for key in ("data.batch_size", "data.eval_batch_size")}
-  )
   checkpoints.check_resumable(workdir, config.threefry_partitionable)
   train_data, eval_data = sources.train_batches(config), sources.eval_split(config)
   steps_per_epoch = train_data.steps_per_epoch
