@@ -483,14 +483,15 @@ def test_each_attack_runs_on_the_robust_examples_only_in_chunks_and_each_result_
 def test_autoattack_per_example_results_do_not_depend_on_the_chunk_size():
   """The linear model with its input gradient cut (Square breaks what the white-box attacks cannot), in chunks of
   3 (robust examples gathered, the rest skipped) against the whole batch at once: the same verdict per example
-  and stage."""
+  and stage. One key given for a chunked batch acts as the per-example keys of the examples' positions."""
   eps = 0.1
   _, x, y, _, masked, _ = _linear_logits(eps)
   keys = attacks.example_keys(jax.random.key(1), jnp.arange(len(y)))
-  run = lambda chunk: jax.jit(
+  run = lambda chunk, keys=keys: jax.jit(
     lambda x, y, k: autoattack.autoattack(masked, x, y, key=k, eps=eps, chunk_size=chunk, **FAST_AA)[1]
   )(x, y, keys)
-  chunked, whole = run(3), run(len(y))
+  chunked, whole, one_key = run(3), run(len(y)), run(3, jax.random.key(1))
   assert 0 < np.sum(chunked["square"]) < np.sum(chunked["fab_t"])  # Square ran on a subset and broke examples
   for name, column in whole.items():
     np.testing.assert_array_equal(np.asarray(chunked[name]), np.asarray(column), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(one_key[name]), np.asarray(column), err_msg=name)
